@@ -19,6 +19,7 @@ pub struct TcpSpec {
     /// Bytes written right after connecting (e.g. `b"PING\r\n"`).
     pub send: Option<Vec<u8>>,
     /// Regex the bytes read back must match; without it, connecting (and sending) is enough.
+    /// Rust `regex` syntax, searched anywhere in what was read so far (`(?m)^220 ` for lines).
     pub expect: Option<String>,
 }
 
