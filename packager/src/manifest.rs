@@ -1,0 +1,280 @@
+//! The agent manifest: `/usr/lib/keepup/services/<name>.yaml`, written into every package.
+//!
+//! It tells keepup-agent what to supervise (launch script, role, supervisor settings, probes).
+//! Installing the package makes the service appear to the agent; removing it makes it
+//! disappear. This module is the contract between the packager and the agent, so it is
+//! available without the package writers (`default-features = false`).
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::spec::{self, ProbeSpec, Spec, SupervisorKind};
+
+/// Where packages install manifests.
+pub const MANIFEST_DIR: &str = "/usr/lib/keepup/services";
+
+/// The manifest format this build writes and reads.
+pub const MANIFEST_FORMAT: u32 = 1;
+
+/// What the agent needs to know about one service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Manifest format version ([`MANIFEST_FORMAT`]).
+    pub format: u32,
+    /// Service (and package) name.
+    pub name: String,
+    /// Full package version, `<version>-<release>`.
+    pub version: String,
+    /// The role user whose processes belong to this service.
+    pub role: String,
+    /// Absolute path of the launch script.
+    pub launch: String,
+    /// Supervision settings.
+    pub supervisor: ManifestSupervisor,
+    /// Active probes.
+    #[serde(default)]
+    pub checks: Vec<ManifestCheck>,
+}
+
+/// Supervision settings as the agent reads them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestSupervisor {
+    /// `agent` or `systemd`.
+    pub kind: Supervised,
+    /// Starts allowed within `within` before giving up.
+    pub count: u32,
+    /// Window for `count`.
+    #[serde(with = "duration_text")]
+    pub within: Duration,
+    /// TERM-to-KILL grace when stopping.
+    #[serde(with = "duration_text")]
+    pub stop_grace: Duration,
+    /// The systemd unit name, for `kind: systemd`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
+}
+
+/// Who runs the launch script.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Supervised {
+    /// keepup-agent spawns it.
+    Agent,
+    /// systemd runs it; the agent re-kicks the unit.
+    Systemd,
+}
+
+/// One probe with its schedule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestCheck {
+    /// Name for reports.
+    pub name: String,
+    /// What the probe does.
+    pub probe: ManifestProbe,
+    /// Interval.
+    #[serde(with = "duration_text")]
+    pub every: Duration,
+    /// Bound on one run.
+    #[serde(with = "duration_text")]
+    pub timeout: Duration,
+    /// Consecutive failures before the role is killed.
+    pub failures: u32,
+    /// Wait after a start before probing.
+    #[serde(with = "duration_text")]
+    pub grace: Duration,
+}
+
+/// A probe definition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ManifestProbe {
+    /// Connect (+ send) (+ expect banner regex).
+    Tcp {
+        /// Host to connect to.
+        host: String,
+        /// Port.
+        port: u16,
+        /// Bytes to send first.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        send: Option<String>,
+        /// Banner regex.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expect: Option<String>,
+    },
+    /// HTTP request.
+    Http {
+        /// URL.
+        url: String,
+        /// Method.
+        method: String,
+        /// Lowest accepted status.
+        status_min: u16,
+        /// Highest accepted status.
+        status_max: u16,
+        /// Body regex.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        body: Option<String>,
+        /// Host header override.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        host_header: Option<String>,
+    },
+    /// Command run as the role user.
+    Exec {
+        /// argv.
+        argv: Vec<String>,
+    },
+}
+
+/// Errors reading a manifest.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    /// Not valid YAML for a manifest.
+    #[error("{path}: not a keepup manifest: {message}")]
+    Parse {
+        /// File.
+        path: String,
+        /// Parser message.
+        message: String,
+    },
+    /// Written by a newer keepup.
+    #[error("{path}: manifest format {found} is newer than this agent understands ({MANIFEST_FORMAT}); upgrade keepup-agent")]
+    TooNew {
+        /// File.
+        path: String,
+        /// Format found.
+        found: u32,
+    },
+}
+
+impl Manifest {
+    /// The manifest for a validated spec.
+    pub fn from_spec(spec: &Spec) -> Manifest {
+        Manifest {
+            format: MANIFEST_FORMAT,
+            name: spec.name.clone(),
+            version: spec.full_version(),
+            role: spec.role.clone(),
+            launch: spec.launch_path(),
+            supervisor: ManifestSupervisor {
+                kind: match spec.supervisor.kind {
+                    SupervisorKind::Agent => Supervised::Agent,
+                    SupervisorKind::Systemd => Supervised::Systemd,
+                },
+                count: spec.supervisor.count,
+                within: spec.supervisor.within,
+                stop_grace: spec.supervisor.stop_grace,
+                unit: (spec.supervisor.kind == SupervisorKind::Systemd)
+                    .then(|| format!("{}.service", spec.name)),
+            },
+            checks: spec
+                .checks
+                .iter()
+                .map(|c| ManifestCheck {
+                    name: c.name.clone(),
+                    probe: match &c.probe {
+                        ProbeSpec::Tcp {
+                            host,
+                            port,
+                            send,
+                            expect,
+                        } => ManifestProbe::Tcp {
+                            host: host.clone(),
+                            port: *port,
+                            send: send.clone(),
+                            expect: expect.clone(),
+                        },
+                        ProbeSpec::Http {
+                            url,
+                            method,
+                            status,
+                            body,
+                            host_header,
+                        } => ManifestProbe::Http {
+                            url: url.clone(),
+                            method: method.clone(),
+                            status_min: status.0,
+                            status_max: status.1,
+                            body: body.clone(),
+                            host_header: host_header.clone(),
+                        },
+                        ProbeSpec::Exec { argv } => ManifestProbe::Exec { argv: argv.clone() },
+                    },
+                    every: c.every,
+                    timeout: c.timeout,
+                    failures: c.failures,
+                    grace: c.grace,
+                })
+                .collect(),
+        }
+    }
+
+    /// The YAML text written into the package.
+    pub fn to_yaml(&self) -> String {
+        let body = serde_saphyr::to_string(self).expect("a manifest always serializes");
+        format!(
+            "# keepup agent manifest for {} {} (generated by `keepup pack`; do not edit)\n{body}",
+            self.name, self.version
+        )
+    }
+
+    /// Parse manifest text; `path` names the file in errors.
+    pub fn parse(path: &str, text: &str) -> Result<Manifest, ManifestError> {
+        // Read the format first so a newer manifest gets "upgrade the agent", not a parse error.
+        #[derive(Deserialize)]
+        struct Format {
+            format: u32,
+        }
+        if let Ok(f) = serde_saphyr::from_str::<Format>(text) {
+            if f.format > MANIFEST_FORMAT {
+                return Err(ManifestError::TooNew {
+                    path: path.into(),
+                    found: f.format,
+                });
+            }
+        }
+        serde_saphyr::from_str(text).map_err(|e| ManifestError::Parse {
+            path: path.into(),
+            message: e.without_snippet().to_string(),
+        })
+    }
+}
+
+/// Durations as `30s` / `5m` text.
+mod duration_text {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&super::spec::format_duration(*d))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        super::spec::parse_duration(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_round_trip_as_text() {
+        for d in [
+            Duration::from_millis(1500),
+            Duration::from_secs(30),
+            Duration::from_secs(300),
+        ] {
+            assert_eq!(spec::parse_duration(&spec::format_duration(d)).unwrap(), d);
+        }
+        assert_eq!(spec::format_duration(Duration::from_secs(300)), "5m");
+    }
+
+    #[test]
+    fn newer_format_asks_for_an_agent_upgrade() {
+        let err = Manifest::parse("x.yaml", "format: 9\nname: x\n").unwrap_err();
+        assert!(err.to_string().contains("upgrade keepup-agent"), "{err}");
+    }
+}
