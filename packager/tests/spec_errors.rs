@@ -1,0 +1,203 @@
+//! Bad specs give errors that name the file, line, column and field, and say what is expected.
+
+use std::path::{Path, PathBuf};
+
+use keepup_packager::spec::{Spec, SpecErrors};
+
+/// A valid spec; tests break one thing at a time.
+const GOOD: &str = r#"name: foo
+version: 1.2.0
+summary: Example daemon
+maintainer: Ops <ops@example.org>
+license: Apache-2.0
+role: foo
+files:
+  - src: food
+    dst: /usr/bin/food
+launch:
+  exec: [/usr/bin/food]
+"#;
+
+fn dir() -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("food"), b"#!/bin/sh\n").unwrap();
+    d
+}
+
+fn parse(dir: &Path, text: &str) -> Result<Spec, SpecErrors> {
+    let path: PathBuf = dir.join("foo.yaml");
+    std::fs::write(&path, text).unwrap();
+    Spec::load(&path)
+}
+
+/// Parse `text`, expect exactly one error, and return it rendered.
+fn one_error(text: &str) -> (keepup_packager::spec::SpecError, String) {
+    let d = dir();
+    let errs = parse(d.path(), text).expect_err("spec should be rejected");
+    assert_eq!(errs.0.len(), 1, "expected one error, got: {errs}");
+    let e = errs.0[0].clone();
+    let shown = e.to_string();
+    assert!(
+        shown.starts_with(&d.path().join("foo.yaml").display().to_string()),
+        "{shown}"
+    );
+    (e, shown)
+}
+
+#[test]
+fn the_good_spec_parses_with_defaults() {
+    let d = dir();
+    let s = parse(d.path(), GOOD).unwrap();
+    assert_eq!(s.full_version(), "1.2.0-1");
+    assert_eq!(s.launch_path(), "/usr/sbin/run-foo");
+    assert_eq!(s.supervisor.count, 10);
+    assert_eq!(s.launch.not_sane_sleep.as_secs(), 30);
+}
+
+#[test]
+fn malformed_yaml_names_the_place() {
+    let (e, shown) = one_error("name: foo\nversion: [1.2\n");
+    assert!(e.line >= 2, "{shown}");
+}
+
+#[test]
+fn unknown_key_is_an_error_with_its_location() {
+    let (e, shown) = one_error(&GOOD.replace("role: foo\n", "role: foo\nrestart: always\n"));
+    assert_eq!(e.line, 7, "{shown}");
+    assert!(shown.contains("restart"), "{shown}");
+    assert!(shown.contains("docs/spec.md"), "{shown}");
+}
+
+#[test]
+fn bad_version_names_field_and_rule() {
+    let (e, shown) = one_error(&GOOD.replace("version: 1.2.0", "version: 1.2_beta-3"));
+    assert_eq!(
+        (e.line, e.column, e.field.as_str()),
+        (2, 10, "version"),
+        "{shown}"
+    );
+    assert!(shown.contains("no `-` or `_`"), "{shown}");
+}
+
+#[test]
+fn root_role_is_refused() {
+    let (e, shown) = one_error(&GOOD.replace("role: foo", "role: root"));
+    assert_eq!((e.line, e.field.as_str()), (6, "role"), "{shown}");
+    assert!(shown.contains("system account"), "{shown}");
+}
+
+#[test]
+fn missing_role_is_refused() {
+    let (_, shown) = one_error(&GOOD.replace("role: foo\n", ""));
+    assert!(shown.contains("role"), "{shown}");
+}
+
+#[test]
+fn relative_dst_and_dotdot_are_refused() {
+    for bad in ["usr/bin/food", "/usr/../etc/passwd"] {
+        let (e, shown) = one_error(&GOOD.replace("dst: /usr/bin/food", &format!("dst: {bad}")));
+        assert_eq!((e.line, e.field.as_str()), (9, "files[0].dst"), "{shown}");
+        assert!(shown.contains("absolute path without `..`"), "{shown}");
+    }
+}
+
+#[test]
+fn missing_src_is_refused() {
+    let (e, shown) = one_error(&GOOD.replace("src: food", "src: nothere"));
+    assert_eq!((e.line, e.field.as_str()), (8, "files[0].src"), "{shown}");
+    assert!(shown.contains("does not exist"), "{shown}");
+}
+
+#[test]
+fn bad_durations_modes_and_probes_are_refused() {
+    let (e, shown) = one_error(&GOOD.replace(
+        "  exec: [/usr/bin/food]",
+        "  exec: [/usr/bin/food]\n  not_sane_sleep: soon",
+    ));
+    assert_eq!(e.field, "launch.not_sane_sleep", "{shown}");
+    assert!(shown.contains("\"30s\""), "{shown}");
+
+    let (e, shown) = one_error(&GOOD.replace(
+        "    dst: /usr/bin/food",
+        "    dst: /usr/bin/food\n    mode: 755",
+    ));
+    assert_eq!(e.field, "files[0].mode", "{shown}");
+    assert!(shown.contains("quoted octal"), "{shown}");
+
+    let (e, shown) = one_error(&format!("{GOOD}checks:\n  - tcp: {{ port: 70000 }}\n"));
+    assert_eq!(e.field, "checks[0].tcp.port", "{shown}");
+
+    let (e, shown) = one_error(&format!("{GOOD}checks:\n  - every: 10s\n"));
+    assert_eq!(e.field, "checks[0]", "{shown}");
+    assert!(shown.contains("exactly one of"), "{shown}");
+
+    let (e, shown) = one_error(&format!(
+        "{GOOD}checks:\n  - http: {{ url: \"http://x/\" }}\n    every: 1s\n    timeout: 5s\n"
+    ));
+    assert_eq!(e.field, "checks[0].timeout", "{shown}");
+}
+
+#[test]
+fn legacy_octal_modes_are_read_as_octal() {
+    let d = dir();
+    let s = parse(
+        d.path(),
+        &GOOD.replace(
+            "    dst: /usr/bin/food",
+            "    dst: /usr/bin/food\n    mode: 0750",
+        ),
+    )
+    .unwrap();
+    assert_eq!(s.files[0].mode, Some(0o750));
+    let s = parse(
+        d.path(),
+        &GOOD.replace(
+            "    dst: /usr/bin/food",
+            "    dst: /usr/bin/food\n    mode: \"0640\"",
+        ),
+    )
+    .unwrap();
+    assert_eq!(s.files[0].mode, Some(0o640));
+}
+
+#[test]
+fn control_characters_are_refused_but_shell_metacharacters_are_data() {
+    let (e, shown) = one_error(&GOOD.replace(
+        "summary: Example daemon",
+        "summary: \"Example\\u0007 daemon\"",
+    ));
+    assert_eq!(e.field, "summary", "{shown}");
+    // Shell metacharacters are legal values: the scripts quote them (tested in the package tests).
+    let d = dir();
+    let s = parse(
+        d.path(),
+        &GOOD.replace(
+            "  exec: [/usr/bin/food]",
+            "  exec: [/usr/bin/food, \"$(touch /tmp/x)\", \"a'b;c\"]",
+        ),
+    )
+    .unwrap();
+    assert_eq!(s.launch.exec[1], "$(touch /tmp/x)");
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let d = dir();
+    let text = GOOD
+        .replace("role: foo", "role: root")
+        .replace("version: 1.2.0", "version: x");
+    let errs = parse(d.path(), &text).unwrap_err();
+    let fields: Vec<_> = errs.0.iter().map(|e| e.field.as_str()).collect();
+    assert_eq!(fields, ["version", "role"], "{errs}");
+}
+
+#[test]
+fn config_outside_etc_and_summary_starting_with_name_are_refused() {
+    let (e, shown) = one_error(&GOOD.replace(
+        "    dst: /usr/bin/food",
+        "    dst: /usr/bin/food\n    config: true",
+    ));
+    assert_eq!(e.field, "files[0].config", "{shown}");
+    let (e, shown) = one_error(&GOOD.replace("summary: Example daemon", "summary: foo daemon"));
+    assert_eq!(e.field, "summary", "{shown}");
+}
