@@ -108,8 +108,8 @@ pub struct HttpSpec {
     pub method: Option<String>,
     /// Acceptable status codes.
     pub status: StatusRange,
-    /// Regex the response body (its first 1 MiB) must match. Rust `regex` syntax: `$` is the
-    /// end of the body unless `(?m)` is given.
+    /// Regex the response body (its first 1 MiB) must match. Rust `regex` syntax, Unicode mode
+    /// off (`\d`, `\w`, `(?i)` are ASCII); `$` is the end of the body unless `(?m)` is given.
     pub body: Option<String>,
     /// Host header to send instead of the URL's authority (the connection still goes to the URL).
     pub host: Option<String>,

@@ -6,6 +6,8 @@
 //! [`ProbeResult`] with a human-readable reason; runs never panic and never outlive their timeout
 //! by more than the time needed to kill and reap an exec probe's processes.
 
+#![warn(missing_docs)]
+
 mod exec;
 mod http;
 mod tcp;

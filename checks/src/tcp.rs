@@ -19,7 +19,8 @@ pub struct TcpSpec {
     /// Bytes written right after connecting (e.g. `b"PING\r\n"`).
     pub send: Option<Vec<u8>>,
     /// Regex the bytes read back must match; without it, connecting (and sending) is enough.
-    /// Rust `regex` syntax, searched anywhere in what was read so far (`(?m)^220 ` for lines).
+    /// Rust `regex` syntax with Unicode mode off (`\d`, `\w`, `(?i)` are ASCII), searched
+    /// anywhere in what was read so far (`(?m)^220 ` anchors to a line).
     pub expect: Option<String>,
 }
 

@@ -57,12 +57,18 @@ pub(crate) fn io_error(e: &io::Error) -> String {
 }
 
 /// Compiles a byte-oriented regex, naming `what` it is for in the error.
+///
+/// Unicode mode is off: `\d`, `\w`, `\s`, `.` and `(?i)` are ASCII/byte-based, which suits
+/// protocol banners and keeps the Unicode tables out of the binary.
 pub(crate) fn regex(what: &'static str, pattern: &str) -> Result<regex::bytes::Regex, ProbeError> {
-    regex::bytes::Regex::new(pattern).map_err(|e| ProbeError::InvalidRegex {
-        what,
-        pattern: pattern.to_owned(),
-        reason: e.to_string(),
-    })
+    regex::bytes::RegexBuilder::new(pattern)
+        .unicode(false)
+        .build()
+        .map_err(|e| ProbeError::InvalidRegex {
+            what,
+            pattern: pattern.to_owned(),
+            reason: e.to_string(),
+        })
 }
 
 #[cfg(test)]
@@ -75,6 +81,18 @@ mod tests {
         assert_eq!(duration(Duration::from_millis(1500)), "1.5s");
         assert_eq!(duration(Duration::from_millis(250)), "250ms");
         assert_eq!(duration(Duration::from_millis(1234)), "1.234s");
+    }
+
+    #[test]
+    fn regexes_are_ascii_and_byte_based() {
+        let re = regex("banner", r"(?i)^\+ok \w+ \d+\s").unwrap();
+        assert!(re.is_match(b"+OK pop3_v2 110 ready"));
+        assert!(regex("banner", "caf\u{e9}")
+            .unwrap()
+            .is_match("café".as_bytes()));
+        assert!(regex("banner", "a.c").unwrap().is_match(b"a\xffc"));
+        let err = regex("body", "(").unwrap_err();
+        assert!(matches!(err, ProbeError::InvalidRegex { what: "body", .. }));
     }
 
     #[test]
