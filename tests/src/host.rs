@@ -61,8 +61,8 @@ fn docker(args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-/// A Docker network for one test, named `keepup-test-<random>`. Hosts on it reach each other
-/// by name and nothing else. Removed when the `TestNet` and all its hosts are dropped.
+/// An internal Docker network for one test, named `keepup-test-<random>`. Hosts on it reach
+/// each other by name and nothing else (no route outside). Removed when the `TestNet` and all its hosts are dropped.
 pub struct TestNet {
     inner: Arc<NetInner>,
 }
@@ -85,8 +85,16 @@ impl TestNet {
             COUNTER.fetch_add(1, Ordering::Relaxed)
         );
         let name = format!("keepup-test-{}", &crate::sha256_hex(&seed)[..10]);
-        docker(&["network", "create", "--label", "org.keepup.test=1", &name])
-            .context("creating the test network")?;
+        // --internal: no route out of the network; hosts reach only each other.
+        docker(&[
+            "network",
+            "create",
+            "--internal",
+            "--label",
+            "org.keepup.test=1",
+            &name,
+        ])
+        .context("creating the test network")?;
         Ok(TestNet {
             inner: Arc::new(NetInner { name }),
         })
@@ -141,7 +149,9 @@ impl Host {
                 .bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
         if !valid {
-            bail!("host name {name:?} must be a DNS label: a-z, 0-9 and '-', at most 63 characters");
+            bail!(
+                "host name {name:?} must be a DNS label: a-z, 0-9 and '-', at most 63 characters"
+            );
         }
         let image = tokio::task::spawn_blocking(crate::image::host_image).await??;
         let (repo, tag) = image.split_once(':').expect("reference has a tag");

@@ -293,28 +293,29 @@ impl WorkDir {
     fn path(&self) -> &Path {
         self.0.as_ref().expect("present until drop").path()
     }
+}
 
-    fn mounts_inside(&self) -> Vec<String> {
-        let prefix = format!("{}/", self.path().display());
-        let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let mut mounts: Vec<String> = info
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4))
-            .filter(|m| m.starts_with(&prefix))
-            .map(str::to_string)
-            .collect();
-        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
-        mounts
-    }
+/// Mount points strictly inside `dir`, deepest first.
+fn mounts_inside(dir: &Path) -> Vec<String> {
+    let prefix = format!("{}/", dir.display());
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut mounts: Vec<String> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| m.starts_with(&prefix))
+        .map(str::to_string)
+        .collect();
+    mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    mounts
 }
 
 impl Drop for WorkDir {
     fn drop(&mut self) {
-        for m in self.mounts_inside() {
+        let dir = self.0.take().expect("present until drop");
+        for m in mounts_inside(dir.path()) {
             let _ = Command::new("umount").args(["-l", &m]).status();
         }
-        let dir = self.0.take().expect("present until drop");
-        if self.mounts_inside().is_empty() {
+        if mounts_inside(dir.path()).is_empty() {
             let _ = dir.close();
         } else {
             let kept = dir.keep();
@@ -339,8 +340,43 @@ mod tests {
     #[test]
     fn standard_recipe_has_the_required_packages() {
         let r = Recipe::standard();
-        for p in ["procps", "rpm", "curl", "netcat-openbsd", "iproute2", "gnupg"] {
+        for p in [
+            "procps",
+            "rpm",
+            "curl",
+            "netcat-openbsd",
+            "iproute2",
+            "gnupg",
+        ] {
             assert!(r.packages.iter().any(|x| x == p), "{p} missing");
         }
+    }
+
+    #[test]
+    fn work_dir_unmounts_before_deleting() {
+        let outside = tempfile::tempdir().unwrap();
+        fs::write(outside.path().join("keep-me"), "x").unwrap();
+        let work = WorkDir::new().unwrap();
+        let inner = work.path().join("rootfs/dev");
+        fs::create_dir_all(&inner).unwrap();
+        let mounted = Command::new("mount")
+            .args([
+                "--bind",
+                path_str(outside.path()).unwrap(),
+                path_str(&inner).unwrap(),
+            ])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            eprintln!("skipping: cannot bind-mount here (needs root)");
+            return;
+        }
+        let root = work.path().to_path_buf();
+        drop(work);
+        assert!(!root.exists(), "work dir removed");
+        assert!(
+            outside.path().join("keep-me").exists(),
+            "mounted content untouched"
+        );
     }
 }

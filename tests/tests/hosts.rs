@@ -23,7 +23,9 @@ fn recipe_tag_is_stable_and_tracks_every_part() {
     let standard = Recipe::standard().tag();
     assert_eq!(standard, Recipe::standard().tag());
     assert_eq!(standard.len(), 12);
-    assert!(standard.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+    assert!(standard
+        .bytes()
+        .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
 
     let mut other = fixed.clone();
     other.packages.push("curl".into());
@@ -47,6 +49,10 @@ async fn hosts_are_debian_12_with_the_tools_keepup_needs() -> anyhow::Result<()>
         return Ok(());
     }
     let net = TestNet::new()?;
+    let internal = std::process::Command::new("docker")
+        .args(["network", "inspect", "-f", "{{.Internal}}", net.name()])
+        .output()?;
+    assert_eq!(String::from_utf8_lossy(&internal.stdout).trim(), "true");
     let host = Host::start(&net, "tools").await?;
     assert!(host.ok("cat /etc/debian_version").await?.starts_with("12"));
     assert_eq!(host.ok("hostname").await?.trim(), "tools");
@@ -77,8 +83,14 @@ async fn exec_reports_failures_and_times_out() -> anyhow::Result<()> {
     let net = TestNet::new()?;
     let mut host = Host::start(&net, "slow").await?;
     let e = host.exec("echo out; echo err >&2; exit 7").await?;
-    assert_eq!((e.code, e.stdout.as_str(), e.stderr.as_str()), (7, "out\n", "err\n"));
-    let msg = format!("{:#}", host.ok("echo out; echo err >&2; exit 7").await.unwrap_err());
+    assert_eq!(
+        (e.code, e.stdout.as_str(), e.stderr.as_str()),
+        (7, "out\n", "err\n")
+    );
+    let msg = format!(
+        "{:#}",
+        host.ok("echo out; echo err >&2; exit 7").await.unwrap_err()
+    );
     for part in ["slow", "exit 7", "exited 7", "out", "err"] {
         assert!(msg.contains(part), "{part:?} missing from: {msg}");
     }
@@ -115,15 +127,24 @@ async fn food_serves_across_the_test_network() -> anyhow::Result<()> {
     let (a, b) = tokio::try_join!(Host::start(&net, "host-a"), Host::start(&net, "host-b"))?;
     a.copy_in(Path::new(FOOD), "/usr/local/bin/food").await?;
     let version = a.ok("/usr/local/bin/food --version").await?;
-    assert_eq!(version.trim(), format!("food {}", env!("CARGO_PKG_VERSION")));
+    assert_eq!(
+        version.trim(),
+        format!("food {}", env!("CARGO_PKG_VERSION"))
+    );
 
     // Defaults: banner on 7070, HTTP on 7071, reached by host name from the other host.
     start_food(&a, "", 7070).await?;
     let banner = b.ok("nc -w 3 host-a 7070").await?;
-    assert_eq!(banner, format!("food {} ready\n", env!("CARGO_PKG_VERSION")));
+    assert_eq!(
+        banner,
+        format!("food {} ready\n", env!("CARGO_PKG_VERSION"))
+    );
     assert_eq!(b.ok("curl -fsS http://host-a:7071/healthz").await?, "ok\n");
     let code = "curl -s -o /dev/null -w '%{http_code}'";
-    assert_eq!(b.ok(&format!("{code} http://host-a:7071/nope")).await?, "404");
+    assert_eq!(
+        b.ok(&format!("{code} http://host-a:7071/nope")).await?,
+        "404"
+    );
 
     // A config file, with a flag overriding it.
     a.ok("printf 'banner = hello from a\\nbanner_port = 7076\\nhttp_port = 9\\n' >/etc/food.conf")
@@ -138,8 +159,16 @@ async fn food_serves_across_the_test_network() -> anyhow::Result<()> {
     assert!(e.stderr.contains("already in use"), "{e:?}");
 
     // --fail-health: the health endpoint answers 500.
-    start_food(&a, "--fail-health --banner-port 7072 --http-port 7073", 7072).await?;
-    assert_eq!(b.ok(&format!("{code} http://host-a:7073/healthz")).await?, "500");
+    start_food(
+        &a,
+        "--fail-health --banner-port 7072 --http-port 7073",
+        7072,
+    )
+    .await?;
+    assert_eq!(
+        b.ok(&format!("{code} http://host-a:7073/healthz")).await?,
+        "500"
+    );
 
     // --crash-after: exits 3.
     let e = a
@@ -149,7 +178,12 @@ async fn food_serves_across_the_test_network() -> anyhow::Result<()> {
     assert!(e.stdout.contains("crashing as asked"), "{e:?}");
 
     // --hang-after: still alive and accepting, but answers nothing.
-    start_food(&a, "--hang-after 2 --banner-port 7074 --http-port 7075", 7074).await?;
+    start_food(
+        &a,
+        "--hang-after 2 --banner-port 7074 --http-port 7075",
+        7074,
+    )
+    .await?;
     assert!(b.ok("nc -w 3 host-a 7074").await?.starts_with("food"));
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(b.ok("nc -w 2 host-a 7074 || true").await?, "");
@@ -159,10 +193,16 @@ async fn food_serves_across_the_test_network() -> anyhow::Result<()> {
 
     // --daemonize: the command returns at once; a grandchild in its own session serves on.
     let out = a
-        .ok("/usr/local/bin/food --daemonize --banner-port 7080 --http-port 7081 \
-             >/tmp/food-7080.log 2>&1; echo \"rc=$? shell=$$\"")
+        .ok(
+            "/usr/local/bin/food --daemonize --banner-port 7080 --http-port 7081 \
+             >/tmp/food-7080.log 2>&1; echo \"rc=$? shell=$$\"",
+        )
         .await?;
-    let shell = out.trim().strip_prefix("rc=0 shell=").expect(&out).to_string();
+    let shell = out
+        .trim()
+        .strip_prefix("rc=0 shell=")
+        .expect(&out)
+        .to_string();
     wait_listening(&a, 7080).await?;
     let ps = a.ok("ps -eo pid=,ppid=,sid=,args=").await?;
     let daemon: Vec<&str> = ps
@@ -173,7 +213,10 @@ async fn food_serves_across_the_test_network() -> anyhow::Result<()> {
         .collect();
     let (pid, ppid, sid) = (daemon[0], daemon[1], daemon[2]);
     assert_ne!(ppid, shell, "{ps}");
-    assert_ne!(pid, sid, "double fork: the daemon must not lead its session: {ps}");
+    assert_ne!(
+        pid, sid,
+        "double fork: the daemon must not lead its session: {ps}"
+    );
     assert!(b.ok("nc -w 3 host-a 7080").await?.starts_with("food"));
     Ok(())
 }

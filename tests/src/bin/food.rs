@@ -122,8 +122,14 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
 
 /// Sets one option by its config-file key (flags map `--banner-port` to `banner_port`).
 fn set(o: &mut Opts, key: &str, value: &str) -> Result<(), String> {
-    let num = |v: &str| v.parse::<u64>().map_err(|_| format!("{key}: {v:?} is not a number"));
-    let port = |v: &str| v.parse::<u16>().map_err(|_| format!("{key}: {v:?} is not a port"));
+    let num = |v: &str| {
+        v.parse::<u64>()
+            .map_err(|_| format!("{key}: {v:?} is not a number"))
+    };
+    let port = |v: &str| {
+        v.parse::<u16>()
+            .map_err(|_| format!("{key}: {v:?} is not a port"))
+    };
     match key {
         "bind" => o.bind = value.to_string(),
         "banner_port" => o.banner_port = port(value)?,
@@ -214,7 +220,10 @@ fn answer_http(mut conn: TcpStream, fail_health: bool) -> std::io::Result<()> {
         ("GET", "/healthz") => ("200 OK", "ok\n"),
         _ => ("404 Not Found", "not found\n"),
     };
-    log(&format!("http {method} {path} from {} -> {status}", conn.peer_addr()?));
+    log(&format!(
+        "http {method} {path} from {} -> {status}",
+        conn.peer_addr()?
+    ));
     let response = format!(
         "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
