@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Runs every keepup test on a fresh Debian 12 machine: installs the tools the tests drive
+# (dpkg, lintian, rpm, rpmlint, debootstrap, gnupg, ...), builds the workspace, and runs all test
+# suites. Fleet tests build the Debian host image (debootstrap + docker import) on first use.
+#
+#   bash tests/run.sh                          # everything
+#   KEEPUP_SKIP_DOCKER_TESTS=1 bash tests/run.sh   # explicitly skip the container tests
+#   bash tests/run.sh -p keepup-packager       # extra arguments go to `cargo test`
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(debootstrap lintian rpm rpmlint gnupg zstd xz-utils binutils netcat-openbsd curl)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "tests/run.sh: installing ${missing[*]}" >&2
+    sudo=""
+    [ "$(id -u)" = 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [ "${KEEPUP_SKIP_DOCKER_TESTS:-}" = 1 ]; then
+    echo "tests/run.sh: KEEPUP_SKIP_DOCKER_TESTS=1: container (fleet) tests will be skipped" >&2
+elif ! docker info >/dev/null 2>&1; then
+    echo "tests/run.sh: Docker is required for the fleet tests: start the Docker daemon, or set KEEPUP_SKIP_DOCKER_TESTS=1 to skip them explicitly" >&2
+    exit 1
+fi
+
+# Tests copy workspace binaries (food, keepup-agent, keepup) into host containers.
+cargo build --workspace --bins
+cargo test --workspace "$@"
