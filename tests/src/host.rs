@@ -161,6 +161,8 @@ impl Host {
             .with_container_name(format!("{}-{name}", net.name()))
             .with_network(net.name())
             .with_label("org.keepup.test", "1")
+            // Like root on a real host: read any process's /proc/PID/environ, exe, fd.
+            .with_cap_add("SYS_PTRACE")
             .start()
             .await
             .with_context(|| format!("starting host {name} from {image}"))?;

@@ -71,6 +71,12 @@ async fn hosts_are_debian_12_with_the_tools_keepup_needs() -> anyhow::Result<()>
         host.ok(cmd).await?;
     }
     assert_eq!(host.ok("id -u").await?.trim(), "0");
+    // Root sees other users' processes fully, as on a real host (kill-by-uid relies on it).
+    host.ok("useradd --system probe || exit 1
+         setpriv --reuid=probe --regid=probe --clear-groups sleep 60 >/dev/null 2>&1 &
+         sleep 0.5; [ \"$(stat -c %U /proc/$!)\" = probe ] || exit 1
+         tr '\\0' '\\n' </proc/$!/environ | grep -q PATH")
+        .await?;
     assert!(host.ok("ls /var/lib/apt/lists").await?.trim().is_empty());
     Ok(())
 }
