@@ -1,7 +1,8 @@
 //! Fleet test support: builds the Debian 12 host image without a registry ([`image`]), and
 //! starts hosts as containers on per-test networks ([`host`]). The example service daemon
-//! `food` lives in `src/bin/food.rs`.
+//! `food` lives in `src/bin/food.rs`; [`example`] packs it.
 
+pub mod example;
 pub mod host;
 pub mod image;
 
