@@ -703,7 +703,15 @@ impl Spec {
     /// Parse and validate spec text; `path` names the file in errors and anchors relative `src`.
     pub fn parse(path: &Path, text: &str) -> Result<Spec, SpecErrors> {
         let options = serde_saphyr::options! { legacy_octal_numbers: true };
-        let raw: RawSpec = serde_saphyr::from_str_with_options(text, options).map_err(|e| {
+        // serde_path_to_error tracks which field was being read when parsing failed.
+        let mut field = String::new();
+        let parsed = serde_saphyr::with_deserializer_from_str_with_options(text, options, |de| {
+            serde_path_to_error::deserialize(de).map_err(|e| {
+                field = e.path().to_string();
+                e.into_inner()
+            })
+        });
+        let raw: RawSpec = parsed.map_err(|e| {
             let (line, column) = e
                 .location()
                 .map(|l| (l.line(), l.column()))
@@ -713,7 +721,11 @@ impl Spec {
                 file: path.to_path_buf(),
                 line,
                 column,
-                field: String::new(),
+                field: if field == "." {
+                    String::new()
+                } else {
+                    field.replace(".value", "")
+                },
                 message: yaml_hint(strip_location(&message)),
             }])
         })?;
@@ -757,6 +769,8 @@ fn strip_location(msg: &str) -> &str {
 fn yaml_hint(msg: &str) -> String {
     if msg.contains("unknown field") {
         format!("{msg}; see docs/spec.md for the fields a spec may have")
+    } else if msg.contains("expected sequence") {
+        format!("{msg}: write a list, e.g. [/usr/bin/food, --config, /etc/foo/foo.conf]")
     } else {
         msg.to_string()
     }

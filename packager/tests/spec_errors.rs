@@ -63,9 +63,23 @@ fn malformed_yaml_names_the_place() {
 #[test]
 fn unknown_key_is_an_error_with_its_location() {
     let (e, shown) = one_error(&GOOD.replace("role: foo\n", "role: foo\nrestart: always\n"));
-    assert_eq!(e.line, 7, "{shown}");
-    assert!(shown.contains("restart"), "{shown}");
+    assert_eq!((e.line, e.field.as_str()), (7, "restart"), "{shown}");
     assert!(shown.contains("docs/spec.md"), "{shown}");
+}
+
+#[test]
+fn nested_unknown_key_and_wrong_type_name_the_full_field() {
+    let (e, shown) = one_error(&format!(
+        "{GOOD}checks:\n  - tcp: {{ port: 1, bogus: 2 }}\n"
+    ));
+    assert_eq!(
+        (e.line, e.field.as_str()),
+        (13, "checks[0].tcp.bogus"),
+        "{shown}"
+    );
+    let (e, shown) = one_error(&GOOD.replace("  exec: [/usr/bin/food]", "  exec: /usr/bin/food"));
+    assert_eq!((e.line, e.field.as_str()), (11, "launch.exec"), "{shown}");
+    assert!(shown.contains("write a list"), "{shown}");
 }
 
 #[test]
