@@ -200,17 +200,23 @@ async fn full_cycle(host: &Host, dist: &Path, c: &Cycle) -> Result<()> {
     Ok(())
 }
 
+/// Build versions 1.0.0 and 1.1.0, start a fresh host and run the whole cycle on it.
+async fn cycle_on_fresh_host(name: &str, c: &Cycle) -> Result<(Host, TestNet)> {
+    let tmp = tempfile::tempdir()?;
+    build_example(tmp.path(), "1.0.0", |t| t);
+    build_example(tmp.path(), "1.1.0", |t| t);
+    let net = TestNet::new()?;
+    let host = Host::start(&net, name).await?;
+    full_cycle(&host, &tmp.path().join("dist"), c).await?;
+    Ok((host, net))
+}
+
 #[tokio::test]
 async fn deb_install_run_upgrade_remove_cycle() -> Result<()> {
     if !docker_or_skip() {
         return Ok(());
     }
-    let tmp = tempfile::tempdir()?;
-    build_example(tmp.path(), "1.0.0", |t| t);
-    build_example(tmp.path(), "1.1.0", |t| t);
-    let net = TestNet::new()?;
-    let host = Host::start(&net, "deb-host").await?;
-    full_cycle(&host, &tmp.path().join("dist"), &DEB).await?;
+    let (host, _net) = cycle_on_fresh_host("deb-host", &DEB).await?;
     // Conffiles stay after remove, as Debian policy wants; purge removes them.
     host.ok("test -f /etc/foo/foo.conf && dpkg --purge foo && ! test -e /etc/foo/foo.conf")
         .await?;
@@ -222,12 +228,7 @@ async fn rpm_install_run_upgrade_remove_cycle() -> Result<()> {
     if !docker_or_skip() {
         return Ok(());
     }
-    let tmp = tempfile::tempdir()?;
-    build_example(tmp.path(), "1.0.0", |t| t);
-    build_example(tmp.path(), "1.1.0", |t| t);
-    let net = TestNet::new()?;
-    let host = Host::start(&net, "rpm-host").await?;
-    full_cycle(&host, &tmp.path().join("dist"), &RPM).await?;
+    cycle_on_fresh_host("rpm-host", &RPM).await?;
     Ok(())
 }
 
