@@ -1,0 +1,1 @@
+//! Empty: the proof is in tests/.
