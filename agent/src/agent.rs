@@ -1,0 +1,372 @@
+//! `keepup-agent run`: the agent's top level. Takes the lock (a second agent refuses to
+//! start), becomes the child subreaper, opens the control socket, follows the manifest
+//! directory (a service per manifest; added -> started, removed -> stopped and its role
+//! killed), runs the re-kick timer, answers control requests, and on SIGTERM stops every
+//! service and exits 0.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{bail, Context, Result};
+use keepup_packager::manifest::Manifest;
+use nix::fcntl::{Flock, FlockArg};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::Config;
+use crate::control::{self, Incoming, Request, Response};
+use crate::reaper::{self, Spawned};
+use crate::service::{self, Ctx, Handle, ServiceCommand};
+
+/// Upper bound on the shutdown: every service's stop runs in parallel within its
+/// `stop_grace`; this covers the longest plus reaping.
+const SHUTDOWN_SLACK: Duration = Duration::from_secs(10);
+
+/// Holds the agent lock: an exclusive `flock` on the file beside the socket. Nothing is written
+/// into the file (it is not a pidfile); the kernel drops the lock when the agent dies, however
+/// it dies.
+pub struct AgentLock {
+    _lock: Flock<File>,
+}
+
+/// Takes the agent lock or explains who has it.
+pub fn lock(cfg: &Config) -> Result<AgentLock> {
+    let path = cfg.lock_path();
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening the lock file {}", path.display()))?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(AgentLock { _lock: lock }),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => bail!(
+            "another keepup-agent is already running: it holds the lock on {}. \
+             Ask it with `keepup-agent status`, or stop it before starting a new one",
+            path.display()
+        ),
+        Err((_, e)) => Err(e).with_context(|| format!("locking {}", path.display())),
+    }
+}
+
+/// Runs the agent until SIGTERM or SIGINT.
+pub async fn run(cfg: Config) -> Result<()> {
+    let _lock = lock(&cfg)?;
+    reaper::become_subreaper().context("becoming the child subreaper")?;
+    let listener = control::bind(&cfg.socket)?;
+    let mut sigterm = signal(SignalKind::terminate()).context("watching SIGTERM")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("watching SIGINT")?;
+    let spawned = Spawned::default();
+    tokio::spawn(reaper::run(spawned.clone()));
+    let (to_agent, mut requests) = mpsc::channel::<Incoming>(16);
+    tokio::spawn(control::serve(listener, to_agent));
+
+    let cfg = Arc::new(cfg);
+    eprintln!(
+        "keepup-agent: supervising services from {} (control socket {}, re-kick every {})",
+        cfg.manifest_dir.display(),
+        cfg.socket.display(),
+        keepup_packager::spec::format_duration(cfg.rekick_every)
+    );
+    let mut agent = Agent {
+        ctx: Ctx {
+            cfg: cfg.clone(),
+            spawned,
+        },
+        services: BTreeMap::new(),
+        seen: HashMap::new(),
+        next_rekick: Instant::now() + cfg.rekick_every,
+    };
+    agent.sync_manifests();
+    let mut scan = tokio::time::interval(cfg.scan_every);
+    scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut rekick =
+        tokio::time::interval_at((Instant::now() + cfg.rekick_every).into(), cfg.rekick_every);
+    rekick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let why = loop {
+        tokio::select! {
+            _ = scan.tick() => agent.sync_manifests(),
+            _ = rekick.tick() => agent.rekick_all(),
+            Some((req, reply)) = requests.recv() => agent.request(req, reply),
+            _ = sigterm.recv() => break "SIGTERM",
+            _ = sigint.recv() => break "SIGINT",
+        }
+    };
+    eprintln!("keepup-agent: {why}: stopping every service");
+    agent.shutdown().await;
+    let _ = std::fs::remove_file(&cfg.socket);
+    eprintln!("keepup-agent: stopped");
+    Ok(())
+}
+
+/// Identity of a manifest file version: reparse only when it changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileKey {
+    modified: Option<SystemTime>,
+    len: u64,
+    ino: u64,
+}
+
+struct Agent {
+    ctx: Ctx,
+    services: BTreeMap<String, Handle>,
+    /// Manifest files last seen, with what they parsed to (`None`: unreadable; reported once).
+    seen: HashMap<PathBuf, (FileKey, Option<Manifest>)>,
+    next_rekick: Instant,
+}
+
+impl Agent {
+    /// Brings the set of services in line with the manifest directory.
+    fn sync_manifests(&mut self) {
+        let dir = self.ctx.cfg.manifest_dir.clone();
+        let files = list_manifests(&dir);
+        self.seen.retain(|p, _| files.contains(p));
+        let mut wanted: BTreeMap<String, Manifest> = BTreeMap::new();
+        for path in files {
+            let Some(key) = file_key(&path) else { continue };
+            let fresh = !matches!(self.seen.get(&path), Some((k, _)) if *k == key);
+            if fresh {
+                let parsed = read_manifest(&path);
+                self.seen.insert(path.clone(), (key, parsed));
+            }
+            match self.seen.get(&path) {
+                Some((_, Some(m))) => {
+                    if let Some(other) = wanted.get(&m.name) {
+                        if fresh {
+                            eprintln!(
+                                "keepup-agent: {}: service {} is already defined by another \
+                                 manifest (version {}); ignoring this one",
+                                path.display(),
+                                m.name,
+                                other.version
+                            );
+                        }
+                        continue;
+                    }
+                    wanted.insert(m.name.clone(), m.clone());
+                }
+                // Unreadable now: keep whatever runs under that file's name as it is.
+                _ => {
+                    if let Some(stem) = path.file_stem().and_then(|s| s.to_str()) {
+                        if let Some(h) = self.services.get(stem) {
+                            wanted.insert(stem.to_string(), h.manifest.clone());
+                        }
+                    }
+                }
+            }
+        }
+        let gone: Vec<String> = self
+            .services
+            .keys()
+            .filter(|n| !wanted.contains_key(*n))
+            .cloned()
+            .collect();
+        for name in gone {
+            if let Some(h) = self.services.remove(&name) {
+                eprintln!("keepup-agent: {name}: manifest removed; stopping it");
+                let (done, _) = oneshot::channel();
+                // The task stops the service and ends on its own.
+                let _ = h.tx.try_send(ServiceCommand::Stop { remove: true, done });
+            }
+        }
+        for (name, m) in wanted {
+            match self.services.get_mut(&name) {
+                Some(h) if h.manifest != m => {
+                    h.manifest = m.clone();
+                    let _ = h.tx.try_send(ServiceCommand::Reload(Box::new(m)));
+                }
+                Some(_) => {}
+                None => {
+                    eprintln!(
+                        "keepup-agent: {name}: new manifest ({} {}); starting it",
+                        m.version, m.launch
+                    );
+                    let h = service::spawn(self.ctx.clone(), m);
+                    self.services.insert(name, h);
+                }
+            }
+        }
+    }
+
+    fn rekick_all(&mut self) {
+        self.next_rekick = Instant::now() + self.ctx.cfg.rekick_every;
+        for h in self.services.values() {
+            let _ = h.tx.try_send(ServiceCommand::Rekick(None));
+        }
+    }
+
+    fn request(&mut self, req: Request, reply: oneshot::Sender<Response>) {
+        let find = |name: &str| -> Result<&Handle, Response> {
+            self.services.get(name).ok_or_else(|| {
+                let known: Vec<&str> = self.services.keys().map(String::as_str).collect();
+                Response::failed(format!(
+                    "no service {name:?} (known: {}); its manifest would be {}",
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    },
+                    self.ctx
+                        .cfg
+                        .manifest_dir
+                        .join(format!("{name}.yaml"))
+                        .display()
+                ))
+            })
+        };
+        let forward = |h: &Handle, cmd: ServiceCommand| {
+            let _ = h.tx.try_send(cmd);
+        };
+        match req {
+            Request::Status => {
+                let now = Instant::now();
+                let services = self
+                    .services
+                    .values()
+                    .map(|h| {
+                        let mut s = h
+                            .shared
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .snapshot(now);
+                        if s.state == crate::policy::State::GivenUp {
+                            let next = self.next_rekick.saturating_duration_since(now);
+                            s.note = Some(format!(
+                                "{}; next re-kick in {}",
+                                s.note.unwrap_or_default(),
+                                crate::policy::short_duration(next)
+                            ));
+                        }
+                        s
+                    })
+                    .collect();
+                let _ = reply.send(Response {
+                    ok: true,
+                    services,
+                    ..Response::default()
+                });
+            }
+            Request::Down { service } => match find(&service) {
+                Ok(h) => forward(h, ServiceCommand::Down(reply)),
+                Err(r) => drop(reply.send(r)),
+            },
+            Request::Up { service } => match find(&service) {
+                Ok(h) => forward(h, ServiceCommand::Up(reply)),
+                Err(r) => drop(reply.send(r)),
+            },
+            Request::Check { service } => match find(&service) {
+                Ok(h) => forward(h, ServiceCommand::Check(reply)),
+                Err(r) => drop(reply.send(r)),
+            },
+            Request::Rekick {
+                service: Some(service),
+            } => match find(&service) {
+                Ok(h) => forward(h, ServiceCommand::Rekick(Some(reply))),
+                Err(r) => drop(reply.send(r)),
+            },
+            Request::Rekick { service: None } => {
+                let mut answers = Vec::new();
+                for h in self.services.values() {
+                    let (tx, rx) = oneshot::channel();
+                    forward(h, ServiceCommand::Rekick(Some(tx)));
+                    answers.push(rx);
+                }
+                tokio::spawn(async move {
+                    let mut lines = Vec::new();
+                    for rx in answers {
+                        if let Ok(r) = rx.await {
+                            lines.extend(r.message.or(r.error));
+                        }
+                    }
+                    if lines.is_empty() {
+                        lines.push("no services".into());
+                    }
+                    let _ = reply.send(Response::done(lines.join("\n")));
+                });
+            }
+        }
+    }
+
+    /// Stops every service in parallel and waits (bounded) for them.
+    async fn shutdown(&mut self) {
+        let longest = self
+            .services
+            .values()
+            .map(|h| h.manifest.supervisor.stop_grace)
+            .max()
+            .unwrap_or_default();
+        let mut waits = Vec::new();
+        for (_, h) in std::mem::take(&mut self.services) {
+            let (done, rx) = oneshot::channel();
+            if h.tx
+                .send(ServiceCommand::Stop {
+                    remove: false,
+                    done,
+                })
+                .await
+                .is_ok()
+            {
+                waits.push(rx);
+            }
+        }
+        let all = async {
+            for rx in waits {
+                let _ = rx.await;
+            }
+        };
+        if tokio::time::timeout(longest * 2 + SHUTDOWN_SLACK, all)
+            .await
+            .is_err()
+        {
+            eprintln!("keepup-agent: some services did not stop in time");
+        }
+    }
+}
+
+/// `*.yaml` files in the manifest directory (none if it does not exist).
+fn list_manifests(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut files: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    files
+}
+
+fn file_key(path: &Path) -> Option<FileKey> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some(FileKey {
+        modified: m.modified().ok(),
+        len: m.len(),
+        ino: m.ino(),
+    })
+}
+
+/// Reads and parses one manifest; problems are reported on stderr (once per file version).
+fn read_manifest(path: &Path) -> Option<Manifest> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("keepup-agent: {}: {e}", path.display());
+            return None;
+        }
+    };
+    match Manifest::parse(&path.display().to_string(), &text) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            eprintln!("keepup-agent: {e} (ignored until the file changes)");
+            None
+        }
+    }
+}

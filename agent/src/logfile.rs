@@ -1,0 +1,167 @@
+//! Per-service log files (`<log_dir>/<service>.log`): the launch script's stdout and stderr
+//! plus the agent's own lines about the service (started, exited, probe failed, killed),
+//! rotated by size like logrotate's `size` + `rotate N` (`foo.log.1` is the newest old file).
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// A size-rotated append-only log file; shared between the agent and the output readers of
+/// a service's runs as [`SharedLog`].
+#[derive(Debug)]
+pub struct LogFile {
+    path: PathBuf,
+    file: Option<File>,
+    size: u64,
+    max_bytes: u64,
+    keep: u32,
+}
+
+/// A log file shared by the tasks that write to it.
+pub type SharedLog = Arc<Mutex<LogFile>>;
+
+impl LogFile {
+    /// Opens (creating) `path` for appending; it is rotated once it would grow past
+    /// `max_bytes`, keeping `keep` old files.
+    pub fn open(path: PathBuf, max_bytes: u64, keep: u32) -> LogFile {
+        let mut log = LogFile {
+            path,
+            file: None,
+            size: 0,
+            max_bytes: max_bytes.max(1024),
+            keep,
+        };
+        log.reopen();
+        log
+    }
+
+    /// Shares the log between tasks.
+    pub fn shared(self) -> SharedLog {
+        Arc::new(Mutex::new(self))
+    }
+
+    fn reopen(&mut self) {
+        if let Some(dir) = self.path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        self.file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .ok();
+        self.size = self
+            .file
+            .as_ref()
+            .and_then(|f| f.metadata().ok())
+            .map_or(0, |m| m.len());
+    }
+
+    /// Appends raw bytes (launch-script output), rotating first if they would not fit.
+    /// Logging never fails the caller: if the file cannot be written the bytes are dropped.
+    pub fn write(&mut self, bytes: &[u8]) {
+        if self.size > 0 && self.size + bytes.len() as u64 > self.max_bytes {
+            self.rotate();
+        }
+        if self.file.is_none() {
+            self.reopen();
+        }
+        if let Some(f) = self.file.as_mut() {
+            if f.write_all(bytes).is_ok() {
+                self.size += bytes.len() as u64;
+            }
+        }
+    }
+
+    /// Appends one timestamped line from the agent: `2024-05-01T12:00:00Z keepup-agent: ...`.
+    pub fn note(&mut self, message: &str) {
+        let line = format!("{} keepup-agent: {message}\n", timestamp(SystemTime::now()));
+        self.write(line.as_bytes());
+    }
+
+    fn rotate(&mut self) {
+        self.file = None;
+        if self.keep == 0 {
+            let _ = std::fs::remove_file(&self.path);
+        } else {
+            for i in (1..self.keep).rev() {
+                let _ = std::fs::rename(numbered(&self.path, i), numbered(&self.path, i + 1));
+            }
+            let _ = std::fs::rename(&self.path, numbered(&self.path, 1));
+        }
+        self.reopen();
+    }
+}
+
+fn numbered(path: &Path, n: u32) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(format!(".{n}"));
+    PathBuf::from(s)
+}
+
+/// Locks a shared log, even if a writer panicked while holding it.
+pub fn lock(log: &SharedLog) -> std::sync::MutexGuard<'_, LogFile> {
+    log.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// UTC time as `YYYY-MM-DDTHH:MM:SSZ`.
+pub fn timestamp(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86400, secs % 86400);
+    let (y, m, d) = civil_from_days(days as i64);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn formats_utc_timestamps() {
+        assert_eq!(timestamp(UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        let t = UNIX_EPOCH + Duration::from_secs(1_709_210_096); // leap day 2024
+        assert_eq!(timestamp(t), "2024-02-29T12:34:56Z");
+    }
+
+    #[test]
+    fn rotates_by_size_and_keeps_n_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("foo.log");
+        let mut log = LogFile::open(path.clone(), 1024, 2);
+        let chunk = vec![b'x'; 600];
+        for _ in 0..5 {
+            log.write(&chunk);
+        }
+        let size = |p: PathBuf| std::fs::metadata(p).map(|m| m.len()).ok();
+        assert_eq!(size(path.clone()), Some(600));
+        assert_eq!(size(numbered(&path, 1)), Some(600));
+        assert_eq!(size(numbered(&path, 2)), Some(600));
+        assert_eq!(size(numbered(&path, 3)), None);
+        // Reopening continues the current file.
+        let mut again = LogFile::open(path.clone(), 1024, 2);
+        again.note("hello");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.ends_with(" keepup-agent: hello\n"), "{text}");
+    }
+}

@@ -1,0 +1,171 @@
+//! Child subreaper: orphans of supervised services (a double-forked daemon's parent exiting,
+//! a launch script's background helper) are reparented to the agent instead of PID 1, and the
+//! agent reaps them so no zombie is left, even when the agent is a container's PID 1 or runs
+//! under an init that does not reap.
+//!
+//! The agent also has children that tokio reaps itself (launch scripts, exec probes,
+//! `systemctl`): a blind `waitpid(-1)` would steal their exit statuses. So the reaper never
+//! does that. On SIGCHLD it lists the agent's children (`/proc/self/task/*/children`), finds
+//! the zombies among them, skips the pids the agent spawned and still waits for ([`Spawned`]),
+//! and reaps the others by pid, but only once they have been zombies for [`SETTLE`]: tokio reaps a child it
+//! waits for within milliseconds, so anything still a zombie after that is an orphan (or a
+//! child nobody waits for any more; an exec probe's child is always waited for).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::wait::{waitpid, WaitPidFlag};
+use nix::unistd::Pid;
+use tokio::signal::unix::{signal, SignalKind};
+
+/// How long a zombie child must have been seen before the reaper takes it.
+pub const SETTLE: Duration = Duration::from_millis(200);
+
+/// Pids of children the agent spawned and waits for through tokio; the reaper leaves them alone.
+#[derive(Debug, Clone, Default)]
+pub struct Spawned(Arc<Mutex<HashSet<i32>>>);
+
+impl Spawned {
+    /// Marks `pid` as waited for by its owner.
+    pub fn insert(&self, pid: i32) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(pid);
+    }
+
+    /// Forgets `pid` (its owner reaped it).
+    pub fn remove(&self, pid: i32) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&pid);
+    }
+
+    fn contains(&self, pid: i32) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&pid)
+    }
+}
+
+/// Makes the agent the child subreaper for everything it starts.
+pub fn become_subreaper() -> nix::Result<()> {
+    nix::sys::prctl::set_child_subreaper(true)
+}
+
+/// Zombie children of `me` that are ready to be reaped at `now`: seen as zombies for at least
+/// [`SETTLE`] (first sightings are recorded in `seen`) and not in `spawned`.
+fn ready(
+    zombies: &[i32],
+    spawned: &dyn Fn(i32) -> bool,
+    seen: &mut HashMap<i32, Instant>,
+    now: Instant,
+) -> Vec<i32> {
+    seen.retain(|pid, _| zombies.contains(pid));
+    let mut out = Vec::new();
+    for &pid in zombies {
+        if spawned(pid) {
+            continue;
+        }
+        let first = *seen.entry(pid).or_insert(now);
+        if now.saturating_duration_since(first) >= SETTLE {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Pids of the agent's direct children, from `/proc/self/task/*/children` (one small read per
+/// agent thread instead of a walk over every process), or a full `/proc` scan if the kernel
+/// lacks that file.
+fn children(me: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        match std::fs::read_to_string(t.path().join("children")) {
+            Ok(text) => out.extend(
+                text.split_ascii_whitespace()
+                    .filter_map(|p| p.parse::<i32>().ok()),
+            ),
+            Err(_) => {
+                return crate::role::scan(false)
+                    .into_iter()
+                    .filter(|p| p.ppid == me)
+                    .map(|p| p.pid)
+                    .collect()
+            }
+        }
+    }
+    out
+}
+
+/// The agent's zombie children now.
+fn zombies(me: i32) -> Vec<i32> {
+    children(me)
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| crate::role::parse_stat(&s))
+                .is_some_and(|p| p.ppid == me && p.is_zombie())
+        })
+        .collect()
+}
+
+/// Runs forever: reaps orphaned zombies as described in the module documentation. Idle costs
+/// nothing: it wakes on SIGCHLD, and again after [`SETTLE`] while zombies are pending.
+pub async fn run(spawned: Spawned) {
+    let me = std::process::id() as i32;
+    let Ok(mut sigchld) = signal(SignalKind::child()) else {
+        eprintln!("keepup-agent: cannot watch SIGCHLD; orphans will not be reaped");
+        return;
+    };
+    let mut seen: HashMap<i32, Instant> = HashMap::new();
+    loop {
+        if seen.is_empty() {
+            if sigchld.recv().await.is_none() {
+                return;
+            }
+        } else {
+            // Zombies are pending: look again once they have settled (or at the next SIGCHLD).
+            tokio::select! {
+                _ = tokio::time::sleep(SETTLE) => {}
+                _ = sigchld.recv() => {}
+            }
+        }
+        let zombies = zombies(me);
+        let pids = ready(
+            &zombies,
+            &|p| spawned.contains(p),
+            &mut seen,
+            Instant::now(),
+        );
+        for pid in pids {
+            let _ = waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG));
+            seen.remove(&pid);
+        }
+        // Zombies that are spawned children are tokio's business, not pending for us.
+        seen.retain(|p, _| !spawned.contains(*p));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reaps_only_settled_zombies_that_are_not_spawned_children() {
+        let t0 = Instant::now();
+        let mut seen = HashMap::new();
+        let spawned = |p: i32| p == 7;
+        // First sighting: nothing yet.
+        assert!(ready(&[5, 7], &spawned, &mut seen, t0).is_empty());
+        // After the settle time the orphan goes, the spawned child stays.
+        assert_eq!(ready(&[5, 7], &spawned, &mut seen, t0 + SETTLE), vec![5]);
+        // A zombie that vanished (its owner reaped it) is forgotten.
+        ready(&[], &spawned, &mut seen, t0 + SETTLE);
+        assert!(seen.is_empty());
+    }
+}

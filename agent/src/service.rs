@@ -1,0 +1,1148 @@
+//! One supervised service: a task that owns its launch script's process, respawns it, gives
+//! up and gets re-kicked, runs its probes and kills its role when they fail, and answers the
+//! control commands that concern it. `policy.rs` makes the decisions; this is where they are
+//! carried out (spawn, log, kill, `systemctl`).
+
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use keepup_checks::{
+    ExecProbe, ExecSpec, HttpProbe, HttpSpec, Probe, ProbeResult, RunAs, StatusRange, TcpProbe,
+    TcpSpec,
+};
+use keepup_packager::manifest::{Manifest, ManifestCheck, ManifestProbe, Supervised};
+use keepup_packager::spec::format_duration;
+use tokio::io::AsyncReadExt;
+use tokio::process::{Child, Command};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+
+use crate::config::Config;
+use crate::control::{ProbeStatus, Response, ServiceStatus};
+use crate::logfile::{self, LogFile, SharedLog};
+use crate::policy::{self, AfterExit, StartHistory, State};
+use crate::reaper::Spawned;
+use crate::role;
+use crate::systemd::{self, UnitState};
+
+/// How a refusal to supervise a root role starts (it is not retried).
+const ROOT_ROLE: &str = "refusing to supervise";
+/// `PATH` for launch scripts (they set their own too).
+const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// How often a systemd unit's state is looked at.
+const SYSTEMD_POLL: Duration = Duration::from_secs(5);
+/// How long to wait for a killed launch script to be reaped.
+const REAP_WAIT: Duration = Duration::from_secs(5);
+/// Delay before trying again when the role user does not exist or the launch script cannot
+/// be spawned (counts as a start, so the give-up limit applies).
+const SPAWN_RETRY: Duration = Duration::from_secs(5);
+
+/// What every service task shares with the agent.
+#[derive(Debug, Clone)]
+pub struct Ctx {
+    /// Agent configuration.
+    pub cfg: Arc<Config>,
+    /// Children waited for by their owners (the reaper leaves them alone).
+    pub spawned: Spawned,
+}
+
+/// Requests from the agent to a service task.
+#[derive(Debug)]
+pub enum ServiceCommand {
+    /// Admin-down.
+    Down(oneshot::Sender<Response>),
+    /// Clear admin-down and start.
+    Up(oneshot::Sender<Response>),
+    /// Start again if given up (timer or `rekick`).
+    Rekick(Option<oneshot::Sender<Response>>),
+    /// Run the probes now.
+    Check(oneshot::Sender<Response>),
+    /// The manifest file changed.
+    Reload(Box<Manifest>),
+    /// The manifest was removed (`remove`: stop the service, role kill) or the agent is
+    /// shutting down (agent-supervised services are stopped, systemd units left alone).
+    Stop {
+        /// Whether the service is going away for good.
+        remove: bool,
+        /// Signalled when done.
+        done: oneshot::Sender<()>,
+    },
+}
+
+/// State visible to `status`, updated by the service task.
+#[derive(Debug, Clone)]
+pub struct Shared {
+    name: String,
+    version: String,
+    supervisor: &'static str,
+    state: State,
+    pid: Option<u32>,
+    started: Option<Instant>,
+    /// A run counts as `starting` until it has run this long.
+    settle: Duration,
+    restarts: u64,
+    last_exit: Option<String>,
+    note: Option<String>,
+    probes: Vec<ProbeSlot>,
+}
+
+#[derive(Debug, Clone)]
+struct ProbeSlot {
+    name: String,
+    probe: String,
+    ok: Option<bool>,
+    reason: Option<String>,
+    failures: u32,
+    at: Option<Instant>,
+}
+
+impl Shared {
+    /// The status snapshot at `now`.
+    pub fn snapshot(&self, now: Instant) -> ServiceStatus {
+        let mut state = self.state;
+        let uptime = self.started.map(|s| now.saturating_duration_since(s));
+        if state == State::Running && uptime.is_some_and(|u| u < self.settle) {
+            state = State::Starting;
+        }
+        ServiceStatus {
+            name: self.name.clone(),
+            version: self.version.clone(),
+            supervisor: self.supervisor.into(),
+            state,
+            pid: self.pid,
+            uptime_secs: uptime.map(|u| u.as_secs_f64()),
+            restarts: self.restarts,
+            last_exit: self.last_exit.clone(),
+            note: self.note.clone(),
+            probes: self
+                .probes
+                .iter()
+                .map(|p| ProbeStatus {
+                    name: p.name.clone(),
+                    probe: p.probe.clone(),
+                    ok: p.ok,
+                    reason: p.reason.clone(),
+                    failures: p.failures,
+                    age_secs: p.at.map(|t| now.saturating_duration_since(t).as_secs_f64()),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The agent's handle on a running service task.
+#[derive(Debug)]
+pub struct Handle {
+    /// Commands to the task.
+    pub tx: mpsc::Sender<ServiceCommand>,
+    /// What `status` shows.
+    pub shared: Arc<Mutex<Shared>>,
+    /// The manifest the task was last given.
+    pub manifest: Manifest,
+}
+
+/// Starts the task for `manifest`.
+pub fn spawn(ctx: Ctx, manifest: Manifest) -> Handle {
+    let (tx, rx) = mpsc::channel(16);
+    let log = LogFile::open(
+        ctx.cfg.log_dir.join(format!("{}.log", manifest.name)),
+        ctx.cfg.log_max_bytes,
+        ctx.cfg.log_keep,
+    )
+    .shared();
+    let shared = Arc::new(Mutex::new(Shared {
+        name: manifest.name.clone(),
+        version: manifest.version.clone(),
+        supervisor: supervisor_name(&manifest),
+        state: State::Backoff,
+        pid: None,
+        started: None,
+        settle: settle(&manifest, ctx.cfg.respawn.fast_crash),
+        restarts: 0,
+        last_exit: None,
+        note: None,
+        probes: Vec::new(),
+    }));
+    let svc = Service {
+        down_mark: ctx.cfg.down_dir().join(&manifest.name),
+        ctx,
+        m: manifest.clone(),
+        shared: shared.clone(),
+        log,
+        history: StartHistory::new(),
+        fast_streak: 0,
+        run: None,
+        respawn_at: None,
+        down: false,
+        given_up: false,
+        uid: None,
+        checks: Vec::new(),
+        in_flight: JoinSet::new(),
+        generation: 0,
+        starts: 0,
+        unit_poll_at: None,
+    };
+    tokio::spawn(svc.main(rx));
+    Handle {
+        tx,
+        shared,
+        manifest,
+    }
+}
+
+fn supervisor_name(m: &Manifest) -> &'static str {
+    match m.supervisor.kind {
+        Supervised::Agent => "agent",
+        Supervised::Systemd => "systemd",
+    }
+}
+
+/// How long a run counts as `starting`: the fast-crash threshold or the longest probe grace.
+fn settle(m: &Manifest, fast_crash: Duration) -> Duration {
+    m.checks
+        .iter()
+        .map(|c| c.grace)
+        .fold(fast_crash, Duration::max)
+}
+
+/// The current run of the launch script.
+#[derive(Debug)]
+struct Run {
+    child: Child,
+    pid: i32,
+    started: Instant,
+    not_sane: Arc<AtomicBool>,
+    /// Why the agent killed this run, if it did.
+    killed_for: Option<String>,
+}
+
+/// One probe with its schedule and its streak.
+#[derive(Debug)]
+struct Check {
+    spec: ManifestCheck,
+    probe: Result<Probe, String>,
+    next: Option<Instant>,
+    running: bool,
+    failures: u32,
+}
+
+struct Service {
+    ctx: Ctx,
+    m: Manifest,
+    shared: Arc<Mutex<Shared>>,
+    log: SharedLog,
+    down_mark: PathBuf,
+    history: StartHistory,
+    fast_streak: u32,
+    run: Option<Run>,
+    respawn_at: Option<Instant>,
+    down: bool,
+    given_up: bool,
+    /// The role's uid, from the last successful lookup (kept for stopping after the role user
+    /// was deleted).
+    uid: Option<u32>,
+    checks: Vec<Check>,
+    in_flight: JoinSet<(usize, u64, ProbeResult)>,
+    /// Bumped on each start and each health kill; older probe results are ignored.
+    generation: u64,
+    starts: u64,
+    unit_poll_at: Option<Instant>,
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn wait_run(run: &mut Option<Run>) -> std::io::Result<ExitStatus> {
+    match run {
+        Some(r) => r.child.wait().await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Service {
+    fn systemd(&self) -> bool {
+        self.m.supervisor.kind == Supervised::Systemd
+    }
+
+    fn unit(&self) -> String {
+        self.m
+            .supervisor
+            .unit
+            .clone()
+            .unwrap_or_else(|| format!("{}.service", self.m.name))
+    }
+
+    fn note(&self, message: &str) {
+        logfile::lock(&self.log).note(message);
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Shared)) {
+        f(&mut self.shared.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    fn set_state(&self, state: State, note: Option<String>) {
+        self.update(|s| {
+            s.state = state;
+            s.note = note;
+        });
+    }
+
+    async fn main(mut self, mut rx: mpsc::Receiver<ServiceCommand>) {
+        self.down = self.down_mark.exists();
+        if self.down {
+            self.note("admin-down mark present: not starting");
+            self.set_state(State::Down, Some(self.down_note()));
+        } else if self.systemd() {
+            if let Err(why) = self.lookup_role() {
+                self.note(&why);
+            }
+            self.rebuild_checks();
+            self.schedule_checks(Instant::now());
+            self.systemd_rekick(false).await;
+        } else {
+            self.start().await;
+        }
+        loop {
+            let probe_due = self.next_probe_due();
+            tokio::select! {
+                status = wait_run(&mut self.run) => self.on_exit(status).await,
+                _ = sleep_until(self.respawn_at) => {
+                    self.respawn_at = None;
+                    self.start().await;
+                }
+                _ = sleep_until(probe_due) => self.launch_probes(),
+                Some(joined) = self.in_flight.join_next(), if !self.in_flight.is_empty() => {
+                    if let Ok((i, gen, result)) = joined {
+                        self.on_probe(i, gen, result).await;
+                    }
+                }
+                _ = sleep_until(self.unit_poll_at) => self.poll_unit().await,
+                cmd = rx.recv() => match cmd {
+                    None => {
+                        self.stop("the agent is exiting").await;
+                        return;
+                    }
+                    Some(ServiceCommand::Stop { remove, done }) => {
+                        if remove {
+                            self.note("manifest removed: stopping and killing the role");
+                            if self.systemd() {
+                                let _ = systemd::stop(&self.unit(), &self.ctx.spawned).await;
+                            }
+                            self.stop("manifest removed").await;
+                        } else if !self.systemd() {
+                            self.stop("the agent is stopping").await;
+                        }
+                        let _ = done.send(());
+                        return;
+                    }
+                    Some(c) => self.command(c).await,
+                },
+            }
+        }
+    }
+
+    fn down_note(&self) -> String {
+        format!(
+            "admin-down ({}); `keepup-agent up {}` starts it again",
+            self.down_mark.display(),
+            self.m.name
+        )
+    }
+
+    async fn command(&mut self, cmd: ServiceCommand) {
+        match cmd {
+            ServiceCommand::Down(reply) => {
+                let r = self.admin_down().await;
+                let _ = reply.send(r);
+            }
+            ServiceCommand::Up(reply) => {
+                let r = self.admin_up().await;
+                let _ = reply.send(r);
+            }
+            ServiceCommand::Rekick(reply) => {
+                let r = self.rekick().await;
+                if let Some(reply) = reply {
+                    let _ = reply.send(r);
+                }
+            }
+            ServiceCommand::Check(reply) => self.check_now(reply),
+            ServiceCommand::Reload(m) => self.reload(*m),
+            ServiceCommand::Stop { .. } => unreachable!("handled by the main loop"),
+        }
+    }
+
+    /// Looks up the role; refuses root.
+    fn lookup_role(&mut self) -> Result<(u32, u32), String> {
+        match nix::unistd::User::from_name(&self.m.role) {
+            Ok(Some(u)) if u.uid.is_root() => Err(format!(
+                "{ROOT_ROLE}: role {} is uid 0; keepup never supervises or kills by uid 0",
+                self.m.role
+            )),
+            Ok(Some(u)) => {
+                self.uid = Some(u.uid.as_raw());
+                Ok((u.uid.as_raw(), u.gid.as_raw()))
+            }
+            Ok(None) => Err(format!(
+                "role user {} does not exist; reinstall the {} package",
+                self.m.role, self.m.name
+            )),
+            Err(e) => Err(format!("cannot look up role user {}: {e}", self.m.role)),
+        }
+    }
+
+    /// Starts the launch script (agent-supervised): kill leftovers of the role first ("kill to
+    /// gain control"), then spawn it in its own process group with its output to the log.
+    async fn start(&mut self) {
+        if self.down || self.given_up || self.run.is_some() || self.systemd() {
+            return;
+        }
+        let now = Instant::now();
+        if !self
+            .history
+            .may_start(now, self.m.supervisor.count, self.m.supervisor.within)
+        {
+            self.give_up();
+            return;
+        }
+        let (uid, _gid) = match self.lookup_role() {
+            Ok(ids) => ids,
+            Err(why) => {
+                let retry = !why.starts_with(ROOT_ROLE);
+                return self.failed_start(now, why, retry);
+            }
+        };
+        let leftovers = role::kill_role(uid, None, self.m.supervisor.stop_grace).await;
+        if leftovers.termed > 0 {
+            self.note(&format!(
+                "killed {} leftover process(es) of role {} before starting ({} needed SIGKILL)",
+                leftovers.termed, self.m.role, leftovers.killed
+            ));
+        }
+        self.rebuild_checks();
+        let (child, not_sane) = match self.spawn_launch() {
+            Ok(c) => c,
+            Err(why) => return self.failed_start(Instant::now(), why, true),
+        };
+        let now = Instant::now();
+        let pid = child.id().map_or(0, |p| p as i32);
+        self.ctx.spawned.insert(pid);
+        self.history.record(now);
+        self.starts += 1;
+        self.generation += 1;
+        self.note(&format!("started {} (pid {pid})", self.m.launch));
+        self.run = Some(Run {
+            child,
+            pid,
+            started: now,
+            not_sane,
+            killed_for: None,
+        });
+        self.schedule_checks(now);
+        let restarts = self.starts.saturating_sub(1);
+        self.update(|s| {
+            s.state = State::Running;
+            s.note = None;
+            s.pid = Some(pid as u32);
+            s.started = Some(now);
+            s.restarts = restarts;
+        });
+    }
+
+    fn spawn_launch(&self) -> Result<(Child, Arc<AtomicBool>), String> {
+        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| format!("cannot create a pipe for the log: {e}"))?;
+        let write2 = write
+            .try_clone()
+            .map_err(|e| format!("cannot create a pipe for the log: {e}"))?;
+        let mut cmd = Command::new(&self.m.launch);
+        cmd.env_clear()
+            .env("PATH", PATH)
+            .env("KEEPUP_SERVICE", &self.m.name)
+            .current_dir("/")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(write))
+            .stderr(Stdio::from(write2))
+            .process_group(0);
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot run {}: {e}", self.m.launch))?;
+        // The child has the write ends now; ours close with `cmd`.
+        drop(cmd);
+        let not_sane = Arc::new(AtomicBool::new(false));
+        tokio::spawn(pump(read, self.log.clone(), not_sane.clone()));
+        Ok((child, not_sane))
+    }
+
+    /// A start that could not even spawn: counts as a start and a fast crash.
+    fn failed_start(&mut self, now: Instant, why: String, retry: bool) {
+        self.note(&why);
+        eprintln!("keepup-agent: {}: {why}", self.m.name);
+        self.history.record(now);
+        self.starts += 1;
+        self.update(|s| s.last_exit = Some(why.clone()));
+        if !retry {
+            self.given_up = true;
+            self.set_state(State::GivenUp, Some(why));
+            return;
+        }
+        self.fast_streak = self
+            .ctx
+            .cfg
+            .respawn
+            .next_streak(Duration::ZERO, self.fast_streak);
+        match policy::after_exit(
+            &self.ctx.cfg.respawn,
+            &mut self.history,
+            now,
+            Duration::ZERO,
+            self.fast_streak,
+            true,
+            self.m.supervisor.count,
+            self.m.supervisor.within,
+        ) {
+            AfterExit::GiveUp => self.give_up(),
+            AfterExit::Respawn { delay, .. } => {
+                let delay = delay.max(SPAWN_RETRY);
+                self.respawn_at = Some(now + delay);
+                self.set_state(State::NotSane, Some(why));
+            }
+        }
+    }
+
+    async fn on_exit(&mut self, status: std::io::Result<ExitStatus>) {
+        use std::os::unix::process::ExitStatusExt;
+        let Some(run) = self.run.take() else { return };
+        self.ctx.spawned.remove(run.pid);
+        let now = Instant::now();
+        let ran = now.saturating_duration_since(run.started);
+        let mut what = match &status {
+            Ok(st) => policy::describe_exit(st.code(), st.signal()),
+            Err(e) => format!("lost track of it ({e})"),
+        };
+        what.push_str(&format!(" after {}", policy::short_duration(ran)));
+        if let Some(why) = &run.killed_for {
+            what.push_str(&format!(" (killed: {why})"));
+        }
+        let not_sane = run.not_sane.load(Ordering::Relaxed);
+        if not_sane {
+            what.push_str(" (not sane)");
+        }
+        self.note(&format!("{} exited: {what}", self.m.launch));
+        self.generation += 1;
+        self.update(|s| {
+            s.pid = None;
+            s.started = None;
+            s.last_exit = Some(what.clone());
+        });
+        if self.down || self.given_up {
+            return;
+        }
+        self.fast_streak = self.ctx.cfg.respawn.next_streak(ran, self.fast_streak);
+        match policy::after_exit(
+            &self.ctx.cfg.respawn,
+            &mut self.history,
+            now,
+            ran,
+            self.fast_streak,
+            not_sane,
+            self.m.supervisor.count,
+            self.m.supervisor.within,
+        ) {
+            AfterExit::GiveUp => self.give_up(),
+            AfterExit::Respawn { delay, state } if delay.is_zero() => {
+                self.set_state(state, None);
+                self.start().await;
+            }
+            AfterExit::Respawn { delay, state } => {
+                self.respawn_at = Some(now + delay);
+                self.set_state(
+                    state,
+                    Some(format!("respawn in {}", policy::short_duration(delay))),
+                );
+            }
+        }
+    }
+
+    fn give_up(&mut self) {
+        self.given_up = true;
+        self.respawn_at = None;
+        let why = format!(
+            "given up after {} starts within {}; re-kicked every {} or by `keepup-agent rekick {}`",
+            self.m.supervisor.count,
+            format_duration(self.m.supervisor.within),
+            format_duration(self.ctx.cfg.rekick_every),
+            self.m.name
+        );
+        self.note(&why);
+        eprintln!("keepup-agent: {}: {why}", self.m.name);
+        self.set_state(State::GivenUp, Some(why));
+    }
+
+    /// Stops the service: role kill (with the launch script's process group), then reap.
+    async fn stop(&mut self, why: &str) {
+        self.respawn_at = None;
+        self.generation += 1;
+        let group = self.run.as_ref().map(|r| r.pid);
+        if self.uid.is_none() {
+            let _ = self.lookup_role();
+        }
+        let report = match self.uid {
+            Some(uid) => role::kill_role(uid, group, self.m.supervisor.stop_grace).await,
+            None => role::kill_role(0, group, self.m.supervisor.stop_grace).await,
+        };
+        if report.termed > 0 {
+            self.note(&format!(
+                "stopped ({why}): SIGTERM to {} process(es) of role {}, SIGKILL to {}{}",
+                report.termed,
+                self.m.role,
+                report.killed,
+                if report.survivors > 0 {
+                    format!(", {} survived", report.survivors)
+                } else {
+                    String::new()
+                }
+            ));
+        }
+        if let Some(mut run) = self.run.take() {
+            let status = tokio::time::timeout(REAP_WAIT, run.child.wait()).await;
+            self.ctx.spawned.remove(run.pid);
+            if let Ok(Ok(st)) = status {
+                use std::os::unix::process::ExitStatusExt;
+                let what = policy::describe_exit(st.code(), st.signal());
+                self.update(|s| s.last_exit = Some(format!("{what} (stopped: {why})")));
+            }
+        }
+        self.update(|s| {
+            s.pid = None;
+            s.started = None;
+        });
+    }
+
+    async fn admin_down(&mut self) -> Response {
+        if let Some(dir) = self.down_mark.parent() {
+            if let Err(e) = std::fs::create_dir_all(dir) {
+                return Response::failed(format!("cannot create {}: {e}", dir.display()));
+            }
+        }
+        if let Err(e) = std::fs::write(&self.down_mark, b"") {
+            return Response::failed(format!(
+                "cannot write the admin-down mark {}: {e}",
+                self.down_mark.display()
+            ));
+        }
+        self.down = true;
+        self.given_up = false;
+        self.note("admin-down: stopping");
+        if self.systemd() {
+            if let Err(e) = systemd::stop(&self.unit(), &self.ctx.spawned).await {
+                self.note(&e);
+            }
+        }
+        self.stop("admin-down").await;
+        self.set_state(State::Down, Some(self.down_note()));
+        Response::done(format!(
+            "{} is down and stays down (mark {}) until `keepup-agent up {}`",
+            self.m.name,
+            self.down_mark.display(),
+            self.m.name
+        ))
+    }
+
+    async fn admin_up(&mut self) -> Response {
+        match std::fs::remove_file(&self.down_mark) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Response::failed(format!(
+                    "cannot remove the admin-down mark {}: {e}",
+                    self.down_mark.display()
+                ))
+            }
+        }
+        let was_down = std::mem::replace(&mut self.down, false);
+        self.note("admin-up");
+        self.kick().await;
+        Response::done(if was_down {
+            format!("{} is up again", self.m.name)
+        } else {
+            format!("{} was not down; re-kicked if it had given up", self.m.name)
+        })
+    }
+
+    /// Clears the give-up window and starts the service if nothing runs it.
+    async fn kick(&mut self) {
+        self.given_up = false;
+        self.history.clear();
+        self.fast_streak = 0;
+        if self.systemd() {
+            self.lookup_role().ok();
+            self.rebuild_checks();
+            self.schedule_checks(Instant::now());
+            self.systemd_rekick(true).await;
+        } else if self.run.is_none() {
+            self.respawn_at = None;
+            self.start().await;
+        }
+    }
+
+    /// The re-kick (timer or `rekick`): only a given-up service is started again; for anything
+    /// else it is a no-op, like the talk's cron line when upstart still has the process.
+    async fn rekick(&mut self) -> Response {
+        if self.down {
+            return Response::done(format!(
+                "{} is admin-down: not re-kicked (use `keepup-agent up {}`)",
+                self.m.name, self.m.name
+            ));
+        }
+        if self.systemd() {
+            return match self.systemd_rekick(false).await {
+                true => Response::done(format!("{}: re-kicked {}", self.m.name, self.unit())),
+                false => Response::done(format!("{}: {} is active", self.m.name, self.unit())),
+            };
+        }
+        if self.given_up {
+            self.note("re-kick: starting again");
+            self.kick().await;
+            return Response::done(format!("{}: re-kicked", self.m.name));
+        }
+        Response::done(format!("{}: not given up; nothing to do", self.m.name))
+    }
+
+    /// Re-kicks the unit if it is not active (or always, with `force`); true if it did.
+    async fn systemd_rekick(&mut self, force: bool) -> bool {
+        let unit = self.unit();
+        let state = systemd::show(&unit, &self.ctx.spawned).await;
+        let needs = match &state {
+            Ok(s) => s.needs_rekick(),
+            Err(_) => true,
+        };
+        if let Ok(s) = &state {
+            self.show_unit(s);
+        }
+        let mut did = false;
+        if needs || force {
+            let res = systemd::rekick(&unit, &self.ctx.spawned).await;
+            match res {
+                Ok(()) => {
+                    did = true;
+                    self.note(&format!(
+                        "re-kicked {unit}: systemctl reset-failed + start{}",
+                        match &state {
+                            Ok(s) => format!(" (it was {}/{}, {})", s.active, s.sub, s.result),
+                            Err(_) => String::new(),
+                        }
+                    ));
+                    self.set_state(State::Starting, None);
+                }
+                Err(e) => {
+                    self.note(&e);
+                    self.set_state(State::GivenUp, Some(e));
+                }
+            }
+        }
+        self.unit_poll_at = Some(Instant::now() + SYSTEMD_POLL.min(Duration::from_secs(1)));
+        did
+    }
+
+    fn show_unit(&self, u: &UnitState) {
+        let rekick = format_duration(self.ctx.cfg.rekick_every);
+        self.update(|s| {
+            if s.state == State::Down {
+                return;
+            }
+            s.state = u.state();
+            s.pid = u.main_pid;
+            s.restarts = u.restarts;
+            s.note = (u.state() == State::GivenUp).then(|| {
+                format!(
+                    "unit {}/{} ({}); re-kicked every {rekick}",
+                    u.active, u.sub, u.result
+                )
+            });
+            match (u.state(), s.started) {
+                (State::Running, None) => s.started = Some(Instant::now()),
+                (State::Running, Some(_)) => {}
+                _ => s.started = None,
+            }
+        });
+    }
+
+    async fn poll_unit(&mut self) {
+        self.unit_poll_at = None;
+        if !self.systemd() || self.down {
+            return;
+        }
+        match systemd::show(&self.unit(), &self.ctx.spawned).await {
+            Ok(u) => self.show_unit(&u),
+            Err(e) => self.set_state(State::GivenUp, Some(e)),
+        }
+        self.unit_poll_at = Some(Instant::now() + SYSTEMD_POLL);
+    }
+
+    fn reload(&mut self, m: Manifest) {
+        if m == self.m {
+            return;
+        }
+        self.note(&format!(
+            "manifest changed: {} {} -> {} (used from the next start)",
+            m.name, self.m.version, m.version
+        ));
+        let settle = settle(&m, self.ctx.cfg.respawn.fast_crash);
+        let version = m.version.clone();
+        self.m = m;
+        self.rebuild_checks();
+        if self.run.is_some() || self.systemd() {
+            self.schedule_checks(Instant::now());
+        }
+        self.update(|s| {
+            s.version = version;
+            s.settle = settle;
+        });
+    }
+
+    // ---- probes ----
+
+    fn rebuild_checks(&mut self) {
+        let run_as = self.uid.map(|uid| {
+            let gid = nix::unistd::User::from_uid(uid.into())
+                .ok()
+                .flatten()
+                .map_or(uid, |u| u.gid.as_raw());
+            RunAs { uid, gid }
+        });
+        self.checks = self
+            .m
+            .checks
+            .iter()
+            .map(|c| Check {
+                spec: c.clone(),
+                probe: build_probe(&c.probe, run_as),
+                next: None,
+                running: false,
+                failures: 0,
+            })
+            .collect();
+        self.generation += 1;
+        let slots = self
+            .checks
+            .iter()
+            .map(|c| ProbeSlot {
+                name: c.spec.name.clone(),
+                probe: match &c.probe {
+                    Ok(p) => p.describe(),
+                    Err(e) => format!("invalid: {e}"),
+                },
+                ok: None,
+                reason: None,
+                failures: 0,
+                at: None,
+            })
+            .collect();
+        self.update(|s| s.probes = slots);
+    }
+
+    /// Probes start `grace` after `from` (a start, or a health kill of a systemd service).
+    fn schedule_checks(&mut self, from: Instant) {
+        for c in &mut self.checks {
+            c.failures = 0;
+            c.next = Some(from + c.spec.grace);
+        }
+    }
+
+    fn probing(&self) -> bool {
+        !self.down && (self.run.is_some() || (self.systemd() && !self.given_up))
+    }
+
+    fn next_probe_due(&self) -> Option<Instant> {
+        if !self.probing() {
+            return None;
+        }
+        self.checks
+            .iter()
+            .filter(|c| !c.running && c.probe.is_ok())
+            .filter_map(|c| c.next)
+            .min()
+    }
+
+    fn launch_probes(&mut self) {
+        let now = Instant::now();
+        let generation = self.generation;
+        for (i, c) in self.checks.iter_mut().enumerate() {
+            let (Some(next), Ok(probe)) = (c.next, &c.probe) else {
+                continue;
+            };
+            if c.running || next > now {
+                continue;
+            }
+            let mut following = next + c.spec.every;
+            if following <= now {
+                following = now + c.spec.every;
+            }
+            c.next = Some(following);
+            c.running = true;
+            let probe = probe.clone();
+            let timeout = c.spec.timeout;
+            self.in_flight
+                .spawn(async move { (i, generation, probe.run(timeout).await) });
+        }
+    }
+
+    async fn on_probe(&mut self, i: usize, generation: u64, result: ProbeResult) {
+        let current = generation == self.generation && self.probing();
+        let Some(c) = self.checks.get_mut(i) else {
+            return;
+        };
+        c.running = false;
+        if !current {
+            return;
+        }
+        let was_failing = c.failures > 0;
+        if result.ok {
+            c.failures = 0;
+        } else {
+            c.failures += 1;
+        }
+        let (name, failures, limit) = (c.spec.name.clone(), c.failures, c.spec.failures);
+        let now = Instant::now();
+        self.update(|s| {
+            if let Some(slot) = s.probes.get_mut(i) {
+                slot.ok = Some(result.ok);
+                slot.reason = Some(result.reason.clone());
+                slot.failures = failures;
+                slot.at = Some(now);
+            }
+        });
+        if !result.ok {
+            self.note(&format!(
+                "probe {name} failed ({failures}/{limit}): {}",
+                result.reason
+            ));
+        } else if was_failing {
+            self.note(&format!("probe {name} passes again: {}", result.reason));
+        }
+        if failures >= limit {
+            self.health_kill(format!(
+                "probe {name} failed {failures} times in a row: {}",
+                result.reason
+            ))
+            .await;
+        }
+    }
+
+    /// Kills the role because a probe kept failing; the supervisor (the agent, or systemd)
+    /// then starts it again.
+    async fn health_kill(&mut self, why: String) {
+        self.note(&format!("{why}; killing role {}", self.m.role));
+        eprintln!(
+            "keepup-agent: {}: {why}; killing role {}",
+            self.m.name, self.m.role
+        );
+        self.generation += 1;
+        let Some(uid) = self.uid else { return };
+        let group = self.run.as_ref().map(|r| r.pid);
+        if let Some(run) = self.run.as_mut() {
+            run.killed_for = Some(why);
+        }
+        let report = role::kill_role(uid, group, self.m.supervisor.stop_grace).await;
+        self.note(&format!(
+            "health kill: SIGTERM to {} process(es), SIGKILL to {}",
+            report.termed, report.killed
+        ));
+        // Agent-supervised: the exit is noticed next and the start reschedules probes.
+        if self.systemd() {
+            self.schedule_checks(Instant::now());
+        } else {
+            for c in &mut self.checks {
+                c.next = None;
+            }
+        }
+    }
+
+    /// `check`: runs every probe now, without counting towards the failure streaks.
+    fn check_now(&self, reply: oneshot::Sender<Response>) {
+        let probes: Vec<(String, Result<Probe, String>, Duration)> = self
+            .checks
+            .iter()
+            .map(|c| (c.spec.name.clone(), c.probe.clone(), c.spec.timeout))
+            .collect();
+        let name = self.m.name.clone();
+        tokio::spawn(async move {
+            let mut set = JoinSet::new();
+            for (i, (_, probe, timeout)) in probes.iter().enumerate() {
+                if let Ok(p) = probe {
+                    let (p, timeout) = (p.clone(), *timeout);
+                    set.spawn(async move { (i, p.run(timeout).await) });
+                }
+            }
+            let mut results: Vec<Option<ProbeResult>> = vec![None; probes.len()];
+            while let Some(Ok((i, r))) = set.join_next().await {
+                results[i] = Some(r);
+            }
+            let checks: Vec<ProbeStatus> = probes
+                .iter()
+                .zip(results)
+                .map(|((n, p, _), r)| ProbeStatus {
+                    name: n.clone(),
+                    probe: match p {
+                        Ok(p) => p.describe(),
+                        Err(e) => format!("invalid: {e}"),
+                    },
+                    ok: r.as_ref().map(|r| r.ok),
+                    reason: r.map(|r| r.reason),
+                    failures: 0,
+                    age_secs: Some(0.0),
+                })
+                .collect();
+            let ok = checks.iter().all(|c| c.ok == Some(true));
+            let _ = reply.send(Response {
+                ok,
+                error: (!ok).then(|| format!("{name}: a probe failed")),
+                message: (checks.is_empty()).then(|| format!("{name} has no probes")),
+                checks,
+                ..Response::default()
+            });
+        });
+    }
+}
+
+/// Builds the probe a manifest describes; exec probes run as the role (`run_as`).
+pub fn build_probe(p: &ManifestProbe, run_as: Option<RunAs>) -> Result<Probe, String> {
+    let probe: Probe = match p {
+        ManifestProbe::Tcp {
+            host,
+            port,
+            send,
+            expect,
+        } => {
+            let addr = if host.contains(':') && !host.starts_with('[') {
+                format!("[{host}]:{port}")
+            } else {
+                format!("{host}:{port}")
+            };
+            TcpProbe::new(TcpSpec {
+                addr,
+                send: send.as_ref().map(|s| s.as_bytes().to_vec()),
+                expect: expect.clone(),
+            })
+            .map_err(|e| e.to_string())?
+            .into()
+        }
+        ManifestProbe::Http {
+            url,
+            method,
+            status_min,
+            status_max,
+            body,
+            host_header,
+        } => HttpProbe::new(HttpSpec {
+            url: url.clone(),
+            method: Some(method.clone()),
+            status: StatusRange::new(*status_min, *status_max).map_err(|e| e.to_string())?,
+            body: body.clone(),
+            host: host_header.clone(),
+        })
+        .map_err(|e| e.to_string())?
+        .into(),
+        ManifestProbe::Exec { argv } => {
+            let Some(run_as) = run_as else {
+                return Err("exec probe: the role user is unknown".into());
+            };
+            ExecProbe::new(ExecSpec {
+                argv: argv.clone(),
+                run_as: Some(run_as),
+            })
+            .map_err(|e| e.to_string())?
+            .into()
+        }
+    };
+    Ok(probe)
+}
+
+/// Copies a run's output into the service log and watches for the `not sane:` marker. Ends
+/// when every writer (the launch script and anything that inherited its output) is gone.
+async fn pump(read: OwnedFd, log: SharedLog, not_sane: Arc<AtomicBool>) {
+    let Ok(mut rx) = tokio::net::unix::pipe::Receiver::from_owned_fd(read) else {
+        return;
+    };
+    let mut buf = vec![0u8; 8192];
+    // The end of the previous chunk, so a marker split across reads is still seen.
+    let mut carry: Vec<u8> = Vec::new();
+    loop {
+        let n = match rx.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        logfile::lock(&log).write(&buf[..n]);
+        if !not_sane.load(Ordering::Relaxed) {
+            carry.extend_from_slice(&buf[..n]);
+            if policy::says_not_sane(&carry) {
+                not_sane.store(true, Ordering::Relaxed);
+            }
+            let keep = policy::NOT_SANE.len();
+            if carry.len() > keep {
+                carry.drain(..carry.len() - keep);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builds_probes_from_manifest_entries() {
+        let tcp = build_probe(
+            &ManifestProbe::Tcp {
+                host: "127.0.0.1".into(),
+                port: 7070,
+                send: None,
+                expect: Some("ready".into()),
+            },
+            None,
+        )
+        .unwrap();
+        assert!(
+            tcp.describe().contains("127.0.0.1:7070"),
+            "{}",
+            tcp.describe()
+        );
+        let v6 = build_probe(
+            &ManifestProbe::Tcp {
+                host: "::1".into(),
+                port: 1,
+                send: None,
+                expect: None,
+            },
+            None,
+        )
+        .unwrap();
+        assert!(v6.describe().contains("[::1]:1"), "{}", v6.describe());
+        let http = build_probe(
+            &ManifestProbe::Http {
+                url: "http://127.0.0.1:7071/healthz".into(),
+                method: "GET".into(),
+                status_min: 200,
+                status_max: 200,
+                body: Some("ok".into()),
+                host_header: None,
+            },
+            None,
+        );
+        assert!(http.is_ok());
+        let exec = ManifestProbe::Exec {
+            argv: vec!["true".into()],
+        };
+        assert!(build_probe(&exec, None).is_err());
+        let p = build_probe(&exec, Some(RunAs { uid: 5, gid: 6 })).unwrap();
+        assert_eq!(p.describe(), "exec true as 5:6");
+    }
+}

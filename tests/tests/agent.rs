@@ -1,0 +1,528 @@
+//! keepup-agent on real Debian 12 hosts, supervising the example service installed from its
+//! real package: crashes are respawned, a crash loop is given up and re-kicked, a hung daemon
+//! is found by its probes and its role killed, a double-forking daemon is still stopped,
+//! admin-down survives an agent restart, a killed agent's leftovers are killed on start, a
+//! second agent is refused, package removal stops the service, and no zombies pile up.
+//!
+//! The agent binary is copied in and started by the test (`docker exec`), so it is the parent
+//! (and child subreaper) of everything it supervises; the containers' PID 1 is `sleep`.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use keepup_tests::example;
+use keepup_tests::host::{docker_or_skip, Host, TestNet};
+
+/// Live (non-zombie) processes of the role: `pid stat args`.
+const ROLE_PROCS: &str = "ps -u foo -o pid=,stat=,args= | awk '$2 !~ /^Z/'";
+/// Where the tests put the agent's own output.
+const AGENT_OUT: &str = "/var/log/keepup-agent.out";
+
+/// Spec edits every agent test uses: short stop grace and not-sane sleep, quick probes.
+fn quick(text: String) -> String {
+    text.replace("not_sane_sleep: 10s", "not_sane_sleep: 2s")
+        .replace("stop_grace: 5s", "stop_grace: 2s")
+        .replace("every: 10s", "every: 1s")
+        .replace("timeout: 2s", "timeout: 1s")
+        .replace("grace: 2s", "grace: 1s")
+}
+
+/// Adds daemon flags to the example's `exec` line.
+fn with_flags(text: String, flags: &[&str]) -> String {
+    let extra: String = flags.iter().map(|f| format!(", \"{f}\"")).collect();
+    text.replace(
+        "exec: [/usr/bin/food, --config, /etc/foo/foo.conf]",
+        &format!("exec: [/usr/bin/food, --config, /etc/foo/foo.conf{extra}]"),
+    )
+}
+
+/// A host with the agent binary and the example's .deb copied in (not yet installed).
+struct Setup {
+    host: Host,
+    _net: TestNet,
+    _dir: tempfile::TempDir,
+}
+
+/// Builds the example with `edit`, starts a host, copies the .deb (to /pkgs/foo.deb) and the
+/// agent (to /usr/sbin/keepup-agent) in, and writes the agent config `config`.
+async fn setup(name: &str, edit: impl Fn(String) -> String, config: &str) -> Result<Setup> {
+    let dir = tempfile::tempdir()?;
+    let files = example::build_example(dir.path(), "1.0.0", |t| edit(quick(t)))?;
+    let deb: PathBuf = files
+        .into_iter()
+        .find(|f| f.extension().is_some_and(|e| e == "deb"))
+        .context("no .deb built")?;
+    let net = TestNet::new()?;
+    let host = Host::start(&net, name).await?;
+    host.copy_in(&deb, "/pkgs/foo.deb").await?;
+    host.copy_in(
+        &example::built_bin("keepup-agent")?,
+        "/usr/sbin/keepup-agent",
+    )
+    .await?;
+    host.ok(&format!(
+        "mkdir -p /etc/keepup && cat > /etc/keepup/agent.yaml <<'EOF'\n{config}\nEOF"
+    ))
+    .await?;
+    Ok(Setup {
+        host,
+        _net: net,
+        _dir: dir,
+    })
+}
+
+/// Starts `keepup-agent run` in the background and waits until its socket answers.
+async fn start_agent(host: &Host) -> Result<()> {
+    host.ok(&format!(
+        "setsid keepup-agent run >>{AGENT_OUT} 2>&1 </dev/null &"
+    ))
+    .await?;
+    let start = Instant::now();
+    loop {
+        if host.exec("keepup-agent status").await?.code == 0 {
+            return Ok(());
+        }
+        if start.elapsed() > Duration::from_secs(20) {
+            bail!(
+                "keepup-agent never answered:\n{}",
+                host.ok(&format!("cat {AGENT_OUT}; ps -ef")).await?
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The agent's pid (the `keepup-agent run` process), if running.
+async fn agent_pid(host: &Host) -> Result<Option<u32>> {
+    let out = host
+        .exec("ps -eo pid=,stat=,args= | awk '$2 !~ /^Z/ && $3 ~ /keepup-agent$/ && $4 == \"run\" {print $1}'")
+        .await?;
+    Ok(out
+        .stdout
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok()))
+}
+
+/// One line of `keepup-agent status` for a service.
+#[derive(Debug, Clone)]
+struct Svc {
+    state: String,
+    restarts: u64,
+    text: String,
+}
+
+/// The service's status line (and the lines under it), or None if the agent does not list it.
+async fn status(host: &Host, name: &str) -> Result<Option<Svc>> {
+    let out = host.ok("keepup-agent status").await?;
+    let mut lines = out
+        .lines()
+        .skip_while(|l| !l.starts_with(&format!("{name} ")));
+    let Some(first) = lines.next() else {
+        return Ok(None);
+    };
+    let cols: Vec<&str> = first.split_whitespace().collect();
+    let mut text = first.to_string();
+    for l in lines.take_while(|l| l.starts_with("    ")) {
+        text.push('\n');
+        text.push_str(l);
+    }
+    Ok(Some(Svc {
+        state: cols[1].to_string(),
+        restarts: cols[3].parse()?,
+        text,
+    }))
+}
+
+/// Polls the status until `ok` holds, or fails after `within` with the agent's view and log.
+async fn wait_status(
+    host: &Host,
+    what: &str,
+    within: Duration,
+    ok: impl Fn(&Option<Svc>) -> bool,
+) -> Result<Option<Svc>> {
+    let start = Instant::now();
+    loop {
+        let s = status(host, "foo").await?;
+        if ok(&s) {
+            return Ok(s);
+        }
+        if start.elapsed() > within {
+            bail!(
+                "after {within:?}, still waiting for {what}; last status: {s:?}\n--- foo.log:\n{}",
+                host.exec(
+                    "tail -n 40 /var/log/keepup/foo.log; echo; cat /var/log/keepup-agent.out"
+                )
+                .await?
+                .stdout
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits until food answers its banner; returns the daemon's pid.
+async fn wait_banner(host: &Host, within: Duration) -> Result<u32> {
+    let start = Instant::now();
+    loop {
+        let banner = host.exec("nc -w 2 127.0.0.1 7070 </dev/null").await?.stdout;
+        if banner.contains("ready") {
+            let pid = host
+                .ok("ps -u foo -o pid=,stat=,comm= | awk '$2 !~ /^Z/ && $3 == \"food\" {print $1}'")
+                .await?;
+            if let Some(p) = pid.split_whitespace().next() {
+                return Ok(p.parse()?);
+            }
+        }
+        if start.elapsed() > within {
+            bail!(
+                "food never answered its banner within {within:?}:\n{}",
+                host.exec("tail -n 40 /var/log/keepup/foo.log; ps -ef")
+                    .await?
+                    .stdout
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Polls `script` until it prints nothing, or fails after `within`.
+async fn until_empty(host: &Host, script: &str, within: Duration) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        let out = host.exec(script).await?;
+        if out.stdout.trim().is_empty() {
+            return Ok(());
+        }
+        ensure!(
+            start.elapsed() < within,
+            "after {within:?}, `{script}` still prints:\n{}\n--- foo.log:\n{}",
+            out.stdout,
+            host.exec("tail -n 30 /var/log/keepup/foo.log")
+                .await?
+                .stdout
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Crash -> respawned at once (it ran over a second); a crash loop is given up after `count`
+/// starts within `within`; the re-kick timer starts it again; `rekick` does it on demand.
+#[tokio::test(flavor = "multi_thread")]
+async fn crash_loop_is_given_up_then_rekicked() -> Result<()> {
+    if !docker_or_skip() {
+        return Ok(());
+    }
+    let s = setup(
+        "agent-crash",
+        |t| with_flags(t, &["--crash-after", "1"]).replace("count: 10", "count: 3"),
+        "rekick_every: 12s",
+    )
+    .await?;
+    let h = &s.host;
+    h.ok("dpkg -i /pkgs/foo.deb").await?;
+    start_agent(h).await?;
+
+    // Crash -> restarted: the second run starts right after the first exits with status 3.
+    let svc = wait_status(h, "a restart", Duration::from_secs(10), |s| {
+        s.as_ref().is_some_and(|s| s.restarts >= 1)
+    })
+    .await?
+    .unwrap();
+    let log = h.ok("cat /var/log/keepup/foo.log").await?;
+    ensure!(log.contains("exited: exit status 3"), "{log}");
+    ensure!(
+        log.contains("crashing as asked"),
+        "daemon output is logged:\n{log}"
+    );
+    eprintln!("restarted: {svc:?}");
+
+    // Third start within a minute is the last: given up, with 2 restarts.
+    let svc = wait_status(h, "given-up", Duration::from_secs(15), |s| {
+        s.as_ref().is_some_and(|s| s.state == "given-up")
+    })
+    .await?
+    .unwrap();
+    ensure!(svc.restarts == 2, "{svc:?}");
+    ensure!(svc.text.contains("next re-kick in"), "{svc:?}");
+    let given_up_at = Instant::now();
+    // It stays given up (nothing respawns it) ...
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let still = status(h, "foo").await?.unwrap();
+    ensure!(
+        still.state == "given-up" && still.restarts == 2,
+        "{still:?}"
+    );
+    // ... until the re-kick timer (12 s) starts it again.
+    let svc = wait_status(h, "the re-kick", Duration::from_secs(20), |s| {
+        s.as_ref().is_some_and(|s| s.restarts >= 3)
+    })
+    .await?
+    .unwrap();
+    ensure!(
+        given_up_at.elapsed() < Duration::from_secs(16),
+        "re-kick took {:?}",
+        given_up_at.elapsed()
+    );
+    eprintln!("re-kicked: {svc:?}");
+
+    // Given up again; `keepup-agent rekick foo` does not wait for the timer.
+    wait_status(h, "given-up again", Duration::from_secs(15), |s| {
+        s.as_ref().is_some_and(|s| s.state == "given-up")
+    })
+    .await?;
+    let before = status(h, "foo").await?.unwrap().restarts;
+    let out = h.ok("keepup-agent rekick foo").await?;
+    ensure!(out.contains("re-kicked"), "{out}");
+    let svc = status(h, "foo").await?.unwrap();
+    ensure!(
+        svc.restarts == before + 1 && svc.state != "given-up",
+        "{svc:?}"
+    );
+    // A running service is left alone by a re-kick.
+    let out = h.ok("keepup-agent rekick").await?;
+    ensure!(out.contains("nothing to do"), "{out}");
+    Ok(())
+}
+
+/// Hang (the daemon SIGSTOPped: connections are accepted by the kernel, never answered) ->
+/// probes time out -> after `failures` in a row the role is killed -> the agent respawns it,
+/// all within `every x failures + timeout + 1 s` (+ slack for a busy 2-core machine).
+#[tokio::test(flavor = "multi_thread")]
+async fn hung_daemon_is_found_by_probes_and_restarted() -> Result<()> {
+    if !docker_or_skip() {
+        return Ok(());
+    }
+    let s = setup("agent-hang", |t| t, "").await?;
+    let h = &s.host;
+    h.ok("dpkg -i /pkgs/foo.deb").await?;
+    start_agent(h).await?;
+    let old = wait_banner(h, Duration::from_secs(15)).await?;
+    // Both probes pass before the hang.
+    wait_status(h, "passing probes", Duration::from_secs(10), |s| {
+        s.as_ref()
+            .is_some_and(|s| s.state == "running" && s.text.matches(": ok").count() == 2)
+    })
+    .await?;
+
+    h.ok(&format!("kill -STOP {old}")).await?;
+    let hung_at = Instant::now();
+    let new = wait_banner(h, Duration::from_secs(30)).await?;
+    let took = hung_at.elapsed();
+    ensure!(new != old, "still the old daemon {old}");
+    // every 1 s x failures 3 + timeout 1 s + 1 s = 5 s; slack 3 s for the restart and polling.
+    let bound = Duration::from_secs(5 + 3);
+    ensure!(took <= bound, "back after {took:?}, bound {bound:?}");
+    let log = h.ok("cat /var/log/keepup/foo.log").await?;
+    ensure!(log.contains("failed 3 times in a row"), "{log}");
+    ensure!(log.contains("killing role foo"), "{log}");
+    let left = h.ok(ROLE_PROCS).await?;
+    ensure!(
+        !left.contains(&format!("{old} ")),
+        "old daemon survived:\n{left}"
+    );
+    eprintln!("hung daemon {old} replaced by {new} after {took:?}");
+    Ok(())
+}
+
+/// A daemon that double-forks away from its launch script (`--daemonize`) is still found by
+/// its uid: `down` leaves no role process. Admin-down is a file that survives an agent restart;
+/// `up` starts the service again.
+#[tokio::test(flavor = "multi_thread")]
+async fn double_forking_daemon_is_stopped_and_down_survives_a_restart() -> Result<()> {
+    if !docker_or_skip() {
+        return Ok(());
+    }
+    let s = setup("agent-fork", |t| with_flags(t, &["--daemonize"]), "").await?;
+    let h = &s.host;
+    h.ok("dpkg -i /pkgs/foo.deb").await?;
+    start_agent(h).await?;
+    // The launch script exits as soon as food has forked away; the daemon keeps the role.
+    wait_banner(h, Duration::from_secs(15)).await?;
+    let procs = h.ok(ROLE_PROCS).await?;
+    ensure!(procs.contains("food"), "{procs}");
+
+    let out = h.ok("keepup-agent down foo").await?;
+    ensure!(out.contains("is down"), "{out}");
+    // `down` returns after the role kill: nothing of the role is left, at once.
+    let left = h.ok(ROLE_PROCS).await?;
+    ensure!(left.trim().is_empty(), "left after down:\n{left}");
+    h.ok("test -f /var/lib/keepup-agent/down/foo").await?;
+    let svc = status(h, "foo").await?.unwrap();
+    ensure!(svc.state == "down", "{svc:?}");
+
+    // Restart the agent: the service stays down, nothing is started.
+    let pid = agent_pid(h).await?.context("agent not running")?;
+    h.ok(&format!("kill -TERM {pid}")).await?;
+    until_empty(
+        h,
+        &format!("ps -o pid=,stat= -p {pid} | awk '$2 !~ /^Z/'"),
+        Duration::from_secs(10),
+    )
+    .await?;
+    start_agent(h).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let svc = status(h, "foo").await?.unwrap();
+    ensure!(svc.state == "down", "{svc:?}");
+    let left = h.ok(ROLE_PROCS).await?;
+    ensure!(
+        left.trim().is_empty(),
+        "started despite admin-down:\n{left}"
+    );
+    // A re-kick does not start an admin-down service either.
+    let out = h.ok("keepup-agent rekick foo").await?;
+    ensure!(out.contains("admin-down"), "{out}");
+
+    let out = h.ok("keepup-agent up foo").await?;
+    ensure!(out.contains("up again"), "{out}");
+    h.ok("test ! -e /var/lib/keepup-agent/down/foo").await?;
+    wait_banner(h, Duration::from_secs(15)).await?;
+    Ok(())
+}
+
+/// An agent killed with SIGKILL leaves its services running; the next agent kills those
+/// leftovers of the role before it starts the service ("kill to gain control"). While an agent
+/// runs, a second one refuses to start. SIGTERM stops every service and exits 0.
+#[tokio::test(flavor = "multi_thread")]
+async fn leftovers_are_killed_on_start_and_a_second_agent_is_refused() -> Result<()> {
+    if !docker_or_skip() {
+        return Ok(());
+    }
+    let s = setup("agent-lock", |t| t, "").await?;
+    let h = &s.host;
+    h.ok("dpkg -i /pkgs/foo.deb").await?;
+    start_agent(h).await?;
+    let old = wait_banner(h, Duration::from_secs(15)).await?;
+
+    // A second agent: refused, with a clear message, and the first is undisturbed.
+    let second = h.exec("timeout 10 keepup-agent run").await?;
+    ensure!(second.code == 1, "{second:?}");
+    ensure!(
+        second
+            .stderr
+            .contains("another keepup-agent is already running"),
+        "{second:?}"
+    );
+    ensure!(h.exec("keepup-agent status").await?.code == 0);
+    // No pidfile anywhere: the lock file is empty.
+    h.ok("test ! -s /run/keepup/agent.sock.lock").await?;
+
+    let pid = agent_pid(h).await?.context("agent not running")?;
+    h.ok(&format!("kill -KILL {pid}")).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let procs = h.ok(ROLE_PROCS).await?;
+    ensure!(
+        procs.contains(&format!("{old} ")),
+        "food should outlive a SIGKILLed agent:\n{procs}"
+    );
+
+    start_agent(h).await?;
+    let new = wait_banner(h, Duration::from_secs(15)).await?;
+    ensure!(new != old, "the leftover {old} is still the daemon");
+    let procs = h.ok(ROLE_PROCS).await?;
+    ensure!(
+        !procs.contains(&format!("{old} ")),
+        "leftover {old} alive:\n{procs}"
+    );
+    let log = h.ok("cat /var/log/keepup/foo.log").await?;
+    ensure!(log.contains("leftover process(es) of role foo"), "{log}");
+
+    // SIGTERM: every service stopped (role kill), exit 0.
+    let pid = agent_pid(h).await?.context("agent not running")?;
+    h.ok(&format!("kill -TERM {pid}")).await?;
+    until_empty(h, ROLE_PROCS, Duration::from_secs(10)).await?;
+    until_empty(
+        h,
+        &format!("ps -o pid=,stat= -p {pid} | awk '$2 !~ /^Z/'"),
+        Duration::from_secs(10),
+    )
+    .await?;
+    let out = h.ok(&format!("cat {AGENT_OUT}")).await?;
+    ensure!(out.contains("SIGTERM: stopping every service"), "{out}");
+    ensure!(out.trim_end().ends_with("keepup-agent: stopped"), "{out}");
+    Ok(())
+}
+
+/// Installing the package while the agent runs starts the service (manifest added); removing
+/// it with `dpkg -r` stops it (manifest removed) and nothing restarts it.
+#[tokio::test(flavor = "multi_thread")]
+async fn package_install_starts_and_removal_stops_the_service() -> Result<()> {
+    if !docker_or_skip() {
+        return Ok(());
+    }
+    let s = setup("agent-pkg", |t| t, "").await?;
+    let h = &s.host;
+    start_agent(h).await?;
+    ensure!(status(h, "foo").await?.is_none());
+    let installed = Instant::now();
+    h.ok("dpkg -i /pkgs/foo.deb").await?;
+    wait_banner(h, Duration::from_secs(15)).await?;
+    eprintln!("installed -> serving after {:?}", installed.elapsed());
+
+    h.ok("dpkg -r foo").await?;
+    wait_status(h, "foo to disappear", Duration::from_secs(5), |s| {
+        s.is_none()
+    })
+    .await?;
+    until_empty(h, ROLE_PROCS, Duration::from_secs(5)).await?;
+    // Stays stopped.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let left = h.ok(ROLE_PROCS).await?;
+    ensure!(left.trim().is_empty(), "restarted after removal:\n{left}");
+    let log = h.ok("cat /var/log/keepup/foo.log").await?;
+    ensure!(log.contains("manifest removed"), "{log}");
+    Ok(())
+}
+
+/// A service that crashes at once, double-forking on the way (two orphans per run), restarted
+/// over 100 times: the agent, as child subreaper, reaps every orphan; no zombies pile up.
+#[tokio::test(flavor = "multi_thread")]
+async fn no_zombies_after_100_restarts() -> Result<()> {
+    if !docker_or_skip() {
+        return Ok(());
+    }
+    let s = setup(
+        "agent-zombies",
+        |t| {
+            with_flags(t, &["--daemonize", "--crash-after", "0"])
+                .replace("count: 10", "count: 100000")
+        },
+        // Respawn fast crashes after 10 ms, so 100 restarts take seconds, not minutes.
+        "max_backoff: 10ms",
+    )
+    .await?;
+    let h = &s.host;
+    h.ok("dpkg -i /pkgs/foo.deb").await?;
+    start_agent(h).await?;
+    let zombies = "ps -eo stat=,pid=,ppid=,args= | awk '$1 ~ /^Z/'";
+    let start = Instant::now();
+    let mut most = 0;
+    loop {
+        let svc = status(h, "foo").await?.context("foo not listed")?;
+        let z = h.ok(zombies).await?;
+        if z.lines().count() > most {
+            most = z.lines().count();
+            eprintln!(
+                "{most} zombies at once after {} restarts:\n{z}",
+                svc.restarts
+            );
+        }
+        if svc.restarts >= 100 {
+            break;
+        }
+        ensure!(
+            start.elapsed() < Duration::from_secs(120),
+            "only {} restarts in 2 minutes",
+            svc.restarts
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Orphans are reaped once they have been zombies for 200 ms (the reaper leaves tokio's own
+    // children to tokio), so with several restarts a second a few exist at any moment; without
+    // reaping there would be two per restart, over 200.
+    ensure!(most <= 20, "up to {most} zombies at once");
+    h.ok("keepup-agent down foo").await?;
+    until_empty(h, zombies, Duration::from_secs(5)).await?;
+    Ok(())
+}
