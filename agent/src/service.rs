@@ -733,6 +733,7 @@ impl Service {
             match res {
                 Ok(()) => {
                     did = true;
+                    self.schedule_checks(Instant::now());
                     self.note(&format!(
                         "re-kicked {unit}: systemctl reset-failed + start{}",
                         match &state {
@@ -857,8 +858,17 @@ impl Service {
         }
     }
 
+    /// Whether probes run now: while the launch script runs, or while a systemd unit is not
+    /// given up (failed units have nothing to probe until the re-kick).
     fn probing(&self) -> bool {
-        !self.down && (self.run.is_some() || (self.systemd() && !self.given_up))
+        if self.down {
+            return false;
+        }
+        if self.systemd() {
+            let state = self.shared.lock().unwrap_or_else(|e| e.into_inner()).state;
+            return state != State::GivenUp;
+        }
+        self.run.is_some()
     }
 
     fn next_probe_due(&self) -> Option<Instant> {

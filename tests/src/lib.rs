@@ -5,6 +5,7 @@
 pub mod example;
 pub mod host;
 pub mod image;
+pub mod systemd;
 
 pub use host::{docker_or_skip, workspace_root, Exec, Host, TestNet};
 pub use image::host_image;

@@ -526,3 +526,79 @@ async fn no_zombies_after_100_restarts() -> Result<()> {
     until_empty(h, zombies, Duration::from_secs(5)).await?;
     Ok(())
 }
+
+/// `supervisor: systemd`: systemd (PID 1 in the container) runs the crashing service until its
+/// start limit and marks the unit failed; the agent's re-kick (`systemctl reset-failed` +
+/// `start`) brings it back.
+#[test]
+fn systemd_unit_that_hit_its_start_limit_is_rekicked() -> Result<()> {
+    if !docker_or_skip() {
+        return Ok(());
+    }
+    use keepup_tests::systemd::SystemdHost;
+    let dir = tempfile::tempdir()?;
+    let files = example::build_example(dir.path(), "1.0.0", |t| {
+        with_flags(quick(t), &["--crash-after", "1"])
+            .replace("kind: agent", "kind: systemd")
+            .replace("count: 10", "count: 3")
+    })?;
+    let deb = files
+        .into_iter()
+        .find(|f| f.extension().is_some_and(|e| e == "deb"))
+        .context("no .deb built")?;
+    let h = SystemdHost::start("agent-systemd")?;
+    h.copy_in(&deb, "/pkgs/foo.deb")?;
+    h.copy_in(
+        &example::built_bin("keepup-agent")?,
+        "/usr/sbin/keepup-agent",
+    )?;
+    h.ok("mkdir -p /etc/keepup && echo 'rekick_every: 10s' > /etc/keepup/agent.yaml")?;
+    h.ok("dpkg -i /pkgs/foo.deb")?;
+    h.ok("systemctl cat foo.service | grep -q StartLimitBurst=3")?;
+    h.ok(&format!(
+        "setsid keepup-agent run >>{AGENT_OUT} 2>&1 </dev/null &"
+    ))?;
+    let unit = "systemctl show -p ActiveState --value foo.service";
+    let wait = |what: &str, within: Duration, ok: &dyn Fn(&str) -> bool| -> Result<Instant> {
+        let start = Instant::now();
+        loop {
+            let state = h.ok(unit)?.trim().to_string();
+            if ok(&state) {
+                return Ok(Instant::now());
+            }
+            if start.elapsed() > within {
+                bail!(
+                    "after {within:?} still waiting for {what} (unit {state}):\n{}",
+                    h.exec(&format!(
+                        "systemctl status foo.service; tail -n 30 /var/log/keepup/foo.log; cat {AGENT_OUT}"
+                    ))?
+                    .stdout
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    // systemd gives up: 3 starts within a minute, each crashing after 1 s.
+    let failed_at = wait("the start limit", Duration::from_secs(40), &|s| {
+        s == "failed"
+    })?;
+    // The agent re-kicks it within its 10 s timer.
+    let back_at = wait("the re-kick", Duration::from_secs(20), &|s| s != "failed")?;
+    let took = back_at - failed_at;
+    ensure!(took <= Duration::from_secs(13), "re-kicked after {took:?}");
+    let log = h.ok("cat /var/log/keepup/foo.log")?;
+    ensure!(log.contains("re-kicked foo.service"), "{log}");
+    // The daemon runs again, as the role.
+    let start = Instant::now();
+    while !h.ok("ps -u foo -o comm=")?.contains("food") {
+        ensure!(
+            start.elapsed() < Duration::from_secs(10),
+            "food not running again"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status = h.ok("keepup-agent status")?;
+    ensure!(status.starts_with("SERVICE"), "{status}");
+    eprintln!("unit failed, re-kicked after {took:?}\n{status}");
+    Ok(())
+}
