@@ -88,6 +88,8 @@ pub struct Shared {
     last_exit: Option<String>,
     note: Option<String>,
     probes: Vec<ProbeSlot>,
+    /// Set by the output reader when the current run printed `not sane:`.
+    not_sane: Option<Arc<AtomicBool>>,
 }
 
 #[derive(Debug, Clone)]
@@ -105,7 +107,14 @@ impl Shared {
     pub fn snapshot(&self, now: Instant) -> ServiceStatus {
         let mut state = self.state;
         let uptime = self.started.map(|s| now.saturating_duration_since(s));
-        if state == State::Running && uptime.is_some_and(|u| u < self.settle) {
+        let said_not_sane = self
+            .not_sane
+            .as_ref()
+            .is_some_and(|f| f.load(Ordering::Relaxed));
+        if state == State::Running && said_not_sane {
+            // The launch script is in its not-sane sleep, about to exit.
+            state = State::NotSane;
+        } else if state == State::Running && uptime.is_some_and(|u| u < self.settle) {
             state = State::Starting;
         }
         ServiceStatus {
@@ -166,6 +175,7 @@ pub fn spawn(ctx: Ctx, manifest: Manifest) -> Handle {
         last_exit: None,
         note: None,
         probes: Vec::new(),
+        not_sane: None,
     }));
     let svc = Service {
         down_mark: ctx.cfg.down_dir().join(&manifest.name),
@@ -442,7 +452,7 @@ impl Service {
             child,
             pid,
             started: now,
-            not_sane,
+            not_sane: not_sane.clone(),
             killed_for: None,
         });
         self.schedule_checks(now);
@@ -453,6 +463,7 @@ impl Service {
             s.pid = Some(pid as u32);
             s.started = Some(now);
             s.restarts = restarts;
+            s.not_sane = Some(not_sane);
         });
     }
 
@@ -540,6 +551,7 @@ impl Service {
         self.update(|s| {
             s.pid = None;
             s.started = None;
+            s.not_sane = None;
             s.last_exit = Some(what.clone());
         });
         if self.down || self.given_up {
@@ -623,6 +635,7 @@ impl Service {
         self.update(|s| {
             s.pid = None;
             s.started = None;
+            s.not_sane = None;
         });
     }
 
@@ -868,7 +881,10 @@ impl Service {
             let state = self.shared.lock().unwrap_or_else(|e| e.into_inner()).state;
             return state != State::GivenUp;
         }
-        self.run.is_some()
+        // A launch script that said it is not sane is waiting to exit: nothing to probe.
+        self.run
+            .as_ref()
+            .is_some_and(|r| !r.not_sane.load(Ordering::Relaxed))
     }
 
     fn next_probe_due(&self) -> Option<Instant> {

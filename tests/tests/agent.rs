@@ -294,17 +294,30 @@ async fn hung_daemon_is_found_by_probes_and_restarted() -> Result<()> {
     if !docker_or_skip() {
         return Ok(());
     }
-    let s = setup("agent-hang", |t| t, "").await?;
+    // Besides the example's tcp and http probes, an exec probe that must run as the role.
+    let exec_probe = "checks:\n  - exec: [/bin/sh, -c, 'test \"$(id -un)\" = foo && nc -w 1 127.0.0.1 7070 </dev/null | grep -q ready']\n    every: 1s\n    timeout: 1s\n    failures: 3\n    grace: 1s\n";
+    let s = setup("agent-hang", |t| t.replace("checks:\n", exec_probe), "").await?;
     let h = &s.host;
     h.ok("dpkg -i /pkgs/foo.deb").await?;
     start_agent(h).await?;
     let old = wait_banner(h, Duration::from_secs(15)).await?;
-    // Both probes pass before the hang.
+    // All three probes pass before the hang.
     wait_status(h, "passing probes", Duration::from_secs(10), |s| {
         s.as_ref()
-            .is_some_and(|s| s.state == "running" && s.text.matches(": ok").count() == 2)
+            .is_some_and(|s| s.state == "running" && s.text.matches(": ok").count() == 3)
     })
     .await?;
+    let check = h.ok("keepup-agent check foo").await?;
+    ensure!(
+        check.lines().filter(|l| l.contains("]: ok")).count() == 3,
+        "{check}"
+    );
+    ensure!(
+        check.contains(" as "),
+        "exec probe runs as the role: {check}"
+    );
+    let json = h.ok("keepup-agent status --json").await?;
+    ensure!(json.contains("\"state\": \"running\""), "{json}");
 
     h.ok(&format!("kill -STOP {old}")).await?;
     let hung_at = Instant::now();
@@ -323,6 +336,13 @@ async fn hung_daemon_is_found_by_probes_and_restarted() -> Result<()> {
         "old daemon survived:\n{left}"
     );
     eprintln!("hung daemon {old} replaced by {new} after {took:?}");
+    // `check` fails (exit 1) while the service does not answer.
+    h.ok(&format!("kill -STOP {new}")).await?;
+    let check = h.exec("keepup-agent check foo").await?;
+    ensure!(
+        check.code == 1 && check.stdout.contains("FAILED"),
+        "{check:?}"
+    );
     Ok(())
 }
 
@@ -600,5 +620,50 @@ fn systemd_unit_that_hit_its_start_limit_is_rekicked() -> Result<()> {
     let status = h.ok("keepup-agent status")?;
     ensure!(status.starts_with("SERVICE"), "{status}");
     eprintln!("unit failed, re-kicked after {took:?}\n{status}");
+    Ok(())
+}
+
+/// A launch script that finds its environment not sane prints why, sleeps and exits non-zero:
+/// the agent shows `not-sane` and keeps retrying; once the environment is fixed it runs again.
+/// Restarting by `pkill -u foo` (the talk's contract) is just a respawn.
+#[tokio::test(flavor = "multi_thread")]
+async fn not_sane_launch_is_shown_and_retried() -> Result<()> {
+    if !docker_or_skip() {
+        return Ok(());
+    }
+    let s = setup("agent-sane", |t| t, "").await?;
+    let h = &s.host;
+    h.ok("dpkg -i /pkgs/foo.deb").await?;
+    start_agent(h).await?;
+    let old = wait_banner(h, Duration::from_secs(15)).await?;
+
+    // Break the environment (a required file), then restart by the contract.
+    h.ok("mv /etc/foo/foo.conf /root/foo.conf && pkill -u foo")
+        .await?;
+    // Shown as soon as the launch script says so, during its not-sane sleep ...
+    wait_status(h, "not-sane", Duration::from_secs(15), |s| {
+        s.as_ref().is_some_and(|s| s.state == "not-sane")
+    })
+    .await?;
+    // ... and its exit (status 1 after the sleep) is retried, with no probes meanwhile.
+    wait_status(h, "a not-sane exit", Duration::from_secs(15), |s| {
+        s.as_ref().is_some_and(|s| {
+            s.text.contains("exit status 1 after") && s.text.contains("(not sane)")
+        })
+    })
+    .await?;
+    let log = h.ok("cat /var/log/keepup/foo.log").await?;
+    ensure!(
+        log.contains("run-foo: not sane: required file /etc/foo/foo.conf is missing"),
+        "{log}"
+    );
+
+    h.ok("mv /root/foo.conf /etc/foo/foo.conf").await?;
+    let new = wait_banner(h, Duration::from_secs(15)).await?;
+    ensure!(new != old);
+    wait_status(h, "running", Duration::from_secs(10), |s| {
+        s.as_ref().is_some_and(|s| s.state == "running")
+    })
+    .await?;
     Ok(())
 }
