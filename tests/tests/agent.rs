@@ -464,8 +464,9 @@ async fn leftovers_are_killed_on_start_and_a_second_agent_is_refused() -> Result
     Ok(())
 }
 
-/// Installing the package while the agent runs starts the service (manifest added); removing
-/// it with `dpkg -r` stops it (manifest removed) and nothing restarts it.
+/// Installing the package while the agent runs starts the service (manifest added); upgrading
+/// it restarts it as the new version; removing it with `dpkg -r` stops it (manifest removed)
+/// and nothing restarts it.
 #[tokio::test(flavor = "multi_thread")]
 async fn package_install_starts_and_removal_stops_the_service() -> Result<()> {
     if !docker_or_skip() {
@@ -479,6 +480,34 @@ async fn package_install_starts_and_removal_stops_the_service() -> Result<()> {
     h.ok("dpkg -i /pkgs/foo.deb").await?;
     wait_banner(h, Duration::from_secs(15)).await?;
     eprintln!("installed -> serving after {:?}", installed.elapsed());
+
+    // Upgrade: the new manifest is picked up and the postinst's role kill makes the agent
+    // respawn the service at once, now the new version.
+    let dir = tempfile::tempdir()?;
+    let v2 = example::build_example(dir.path(), "1.1.0", quick)?
+        .into_iter()
+        .find(|f| f.extension().is_some_and(|e| e == "deb"))
+        .context("no .deb built")?;
+    h.copy_in(&v2, "/pkgs/foo2.deb").await?;
+    let old = wait_banner(h, Duration::from_secs(5)).await?;
+    h.ok("dpkg -i /pkgs/foo2.deb").await?;
+    let new = wait_banner(h, Duration::from_secs(15)).await?;
+    ensure!(new != old, "the old daemon {old} survived the upgrade");
+    // The manifest change is noticed at the next scan (1 s).
+    let start = Instant::now();
+    loop {
+        let json = h.ok("keepup-agent status --json").await?;
+        if json.contains("\"version\": \"1.1.0-1\"") {
+            break;
+        }
+        ensure!(start.elapsed() < Duration::from_secs(5), "{json}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let log = h.ok("cat /var/log/keepup/foo.log").await?;
+    ensure!(
+        log.contains("manifest changed: foo 1.0.0-1 -> 1.1.0-1"),
+        "{log}"
+    );
 
     h.ok("dpkg -r foo").await?;
     wait_status(h, "foo to disappear", Duration::from_secs(5), |s| {
