@@ -327,6 +327,34 @@ fn every_compression_builds_a_package_dpkg_reads() {
 }
 
 #[test]
+fn every_compression_builds_an_rpm_that_rpm_verifies_and_unpacks() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = example(dir.path());
+    for c in ["zstd", "xz", "gzip", "none"] {
+        let out = dir.path().join(format!("rpm-{c}"));
+        let files = pack(&spec, &out, &["--format", "rpm", "--compression", c]);
+        let mut k = tool("rpm");
+        k.arg("-K").arg(&files[0]);
+        assert!(text(&run(k)).contains("digests OK"), "{c}");
+        // The streamed cpio payload unpacks to the same bytes that went in.
+        let unpack = format!(
+            "cd {} && rpm2cpio {} | cpio -idm --quiet && cmp usr/bin/food {}",
+            out.display(),
+            files[0].display(),
+            dir.path().join("target/release/food").display()
+        );
+        tool("cpio"); // a clear failure if cpio is missing
+        let mut sh = Command::new("sh");
+        sh.arg("-c").arg(unpack);
+        run(sh);
+        assert!(
+            out.join("usr/sbin/run-foo").exists() && out.join("etc/foo/foo.conf").exists(),
+            "{c}"
+        );
+    }
+}
+
+#[test]
 fn a_bad_spec_fails_with_the_documented_error_and_builds_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let spec = example(dir.path());
