@@ -73,7 +73,7 @@ pub fn write(
         .map_err(|e| PackError::io(payload_tmp.path(), e))?;
     let sink = HashingWriter::new(BufWriter::with_capacity(1 << 20, file));
     let compressor = Compressor::new(compression, sink).map_err(|e| PackError::io(&dest, e))?;
-    let mut cpio = Cpio::new(HashingWriter::new(compressor));
+    let mut cpio = Cpio::new(compressor);
     let mut digests = Vec::with_capacity(entries.len());
     for (i, e) in entries.iter().enumerate() {
         let ino = i as u32 + 1;
@@ -137,11 +137,11 @@ pub fn write(
         };
         digests.push(digest);
     }
-    let archive = cpio.finish().map_err(|e| PackError::io(&dest, e))?;
-    let archive_sha256 = hex::encode(archive.sha256.clone().finalize());
-    let sink = archive
-        .inner
+    // Only the compressed payload is digested (PAYLOADSHA256); the optional digest of the
+    // uncompressed archive would hash every byte a second time.
+    let sink = cpio
         .finish()
+        .and_then(Compressor::finish)
         .map_err(|e| PackError::io(&dest, e))?;
     let (payload_len, payload_sha256) = (sink.len, hex::encode(sink.sha256.clone().finalize()));
     let mut payload_file = sink
@@ -157,7 +157,6 @@ pub fn write(
             &digests,
             compression,
             opts.epoch,
-            &archive_sha256,
             &payload_sha256,
         )?,
         IndexTag::RPMTAG_HEADERIMMUTABLE,
@@ -205,7 +204,6 @@ fn header_entries(
     digests: &[String],
     compression: Compression,
     epoch: u64,
-    archive_sha256: &str,
     payload_sha256: &str,
 ) -> Result<Vec<HeaderEntry>, PackError> {
     let too_big = || PackError::Spec("the .rpm writer supports payloads up to 4 GiB".into());
@@ -401,10 +399,6 @@ fn header_entries(
         t(
             IndexTag::RPMTAG_PAYLOADSHA256,
             IndexData::StringArray(vec![payload_sha256.to_string()]),
-        ),
-        t(
-            IndexTag::RPMTAG_PAYLOADSHA256ALT,
-            IndexData::StringArray(vec![archive_sha256.to_string()]),
         ),
         t(
             IndexTag::RPMTAG_PAYLOADSHA256ALGO,
