@@ -1,5 +1,12 @@
-//! `keepup`: the operator's command. Packs services into .deb/.rpm packages (and, as the
-//! product grows, manages the repository, tracks and fleet).
+//! `keepup`: the operator's command. Packs services into .deb/.rpm packages, manages the
+//! repository (tracks, promotion, rollback, signed views), the fleet policy, and serves the
+//! repository over HTTP.
+
+mod cli;
+mod fleet;
+mod repo;
+mod serve;
+mod sign;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -25,6 +32,26 @@ struct Cli {
 enum Command {
     /// Build .deb and .rpm service packages from YAML specs.
     Pack(PackArgs),
+    /// Create, list and verify a repository.
+    #[command(subcommand)]
+    Repo(cli::RepoCommand),
+    /// Add packages to a track (default: the lowest, `unstable`).
+    Publish(cli::PublishArgs),
+    /// Copy one version (the same bytes) from the track below into a track.
+    Promote(cli::PromoteArgs),
+    /// Bring back an old version's contents under a version newer than the track's current one.
+    Rollback(cli::RollbackArgs),
+    /// Make hosts follow a track (and run some services).
+    Assign(cli::AssignArgs),
+    /// Remove a service from hosts (agents uninstall it there).
+    Quarantine(cli::QuarantineArgs),
+    /// Lift a quarantine.
+    Unquarantine(cli::QuarantineArgs),
+    /// Show the fleet policy.
+    #[command(subcommand)]
+    Fleet(cli::FleetCommand),
+    /// Serve the repository over HTTP.
+    Serve(cli::ServeArgs),
 }
 
 #[derive(clap::Args)]
@@ -67,6 +94,15 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Pack(args) => pack_cmd(args),
+        Command::Repo(c) => cli::repo(c),
+        Command::Publish(a) => cli::publish(a),
+        Command::Promote(a) => cli::promote(a),
+        Command::Rollback(a) => cli::rollback(a),
+        Command::Assign(a) => cli::assign(a),
+        Command::Quarantine(a) => cli::quarantine(a),
+        Command::Unquarantine(a) => cli::unquarantine(a),
+        Command::Fleet(c) => cli::fleet(c),
+        Command::Serve(a) => cli::serve(a),
     }
 }
 

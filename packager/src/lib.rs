@@ -13,6 +13,8 @@ mod deb;
 #[cfg(feature = "build")]
 pub mod plan;
 #[cfg(feature = "build")]
+pub mod reversion;
+#[cfg(feature = "build")]
 mod rpm;
 #[cfg(feature = "build")]
 pub mod scripts;

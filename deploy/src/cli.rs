@@ -1,0 +1,460 @@
+//! The repository and fleet subcommands of `keepup`: argument types, and the thin layer that
+//! calls [`crate::repo`] / [`crate::fleet`] and prints tables (or JSON with `--json`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use clap::Subcommand;
+
+use crate::repo::{Repo, DEFAULT_TRACKS};
+
+/// `keepup repo ...`
+#[derive(Subcommand)]
+pub enum RepoCommand {
+    /// Create a repository: layout, tracks and an OpenPGP signing key (or import one).
+    Init {
+        /// Repository directory (created if missing).
+        dir: PathBuf,
+        /// Armored OpenPGP secret key to sign with, instead of generating one.
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// Track names, lowest first.
+        #[arg(long, value_delimiter = ',', default_values_t = DEFAULT_TRACKS.map(String::from))]
+        tracks: Vec<String>,
+    },
+    /// Show the versions in each track.
+    List {
+        #[command(flatten)]
+        repo: RepoArg,
+        /// Only this track.
+        #[arg(long)]
+        track: Option<String>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check every signature and every hash in the repository.
+    Verify {
+        #[command(flatten)]
+        repo: RepoArg,
+    },
+    /// Rebuild every view and index from the repository state.
+    Reindex {
+        #[command(flatten)]
+        repo: RepoArg,
+    },
+}
+
+/// `--repo DIR`.
+#[derive(clap::Args)]
+pub struct RepoArg {
+    /// Repository directory.
+    #[arg(long = "repo")]
+    pub dir: PathBuf,
+}
+
+/// `keepup publish`
+#[derive(clap::Args)]
+pub struct PublishArgs {
+    #[command(flatten)]
+    repo: RepoArg,
+    /// Track to publish into (default: the lowest, `unstable`).
+    #[arg(long)]
+    track: Option<String>,
+    /// .deb and .rpm files (rpms must be signed with the repository key).
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
+}
+
+/// `keepup promote`
+#[derive(clap::Args)]
+pub struct PromoteArgs {
+    #[command(flatten)]
+    repo: RepoArg,
+    /// Package name.
+    name: String,
+    /// Version (default: the current one in the track below).
+    version: Option<String>,
+    /// Track to promote into; the package comes from the track below it.
+    #[arg(long)]
+    to: String,
+}
+
+/// `keepup rollback`
+#[derive(clap::Args)]
+pub struct RollbackArgs {
+    #[command(flatten)]
+    repo: RepoArg,
+    /// Package name.
+    name: String,
+    /// The old version whose contents to bring back.
+    #[arg(long)]
+    to: String,
+    /// Track to roll back.
+    #[arg(long)]
+    track: String,
+}
+
+/// `keepup assign`
+#[derive(clap::Args)]
+pub struct AssignArgs {
+    #[command(flatten)]
+    repo: RepoArg,
+    /// Host name or glob (`web*`).
+    hosts: String,
+    /// Track these hosts follow.
+    #[arg(long)]
+    track: String,
+    /// Services these hosts run (default: all in the track).
+    #[arg(long, value_delimiter = ',')]
+    services: Vec<String>,
+}
+
+/// `keepup quarantine` / `unquarantine`
+#[derive(clap::Args)]
+pub struct QuarantineArgs {
+    #[command(flatten)]
+    repo: RepoArg,
+    /// Service (package) name.
+    service: String,
+    /// Host name or glob (quarantine: default every host; unquarantine: default all entries).
+    #[arg(long)]
+    hosts: Option<String>,
+}
+
+/// `keepup fleet ...`
+#[derive(Subcommand)]
+pub enum FleetCommand {
+    /// Show the fleet policy.
+    Show {
+        #[command(flatten)]
+        repo: RepoArg,
+        /// Show only what applies to this host.
+        #[arg(long)]
+        host: Option<String>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `keepup serve`
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    repo: RepoArg,
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    listen: SocketAddr,
+}
+
+fn table(rows: &[Vec<String>]) -> String {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, s)| format!("{s:<w$}", w = widths[i]))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// `keepup repo ...`
+pub fn repo(cmd: RepoCommand) -> Result<()> {
+    match cmd {
+        RepoCommand::Init { dir, key, tracks } => {
+            if tracks.is_empty()
+                || tracks.iter().any(|t| {
+                    t.is_empty()
+                        || !t
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                })
+            {
+                bail!("track names are letters, digits, - and _ (got {tracks:?})");
+            }
+            let repo = Repo::init(&dir, key.as_deref(), &tracks)?;
+            let key = repo.public_key_path();
+            let fpr = crate::sign::fingerprint(&crate::sign::load_secret(&repo.secret_key_path())?);
+            println!("repository: {}", dir.display());
+            println!("tracks:     {}", tracks.join(" -> "));
+            println!("key:        {fpr}");
+            println!("public key for agents and apt: {}", key.display());
+            println!(
+                "  (binary form: {})",
+                dir.join("keys/repository.gpg").display()
+            );
+            println!(
+                "secret key (keep private; sign rpms with `keepup pack --sign-key`): {}",
+                repo.secret_key_path().display()
+            );
+            println!();
+            println!("On hosts: copy the public key to /etc/apt/keyrings/keepup.asc and add");
+            println!(
+                "  deb [signed-by=/etc/apt/keyrings/keepup.asc] http://REPO-HOST:8080/ {} main",
+                tracks.last().unwrap()
+            );
+            println!("Serve it with: keepup serve --repo {}", dir.display());
+            Ok(())
+        }
+        RepoCommand::List { repo, track, json } => {
+            let r = Repo::read_only(&repo.dir)?;
+            if r.state.tracks.is_empty() {
+                bail!(
+                    "{} is not a keepup repository; create one with `keepup repo init`",
+                    repo.dir.display()
+                );
+            }
+            let tracks: Vec<String> = match track {
+                Some(t) if !r.state.tracks.contains(&t) => {
+                    bail!("no track {t:?}; tracks are {}", r.state.tracks.join(", "))
+                }
+                Some(t) => vec![t],
+                None => r.state.tracks.clone(),
+            };
+            let mut rows = vec![];
+            let mut out = vec![];
+            for t in &tracks {
+                let current = r.state.current(t);
+                let ts = &r.state.track[t];
+                let mut entries: Vec<_> = ts
+                    .members
+                    .iter()
+                    .filter_map(|p| r.state.pool.get(p))
+                    .collect();
+                entries.sort_by(|a, b| {
+                    (&a.name, a.format, &a.arch)
+                        .cmp(&(&b.name, b.format, &b.arch))
+                        .then(a.version_cmp(&b.version))
+                });
+                for e in entries {
+                    let is_current = current
+                        .get(&(e.name.clone(), e.format, e.arch.clone()))
+                        .is_some_and(|c| c.path == e.path);
+                    rows.push(vec![
+                        t.clone(),
+                        e.name.clone(),
+                        e.version.clone(),
+                        e.arch.clone(),
+                        e.format.to_string(),
+                        if is_current {
+                            "current".into()
+                        } else {
+                            String::new()
+                        },
+                        e.rollback_of
+                            .as_ref()
+                            .map(|v| format!("rollback of {v}"))
+                            .unwrap_or_default(),
+                    ]);
+                    out.push(serde_json::json!({
+                        "track": t, "serial": ts.serial, "current": is_current, "package": e,
+                    }));
+                }
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else if rows.is_empty() {
+                println!(
+                    "no packages; add some with `keepup publish --repo {} FILE...`",
+                    repo.dir.display()
+                );
+            } else {
+                let mut all = vec![["TRACK", "NAME", "VERSION", "ARCH", "FORMAT", "", "NOTE"]
+                    .map(String::from)
+                    .to_vec()];
+                all.extend(rows);
+                print!("{}", table(&all));
+            }
+            Ok(())
+        }
+        RepoCommand::Verify { repo } => {
+            let r = Repo::read_only(&repo.dir)?;
+            let problems = r.verify()?;
+            if problems.is_empty() {
+                println!(
+                    "ok: {} pool files, {} tracks; every signature and hash checks out",
+                    r.state.pool.len(),
+                    r.state.tracks.len()
+                );
+                Ok(())
+            } else {
+                for p in &problems {
+                    eprintln!("problem: {p}");
+                }
+                bail!("{} problem(s); `keepup repo reindex --repo {}` rewrites the views from the state (pool files that changed must be restored from a backup)", problems.len(), repo.dir.display())
+            }
+        }
+        RepoCommand::Reindex { repo } => {
+            let mut r = Repo::open(&repo.dir)?;
+            r.reindex()?;
+            println!("rewrote the views of {} tracks", r.state.tracks.len());
+            Ok(())
+        }
+    }
+}
+
+fn print_entries(verb: &str, track: &str, entries: &[crate::repo::PoolEntry]) {
+    for e in entries {
+        println!(
+            "{verb} {} {} {} ({}) -> {track}  sha256 {}",
+            e.name, e.version, e.arch, e.format, e.sha256
+        );
+    }
+}
+
+/// `keepup publish`
+pub fn publish(a: PublishArgs) -> Result<()> {
+    let mut r = Repo::open(&a.repo.dir)?;
+    let track = a.track.unwrap_or_else(|| r.state.tracks[0].clone());
+    let entries = r.publish(&a.files, &track)?;
+    print_entries("published", &track, &entries);
+    Ok(())
+}
+
+/// `keepup promote`
+pub fn promote(a: PromoteArgs) -> Result<()> {
+    let mut r = Repo::open(&a.repo.dir)?;
+    let entries = r.promote(&a.name, a.version.as_deref(), &a.to)?;
+    print_entries("promoted", &a.to, &entries);
+    Ok(())
+}
+
+/// `keepup rollback`
+pub fn rollback(a: RollbackArgs) -> Result<()> {
+    let mut r = Repo::open(&a.repo.dir)?;
+    let entries = r.rollback(&a.name, &a.to, &a.track)?;
+    for e in &entries {
+        println!(
+            "rolled back {} in {} to the contents of {} as {} {} ({})",
+            e.name, a.track, a.to, e.version, e.arch, e.format
+        );
+    }
+    Ok(())
+}
+
+/// `keepup assign`
+pub fn assign(a: AssignArgs) -> Result<()> {
+    let mut r = Repo::open(&a.repo.dir)?;
+    if !r.state.tracks.contains(&a.track) {
+        bail!(
+            "no track {:?}; tracks are {}",
+            a.track,
+            r.state.tracks.join(", ")
+        );
+    }
+    r.state.fleet.assign(&a.hosts, &a.track, a.services)?;
+    r.commit_fleet()?;
+    println!("hosts {} follow {}", a.hosts, a.track);
+    Ok(())
+}
+
+/// `keepup quarantine`
+pub fn quarantine(a: QuarantineArgs) -> Result<()> {
+    let mut r = Repo::open(&a.repo.dir)?;
+    let hosts = a.hosts.unwrap_or_else(|| "*".into());
+    if r.state.fleet.quarantine(&a.service, &hosts)? {
+        r.commit_fleet()?;
+        println!(
+            "{} quarantined on {hosts}: agents there remove it",
+            a.service
+        );
+    } else {
+        println!("{} is already quarantined on {hosts}", a.service);
+    }
+    Ok(())
+}
+
+/// `keepup unquarantine`
+pub fn unquarantine(a: QuarantineArgs) -> Result<()> {
+    let mut r = Repo::open(&a.repo.dir)?;
+    let n = r.state.fleet.unquarantine(&a.service, a.hosts.as_deref());
+    if n == 0 {
+        bail!(
+            "{} is not quarantined{}; see `keepup fleet show`",
+            a.service,
+            a.hosts.map(|h| format!(" on {h}")).unwrap_or_default()
+        );
+    }
+    r.commit_fleet()?;
+    println!("lifted {n} quarantine(s) of {}", a.service);
+    Ok(())
+}
+
+/// `keepup fleet ...`
+pub fn fleet(cmd: FleetCommand) -> Result<()> {
+    match cmd {
+        FleetCommand::Show { repo, host, json } => {
+            let r = Repo::read_only(&repo.dir)?;
+            let f = &r.state.fleet;
+            if let Some(h) = host {
+                let (a, q) = f.for_host(&h);
+                let v = serde_json::json!({
+                    "host": h,
+                    "track": a.map(|a| a.track.clone()),
+                    "services": a.map(|a| a.services.clone()).unwrap_or_default(),
+                    "quarantined": q,
+                });
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                } else {
+                    match a {
+                        Some(a) => println!("{h} follows {} and runs {}", a.track, if a.services.is_empty() { "every service".into() } else { a.services.join(", ") }),
+                        None => println!("{h} matches no assignment; add one with `keepup assign --repo {} GLOB --track TRACK`", repo.dir.display()),
+                    }
+                    if !q.is_empty() {
+                        println!("quarantined there: {}", q.join(", "));
+                    }
+                }
+                return Ok(());
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(f)?);
+                return Ok(());
+            }
+            println!("fleet policy (serial {})", f.serial);
+            let mut rows = vec![["HOSTS", "TRACK", "SERVICES"].map(String::from).to_vec()];
+            for a in &f.assignments {
+                rows.push(vec![
+                    a.hosts.clone(),
+                    a.track.clone(),
+                    if a.services.is_empty() {
+                        "(all)".into()
+                    } else {
+                        a.services.join(",")
+                    },
+                ]);
+            }
+            print!("{}", table(&rows));
+            if !f.quarantine.is_empty() {
+                println!();
+                let mut rows = vec![["QUARANTINED", "ON HOSTS"].map(String::from).to_vec()];
+                for q in &f.quarantine {
+                    rows.push(vec![q.service.clone(), q.hosts.clone()]);
+                }
+                print!("{}", table(&rows));
+            }
+            Ok(())
+        }
+    }
+}
+
+/// `keepup serve`
+pub fn serve(a: ServeArgs) -> Result<()> {
+    Repo::read_only(&a.repo.dir)?;
+    crate::serve::serve(&a.repo.dir, a.listen)
+}

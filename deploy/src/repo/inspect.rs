@@ -1,0 +1,235 @@
+//! Reading packages offered to the repository: a `.deb`'s control stanza (after checking that
+//! every member decompresses), an `.rpm`'s name/version/arch (after checking its digests and
+//! its signature by the repository key). Also the per-package index fragments the views are
+//! assembled from (a Packages stanza; createrepo-style primary/filelists/other entries).
+
+use std::io::Read;
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Context as _, Result};
+
+/// Package format.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// Debian package.
+    Deb,
+    /// RPM package.
+    Rpm,
+}
+
+impl std::fmt::Display for Format {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Format::Deb => "deb",
+            Format::Rpm => "rpm",
+        })
+    }
+}
+
+/// What the repository learns from a package file.
+#[derive(Debug, Clone)]
+pub struct Inspected {
+    /// deb or rpm.
+    pub format: Format,
+    /// Package name.
+    pub name: String,
+    /// Full version: `[epoch:]version-release`, as the format's own tools print it.
+    pub version: String,
+    /// Architecture as the format spells it (`amd64`, `x86_64`, `all`, `noarch`).
+    pub arch: String,
+    /// For a .deb: the control stanza (no trailing blank line).
+    pub control: Option<String>,
+}
+
+/// Decompress a `.deb` member by its file name suffix.
+pub fn decompressor<'a>(name: &str, data: &'a [u8]) -> Result<Box<dyn Read + 'a>> {
+    Ok(if name.ends_with(".xz") {
+        Box::new(liblzma::read::XzDecoder::new(data))
+    } else if name.ends_with(".zst") {
+        Box::new(zstd::Decoder::new(data)?)
+    } else if name.ends_with(".gz") {
+        Box::new(flate2::read::GzDecoder::new(data))
+    } else if name.ends_with(".tar") {
+        Box::new(data)
+    } else {
+        bail!("unsupported member {name:?}")
+    })
+}
+
+/// Check a .deb and read its control stanza.
+pub fn inspect_deb(path: &Path, bytes: &[u8]) -> Result<Inspected> {
+    let bad = |why: String| anyhow!("{} is not a valid .deb: {why}", path.display());
+    if !bytes.starts_with(b"!<arch>\n") {
+        return Err(bad("no ar header (is it a .deb at all?)".into()));
+    }
+    let mut ar = ar::Archive::new(bytes);
+    let mut control = None;
+    let mut members = Vec::new();
+    while let Some(entry) = ar.next_entry() {
+        let mut entry = entry.map_err(|e| bad(format!("broken ar archive: {e}")))?;
+        let name = String::from_utf8_lossy(entry.header().identifier()).to_string();
+        let mut data = Vec::new();
+        entry
+            .read_to_end(&mut data)
+            .map_err(|e| bad(format!("member {name}: {e}")))?;
+        if name == "debian-binary" {
+            if !data.starts_with(b"2.") {
+                return Err(bad("debian-binary is not 2.x".into()));
+            }
+        } else if name.starts_with("control.tar") || name.starts_with("data.tar") {
+            // Read every tar entry to the end: a truncated or corrupt member fails here.
+            let mut tar =
+                tar::Archive::new(decompressor(&name, &data).map_err(|e| bad(e.to_string()))?);
+            for file in tar.entries().map_err(|e| bad(format!("{name}: {e}")))? {
+                let mut file = file.map_err(|e| bad(format!("{name}: {e}")))?;
+                let fname = file
+                    .path()
+                    .map(|p| p.to_string_lossy().to_string())
+                    .unwrap_or_default();
+                let mut content = Vec::new();
+                file.read_to_end(&mut content)
+                    .map_err(|e| bad(format!("{name}: {fname}: {e}")))?;
+                if name.starts_with("control.tar") && fname.trim_start_matches("./") == "control" {
+                    control = Some(
+                        String::from_utf8(content)
+                            .map_err(|_| bad("control is not UTF-8".into()))?,
+                    );
+                }
+            }
+        }
+        members.push(name);
+    }
+    if members.first().map(String::as_str) != Some("debian-binary")
+        || !members.iter().any(|m| m.starts_with("data.tar"))
+    {
+        return Err(bad(format!(
+            "members are {members:?}; expected debian-binary, control.tar.*, data.tar.*"
+        )));
+    }
+    let control = control.ok_or_else(|| bad("no control file in control.tar".into()))?;
+    let control = control.trim_end().to_string();
+    let field = |k: &str| {
+        control_field(&control, k).ok_or_else(|| bad(format!("control has no {k} field")))
+    };
+    let name = field("Package")?;
+    let version = field("Version")?;
+    let arch = field("Architecture")?;
+    check_token(path, "name", &name)?;
+    check_token(path, "version", &version)?;
+    check_token(path, "architecture", &arch)?;
+    Ok(Inspected {
+        format: Format::Deb,
+        name,
+        version,
+        arch,
+        control: Some(control),
+    })
+}
+
+/// Names, versions and arches end up in file names and URLs: allow only what dpkg and rpm do.
+fn check_token(path: &Path, what: &str, v: &str) -> Result<()> {
+    let ok = !v.is_empty()
+        && !v.starts_with('.')
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || ".+-~:_^".contains(c));
+    if !ok {
+        bail!(
+            "{}: {what} {v:?} has characters a repository cannot carry",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// The value of a (single-line) field in a control stanza.
+pub fn control_field(control: &str, key: &str) -> Option<String> {
+    control.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        (k.eq_ignore_ascii_case(key) && !l.starts_with(' ')).then(|| v.trim().to_string())
+    })
+}
+
+/// Check an rpm (digests, and a signature by `key_asc`) and read its identity.
+pub fn inspect_rpm(path: &Path, bytes: &[u8], key_asc: &[u8]) -> Result<Inspected> {
+    let pkg = rpm::Package::parse(&mut std::io::BufReader::new(bytes))
+        .map_err(|e| anyhow!("{} is not a valid .rpm: {e}", path.display()))?;
+    pkg.verify_digests()
+        .map_err(|e| anyhow!("{} is corrupt (digest check failed: {e})", path.display()))?;
+    let verifier = rpm::signature::pgp::Verifier::from_asc_bytes(key_asc)
+        .context("loading the repository's public key")?;
+    if pkg.verify_signature(verifier).is_err() {
+        bail!(
+            "{} is not signed by this repository's key; build it with `keepup pack --sign-key <repo>/.keepup/signing-key.asc` (or `rpmsign --addsign`) and publish again",
+            path.display()
+        );
+    }
+    let m = &pkg.metadata;
+    if m.is_source_package() {
+        bail!(
+            "{} is a source rpm; publish binary packages",
+            path.display()
+        );
+    }
+    let name = m.get_name()?.to_string();
+    let epoch = m.get_epoch().unwrap_or(0);
+    let ver = m.get_version()?;
+    let rel = m.get_release()?;
+    let arch = m.get_arch()?.to_string();
+    let version = if epoch > 0 {
+        format!("{epoch}:{ver}-{rel}")
+    } else {
+        format!("{ver}-{rel}")
+    };
+    check_token(path, "name", &name)?;
+    check_token(path, "version", &version)?;
+    check_token(path, "architecture", &arch)?;
+    Ok(Inspected {
+        format: Format::Rpm,
+        name,
+        version,
+        arch,
+        control: None,
+    })
+}
+
+/// The three createrepo entries (`<package>` elements of primary, filelists, other) of one rpm
+/// whose pool file is `file`, to be listed at `href` (relative to the track's rpm base).
+pub fn rpm_fragments(file: &Path, href: &str) -> Result<[String; 3]> {
+    use rpmrepo_metadata::{
+        CompressionType, Package, PackageFileOptions, RepositoryOptions, RepositoryWriter,
+    };
+    let pkg = Package::from_file_with_options(
+        file,
+        PackageFileOptions {
+            location_href: Some(href.to_string()),
+            ..Default::default()
+        },
+    )
+    .map_err(|e| anyhow!("reading rpm metadata of {}: {e}", file.display()))?;
+    let tmp = tempfile::tempdir()?;
+    let mut w = RepositoryWriter::new_with_options(
+        tmp.path(),
+        1,
+        RepositoryOptions::default().compression_type(CompressionType::None),
+    )
+    .map_err(|e| anyhow!("{e}"))?;
+    w.add_package(&pkg).map_err(|e| anyhow!("{e}"))?;
+    w.finish().map_err(|e| anyhow!("{e}"))?;
+    let mut out: [String; 3] = Default::default();
+    for (i, kind) in ["primary", "filelists", "other"].iter().enumerate() {
+        let text =
+            std::fs::read_to_string(tmp.path().join("repodata").join(format!("{kind}.xml")))?;
+        let start = text
+            .find("<package")
+            .ok_or_else(|| anyhow!("no <package> in {kind}.xml"))?;
+        let end = text
+            .rfind("</package>")
+            .ok_or_else(|| anyhow!("no </package> in {kind}.xml"))?
+            + "</package>".len();
+        out[i] = format!("  {}\n", &text[start..end]);
+    }
+    Ok(out)
+}

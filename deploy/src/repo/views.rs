@@ -1,0 +1,411 @@
+//! The public views of one track, regenerated from the state: the APT view (`dists/<track>/`),
+//! the DNF view (`rpm/<track>/`) and the agent's index (`tracks/<track>/index.json`). Only the
+//! track that changed is rewritten; per-package fragments (Packages stanzas, createrepo
+//! entries) are computed once at publish time and kept in `.keepup/meta/`, so a view costs a
+//! concatenation, a compression and a few signatures. Also `repo verify`.
+
+use std::io::Write as _;
+use std::path::Path;
+
+use anyhow::{anyhow, Context as _, Result};
+use md5::Digest as _;
+
+use super::{file_name, sha256_hex, write_atomic, Format, PoolEntry, Repo};
+use crate::sign::{self, Signer};
+
+/// Architectures every APT view lists, so stock apt on these hosts finds an index even when
+/// the track is empty.
+const APT_ARCHES: [&str; 2] = ["amd64", "arm64"];
+
+/// A Packages stanza for a .deb: its control fields plus where and what the file is.
+pub fn deb_stanza(e: &PoolEntry, control: &str, bytes: &[u8]) -> String {
+    let md5 = hex::encode(md5::Md5::digest(bytes));
+    format!(
+        "{}\nFilename: {}\nSize: {}\nMD5sum: {md5}\nSHA256: {}\n",
+        control.trim_end(),
+        e.path,
+        e.size,
+        e.sha256
+    )
+}
+
+fn gzip(data: &[u8]) -> Result<Vec<u8>> {
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
+    enc.write_all(data)?;
+    Ok(enc.finish()?)
+}
+
+/// RFC 2822 date in UTC, as Release files carry it.
+pub fn rfc2822(secs: u64) -> String {
+    let days = (secs / 86400) as i64;
+    let rem = secs % 86400;
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    let wd = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][(days % 7) as usize];
+    let mon = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ][(m - 1) as usize];
+    format!(
+        "{wd}, {d:02} {mon} {y} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Rewrite every view of `track` from the repository state.
+pub fn write_track(repo: &Repo, signer: &Signer, track: &str) -> Result<()> {
+    let state = &repo.state;
+    let members: Vec<&PoolEntry> = state.track[track]
+        .members
+        .iter()
+        .filter_map(|p| state.pool.get(p))
+        .collect();
+    write_apt(repo, signer, track, &members)?;
+    write_rpm(repo, signer, track, &members)?;
+    write_index(repo, signer, track)?;
+    Ok(())
+}
+
+fn write_apt(repo: &Repo, signer: &Signer, track: &str, members: &[&PoolEntry]) -> Result<()> {
+    let dist = repo.root.join("dists").join(track);
+    let mut arches: Vec<String> = APT_ARCHES.iter().map(|s| s.to_string()).collect();
+    for e in members.iter().filter(|e| e.format == Format::Deb) {
+        if e.arch != "all" && !arches.contains(&e.arch) {
+            arches.push(e.arch.clone());
+        }
+    }
+    arches.sort();
+    let mut sums = Vec::new();
+    for arch in &arches {
+        let mut debs: Vec<&&PoolEntry> = members
+            .iter()
+            .filter(|e| e.format == Format::Deb && (&e.arch == arch || e.arch == "all"))
+            .collect();
+        debs.sort_by(|a, b| a.name.cmp(&b.name).then(a.version_cmp(&b.version)));
+        let mut packages = String::new();
+        for e in debs {
+            let stanza = std::fs::read_to_string(repo.meta_path(&e.sha256, "stanza"))
+                .with_context(|| format!("the index fragment of {} is missing", e.path))?;
+            if !packages.is_empty() {
+                packages.push('\n');
+            }
+            packages.push_str(&stanza);
+        }
+        let gz = gzip(packages.as_bytes())?;
+        let dir = format!("main/binary-{arch}");
+        for (name, data) in [("Packages", packages.as_bytes()), ("Packages.gz", &gz[..])] {
+            let hash = sha256_hex(data);
+            // by-hash first: a client holding the new Release finds every file it names.
+            write_atomic(&dist.join(&dir).join("by-hash/SHA256").join(&hash), data)?;
+            write_atomic(&dist.join(&dir).join(name), data)?;
+            sums.push((
+                format!("{dir}/{name}"),
+                data.len(),
+                hash,
+                hex::encode(md5::Md5::digest(data)),
+            ));
+        }
+    }
+    let mut release = format!(
+        "Origin: keepup\nLabel: keepup\nSuite: {track}\nCodename: {track}\nDate: {}\nArchitectures: {}\nComponents: main\nDescription: keepup track {track}\nAcquire-By-Hash: yes\nMD5Sum:\n",
+        rfc2822(now()),
+        arches.join(" ")
+    );
+    for (p, size, _, md5) in &sums {
+        release.push_str(&format!(" {md5} {size:>16} {p}\n"));
+    }
+    release.push_str("SHA256:\n");
+    for (p, size, sha, _) in &sums {
+        release.push_str(&format!(" {sha} {size:>16} {p}\n"));
+    }
+    let gpg = signer.detached(release.as_bytes())?;
+    let inrelease = signer.cleartext(&release)?;
+    write_atomic(&dist.join("Release"), release.as_bytes())?;
+    write_atomic(&dist.join("Release.gpg"), gpg.as_bytes())?;
+    write_atomic(&dist.join("InRelease"), inrelease.as_bytes())?;
+    Ok(())
+}
+
+const PRIMARY_OPEN: &str = r#"<metadata xmlns="http://linux.duke.edu/metadata/common" xmlns:rpm="http://linux.duke.edu/metadata/rpm" packages="{N}">"#;
+const FILELISTS_OPEN: &str =
+    r#"<filelists xmlns="http://linux.duke.edu/metadata/filelists" packages="{N}">"#;
+const OTHER_OPEN: &str =
+    r#"<otherdata xmlns="http://linux.duke.edu/metadata/other" packages="{N}">"#;
+
+fn write_rpm(repo: &Repo, signer: &Signer, track: &str, members: &[&PoolEntry]) -> Result<()> {
+    let base = repo.root.join("rpm").join(track);
+    let pkgdir = base.join("packages");
+    std::fs::create_dir_all(&pkgdir)?;
+    let mut rpms: Vec<&&PoolEntry> = members.iter().filter(|e| e.format == Format::Rpm).collect();
+    rpms.sort_by(|a, b| a.name.cmp(&b.name).then(a.version_cmp(&b.version)));
+    // Hard links: the same bytes as the pool, at a path inside the DNF repository.
+    let mut wanted = std::collections::BTreeSet::new();
+    for e in &rpms {
+        let link = pkgdir.join(file_name(&e.path));
+        wanted.insert(file_name(&e.path).to_string());
+        if !link.exists() {
+            let tmp = pkgdir.join(format!(".tmp-{}", file_name(&e.path)));
+            let _ = std::fs::remove_file(&tmp);
+            std::fs::hard_link(repo.root.join(&e.path), &tmp)
+                .or_else(|_| std::fs::copy(repo.root.join(&e.path), &tmp).map(|_| ()))
+                .with_context(|| format!("linking {} into {}", e.path, pkgdir.display()))?;
+            std::fs::rename(&tmp, &link)?;
+        }
+    }
+    let n = rpms.len().to_string();
+    let mut records = Vec::new();
+    for (kind, open, close) in [
+        ("primary", PRIMARY_OPEN, "</metadata>"),
+        ("filelists", FILELISTS_OPEN, "</filelists>"),
+        ("other", OTHER_OPEN, "</otherdata>"),
+    ] {
+        let mut xml = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
+        xml.push_str(&open.replace("{N}", &n));
+        xml.push('\n');
+        for e in &rpms {
+            let frag = std::fs::read_to_string(repo.meta_path(&e.sha256, kind))
+                .with_context(|| format!("the {kind} fragment of {} is missing", e.path))?;
+            xml.push_str(&frag);
+        }
+        xml.push_str(close);
+        xml.push('\n');
+        let gz = gzip(xml.as_bytes())?;
+        let sum = sha256_hex(&gz);
+        let href = format!("repodata/{sum}-{kind}.xml.gz");
+        write_atomic(&base.join(&href), &gz)?;
+        records.push((
+            kind,
+            sum,
+            sha256_hex(xml.as_bytes()),
+            href,
+            gz.len(),
+            xml.len(),
+        ));
+    }
+    let t = now();
+    let mut repomd = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<repomd xmlns=\"http://linux.duke.edu/metadata/repo\" xmlns:rpm=\"http://linux.duke.edu/metadata/rpm\">\n  <revision>{t}</revision>\n"
+    );
+    for (kind, sum, open_sum, href, size, open_size) in &records {
+        repomd.push_str(&format!(
+            "  <data type=\"{kind}\">\n    <checksum type=\"sha256\">{sum}</checksum>\n    <open-checksum type=\"sha256\">{open_sum}</open-checksum>\n    <location href=\"{href}\"/>\n    <timestamp>{t}</timestamp>\n    <size>{size}</size>\n    <open-size>{open_size}</open-size>\n  </data>\n"
+        ));
+    }
+    repomd.push_str("</repomd>\n");
+    let asc = signer.detached(repomd.as_bytes())?;
+    write_atomic(&base.join("repodata/repomd.xml.asc"), asc.as_bytes())?;
+    write_atomic(&base.join("repodata/repomd.xml"), repomd.as_bytes())?;
+    // Metadata of older generations that no repomd names any more: keep the previous one for
+    // clients mid-download, remove the rest.
+    prune_repodata(
+        &base.join("repodata"),
+        &records.iter().map(|r| r.3.clone()).collect::<Vec<_>>(),
+    )?;
+    // Links of packages that left the track.
+    for f in std::fs::read_dir(&pkgdir)? {
+        let f = f?;
+        let name = f.file_name().to_string_lossy().to_string();
+        if !wanted.contains(&name) {
+            let _ = std::fs::remove_file(f.path());
+        }
+    }
+    Ok(())
+}
+
+fn prune_repodata(dir: &Path, current: &[String]) -> Result<()> {
+    let keep: Vec<&str> = current.iter().map(|h| file_name(h)).collect();
+    let mut old: Vec<(std::time::SystemTime, std::path::PathBuf)> = Vec::new();
+    for f in std::fs::read_dir(dir)? {
+        let f = f?;
+        let name = f.file_name().to_string_lossy().to_string();
+        if name.starts_with("repomd.xml") || keep.contains(&name.as_str()) {
+            continue;
+        }
+        old.push((f.metadata()?.modified()?, f.path()));
+    }
+    old.sort();
+    // Keep the newest previous generation (three files).
+    let n = old.len().saturating_sub(3);
+    for (_, p) in old.into_iter().take(n) {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok(())
+}
+
+/// The agent's index of a track.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct Index {
+    /// Track name.
+    pub track: String,
+    /// Only increases.
+    pub serial: u64,
+    /// Unix time of generation.
+    pub generated: u64,
+    /// The current version of each package (per name, format and arch).
+    pub packages: Vec<PoolEntry>,
+}
+
+fn write_index(repo: &Repo, signer: &Signer, track: &str) -> Result<()> {
+    let index = Index {
+        track: track.to_string(),
+        serial: repo.state.track[track].serial,
+        generated: now(),
+        packages: repo.state.current(track).into_values().cloned().collect(),
+    };
+    let mut json = serde_json::to_vec_pretty(&index)?;
+    json.push(b'\n');
+    let sig = signer.detached(&json)?;
+    let dir = repo.root.join("tracks").join(track);
+    write_atomic(&dir.join("index.json.sig"), sig.as_bytes())?;
+    write_atomic(&dir.join("index.json"), &json)?;
+    Ok(())
+}
+
+/// Check every signature and every hash the views carry, and the pool against the state.
+pub fn verify(repo: &Repo) -> Result<Vec<String>> {
+    let key = sign::load_public(&repo.public_key_path())?;
+    let mut problems = Vec::new();
+    let root = &repo.root;
+    let read = |rel: &str| std::fs::read(root.join(rel)).map_err(|e| anyhow!("{rel}: {e}"));
+    for e in repo.state.pool.values() {
+        match read(&e.path) {
+            Ok(b) if sha256_hex(&b) == e.sha256 && b.len() as u64 == e.size => {}
+            Ok(_) => problems.push(format!(
+                "{}: contents changed (sha256 or size differs from when it was published)",
+                e.path
+            )),
+            Err(err) => problems.push(err.to_string()),
+        }
+    }
+    for track in &repo.state.tracks {
+        let mut check = |what: &str, r: Result<()>| {
+            if let Err(e) = r {
+                problems.push(format!("{track}: {what}: {e:#}"));
+            }
+        };
+        let d = format!("dists/{track}");
+        check(
+            "InRelease",
+            (|| {
+                let text = String::from_utf8(read(&format!("{d}/InRelease"))?)?;
+                let signed = sign::verify_cleartext(&key, &text)?;
+                let release = String::from_utf8(read(&format!("{d}/Release"))?)?;
+                sign::verify_detached(
+                    &key,
+                    release.as_bytes(),
+                    &String::from_utf8(read(&format!("{d}/Release.gpg"))?)?,
+                )
+                .context("Release.gpg")?;
+                if signed.trim_end() != release.trim_end() {
+                    return Err(anyhow!("InRelease and Release differ"));
+                }
+                let mut in_sha = false;
+                for line in release.lines() {
+                    if !line.starts_with(' ') {
+                        in_sha = line.starts_with("SHA256:");
+                        continue;
+                    }
+                    if !in_sha {
+                        continue;
+                    }
+                    let f: Vec<&str> = line.split_whitespace().collect();
+                    if let [sum, size, path] = f[..] {
+                        let b = read(&format!("{d}/{path}"))?;
+                        if sha256_hex(&b) != sum || b.len().to_string() != size {
+                            return Err(anyhow!("{path} does not match its SHA256 line"));
+                        }
+                        if path.ends_with("/Packages") {
+                            check_packages(root, &String::from_utf8(b)?)?;
+                        }
+                    }
+                }
+                Ok(())
+            })(),
+        );
+        let r = format!("rpm/{track}/repodata");
+        check(
+            "repomd.xml",
+            (|| {
+                let md = read(&format!("{r}/repomd.xml"))?;
+                sign::verify_detached(
+                    &key,
+                    &md,
+                    &String::from_utf8(read(&format!("{r}/repomd.xml.asc"))?)?,
+                )?;
+                let md = String::from_utf8(md)?;
+                for data in md.split("<data ").skip(1) {
+                    let sum = between(data, "<checksum type=\"sha256\">", "<")
+                        .ok_or_else(|| anyhow!("no checksum"))?;
+                    let href = between(data, "<location href=\"", "\"")
+                        .ok_or_else(|| anyhow!("no location"))?;
+                    let b = read(&format!("rpm/{track}/{href}"))?;
+                    if sha256_hex(&b) != sum {
+                        return Err(anyhow!("{href} does not match repomd.xml"));
+                    }
+                }
+                Ok(())
+            })(),
+        );
+        let t = format!("tracks/{track}");
+        check(
+            "index.json",
+            (|| {
+                let json = read(&format!("{t}/index.json"))?;
+                sign::verify_detached(
+                    &key,
+                    &json,
+                    &String::from_utf8(read(&format!("{t}/index.json.sig"))?)?,
+                )?;
+                let index: Index = serde_json::from_slice(&json)?;
+                for e in &index.packages {
+                    let b = read(&e.path)?;
+                    if sha256_hex(&b) != e.sha256 {
+                        return Err(anyhow!("{} does not match the index", e.path));
+                    }
+                }
+                Ok(())
+            })(),
+        );
+    }
+    if let Err(e) = crate::fleet::verify(repo, &key) {
+        problems.push(format!("fleet.yaml: {e:#}"));
+    }
+    Ok(problems)
+}
+
+fn between<'a>(s: &'a str, start: &str, end: &str) -> Option<&'a str> {
+    let i = s.find(start)? + start.len();
+    let j = s[i..].find(end)? + i;
+    Some(&s[i..j])
+}
+
+/// Every Packages stanza's file exists and has the size and SHA256 it claims.
+fn check_packages(root: &Path, packages: &str) -> Result<()> {
+    for stanza in packages.split("\n\n").filter(|s| !s.trim().is_empty()) {
+        let field = |k: &str| {
+            super::inspect::control_field(stanza, k).ok_or_else(|| anyhow!("stanza without {k}"))
+        };
+        let path = field("Filename")?;
+        let b = std::fs::read(root.join(&path)).map_err(|e| anyhow!("{path}: {e}"))?;
+        if sha256_hex(&b) != field("SHA256")? || b.len().to_string() != field("Size")? {
+            return Err(anyhow!("{path} does not match its Packages entry"));
+        }
+    }
+    Ok(())
+}
