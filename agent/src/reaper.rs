@@ -90,7 +90,7 @@ fn children(me: i32) -> Vec<i32> {
                     .filter_map(|p| p.parse::<i32>().ok()),
             ),
             Err(_) => {
-                return crate::role::scan(false)
+                return crate::role::scan()
                     .into_iter()
                     .filter(|p| p.ppid == me)
                     .map(|p| p.pid)
@@ -101,7 +101,9 @@ fn children(me: i32) -> Vec<i32> {
     out
 }
 
-/// The agent's zombie children now.
+/// The agent's zombie children now. A zombie thread-group leader whose other threads still
+/// run cannot be reaped yet (and is not gone): it is left out, so the reaper does not poll it;
+/// its last thread's exit brings another SIGCHLD.
 fn zombies(me: i32) -> Vec<i32> {
     children(me)
         .into_iter()
@@ -109,7 +111,7 @@ fn zombies(me: i32) -> Vec<i32> {
             std::fs::read_to_string(format!("/proc/{pid}/stat"))
                 .ok()
                 .and_then(|s| crate::role::parse_stat(&s))
-                .is_some_and(|p| p.ppid == me && p.is_zombie())
+                .is_some_and(|p| p.ppid == me && p.is_dead())
         })
         .collect()
 }

@@ -1,8 +1,13 @@
 //! The `pkill -u ${role}` contract: find every process of a role's uid in `/proc` and stop it
 //! (TERM, wait the grace, KILL). This is how the agent stops a service, kills a hung one, and
 //! gains control at start: by the role's uid, never by a pidfile. A daemon that double-forked
-//! away from its launch script keeps the uid, so it is still found.
+//! away from its launch script keeps the uid, so it is still found. Processes in another PID
+//! namespace (a container on the host that happens to run as the same numeric uid) are not the
+//! role's and are left alone.
 
+use std::collections::HashSet;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, killpg, Signal};
@@ -19,6 +24,10 @@ pub struct ProcInfo {
     pub pgrp: i32,
     /// One-letter state (`R`, `S`, `Z`, `T`, ...).
     pub state: char,
+    /// Threads in the thread group (`None` if `stat` was cut short).
+    pub threads: Option<u32>,
+    /// Start time in clock ticks after boot: with the pid, identifies the process.
+    pub start: Option<u64>,
     /// Real uid (`None` when only `stat` was read).
     pub ruid: Option<u32>,
     /// Effective uid (`None` when only `stat` was read).
@@ -26,9 +35,17 @@ pub struct ProcInfo {
 }
 
 impl ProcInfo {
-    /// Whether the process has exited and waits to be reaped.
+    /// Whether the process has exited and waits to be reaped. A thread-group leader whose main
+    /// thread exited while other threads still run is also `Z`, but it is alive: see
+    /// [`ProcInfo::is_dead`].
     pub fn is_zombie(&self) -> bool {
         self.state == 'Z' || self.state == 'X'
+    }
+
+    /// Whether nothing of the process runs any more: a zombie with no thread left but its
+    /// (exited) main thread.
+    pub fn is_dead(&self) -> bool {
+        self.is_zombie() && self.threads.is_none_or(|t| t <= 1)
     }
 }
 
@@ -41,11 +58,18 @@ pub fn parse_stat(text: &str) -> Option<ProcInfo> {
     let state = f.next()?.chars().next()?;
     let ppid = f.next()?.parse().ok()?;
     let pgrp = f.next()?.parse().ok()?;
+    // Fields 6..: session tty tpgid flags minflt cminflt majflt cmajflt utime stime cutime
+    // cstime priority nice num_threads(20) itrealvalue starttime(22).
+    let rest: Vec<&str> = f.take(17).collect();
+    let threads = rest.get(14).and_then(|t| t.parse().ok());
+    let start = rest.get(16).and_then(|t| t.parse().ok());
     Some(ProcInfo {
         pid,
         ppid,
         pgrp,
         state,
+        threads,
+        start,
         ruid: None,
         euid: None,
     })
@@ -58,44 +82,36 @@ pub fn parse_status_uids(text: &str) -> Option<(u32, u32)> {
     Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
 }
 
-/// Every process now in `/proc`, with uids when `with_uids` (one more file read each).
+/// How deep the process is in nested PID namespaces, as seen from this `/proc`: the number of
+/// pids on the `NSpid:` line of `/proc/<pid>/status` (`None` on kernels without it).
+pub fn parse_nspid_depth(text: &str) -> Option<usize> {
+    let line = text.lines().find(|l| l.starts_with("NSpid:"))?;
+    Some(line["NSpid:".len()..].split_ascii_whitespace().count())
+}
+
+/// Every process now in `/proc` (stat only: pid, parents, state, threads).
 /// Processes that vanish while being read are skipped.
-pub fn scan(with_uids: bool) -> Vec<ProcInfo> {
+pub fn scan() -> Vec<ProcInfo> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
-    let mut out = Vec::new();
-    for entry in dir.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name.to_str().and_then(|n| n.parse::<i32>().ok()) else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let Some(mut info) = parse_stat(&stat) else {
-            continue;
-        };
-        if with_uids {
-            let Some((r, e)) = std::fs::read_to_string(format!("/proc/{pid}/status"))
-                .ok()
-                .and_then(|s| parse_status_uids(&s))
-            else {
-                continue;
-            };
-            info.ruid = Some(r);
-            info.euid = Some(e);
-        }
-        out.push(info);
-    }
-    out
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(read_stat)
+        .collect()
+}
+
+/// `/proc/<pid>/stat`, parsed.
+pub fn read_stat(pid: i32) -> Option<ProcInfo> {
+    parse_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
 }
 
 /// Whether `p` is a live process the role kill must stop: its real or effective uid is the
 /// role's, or it is in the launch script's process group `group`. Never pid 1, never the agent
-/// itself, never a zombie, and never anything by uid 0.
+/// itself, never a dead process (a zombie whose threads all exited), and never anything by
+/// uid 0.
 pub fn is_victim(p: &ProcInfo, uid: u32, group: Option<i32>, me: i32) -> bool {
-    if p.pid <= 1 || p.pid == me || p.is_zombie() {
+    if p.pid <= 1 || p.pid == me || p.is_dead() {
         return false;
     }
     let by_uid = uid != 0 && (p.ruid == Some(uid) || p.euid == Some(uid));
@@ -103,14 +119,87 @@ pub fn is_victim(p: &ProcInfo, uid: u32, group: Option<i32>, me: i32) -> bool {
     by_uid || by_group
 }
 
-/// Live processes of the role (and of `group`), as pids.
-pub fn victims(uid: u32, group: Option<i32>) -> Vec<i32> {
+/// This process's PID namespace: the `/proc/<pid>/ns/pid` link (readable for the agent's own
+/// processes and with CAP_SYS_PTRACE), else the depth of its `NSpid:` line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PidNs {
+    link: Option<PathBuf>,
+    depth: Option<usize>,
+}
+
+impl PidNs {
+    fn of(pid: &str, status: &str) -> PidNs {
+        PidNs {
+            link: std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok(),
+            depth: parse_nspid_depth(status),
+        }
+    }
+
+    /// Whether `other` is in the same PID namespace. The link is exact; without it (no
+    /// CAP_SYS_PTRACE, e.g. in a container), the `NSpid` depth: every process this `/proc`
+    /// shows is in its namespace or a nested one, so the same depth is the same namespace.
+    fn same(&self, other: &PidNs) -> bool {
+        match (&self.link, &other.link) {
+            (Some(a), Some(b)) => a == b,
+            _ => self.depth == other.depth,
+        }
+    }
+}
+
+/// Live processes of the role (and of `group`) in the agent's PID namespace.
+///
+/// `/proc/<pid>` is owned by the process's effective uid, or by root when the process is not
+/// dumpable, which is what changing credentials (setuid, a setuid binary) makes it; so a
+/// process whose real or effective uid is the role's has its `/proc` entry owned by the role
+/// or by root, and only those entries are read further.
+pub fn victims(uid: u32, group: Option<i32>) -> Vec<ProcInfo> {
     let me = std::process::id() as i32;
-    scan(true)
-        .into_iter()
-        .filter(|p| is_victim(p, uid, group, me))
-        .map(|p| p.pid)
-        .collect()
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mine = std::fs::read_to_string("/proc/self/status")
+        .map(|s| PidNs::of("self", &s))
+        .ok();
+    let mut out = Vec::new();
+    for entry in dir.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Ok(pid) = name.parse::<i32>() else {
+            continue;
+        };
+        let Ok(meta) = entry.metadata() else { continue };
+        if meta.uid() != 0 && meta.uid() != uid {
+            continue;
+        }
+        let Some(mut info) = read_stat(pid) else {
+            continue;
+        };
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+            continue;
+        };
+        let Some((r, e)) = parse_status_uids(&status) else {
+            continue;
+        };
+        info.ruid = Some(r);
+        info.euid = Some(e);
+        if !is_victim(&info, uid, group, me) {
+            continue;
+        }
+        if let Some(mine) = &mine {
+            if !mine.same(&PidNs::of(name, &status)) {
+                continue;
+            }
+        }
+        out.push(info);
+    }
+    out
+}
+
+/// [`victims`] on a blocking thread: `/proc` reads stay off the runtime's only thread.
+async fn victims_async(uid: u32, group: Option<i32>) -> Vec<ProcInfo> {
+    tokio::task::spawn_blocking(move || victims(uid, group))
+        .await
+        .unwrap_or_default()
 }
 
 /// What a role kill did.
@@ -124,8 +213,8 @@ pub struct KillReport {
     pub survivors: usize,
 }
 
-/// How often a role kill looks again whether the role's processes are gone.
-const POLL: Duration = Duration::from_millis(20);
+/// How often a role kill looks again whether the processes it signalled are gone.
+const POLL: Duration = Duration::from_millis(100);
 /// How long to wait for SIGKILLed processes to disappear.
 const AFTER_KILL: Duration = Duration::from_secs(2);
 
@@ -134,34 +223,65 @@ const AFTER_KILL: Duration = Duration::from_secs(2);
 /// process gets it), wait up to `grace` for them to exit, SIGKILL the rest.
 pub async fn kill_role(uid: u32, group: Option<i32>, grace: Duration) -> KillReport {
     let mut report = KillReport::default();
-    let first = victims(uid, group);
-    report.termed = first.len();
-    if first.is_empty() {
+    let term = signal_until_gone(uid, group, grace, &[Signal::SIGTERM, Signal::SIGCONT]).await;
+    report.termed = term.signalled;
+    if term.left == 0 {
         return report;
     }
-    for &pid in &first {
-        signal(pid, Signal::SIGTERM);
-        signal(pid, Signal::SIGCONT);
-    }
-    if let Some(g) = group.filter(|&g| g > 1) {
-        let _ = killpg(Pid::from_raw(g), Signal::SIGTERM);
-        let _ = killpg(Pid::from_raw(g), Signal::SIGCONT);
-    }
-    if wait_gone(uid, group, grace).await {
-        return report;
-    }
-    let rest = victims(uid, group);
-    report.killed = rest.len();
-    for &pid in &rest {
-        signal(pid, Signal::SIGKILL);
-    }
-    if let Some(g) = group.filter(|&g| g > 1) {
-        let _ = killpg(Pid::from_raw(g), Signal::SIGKILL);
-    }
-    if !wait_gone(uid, group, AFTER_KILL).await {
-        report.survivors = victims(uid, group).len();
-    }
+    let killed = signal_until_gone(uid, group, AFTER_KILL, &[Signal::SIGKILL]).await;
+    report.killed = killed.signalled;
+    report.survivors = killed.left;
     report
+}
+
+struct Round {
+    signalled: usize,
+    left: usize,
+}
+
+/// Sends `sigs` to every victim (and to `group`), waits up to `within` for them to go, and
+/// signals newcomers (forked meanwhile) as they are found. Polls only the signalled pids until
+/// they are gone, then scans `/proc` again.
+async fn signal_until_gone(
+    uid: u32,
+    group: Option<i32>,
+    within: Duration,
+    sigs: &[Signal],
+) -> Round {
+    let deadline = Instant::now() + within;
+    let mut done: HashSet<(i32, Option<u64>)> = HashSet::new();
+    loop {
+        let live = victims_async(uid, group).await;
+        if live.is_empty() {
+            return Round {
+                signalled: done.len(),
+                left: 0,
+            };
+        }
+        let mut fresh = false;
+        for p in &live {
+            if done.insert((p.pid, p.start)) {
+                fresh = true;
+                for &s in sigs {
+                    signal(p.pid, s);
+                }
+            }
+        }
+        if fresh {
+            if let Some(g) = group.filter(|&g| g > 1) {
+                for &s in sigs {
+                    let _ = killpg(Pid::from_raw(g), s);
+                }
+            }
+        }
+        if Instant::now() >= deadline {
+            return Round {
+                signalled: done.len(),
+                left: live.len(),
+            };
+        }
+        wait_gone(&live, deadline).await;
+    }
 }
 
 fn signal(pid: i32, sig: Signal) {
@@ -170,17 +290,21 @@ fn signal(pid: i32, sig: Signal) {
     }
 }
 
-/// Polls until no victim is left (true) or `within` passed (false).
-async fn wait_gone(uid: u32, group: Option<i32>, within: Duration) -> bool {
-    let deadline = Instant::now() + within;
+/// Whether the process `p` was is still alive (same pid and start time, not dead).
+fn alive(p: &ProcInfo) -> bool {
+    read_stat(p.pid).is_some_and(|now| now.start == p.start && !now.is_dead())
+}
+
+/// Polls `procs` every [`POLL`] until none is alive or `deadline` passed.
+async fn wait_gone(procs: &[ProcInfo], deadline: Instant) {
+    let mut left: Vec<ProcInfo> = procs.to_vec();
     loop {
-        if victims(uid, group).is_empty() {
-            return true;
+        left.retain(alive);
+        if left.is_empty() || Instant::now() >= deadline {
+            return;
         }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(POLL).await;
+        let next = (Instant::now() + POLL).min(deadline);
+        tokio::time::sleep_until(next.into()).await;
     }
 }
 
@@ -193,15 +317,62 @@ mod tests {
         let p = parse_stat("4242 (food (x) y) S 17 4242 4242 0 -1 4194560 ...").unwrap();
         assert_eq!((p.pid, p.state, p.ppid, p.pgrp), (4242, 'S', 17, 4242));
         let z = parse_stat("99 (run-foo) Z 1 99 99 0").unwrap();
-        assert!(z.is_zombie());
+        assert!(z.is_zombie() && z.is_dead());
         assert!(parse_stat("garbage").is_none());
     }
 
     #[test]
-    fn parses_uids() {
-        let s = "Name:\tfood\nState:\tS (sleeping)\nUid:\t998\t999\t998\t998\nGid:\t1\t1\t1\t1\n";
+    fn a_zombie_leader_with_live_threads_is_alive() {
+        let line = |state: &str, threads: u32| {
+            format!("77 (food) {state} 1 77 77 0 -1 4194560 10 0 0 0 5 3 0 0 20 0 {threads} 0 123456 100 10")
+        };
+        let p = parse_stat(&line("Z", 3)).unwrap();
+        assert_eq!((p.threads, p.start), (Some(3), Some(123456)));
+        assert!(p.is_zombie() && !p.is_dead());
+        let victim = ProcInfo {
+            ruid: Some(998),
+            euid: Some(998),
+            ..p
+        };
+        assert!(is_victim(&victim, 998, None, 10));
+        let gone = parse_stat(&line("Z", 1)).unwrap();
+        assert!(gone.is_dead());
+        let me = read_stat(std::process::id() as i32).unwrap();
+        assert!(me.threads.is_some_and(|t| t >= 1) && me.start.is_some());
+    }
+
+    #[test]
+    fn parses_uids_and_namespace_depth() {
+        let s = "Name:\tfood\nState:\tS (sleeping)\nUid:\t998\t999\t998\t998\nGid:\t1\t1\t1\t1\nNSpid:\t4242\t7\n";
         assert_eq!(parse_status_uids(s), Some((998, 999)));
         assert_eq!(parse_status_uids("Name:\tx\n"), None);
+        assert_eq!(parse_nspid_depth(s), Some(2));
+        assert_eq!(parse_nspid_depth("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn other_pid_namespaces_are_not_the_same() {
+        let a = PidNs {
+            link: Some("pid:[4026531836]".into()),
+            depth: Some(1),
+        };
+        let b = PidNs {
+            link: Some("pid:[4026532999]".into()),
+            depth: Some(2),
+        };
+        assert!(a.same(&a.clone()));
+        assert!(!a.same(&b));
+        // Without the link (no CAP_SYS_PTRACE): a nested namespace is deeper.
+        let nested = PidNs {
+            link: None,
+            depth: Some(2),
+        };
+        let same = PidNs {
+            link: None,
+            depth: Some(1),
+        };
+        assert!(!a.same(&nested));
+        assert!(a.same(&same));
     }
 
     fn p(pid: i32, pgrp: i32, uid: u32, state: char) -> ProcInfo {
@@ -210,6 +381,8 @@ mod tests {
             ppid: 1,
             pgrp,
             state,
+            threads: Some(1),
+            start: Some(1),
             ruid: Some(uid),
             euid: Some(uid),
         }
@@ -234,10 +407,20 @@ mod tests {
     }
 
     #[test]
-    fn scan_finds_this_process() {
-        let me = std::process::id() as i32;
-        let all = scan(true);
-        let mine = all.iter().find(|p| p.pid == me).expect("own pid in /proc");
-        assert_eq!(mine.ruid, Some(nix::unistd::getuid().as_raw()));
+    fn finds_own_processes_in_own_namespace() {
+        let uid = nix::unistd::getuid().as_raw();
+        if uid == 0 {
+            return; // uid 0 is never a victim by uid.
+        }
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        let found = victims(uid, None);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(found.iter().any(|p| p.pid == pid), "{found:?}");
+        assert!(!found.iter().any(|p| p.pid == std::process::id() as i32));
     }
 }
