@@ -19,36 +19,72 @@ use tokio::sync::{mpsc, oneshot};
 use crate::config::Config;
 use crate::control::{self, Incoming, Request, Response};
 use crate::reaper::{self, Spawned};
+use crate::refuse::Roles;
 use crate::service::{self, Ctx, Handle, ServiceCommand};
 
 /// Upper bound on the shutdown: every service's stop runs in parallel within its
 /// `stop_grace`; this covers the longest plus reaping.
 const SHUTDOWN_SLACK: Duration = Duration::from_secs(10);
 
-/// Holds the agent lock: an exclusive `flock` on the file beside the socket. Nothing is written
-/// into the file (it is not a pidfile); the kernel drops the lock when the agent dies, however
-/// it dies.
+/// Holds the agent lock: an exclusive `flock` on `agent.lock` in the state directory, a file
+/// only root can open (mode 0600, in a root-owned directory no one else can write), so no other
+/// user can hold the lock and make the agent think another one runs. Nothing is written into
+/// the file (it is not a pidfile); the kernel drops the lock when the agent dies, however it
+/// dies. The path does not depend on `--socket`: one agent per state directory, whatever
+/// socket it answers on.
 pub struct AgentLock {
     _lock: Flock<File>,
 }
 
 /// Takes the agent lock or explains who has it.
 pub fn lock(cfg: &Config) -> Result<AgentLock> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
     let path = cfg.lock_path();
+    let me = nix::unistd::geteuid().as_raw();
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+        let meta = std::fs::metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
+        if meta.uid() != me || meta.mode() & 0o022 != 0 {
+            bail!(
+                "{} must be owned by uid {me} and writable by no one else (it is uid {}, mode                  {:o}): another user could take the agent lock in it",
+                dir.display(),
+                meta.uid(),
+                meta.mode() & 0o7777
+            );
+        }
     }
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
+        .read(true)
         .write(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW)
         .open(&path)
         .with_context(|| format!("opening the lock file {}", path.display()))?;
+    let meta = file.metadata()?;
+    if meta.uid() != me {
+        bail!(
+            "the lock file {} belongs to uid {}, not {me}; remove it",
+            path.display(),
+            meta.uid()
+        );
+    }
+    if meta.mode() & 0o077 != 0 {
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("chmod 0600 {}", path.display()))?;
+    }
     match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
         Ok(lock) => Ok(AgentLock { _lock: lock }),
         Err((_, nix::errno::Errno::EWOULDBLOCK)) => bail!(
             "another keepup-agent is already running: it holds the lock on {}. \
-             Ask it with `keepup-agent status`, or stop it before starting a new one",
+             Ask it with `keepup-agent status` (or find it with `fuser -v {}`), and stop it \
+             before starting a new one",
+            path.display(),
             path.display()
         ),
         Err((_, e)) => Err(e).with_context(|| format!("locking {}", path.display())),
@@ -78,8 +114,11 @@ pub async fn run(cfg: Config) -> Result<()> {
         ctx: Ctx {
             cfg: cfg.clone(),
             spawned,
+            roles: Roles::default(),
+            uid_min: crate::refuse::uid_min(),
         },
         services: BTreeMap::new(),
+        stopping: HashMap::new(),
         seen: HashMap::new(),
         next_rekick: Instant::now() + cfg.rekick_every,
     };
@@ -116,6 +155,9 @@ struct FileKey {
 struct Agent {
     ctx: Ctx,
     services: BTreeMap<String, Handle>,
+    /// Services whose manifest was removed, still stopping: a service of the same name is not
+    /// started again until its old task has finished (its role kill would kill the new run).
+    stopping: HashMap<String, tokio::task::JoinHandle<()>>,
     /// Manifest files last seen, with what they parsed to (`None`: unreadable; reported once).
     seen: HashMap<PathBuf, (FileKey, Option<Manifest>)>,
     next_rekick: Instant,
@@ -127,7 +169,7 @@ impl Agent {
         let dir = self.ctx.cfg.manifest_dir.clone();
         let files = list_manifests(&dir);
         self.seen.retain(|p, _| files.contains(p));
-        let mut wanted: BTreeMap<String, Manifest> = BTreeMap::new();
+        let mut wanted: BTreeMap<String, (Manifest, PathBuf)> = BTreeMap::new();
         for path in files {
             let Some(key) = file_key(&path) else { continue };
             let fresh = !matches!(self.seen.get(&path), Some((k, _)) if *k == key);
@@ -137,7 +179,7 @@ impl Agent {
             }
             match self.seen.get(&path) {
                 Some((_, Some(m))) => {
-                    if let Some(other) = wanted.get(&m.name) {
+                    if let Some((other, _)) = wanted.get(&m.name) {
                         if fresh {
                             eprintln!(
                                 "keepup-agent: {}: service {} is already defined by another \
@@ -149,13 +191,13 @@ impl Agent {
                         }
                         continue;
                     }
-                    wanted.insert(m.name.clone(), m.clone());
+                    wanted.insert(m.name.clone(), (m.clone(), path.clone()));
                 }
                 // Unreadable now: keep whatever runs under that file's name as it is.
                 _ => {
                     if let Some(stem) = path.file_stem().and_then(|s| s.to_str()) {
                         if let Some(h) = self.services.get(stem) {
-                            wanted.insert(stem.to_string(), h.manifest.clone());
+                            wanted.insert(stem.to_string(), (h.manifest.clone(), path.clone()));
                         }
                     }
                 }
@@ -171,23 +213,37 @@ impl Agent {
             if let Some(h) = self.services.remove(&name) {
                 eprintln!("keepup-agent: {name}: manifest removed; stopping it");
                 let (done, _) = oneshot::channel();
-                // The task stops the service and ends on its own.
-                let _ = h.tx.try_send(ServiceCommand::Stop { remove: true, done });
+                // The task stops the service and ends on its own; `send` waits for room in a
+                // full queue instead of dropping the stop.
+                let tx = h.tx.clone();
+                tokio::spawn(async move {
+                    let _ = tx.send(ServiceCommand::Stop { remove: true, done }).await;
+                });
+                self.stopping.insert(name, h.task);
             }
         }
-        for (name, m) in wanted {
+        self.stopping.retain(|_, task| !task.is_finished());
+        for (name, (m, path)) in wanted {
             match self.services.get_mut(&name) {
                 Some(h) if h.manifest != m => {
-                    h.manifest = m.clone();
-                    let _ = h.tx.try_send(ServiceCommand::Reload(Box::new(m)));
+                    // Recorded only once the task has it: a full queue is retried next scan.
+                    if h.tx
+                        .try_send(ServiceCommand::Reload(Box::new(m.clone())))
+                        .is_ok()
+                    {
+                        h.manifest = m;
+                    }
                 }
                 Some(_) => {}
+                None if self.stopping.contains_key(&name) => {
+                    // Removed and added again: wait for the old one to finish stopping.
+                }
                 None => {
                     eprintln!(
                         "keepup-agent: {name}: new manifest ({} {}); starting it",
                         m.version, m.launch
                     );
-                    let h = service::spawn(self.ctx.clone(), m);
+                    let h = service::spawn(self.ctx.clone(), m, path);
                     self.services.insert(name, h);
                 }
             }
@@ -221,7 +277,20 @@ impl Agent {
             })
         };
         let forward = |h: &Handle, cmd: ServiceCommand| {
-            let _ = h.tx.try_send(cmd);
+            if let Err(e) = h.tx.try_send(cmd) {
+                let (why, cmd) = match e {
+                    mpsc::error::TrySendError::Full(c) => {
+                        ("is busy (too many requests queued); try again", c)
+                    }
+                    mpsc::error::TrySendError::Closed(c) => ("is being removed", c),
+                };
+                if let Some(reply) = cmd.into_reply() {
+                    let _ = reply.send(Response::failed(format!(
+                        "service {} {why}",
+                        h.manifest.name
+                    )));
+                }
+            }
         };
         match req {
             Request::Status => {
@@ -315,9 +384,14 @@ impl Agent {
                 waits.push(rx);
             }
         }
+        let stopping: Vec<_> = self.stopping.drain().map(|(_, t)| t).collect();
         let all = async {
             for rx in waits {
                 let _ = rx.await;
+            }
+            // Services whose manifest was removed and that are still stopping.
+            for task in stopping {
+                let _ = task.await;
             }
         };
         if tokio::time::timeout(longest * 2 + SHUTDOWN_SLACK, all)

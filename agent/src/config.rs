@@ -140,11 +140,10 @@ impl Config {
         }
     }
 
-    /// The lock file that makes a second agent refuse to start.
+    /// The lock file that makes a second agent refuse to start: in the state directory, so it
+    /// does not depend on which socket an agent answers on.
     pub fn lock_path(&self) -> PathBuf {
-        let mut s = self.socket.as_os_str().to_owned();
-        s.push(".lock");
-        PathBuf::from(s)
+        self.state_dir.join("agent.lock")
     }
 
     /// The directory of admin-down marks.
@@ -161,7 +160,10 @@ mod tests {
     fn empty_file_means_defaults() {
         let c = Config::parse(Path::new("a.yaml"), "").unwrap();
         assert_eq!(c, Config::default());
-        assert_eq!(c.lock_path(), PathBuf::from("/run/keepup/agent.sock.lock"));
+        assert_eq!(
+            c.lock_path(),
+            PathBuf::from("/var/lib/keepup-agent/agent.lock")
+        );
         assert_eq!(c.down_dir(), PathBuf::from("/var/lib/keepup-agent/down"));
     }
 

@@ -4,13 +4,14 @@
 //! proves the agent is alive. Only root can connect (the socket is mode 0600).
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::policy::{short_duration, State};
 
@@ -159,9 +160,20 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
     Ok(listener)
 }
 
-/// Accepts connections forever, handing each request to `to_agent`.
+/// A client must send its request line within this long, or it is hung up on.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections served at once; more wait in the socket's backlog.
+const MAX_CONNECTIONS: usize = 16;
+
+/// Accepts connections forever, handing each request to `to_agent`. At most
+/// [`MAX_CONNECTIONS`] are served at once, and each must send its request within
+/// [`READ_TIMEOUT`], so clients that connect and say nothing cannot pile up.
 pub async fn serve(listener: UnixListener, to_agent: mpsc::Sender<Incoming>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
@@ -169,6 +181,7 @@ pub async fn serve(listener: UnixListener, to_agent: mpsc::Sender<Incoming>) {
         let to_agent = to_agent.clone();
         tokio::spawn(async move {
             let _ = answer(stream, to_agent).await;
+            drop(permit);
         });
     }
 }
@@ -176,9 +189,12 @@ pub async fn serve(listener: UnixListener, to_agent: mpsc::Sender<Incoming>) {
 async fn answer(stream: UnixStream, to_agent: mpsc::Sender<Incoming>) -> Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
-    BufReader::new(read.take(MAX_REQUEST))
-        .read_line(&mut line)
-        .await?;
+    tokio::time::timeout(
+        READ_TIMEOUT,
+        BufReader::new(read.take(MAX_REQUEST)).read_line(&mut line),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("no request within {READ_TIMEOUT:?}"))??;
     let response = match serde_json::from_str::<Request>(line.trim()) {
         Err(e) => Response::failed(format!("bad request: {e}")),
         Ok(req) => {
@@ -186,8 +202,12 @@ async fn answer(stream: UnixStream, to_agent: mpsc::Sender<Incoming>) -> Result<
             if to_agent.send((req, tx)).await.is_err() {
                 Response::failed("the agent is shutting down")
             } else {
-                rx.await
-                    .unwrap_or_else(|_| Response::failed("the agent is shutting down"))
+                rx.await.unwrap_or_else(|_| {
+                    Response::failed(
+                        "the agent dropped the request (the service was removed, or the agent \
+                         is stopping)",
+                    )
+                })
             }
         }
     };

@@ -8,6 +8,7 @@ mod control;
 mod logfile;
 mod policy;
 mod reaper;
+mod refuse;
 mod role;
 mod service;
 mod systemd;

@@ -74,6 +74,10 @@ pub enum State {
     Down,
     /// The launch script said the environment is not sane and exited; it will be respawned.
     NotSane,
+    /// The manifest is not supervised at all: its role kill would hit processes that are not
+    /// the service's (a reserved or login account, a role of another service, uid 0), or its
+    /// limits are 0.
+    Refused,
 }
 
 impl State {
@@ -86,6 +90,7 @@ impl State {
             State::GivenUp => "given-up",
             State::Down => "down",
             State::NotSane => "not-sane",
+            State::Refused => "refused",
         }
     }
 }
@@ -175,13 +180,60 @@ pub fn after_exit(
     AfterExit::Respawn { delay, state }
 }
 
-/// Whether launch-script output contains the launch-script contract's `not sane:` marker.
-pub fn says_not_sane(output: &[u8]) -> bool {
-    output.windows(NOT_SANE.len()).any(|w| w == NOT_SANE)
+/// Watches a launch script's output for what `run-<name>` prints about its environment: a
+/// line starting `run-<name>: not sane:` (it is about to sleep and exit) or
+/// `run-<name>: environment sane; exec` (the daemon runs now). Only whole lines from their
+/// start count, so a daemon that logs "not sane:" somewhere does not turn its probes off.
+#[derive(Debug, Clone)]
+pub struct SaneWatch {
+    not_sane: Vec<u8>,
+    sane: Vec<u8>,
+    line: Vec<u8>,
+    /// The current line can no longer match either marker.
+    skip: bool,
 }
 
-/// The marker `run-<name>` prints when the environment is not sane.
-pub const NOT_SANE: &[u8] = b"not sane:";
+impl SaneWatch {
+    /// A watch for service `name`'s launch script.
+    pub fn new(name: &str) -> SaneWatch {
+        SaneWatch {
+            not_sane: format!("run-{name}: not sane:").into_bytes(),
+            sane: format!("run-{name}: environment sane; exec").into_bytes(),
+            line: Vec::new(),
+            skip: false,
+        }
+    }
+
+    /// Feeds more output (chunks may split lines anywhere); the last verdict in it:
+    /// `Some(true)` not sane, `Some(false)` sane, `None` nothing said.
+    pub fn feed(&mut self, output: &[u8]) -> Option<bool> {
+        let mut verdict = None;
+        for &b in output {
+            if b == b'\n' {
+                self.line.clear();
+                self.skip = false;
+                continue;
+            }
+            if self.skip {
+                continue;
+            }
+            self.line.push(b);
+            if self.line == self.not_sane {
+                verdict = Some(true);
+                self.skip = true;
+            } else if self.line == self.sane {
+                verdict = Some(false);
+                self.skip = true;
+            } else if !self.not_sane.starts_with(&self.line) && !self.sane.starts_with(&self.line) {
+                self.skip = true;
+            }
+        }
+        if self.skip {
+            self.line.clear();
+        }
+        verdict
+    }
+}
 
 /// Human-readable description of a wait status: `exit status 3`, `killed by SIGKILL`.
 pub fn describe_exit(code: Option<i32>, signal: Option<i32>) -> String {
@@ -338,10 +390,31 @@ mod tests {
                 state: State::NotSane
             }
         );
-        assert!(says_not_sane(
-            b"run-foo: not sane: required file /etc/foo/foo.conf is missing\n"
-        ));
-        assert!(!says_not_sane(b"food 1.0 ready\n"));
+    }
+
+    #[test]
+    fn not_sane_only_from_the_launch_script_line() {
+        let mut w = SaneWatch::new("foo");
+        assert_eq!(
+            w.feed(b"run-foo: not sane: required file /etc/foo/foo.conf is missing\n"),
+            Some(true)
+        );
+        // Split across reads.
+        let mut w = SaneWatch::new("foo");
+        assert_eq!(w.feed(b"hello\nrun-foo: not"), None);
+        assert_eq!(w.feed(b" sane: x\n"), Some(true));
+        // The exec line clears it.
+        assert_eq!(
+            w.feed(b"run-foo: environment sane; exec /usr/bin/food as foo\n"),
+            Some(false)
+        );
+        // Anywhere else in a line, another service's script, or a daemon's log: nothing.
+        let mut w = SaneWatch::new("foo");
+        assert_eq!(w.feed(b"food 1.0 ready\n"), None);
+        assert_eq!(w.feed(b"food: config is not sane: x\n"), None);
+        assert_eq!(w.feed(b"  run-foo: not sane: indented\n"), None);
+        assert_eq!(w.feed(b"run-bar: not sane: other\n"), None);
+        assert_eq!(w.feed(b"run-foo: not sane"), None);
     }
 
     #[test]

@@ -26,11 +26,10 @@ use crate::control::{ProbeStatus, Response, ServiceStatus};
 use crate::logfile::{self, LogFile, SharedLog};
 use crate::policy::{self, AfterExit, StartHistory, State};
 use crate::reaper::Spawned;
+use crate::refuse::{self, Roles};
 use crate::role;
 use crate::systemd::{self, UnitState};
 
-/// How a refusal to supervise a root role starts (it is not retried).
-const ROOT_ROLE: &str = "refusing to supervise";
 /// `PATH` for launch scripts (they set their own too).
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// How often a systemd unit's state is looked at.
@@ -48,6 +47,10 @@ pub struct Ctx {
     pub cfg: Arc<Config>,
     /// Children waited for by their owners (the reaper leaves them alone).
     pub spawned: Spawned,
+    /// Which service holds which role.
+    pub roles: Roles,
+    /// The first login uid (`UID_MIN`); roles at or above it are refused.
+    pub uid_min: u32,
 }
 
 /// Requests from the agent to a service task.
@@ -71,6 +74,19 @@ pub enum ServiceCommand {
         /// Signalled when done.
         done: oneshot::Sender<()>,
     },
+}
+
+impl ServiceCommand {
+    /// The way back to the client, if the command has one.
+    pub fn into_reply(self) -> Option<oneshot::Sender<Response>> {
+        match self {
+            ServiceCommand::Down(r)
+            | ServiceCommand::Up(r)
+            | ServiceCommand::Check(r)
+            | ServiceCommand::Rekick(Some(r)) => Some(r),
+            _ => None,
+        }
+    }
 }
 
 /// State visible to `status`, updated by the service task.
@@ -152,10 +168,12 @@ pub struct Handle {
     pub shared: Arc<Mutex<Shared>>,
     /// The manifest the task was last given.
     pub manifest: Manifest,
+    /// The task: finished once a `Stop` is done.
+    pub task: tokio::task::JoinHandle<()>,
 }
 
-/// Starts the task for `manifest`.
-pub fn spawn(ctx: Ctx, manifest: Manifest) -> Handle {
+/// Starts the task for `manifest`, read from `path`.
+pub fn spawn(ctx: Ctx, manifest: Manifest, path: PathBuf) -> Handle {
     let (tx, rx) = mpsc::channel(16);
     let log = LogFile::open(
         ctx.cfg.log_dir.join(format!("{}.log", manifest.name)),
@@ -189,18 +207,21 @@ pub fn spawn(ctx: Ctx, manifest: Manifest) -> Handle {
         respawn_at: None,
         down: false,
         given_up: false,
-        uid: None,
+        refused: None,
+        ids: None,
+        path,
         checks: Vec::new(),
         in_flight: JoinSet::new(),
         generation: 0,
         starts: 0,
         unit_poll_at: None,
     };
-    tokio::spawn(svc.main(rx));
+    let task = tokio::spawn(svc.main(rx));
     Handle {
         tx,
         shared,
         manifest,
+        task,
     }
 }
 
@@ -252,9 +273,14 @@ struct Service {
     respawn_at: Option<Instant>,
     down: bool,
     given_up: bool,
-    /// The role's uid, from the last successful lookup (kept for stopping after the role user
-    /// was deleted).
-    uid: Option<u32>,
+    /// Why the manifest is not supervised at all (see `refuse.rs`); cleared by a re-kick, `up`
+    /// or a manifest change, which look again.
+    refused: Option<String>,
+    /// The role's uid and gid, from the last successful lookup (kept for stopping after the
+    /// role user was deleted).
+    ids: Option<(u32, u32)>,
+    /// The manifest file, re-read before each start.
+    path: PathBuf,
     checks: Vec<Check>,
     in_flight: JoinSet<(usize, u64, ProbeResult)>,
     /// Bumped on each start and each health kill; older probe results are ignored.
@@ -311,12 +337,7 @@ impl Service {
             self.note("admin-down mark present: not starting");
             self.set_state(State::Down, Some(self.down_note()));
         } else if self.systemd() {
-            if let Err(why) = self.lookup_role() {
-                self.note(&why);
-            }
-            self.rebuild_checks();
-            self.schedule_checks(Instant::now());
-            self.systemd_rekick(false).await;
+            self.systemd_begin(false).await;
         } else {
             self.start().await;
         }
@@ -343,10 +364,11 @@ impl Service {
                     Some(ServiceCommand::Stop { remove, done }) => {
                         if remove {
                             self.note("manifest removed: stopping and killing the role");
-                            if self.systemd() {
+                            if self.systemd() && self.refused.is_none() {
                                 let _ = systemd::stop(&self.unit(), &self.ctx.spawned).await;
                             }
                             self.stop("manifest removed").await;
+                            self.ctx.roles.release(&self.m.name);
                         } else if !self.systemd() {
                             self.stop("the agent is stopping").await;
                         }
@@ -384,21 +406,37 @@ impl Service {
                 }
             }
             ServiceCommand::Check(reply) => self.check_now(reply),
-            ServiceCommand::Reload(m) => self.reload(*m),
+            ServiceCommand::Reload(m) => {
+                self.reload(*m);
+                if self.refused.is_some() && !self.down {
+                    self.kick().await;
+                }
+            }
             ServiceCommand::Stop { .. } => unreachable!("handled by the main loop"),
         }
     }
 
-    /// Looks up the role; refuses root.
-    fn lookup_role(&mut self) -> Result<(u32, u32), String> {
-        match nix::unistd::User::from_name(&self.m.role) {
-            Ok(Some(u)) if u.uid.is_root() => Err(format!(
-                "{ROOT_ROLE}: role {} is uid 0; keepup never supervises or kills by uid 0",
-                self.m.role
-            )),
+    /// Checks the manifest, claims the role and looks it up (`getpwnam`, on a blocking
+    /// thread: it may ask NSS over the network). Refusals start with [`refuse::REFUSING`].
+    async fn lookup_role(&mut self) -> Result<(u32, u32), String> {
+        if let Some(why) = refuse::manifest_refusal(&self.m) {
+            return Err(why);
+        }
+        self.ctx.roles.claim(&self.m.role, &self.m.name)?;
+        let role = self.m.role.clone();
+        let found = tokio::task::spawn_blocking(move || nix::unistd::User::from_name(&role))
+            .await
+            .map_err(|e| format!("cannot look up role user {}: {e}", self.m.role))?;
+        match found {
             Ok(Some(u)) => {
-                self.uid = Some(u.uid.as_raw());
-                Ok((u.uid.as_raw(), u.gid.as_raw()))
+                let (uid, gid) = (u.uid.as_raw(), u.gid.as_raw());
+                if let Some(why) =
+                    refuse::uid_refusal(&self.m.name, &self.m.role, uid, self.ctx.uid_min)
+                {
+                    return Err(why);
+                }
+                self.ids = Some((uid, gid));
+                Ok((uid, gid))
             }
             Ok(None) => Err(format!(
                 "role user {} does not exist; reinstall the {} package",
@@ -408,10 +446,57 @@ impl Service {
         }
     }
 
+    /// Refuses to supervise the manifest: no start, no probes, no role kill, until a re-kick,
+    /// `up` or a manifest change looks again.
+    fn refuse(&mut self, why: String) {
+        self.note(&why);
+        eprintln!("keepup-agent: {}: {why}", self.m.name);
+        self.refused = Some(why.clone());
+        self.ids = None;
+        self.respawn_at = None;
+        self.rebuild_checks();
+        if !why.contains("already used by service") {
+            self.ctx.roles.release(&self.m.name);
+        }
+        self.update(|s| s.last_exit = Some(why.clone()));
+        self.set_state(State::Refused, Some(why));
+    }
+
+    /// A systemd unit at agent start, `up` or a re-kick: look up the role (or refuse), probe,
+    /// and re-kick the unit if it is not active.
+    async fn systemd_begin(&mut self, force: bool) {
+        match self.lookup_role().await {
+            Err(why) if why.starts_with(refuse::REFUSING) => return self.refuse(why),
+            Err(why) => self.note(&why),
+            Ok(_) => {}
+        }
+        self.rebuild_checks();
+        self.schedule_checks(Instant::now());
+        self.systemd_rekick(force).await;
+    }
+
+    /// Re-reads the manifest file, so a start right after an upgrade (whose maintainer
+    /// scripts killed the role before the next directory scan) uses the new launch script and
+    /// role.
+    fn reread_manifest(&mut self) {
+        let Ok(text) = std::fs::read_to_string(&self.path) else {
+            return;
+        };
+        if let Ok(m) = Manifest::parse(&self.path.display().to_string(), &text) {
+            if m.name == self.m.name && m != self.m {
+                self.reload(m);
+            }
+        }
+    }
+
     /// Starts the launch script (agent-supervised): kill leftovers of the role first ("kill to
     /// gain control"), then spawn it in its own process group with its output to the log.
     async fn start(&mut self) {
         if self.down || self.given_up || self.run.is_some() || self.systemd() {
+            return;
+        }
+        self.reread_manifest();
+        if self.refused.is_some() {
             return;
         }
         let now = Instant::now();
@@ -422,12 +507,10 @@ impl Service {
             self.give_up();
             return;
         }
-        let (uid, _gid) = match self.lookup_role() {
+        let (uid, _gid) = match self.lookup_role().await {
             Ok(ids) => ids,
-            Err(why) => {
-                let retry = !why.starts_with(ROOT_ROLE);
-                return self.failed_start(now, why, retry);
-            }
+            Err(why) if why.starts_with(refuse::REFUSING) => return self.refuse(why),
+            Err(why) => return self.failed_start(now, why),
         };
         let leftovers = role::kill_role(uid, None, self.m.supervisor.stop_grace).await;
         if leftovers.termed > 0 {
@@ -439,7 +522,7 @@ impl Service {
         self.rebuild_checks();
         let (child, not_sane) = match self.spawn_launch() {
             Ok(c) => c,
-            Err(why) => return self.failed_start(Instant::now(), why, true),
+            Err(why) => return self.failed_start(Instant::now(), why),
         };
         let now = Instant::now();
         let pid = child.id().map_or(0, |p| p as i32);
@@ -488,22 +571,18 @@ impl Service {
         // The child has the write ends now; ours close with `cmd`.
         drop(cmd);
         let not_sane = Arc::new(AtomicBool::new(false));
-        tokio::spawn(pump(read, self.log.clone(), not_sane.clone()));
+        let watch = policy::SaneWatch::new(&self.m.name);
+        tokio::spawn(pump(read, self.log.clone(), not_sane.clone(), watch));
         Ok((child, not_sane))
     }
 
     /// A start that could not even spawn: counts as a start and a fast crash.
-    fn failed_start(&mut self, now: Instant, why: String, retry: bool) {
+    fn failed_start(&mut self, now: Instant, why: String) {
         self.note(&why);
         eprintln!("keepup-agent: {}: {why}", self.m.name);
         self.history.record(now);
         self.starts += 1;
         self.update(|s| s.last_exit = Some(why.clone()));
-        if !retry {
-            self.given_up = true;
-            self.set_state(State::GivenUp, Some(why));
-            return;
-        }
         self.fast_streak = self
             .ctx
             .cfg
@@ -603,13 +682,13 @@ impl Service {
         self.respawn_at = None;
         self.generation += 1;
         let group = self.run.as_ref().map(|r| r.pid);
-        if self.uid.is_none() {
-            let _ = self.lookup_role();
+        if self.ids.is_none() && self.refused.is_none() {
+            let _ = self.lookup_role().await;
         }
-        let report = match self.uid {
-            Some(uid) => role::kill_role(uid, group, self.m.supervisor.stop_grace).await,
-            None => role::kill_role(0, group, self.m.supervisor.stop_grace).await,
-        };
+        // Without a (valid) role only the launch script's process group is stopped: uid 0 is
+        // never a victim by uid.
+        let uid = self.ids.map_or(0, |(uid, _)| uid);
+        let report = role::kill_role(uid, group, self.m.supervisor.stop_grace).await;
         if report.termed > 0 {
             self.note(&format!(
                 "stopped ({why}): SIGTERM to {} process(es) of role {}, SIGKILL to {}{}",
@@ -693,13 +772,11 @@ impl Service {
     /// Clears the give-up window and starts the service if nothing runs it.
     async fn kick(&mut self) {
         self.given_up = false;
+        self.refused = None;
         self.history.clear();
         self.fast_streak = 0;
         if self.systemd() {
-            self.lookup_role().ok();
-            self.rebuild_checks();
-            self.schedule_checks(Instant::now());
-            self.systemd_rekick(true).await;
+            self.systemd_begin(true).await;
         } else if self.run.is_none() {
             self.respawn_at = None;
             self.start().await;
@@ -714,6 +791,14 @@ impl Service {
                 "{} is admin-down: not re-kicked (use `keepup-agent up {}`)",
                 self.m.name, self.m.name
             ));
+        }
+        if self.refused.is_some() {
+            self.note("re-kick: looking at the refused manifest again");
+            self.kick().await;
+            return Response::done(match &self.refused {
+                Some(why) => format!("{}: still refused: {why}", self.m.name),
+                None => format!("{}: re-kicked", self.m.name),
+            });
         }
         if self.systemd() {
             return match self.systemd_rekick(false).await {
@@ -791,7 +876,7 @@ impl Service {
 
     async fn poll_unit(&mut self) {
         self.unit_poll_at = None;
-        if !self.systemd() || self.down {
+        if !self.systemd() || self.down || self.refused.is_some() {
             return;
         }
         match systemd::show(&self.unit(), &self.ctx.spawned).await {
@@ -825,13 +910,7 @@ impl Service {
     // ---- probes ----
 
     fn rebuild_checks(&mut self) {
-        let run_as = self.uid.map(|uid| {
-            let gid = nix::unistd::User::from_uid(uid.into())
-                .ok()
-                .flatten()
-                .map_or(uid, |u| u.gid.as_raw());
-            RunAs { uid, gid }
-        });
+        let run_as = self.ids.map(|(uid, gid)| RunAs { uid, gid });
         self.checks = self
             .m
             .checks
@@ -874,7 +953,7 @@ impl Service {
     /// Whether probes run now: while the launch script runs, or while a systemd unit is not
     /// given up (failed units have nothing to probe until the re-kick).
     fn probing(&self) -> bool {
-        if self.down {
+        if self.down || self.refused.is_some() {
             return false;
         }
         if self.systemd() {
@@ -922,6 +1001,12 @@ impl Service {
     }
 
     async fn on_probe(&mut self, i: usize, generation: u64, result: ProbeResult) {
+        if result.ok && generation == self.generation {
+            // The service answers: whatever the output said, it is not in a not-sane sleep.
+            if let Some(run) = &self.run {
+                run.not_sane.store(false, Ordering::Relaxed);
+            }
+        }
         let current = generation == self.generation && self.probing();
         let Some(c) = self.checks.get_mut(i) else {
             return;
@@ -966,30 +1051,42 @@ impl Service {
     /// Kills the role because a probe kept failing; the supervisor (the agent, or systemd)
     /// then starts it again.
     async fn health_kill(&mut self, why: String) {
+        self.generation += 1;
+        let Some((uid, _)) = self.ids else {
+            // A systemd unit whose role could not be looked up: there is nothing to kill by.
+            let msg = format!(
+                "{why}; cannot kill: role {} is unknown (probes start again)",
+                self.m.role
+            );
+            self.note(&msg);
+            eprintln!("keepup-agent: {}: {msg}", self.m.name);
+            self.schedule_checks(Instant::now());
+            return;
+        };
         self.note(&format!("{why}; killing role {}", self.m.role));
         eprintln!(
             "keepup-agent: {}: {why}; killing role {}",
             self.m.name, self.m.role
         );
-        self.generation += 1;
-        let Some(uid) = self.uid else { return };
         let group = self.run.as_ref().map(|r| r.pid);
         if let Some(run) = self.run.as_mut() {
             run.killed_for = Some(why);
         }
         let report = role::kill_role(uid, group, self.m.supervisor.stop_grace).await;
         self.note(&format!(
-            "health kill: SIGTERM to {} process(es), SIGKILL to {}",
-            report.termed, report.killed
-        ));
-        // Agent-supervised: the exit is noticed next and the start reschedules probes.
-        if self.systemd() {
-            self.schedule_checks(Instant::now());
-        } else {
-            for c in &mut self.checks {
-                c.next = None;
+            "health kill: SIGTERM to {} process(es), SIGKILL to {}{}",
+            report.termed,
+            report.killed,
+            if report.survivors > 0 {
+                format!(", {} survived", report.survivors)
+            } else {
+                String::new()
             }
-        }
+        ));
+        // Probes start again `grace` from now. Agent-supervised, the launch script's exit is
+        // normally noticed first and the start reschedules them; if something survived the
+        // kill (or the launch script did), they keep watching it.
+        self.schedule_checks(Instant::now());
     }
 
     /// `check`: runs every probe now, without counting towards the failure streaks.
@@ -1092,30 +1189,27 @@ pub fn build_probe(p: &ManifestProbe, run_as: Option<RunAs>) -> Result<Probe, St
     Ok(probe)
 }
 
-/// Copies a run's output into the service log and watches for the `not sane:` marker. Ends
+/// Copies a run's output into the service log and watches for the launch script's
+/// `run-<name>: not sane:` line (set) and its `environment sane; exec` line (cleared). Ends
 /// when every writer (the launch script and anything that inherited its output) is gone.
-async fn pump(read: OwnedFd, log: SharedLog, not_sane: Arc<AtomicBool>) {
+async fn pump(
+    read: OwnedFd,
+    log: SharedLog,
+    not_sane: Arc<AtomicBool>,
+    mut watch: policy::SaneWatch,
+) {
     let Ok(mut rx) = tokio::net::unix::pipe::Receiver::from_owned_fd(read) else {
         return;
     };
     let mut buf = vec![0u8; 8192];
-    // The end of the previous chunk, so a marker split across reads is still seen.
-    let mut carry: Vec<u8> = Vec::new();
     loop {
         let n = match rx.read(&mut buf).await {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
         logfile::lock(&log).write(&buf[..n]);
-        if !not_sane.load(Ordering::Relaxed) {
-            carry.extend_from_slice(&buf[..n]);
-            if policy::says_not_sane(&carry) {
-                not_sane.store(true, Ordering::Relaxed);
-            }
-            let keep = policy::NOT_SANE.len();
-            if carry.len() > keep {
-                carry.drain(..carry.len() - keep);
-            }
+        if let Some(said) = watch.feed(&buf[..n]) {
+            not_sane.store(said, Ordering::Relaxed);
         }
     }
 }

@@ -474,6 +474,12 @@ enum RawStatus {
 // ---------------------------------------------------------------------------------------------
 // Validation.
 
+/// Whether `name` is a system account a service must never run as (the agent refuses such a
+/// manifest, since stopping the service kills every process of its role).
+pub fn is_reserved_role(name: &str) -> bool {
+    RESERVED_ROLES.contains(&name)
+}
+
 /// Accounts a service must never run as: their processes are not the service's to kill.
 const RESERVED_ROLES: &[&str] = &[
     "root",
