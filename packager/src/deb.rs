@@ -1,14 +1,16 @@
 //! The .deb writer: `ar` of `debian-binary`, `control.tar.*` and `data.tar.*`, as dpkg-deb
 //! builds it, streamed so memory stays flat whatever the payload size.
 //!
-//! The data member is compressed (multi-threaded for zstd) into a temporary file in the
-//! output directory while md5sums and Installed-Size are computed on the way; then the
-//! control member is built and the three members are joined. The result appears under its
-//! final name only when complete (rename), so a failed build leaves no partial package.
+//! First the md5sums are computed, on every core, so the control member is complete before
+//! the data member is written; then the data member is streamed through the compressor
+//! (multi-threaded for zstd) straight into the package, and its size is patched into its
+//! `ar` header afterwards. The package is written under a temporary name and renamed into
+//! place only when complete, so a failed build leaves no partial package.
 
 use std::fs::File;
-use std::io::{self, BufWriter, Read, Seek, Write};
+use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use md5::{Digest, Md5};
 
@@ -36,67 +38,23 @@ pub fn write(
         .unwrap_or(Compression::default_for(crate::plan::Format::Deb));
     let ext = compression.extension();
 
-    // 1. data.tar, streamed into a temporary file.
-    let data_tmp =
-        tempfile::NamedTempFile::new_in(out_dir).map_err(|e| PackError::io(out_dir, e))?;
-    let writer = Compressor::new(
-        compression,
-        BufWriter::with_capacity(
-            1 << 20,
-            data_tmp
-                .reopen()
-                .map_err(|e| PackError::io(data_tmp.path(), e))?,
-        ),
-    )
-    .map_err(|e| PackError::io(data_tmp.path(), e))?;
-    let mut tar = tar::Builder::new(writer);
+    // 1. md5sums, conffiles, Installed-Size and the libc check, before any data is written.
+    let digests = md5_all(entries)?;
     let mut md5sums = String::new();
     let mut conffiles = String::new();
     let mut installed_kib: u64 = 0;
     let mut has_elf = false;
-    for e in entries {
-        let rel = format!(".{}", e.path);
-        let mut h = header(opts.epoch, e.mode);
+    for (e, digest) in entries.iter().zip(&digests) {
         match &e.kind {
-            Kind::Dir => {
-                h.set_entry_type(tar::EntryType::Directory);
-                h.set_size(0);
-                tar.append_data(&mut h, format!("{rel}/"), io::empty())
-                    .map_err(|err| PackError::io(&dest, err))?;
-                installed_kib += 1;
-            }
-            Kind::Symlink(target) => {
-                h.set_entry_type(tar::EntryType::Symlink);
-                h.set_size(0);
-                tar.append_link(&mut h, &rel, target)
-                    .map_err(|err| PackError::io(&dest, err))?;
-                installed_kib += 1;
-            }
+            Kind::Dir | Kind::Symlink(_) => installed_kib += 1,
             Kind::File(src) => {
                 let size = e
                     .size()
                     .map_err(|err| PackError::io(Path::new(&e.path), err))?;
-                h.set_entry_type(tar::EntryType::Regular);
-                h.set_size(size);
-                let digest = match src {
-                    Source::Bytes(b) => {
-                        tar.append_data(&mut h, &rel, b.as_slice())
-                            .map_err(|err| PackError::io(&dest, err))?;
-                        hex::encode(Md5::digest(b))
-                    }
-                    Source::Disk(p) => {
-                        let mut f = File::open(p).map_err(|err| PackError::io(p, err))?;
-                        has_elf |= is_elf(&mut f).map_err(|err| PackError::io(p, err))?;
-                        let mut reader = Md5Reader {
-                            inner: f,
-                            md5: Md5::new(),
-                        };
-                        tar.append_data(&mut h, &rel, &mut reader)
-                            .map_err(|err| PackError::io(p, err))?;
-                        hex::encode(reader.md5.finalize())
-                    }
-                };
                 installed_kib += size.div_ceil(1024);
+                if let Source::Disk(p) = src {
+                    has_elf |= is_elf(p).map_err(|err| PackError::io(p, err))?;
+                }
                 if e.config {
                     conffiles.push_str(&e.path);
                     conffiles.push('\n');
@@ -106,18 +64,6 @@ pub fn write(
             }
         }
     }
-    let mut data_file = tar
-        .into_inner()
-        .and_then(Compressor::finish)
-        .and_then(|w| w.into_inner().map_err(|e| e.into_error()))
-        .map_err(|e| PackError::io(data_tmp.path(), e))?;
-    data_file
-        .flush()
-        .map_err(|e| PackError::io(data_tmp.path(), e))?;
-    let data_len = data_file
-        .metadata()
-        .map_err(|e| PackError::io(data_tmp.path(), e))?
-        .len();
 
     // 2. control.tar, small, in memory.
     let scripts = scripts::deb_scripts(spec);
@@ -155,35 +101,161 @@ pub fn write(
         .and_then(Compressor::finish)
         .map_err(|e| PackError::io(&dest, e))?;
 
-    // 3. The ar archive, written beside the destination and renamed into place.
+    // 3. The package: ar magic, debian-binary, control, then data streamed in place.
     let out_tmp =
         tempfile::NamedTempFile::new_in(out_dir).map_err(|e| PackError::io(out_dir, e))?;
-    {
-        let mut ar = ar::Builder::new(BufWriter::new(out_tmp.as_file()));
-        let mut add = |name: String, size: u64, reader: &mut dyn Read| -> io::Result<()> {
-            let mut h = ar::Header::new(name.into_bytes(), size);
-            h.set_mtime(opts.epoch);
-            h.set_mode(0o100644);
-            ar.append(&h, reader)
-        };
-        add("debian-binary".into(), 4, &mut &b"2.0\n"[..]).map_err(|e| PackError::io(&dest, e))?;
-        add(
-            format!("control.tar{ext}"),
-            control_tar.len() as u64,
-            &mut control_tar.as_slice(),
-        )
-        .map_err(|e| PackError::io(&dest, e))?;
-        data_file
-            .rewind()
-            .map_err(|e| PackError::io(data_tmp.path(), e))?;
-        add(format!("data.tar{ext}"), data_len, &mut data_file)
-            .map_err(|e| PackError::io(&dest, e))?;
-        ar.into_inner()
-            .and_then(|mut w| w.flush())
-            .map_err(|e| PackError::io(&dest, e))?;
+    let io_err = |e| PackError::io(&dest, e);
+    let handle = out_tmp.reopen().map_err(io_err)?;
+    let mut out = BufWriter::with_capacity(1 << 20, handle);
+    out.write_all(b"!<arch>\n").map_err(io_err)?;
+    ar_member(&mut out, "debian-binary", opts.epoch, b"2.0\n").map_err(io_err)?;
+    ar_member(
+        &mut out,
+        &format!("control.tar{ext}"),
+        opts.epoch,
+        &control_tar,
+    )
+    .map_err(io_err)?;
+    let data_header_at = 8 + 60 + 4 + 60 + control_tar.len().next_multiple_of(2) as u64;
+    out.write_all(&ar_header(&format!("data.tar{ext}"), opts.epoch, 0))
+        .map_err(io_err)?;
+    let counted = Counting { inner: out, len: 0 };
+    let mut tar = tar::Builder::new(Compressor::new(compression, counted).map_err(io_err)?);
+    for e in entries {
+        let rel = format!(".{}", e.path);
+        let mut h = header(opts.epoch, e.mode);
+        match &e.kind {
+            Kind::Dir => {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_size(0);
+                tar.append_data(&mut h, format!("{rel}/"), io::empty())
+                    .map_err(io_err)?;
+            }
+            Kind::Symlink(target) => {
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_size(0);
+                tar.append_link(&mut h, &rel, target).map_err(io_err)?;
+            }
+            Kind::File(src) => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_size(
+                    e.size()
+                        .map_err(|err| PackError::io(Path::new(&e.path), err))?,
+                );
+                match src {
+                    Source::Bytes(b) => tar
+                        .append_data(&mut h, &rel, b.as_slice())
+                        .map_err(io_err)?,
+                    Source::Disk(p) => {
+                        let f = File::open(p).map_err(|err| PackError::io(p, err))?;
+                        tar.append_data(&mut h, &rel, f)
+                            .map_err(|err| PackError::io(p, err))?;
+                    }
+                }
+            }
+        }
     }
+    let counted = tar
+        .into_inner()
+        .and_then(Compressor::finish)
+        .map_err(io_err)?;
+    let Counting {
+        inner: mut out,
+        len: data_len,
+    } = counted;
+    if data_len % 2 == 1 {
+        out.write_all(b"\n").map_err(io_err)?;
+    }
+    let mut file = out.into_inner().map_err(|e| io_err(e.into_error()))?;
+    file.seek(SeekFrom::Start(data_header_at)).map_err(io_err)?;
+    file.write_all(&ar_header(&format!("data.tar{ext}"), opts.epoch, data_len))
+        .map_err(io_err)?;
+    file.flush().map_err(io_err)?;
     crate::persist(out_tmp, &dest)?;
     Ok(dest)
+}
+
+/// MD5 of every regular file (empty for other entries), computed on all cores.
+fn md5_all(entries: &[Entry]) -> Result<Vec<String>, PackError> {
+    let next = AtomicUsize::new(0);
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let work = || -> Result<Vec<(usize, String)>, PackError> {
+        let mut done = Vec::new();
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(e) = entries.get(i) else {
+                return Ok(done);
+            };
+            let digest = match &e.kind {
+                Kind::File(Source::Bytes(b)) => hex::encode(Md5::digest(b)),
+                Kind::File(Source::Disk(p)) => {
+                    let mut f = File::open(p).map_err(|err| PackError::io(p, err))?;
+                    let mut md5 = Md5::new();
+                    let mut buf = vec![0u8; 1 << 16];
+                    loop {
+                        let n = f.read(&mut buf).map_err(|err| PackError::io(p, err))?;
+                        if n == 0 {
+                            break;
+                        }
+                        md5.update(&buf[..n]);
+                    }
+                    hex::encode(md5.finalize())
+                }
+                _ => String::new(),
+            };
+            done.push((i, digest));
+        }
+    };
+    let mut digests = vec![String::new(); entries.len()];
+    std::thread::scope(|s| -> Result<(), PackError> {
+        let handles: Vec<_> = (0..threads).map(|_| s.spawn(work)).collect();
+        for h in handles {
+            for (i, d) in h.join().expect("md5 worker panicked")? {
+                digests[i] = d;
+            }
+        }
+        Ok(())
+    })?;
+    Ok(digests)
+}
+
+/// A 60-byte `ar` member header (common format, as dpkg-deb writes it).
+fn ar_header(name: &str, mtime: u64, size: u64) -> Vec<u8> {
+    let h = format!(
+        "{:<16}{:<12}{:<6}{:<6}{:<8}{:<10}`\n",
+        name, mtime, 0, 0, "100644", size
+    );
+    debug_assert_eq!(h.len(), 60);
+    h.into_bytes()
+}
+
+/// A whole `ar` member: header, data, and the padding byte to an even length.
+fn ar_member(out: &mut impl Write, name: &str, mtime: u64, data: &[u8]) -> io::Result<()> {
+    out.write_all(&ar_header(name, mtime, data.len() as u64))?;
+    out.write_all(data)?;
+    if data.len() % 2 == 1 {
+        out.write_all(b"\n")?;
+    }
+    Ok(())
+}
+
+/// Counts the bytes written through it.
+struct Counting<W> {
+    inner: W,
+    len: u64,
+}
+
+impl<W: Write> Write for Counting<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.len += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 fn header(epoch: u64, mode: u32) -> tar::Header {
@@ -235,26 +307,11 @@ fn control(spec: &Spec, installed_kib: u64, has_elf: bool) -> String {
     c
 }
 
-/// True when the file starts with the ELF magic; leaves the file at its start.
-fn is_elf(f: &mut File) -> io::Result<bool> {
+/// True when the file starts with the ELF magic.
+fn is_elf(p: &Path) -> io::Result<bool> {
     let mut magic = [0u8; 4];
-    let n = f.read(&mut magic)?;
-    f.rewind()?;
+    let n = File::open(p)?.read(&mut magic)?;
     Ok(n == 4 && &magic == b"\x7fELF")
-}
-
-/// A reader that hashes what passes through it.
-struct Md5Reader<R> {
-    inner: R,
-    md5: Md5,
-}
-
-impl<R: Read> Read for Md5Reader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.md5.update(&buf[..n]);
-        Ok(n)
-    }
 }
 
 /// One of the compressors dpkg understands, behind one `Write`.
