@@ -15,6 +15,9 @@ use nix::fcntl::{Flock, FlockArg};
 
 use crate::host::Exec;
 
+/// Longest a single [`SystemdHost::exec`] may take.
+pub const EXEC_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// Repository name of the systemd image.
 pub const IMAGE_NAME: &str = "keepup-systemd";
 const RECIPE: &str = "keepup-systemd/1 bookworm minbase";
@@ -184,13 +187,32 @@ impl SystemdHost {
         }
     }
 
-    /// Runs `sh -c script` as root.
+    /// Runs `sh -c script` as root; fails if it is still running after [`EXEC_TIMEOUT`]
+    /// (`docker exec` is run under `timeout(1)`, which kills the client, so a hung command
+    /// cannot hang the test).
     pub fn exec(&self, script: &str) -> Result<Exec> {
-        let out = Command::new("docker")
-            .args(["exec", &self.id, "sh", "-c", script])
+        let secs = EXEC_TIMEOUT.as_secs().to_string();
+        let out = Command::new("timeout")
+            .args([
+                "--kill-after=5",
+                &secs,
+                "docker",
+                "exec",
+                &self.id,
+                "sh",
+                "-c",
+                script,
+            ])
             .stdin(Stdio::null())
             .output()
             .context("running docker exec")?;
+        if matches!(out.status.code(), Some(124) | Some(137) | None) {
+            bail!(
+                "container {}: command still running after {secs} s: {script:?} (a background \
+                 process that keeps stdout/stderr open also makes exec wait: redirect its output)",
+                self.id
+            );
+        }
         Ok(Exec {
             code: i64::from(out.status.code().unwrap_or(-1)),
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),

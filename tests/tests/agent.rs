@@ -18,6 +18,10 @@ use keepup_tests::host::{docker_or_skip, Host, TestNet};
 const ROLE_PROCS: &str = "ps -u foo -o pid=,stat=,args= | awk '$2 !~ /^Z/'";
 /// Where the tests put the agent's own output.
 const AGENT_OUT: &str = "/var/log/keepup-agent.out";
+/// Where the tests put the exit status of the last `keepup-agent run`.
+const AGENT_RC: &str = "/var/log/keepup-agent.rc";
+/// The agent lock (in the default state directory).
+const LOCK: &str = "/var/lib/keepup-agent/agent.lock";
 
 /// Spec edits every agent test uses: short stop grace and not-sane sleep, quick probes.
 fn quick(text: String) -> String {
@@ -72,10 +76,11 @@ async fn setup(name: &str, edit: impl Fn(String) -> String, config: &str) -> Res
     })
 }
 
-/// Starts `keepup-agent run` in the background and waits until its socket answers.
+/// Starts `keepup-agent run` in the background (its exit status goes to [`AGENT_RC`]) and
+/// waits until its socket answers.
 async fn start_agent(host: &Host) -> Result<()> {
     host.ok(&format!(
-        "setsid keepup-agent run >>{AGENT_OUT} 2>&1 </dev/null &"
+        "rm -f {AGENT_RC}; setsid sh -c 'keepup-agent run; echo $? >{AGENT_RC}' >>{AGENT_OUT} 2>&1 </dev/null &"
     ))
     .await?;
     let start = Instant::now();
@@ -164,15 +169,32 @@ async fn wait_status(
 
 /// Waits until food answers its banner; returns the daemon's pid.
 async fn wait_banner(host: &Host, within: Duration) -> Result<u32> {
+    Ok(wait_banner_from(host, within, None).await?.0)
+}
+
+/// Waits until a food other than `not` (if given) answers its banner; returns its pid and when
+/// the answering attempt began (so the time `nc` itself took is not counted).
+async fn wait_banner_from(
+    host: &Host,
+    within: Duration,
+    not: Option<u32>,
+) -> Result<(u32, Instant)> {
     let start = Instant::now();
     loop {
+        let attempt = Instant::now();
         let banner = host.exec("nc -w 2 127.0.0.1 7070 </dev/null").await?.stdout;
         if banner.contains("ready") {
             let pid = host
                 .ok("ps -u foo -o pid=,stat=,comm= | awk '$2 !~ /^Z/ && $3 == \"food\" {print $1}'")
                 .await?;
-            if let Some(p) = pid.split_whitespace().next() {
-                return Ok(p.parse()?);
+            let pids: Vec<u32> = pid
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect();
+            if let Some(&p) = pids.first() {
+                if pids.len() == 1 && Some(p) != not {
+                    return Ok((p, attempt));
+                }
             }
         }
         if start.elapsed() > within {
@@ -321,10 +343,12 @@ async fn hung_daemon_is_found_by_probes_and_restarted() -> Result<()> {
 
     h.ok(&format!("kill -STOP {old}")).await?;
     let hung_at = Instant::now();
-    let new = wait_banner(h, Duration::from_secs(30)).await?;
-    let took = hung_at.elapsed();
-    ensure!(new != old, "still the old daemon {old}");
-    // every 1 s x failures 3 + timeout 1 s + 1 s = 5 s; slack 3 s for the restart and polling.
+    let (new, answered) = wait_banner_from(h, Duration::from_secs(30), Some(old)).await?;
+    // Measured to the start of the `nc` that got the new banner: a hung attempt's `-w 2` wait
+    // is not counted, only the poll interval (100 ms) and `docker exec` latency are.
+    let took = answered.saturating_duration_since(hung_at);
+    // every 1 s x failures 3 + timeout 1 s + 1 s = 5 s; slack 3 s for the kill, the restart,
+    // the poll and `docker exec` round trips on a busy 2-core machine.
     let bound = Duration::from_secs(5 + 3);
     ensure!(took <= bound, "back after {took:?}, bound {bound:?}");
     let log = h.ok("cat /var/log/keepup/foo.log").await?;
@@ -358,11 +382,31 @@ async fn double_forking_daemon_is_stopped_and_down_survives_a_restart() -> Resul
     let h = &s.host;
     h.ok("dpkg -i /pkgs/foo.deb").await?;
     start_agent(h).await?;
-    // The launch script exits as soon as food has forked away; the daemon keeps the role.
-    wait_banner(h, Duration::from_secs(15)).await?;
-    let procs = h.ok(ROLE_PROCS).await?;
-    ensure!(procs.contains("food"), "{procs}");
-
+    // The launch script exits as soon as food has forked away; the daemon keeps the role. It
+    // really detached: its parent is not the launch script (the agent, as subreaper, adopted
+    // it). Each respawn's leftover kill replaces the daemon until the service is given up, so
+    // a pid may vanish between two looks: retry.
+    let start = Instant::now();
+    loop {
+        let daemon = wait_banner(h, Duration::from_secs(15)).await?;
+        let ppid = h.exec(&format!("ps -o ppid= -p {daemon}")).await?.stdout;
+        let parent = h
+            .exec(&format!("ps -o args= -p {}", ppid.trim()))
+            .await?
+            .stdout;
+        if !ppid.trim().is_empty() && !parent.trim().is_empty() {
+            ensure!(
+                !parent.contains("run-foo"),
+                "food {daemon} is still a child of the launch script: {parent}"
+            );
+            break;
+        }
+        ensure!(
+            start.elapsed() < Duration::from_secs(20),
+            "food never stayed up"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let out = h.ok("keepup-agent down foo").await?;
     ensure!(out.contains("is down"), "{out}");
     // `down` returns after the role kill: nothing of the role is left, at once.
@@ -424,9 +468,30 @@ async fn leftovers_are_killed_on_start_and_a_second_agent_is_refused() -> Result
             .contains("another keepup-agent is already running"),
         "{second:?}"
     );
+    ensure!(
+        second.stderr.contains(LOCK) && second.stderr.contains("keepup-agent status"),
+        "{second:?}"
+    );
+    // Another socket does not make another agent: the lock is the state directory's.
+    let other = h
+        .exec("timeout 10 keepup-agent run --socket /tmp/other.sock")
+        .await?;
+    ensure!(
+        other.code == 1
+            && other
+                .stderr
+                .contains("another keepup-agent is already running"),
+        "{other:?}"
+    );
     ensure!(h.exec("keepup-agent status").await?.code == 0);
-    // No pidfile anywhere: the lock file is empty.
-    h.ok("test ! -s /run/keepup/agent.sock.lock").await?;
+    // No pidfile anywhere: the lock file is empty; only root can open it.
+    h.ok(&format!("test ! -s {LOCK}")).await?;
+    let mode = h.ok(&format!("stat -c '%a %U' {LOCK}")).await?;
+    ensure!(mode.trim() == "600 root", "lock file: {mode}");
+    let open = h
+        .exec(&format!("su nobody -s /bin/sh -c 'exec 3<{LOCK}'"))
+        .await?;
+    ensure!(open.code != 0, "nobody could open the lock file: {open:?}");
 
     let pid = agent_pid(h).await?.context("agent not running")?;
     h.ok(&format!("kill -KILL {pid}")).await?;
@@ -438,8 +503,8 @@ async fn leftovers_are_killed_on_start_and_a_second_agent_is_refused() -> Result
     );
 
     start_agent(h).await?;
-    let new = wait_banner(h, Duration::from_secs(15)).await?;
-    ensure!(new != old, "the leftover {old} is still the daemon");
+    // The old daemon may answer until the new agent has killed it: wait for another one.
+    let _ = wait_banner_from(h, Duration::from_secs(15), Some(old)).await?;
     let procs = h.ok(ROLE_PROCS).await?;
     ensure!(
         !procs.contains(&format!("{old} ")),
@@ -461,6 +526,8 @@ async fn leftovers_are_killed_on_start_and_a_second_agent_is_refused() -> Result
     let out = h.ok(&format!("cat {AGENT_OUT}")).await?;
     ensure!(out.contains("SIGTERM: stopping every service"), "{out}");
     ensure!(out.trim_end().ends_with("keepup-agent: stopped"), "{out}");
+    let rc = h.ok(&format!("cat {AGENT_RC}")).await?;
+    ensure!(rc.trim() == "0", "exit status after SIGTERM: {rc}");
     Ok(())
 }
 
@@ -509,6 +576,21 @@ async fn package_install_starts_and_removal_stops_the_service() -> Result<()> {
         "{log}"
     );
 
+    // A manifest deleted by hand (no maintainer script kills anything): the agent alone stops
+    // the service, within the next scan (1 s) + stop_grace (2 s) + slack.
+    let manifest = "/usr/lib/keepup/services/foo.yaml";
+    h.ok(&format!("mv {manifest} /root/foo.yaml")).await?;
+    let removed = Instant::now();
+    until_empty(h, ROLE_PROCS, Duration::from_secs(1 + 2 + 3)).await?;
+    eprintln!("manifest deleted -> stopped after {:?}", removed.elapsed());
+    wait_status(h, "foo to disappear", Duration::from_secs(5), |s| {
+        s.is_none()
+    })
+    .await?;
+    // Put back: started again.
+    h.ok(&format!("mv /root/foo.yaml {manifest}")).await?;
+    wait_banner(h, Duration::from_secs(15)).await?;
+
     h.ok("dpkg -r foo").await?;
     wait_status(h, "foo to disappear", Duration::from_secs(5), |s| {
         s.is_none()
@@ -521,6 +603,79 @@ async fn package_install_starts_and_removal_stops_the_service() -> Result<()> {
     ensure!(left.trim().is_empty(), "restarted after removal:\n{left}");
     let log = h.ok("cat /var/log/keepup/foo.log").await?;
     ensure!(log.contains("manifest removed"), "{log}");
+    Ok(())
+}
+
+/// Manifests whose role kill would hit processes that are not the service's are refused
+/// (state `refused`, with the reason) and nothing of theirs is started or killed: a role
+/// another service holds, a reserved system account (`nobody`), a login user's uid, and a check
+/// with `failures: 0`.
+#[tokio::test(flavor = "multi_thread")]
+async fn manifests_that_would_kill_others_are_refused() -> Result<()> {
+    if !docker_or_skip() {
+        return Ok(());
+    }
+    let s = setup("agent-refuse", |t| t, "").await?;
+    let h = &s.host;
+    h.ok("dpkg -i /pkgs/foo.deb").await?;
+    start_agent(h).await?;
+    let food = wait_banner(h, Duration::from_secs(15)).await?;
+    // Processes of other users, which no role kill may touch.
+    h.ok("useradd -M -u 1000 alice").await?;
+    for user in ["nobody", "alice"] {
+        h.ok(&format!(
+            "setsid su {user} -s /bin/sh -c 'exec sleep 600' >/dev/null 2>&1 </dev/null &"
+        ))
+        .await?;
+    }
+    let dir = "/usr/lib/keepup/services";
+    let cases = [
+        (
+            "bar",
+            "s/^role: foo$/role: foo/",
+            "already used by service foo",
+        ),
+        ("baz", "s/^role: foo$/role: nobody/", "system account"),
+        ("qux", "s/^role: foo$/role: alice/", "login user"),
+        ("quux", "s/failures: [0-9]*/failures: 0/", "failures: 0"),
+    ];
+    for (name, edit, _) in cases {
+        h.ok(&format!(
+            "sed -e 's/^name: foo$/name: {name}/' -e '{edit}' {dir}/foo.yaml >{dir}/{name}.yaml"
+        ))
+        .await?;
+    }
+    let start = Instant::now();
+    for (name, _, why) in cases {
+        loop {
+            let svc = status(h, name).await?;
+            if svc
+                .as_ref()
+                .is_some_and(|s| s.state == "refused" && s.text.contains(why))
+            {
+                break;
+            }
+            ensure!(
+                start.elapsed() < Duration::from_secs(10),
+                "{name} not refused for {why:?}: {svc:?}\n{}",
+                h.exec(&format!("cat {AGENT_OUT}")).await?.stdout
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    // Give a wrong kill time to happen, then: foo's daemon, nobody's and alice's processes are
+    // all still there, and a re-kick (which looks again) changes nothing.
+    let out = h.ok("keepup-agent rekick baz").await?;
+    ensure!(out.contains("still refused"), "{out}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    h.ok(&format!("kill -0 {food}")).await?;
+    for user in ["nobody", "alice"] {
+        let left = h.exec(&format!("pgrep -u {user} -x sleep")).await?;
+        ensure!(left.code == 0, "{user}'s sleep was killed");
+    }
+    ensure!(status(h, "foo")
+        .await?
+        .is_some_and(|s| s.state == "running"));
     Ok(())
 }
 
