@@ -1,0 +1,550 @@
+//! The repository (`keepup repo`, `publish`, `promote`, `rollback`, fleet policy, `serve`)
+//! driven through the real `keepup` binary, and checked with real clients: stock apt-get and
+//! dnf on Debian 12 hosts fetch from `keepup serve` running on another host, verify the
+//! signatures and refuse tampered indexes; curl probes the server for paths outside the root.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use anyhow::{bail, ensure, Context, Result};
+use keepup_tests::example::built_bin;
+use keepup_tests::host::{docker_or_skip, workspace_root, Host, TestNet};
+
+/// Run `keepup ARGS`; returns (success, stdout, stderr).
+fn keepup(args: &[&str]) -> Result<(bool, String, String)> {
+    let out = Command::new(built_bin("keepup")?)
+        .args(args)
+        .output()
+        .context("running keepup")?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// Run `keepup ARGS` and require success; returns stdout.
+fn keepup_ok(args: &[&str]) -> Result<String> {
+    let (ok, out, err) = keepup(args)?;
+    ensure!(ok, "keepup {args:?} failed:\n{out}\n{err}");
+    Ok(out)
+}
+
+/// Run `keepup ARGS` and require failure; returns stderr.
+fn keepup_fails(args: &[&str]) -> Result<String> {
+    let (ok, out, err) = keepup(args)?;
+    ensure!(!ok, "keepup {args:?} should have failed:\n{out}");
+    Ok(err)
+}
+
+/// One RSA signing key for all tests (generating one takes seconds in a debug build).
+fn shared_key() -> Result<PathBuf> {
+    static KEY: OnceLock<PathBuf> = OnceLock::new();
+    if let Some(k) = KEY.get() {
+        return Ok(k.clone());
+    }
+    let dir = std::env::temp_dir().join(format!("keepup-test-key-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    keepup_ok(&["repo", "init", dir.join("r").to_str().unwrap()])?;
+    let key = dir.join("r/.keepup/signing-key.asc");
+    Ok(KEY.get_or_init(|| key).clone())
+}
+
+/// A fresh repository in `dir/repo` signed with the shared key.
+fn new_repo(dir: &Path) -> Result<PathBuf> {
+    let repo = dir.join("repo");
+    let key = shared_key()?;
+    let out = keepup_ok(&[
+        "repo",
+        "init",
+        repo.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+    ])?;
+    ensure!(
+        out.contains("signed-by="),
+        "init prints the apt line:\n{out}"
+    );
+    Ok(repo)
+}
+
+/// Build the example service at `version` with `keepup pack`, the rpm signed with `key`
+/// (None: unsigned). Returns (deb, rpm).
+fn build(out: &Path, version: &str, key: Option<&Path>, edit: &str) -> Result<(PathBuf, PathBuf)> {
+    let src = workspace_root().join("docs/examples");
+    let dir = out.join(format!("spec-{version}{edit}"));
+    std::fs::create_dir_all(&dir)?;
+    std::fs::copy(src.join("foo.conf"), dir.join("foo.conf"))?;
+    let text = std::fs::read_to_string(src.join("foo.yaml"))?
+        .replace("version: 1.0.0", &format!("version: {version}"))
+        .replace(
+            "../../target/release/food",
+            &built_bin("food")?.to_string_lossy(),
+        )
+        .replace("summary: Example", &format!("summary: {edit}Example"));
+    std::fs::write(dir.join("foo.yaml"), text)?;
+    let dist = dir.join("dist");
+    let mut args = vec![
+        "pack".to_string(),
+        dir.join("foo.yaml").to_string_lossy().into_owned(),
+        "--out".into(),
+        dist.to_string_lossy().into_owned(),
+    ];
+    if let Some(k) = key {
+        args.extend(["--sign-key".into(), k.to_string_lossy().into_owned()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    keepup_ok(&args)?;
+    Ok((
+        dist.join(format!("foo_{version}-1_amd64.deb")),
+        dist.join(format!("foo-{version}-1.x86_64.rpm")),
+    ))
+}
+
+fn list_json(repo: &Path) -> Result<serde_json::Value> {
+    Ok(serde_json::from_str(&keepup_ok(&[
+        "repo",
+        "list",
+        "--repo",
+        repo.to_str().unwrap(),
+        "--json",
+    ])?)?)
+}
+
+fn index(repo: &Path, track: &str) -> Result<serde_json::Value> {
+    Ok(serde_json::from_slice(&std::fs::read(
+        repo.join(format!("tracks/{track}/index.json")),
+    )?)?)
+}
+
+/// The index entry of `format` in `track`.
+fn entry(repo: &Path, track: &str, format: &str) -> Result<serde_json::Value> {
+    index(repo, track)?["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["format"] == format)
+        .cloned()
+        .with_context(|| format!("{track} has no {format}"))
+}
+
+#[test]
+fn publish_promote_rollback_and_refusals() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let repo = new_repo(tmp.path())?;
+    let r = repo.to_str().unwrap();
+    let key = repo.join(".keepup/signing-key.asc");
+    let (deb1, rpm1) = build(tmp.path(), "1.0.0", Some(&key), "")?;
+    let (deb2, rpm2) = build(tmp.path(), "1.1.0", Some(&key), "")?;
+    keepup_ok(&[
+        "publish",
+        "--repo",
+        r,
+        deb1.to_str().unwrap(),
+        rpm1.to_str().unwrap(),
+    ])?;
+    keepup_ok(&[
+        "publish",
+        "--repo",
+        r,
+        deb2.to_str().unwrap(),
+        rpm2.to_str().unwrap(),
+    ])?;
+
+    // Promotion moves exactly one version, with the bytes unstable has.
+    keepup_ok(&["promote", "--repo", r, "foo", "1.0.0", "--to", "testing"])?;
+    let testing = index(&repo, "testing")?;
+    let pkgs = testing["packages"].as_array().unwrap();
+    ensure!(pkgs.len() == 2, "one deb and one rpm in testing: {testing}");
+    for p in pkgs {
+        ensure!(p["version"] == "1.0.0-1", "{p}");
+        let file = std::fs::read(repo.join(p["path"].as_str().unwrap()))?;
+        let original = std::fs::read(if p["format"] == "deb" { &deb1 } else { &rpm1 })?;
+        ensure!(file == original, "{} is not the published bytes", p["path"]);
+    }
+    let serial = testing["serial"].as_u64().unwrap();
+    keepup_ok(&["promote", "--repo", r, "foo", "--to", "testing"])?;
+    ensure!(entry(&repo, "testing", "deb")?["version"] == "1.1.0-1");
+    ensure!(index(&repo, "testing")?["serial"].as_u64().unwrap() > serial);
+    ensure!(
+        entry(&repo, "testing", "deb")?["sha256"] == entry(&repo, "unstable", "deb")?["sha256"]
+    );
+    // stable is untouched by a promotion into testing.
+    ensure!(index(&repo, "stable")?["packages"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+    // Going down is not a promotion.
+    keepup_ok(&["promote", "--repo", r, "foo", "--to", "stable"])?;
+    let err = keepup_fails(&["promote", "--repo", r, "foo", "1.0.0", "--to", "stable"])?;
+    ensure!(err.contains("keepup rollback"), "{err}");
+
+    // Refusals leave the repository as it was.
+    let before = list_json(&repo)?;
+    let garbage = tmp.path().join("garbage.deb");
+    std::fs::write(&garbage, b"this is not a package")?;
+    let err = keepup_fails(&["publish", "--repo", r, garbage.to_str().unwrap()])?;
+    ensure!(err.contains("neither a .deb nor an .rpm"), "{err}");
+    let corrupt = tmp.path().join("corrupt.deb");
+    let mut bytes = std::fs::read(&deb2)?;
+    let n = bytes.len();
+    bytes[n - 2000..n - 1990].copy_from_slice(b"XXXXXXXXXX");
+    std::fs::write(&corrupt, &bytes)?;
+    let err = keepup_fails(&["publish", "--repo", r, corrupt.to_str().unwrap()])?;
+    ensure!(err.contains("not a valid .deb"), "{err}");
+    let (_, unsigned) = build(tmp.path(), "1.2.0", None, "")?;
+    let err = keepup_fails(&["publish", "--repo", r, unsigned.to_str().unwrap()])?;
+    ensure!(err.contains("not signed by this repository's key"), "{err}");
+    let tampered = tmp.path().join("tampered.rpm");
+    let mut bytes = std::fs::read(&rpm2)?;
+    let n = bytes.len();
+    bytes[n - 100] ^= 0xff;
+    std::fs::write(&tampered, &bytes)?;
+    let err = keepup_fails(&["publish", "--repo", r, tampered.to_str().unwrap()])?;
+    ensure!(
+        err.contains("corrupt") || err.contains("not signed"),
+        "{err}"
+    );
+    let (dup_deb, _) = build(tmp.path(), "1.0.0", Some(&key), "Changed ")?;
+    let err = keepup_fails(&["publish", "--repo", r, dup_deb.to_str().unwrap()])?;
+    ensure!(
+        err.contains("already in the pool with different contents"),
+        "{err}"
+    );
+    // A batch with one bad file publishes nothing.
+    let (deb3, _) = build(tmp.path(), "1.3.0", Some(&key), "")?;
+    keepup_fails(&[
+        "publish",
+        "--repo",
+        r,
+        deb3.to_str().unwrap(),
+        garbage.to_str().unwrap(),
+    ])?;
+    ensure!(
+        list_json(&repo)? == before,
+        "a failed command changed the repository"
+    );
+    ensure!(!repo.join("pool/main/f/foo/foo_1.3.0-1_amd64.deb").exists());
+    keepup_ok(&["repo", "verify", "--repo", r])?;
+    // Publishing the same bytes again is harmless.
+    keepup_ok(&["publish", "--repo", r, deb1.to_str().unwrap()])?;
+
+    // Rollback: testing's current is 1.1.0-1; bring back 1.0.0's contents, newer.
+    keepup_ok(&[
+        "rollback", "--repo", r, "foo", "--to", "1.0.0", "--track", "testing",
+    ])?;
+    let deb = entry(&repo, "testing", "deb")?;
+    let rpm = entry(&repo, "testing", "rpm")?;
+    for e in [&deb, &rpm] {
+        ensure!(e["version"] == "1.1.0+rb1-1", "{e}");
+        ensure!(e["rollback_of"] == "1.0.0-1", "{e}");
+    }
+    let status = Command::new("dpkg")
+        .args(["--compare-versions", "1.1.0+rb1-1", "gt", "1.1.0-1"])
+        .status()?;
+    ensure!(status.success(), "dpkg ranks the rollback lower");
+    // Same payload as 1.0.0 (dpkg-deb and rpm2cpio-free: compare the data member's files).
+    let rb = repo.join(deb["path"].as_str().unwrap());
+    let a = Command::new("dpkg-deb")
+        .arg("--fsys-tarfile")
+        .arg(&rb)
+        .output()?;
+    let b = Command::new("dpkg-deb")
+        .arg("--fsys-tarfile")
+        .arg(&deb1)
+        .output()?;
+    ensure!(
+        a.status.success() && a.stdout == b.stdout,
+        "rollback payload differs from 1.0.0"
+    );
+    let list = keepup_ok(&["repo", "list", "--repo", r, "--track", "testing"])?;
+    ensure!(list.contains("rollback of 1.0.0-1"), "{list}");
+    // A second rollback climbs again.
+    keepup_ok(&[
+        "rollback", "--repo", r, "foo", "--to", "1.0.0", "--track", "testing",
+    ])?;
+    ensure!(entry(&repo, "testing", "rpm")?["version"] == "1.1.0+rb2-1");
+    keepup_ok(&["repo", "verify", "--repo", r])?;
+
+    // Tampering is found by verify.
+    let packages = repo.join("dists/testing/main/binary-amd64/Packages");
+    let text = std::fs::read_to_string(&packages)?;
+    std::fs::write(&packages, text.replace("Maintainer:", "Maintainer: x"))?;
+    let err = keepup_fails(&["repo", "verify", "--repo", r])?;
+    ensure!(err.contains("Packages"), "{err}");
+    keepup_ok(&["repo", "reindex", "--repo", r])?;
+    keepup_ok(&["repo", "verify", "--repo", r])?;
+    Ok(())
+}
+
+#[test]
+fn fleet_policy_is_signed_and_shown() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let repo = new_repo(tmp.path())?;
+    let r = repo.to_str().unwrap();
+    keepup_ok(&[
+        "assign",
+        "--repo",
+        r,
+        "web*",
+        "--track",
+        "stable",
+        "--services",
+        "foo,bar",
+    ])?;
+    keepup_ok(&["assign", "--repo", r, "*", "--track", "testing"])?;
+    keepup_ok(&["quarantine", "--repo", r, "foo", "--hosts", "web3"])?;
+    let err = keepup_fails(&["assign", "--repo", r, "db*", "--track", "nope"])?;
+    ensure!(err.contains("no track"), "{err}");
+    let show = keepup_ok(&["fleet", "show", "--repo", r])?;
+    ensure!(
+        show.contains("web*") && show.contains("foo,bar") && show.contains("web3"),
+        "{show}"
+    );
+    let host: serde_json::Value = serde_json::from_str(&keepup_ok(&[
+        "fleet", "show", "--repo", r, "--host", "web3", "--json",
+    ])?)?;
+    ensure!(
+        host["track"] == "stable" && host["quarantined"][0] == "foo",
+        "{host}"
+    );
+    let yaml = std::fs::read_to_string(repo.join("fleet.yaml"))?;
+    ensure!(yaml.contains("serial: 3"), "{yaml}");
+    keepup_ok(&["repo", "verify", "--repo", r])?;
+    keepup_ok(&["unquarantine", "--repo", r, "foo"])?;
+    keepup_fails(&["unquarantine", "--repo", r, "foo"])?;
+    // A hand edit breaks the signature.
+    std::fs::write(repo.join("fleet.yaml"), yaml.replace("stable", "unstable"))?;
+    let err = keepup_fails(&["repo", "verify", "--repo", r])?;
+    ensure!(err.contains("fleet.yaml"), "{err}");
+    Ok(())
+}
+
+/// A repository host running `keepup serve` on port 8080 with `foo` 1.0.0 in stable, and a
+/// client host.
+async fn served_repo(net: &TestNet, tmp: &Path) -> Result<(Host, Host)> {
+    let repo = new_repo(tmp)?;
+    let r = repo.to_str().unwrap();
+    let key = repo.join(".keepup/signing-key.asc");
+    let (deb, rpm) = build(tmp, "1.0.0", Some(&key), "")?;
+    keepup_ok(&[
+        "publish",
+        "--repo",
+        r,
+        deb.to_str().unwrap(),
+        rpm.to_str().unwrap(),
+    ])?;
+    keepup_ok(&["promote", "--repo", r, "foo", "--to", "testing"])?;
+    keepup_ok(&["promote", "--repo", r, "foo", "--to", "stable"])?;
+    let (server, client) = tokio::try_join!(Host::start(net, "repo"), Host::start(net, "client"))?;
+    server
+        .copy_in(&built_bin("keepup")?, "/usr/local/bin/keepup")
+        .await?;
+    server.copy_in(&repo, "/srv/repo").await?;
+    server
+        .ok("setsid keepup serve --repo /srv/repo --listen 0.0.0.0:8080 >/tmp/serve.log 2>&1 </dev/null &")
+        .await?;
+    for _ in 0..50 {
+        if client
+            .exec("curl -fsS http://repo:8080/keys/repository.asc >/dev/null")
+            .await?
+            .code
+            == 0
+        {
+            return Ok((server, client));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    bail!(
+        "keepup serve did not answer:\n{}",
+        server.ok("cat /tmp/serve.log").await?
+    )
+}
+
+#[tokio::test]
+async fn stock_apt_installs_from_keepup_serve_and_refuses_tampering() -> Result<()> {
+    if !docker_or_skip() {
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    let net = TestNet::new()?;
+    let (server, client) = served_repo(&net, tmp.path()).await?;
+    client
+        .ok("mkdir -p /etc/apt/keyrings && curl -fsS -o /etc/apt/keyrings/keepup.asc http://repo:8080/keys/repository.asc \
+             && rm -f /etc/apt/sources.list /etc/apt/sources.list.d/* \
+             && echo 'deb [signed-by=/etc/apt/keyrings/keepup.asc] http://repo:8080/ stable main' > /etc/apt/sources.list.d/keepup.list")
+        .await?;
+    let update = client.ok("apt-get update 2>&1").await?;
+    ensure!(!update.contains("W:") && !update.contains("E:"), "{update}");
+    client.ok("apt-get install -y foo 2>&1").await?;
+    let v = client.ok("dpkg-query -W -f='${Version}' foo").await?;
+    ensure!(v == "1.0.0-1", "installed {v}");
+
+    // A tampered Packages (Release unchanged) is refused: hash mismatch.
+    server
+        .ok("cd /srv/repo/dists/stable/main/binary-amd64 && cp Packages /tmp/P && sed -i 's/^Description: .*/Description: evil/' Packages \
+             && gzip -c Packages > Packages.gz && for f in by-hash/SHA256/*; do cp Packages.gz $f; done")
+        .await?;
+    let out = client
+        .exec("rm -rf /var/lib/apt/lists/* && apt-get update 2>&1")
+        .await?;
+    ensure!(
+        out.code != 0 || out.stdout.contains("E:") || out.stdout.contains("Hash Sum mismatch"),
+        "apt accepted a tampered Packages:\n{}",
+        out.stdout
+    );
+    ensure!(
+        client
+            .exec("apt-cache show foo 2>&1 | grep -c evil")
+            .await?
+            .stdout
+            .trim()
+            == "0",
+        "apt used the tampered Packages"
+    );
+    // A tampered Release/InRelease is refused: bad signature.
+    server
+        .ok(
+            "keepup repo reindex --repo /srv/repo && cd /srv/repo/dists/stable \
+             && sed -i 's/^Label: keepup/Label: evil/' InRelease Release",
+        )
+        .await?;
+    let out = client
+        .exec("rm -rf /var/lib/apt/lists/* && apt-get update 2>&1")
+        .await?;
+    ensure!(
+        out.code != 0
+            || out.stdout.contains("NO_PUBKEY")
+            || out.stdout.contains("not signed")
+            || out.stdout.contains("BADSIG")
+            || out.stdout.contains("E:"),
+        "apt accepted a tampered Release:\n{}",
+        out.stdout
+    );
+    ensure!(
+        client
+            .exec("apt-cache policy foo | grep -c repo:8080")
+            .await?
+            .stdout
+            .trim()
+            == "0",
+        "apt still lists foo from a tampered Release"
+    );
+    // Reindexing restores a good view; apt is happy again.
+    server
+        .ok("keepup repo reindex --repo /srv/repo && keepup repo verify --repo /srv/repo")
+        .await?;
+    let update = client
+        .ok("rm -rf /var/lib/apt/lists/* && apt-get update 2>&1")
+        .await?;
+    ensure!(!update.contains("E:"), "{update}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn stock_dnf_lists_the_signed_rpm_track() -> Result<()> {
+    if !docker_or_skip() {
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    let net = TestNet::new()?;
+    let (server, client) = served_repo(&net, tmp.path()).await?;
+    client
+        .ok(
+            "mkdir -p /etc/yum.repos.d && printf '%s\\n' '[keepup]' 'name=keepup stable' \
+             'baseurl=http://repo:8080/rpm/stable/' 'enabled=1' 'gpgcheck=1' 'repo_gpgcheck=1' \
+             'gpgkey=http://repo:8080/keys/repository.asc' > /etc/yum.repos.d/keepup.repo",
+        )
+        .await?;
+    let dnf = "dnf -y --setopt=reposdir=/etc/yum.repos.d --releasever=12 --disablerepo='*' --enablerepo=keepup";
+    let list = client.ok(&format!("{dnf} list --available 2>&1")).await?;
+    ensure!(
+        list.contains("foo.x86_64") && list.contains("1.0.0-1"),
+        "{list}"
+    );
+    // The package dnf would fetch verifies with the repository key (what gpgcheck checks).
+    let k = client
+        .ok("curl -fsS -o /tmp/foo.rpm http://repo:8080/rpm/stable/packages/foo-1.0.0-1.x86_64.rpm \
+             && curl -fsS -o /tmp/key.asc http://repo:8080/keys/repository.asc \
+             && rpmkeys --import /tmp/key.asc && rpmkeys -K /tmp/foo.rpm")
+        .await?;
+    ensure!(k.contains("signatures OK"), "{k}");
+    // A tampered repomd.xml is refused (repo_gpgcheck).
+    server
+        .ok("sed -i 's/<revision>/<revision>1/' /srv/repo/rpm/stable/repodata/repomd.xml")
+        .await?;
+    let out = client
+        .exec(&format!(
+            "{dnf} clean all >/dev/null 2>&1; {dnf} list --available 2>&1"
+        ))
+        .await?;
+    ensure!(
+        !out.stdout.contains("foo.x86_64")
+            && (out.code != 0 || out.stdout.contains("GPG signature verification error")),
+        "dnf accepted a tampered repomd.xml:\n{}",
+        out.stdout
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn serve_keeps_requests_inside_the_repository() -> Result<()> {
+    if !docker_or_skip() {
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    let net = TestNet::new()?;
+    let (server, client) = served_repo(&net, tmp.path()).await?;
+    server
+        .ok("ln -s /etc/passwd /srv/repo/leak && ln -s /etc /srv/repo/etcdir && echo secret > /srv/outside")
+        .await?;
+    let code = |path: &str| {
+        format!("curl -s --path-as-is -o /dev/null -w '%{{http_code}}' 'http://repo:8080{path}'")
+    };
+    for path in [
+        "/../outside",
+        "/dists/../../outside",
+        "/%2e%2e/outside",
+        "/%2E%2E%2Foutside",
+        "/dists/%2e%2e/%2e%2e/outside",
+        "/..%5coutside",
+        "/.keepup/signing-key.asc",
+        "/%2ekeepup/signing-key.asc",
+        "/leak",
+        "/etcdir/passwd",
+        "/nope",
+    ] {
+        let c = client.ok(&code(path)).await?;
+        ensure!(c == "404" || c == "400", "{path} answered {c}");
+    }
+    let c = client.ok(&code("/dists/stable/InRelease")).await?;
+    ensure!(c == "200", "InRelease answered {c}");
+    let head = client
+        .ok("curl -sS -I http://repo:8080/dists/stable/main/binary-amd64/Packages.gz")
+        .await?;
+    ensure!(
+        head.contains("200") && head.contains("application/gzip"),
+        "{head}"
+    );
+    let head = client
+        .ok("curl -sS -I http://repo:8080/pool/main/f/foo/foo_1.0.0-1_amd64.deb")
+        .await?;
+    ensure!(
+        head.contains("application/vnd.debian.binary-package"),
+        "{head}"
+    );
+    let c = client
+        .ok("curl -s -o /dev/null -w '%{http_code}' -X POST http://repo:8080/dists/stable/InRelease")
+        .await?;
+    ensure!(c == "405", "POST answered {c}");
+    // Same bytes over HTTP as in the pool.
+    let sum = client
+        .ok("curl -fsS http://repo:8080/pool/main/f/foo/foo_1.0.0-1_amd64.deb | sha256sum")
+        .await?;
+    let local = server
+        .ok("sha256sum < /srv/repo/pool/main/f/foo/foo_1.0.0-1_amd64.deb")
+        .await?;
+    ensure!(sum == local, "{sum} vs {local}");
+    Ok(())
+}
