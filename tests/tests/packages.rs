@@ -88,12 +88,13 @@ const DEB: Cycle = Cycle {
     v2: "foo_1.1.0-1_amd64.deb",
 };
 
-// Debian's rpm has its own empty database, which knows nothing of /bin/sh: --nodeps.
+// Debian's rpm has its own, empty database; the packages require nothing but rpmlib
+// features, so plain `rpm -i` works there without --nodeps.
 const RPM: Cycle = Cycle {
-    install: "rpm -i --nodeps /pkgs/foo-1.0.0-1.x86_64.rpm",
-    upgrade: "rpm -U --nodeps /pkgs/foo-1.1.0-1.x86_64.rpm",
-    remove: "rpm -e --nodeps foo",
-    verify: "rpm -V --nodeps foo",
+    install: "rpm -i /pkgs/foo-1.0.0-1.x86_64.rpm",
+    upgrade: "rpm -U /pkgs/foo-1.1.0-1.x86_64.rpm",
+    remove: "rpm -e foo",
+    verify: "rpm -V foo",
     v1: "foo-1.0.0-1.x86_64.rpm",
     v2: "foo-1.1.0-1.x86_64.rpm",
 };
