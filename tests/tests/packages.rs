@@ -119,6 +119,11 @@ async fn full_cycle(host: &Host, dist: &Path, c: &Cycle) -> Result<()> {
         "{pw}"
     );
     host.ok("test -x /usr/bin/food && test -x /usr/sbin/run-foo && test -f /etc/foo/foo.conf && test -f /usr/lib/keepup/services/foo.yaml").await?;
+    let secret = host.ok("stat -c '%U %G %a' /etc/foo/secret.conf").await?;
+    ensure!(
+        secret.trim() == "foo foo 640",
+        "owner/group/mode of /etc/foo/secret.conf: {secret}"
+    );
     let verify = host.exec(c.verify).await?;
     ensure!(
         verify.code == 0 && verify.stdout.trim().is_empty(),
@@ -204,8 +209,15 @@ async fn full_cycle(host: &Host, dist: &Path, c: &Cycle) -> Result<()> {
 /// Build versions 1.0.0 and 1.1.0, start a fresh host and run the whole cycle on it.
 async fn cycle_on_fresh_host(name: &str, c: &Cycle) -> Result<(Host, TestNet)> {
     let tmp = tempfile::tempdir()?;
-    build_example(tmp.path(), "1.0.0", |t| t);
-    build_example(tmp.path(), "1.1.0", |t| t);
+    // A secret readable by the role only: a payload file with a non-root owner.
+    let secret = |t: String| {
+        t.replace(
+            "    dst: /etc/foo/foo.conf\n",
+            "    dst: /etc/foo/foo.conf\n  - src: foo.conf\n    dst: /etc/foo/secret.conf\n    owner: foo\n    group: foo\n    mode: \"0640\"\n",
+        )
+    };
+    build_example(tmp.path(), "1.0.0", secret);
+    build_example(tmp.path(), "1.1.0", secret);
     let net = TestNet::new()?;
     let host = Host::start(&net, name).await?;
     full_cycle(&host, &tmp.path().join("dist"), c).await?;
