@@ -244,6 +244,16 @@ fn publish_promote_rollback_and_refusals() -> Result<()> {
         .args(["--compare-versions", "1.1.0+rb1-1", "gt", "1.1.0-1"])
         .status()?;
     ensure!(status.success(), "dpkg ranks the rollback lower");
+    // rpm's own comparison (rpmvercmp through rpm's Lua).
+    let cmp = Command::new("rpm")
+        .arg("--eval")
+        .arg("%{lua: print(rpm.vercmp('1.1.0+rb1-1', '1.1.0-1'))}")
+        .output()?;
+    ensure!(
+        String::from_utf8_lossy(&cmp.stdout).trim() == "1",
+        "rpm ranks the rollback lower: {:?}",
+        cmp
+    );
     // Same payload as 1.0.0 (dpkg-deb and rpm2cpio-free: compare the data member's files).
     let rb = repo.join(deb["path"].as_str().unwrap());
     let a = Command::new("dpkg-deb")
@@ -546,5 +556,141 @@ async fn serve_keeps_requests_inside_the_repository() -> Result<()> {
         .ok("sha256sum < /srv/repo/pool/main/f/foo/foo_1.0.0-1_amd64.deb")
         .await?;
     ensure!(sum == local, "{sum} vs {local}");
+    Ok(())
+}
+
+/// `Field: value` pairs of a Packages stanza (continuation lines joined to their field).
+fn stanza_fields(stanza: &str) -> std::collections::BTreeMap<String, String> {
+    let mut fields = std::collections::BTreeMap::new();
+    let mut last = String::new();
+    for line in stanza.lines() {
+        if line.starts_with(' ') {
+            if let Some(v) = fields.get_mut(&last) {
+                *v = format!("{v}\n{line}");
+            }
+        } else if let Some((k, v)) = line.split_once(':') {
+            last = k.to_string();
+            fields.insert(last.clone(), v.trim().to_string());
+        }
+    }
+    fields
+}
+
+/// One createrepo `<package>` entry, normalized for comparison: one trimmed line per line,
+/// `&apos;` as `'`, the file's mtime and the location's directory dropped.
+fn normalize_rpm_entry(xml: &str) -> Vec<String> {
+    let start = xml.find("<package").expect("a <package>");
+    let end = xml.rfind("</package>").expect("a </package>");
+    xml[start..end]
+        .replace("&apos;", "'")
+        .lines()
+        .map(|l| {
+            let l = l.trim();
+            if let Some(rest) = l.strip_prefix("<time file=\"") {
+                // `<time file="MTIME" build="B"/>` -> `<time build="B"/>`
+                format!("<time{}", rest.split_once('"').map_or("", |(_, b)| b))
+            } else if let Some(rest) = l.strip_prefix("<location href=\"") {
+                let href = rest.split('"').next().unwrap_or("");
+                format!("<location {}", href.rsplit('/').next().unwrap_or(href))
+            } else {
+                l.to_string()
+            }
+        })
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+fn gunzip(path: &Path) -> Result<String> {
+    let out = Command::new("zcat").arg(path).output()?;
+    ensure!(out.status.success(), "zcat {}", path.display());
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// The `KIND` metadata file (`primary`, ...) that a DNF repository's repomd.xml names.
+fn repodata(dir: &Path, kind: &str) -> Result<PathBuf> {
+    let repomd = std::fs::read_to_string(dir.join("repodata/repomd.xml"))?;
+    let data = repomd
+        .split("<data ")
+        .find(|d| d.starts_with(&format!("type=\"{kind}\"")))
+        .with_context(|| format!("no {kind} in {}", dir.display()))?;
+    let href = data
+        .split("<location href=\"")
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .context("no location")?;
+    Ok(dir.join(href))
+}
+
+#[test]
+fn views_match_apt_ftparchive_and_createrepo_c_field_by_field() -> Result<()> {
+    let have = |t: &str| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {t}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !have("apt-ftparchive") || !have("createrepo_c") {
+        eprintln!("skipped: needs apt-ftparchive (apt-utils) and createrepo_c (createrepo-c)");
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    let repo = new_repo(tmp.path())?;
+    let r = repo.to_str().unwrap();
+    let key = repo.join(".keepup/signing-key.asc");
+    let (deb, rpm) = build(tmp.path(), "1.0.0", Some(&key), "")?;
+    keepup_ok(&[
+        "publish",
+        "--repo",
+        r,
+        deb.to_str().unwrap(),
+        rpm.to_str().unwrap(),
+    ])?;
+
+    // APT: every field apt-ftparchive writes, with the same value (SHA1 left out on purpose).
+    let theirs = Command::new("apt-ftparchive")
+        .args(["packages", "pool/main"])
+        .current_dir(&repo)
+        .output()?;
+    ensure!(theirs.status.success());
+    let theirs = stanza_fields(&String::from_utf8(theirs.stdout)?);
+    let ours = stanza_fields(&std::fs::read_to_string(
+        repo.join("dists/unstable/main/binary-amd64/Packages"),
+    )?);
+    ensure!(theirs.len() > 10, "{theirs:?}");
+    for (k, v) in &theirs {
+        if k == "SHA1" {
+            ensure!(!ours.contains_key(k));
+            continue;
+        }
+        ensure!(
+            ours.get(k) == Some(v),
+            "{k}: apt-ftparchive {v:?}, keepup {:?}",
+            ours.get(k)
+        );
+    }
+    for k in ours.keys() {
+        ensure!(
+            theirs.contains_key(k),
+            "keepup writes {k}, apt-ftparchive does not"
+        );
+    }
+
+    // DNF: createrepo_c on the same rpm; primary, filelists and other entries agree.
+    let cr = tmp.path().join("cr");
+    std::fs::create_dir_all(&cr)?;
+    std::fs::copy(&rpm, cr.join(rpm.file_name().unwrap()))?;
+    let st = Command::new("createrepo_c")
+        .args(["--no-database", "-q"])
+        .arg(&cr)
+        .status()?;
+    ensure!(st.success());
+    for kind in ["primary", "filelists", "other"] {
+        let theirs = normalize_rpm_entry(&gunzip(&repodata(&cr, kind)?)?);
+        let ours = normalize_rpm_entry(&gunzip(&repodata(&repo.join("rpm/unstable"), kind)?)?);
+        ensure!(
+            theirs == ours,
+            "{kind}: createrepo_c\n{theirs:#?}\nkeepup\n{ours:#?}"
+        );
+    }
     Ok(())
 }

@@ -17,11 +17,13 @@ use crate::sign::{self, Signer};
 /// the track is empty.
 const APT_ARCHES: [&str; 2] = ["amd64", "arm64"];
 
-/// A Packages stanza for a .deb: its control fields plus where and what the file is.
+/// A Packages stanza for a .deb: its control fields plus where and what the file is (the
+/// fields `apt-ftparchive packages` adds, except the SHA1 that apt no longer trusts).
 pub fn deb_stanza(e: &PoolEntry, control: &str, bytes: &[u8]) -> String {
     let md5 = hex::encode(md5::Md5::digest(bytes));
+    let sha512 = hex::encode(sha2::Sha512::digest(bytes));
     format!(
-        "{}\nFilename: {}\nSize: {}\nMD5sum: {md5}\nSHA256: {}\n",
+        "{}\nFilename: {}\nSize: {}\nMD5sum: {md5}\nSHA256: {}\nSHA512: {sha512}\n",
         control.trim_end(),
         e.path,
         e.size,
