@@ -196,38 +196,39 @@ pub fn inspect_rpm(path: &Path, bytes: &[u8], key_asc: &[u8]) -> Result<Inspecte
 }
 
 /// The three createrepo entries (`<package>` elements of primary, filelists, other) of one rpm
-/// whose pool file is `file`, to be listed at `href` (relative to the track's rpm base).
-pub fn rpm_fragments(file: &Path, href: &str) -> Result<[String; 3]> {
+/// (its bytes), to be listed at `href` (relative to the track's rpm base).
+pub fn rpm_fragments(bytes: &[u8], href: &str, time_file: u64) -> Result<[String; 3]> {
     use rpmrepo_metadata::{
-        CompressionType, Package, PackageFileOptions, RepositoryOptions, RepositoryWriter,
+        FilelistsXml, OtherXml, Package, PackageOptions, PackageSource, PrimaryXml, Repository,
     };
-    let pkg = Package::from_file_with_options(
-        file,
-        PackageFileOptions {
-            location_href: Some(href.to_string()),
-            ..Default::default()
+    let pkg = Package::from_buffer(
+        bytes,
+        PackageSource {
+            checksum: None,
+            size_package: None,
+            time_file,
+            location_href: href.to_string(),
+            location_base: None,
         },
+        PackageOptions::default(),
     )
-    .map_err(|e| anyhow!("reading rpm metadata of {}: {e}", file.display()))?;
-    let tmp = tempfile::tempdir()?;
-    let mut w = RepositoryWriter::new_with_options(
-        tmp.path(),
-        1,
-        RepositoryOptions::default().compression_type(CompressionType::None),
-    )
-    .map_err(|e| anyhow!("{e}"))?;
-    w.add_package(&pkg).map_err(|e| anyhow!("{e}"))?;
-    w.finish().map_err(|e| anyhow!("{e}"))?;
+    .map_err(|e| anyhow!("reading rpm metadata of {href}: {e}"))?;
+    let mut repo = Repository::new();
+    repo.add_package(pkg);
+    let texts = [
+        repo.write_metadata_string::<PrimaryXml>(),
+        repo.write_metadata_string::<FilelistsXml>(),
+        repo.write_metadata_string::<OtherXml>(),
+    ];
     let mut out: [String; 3] = Default::default();
-    for (i, kind) in ["primary", "filelists", "other"].iter().enumerate() {
-        let text =
-            std::fs::read_to_string(tmp.path().join("repodata").join(format!("{kind}.xml")))?;
+    for (i, text) in texts.into_iter().enumerate() {
+        let text = text.map_err(|e| anyhow!("writing rpm metadata of {href}: {e}"))?;
         let start = text
             .find("<package")
-            .ok_or_else(|| anyhow!("no <package> in {kind}.xml"))?;
+            .ok_or_else(|| anyhow!("no <package> in the metadata of {href}"))?;
         let end = text
             .rfind("</package>")
-            .ok_or_else(|| anyhow!("no </package> in {kind}.xml"))?
+            .ok_or_else(|| anyhow!("no </package> in the metadata of {href}"))?
             + "</package>".len();
         out[i] = format!("  {}\n", &text[start..end]);
     }

@@ -140,6 +140,13 @@ impl State {
     }
 }
 
+/// A package checked and ready to be stored: entry, bytes, and index fragments by kind.
+struct Staged {
+    entry: PoolEntry,
+    bytes: Vec<u8>,
+    fragments: Vec<(&'static str, String)>,
+}
+
 /// An open repository, locked for the lifetime of this value when opened for writing.
 pub struct Repo {
     /// Repository root.
@@ -156,18 +163,33 @@ pub fn sha256_hex(data: &[u8]) -> String {
 
 /// Write `data` to `path` under a temporary name in the same directory, then rename.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    write_new(path, data, 0o644)
+}
+
+/// [`write_atomic`] with a mode (private files: 0600).
+fn write_new(path: &Path, data: &[u8], mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
     let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".tmp-")
-        .tempfile_in(dir)
-        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+    let temp = || tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir);
+    // Creating the directory only when it is missing saves a syscall per file (publishing
+    // thousands of packages writes thousands of files).
+    let mut tmp = match temp() {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            temp()
+        }
+        .with_context(|| format!("creating a temporary file in {}", dir.display()))?,
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("creating a temporary file in {}", dir.display()))
+        }
+    };
     tmp.write_all(data)
         .with_context(|| format!("writing {}", path.display()))?;
-    {
-        use std::os::unix::fs::PermissionsExt;
+    if mode != 0o600 {
         tmp.as_file()
-            .set_permissions(std::fs::Permissions::from_mode(0o644))?;
+            .set_permissions(std::fs::Permissions::from_mode(mode))?;
     }
     tmp.persist(path)
         .map_err(|e| anyhow!("renaming into {}: {}", path.display(), e.error))?;
@@ -290,11 +312,26 @@ impl Repo {
         Signer::load(&self.secret_key_path())
     }
 
-    fn meta_path(&self, sha256: &str, kind: &str) -> PathBuf {
+    /// Where the index fragments of the pool file with this digest are kept (one JSON object:
+    /// `stanza` for a .deb; `primary`, `filelists`, `other` for an .rpm).
+    fn meta_path(&self, sha256: &str) -> PathBuf {
         Self::private(&self.root)
             .join("meta")
             .join(&sha256[..2])
-            .join(format!("{sha256}.{kind}"))
+            .join(format!("{sha256}.json"))
+    }
+
+    /// The index fragments of a pool entry.
+    fn fragments(&self, e: &PoolEntry) -> Result<BTreeMap<String, String>> {
+        let p = self.meta_path(&e.sha256);
+        let b = std::fs::read(&p).with_context(|| {
+            format!(
+                "the index fragments of {} are missing ({})",
+                e.path,
+                p.display()
+            )
+        })?;
+        Ok(serde_json::from_slice(&b)?)
     }
 
     /// Regenerate the views and indexes of `tracks` (and the fleet policy), then save the state.
@@ -329,24 +366,52 @@ impl Repo {
     pub fn publish(&mut self, files: &[PathBuf], track: &str) -> Result<Vec<PoolEntry>> {
         self.state.track_index(track)?;
         let key = std::fs::read(self.public_key_path())?;
-        let mut staged: Vec<(PoolEntry, Vec<u8>, Option<String>)> = Vec::new();
-        for f in files {
-            let bytes = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
-            let info = if bytes.starts_with(b"!<arch>\n") {
-                inspect::inspect_deb(f, &bytes)?
-            } else if bytes.starts_with(&[0xed, 0xab, 0xee, 0xdb]) {
-                inspect::inspect_rpm(f, &bytes, &key)?
-            } else {
+        // Checking packages and computing their index fragments is the expensive part: spread
+        // it over the cores. Nothing is written until every file has passed.
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(files.len().max(1));
+        let this = &*self;
+        let results: Vec<Result<Vec<(usize, Staged)>>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..threads)
+                .map(|t| {
+                    let key = &key;
+                    scope.spawn(move || {
+                        let mut out = Vec::new();
+                        for (i, f) in files.iter().enumerate().skip(t).step_by(threads) {
+                            out.push((i, this.check_file(f, key)?));
+                        }
+                        Ok(out)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("staging thread panicked"))
+                .collect()
+        });
+        let mut staged: Vec<(usize, Staged)> = Vec::new();
+        for r in results {
+            staged.extend(r?);
+        }
+        staged.sort_by_key(|(i, _)| *i);
+        let staged: Vec<Staged> = staged.into_iter().map(|(_, s)| s).collect();
+        for (i, a) in staged.iter().enumerate() {
+            if let Some(b) = staged[..i]
+                .iter()
+                .find(|b| b.entry.path == a.entry.path && b.entry.sha256 != a.entry.sha256)
+            {
                 bail!(
-                    "{} is neither a .deb nor an .rpm; build packages with `keepup pack`",
-                    f.display()
+                    "{} {} ({}) is given twice with different contents; publish one of them",
+                    b.entry.name,
+                    b.entry.version,
+                    b.entry.arch
                 );
-            };
-            staged.push(self.stage(info, bytes, None)?);
+            }
         }
         let old = self.state.clone();
         let written = self.store(&staged)?;
-        let entries: Vec<PoolEntry> = staged.iter().map(|s| s.0.clone()).collect();
+        let entries: Vec<PoolEntry> = staged.iter().map(|s| s.entry.clone()).collect();
         let ts = self.state.track.get_mut(track).expect("checked");
         for e in &entries {
             ts.members.insert(e.path.clone());
@@ -360,13 +425,29 @@ impl Repo {
         res.map(|_| entries)
     }
 
-    /// Check one package against the pool; returns its entry, bytes and (for a .deb) stanza.
+    /// Read and check one file offered for publication.
+    fn check_file(&self, f: &Path, key: &[u8]) -> Result<Staged> {
+        let bytes = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
+        let info = if bytes.starts_with(b"!<arch>\n") {
+            inspect::inspect_deb(f, &bytes)?
+        } else if bytes.starts_with(&[0xed, 0xab, 0xee, 0xdb]) {
+            inspect::inspect_rpm(f, &bytes, key)?
+        } else {
+            bail!(
+                "{} is neither a .deb nor an .rpm; build packages with `keepup pack`",
+                f.display()
+            );
+        };
+        self.stage(info, bytes, None)
+    }
+
+    /// Check one package against the pool; returns its entry, bytes and index fragments.
     fn stage(
         &self,
         info: inspect::Inspected,
         bytes: Vec<u8>,
         rollback_of: Option<String>,
-    ) -> Result<(PoolEntry, Vec<u8>, Option<String>)> {
+    ) -> Result<Staged> {
         let sha256 = sha256_hex(&bytes);
         let letter = &info.name[..1];
         let plain_version = info
@@ -403,32 +484,45 @@ impl Repo {
             sha256,
             rollback_of,
         };
-        Ok((entry, bytes, info.control))
+        let fragments = match entry.format {
+            Format::Deb => vec![(
+                "stanza",
+                views::deb_stanza(&entry, info.control.as_deref().unwrap_or(""), &bytes),
+            )],
+            Format::Rpm => {
+                let href = format!("packages/{}", file_name(&entry.path));
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                let [p, f, o] = inspect::rpm_fragments(&bytes, &href, now)?;
+                vec![("primary", p), ("filelists", f), ("other", o)]
+            }
+        };
+        Ok(Staged {
+            entry,
+            bytes,
+            fragments,
+        })
     }
 
     /// Write staged packages into the pool (and their index fragments); returns new files.
-    fn store(&mut self, staged: &[(PoolEntry, Vec<u8>, Option<String>)]) -> Result<Vec<PathBuf>> {
+    fn store(&mut self, staged: &[Staged]) -> Result<Vec<PathBuf>> {
         let mut written = Vec::new();
         let result = (|| -> Result<()> {
-            for (e, bytes, control) in staged {
+            for s in staged {
+                let e = &s.entry;
                 let dest = self.root.join(&e.path);
                 if !self.state.pool.contains_key(&e.path) || !dest.exists() {
-                    write_atomic(&dest, bytes)?;
+                    write_atomic(&dest, &s.bytes)?;
                     written.push(dest.clone());
                 }
-                match e.format {
-                    Format::Deb => {
-                        let stanza = views::deb_stanza(e, control.as_deref().unwrap_or(""), bytes);
-                        write_atomic(&self.meta_path(&e.sha256, "stanza"), stanza.as_bytes())?;
-                    }
-                    Format::Rpm => {
-                        let href = format!("packages/{}", file_name(&e.path));
-                        let frags = inspect::rpm_fragments(&dest, &href)?;
-                        for (kind, text) in ["primary", "filelists", "other"].iter().zip(frags) {
-                            write_atomic(&self.meta_path(&e.sha256, kind), text.as_bytes())?;
-                        }
-                    }
-                }
+                let frags: BTreeMap<&str, &str> =
+                    s.fragments.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                write_new(
+                    &self.meta_path(&e.sha256),
+                    &serde_json::to_vec(&frags)?,
+                    0o600,
+                )?;
                 self.state.pool.insert(e.path.clone(), e.clone());
             }
             Ok(())
@@ -581,7 +675,7 @@ impl Repo {
         }
         let old = self.state.clone();
         let written = self.store(&staged)?;
-        let entries: Vec<PoolEntry> = staged.iter().map(|s| s.0.clone()).collect();
+        let entries: Vec<PoolEntry> = staged.iter().map(|s| s.entry.clone()).collect();
         let ts = self.state.track.get_mut(track).expect("checked");
         for e in &entries {
             ts.members.insert(e.path.clone());

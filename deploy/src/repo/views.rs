@@ -102,8 +102,7 @@ fn write_apt(repo: &Repo, signer: &Signer, track: &str, members: &[&PoolEntry]) 
         debs.sort_by(|a, b| a.name.cmp(&b.name).then(a.version_cmp(&b.version)));
         let mut packages = String::new();
         for e in debs {
-            let stanza = std::fs::read_to_string(repo.meta_path(&e.sha256, "stanza"))
-                .with_context(|| format!("the index fragment of {} is missing", e.path))?;
+            let stanza = repo.fragments(e)?.remove("stanza").unwrap_or_default();
             if !packages.is_empty() {
                 packages.push('\n');
             }
@@ -171,6 +170,10 @@ fn write_rpm(repo: &Repo, signer: &Signer, track: &str, members: &[&PoolEntry]) 
         }
     }
     let n = rpms.len().to_string();
+    let frags: Vec<_> = rpms
+        .iter()
+        .map(|e| repo.fragments(e))
+        .collect::<Result<_>>()?;
     let mut records = Vec::new();
     for (kind, open, close) in [
         ("primary", PRIMARY_OPEN, "</metadata>"),
@@ -180,10 +183,11 @@ fn write_rpm(repo: &Repo, signer: &Signer, track: &str, members: &[&PoolEntry]) 
         let mut xml = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
         xml.push_str(&open.replace("{N}", &n));
         xml.push('\n');
-        for e in &rpms {
-            let frag = std::fs::read_to_string(repo.meta_path(&e.sha256, kind))
-                .with_context(|| format!("the {kind} fragment of {} is missing", e.path))?;
-            xml.push_str(&frag);
+        for (e, f) in rpms.iter().zip(&frags) {
+            let frag = f
+                .get(kind)
+                .ok_or_else(|| anyhow!("the {kind} fragment of {} is missing", e.path))?;
+            xml.push_str(frag);
         }
         xml.push_str(close);
         xml.push('\n');
