@@ -12,6 +12,7 @@ mod refuse;
 mod role;
 mod service;
 mod systemd;
+mod update;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
