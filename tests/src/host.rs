@@ -252,6 +252,26 @@ impl Host {
         Ok(e.stdout)
     }
 
+    /// Polls `script` every 200 ms until it prints nothing (e.g. no process left); fails
+    /// after `within` with the last output.
+    pub async fn until_empty(&self, script: &str, within: Duration) -> Result<()> {
+        let start = std::time::Instant::now();
+        loop {
+            let out = self.exec(script).await?;
+            if out.stdout.trim().is_empty() {
+                return Ok(());
+            }
+            if start.elapsed() >= within {
+                bail!(
+                    "host {}: after {within:?}, `{script}` still prints:\n{}",
+                    self.name,
+                    out.stdout
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// Copies a local file or directory to `remote` (an absolute path) on the host, creating
     /// the parent directory first. Modes are kept; the owner becomes root.
     pub async fn copy_in(&self, local: &Path, remote: &str) -> Result<()> {

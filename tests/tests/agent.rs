@@ -209,24 +209,16 @@ async fn wait_banner_from(
     }
 }
 
-/// Polls `script` until it prints nothing, or fails after `within`.
+/// Polls `script` until it prints nothing, or fails after `within` showing foo's log.
 async fn until_empty(host: &Host, script: &str, within: Duration) -> Result<()> {
-    let start = Instant::now();
-    loop {
-        let out = host.exec(script).await?;
-        if out.stdout.trim().is_empty() {
-            return Ok(());
-        }
-        ensure!(
-            start.elapsed() < within,
-            "after {within:?}, `{script}` still prints:\n{}\n--- foo.log:\n{}",
-            out.stdout,
-            host.exec("tail -n 30 /var/log/keepup/foo.log")
-                .await?
-                .stdout
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    if let Err(e) = host.until_empty(script, within).await {
+        let log = host
+            .exec("tail -n 30 /var/log/keepup/foo.log")
+            .await?
+            .stdout;
+        bail!("{e:#}\n--- foo.log:\n{log}");
     }
+    Ok(())
 }
 
 /// Crash -> respawned at once (it ran over a second); a crash loop is given up after `count`

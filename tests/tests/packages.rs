@@ -27,23 +27,6 @@ fn build_example(out: &Path, version: &str, edit: impl Fn(String) -> String) -> 
     .unwrap()
 }
 
-/// Poll `script` until it prints nothing (e.g. no process left), or fail after `within`.
-async fn until_empty(host: &Host, script: &str, within: Duration) -> Result<()> {
-    let start = Instant::now();
-    loop {
-        let out = host.exec(script).await?;
-        if out.stdout.trim().is_empty() {
-            return Ok(());
-        }
-        ensure!(
-            start.elapsed() < within,
-            "after {within:?}, `{script}` still prints:\n{}",
-            out.stdout
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 /// Live (non-zombie) processes of the role: `user pid stat args`.
 const ROLE_PROCS: &str = "ps -u foo -o user=,pid=,stat=,args= | awk '$3 !~ /^Z/'";
 
@@ -188,7 +171,8 @@ async fn full_cycle(host: &Host, dist: &Path, c: &Cycle) -> Result<()> {
         "upgrade blocked for {:?}",
         t.elapsed()
     );
-    until_empty(host, ROLE_PROCS, Duration::from_secs(GRACE_SECS + 5)).await?;
+    host.until_empty(ROLE_PROCS, Duration::from_secs(GRACE_SECS + 5))
+        .await?;
     host.ok("grep -qx 'version: 1.1.0-1' /usr/lib/keepup/services/foo.yaml")
         .await?;
     let verify = host.exec(c.verify).await?;
@@ -202,7 +186,8 @@ async fn full_cycle(host: &Host, dist: &Path, c: &Cycle) -> Result<()> {
     start_launch_script(host).await?;
     host.ok(c.remove).await?;
     host.ok("! test -e /usr/bin/food && ! test -e /usr/sbin/run-foo && ! test -e /usr/lib/keepup/services/foo.yaml").await?;
-    until_empty(host, ROLE_PROCS, Duration::from_secs(GRACE_SECS + 5)).await?;
+    host.until_empty(ROLE_PROCS, Duration::from_secs(GRACE_SECS + 5))
+        .await?;
     Ok(())
 }
 
