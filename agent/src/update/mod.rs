@@ -7,7 +7,9 @@
 // Nothing outside the tests calls this yet.
 #![allow(dead_code)]
 
+pub mod pkg;
 pub mod plan;
+pub mod run;
 pub mod schedule;
 pub mod stagger;
 pub mod version;
