@@ -7,6 +7,7 @@
 // Nothing outside the tests calls this yet.
 #![allow(dead_code)]
 
+pub mod fetch;
 pub mod pkg;
 pub mod plan;
 pub mod run;

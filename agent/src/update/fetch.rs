@@ -1,0 +1,403 @@
+//! Downloading a package into the cache and checking it: plain HTTP/1 (hyper, no TLS: what
+//! makes a package trustworthy is its sha256 in the signed index, not the transport), bounded
+//! in time and in size (never more bytes than the index declares), written to a temporary file
+//! in the cache directory and renamed into place only when its size and sha256 match. A file
+//! already in the cache with the right sha256 is used without downloading again.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use hyper::header::{CONNECTION, HOST, USER_AGENT};
+use hyper::{Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+/// What to fetch and what it must be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Wanted<'a> {
+    /// `http://host[:port]/path`.
+    pub url: &'a str,
+    /// Exact size in bytes (from the index).
+    pub size: u64,
+    /// SHA-256, lowercase hex (from the index).
+    pub sha256: &'a str,
+}
+
+/// Why a download was refused or failed.
+#[derive(Debug)]
+pub enum FetchError {
+    /// Not a URL this client fetches.
+    BadUrl(String),
+    /// Connecting, sending or receiving failed.
+    Http(String),
+    /// The server answered something other than 200.
+    Status(StatusCode),
+    /// The whole download took longer than the timeout.
+    Timeout(Duration),
+    /// More bytes than the index says the file has.
+    TooLarge(u64),
+    /// Fewer bytes than the index says.
+    TooShort {
+        /// Bytes received.
+        got: u64,
+        /// Bytes expected.
+        want: u64,
+    },
+    /// The content is not what the index says.
+    Sha256Mismatch {
+        /// What the bytes hash to.
+        got: String,
+        /// What the index says.
+        want: String,
+    },
+    /// Writing the cache failed.
+    Io(std::io::Error),
+}
+
+impl fmt::Display for FetchError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FetchError::BadUrl(why) => f.write_str(why),
+            FetchError::Http(why) => write!(f, "download failed: {why}"),
+            FetchError::Status(s) => write!(f, "download failed: the server answered {s}"),
+            FetchError::Timeout(t) => write!(
+                f,
+                "download failed: not complete after {}",
+                humantime::format_duration(*t)
+            ),
+            FetchError::TooLarge(want) => write!(
+                f,
+                "refused: the server sent more than the {want} bytes the signed index lists"
+            ),
+            FetchError::TooShort { got, want } => write!(
+                f,
+                "refused: the server sent {got} bytes, the signed index lists {want}"
+            ),
+            FetchError::Sha256Mismatch { got, want } => write!(
+                f,
+                "refused: sha256 mismatch: the file hashes to {got}, the signed index lists \
+                 {want}; not installed"
+            ),
+            FetchError::Io(e) => write!(f, "writing the package cache: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for FetchError {}
+
+impl From<std::io::Error> for FetchError {
+    fn from(e: std::io::Error) -> FetchError {
+        FetchError::Io(e)
+    }
+}
+
+/// `http://host[:port]/path` -> (`host:port` to connect to, Host header, request target).
+fn split_url(url: &str) -> Result<(String, String, String), FetchError> {
+    let rest = match url.split_once("://") {
+        Some(("http", rest)) => rest,
+        Some(("https", _)) => {
+            return Err(FetchError::BadUrl(format!(
+                "{url}: https is not supported: serve the repository over plain http (every \
+                 package is checked against the signed index's sha256)"
+            )))
+        }
+        _ => return Err(FetchError::BadUrl(format!("{url}: not an http:// URL"))),
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    if authority.is_empty() || authority.contains('@') {
+        return Err(FetchError::BadUrl(format!(
+            "{url}: no host (or a user part)"
+        )));
+    }
+    let connect = if authority.rsplit_once(':').is_some_and(|(_, p)| {
+        !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()) && !authority.ends_with(']')
+    }) {
+        authority.to_string()
+    } else {
+        format!("{authority}:80")
+    };
+    Ok((connect, authority.to_string(), path.to_string()))
+}
+
+/// SHA-256 of a file, hex, or None if it cannot be read.
+pub fn sha256_file(path: &Path) -> Option<String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).ok()?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match f.read(&mut buf).ok()? {
+            0 => return Some(hex::encode(h.finalize())),
+            n => h.update(&buf[..n]),
+        }
+    }
+}
+
+/// Fetches `want` into `cache_dir/<file_name>` within `timeout`; returns the file's path.
+pub async fn fetch(
+    want: &Wanted<'_>,
+    cache_dir: &Path,
+    file_name: &str,
+    timeout: Duration,
+) -> Result<PathBuf, FetchError> {
+    if file_name.is_empty() || file_name.contains('/') || file_name.starts_with('.') {
+        return Err(FetchError::BadUrl(format!(
+            "{file_name:?} is not a plain file name for the cache"
+        )));
+    }
+    let want_sha = want.sha256.to_ascii_lowercase();
+    let dest = cache_dir.join(file_name);
+    let cached = {
+        let d = dest.clone();
+        tokio::task::spawn_blocking(move || sha256_file(&d))
+            .await
+            .ok()
+            .flatten()
+    };
+    if cached.as_deref() == Some(want_sha.as_str()) {
+        return Ok(dest);
+    }
+    tokio::fs::create_dir_all(cache_dir).await?;
+    let tmp = cache_dir.join(format!(".{file_name}.part"));
+    let result = tokio::time::timeout(timeout, download(want, &tmp))
+        .await
+        .unwrap_or(Err(FetchError::Timeout(timeout)));
+    let checked = result.and_then(|got| {
+        if got == want_sha {
+            Ok(())
+        } else {
+            Err(FetchError::Sha256Mismatch {
+                got,
+                want: want_sha.clone(),
+            })
+        }
+    });
+    match checked {
+        Ok(()) => {
+            tokio::fs::rename(&tmp, &dest).await?;
+            Ok(dest)
+        }
+        Err(e) => {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            Err(e)
+        }
+    }
+}
+
+/// Streams the body into `tmp`, hashing and counting; returns the sha256.
+async fn download(want: &Wanted<'_>, tmp: &Path) -> Result<String, FetchError> {
+    let (connect, host, target) = split_url(want.url)?;
+    let http = |what: &str, e: &dyn fmt::Display| FetchError::Http(format!("{what}: {e}"));
+    let stream = TcpStream::connect(&connect)
+        .await
+        .map_err(|e| http(&format!("connecting to {connect}"), &e))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| http("handshake", &e))?;
+    let conn = tokio::spawn(conn);
+    let req = Request::get(target.as_str())
+        .header(HOST, host)
+        .header(USER_AGENT, "keepup-agent")
+        .header(CONNECTION, "close")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| http("request", &e))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| http(want.url, &e))?;
+    if resp.status() != StatusCode::OK {
+        conn.abort();
+        return Err(FetchError::Status(resp.status()));
+    }
+    let mut body = resp.into_body();
+    let mut file = tokio::fs::File::create(tmp).await?;
+    let mut hash = Sha256::new();
+    let mut got: u64 = 0;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| http(want.url, &e))?;
+        if let Ok(data) = frame.into_data() {
+            got += data.len() as u64;
+            if got > want.size {
+                conn.abort();
+                return Err(FetchError::TooLarge(want.size));
+            }
+            hash.update(&data);
+            file.write_all(&data).await?;
+        }
+    }
+    conn.abort();
+    if got < want.size {
+        return Err(FetchError::TooShort {
+            got,
+            want: want.size,
+        });
+    }
+    file.sync_all().await?;
+    Ok(hex::encode(hash.finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    /// A tiny HTTP/1.0-style server: every connection gets `reply` (after `delay`).
+    async fn server(reply: Vec<u8>, delay: Duration) -> String {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = l.accept().await else {
+                    return;
+                };
+                let reply = reply.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = s.read(&mut buf).await;
+                    tokio::time::sleep(delay).await;
+                    let _ = s.write_all(&reply).await;
+                    let _ = s.shutdown().await;
+                });
+            }
+        });
+        format!("http://{addr}/pool/foo_1.0-1_amd64.deb")
+    }
+
+    fn ok_reply(body: &[u8]) -> Vec<u8> {
+        let mut r = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        r.extend_from_slice(body);
+        r
+    }
+
+    fn sha(b: &[u8]) -> String {
+        hex::encode(Sha256::digest(b))
+    }
+
+    const T: Duration = Duration::from_secs(10);
+
+    #[tokio::test]
+    async fn fetches_and_checks() {
+        let body = b"package bytes".repeat(1000);
+        let url = server(ok_reply(&body), Duration::ZERO).await;
+        let dir = tempfile::tempdir().unwrap();
+        let s = sha(&body);
+        let want = Wanted {
+            url: &url,
+            size: body.len() as u64,
+            sha256: &s,
+        };
+        let p = fetch(&want, dir.path(), "foo.deb", T).await.unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), body);
+        // Cached: no server needed any more.
+        let gone = Wanted {
+            url: "http://127.0.0.1:1/x",
+            ..want
+        };
+        assert_eq!(fetch(&gone, dir.path(), "foo.deb", T).await.unwrap(), p);
+    }
+
+    #[tokio::test]
+    async fn sha256_mismatch_is_refused_and_leaves_nothing() {
+        let body = b"tampered".to_vec();
+        let url = server(ok_reply(&body), Duration::ZERO).await;
+        let dir = tempfile::tempdir().unwrap();
+        let s = sha(b"original");
+        let want = Wanted {
+            url: &url,
+            size: body.len() as u64,
+            sha256: &s,
+        };
+        let e = fetch(&want, dir.path(), "foo.deb", T).await.unwrap_err();
+        assert!(matches!(e, FetchError::Sha256Mismatch { .. }), "{e}");
+        assert!(e.to_string().starts_with("refused: sha256 mismatch"), "{e}");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn size_is_bounded_both_ways() {
+        let body = vec![7u8; 100_000];
+        let url = server(ok_reply(&body), Duration::ZERO).await;
+        let dir = tempfile::tempdir().unwrap();
+        let s = sha(&body);
+        let small = Wanted {
+            url: &url,
+            size: 1000,
+            sha256: &s,
+        };
+        let e = fetch(&small, dir.path(), "a.deb", T).await.unwrap_err();
+        assert!(matches!(e, FetchError::TooLarge(1000)), "{e}");
+        let big = Wanted {
+            url: &url,
+            size: 200_000,
+            sha256: &s,
+        };
+        let e = fetch(&big, dir.path(), "a.deb", T).await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                FetchError::TooShort {
+                    got: 100_000,
+                    want: 200_000
+                }
+            ),
+            "{e}"
+        );
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn slow_server_times_out_and_bad_status_fails() {
+        let url = server(ok_reply(b"x"), Duration::from_secs(30)).await;
+        let dir = tempfile::tempdir().unwrap();
+        let s = sha(b"x");
+        let want = Wanted {
+            url: &url,
+            size: 1,
+            sha256: &s,
+        };
+        let e = fetch(&want, dir.path(), "a.deb", Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, FetchError::Timeout(_)), "{e}");
+        let url = server(
+            b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_vec(),
+            Duration::ZERO,
+        )
+        .await;
+        let want = Wanted { url: &url, ..want };
+        let e = fetch(&want, dir.path(), "a.deb", T).await.unwrap_err();
+        assert!(e.to_string().contains("404"), "{e}");
+    }
+
+    #[test]
+    fn urls() {
+        assert_eq!(
+            split_url("http://repo.example:8080/pool/a.deb").unwrap(),
+            (
+                "repo.example:8080".into(),
+                "repo.example:8080".into(),
+                "/pool/a.deb".into()
+            )
+        );
+        assert_eq!(split_url("http://repo").unwrap().0, "repo:80");
+        assert_eq!(split_url("http://[::1]").unwrap().0, "[::1]:80");
+        assert_eq!(split_url("http://[::1]:81/x").unwrap().0, "[::1]:81");
+        let e = split_url("https://repo/x").unwrap_err().to_string();
+        assert!(e.contains("https is not supported"), "{e}");
+        assert!(split_url("ftp://repo/x").is_err());
+        assert!(split_url("http:///x").is_err());
+    }
+}
