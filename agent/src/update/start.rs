@@ -1,0 +1,254 @@
+//! Start confirmation after an install or upgrade, as pure judgement over the agent's own
+//! `status` snapshots ([`ServiceStatus`]): the pass polls a service's snapshot until [`judge`]
+//! says started or failed, and on failure reports [`log_tail`] of the service's log.
+//!
+//! Started: the snapshot shows the new version, the service is starting or running, and every
+//! probe has passed since the current run began (a result older than the run is from the
+//! previous version); a service without probes counts once its launch script has run 1 s.
+//! Failed: given up, refused or admin-down at once; anything else (backoff, not sane, probes
+//! failing or not yet run) only when the deadline — the longest probe `grace` plus a timeout —
+//! has passed.
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::control::ServiceStatus;
+use crate::policy::State;
+
+/// How long a service without probes must have run to count as started.
+pub const NO_PROBE_RUN: Duration = Duration::from_secs(1);
+
+/// Where a start stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Up, at the new version, probes passing.
+    Started,
+    /// Not yet; ask again.
+    Waiting,
+    /// Did not start; why.
+    FailedToStart(String),
+}
+
+/// Does a manifest version (`1.2`, or `1.2-1`) name the package version `[epoch:]1.2-1`?
+pub fn version_matches(manifest: &str, package: &str) -> bool {
+    let strip = |v: &str| match v.split_once(':') {
+        Some((e, rest)) if e.chars().all(|c| c.is_ascii_digit()) => rest.to_string(),
+        _ => v.to_string(),
+    };
+    let (m, p) = (strip(manifest), strip(package));
+    m == p
+        || p.rsplit_once('-')
+            .is_some_and(|(upstream, _)| upstream == m)
+}
+
+/// Judges one snapshot, `elapsed` after the install finished, against `deadline`.
+pub fn judge(
+    s: &ServiceStatus,
+    package_version: &str,
+    elapsed: Duration,
+    deadline: Duration,
+) -> Verdict {
+    let late = elapsed >= deadline;
+    let fail = |why: String| Verdict::FailedToStart(why);
+    match s.state {
+        State::GivenUp | State::Refused | State::Down => {
+            let extra = s
+                .note
+                .as_deref()
+                .or(s.last_exit.as_deref())
+                .map(|n| format!(" ({n})"))
+                .unwrap_or_default();
+            return fail(format!("{}{extra}", s.state.as_str()));
+        }
+        _ => {}
+    }
+    let why_not = if !version_matches(&s.version, package_version) {
+        format!(
+            "still version {} (waiting for {package_version})",
+            s.version
+        )
+    } else if !matches!(s.state, State::Starting | State::Running) {
+        let mut w = s.state.as_str().to_string();
+        if let Some(e) = &s.last_exit {
+            w.push_str(&format!(", last exit: {e}"));
+        }
+        w
+    } else {
+        let uptime = s.uptime_secs.unwrap_or(0.0);
+        if s.probes.is_empty() {
+            if uptime >= NO_PROBE_RUN.as_secs_f64() {
+                return Verdict::Started;
+            }
+            format!("running for {uptime:.1}s only")
+        } else {
+            let pending: Vec<String> = s
+                .probes
+                .iter()
+                .filter(|p| !(p.ok == Some(true) && p.age_secs.is_some_and(|a| a <= uptime)))
+                .map(|p| match (&p.ok, &p.reason) {
+                    (Some(false), Some(r)) => format!("{} failing: {r}", p.name),
+                    (Some(false), None) => format!("{} failing", p.name),
+                    _ => format!("{} not passed yet", p.name),
+                })
+                .collect();
+            if pending.is_empty() {
+                return Verdict::Started;
+            }
+            pending.join("; ")
+        }
+    };
+    if late {
+        fail(format!(
+            "not started after {}: {why_not}",
+            humantime::format_duration(deadline)
+        ))
+    } else {
+        Verdict::Waiting
+    }
+}
+
+/// The last `max` bytes of `log_dir/<service>.log` (from a line start when possible).
+pub fn log_tail(log_dir: &Path, service: &str, max: u64) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(log_dir.join(format!("{service}.log"))) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(max);
+    if f.seek(SeekFrom::Start(start)).is_err() {
+        return String::new();
+    }
+    let mut buf = Vec::new();
+    let _ = f.take(max).read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    match (start > 0, text.find('\n')) {
+        (true, Some(i)) if i + 1 < text.len() => text[i + 1..].to_string(),
+        _ => text,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::ProbeStatus;
+
+    fn status(version: &str, state: State, uptime: f64, probes: Vec<ProbeStatus>) -> ServiceStatus {
+        ServiceStatus {
+            name: "hello".into(),
+            version: version.into(),
+            supervisor: "agent".into(),
+            state,
+            pid: Some(42),
+            uptime_secs: Some(uptime),
+            restarts: 0,
+            last_exit: None,
+            note: None,
+            probes,
+        }
+    }
+
+    fn probe(ok: Option<bool>, age: f64, reason: Option<&str>) -> ProbeStatus {
+        ProbeStatus {
+            name: "banner".into(),
+            probe: "tcp 127.0.0.1:7070".into(),
+            ok,
+            reason: reason.map(String::from),
+            failures: 0,
+            age_secs: Some(age),
+        }
+    }
+
+    const D: Duration = Duration::from_secs(15);
+    const EARLY: Duration = Duration::from_secs(2);
+
+    #[test]
+    fn versions() {
+        assert!(version_matches("1.2", "1.2-1"));
+        assert!(version_matches("1.2-1", "1.2-1"));
+        assert!(version_matches("1.2", "3:1.2-1"));
+        assert!(!version_matches("1.1", "1.2-1"));
+        assert!(version_matches("1.0+rb1", "1.0+rb1-1"));
+    }
+
+    #[test]
+    fn no_probes_means_one_second_of_running() {
+        let s = status("1.2", State::Starting, 0.4, vec![]);
+        assert_eq!(judge(&s, "1.2-1", EARLY, D), Verdict::Waiting);
+        let s = status("1.2", State::Running, 1.5, vec![]);
+        assert_eq!(judge(&s, "1.2-1", EARLY, D), Verdict::Started);
+    }
+
+    #[test]
+    fn probes_must_pass_during_this_run() {
+        // A pass from before the restart (older than the run) does not count.
+        let s = status(
+            "1.2",
+            State::Starting,
+            3.0,
+            vec![probe(Some(true), 10.0, None)],
+        );
+        assert_eq!(judge(&s, "1.2-1", EARLY, D), Verdict::Waiting);
+        let s = status(
+            "1.2",
+            State::Running,
+            3.0,
+            vec![probe(Some(true), 0.5, None)],
+        );
+        assert_eq!(judge(&s, "1.2-1", EARLY, D), Verdict::Started);
+    }
+
+    #[test]
+    fn old_version_waits_then_fails() {
+        let s = status("1.1", State::Running, 30.0, vec![]);
+        assert_eq!(judge(&s, "1.2-1", EARLY, D), Verdict::Waiting);
+        let Verdict::FailedToStart(why) = judge(&s, "1.2-1", D, D) else {
+            panic!()
+        };
+        assert!(why.contains("still version 1.1"), "{why}");
+    }
+
+    #[test]
+    fn failing_probes_fail_at_the_deadline_with_the_reason() {
+        let s = status(
+            "1.2",
+            State::Running,
+            8.0,
+            vec![probe(Some(false), 1.0, Some("connection refused"))],
+        );
+        assert_eq!(judge(&s, "1.2-1", EARLY, D), Verdict::Waiting);
+        assert_eq!(
+            judge(&s, "1.2-1", D, D),
+            Verdict::FailedToStart(
+                "not started after 15s: banner failing: connection refused".into()
+            )
+        );
+    }
+
+    #[test]
+    fn given_up_fails_at_once() {
+        let mut s = status("1.2", State::GivenUp, 0.0, vec![]);
+        s.last_exit = Some("exit status 1 after 0.1s".into());
+        assert_eq!(
+            judge(&s, "1.2-1", EARLY, D),
+            Verdict::FailedToStart("given-up (exit status 1 after 0.1s)".into())
+        );
+        let s = status("1.2", State::Backoff, 0.0, vec![]);
+        assert_eq!(judge(&s, "1.2-1", EARLY, D), Verdict::Waiting);
+        let Verdict::FailedToStart(why) = judge(&s, "1.2-1", D, D) else {
+            panic!()
+        };
+        assert!(why.ends_with(": backoff"), "{why}");
+    }
+
+    #[test]
+    fn tail_of_the_log() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(log_tail(d.path(), "hello", 100), "");
+        let text: String = (0..100).map(|i| format!("line {i}\n")).collect();
+        std::fs::write(d.path().join("hello.log"), &text).unwrap();
+        let t = log_tail(d.path(), "hello", 30);
+        assert!(t.ends_with("line 99\n") && t.starts_with("line "), "{t:?}");
+        assert!(t.len() <= 30);
+        assert_eq!(log_tail(d.path(), "hello", 10_000), text);
+    }
+}
