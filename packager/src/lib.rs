@@ -7,6 +7,7 @@
 
 pub mod manifest;
 pub mod spec;
+pub mod version;
 
 #[cfg(feature = "build")]
 mod deb;
