@@ -21,6 +21,7 @@ use crate::control::{self, Incoming, Request, Response};
 use crate::reaper::{self, Spawned};
 use crate::refuse::Roles;
 use crate::service::{self, Ctx, Handle, ServiceCommand};
+use crate::watch::DirWatch;
 
 /// Upper bound on the shutdown: every service's stop runs in parallel within its
 /// `stop_grace`; this covers the longest plus reaping.
@@ -116,22 +117,26 @@ pub async fn run(cfg: Config) -> Result<()> {
             spawned,
             roles: Roles::default(),
             uid_min: crate::refuse::uid_min(),
+            epoch: Instant::now(),
         },
         services: BTreeMap::new(),
         stopping: HashMap::new(),
         seen: HashMap::new(),
-        next_rekick: Instant::now() + cfg.rekick_every,
     };
-    agent.sync_manifests();
-    let mut scan = tokio::time::interval(cfg.scan_every);
-    scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut rekick =
-        tokio::time::interval_at((Instant::now() + cfg.rekick_every).into(), cfg.rekick_every);
-    rekick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Set up before the first scan, so nothing added meanwhile is missed. Idle, the agent
+    // does not wake up at all: the directory is watched, and each service task sleeps until
+    // its child exits, a probe or re-kick is due, or a request comes.
+    let mut watch = DirWatch::new(&cfg.manifest_dir, cfg.scan_every);
+    if !agent.sync_manifests() {
+        watch.rescan_within(cfg.scan_every);
+    }
     let why = loop {
         tokio::select! {
-            _ = scan.tick() => agent.sync_manifests(),
-            _ = rekick.tick() => agent.rekick_all(),
+            _ = watch.changed() => {
+                if !agent.sync_manifests() {
+                    watch.rescan_within(cfg.scan_every);
+                }
+            }
             Some((req, reply)) = requests.recv() => agent.request(req, reply),
             _ = sigterm.recv() => break "SIGTERM",
             _ = sigint.recv() => break "SIGINT",
@@ -160,12 +165,13 @@ struct Agent {
     stopping: HashMap<String, tokio::task::JoinHandle<()>>,
     /// Manifest files last seen, with what they parsed to (`None`: unreadable; reported once).
     seen: HashMap<PathBuf, (FileKey, Option<Manifest>)>,
-    next_rekick: Instant,
 }
 
 impl Agent {
-    /// Brings the set of services in line with the manifest directory.
-    fn sync_manifests(&mut self) {
+    /// Brings the set of services in line with the manifest directory. False if a change
+    /// could not be handed on yet (a service's queue was full): look again soon.
+    fn sync_manifests(&mut self) -> bool {
+        let mut complete = true;
         let dir = self.ctx.cfg.manifest_dir.clone();
         let files = list_manifests(&dir);
         self.seen.retain(|p, _| files.contains(p));
@@ -226,17 +232,22 @@ impl Agent {
         for (name, (m, path)) in wanted {
             match self.services.get_mut(&name) {
                 Some(h) if h.manifest != m => {
-                    // Recorded only once the task has it: a full queue is retried next scan.
+                    // Recorded only once the task has it: a full queue is retried by a rescan
+                    // soon.
                     if h.tx
                         .try_send(ServiceCommand::Reload(Box::new(m.clone())))
                         .is_ok()
                     {
                         h.manifest = m;
+                    } else {
+                        complete = false;
                     }
                 }
                 Some(_) => {}
                 None if self.stopping.contains_key(&name) => {
-                    // Removed and added again: wait for the old one to finish stopping.
+                    // Removed and added again: wait for the old one to finish stopping, and
+                    // look again soon.
+                    complete = false;
                 }
                 None => {
                     eprintln!(
@@ -248,13 +259,7 @@ impl Agent {
                 }
             }
         }
-    }
-
-    fn rekick_all(&mut self) {
-        self.next_rekick = Instant::now() + self.ctx.cfg.rekick_every;
-        for h in self.services.values() {
-            let _ = h.tx.try_send(ServiceCommand::Rekick(None));
-        }
+        complete
     }
 
     fn request(&mut self, req: Request, reply: oneshot::Sender<Response>) {
@@ -305,7 +310,12 @@ impl Agent {
                             .unwrap_or_else(|e| e.into_inner())
                             .snapshot(now);
                         if s.state == crate::policy::State::GivenUp {
-                            let next = self.next_rekick.saturating_duration_since(now);
+                            let next = crate::policy::next_tick(
+                                self.ctx.epoch,
+                                self.ctx.cfg.rekick_every,
+                                now,
+                            )
+                            .saturating_duration_since(now);
                             s.note = Some(format!(
                                 "{}; next re-kick in {}",
                                 s.note.unwrap_or_default(),

@@ -31,7 +31,8 @@ pub struct Config {
     pub socket: PathBuf,
     /// How often given-up services are started again (the talk's cron line).
     pub rekick_every: Duration,
-    /// How often the manifest directory is looked at.
+    /// How often the manifest directory is looked at when it cannot be watched with inotify
+    /// (and how soon a rescan follows a change that could not be handed on at once).
     pub scan_every: Duration,
     /// Respawn timing: a run shorter than `fast_crash` is a fast crash; the respawn delay
     /// after fast crashes grows up to `max_backoff`.

@@ -13,6 +13,7 @@ mod role;
 mod service;
 mod systemd;
 mod update;
+mod watch;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -71,8 +72,14 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    small_malloc();
+    // One thread runs everything; a few blocking threads do the `/proc` scans and user
+    // lookups (20 services starting at once queue up instead of starting 20 threads), and
+    // leave soon after, so an idle agent is one thread.
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        .max_blocking_threads(4)
+        .thread_keep_alive(std::time::Duration::from_secs(2))
         .build()
     {
         Ok(r) => r,
@@ -87,6 +94,17 @@ fn main() -> ExitCode {
             eprintln!("keepup-agent: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// One malloc arena for all threads: glibc gives each new thread its own (up to 8 per core),
+/// and the few blocking threads need no parallel allocation; their arenas would outlive them
+/// as resident memory.
+fn small_malloc() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tuning; called before any other thread exists.
+    unsafe {
+        nix::libc::mallopt(nix::libc::M_ARENA_MAX, 1);
     }
 }
 

@@ -16,6 +16,15 @@ pub const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 /// Default ceiling of the respawn delay.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
+/// The first tick after `now` of a timer that ticks every `every` from `epoch` (the agent's
+/// start): the re-kick timer. Services that have something to re-kick sleep until it; the
+/// others do not wake for it at all.
+pub fn next_tick(epoch: Instant, every: Duration, now: Instant) -> Instant {
+    let every = every.as_nanos().max(1);
+    let n = now.saturating_duration_since(epoch).as_nanos() / every + 1;
+    epoch + Duration::from_nanos(u64::try_from(n * every).unwrap_or(u64::MAX))
+}
+
 /// The respawn timing: what counts as a fast crash and how far the delay may grow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Respawn {
@@ -284,6 +293,21 @@ mod tests {
     use super::*;
 
     const MS: fn(u64) -> Duration = Duration::from_millis;
+
+    #[test]
+    fn rekick_ticks_keep_the_agent_start_cadence() {
+        let t0 = Instant::now();
+        let every = Duration::from_secs(300);
+        assert_eq!(next_tick(t0, every, t0), t0 + every);
+        assert_eq!(next_tick(t0, every, t0 + MS(1)), t0 + every);
+        // Woken at the tick (or just after it): the one after.
+        assert_eq!(next_tick(t0, every, t0 + every), t0 + every * 2);
+        assert_eq!(next_tick(t0, every, t0 + every * 7 + MS(5)), t0 + every * 8);
+        assert_eq!(
+            next_tick(t0, Duration::ZERO, t0),
+            t0 + Duration::from_nanos(1)
+        );
+    }
 
     #[test]
     fn delay_grows_only_for_fast_crashes() {

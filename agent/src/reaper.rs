@@ -101,12 +101,15 @@ fn children(me: i32) -> Vec<i32> {
     out
 }
 
-/// The agent's zombie children now. A zombie thread-group leader whose other threads still
-/// run cannot be reaped yet (and is not gone): it is left out, so the reaper does not poll it;
-/// its last thread's exit brings another SIGCHLD.
-fn zombies(me: i32) -> Vec<i32> {
+/// The agent's zombie children now, except those in `spawned` (tokio reaps them; their
+/// `stat` is not even read, so the SIGCHLD of a launch script's exit costs one small read).
+/// A zombie thread-group leader whose other threads still run cannot be reaped yet (and is
+/// not gone): it is left out, so the reaper does not poll it; its last thread's exit brings
+/// another SIGCHLD.
+fn zombies(me: i32, spawned: &Spawned) -> Vec<i32> {
     children(me)
         .into_iter()
+        .filter(|&pid| !spawned.contains(pid))
         .filter(|pid| {
             std::fs::read_to_string(format!("/proc/{pid}/stat"))
                 .ok()
@@ -137,7 +140,7 @@ pub async fn run(spawned: Spawned) {
                 _ = sigchld.recv() => {}
             }
         }
-        let zombies = zombies(me);
+        let zombies = zombies(me, &spawned);
         let pids = ready(
             &zombies,
             &|p| spawned.contains(p),

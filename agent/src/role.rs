@@ -75,11 +75,42 @@ pub fn parse_stat(text: &str) -> Option<ProcInfo> {
     })
 }
 
-/// Parses the `Uid:` line of `/proc/<pid>/status` into (real, effective).
-pub fn parse_status_uids(text: &str) -> Option<(u32, u32)> {
-    let line = text.lines().find(|l| l.starts_with("Uid:"))?;
-    let mut f = line["Uid:".len()..].split_ascii_whitespace();
-    Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
+/// What `/proc/<pid>/status` alone says about a process: everything [`is_victim`] needs
+/// (state, threads, parent, process group from `NSpgid:`, real and effective uid), but not
+/// the start time. `pgrp` is `None` on kernels without `NSpgid:` (before 4.1).
+pub fn parse_status(pid: i32, text: &str) -> Option<ProcInfo> {
+    let (mut state, mut ppid, mut pgrp, mut threads, mut uids) = (None, None, None, None, None);
+    for line in text.lines() {
+        let Some((key, value)) = line.split_once(':') else {
+            continue;
+        };
+        let first = || value.split_ascii_whitespace().next();
+        match key {
+            "State" => state = first().and_then(|v| v.chars().next()),
+            "PPid" => ppid = first().and_then(|v| v.parse().ok()),
+            "NSpgid" => pgrp = first().and_then(|v| v.parse().ok()),
+            "Threads" => threads = first().and_then(|v| v.parse().ok()),
+            "Uid" => {
+                let mut f = value.split_ascii_whitespace();
+                uids = f
+                    .next()
+                    .and_then(|r| r.parse().ok())
+                    .zip(f.next().and_then(|e| e.parse().ok()));
+            }
+            _ => {}
+        }
+    }
+    let (ruid, euid) = uids?;
+    Some(ProcInfo {
+        pid,
+        ppid: ppid?,
+        pgrp: pgrp.unwrap_or(0),
+        state: state?,
+        threads,
+        start: None,
+        ruid: Some(ruid),
+        euid: Some(euid),
+    })
 }
 
 /// How deep the process is in nested PID namespaces, as seen from this `/proc`: the number of
@@ -171,17 +202,23 @@ pub fn victims(uid: u32, group: Option<i32>) -> Vec<ProcInfo> {
         if meta.uid() != 0 && meta.uid() != uid {
             continue;
         }
-        let Some(mut info) = read_stat(pid) else {
-            continue;
-        };
+        // One read decides for most processes; `stat` (the start time, and the process group
+        // on kernels without `NSpgid:`) only for candidates.
         let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
             continue;
         };
-        let Some((r, e)) = parse_status_uids(&status) else {
+        let Some(mut info) = parse_status(pid, &status) else {
             continue;
         };
-        info.ruid = Some(r);
-        info.euid = Some(e);
+        let need_group = group.is_some() && !status.contains("\nNSpgid:");
+        if !need_group && !is_victim(&info, uid, group, me) {
+            continue;
+        }
+        let Some(st) = read_stat(pid) else {
+            continue;
+        };
+        info.pgrp = st.pgrp;
+        info.start = st.start;
         if !is_victim(&info, uid, group, me) {
             continue;
         }
@@ -343,11 +380,28 @@ mod tests {
 
     #[test]
     fn parses_uids_and_namespace_depth() {
-        let s = "Name:\tfood\nState:\tS (sleeping)\nUid:\t998\t999\t998\t998\nGid:\t1\t1\t1\t1\nNSpid:\t4242\t7\n";
-        assert_eq!(parse_status_uids(s), Some((998, 999)));
-        assert_eq!(parse_status_uids("Name:\tx\n"), None);
+        let s = "Name:\tfood\nState:\tS (sleeping)\nPPid:\t1\nUid:\t998\t999\t998\t998\nGid:\t1\t1\t1\t1\nNSpid:\t4242\t7\n";
+        let p = parse_status(4242, s).unwrap();
+        assert_eq!((p.ruid, p.euid), (Some(998), Some(999)));
         assert_eq!(parse_nspid_depth(s), Some(2));
         assert_eq!(parse_nspid_depth("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn parses_status_alone() {
+        let s = "Name:\tfood\nUmask:\t0022\nState:\tT (stopped)\nTgid:\t4242\nPPid:\t17\n\
+                 Uid:\t998\t999\t998\t998\nNSpid:\t4242\nNSpgid:\t4240\nThreads:\t3\n";
+        let p = parse_status(4242, s).unwrap();
+        assert_eq!((p.pid, p.ppid, p.pgrp, p.state), (4242, 17, 4240, 'T'));
+        assert_eq!(
+            (p.ruid, p.euid, p.threads, p.start),
+            (Some(998), Some(999), Some(3), None)
+        );
+        assert!(parse_status(1, "Name:\tx\n").is_none());
+        let me = std::fs::read_to_string("/proc/self/status").unwrap();
+        let mine = parse_status(std::process::id() as i32, &me).unwrap();
+        let stat = read_stat(std::process::id() as i32).unwrap();
+        assert_eq!((mine.ppid, mine.pgrp), (stat.ppid, stat.pgrp));
     }
 
     #[test]

@@ -51,6 +51,8 @@ pub struct Ctx {
     pub roles: Roles,
     /// The first login uid (`UID_MIN`); roles at or above it are refused.
     pub uid_min: u32,
+    /// When the agent started: the re-kick timer ticks every `rekick_every` from here.
+    pub epoch: Instant,
 }
 
 /// Requests from the agent to a service task.
@@ -215,6 +217,8 @@ pub fn spawn(ctx: Ctx, manifest: Manifest, path: PathBuf) -> Handle {
         generation: 0,
         starts: 0,
         unit_poll_at: None,
+        rekick_at: None,
+        path_key: None,
     };
     let task = tokio::spawn(svc.main(rx));
     Handle {
@@ -287,6 +291,27 @@ struct Service {
     generation: u64,
     starts: u64,
     unit_poll_at: Option<Instant>,
+    /// The next re-kick tick, while there is something to re-kick (given up, refused, or a
+    /// systemd unit); otherwise the service does not wake up for the timer.
+    rekick_at: Option<Instant>,
+    /// The manifest file as last read before a start: re-parsed only when it changed.
+    path_key: Option<FileKey>,
+}
+
+/// Identity of a version of a file: (inode, size, mtime, ctime).
+type FileKey = (u64, u64, i64, i64, i64, i64);
+
+fn file_key(path: &std::path::Path) -> Option<FileKey> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((
+        m.ino(),
+        m.size(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec(),
+    ))
 }
 
 async fn sleep_until(at: Option<Instant>) {
@@ -343,6 +368,12 @@ impl Service {
         }
         loop {
             let probe_due = self.next_probe_due();
+            if !self.wants_rekick() {
+                self.rekick_at = None;
+            } else if self.rekick_at.is_none() {
+                let (epoch, every) = (self.ctx.epoch, self.ctx.cfg.rekick_every);
+                self.rekick_at = Some(policy::next_tick(epoch, every, Instant::now()));
+            }
             tokio::select! {
                 status = wait_run(&mut self.run) => self.on_exit(status).await,
                 _ = sleep_until(self.respawn_at) => {
@@ -356,6 +387,10 @@ impl Service {
                     }
                 }
                 _ = sleep_until(self.unit_poll_at) => self.poll_unit().await,
+                _ = sleep_until(self.rekick_at) => {
+                    self.rekick_at = None;
+                    self.rekick().await;
+                }
                 cmd = rx.recv() => match cmd {
                     None => {
                         self.stop("the agent is exiting").await;
@@ -379,6 +414,11 @@ impl Service {
                 },
             }
         }
+    }
+
+    /// Whether the re-kick timer has anything to do here.
+    fn wants_rekick(&self) -> bool {
+        !self.down && (self.given_up || self.refused.is_some() || self.systemd())
     }
 
     fn down_note(&self) -> String {
@@ -479,9 +519,14 @@ impl Service {
     /// scripts killed the role before the next directory scan) uses the new launch script and
     /// role.
     fn reread_manifest(&mut self) {
+        let key = file_key(&self.path);
+        if key.is_some() && key == self.path_key {
+            return;
+        }
         let Ok(text) = std::fs::read_to_string(&self.path) else {
             return;
         };
+        self.path_key = key;
         if let Ok(m) = Manifest::parse(&self.path.display().to_string(), &text) {
             if m.name == self.m.name && m != self.m {
                 self.reload(m);
@@ -492,6 +537,17 @@ impl Service {
     /// Starts the launch script (agent-supervised): kill leftovers of the role first ("kill to
     /// gain control"), then spawn it in its own process group with its output to the log.
     async fn start(&mut self) {
+        self.start_after(None).await;
+    }
+
+    /// [`Service::start`]; `previous` is the process group of the run that just exited, when
+    /// this is the immediate respawn after a run that lasted at least `fast_crash`. Then, if
+    /// nothing is left in that group, the launch script is spawned at once, without the
+    /// `/proc` scan for the role: the common restart (a crash or kill of a long-running
+    /// daemon) costs a fork/exec, not a walk over every process on the host. A daemon that
+    /// escaped the group (`setsid`) is caught by the next uid-based kill: the next start after
+    /// a fast crash (the new copy failing to bind, say), a re-kick, a health kill, `down`.
+    async fn start_after(&mut self, previous: Option<i32>) {
         if self.down || self.given_up || self.run.is_some() || self.systemd() {
             return;
         }
@@ -512,7 +568,16 @@ impl Service {
             Err(why) if why.starts_with(refuse::REFUSING) => return self.refuse(why),
             Err(why) => return self.failed_start(now, why),
         };
-        let leftovers = role::kill_role(uid, None, self.m.supervisor.stop_grace).await;
+        let previous = previous.filter(|&g| g > 1);
+        let group_left = previous.is_some_and(|g| {
+            nix::sys::signal::killpg(nix::unistd::Pid::from_raw(g), None)
+                != Err(nix::errno::Errno::ESRCH)
+        });
+        let leftovers = if previous.is_some() && !group_left {
+            role::KillReport::default()
+        } else {
+            role::kill_role(uid, previous, self.m.supervisor.stop_grace).await
+        };
         if leftovers.termed > 0 {
             self.note(&format!(
                 "killed {} leftover process(es) of role {} before starting ({} needed SIGKILL)",
@@ -650,7 +715,9 @@ impl Service {
             AfterExit::GiveUp => self.give_up(),
             AfterExit::Respawn { delay, state } if delay.is_zero() => {
                 self.set_state(state, None);
-                self.start().await;
+                // A run that lasted: respawn at once, with the cheap leftover check.
+                let previous = (ran >= self.ctx.cfg.respawn.fast_crash).then_some(run.pid);
+                self.start_after(previous).await;
             }
             AfterExit::Respawn { delay, state } => {
                 self.respawn_at = Some(now + delay);
