@@ -694,3 +694,49 @@ fn views_match_apt_ftparchive_and_createrepo_c_field_by_field() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn concurrent_commands_are_serialized() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let repo = new_repo(tmp.path())?;
+    let r = repo.to_str().unwrap().to_string();
+    let key = repo.join(".keepup/signing-key.asc");
+    let versions = ["2.0.0", "2.1.0", "2.2.0", "2.3.0"];
+    let mut files = Vec::new();
+    for v in versions {
+        files.push(build(tmp.path(), v, Some(&key), "")?);
+    }
+    // Four publishers and a fleet change at once: every one lands, nothing is lost.
+    let bin = built_bin("keepup")?;
+    let mut children = Vec::new();
+    for (deb, rpm) in &files {
+        children.push(
+            Command::new(&bin)
+                .args(["publish", "--repo", &r])
+                .arg(deb)
+                .arg(rpm)
+                .stdout(std::process::Stdio::null())
+                .spawn()?,
+        );
+    }
+    children.push(
+        Command::new(&bin)
+            .args(["assign", "--repo", &r, "*", "--track", "stable"])
+            .stdout(std::process::Stdio::null())
+            .spawn()?,
+    );
+    for mut c in children {
+        ensure!(c.wait()?.success(), "a concurrent command failed");
+    }
+    let list = list_json(&repo)?;
+    let n = list.as_array().unwrap().len();
+    ensure!(
+        n == 2 * versions.len(),
+        "expected {} entries, got {n}: {list}",
+        2 * versions.len()
+    );
+    ensure!(index(&repo, "unstable")?["serial"].as_u64().unwrap() == 1 + versions.len() as u64);
+    ensure!(std::fs::read_to_string(repo.join("fleet.yaml"))?.contains("stable"));
+    keepup_ok(&["repo", "verify", "--repo", &r])?;
+    Ok(())
+}

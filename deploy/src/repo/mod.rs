@@ -153,6 +153,8 @@ pub struct Repo {
     pub root: PathBuf,
     /// Current state.
     pub state: State,
+    /// The state as last saved (to put the views back if a command fails half-way).
+    saved: Vec<u8>,
     _lock: Option<nix::fcntl::Flock<File>>,
 }
 
@@ -193,6 +195,34 @@ fn write_new(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     }
     tmp.persist(path)
         .map_err(|e| anyhow!("renaming into {}: {}", path.display(), e.error))?;
+    Ok(())
+}
+
+/// Write a file that no index names yet (a new pool file, its fragments) straight to its
+/// final name: it becomes visible to clients only when a view naming it is renamed into
+/// place, after this returns; a file left half-written by a crash is not in the state and is
+/// rewritten by the next publish of the same package.
+fn write_unreferenced(path: &Path, data: &[u8], mode: u32) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let open = || {
+        File::options()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(path)
+    };
+    let mut f = match open() {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let dir = path.parent().unwrap_or(Path::new("."));
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            open()
+        }
+        r => r,
+    }
+    .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(data)
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 
@@ -280,29 +310,33 @@ impl Repo {
             .with_context(|| format!("opening {}/lock", private.display()))?;
         let lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
             .map_err(|(_, e)| anyhow!("locking {}/lock: {e}", private.display()))?;
+        // Read the state only now that we hold the lock.
         let mut repo = Repo::read_only(root)?;
         repo._lock = Some(lock);
-        // Re-read now that we hold the lock.
-        repo.state = Self::load_state(root)?;
         Ok(repo)
     }
 
     /// Open without locking (list, verify, serve): reads one consistent state file.
     pub fn read_only(root: &Path) -> Result<Repo> {
+        let (state, saved) = Self::load_state(root)?;
         Ok(Repo {
             root: root.to_path_buf(),
-            state: Self::load_state(root)?,
+            state,
+            saved,
             _lock: None,
         })
     }
 
-    fn load_state(root: &Path) -> Result<State> {
+    /// The state and the bytes it was read from.
+    fn load_state(root: &Path) -> Result<(State, Vec<u8>)> {
         let path = Self::private(root).join("state.json");
         match std::fs::read(&path) {
-            Ok(b) => {
-                serde_json::from_slice(&b).with_context(|| format!("{} is damaged", path.display()))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
+            Ok(b) => Ok((
+                serde_json::from_slice(&b)
+                    .with_context(|| format!("{} is damaged", path.display()))?,
+                b,
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok((State::default(), vec![])),
             Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
         }
     }
@@ -344,14 +378,19 @@ impl Repo {
         }
         crate::fleet::write(self, &signer)?;
         let state = serde_json::to_vec(&self.state)?;
-        write_atomic(&Self::private(&self.root).join("state.json"), &state)?;
+        write_new(&Self::private(&self.root).join("state.json"), &state, 0o600)?;
+        self.saved = state;
         Ok(())
     }
 
     /// Commit, and if that fails, put the views of `tracks` back as the old state had them.
-    fn commit_or_restore(&mut self, old: State, tracks: &[String]) -> Result<()> {
+    fn commit_or_restore(&mut self, tracks: &[String]) -> Result<()> {
         if let Err(e) = self.commit(tracks) {
-            self.state = old;
+            self.state = if self.saved.is_empty() {
+                State::default()
+            } else {
+                serde_json::from_slice(&self.saved)?
+            };
             if let Ok(signer) = self.signer() {
                 for t in tracks {
                     let _ = views::write_track(self, &signer, t);
@@ -409,14 +448,13 @@ impl Repo {
                 );
             }
         }
-        let old = self.state.clone();
         let written = self.store(&staged)?;
         let entries: Vec<PoolEntry> = staged.iter().map(|s| s.entry.clone()).collect();
         let ts = self.state.track.get_mut(track).expect("checked");
         for e in &entries {
             ts.members.insert(e.path.clone());
         }
-        let res = self.commit_or_restore(old, &[track.to_string()]);
+        let res = self.commit_or_restore(&[track.to_string()]);
         if res.is_err() {
             for p in written {
                 let _ = std::fs::remove_file(p);
@@ -513,12 +551,12 @@ impl Repo {
                 let e = &s.entry;
                 let dest = self.root.join(&e.path);
                 if !self.state.pool.contains_key(&e.path) || !dest.exists() {
-                    write_atomic(&dest, &s.bytes)?;
+                    write_unreferenced(&dest, &s.bytes, 0o644)?;
                     written.push(dest.clone());
                 }
                 let frags: BTreeMap<&str, &str> =
                     s.fragments.iter().map(|(k, v)| (*k, v.as_str())).collect();
-                write_new(
+                write_unreferenced(
                     &self.meta_path(&e.sha256),
                     &serde_json::to_vec(&frags)?,
                     0o600,
@@ -585,7 +623,6 @@ impl Repo {
                 }
             }
         }
-        let old = self.state.clone();
         let ts = self.state.track.get_mut(to).expect("checked");
         let mut added = false;
         for e in &chosen {
@@ -597,7 +634,7 @@ impl Repo {
                 chosen[0].version
             );
         }
-        self.commit_or_restore(old, &[to.to_string()])?;
+        self.commit_or_restore(&[to.to_string()])?;
         Ok(chosen)
     }
 
@@ -673,14 +710,13 @@ impl Repo {
         if staged.is_empty() {
             bail!("{track} has no {name}; a rollback replaces the current version of a track");
         }
-        let old = self.state.clone();
         let written = self.store(&staged)?;
         let entries: Vec<PoolEntry> = staged.iter().map(|s| s.entry.clone()).collect();
         let ts = self.state.track.get_mut(track).expect("checked");
         for e in &entries {
             ts.members.insert(e.path.clone());
         }
-        let res = self.commit_or_restore(old, &[track.to_string()]);
+        let res = self.commit_or_restore(&[track.to_string()]);
         if res.is_err() {
             for p in written {
                 let _ = std::fs::remove_file(p);
