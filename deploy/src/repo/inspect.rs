@@ -152,14 +152,22 @@ pub fn control_field(control: &str, key: &str) -> Option<String> {
     })
 }
 
-/// Check an rpm (digests, and a signature by `key_asc`) and read its identity.
-pub fn inspect_rpm(path: &Path, bytes: &[u8], key_asc: &[u8]) -> Result<Inspected> {
+/// The repository key as the rpm library checks signatures with it (parse it once).
+pub fn rpm_verifier(key_asc: &[u8]) -> Result<rpm::signature::pgp::Verifier> {
+    rpm::signature::pgp::Verifier::from_asc_bytes(key_asc)
+        .context("loading the repository's public key")
+}
+
+/// Check an rpm (digests, and a signature by the repository key) and read its identity.
+pub fn inspect_rpm(
+    path: &Path,
+    bytes: &[u8],
+    verifier: &rpm::signature::pgp::Verifier,
+) -> Result<Inspected> {
     let pkg = rpm::Package::parse(&mut std::io::BufReader::new(bytes))
         .map_err(|e| anyhow!("{} is not a valid .rpm: {e}", path.display()))?;
     pkg.verify_digests()
         .map_err(|e| anyhow!("{} is corrupt (digest check failed: {e})", path.display()))?;
-    let verifier = rpm::signature::pgp::Verifier::from_asc_bytes(key_asc)
-        .context("loading the repository's public key")?;
     if pkg.verify_signature(verifier).is_err() {
         bail!(
             "{} is not signed by this repository's key; build it with `keepup pack --sign-key <repo>/.keepup/signing-key.asc` (or `rpmsign --addsign`) and publish again",

@@ -288,7 +288,7 @@ impl Repo {
             repo.state.track.insert(t.clone(), TrackState::default());
         }
         let all: Vec<String> = tracks.to_vec();
-        repo.commit(&all)?;
+        repo.commit(&all, true)?;
         Ok(repo)
     }
 
@@ -368,15 +368,18 @@ impl Repo {
         Ok(serde_json::from_slice(&b)?)
     }
 
-    /// Regenerate the views and indexes of `tracks` (and the fleet policy), then save the state.
-    fn commit(&mut self, tracks: &[String]) -> Result<()> {
+    /// Regenerate the views and indexes of `tracks` (and, if `fleet`, the fleet policy), then
+    /// save the state.
+    fn commit(&mut self, tracks: &[String], fleet: bool) -> Result<()> {
         let signer = self.signer()?;
         for t in tracks {
             let ts = self.state.track.get_mut(t).expect("known track");
             ts.serial += 1;
             views::write_track(self, &signer, t)?;
         }
-        crate::fleet::write(self, &signer)?;
+        if fleet {
+            crate::fleet::write(self, &signer)?;
+        }
         let state = serde_json::to_vec(&self.state)?;
         write_new(&Self::private(&self.root).join("state.json"), &state, 0o600)?;
         self.saved = state;
@@ -385,7 +388,7 @@ impl Repo {
 
     /// Commit, and if that fails, put the views of `tracks` back as the old state had them.
     fn commit_or_restore(&mut self, tracks: &[String]) -> Result<()> {
-        if let Err(e) = self.commit(tracks) {
+        if let Err(e) = self.commit(tracks, false) {
             self.state = if self.saved.is_empty() {
                 State::default()
             } else {
@@ -404,7 +407,7 @@ impl Repo {
     /// Publish package files into `track`. Everything is checked before anything is written.
     pub fn publish(&mut self, files: &[PathBuf], track: &str) -> Result<Vec<PoolEntry>> {
         self.state.track_index(track)?;
-        let key = std::fs::read(self.public_key_path())?;
+        let key = inspect::rpm_verifier(&std::fs::read(self.public_key_path())?)?;
         // Checking packages and computing their index fragments is the expensive part: spread
         // it over the cores. Nothing is written until every file has passed.
         let threads = std::thread::available_parallelism()
@@ -464,7 +467,7 @@ impl Repo {
     }
 
     /// Read and check one file offered for publication.
-    fn check_file(&self, f: &Path, key: &[u8]) -> Result<Staged> {
+    fn check_file(&self, f: &Path, key: &rpm::signature::pgp::Verifier) -> Result<Staged> {
         let bytes = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
         let info = if bytes.starts_with(b"!<arch>\n") {
             inspect::inspect_deb(f, &bytes)?
@@ -693,7 +696,7 @@ impl Repo {
                 }
             };
             let label = PathBuf::from(format!("rollback of {} {}", old.name, old.version));
-            let key = std::fs::read(self.public_key_path())?;
+            let key = inspect::rpm_verifier(&std::fs::read(self.public_key_path())?)?;
             let info = match old.format {
                 Format::Deb => inspect::inspect_deb(&label, &new_bytes)?,
                 Format::Rpm => inspect::inspect_rpm(&label, &new_bytes, &key)?,
@@ -728,13 +731,13 @@ impl Repo {
     /// Save a changed fleet policy (views of tracks unchanged).
     pub fn commit_fleet(&mut self) -> Result<()> {
         self.state.fleet.serial += 1;
-        self.commit(&[])
+        self.commit(&[], true)
     }
 
     /// Rebuild every view from the state (after a restore, or to time a full index build).
     pub fn reindex(&mut self) -> Result<()> {
         let tracks = self.state.tracks.clone();
-        self.commit(&tracks)
+        self.commit(&tracks, true)
     }
 
     /// Check every signature and hash; returns the problems found.
