@@ -415,3 +415,35 @@ fn check_packages(root: &Path, packages: &str) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn release_dates_are_rfc2822_utc() {
+        assert_eq!(rfc2822(0), "Thu, 01 Jan 1970 00:00:00 UTC");
+        assert_eq!(rfc2822(1_700_000_000), "Tue, 14 Nov 2023 22:13:20 UTC");
+        assert_eq!(rfc2822(951_782_400), "Tue, 29 Feb 2000 00:00:00 UTC");
+    }
+
+    #[test]
+    fn stanza_adds_location_and_digests() {
+        let e = PoolEntry {
+            name: "foo".into(),
+            version: "1.0-1".into(),
+            arch: "amd64".into(),
+            format: Format::Deb,
+            path: "pool/main/f/foo/foo_1.0-1_amd64.deb".into(),
+            size: 3,
+            sha256: sha256_hex(b"abc"),
+            rollback_of: None,
+        };
+        let s = deb_stanza(&e, "Package: foo\nVersion: 1.0-1\n", b"abc");
+        assert!(s.starts_with("Package: foo\nVersion: 1.0-1\nFilename: pool/main/f/foo/"));
+        assert!(s.contains("\nSize: 3\nMD5sum: 900150983cd24fb0d6963f7d28e17f72\n"));
+        assert!(s.contains(
+            "\nSHA256: ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad\n"
+        ));
+    }
+}
