@@ -30,7 +30,7 @@ impl std::fmt::Display for Format {
 }
 
 /// What the repository learns from a package file.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Inspected {
     /// deb or rpm.
     pub format: Format,
@@ -42,6 +42,8 @@ pub struct Inspected {
     pub arch: String,
     /// For a .deb: the control stanza (no trailing blank line).
     pub control: Option<String>,
+    /// For an .rpm: its parsed headers (the createrepo entries are made from them).
+    pub rpm: Option<rpm::PackageMetadata>,
 }
 
 /// Decompress a `.deb` member by its file name suffix.
@@ -126,6 +128,7 @@ pub fn inspect_deb(path: &Path, bytes: &[u8]) -> Result<Inspected> {
         version,
         arch,
         control: Some(control),
+        rpm: None,
     })
 }
 
@@ -200,20 +203,29 @@ pub fn inspect_rpm(
         version,
         arch,
         control: None,
+        rpm: Some(pkg.metadata),
     })
 }
 
 /// The three createrepo entries (`<package>` elements of primary, filelists, other) of one rpm
-/// (its bytes), to be listed at `href` (relative to the track's rpm base).
-pub fn rpm_fragments(bytes: &[u8], href: &str, time_file: u64) -> Result<[String; 3]> {
+/// (its parsed headers, file digest and size), to be listed at `href` (relative to the
+/// track's rpm base).
+pub fn rpm_fragments(
+    meta: &rpm::PackageMetadata,
+    sha256: &str,
+    size: u64,
+    href: &str,
+    time_file: u64,
+) -> Result<[String; 3]> {
     use rpmrepo_metadata::{
-        FilelistsXml, OtherXml, Package, PackageOptions, PackageSource, PrimaryXml, Repository,
+        Checksum, FilelistsXml, OtherXml, Package, PackageOptions, PackageSource, PrimaryXml,
+        Repository,
     };
-    let pkg = Package::from_buffer(
-        bytes,
+    let pkg = Package::from_package_metadata(
+        meta,
         PackageSource {
-            checksum: None,
-            size_package: None,
+            checksum: Some(Checksum::Sha256(sha256.to_string())),
+            size_package: Some(size),
             time_file,
             location_href: href.to_string(),
             location_base: None,

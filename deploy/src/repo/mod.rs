@@ -535,7 +535,12 @@ impl Repo {
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs());
-                let [p, f, o] = inspect::rpm_fragments(&bytes, &href, now)?;
+                let meta = info
+                    .rpm
+                    .as_ref()
+                    .ok_or_else(|| anyhow!("{}: rpm headers missing", entry.path))?;
+                let [p, f, o] =
+                    inspect::rpm_fragments(meta, &entry.sha256, entry.size, &href, now)?;
                 vec![("primary", p), ("filelists", f), ("other", o)]
             }
         };
