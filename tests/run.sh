@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(debootstrap lintian rpm rpmlint gnupg zstd xz-utils binutils cpio netcat-openbsd curl)
+packages=(debootstrap lintian rpm rpmlint gnupg zstd xz-utils binutils cpio netcat-openbsd curl apt-utils createrepo-c)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
