@@ -580,8 +580,9 @@ async fn exec_escaped_grandchild_holding_stdout_does_not_hang() {
 
 #[tokio::test]
 async fn exec_cancelled_run_kills_the_group() {
-    let pidfile = std::env::temp_dir().join(format!("keepup-checks-cancel-{}", std::process::id()));
-    let script = format!("sleep 30 & echo $! > {}; wait", pidfile.display());
+    let child_pid_path =
+        std::env::temp_dir().join(format!("keepup-checks-cancel-{}", std::process::id()));
+    let script = format!("sleep 30 & echo $! > {}; wait", child_pid_path.display());
     let probe = exec(&["sh", "-c", &script]);
     // Dropping the run future (as a cancelled agent task would) must not leave processes behind.
     let cancelled = tokio::time::timeout(
@@ -589,12 +590,12 @@ async fn exec_cancelled_run_kills_the_group() {
         probe.run(Duration::from_secs(10)),
     );
     assert!(cancelled.await.is_err());
-    let pid: i32 = std::fs::read_to_string(&pidfile)
+    let pid: i32 = std::fs::read_to_string(&child_pid_path)
         .unwrap()
         .trim()
         .parse()
         .unwrap();
-    let _ = std::fs::remove_file(&pidfile);
+    let _ = std::fs::remove_file(&child_pid_path);
     assert!(eventually_gone(pid).await, "grandchild {pid} lives");
 }
 
