@@ -451,19 +451,7 @@ impl Repo {
                 );
             }
         }
-        let written = self.store(&staged)?;
-        let entries: Vec<PoolEntry> = staged.iter().map(|s| s.entry.clone()).collect();
-        let ts = self.state.track.get_mut(track).expect("checked");
-        for e in &entries {
-            ts.members.insert(e.path.clone());
-        }
-        let res = self.commit_or_restore(&[track.to_string()]);
-        if res.is_err() {
-            for p in written {
-                let _ = std::fs::remove_file(p);
-            }
-        }
-        res.map(|_| entries)
+        self.add_to_track(track, &staged)
     }
 
     /// Read and check one file offered for publication.
@@ -718,7 +706,13 @@ impl Repo {
         if staged.is_empty() {
             bail!("{track} has no {name}; a rollback replaces the current version of a track");
         }
-        let written = self.store(&staged)?;
+        self.add_to_track(track, &staged)
+    }
+
+    /// Store staged packages in the pool, add them to `track` and commit; on failure the
+    /// repository is restored and the new pool files are removed.
+    fn add_to_track(&mut self, track: &str, staged: &[Staged]) -> Result<Vec<PoolEntry>> {
+        let written = self.store(staged)?;
         let entries: Vec<PoolEntry> = staged.iter().map(|s| s.entry.clone()).collect();
         let ts = self.state.track.get_mut(track).expect("checked");
         for e in &entries {
