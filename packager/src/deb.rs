@@ -14,18 +14,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use md5::{Digest, Md5};
 
-use crate::plan::{Entry, Kind, Source};
-use crate::scripts;
-use crate::spec::Spec;
+use crate::plan::{Entry, Info, Kind, Plan, Source};
 use crate::{Compression, PackError, PackOptions};
 
 /// Write `<name>_<version>-<release>_<arch>.deb` into `out_dir`.
-pub fn write(
-    spec: &Spec,
-    entries: &[Entry],
-    opts: &PackOptions,
-    out_dir: &Path,
-) -> Result<PathBuf, PackError> {
+pub fn write(plan: &Plan, opts: &PackOptions, out_dir: &Path) -> Result<PathBuf, PackError> {
+    let (spec, entries) = (&plan.info, &plan.entries[..]);
     let file_name = format!(
         "{}_{}_{}.deb",
         spec.name,
@@ -66,7 +60,6 @@ pub fn write(
     }
 
     // 2. control.tar, small, in memory.
-    let scripts = scripts::deb_scripts(spec);
     let mut members: Vec<(&str, u32, Vec<u8>)> = vec![
         (
             "control",
@@ -74,10 +67,18 @@ pub fn write(
             control(spec, installed_kib, has_elf).into_bytes(),
         ),
         ("md5sums", 0o644, md5sums.into_bytes()),
-        ("postinst", 0o755, scripts.postinst.into_bytes()),
-        ("postrm", 0o755, scripts.postrm.into_bytes()),
-        ("preinst", 0o755, scripts.preinst.into_bytes()),
     ];
+    let s = &plan.scripts;
+    for (name, body) in [
+        ("preinst", &s.pre_install),
+        ("postinst", &s.post_install),
+        ("prerm", &s.pre_remove),
+        ("postrm", &s.post_remove),
+    ] {
+        if let Some(body) = body {
+            members.push((name, 0o755, body.clone().into_bytes()));
+        }
+    }
     if !conffiles.is_empty() {
         members.push(("conffiles", 0o644, conffiles.into_bytes()));
     }
@@ -270,24 +271,31 @@ fn header(epoch: u64, mode: u32) -> tar::Header {
 }
 
 /// The `control` file.
-fn control(spec: &Spec, installed_kib: u64, has_elf: bool) -> String {
-    let mut depends: Vec<String> = vec!["procps".into()];
-    depends.extend(spec.depends.common.iter().cloned());
-    depends.extend(spec.depends.deb.iter().cloned());
+fn control(spec: &Info, installed_kib: u64, has_elf: bool) -> String {
+    let mut depends = spec.deb_depends.clone();
     // Compiled programs need the C library; keepup does not compute shlibs, so it adds the
     // floor every Debian binary needs (a spec can list a stricter `libc6 (>= ...)` itself).
     if has_elf && !depends.iter().any(|d| d.starts_with("libc6")) {
         depends.push("libc6".into());
     }
     let mut c = format!(
-        "Package: {}\nVersion: {}\nArchitecture: {}\nMaintainer: {}\nInstalled-Size: {}\nPre-Depends: passwd\nDepends: {}\nSection: admin\nPriority: optional\n",
+        "Package: {}\nVersion: {}\nArchitecture: {}\nMaintainer: {}\nInstalled-Size: {}\n",
         spec.name,
         spec.full_version(),
         spec.arch.deb(),
         spec.maintainer,
         installed_kib.max(1),
-        depends.join(", "),
     );
+    for (field, list) in [
+        ("Pre-Depends", &spec.deb_pre_depends),
+        ("Depends", &depends),
+        ("Recommends", &spec.deb_recommends),
+    ] {
+        if !list.is_empty() {
+            c.push_str(&format!("{field}: {}\n", list.join(", ")));
+        }
+    }
+    c.push_str("Section: admin\nPriority: optional\n");
     if let Some(h) = &spec.homepage {
         c.push_str(&format!("Homepage: {h}\n"));
     }

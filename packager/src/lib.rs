@@ -3,8 +3,11 @@
 //! A package holds the payload (bins + configs), the generated `run-<name>` launch script, the
 //! agent manifest, an optional systemd unit, docs, and maintainer scripts that follow the
 //! upgrade flow of the OSCON 2013 "while (true) do" talk. [`spec`] and [`manifest`] are always
-//! available (the agent reads manifests); the writers need the `build` feature.
+//! available (the agent reads manifests); the writers need the `build` feature. The agent's
+//! own package (root, systemd, no spec) is planned by `agent` and written by the same writers.
 
+#[cfg(feature = "build")]
+pub mod agent;
 pub mod manifest;
 pub mod spec;
 pub mod version;
@@ -179,15 +182,47 @@ mod build {
         opts: &PackOptions,
         out_dir: &Path,
     ) -> Result<Vec<PathBuf>, PackError> {
+        write_all(opts, out_dir, |format| {
+            plan::service_plan(spec, format, opts.epoch)
+        })
+    }
+
+    /// Build every requested format of the agent's own package into `out_dir`; returns the
+    /// files written. `opts.sign_key` signs the .rpm as for services.
+    pub fn pack_agent(
+        pkg: &crate::agent::AgentPackage,
+        opts: &PackOptions,
+        out_dir: &Path,
+    ) -> Result<Vec<PathBuf>, PackError> {
+        write_all(opts, out_dir, |format| {
+            crate::agent::agent_plan(pkg, format, opts.epoch)
+        })
+    }
+
+    /// Plans and writes each of `opts.formats` into `out_dir` (created if missing).
+    fn write_all(
+        opts: &PackOptions,
+        out_dir: &Path,
+        plan_for: impl Fn(Format) -> Result<plan::Plan, PackError>,
+    ) -> Result<Vec<PathBuf>, PackError> {
         std::fs::create_dir_all(out_dir).map_err(|e| PackError::io(out_dir, e))?;
         let mut written = Vec::new();
         for format in &opts.formats {
-            let entries = plan::plan(spec, *format, opts.epoch)?;
-            written.push(match format {
-                Format::Deb => crate::deb::write(spec, &entries, opts, out_dir)?,
-                Format::Rpm => crate::rpm::write(spec, &entries, opts, out_dir)?,
-            });
+            written.push(write(&plan_for(*format)?, *format, opts, out_dir)?);
         }
         Ok(written)
+    }
+
+    /// Write one planned package in `format` into `out_dir` (which must exist).
+    pub(crate) fn write(
+        plan: &plan::Plan,
+        format: Format,
+        opts: &PackOptions,
+        out_dir: &Path,
+    ) -> Result<PathBuf, PackError> {
+        match format {
+            Format::Deb => crate::deb::write(plan, opts, out_dir),
+            Format::Rpm => crate::rpm::write(plan, opts, out_dir),
+        }
     }
 }

@@ -1,17 +1,134 @@
 //! The content plan: every entry a package holds (payload, launch script, manifest, unit,
-//! docs), with its final path, mode, owner and source, sorted by path.
+//! docs), with its final path, mode, owner and source, sorted by path, plus the package's
+//! fields and maintainer scripts ([`Plan`]).
 //!
 //! Both writers consume the same plan, so a .deb and an .rpm of one spec install the same
 //! service. Generated text is built here in memory; payload files stay on disk and are
-//! streamed by the writers.
+//! streamed by the writers. A service's plan comes from its spec ([`service_plan`]); the
+//! agent's own package has no spec, role, launch script or manifest (see `crate::agent`).
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use crate::manifest::Manifest;
 use crate::scripts;
-use crate::spec::{Spec, SupervisorKind};
+use crate::spec::{Arch, Spec, SupervisorKind};
 use crate::PackError;
+
+/// A package's identity and descriptive fields: what the .deb `control` file and the .rpm
+/// header say about it.
+#[derive(Debug, Clone)]
+pub struct Info {
+    /// Package name.
+    pub name: String,
+    /// Upstream version.
+    pub version: String,
+    /// Debian revision / RPM release.
+    pub release: String,
+    /// Architecture.
+    pub arch: Arch,
+    /// One-line summary.
+    pub summary: String,
+    /// Long description (empty: the summary).
+    pub description: String,
+    /// `Name <email>`.
+    pub maintainer: String,
+    /// SPDX license expression.
+    pub license: String,
+    /// Home page.
+    pub homepage: Option<String>,
+    /// .deb `Pre-Depends`.
+    pub deb_pre_depends: Vec<String>,
+    /// .deb `Depends` (`libc6` is added for packages with ELF files when missing).
+    pub deb_depends: Vec<String>,
+    /// .deb `Recommends`.
+    pub deb_recommends: Vec<String>,
+    /// .rpm `Requires`, besides the rpmlib features.
+    pub rpm_requires: Vec<String>,
+    /// .rpm `Recommends` (weak: `rpm -i` does not need them installed).
+    pub rpm_recommends: Vec<String>,
+    /// Changelog lines for this version (empty: a generated line).
+    pub changes: Vec<String>,
+}
+
+impl Info {
+    /// A service package's fields, from its spec. The .deb depends on `procps` (the
+    /// maintainer scripts' `pgrep`) and pre-depends on `passwd` (`useradd` in `preinst`).
+    pub fn from_spec(spec: &Spec) -> Info {
+        let mut deb_depends = vec!["procps".to_string()];
+        deb_depends.extend(spec.depends.common.iter().cloned());
+        deb_depends.extend(spec.depends.deb.iter().cloned());
+        Info {
+            name: spec.name.clone(),
+            version: spec.version.clone(),
+            release: spec.release.clone(),
+            arch: spec.arch,
+            summary: spec.summary.clone(),
+            description: spec.description.clone(),
+            maintainer: spec.maintainer.clone(),
+            license: spec.license.clone(),
+            homepage: spec.homepage.clone(),
+            deb_pre_depends: vec!["passwd".into()],
+            deb_depends,
+            deb_recommends: Vec::new(),
+            rpm_requires: spec
+                .depends
+                .common
+                .iter()
+                .chain(&spec.depends.rpm)
+                .cloned()
+                .collect(),
+            rpm_recommends: Vec::new(),
+            changes: spec.changes.clone(),
+        }
+    }
+
+    /// `<version>-<release>`.
+    pub fn full_version(&self) -> String {
+        format!("{}-{}", self.version, self.release)
+    }
+}
+
+/// Maintainer scripts by the moment they run; each writer ships the ones its format has
+/// (`None`: not shipped). Bodies are complete `/bin/sh` scripts; the .rpm writer drops the
+/// shebang line.
+#[derive(Debug, Clone, Default)]
+pub struct Scripts {
+    /// .deb `preinst` / .rpm `%pre`.
+    pub pre_install: Option<String>,
+    /// .deb `postinst` / .rpm `%post`.
+    pub post_install: Option<String>,
+    /// .deb `prerm` / .rpm `%preun`.
+    pub pre_remove: Option<String>,
+    /// .deb `postrm` / .rpm `%postun`.
+    pub post_remove: Option<String>,
+    /// .rpm `%posttrans` (the .deb has no such hook).
+    pub post_trans: Option<String>,
+}
+
+/// Everything a writer needs for one package in one format.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Control / header fields.
+    pub info: Info,
+    /// The entries, sorted by path.
+    pub entries: Vec<Entry>,
+    /// Maintainer scripts for this format.
+    pub scripts: Scripts,
+}
+
+/// The plan of a service package: [`plan`]'s entries, the spec's fields, and the
+/// maintainer scripts of the talk's upgrade flow.
+pub fn service_plan(spec: &Spec, format: Format, epoch: u64) -> Result<Plan, PackError> {
+    Ok(Plan {
+        info: Info::from_spec(spec),
+        entries: plan(spec, format, epoch)?,
+        scripts: match format {
+            Format::Deb => scripts::deb_scripts(spec).into(),
+            Format::Rpm => scripts::rpm_scripts(spec).into(),
+        },
+    })
+}
 
 /// Package format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,7 +177,8 @@ pub struct Entry {
 }
 
 impl Entry {
-    fn generated(path: impl Into<String>, mode: u32, bytes: Vec<u8>) -> Entry {
+    /// A generated root-owned file.
+    pub(crate) fn generated(path: impl Into<String>, mode: u32, bytes: Vec<u8>) -> Entry {
         Entry {
             path: path.into(),
             kind: Kind::File(Source::Bytes(bytes)),
@@ -125,16 +243,20 @@ pub fn plan(spec: &Spec, format: Format, epoch: u64) -> Result<Vec<Entry>, PackE
     entries.push(Entry::generated(
         format!("{doc}/copyright"),
         0o644,
-        copyright(spec).into_bytes(),
+        copyright(&Info::from_spec(spec)).into_bytes(),
     ));
     if format == Format::Deb {
         entries.push(Entry::generated(
             format!("{doc}/changelog.Debian.gz"),
             0o644,
-            gzip_n(changelog_debian(spec, epoch).as_bytes()),
+            gzip_n(changelog_debian(&Info::from_spec(spec), epoch).as_bytes()),
         ));
     }
+    finish(entries, format)
+}
 
+/// Sort the entries, refuse duplicate destinations, and (.deb) add every parent directory.
+pub(crate) fn finish(mut entries: Vec<Entry>, format: Format) -> Result<Vec<Entry>, PackError> {
     entries.sort_by(|a, b| a.path.cmp(&b.path));
     for pair in entries.windows(2) {
         if pair[0].path == pair[1].path {
@@ -261,7 +383,7 @@ fn add_parent_dirs(entries: &mut Vec<Entry>) {
 }
 
 /// Machine-readable Debian copyright file (DEP-5).
-fn copyright(spec: &Spec) -> String {
+pub(crate) fn copyright(spec: &Info) -> String {
     let mut s = format!(
         "Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\nUpstream-Name: {}\n",
         spec.name
@@ -293,7 +415,7 @@ fn copyright(spec: &Spec) -> String {
 }
 
 /// The Debian changelog entry for this build.
-fn changelog_debian(spec: &Spec, epoch: u64) -> String {
+pub(crate) fn changelog_debian(spec: &Info, epoch: u64) -> String {
     let mut s = format!(
         "{} ({}) unstable; urgency=medium\n\n",
         spec.name,
@@ -314,7 +436,7 @@ fn changelog_debian(spec: &Spec, epoch: u64) -> String {
 }
 
 /// Changelog lines for the RPM header.
-pub fn changelog_text(spec: &Spec) -> String {
+pub fn changelog_text(spec: &Info) -> String {
     if spec.changes.is_empty() {
         format!("- Package {} built by keepup.", spec.full_version())
     } else {
@@ -327,7 +449,7 @@ pub fn changelog_text(spec: &Spec) -> String {
 }
 
 /// gzip with no name and no timestamp (`gzip -9n`), for reproducible docs.
-fn gzip_n(data: &[u8]) -> Vec<u8> {
+pub(crate) fn gzip_n(data: &[u8]) -> Vec<u8> {
     let mut enc = flate2::GzBuilder::new()
         .mtime(0)
         .write(Vec::new(), flate2::Compression::best());

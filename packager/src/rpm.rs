@@ -21,9 +21,7 @@ use rpm::{
 use sha2::{Digest, Sha256};
 
 use crate::deb::Compressor;
-use crate::plan::{self, Entry, Kind, Source};
-use crate::scripts;
-use crate::spec::Spec;
+use crate::plan::{self, Kind, Plan, Source};
 use crate::{Compression, PackError, PackOptions};
 
 // File flags and dependency senses, from rpm's rpmfiles.h and rpmds.h.
@@ -37,12 +35,8 @@ const RPMSENSE_RPMLIB: u32 = 1 << 24;
 const PGPHASHALGO_SHA256: u32 = 8;
 
 /// Write `<name>-<version>-<release>.<arch>.rpm` into `out_dir`.
-pub fn write(
-    spec: &Spec,
-    entries: &[Entry],
-    opts: &PackOptions,
-    out_dir: &Path,
-) -> Result<PathBuf, PackError> {
+pub fn write(plan: &Plan, opts: &PackOptions, out_dir: &Path) -> Result<PathBuf, PackError> {
+    let (spec, entries) = (&plan.info, &plan.entries[..]);
     let dest = out_dir.join(format!(
         "{}-{}.{}.rpm",
         spec.name,
@@ -151,14 +145,7 @@ pub fn write(
 
     // 2. The header.
     let header = Header::<IndexTag>::from_entries(
-        header_entries(
-            spec,
-            entries,
-            &digests,
-            compression,
-            opts.epoch,
-            &payload_sha256,
-        )?,
+        header_entries(plan, &digests, compression, opts.epoch, &payload_sha256)?,
         IndexTag::RPMTAG_HEADERIMMUTABLE,
     );
     let mut metadata = PackageMetadata {
@@ -199,13 +186,13 @@ pub fn write(
 /// Every tag of the main header, in no particular order (the crate sorts them).
 #[allow(clippy::too_many_arguments)]
 fn header_entries(
-    spec: &Spec,
-    entries: &[Entry],
+    plan: &Plan,
     digests: &[String],
     compression: Compression,
     epoch: u64,
     payload_sha256: &str,
 ) -> Result<Vec<HeaderEntry>, PackError> {
+    let (spec, entries) = (&plan.info, &plan.entries[..]);
     let too_big = || PackError::Spec("the .rpm writer supports payloads up to 4 GiB".into());
     let s = |v: &str| IndexData::StringTag(v.to_string());
     let t = |tag: IndexTag, data: IndexData| HeaderEntry::new(tag as u32, data);
@@ -292,7 +279,7 @@ fn header_entries(
     }
     // No Requires on procps-ng/shadow-utils/util-linux or /bin/sh: every RPM host has them,
     // and a Debian host running rpm with its own database would refuse the package for them.
-    for d in spec.depends.common.iter().chain(&spec.depends.rpm) {
+    for d in &spec.rpm_requires {
         requires.push(dependency(d));
     }
 
@@ -307,7 +294,6 @@ fn header_entries(
     } else {
         spec.description.trim_end().to_string()
     };
-    let rs = scripts::rpm_scripts(spec);
     let sh = || IndexData::StringArray(vec!["/bin/sh".into()]);
 
     let mut h = vec![
@@ -341,12 +327,6 @@ fn header_entries(
         ),
         t(IndexTag::RPMTAG_OS, s("linux")),
         t(IndexTag::RPMTAG_ARCH, s(spec.arch.rpm())),
-        t(IndexTag::RPMTAG_PREIN, s(&rs.pre)),
-        t(IndexTag::RPMTAG_PREINPROG, sh()),
-        t(IndexTag::RPMTAG_POSTUN, s(&rs.postun)),
-        t(IndexTag::RPMTAG_POSTUNPROG, sh()),
-        t(IndexTag::RPMTAG_POSTTRANS, s(&rs.posttrans)),
-        t(IndexTag::RPMTAG_POSTTRANSPROG, sh()),
         // Its presence is what makes rpm treat the package as binary, not source.
         t(
             IndexTag::RPMTAG_SOURCERPM,
@@ -407,6 +387,58 @@ fn header_entries(
     ];
     if let Some(url) = &spec.homepage {
         h.push(t(IndexTag::RPMTAG_URL, s(url)));
+    }
+    if !spec.rpm_recommends.is_empty() {
+        let weak: Vec<_> = spec.rpm_recommends.iter().map(|d| dependency(d)).collect();
+        h.extend([
+            t(
+                IndexTag::RPMTAG_RECOMMENDNAME,
+                IndexData::StringArray(weak.iter().map(|r| r.0.clone()).collect()),
+            ),
+            t(
+                IndexTag::RPMTAG_RECOMMENDFLAGS,
+                IndexData::Int32(weak.iter().map(|r| r.1).collect()),
+            ),
+            t(
+                IndexTag::RPMTAG_RECOMMENDVERSION,
+                IndexData::StringArray(weak.iter().map(|r| r.2.clone()).collect()),
+            ),
+        ]);
+    }
+    let sc = &plan.scripts;
+    for (body, tag, prog) in [
+        (
+            &sc.pre_install,
+            IndexTag::RPMTAG_PREIN,
+            IndexTag::RPMTAG_PREINPROG,
+        ),
+        (
+            &sc.post_install,
+            IndexTag::RPMTAG_POSTIN,
+            IndexTag::RPMTAG_POSTINPROG,
+        ),
+        (
+            &sc.pre_remove,
+            IndexTag::RPMTAG_PREUN,
+            IndexTag::RPMTAG_PREUNPROG,
+        ),
+        (
+            &sc.post_remove,
+            IndexTag::RPMTAG_POSTUN,
+            IndexTag::RPMTAG_POSTUNPROG,
+        ),
+        (
+            &sc.post_trans,
+            IndexTag::RPMTAG_POSTTRANS,
+            IndexTag::RPMTAG_POSTTRANSPROG,
+        ),
+    ] {
+        if let Some(body) = body {
+            // The interpreter is a header tag, not a shebang line.
+            let body = body.strip_prefix("#!/bin/sh\n").unwrap_or(body);
+            h.push(t(tag, s(body)));
+            h.push(t(prog, sh()));
+        }
     }
     if n > 0 {
         h.extend([

@@ -304,6 +304,17 @@ pub fn deb_scripts(spec: &Spec) -> DebScripts {
     }
 }
 
+impl From<DebScripts> for crate::plan::Scripts {
+    fn from(d: DebScripts) -> Self {
+        crate::plan::Scripts {
+            pre_install: Some(d.preinst),
+            post_install: Some(d.postinst),
+            post_remove: Some(d.postrm),
+            ..Default::default()
+        }
+    }
+}
+
 /// The scriptlets of an .rpm. RPM runs new %pre, new %post, old %preun, old %postun, then
 /// new %posttrans: `$1` tells install (1), upgrade (2) and erase (0) apart, and the final
 /// kill is in %posttrans so an upgrade ends with only the new version running.
@@ -350,7 +361,18 @@ pub fn rpm_scripts(spec: &Spec) -> RpmScripts {
     }
 }
 
-fn indent(block: &str) -> String {
+impl From<RpmScripts> for crate::plan::Scripts {
+    fn from(r: RpmScripts) -> Self {
+        crate::plan::Scripts {
+            pre_install: Some(r.pre),
+            post_remove: Some(r.postun),
+            post_trans: Some(r.posttrans),
+            ..Default::default()
+        }
+    }
+}
+
+pub(crate) fn indent(block: &str) -> String {
     block
         .lines()
         .map(|l| {

@@ -623,14 +623,14 @@ fn is_package_name(s: &str) -> bool {
 }
 
 /// Versions valid for both dpkg (upstream part) and rpm: start with a digit, `[A-Za-z0-9.+~]`.
-fn is_version(s: &str) -> bool {
+pub(crate) fn is_version(s: &str) -> bool {
     let mut chars = s.chars();
     matches!(chars.next(), Some('0'..='9'))
         && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '+' | '~'))
 }
 
 /// Releases valid for both dpkg (revision) and rpm: `[A-Za-z0-9.+~]`, starting alphanumeric.
-fn is_release(s: &str) -> bool {
+pub(crate) fn is_release(s: &str) -> bool {
     let mut chars = s.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_alphanumeric())
         && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '+' | '~'))
