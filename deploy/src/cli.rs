@@ -147,6 +147,73 @@ pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, default_value = "0.0.0.0:8080")]
     listen: SocketAddr,
+    /// Fleet state database (SQLite, created if missing): also accept agent reports and
+    /// serve the fleet view (`/`, `/api/v1/fleet`). See docs/reports.md.
+    #[arg(long)]
+    state: Option<PathBuf>,
+}
+
+/// `--state FILE` of `keepup host`.
+#[derive(clap::Args)]
+pub struct StateArg {
+    /// Fleet state database (the one `keepup serve --state` uses).
+    #[arg(long = "state")]
+    pub file: PathBuf,
+}
+
+/// `keepup host ...`: who may report to `keepup serve --state`.
+#[derive(Subcommand)]
+pub enum HostCommand {
+    /// Register a host (or replace its token); prints the new token on stdout.
+    Add {
+        /// Host name, as its agent reports it.
+        #[arg(required_unless_present = "bulk")]
+        name: Option<String>,
+        /// Read host names from stdin, one per line; print `NAME TOKEN` lines.
+        #[arg(long, conflicts_with = "name")]
+        bulk: bool,
+        #[command(flatten)]
+        state: StateArg,
+    },
+    /// List registered hosts and when each last reported.
+    List {
+        #[command(flatten)]
+        state: StateArg,
+    },
+    /// Forget a host: its token stops working, its report and events are deleted.
+    Remove {
+        /// Host name.
+        name: String,
+        #[command(flatten)]
+        state: StateArg,
+    },
+}
+
+/// `keepup report`
+#[derive(clap::Args)]
+pub struct ReportArgs {
+    /// The `keepup serve --state` server.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    server: String,
+    /// Print the fleet view as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Only services older than their track's version, or missing.
+    #[arg(long)]
+    behind: bool,
+    /// Only services not running, with failing probes, failed to start, or whose host's
+    /// last update failed.
+    #[arg(long)]
+    unhealthy: bool,
+    /// Only hosts not heard from within --stale-after.
+    #[arg(long)]
+    stale: bool,
+    /// Only quarantined services.
+    #[arg(long)]
+    quarantined: bool,
+    /// Silence after which a host is stale (3 x the agents' report interval).
+    #[arg(long, default_value = "10m", value_parser = crate::report::parse_duration)]
+    stale_after: u64,
 }
 
 fn table(rows: &[Vec<String>]) -> String {
@@ -229,13 +296,9 @@ pub fn repo(cmd: RepoCommand) -> Result<()> {
             let mut rows = vec![];
             let mut out = vec![];
             for t in &tracks {
-                let current = r.state.current(t);
-                let ts = &r.state.track[t];
-                let mut entries: Vec<_> = ts
-                    .members
-                    .iter()
-                    .filter_map(|p| r.state.pool.get(p))
-                    .collect();
+                let ts = r.track(t)?;
+                let current = ts.current();
+                let mut entries: Vec<_> = ts.entries().collect();
                 entries.sort_by(|a, b| {
                     (&a.name, a.format, &a.arch)
                         .cmp(&(&b.name, b.format, &b.arch))
@@ -288,7 +351,7 @@ pub fn repo(cmd: RepoCommand) -> Result<()> {
             if problems.is_empty() {
                 println!(
                     "ok: {} pool files, {} tracks; every signature and hash checks out",
-                    r.state.pool.len(),
+                    r.pool()?.len(),
                     r.state.tracks.len()
                 );
                 Ok(())
@@ -357,7 +420,10 @@ pub fn assign(a: AssignArgs) -> Result<()> {
             r.state.tracks.join(", ")
         );
     }
-    r.state.fleet.assign(&a.hosts, &a.track, a.services)?;
+    r.state
+        .fleet
+        .assign(&a.hosts, &a.track, a.services)
+        .map_err(anyhow::Error::msg)?;
     r.commit_fleet()?;
     println!("hosts {} follow {}", a.hosts, a.track);
     Ok(())
@@ -367,7 +433,11 @@ pub fn assign(a: AssignArgs) -> Result<()> {
 pub fn quarantine(a: QuarantineArgs) -> Result<()> {
     let mut r = Repo::open(&a.repo.dir)?;
     let hosts = a.hosts.unwrap_or_else(|| "*".into());
-    if r.state.fleet.quarantine(&a.service, &hosts)? {
+    if r.state
+        .fleet
+        .quarantine(&a.service, &hosts)
+        .map_err(anyhow::Error::msg)?
+    {
         r.commit_fleet()?;
         println!(
             "{} quarantined on {hosts}: agents there remove it",
@@ -456,5 +526,31 @@ pub fn fleet(cmd: FleetCommand) -> Result<()> {
 /// `keepup serve`
 pub fn serve(a: ServeArgs) -> Result<()> {
     Repo::read_only(&a.repo.dir)?;
-    crate::serve::serve(&a.repo.dir, a.listen)
+    crate::serve::serve(&a.repo.dir, a.listen, a.state.as_deref())
+}
+
+/// `keepup host`
+pub fn host(c: HostCommand) -> Result<()> {
+    match c {
+        HostCommand::Add { name, bulk, state } => {
+            crate::state::hosts::add(&state.file, name.as_deref(), bulk)
+        }
+        HostCommand::List { state } => crate::state::hosts::list(&state.file),
+        HostCommand::Remove { name, state } => crate::state::hosts::remove(&state.file, &name),
+    }
+}
+
+/// `keepup report`
+pub fn report(a: ReportArgs) -> Result<()> {
+    crate::report::run(&crate::report::ReportOptions {
+        server: a.server,
+        json: a.json,
+        filter: crate::state::view::Filter {
+            behind: a.behind,
+            unhealthy: a.unhealthy,
+            stale: a.stale,
+            quarantined: a.quarantined,
+        },
+        stale_after: a.stale_after,
+    })
 }

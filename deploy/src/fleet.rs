@@ -1,193 +1,23 @@
 //! Fleet policy: which hosts follow which track and run which services, and which services are
-//! quarantined where. Kept in the repository state and published as `fleet.yaml` with a
-//! detached signature `fleet.yaml.sig`; agents check the signature and the serial.
+//! quarantined where. Kept in the repository state (`.keepup/fleet.json`) and published as
+//! `fleet.yaml` with a detached signature `fleet.yaml.sig`; agents check the signature and the
+//! serial.
 
-use std::fmt::Write as _;
+use std::path::Path;
 
-use anyhow::{anyhow, bail, Result};
-use serde::{Deserialize, Serialize};
+use anyhow::{bail, Result};
 
 use crate::repo::{write_atomic, Repo};
 use crate::sign::{self, Signer};
+pub use keepup_deploy::wire::fleet::Fleet;
 
-/// Hosts matching a glob follow a track (and run the listed services; empty = all).
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct Assignment {
-    /// Host name or glob (`*`, `?`).
-    pub hosts: String,
-    /// Track the hosts follow.
-    pub track: String,
-    /// Services the hosts run; empty means every service in the track.
-    #[serde(default)]
-    pub services: Vec<String>,
-}
-
-/// A service quarantined on hosts matching a glob: agents remove its package there.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct Quarantine {
-    /// Service (package) name.
-    pub service: String,
-    /// Host name or glob.
-    pub hosts: String,
-}
-
-/// The whole policy.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct Fleet {
-    /// Only increases.
-    #[serde(default)]
-    pub serial: u64,
-    /// First matching assignment wins.
-    #[serde(default)]
-    pub assignments: Vec<Assignment>,
-    /// Quarantines.
-    #[serde(default)]
-    pub quarantine: Vec<Quarantine>,
-}
-
-/// Shell-style glob match with `*` and `?`.
-pub fn glob_match(pattern: &str, name: &str) -> bool {
-    let (p, n): (Vec<char>, Vec<char>) = (pattern.chars().collect(), name.chars().collect());
-    let (mut pi, mut ni, mut star, mut mark) = (0, 0, None, 0);
-    while ni < n.len() {
-        if pi < p.len() && (p[pi] == '?' || p[pi] == n[ni]) {
-            pi += 1;
-            ni += 1;
-        } else if pi < p.len() && p[pi] == '*' {
-            star = Some(pi);
-            mark = ni;
-            pi += 1;
-        } else if let Some(s) = star {
-            pi = s + 1;
-            mark += 1;
-            ni = mark;
-        } else {
-            return false;
-        }
-    }
-    while pi < p.len() && p[pi] == '*' {
-        pi += 1;
-    }
-    pi == p.len()
-}
-
-fn check_glob(g: &str) -> Result<()> {
-    if g.is_empty()
-        || !g
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-._*?".contains(c))
-    {
-        bail!("{g:?} is not a host name or glob (letters, digits, - . _ and the wildcards * ?)");
-    }
-    Ok(())
-}
-
-fn yaml_str(s: &str) -> String {
-    serde_json::to_string(s).expect("string")
-}
-
-impl Fleet {
-    /// Assign hosts to a track (replacing an assignment for the same glob).
-    pub fn assign(&mut self, hosts: &str, track: &str, services: Vec<String>) -> Result<()> {
-        check_glob(hosts)?;
-        let a = Assignment {
-            hosts: hosts.into(),
-            track: track.into(),
-            services,
-        };
-        match self.assignments.iter_mut().find(|x| x.hosts == hosts) {
-            Some(x) => *x = a,
-            None => self.assignments.push(a),
-        }
-        Ok(())
-    }
-
-    /// Quarantine a service on hosts.
-    pub fn quarantine(&mut self, service: &str, hosts: &str) -> Result<bool> {
-        check_glob(hosts)?;
-        let q = Quarantine {
-            service: service.into(),
-            hosts: hosts.into(),
-        };
-        if self.quarantine.contains(&q) {
-            return Ok(false);
-        }
-        self.quarantine.push(q);
-        Ok(true)
-    }
-
-    /// Lift quarantines of a service (on `hosts`, or everywhere); returns how many.
-    pub fn unquarantine(&mut self, service: &str, hosts: Option<&str>) -> usize {
-        let before = self.quarantine.len();
-        self.quarantine
-            .retain(|q| !(q.service == service && hosts.is_none_or(|h| q.hosts == h)));
-        before - self.quarantine.len()
-    }
-
-    /// What policy says for one host: its track, services (empty = all), quarantined services.
-    pub fn for_host(&self, host: &str) -> (Option<&Assignment>, Vec<&str>) {
-        let a = self.assignments.iter().find(|a| glob_match(&a.hosts, host));
-        let q = self
-            .quarantine
-            .iter()
-            .filter(|q| glob_match(&q.hosts, host))
-            .map(|q| q.service.as_str())
-            .collect();
-        (a, q)
-    }
-
-    /// The YAML text published as `fleet.yaml`.
-    pub fn to_yaml(&self) -> String {
-        let mut y = String::from(
-            "# keepup fleet policy: generated by `keepup assign`/`quarantine`; do not edit.\n",
-        );
-        let _ = writeln!(y, "serial: {}", self.serial);
-        y.push_str("assignments:\n");
-        if self.assignments.is_empty() {
-            y.truncate(y.len() - 1);
-            y.push_str(" []\n");
-        }
-        for a in &self.assignments {
-            let services: Vec<String> = a.services.iter().map(|s| yaml_str(s)).collect();
-            let _ = writeln!(
-                y,
-                "  - hosts: {}\n    track: {}\n    services: [{}]",
-                yaml_str(&a.hosts),
-                yaml_str(&a.track),
-                services.join(", ")
-            );
-        }
-        y.push_str("quarantine:\n");
-        if self.quarantine.is_empty() {
-            y.truncate(y.len() - 1);
-            y.push_str(" []\n");
-        }
-        for q in &self.quarantine {
-            let _ = writeln!(
-                y,
-                "  - service: {}\n    hosts: {}",
-                yaml_str(&q.service),
-                yaml_str(&q.hosts)
-            );
-        }
-        y
-    }
-
-    /// Parse `fleet.yaml` text.
-    pub fn from_yaml(text: &str) -> Result<Fleet> {
-        serde_saphyr::from_str(text).map_err(|e| anyhow!("fleet.yaml: {e}"))
-    }
-}
-
-/// Write `fleet.yaml` and its signature (signature first).
-pub fn write(repo: &Repo, signer: &Signer) -> Result<()> {
-    let y = repo.state.fleet.to_yaml();
+/// Write `fleet.yaml` for `fleet` and its signature (signature first) in the repository at
+/// `root`.
+pub fn write(root: &Path, signer: &Signer, fleet: &Fleet) -> Result<()> {
+    let y = fleet.to_yaml();
     let sig = signer.detached(y.as_bytes())?;
-    write_atomic(&repo.root.join("fleet.yaml.sig"), sig.as_bytes())?;
-    write_atomic(&repo.root.join("fleet.yaml"), y.as_bytes())?;
+    write_atomic(&root.join("fleet.yaml.sig"), sig.as_bytes())?;
+    write_atomic(&root.join("fleet.yaml"), y.as_bytes())?;
     Ok(())
 }
 
@@ -196,40 +26,9 @@ pub fn verify(repo: &Repo, key: &pgp::composed::SignedPublicKey) -> Result<()> {
     let y = std::fs::read(repo.root.join("fleet.yaml"))?;
     let sig = std::fs::read_to_string(repo.root.join("fleet.yaml.sig"))?;
     sign::verify_detached(key, &y, &sig)?;
-    let parsed = Fleet::from_yaml(std::str::from_utf8(&y)?)?;
+    let parsed = Fleet::from_yaml(std::str::from_utf8(&y)?).map_err(anyhow::Error::msg)?;
     if parsed != repo.state.fleet {
         bail!("fleet.yaml does not match the repository state");
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn globs() {
-        assert!(glob_match("web*", "web12"));
-        assert!(glob_match("*", "anything"));
-        assert!(glob_match("db-?", "db-1"));
-        assert!(!glob_match("db-?", "db-12"));
-        assert!(!glob_match("web*", "db1"));
-        assert!(glob_match("*.eu", "a.b.eu"));
-    }
-
-    #[test]
-    fn yaml_round_trip() {
-        let mut f = Fleet::default();
-        assert_eq!(Fleet::from_yaml(&f.to_yaml()).unwrap(), f);
-        f.serial = 3;
-        f.assign("web*", "stable", vec!["foo".into(), "bar".into()])
-            .unwrap();
-        f.assign("db*", "testing", vec![]).unwrap();
-        f.quarantine("foo", "web3").unwrap();
-        assert_eq!(Fleet::from_yaml(&f.to_yaml()).unwrap(), f);
-        let (a, q) = f.for_host("web3");
-        assert_eq!(a.unwrap().track, "stable");
-        assert_eq!(q, vec!["foo"]);
-        assert_eq!(f.unquarantine("foo", None), 1);
-    }
 }

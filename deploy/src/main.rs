@@ -4,9 +4,12 @@
 
 mod cli;
 mod fleet;
+mod pack_agent;
 mod repo;
+mod report;
 mod serve;
 mod sign;
+mod state;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -30,7 +33,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Build .deb and .rpm service packages from YAML specs.
+    /// Build .deb and .rpm packages from service specs, or keepup-agent's own (--agent).
     Pack(PackArgs),
     /// Create, list and verify a repository.
     #[command(subcommand)]
@@ -50,21 +53,35 @@ enum Command {
     /// Show the fleet policy.
     #[command(subcommand)]
     Fleet(cli::FleetCommand),
-    /// Serve the repository over HTTP.
+    /// Serve the repository over HTTP (with --state: also collect agent reports).
     Serve(cli::ServeArgs),
+    /// Register and remove the hosts allowed to report.
+    #[command(subcommand)]
+    Host(cli::HostCommand),
+    /// Show the fleet: hosts x services, behind, unhealthy, stale.
+    Report(cli::ReportArgs),
 }
 
 #[derive(clap::Args)]
 struct PackArgs {
     /// Service spec files (YAML); see docs/spec.md.
-    #[arg(required = true)]
+    #[arg(required_unless_present = "agent")]
     specs: Vec<PathBuf>,
+    /// Build keepup-agent's own package from this binary instead (see docs/agent.md).
+    #[arg(long, value_name = "BINARY", conflicts_with = "specs")]
+    agent: Option<PathBuf>,
+    /// With --agent: package version, `V` or `V-RELEASE` (default: keepup's version, release 1).
+    #[arg(long, value_name = "V", requires = "agent")]
+    version: Option<String>,
+    /// With --agent: the packages' maintainer, `Name <email>`.
+    #[arg(long, requires = "agent")]
+    maintainer: Option<String>,
     /// Output directory.
     #[arg(long, default_value = "dist")]
     out: PathBuf,
-    /// Formats to build.
-    #[arg(long, value_enum, default_value_t = FormatArg::All)]
-    format: FormatArg,
+    /// Formats to build (a comma-separated list: deb,rpm).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "all")]
+    format: Vec<FormatArg>,
     /// Payload compression: zstd, xz, gzip or none, optionally with a level (zstd:19).
     /// Default: xz for .deb, zstd for .rpm.
     #[arg(long)]
@@ -74,11 +91,21 @@ struct PackArgs {
     sign_key: Option<PathBuf>,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum FormatArg {
     Deb,
     Rpm,
     All,
+}
+
+/// The formats named on the command line, each once, .deb first.
+fn formats(args: &[FormatArg]) -> Vec<Format> {
+    let has = |f: FormatArg| args.iter().any(|a| *a == f || *a == FormatArg::All);
+    [(FormatArg::Deb, Format::Deb), (FormatArg::Rpm, Format::Rpm)]
+        .into_iter()
+        .filter(|(a, _)| has(*a))
+        .map(|(_, f)| f)
+        .collect()
 }
 
 fn main() -> ExitCode {
@@ -103,28 +130,40 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Unquarantine(a) => cli::unquarantine(a),
         Command::Fleet(c) => cli::fleet(c),
         Command::Serve(a) => cli::serve(a),
+        Command::Host(c) => cli::host(c),
+        Command::Report(a) => cli::report(a),
+    }
+}
+
+impl PackArgs {
+    /// The `--compression` asked for (none: each format's default), after checking that the
+    /// `--sign-key` file, if any, exists.
+    fn checked_compression(&self) -> anyhow::Result<Option<Compression>> {
+        if let Some(k) = &self.sign_key {
+            anyhow::ensure!(
+                k.is_file(),
+                "signing key {} does not exist; pass an armored OpenPGP secret key",
+                k.display()
+            );
+        }
+        self.compression
+            .as_deref()
+            .map(Compression::parse)
+            .transpose()
+            .map_err(anyhow::Error::msg)
     }
 }
 
 fn pack_cmd(args: PackArgs) -> anyhow::Result<()> {
-    let compression = args
-        .compression
-        .as_deref()
-        .map(Compression::parse)
-        .transpose()
-        .map_err(anyhow::Error::msg)?;
-    let formats = match args.format {
-        FormatArg::Deb => vec![Format::Deb],
-        FormatArg::Rpm => vec![Format::Rpm],
-        FormatArg::All => vec![Format::Deb, Format::Rpm],
-    };
-    if let Some(k) = &args.sign_key {
-        anyhow::ensure!(
-            k.is_file(),
-            "signing key {} does not exist; pass an armored OpenPGP secret key",
-            k.display()
-        );
+    if args.agent.is_some() {
+        return pack_agent::run(&args);
     }
+    anyhow::ensure!(
+        args.version.is_none() && args.maintainer.is_none(),
+        "--version and --maintainer are for --agent; a service's version and maintainer are in its spec"
+    );
+    let compression = args.checked_compression()?;
+    let formats = formats(&args.format);
     // Validate every spec before building anything, so one bad spec builds nothing.
     let mut specs = Vec::new();
     let mut bad = 0;

@@ -111,10 +111,7 @@ impl Signer {
 
 /// Check a detached armored signature of `data` against `key`.
 pub fn verify_detached(key: &SignedPublicKey, data: &[u8], armored_sig: &str) -> Result<()> {
-    let (sig, _) = DetachedSignature::from_string(armored_sig)
-        .map_err(|e| anyhow!("not an armored signature: {e}"))?;
-    sig.verify(&key.primary_key, data)
-        .map_err(|e| anyhow!("bad signature: {e}"))
+    keepup_deploy::wire::verify::verify_detached(key, data, armored_sig).map_err(anyhow::Error::msg)
 }
 
 /// Check a cleartext-signed message against `key`; returns the signed text.

@@ -8,26 +8,7 @@ use std::path::Path;
 
 use anyhow::{anyhow, bail, Context as _, Result};
 
-/// Package format.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Format {
-    /// Debian package.
-    Deb,
-    /// RPM package.
-    Rpm,
-}
-
-impl std::fmt::Display for Format {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Format::Deb => "deb",
-            Format::Rpm => "rpm",
-        })
-    }
-}
+pub use keepup_deploy::wire::Format;
 
 /// What the repository learns from a package file.
 #[derive(Debug)]

@@ -7,96 +7,47 @@
 //! tracks/<track>/index.json   the agent's index (+ index.json.sig)
 //! fleet.yaml (+ .sig)         fleet policy
 //! keys/repository.asc         public key for agents and apt (also keys/repository.gpg, binary)
-//! .keepup/                    private: signing-key.asc, state.json, lock, meta/ (never served)
+//! .keepup/                    private: signing-key.asc, lock, and the state (see `state`)
 //! ```
 //!
-//! `.keepup/state.json` is the repository's whole state (which packages exist, which track
-//! holds which, serial numbers, fleet policy); every public file is a view regenerated from it.
-//! Every mutating command holds `.keepup/lock` (flock), checks everything before writing, writes
-//! new files under temporary names and renames them into place — pool files first, then views,
-//! then indexes, then the state — so a reader never sees an index naming a missing file and a
-//! failed command leaves the state (and so `repo list` and `repo verify`) as it was.
+//! The state is split per track and per package name (`.keepup/tracks/<track>.json`,
+//! `.keepup/pool/<name>.json`), so a command reads and rewrites only the track it
+//! changes, and that track's views are assembled from pre-rendered fragments. Every mutating
+//! command holds `.keepup/lock` (flock), checks everything before writing, and writes in an
+//! order that keeps readers safe: new pool files and their metadata first (no index names them
+//! yet), then the track's views (each index after the files it names), then the track file,
+//! which is the commit. A command that fails puts the track's views back as its unchanged
+//! track file describes them and removes the pool files it added.
 
 pub mod inspect;
+mod state;
 pub mod version;
 mod views;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::io::Write as _;
+use std::io::{Read as _, Write as _};
+use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context as _, Result};
-use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 
 use crate::sign::{self, Signer};
 pub use inspect::Format;
+pub use keepup_deploy::wire::PoolEntry;
+pub use state::Track;
+use state::{Layout, PoolMeta, Settings};
 
 /// The default tracks, lowest first: packages enter at the first and are promoted upwards.
 pub const DEFAULT_TRACKS: [&str; 3] = ["unstable", "testing", "stable"];
 
-/// One package file in the pool.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct PoolEntry {
-    /// Package name.
-    pub name: String,
-    /// Full version (`[epoch:]version-release`).
-    pub version: String,
-    /// Architecture as the format spells it.
-    pub arch: String,
-    /// deb or rpm.
-    pub format: Format,
-    /// Path relative to the repository root.
-    pub path: String,
-    /// Size in bytes.
-    pub size: u64,
-    /// SHA-256 of the file, hex.
-    pub sha256: String,
-    /// For a rollback package: the version whose payload and scripts it carries.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rollback_of: Option<String>,
-}
-
-impl PoolEntry {
-    /// Compare versions the way this entry's package manager does.
-    pub fn version_cmp(&self, other: &str) -> std::cmp::Ordering {
-        match self.format {
-            Format::Deb => version::dpkg_cmp(&self.version, other),
-            Format::Rpm => version::rpm_cmp(&self.version, other),
-        }
-    }
-
-    /// Does `v` name this entry's version (full, or upstream part only)?
-    pub fn matches_version(&self, v: &str) -> bool {
-        self.version == v
-            || self
-                .version
-                .rsplit_once('-')
-                .is_some_and(|(u, _)| u == v || u.split_once(':').is_some_and(|(_, u)| u == v))
-    }
-}
-
-/// One track: its members (pool paths) and its index serial.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct TrackState {
-    /// Serial of the last index written; only increases.
-    pub serial: u64,
-    /// Pool paths in this track.
-    pub members: BTreeSet<String>,
-}
-
-/// The repository's whole state.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// What every command loads: the track names and the fleet policy (tracks are read on demand).
+#[derive(Debug, Clone, Default)]
 pub struct State {
     /// Track names, lowest first.
     pub tracks: Vec<String>,
-    /// Every pool file, by pool path.
-    pub pool: BTreeMap<String, PoolEntry>,
-    /// Track contents.
-    pub track: BTreeMap<String, TrackState>,
     /// Fleet policy.
-    #[serde(default)]
     pub fleet: crate::fleet::Fleet,
 }
 
@@ -120,41 +71,51 @@ impl State {
             )
         })
     }
-
-    /// The current (highest) entry per (name, format, arch) in `track`.
-    pub fn current(&self, track: &str) -> BTreeMap<(String, Format, String), &PoolEntry> {
-        let mut cur: BTreeMap<(String, Format, String), &PoolEntry> = BTreeMap::new();
-        if let Some(t) = self.track.get(track) {
-            for p in &t.members {
-                let Some(e) = self.pool.get(p) else { continue };
-                let key = (e.name.clone(), e.format, e.arch.clone());
-                match cur.get(&key) {
-                    Some(old) if old.version_cmp(&e.version).is_ge() => {}
-                    _ => {
-                        cur.insert(key, e);
-                    }
-                }
-            }
-        }
-        cur
-    }
 }
 
-/// A package checked and ready to be stored: entry, bytes, and index fragments by kind.
+/// A package file offered for publication, when the pool may share its inode (hard link).
+struct Source {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+/// A package checked and ready to be stored: its metadata (entry + fragments) and bytes.
 struct Staged {
-    entry: PoolEntry,
+    meta: PoolMeta,
     bytes: Vec<u8>,
-    fragments: Vec<(&'static str, String)>,
+    /// Where the bytes came from, if the pool file may be a hard link to it.
+    source: Option<Source>,
+    /// Not in the pool yet (false: the identical file is there already).
+    new: bool,
+}
+
+/// What a failed command takes back: new pool and metadata files to remove, metadata files
+/// to put back as they were.
+#[derive(Default)]
+struct Undo {
+    remove: Vec<PathBuf>,
+    put_back: Vec<(PathBuf, Vec<u8>)>,
+}
+
+impl Undo {
+    fn run(&self) {
+        for p in &self.remove {
+            let _ = std::fs::remove_file(p);
+        }
+        for (p, b) in &self.put_back {
+            let _ = write_new(p, b, 0o600);
+        }
+    }
 }
 
 /// An open repository, locked for the lifetime of this value when opened for writing.
 pub struct Repo {
     /// Repository root.
     pub root: PathBuf,
-    /// Current state.
+    /// Track names and fleet policy.
     pub state: State,
-    /// The state as last saved (to put the views back if a command fails half-way).
-    saved: Vec<u8>,
+    layout: Layout,
     _lock: Option<nix::fcntl::Flock<File>>,
 }
 
@@ -198,10 +159,10 @@ fn write_new(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     Ok(())
 }
 
-/// Write a file that no index names yet (a new pool file, its fragments) straight to its
-/// final name: it becomes visible to clients only when a view naming it is renamed into
-/// place, after this returns; a file left half-written by a crash is not in the state and is
-/// rewritten by the next publish of the same package.
+/// Write a file that no index names yet (a new pool file, its metadata) straight to its final
+/// name: it becomes visible to clients only when a view naming it is renamed into place, after
+/// this returns; a file left half-written by a crash is in no track and is rewritten by the
+/// next publish of the same package.
 fn write_unreferenced(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let open = || {
@@ -226,14 +187,81 @@ fn write_unreferenced(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     Ok(())
 }
 
-impl Repo {
-    fn private(root: &Path) -> PathBuf {
-        root.join(".keepup")
+/// Make `dest` a hard link to the offered file if it is still the file that was checked (same
+/// inode); false if it cannot be (another filesystem, no permission), and nothing is left.
+fn link_source(src: &Source, dest: &Path) -> bool {
+    let link = || std::fs::hard_link(&src.path, dest);
+    let linked = match link() {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => dest
+            .parent()
+            .is_some_and(|d| std::fs::create_dir_all(d).is_ok() && link().is_ok()),
+        r => r.is_ok(),
+    };
+    if !linked {
+        return false;
     }
+    match std::fs::metadata(dest) {
+        Ok(m) if m.dev() == src.dev && m.ino() == src.ino => true,
+        // Replaced since it was checked: copy the checked bytes instead.
+        _ => {
+            let _ = std::fs::remove_file(dest);
+            false
+        }
+    }
+}
 
+/// `f(item)` for every item, spread over the cores, in order; the first error wins.
+fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> Result<R> + Sync) -> Result<Vec<R>> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(items.len().div_ceil(16).max(1));
+    if threads == 1 {
+        return items.iter().map(&f).collect();
+    }
+    let f = &f;
+    let parts: Vec<Result<Vec<(usize, R)>>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                scope.spawn(move || {
+                    items
+                        .iter()
+                        .enumerate()
+                        .skip(t)
+                        .step_by(threads)
+                        .map(|(i, x)| Ok((i, f(x)?)))
+                        .collect()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("worker thread panicked"))
+            .collect()
+    });
+    let mut all = Vec::with_capacity(items.len());
+    for p in parts {
+        all.extend(p?);
+    }
+    all.sort_by_key(|(i, _)| *i);
+    Ok(all.into_iter().map(|(_, r)| r).collect())
+}
+
+/// Take the exclusive lock of the repository whose private directory is `private`.
+fn lock(private: &Path) -> Result<nix::fcntl::Flock<File>> {
+    let lock_file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(private.join("lock"))
+        .with_context(|| format!("opening {}/lock", private.display()))?;
+    nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| anyhow!("locking {}/lock: {e}", private.display()))
+}
+
+impl Repo {
     /// Path of the private signing key.
     pub fn secret_key_path(&self) -> PathBuf {
-        Self::private(&self.root).join("signing-key.asc")
+        self.layout.private.join("signing-key.asc")
     }
 
     /// Path of the public key (armored).
@@ -243,36 +271,38 @@ impl Repo {
 
     /// Create a repository at `root` with a new key, or with the armored secret key `key`.
     pub fn init(root: &Path, key: Option<&Path>, tracks: &[String]) -> Result<Repo> {
-        let private = Self::private(root);
-        if private.join("state.json").exists() {
+        let layout = Layout::new(root);
+        if layout.settings().exists() || layout.old_state().exists() {
             bail!(
                 "{} is already a keepup repository; use `keepup repo list --repo {}`",
                 root.display(),
                 root.display()
             );
         }
-        std::fs::create_dir_all(private.join("meta"))
-            .with_context(|| format!("creating {}", private.display()))?;
+        std::fs::create_dir_all(&layout.private)
+            .with_context(|| format!("creating {}", layout.private.display()))?;
         {
             use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700))?;
+            std::fs::set_permissions(&layout.private, std::fs::Permissions::from_mode(0o700))?;
         }
         let secret = match key {
             Some(k) => sign::load_secret(k)?,
             None => sign::generate("keepup repository <keepup@localhost>")?,
         };
-        let mut repo = Repo::open(root)?;
-        write_atomic(
+        let repo = Repo {
+            root: root.to_path_buf(),
+            state: State {
+                tracks: tracks.to_vec(),
+                fleet: Default::default(),
+            },
+            _lock: Some(lock(&layout.private)?),
+            layout,
+        };
+        write_new(
             &repo.secret_key_path(),
             sign::armor_secret(&secret)?.as_bytes(),
+            0o600,
         )?;
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(
-                repo.secret_key_path(),
-                std::fs::Permissions::from_mode(0o600),
-            )?;
-        }
         let public = sign::armor_public(&secret)?;
         write_atomic(&repo.public_key_path(), public.as_bytes())?;
         let binary = {
@@ -280,65 +310,107 @@ impl Repo {
             secret.to_public_key().to_bytes()?
         };
         write_atomic(&root.join("keys/repository.gpg"), &binary)?;
-        repo.state = State {
-            tracks: tracks.to_vec(),
-            ..Default::default()
-        };
         for t in tracks {
-            repo.state.track.insert(t.clone(), TrackState::default());
+            repo.commit_track(
+                t,
+                &Track::default(),
+                Track::default(),
+                &Undo::default(),
+                &[],
+            )?;
         }
-        let all: Vec<String> = tracks.to_vec();
-        repo.commit(&all, true)?;
+        repo.commit_fleet_from(&Default::default())?;
+        // Last: a repository exists once repo.json does.
+        let settings = Settings {
+            layout: state::LAYOUT,
+            tracks: tracks.to_vec(),
+        };
+        write_new(
+            &repo.layout.settings(),
+            &serde_json::to_vec_pretty(&settings)?,
+            0o600,
+        )?;
         Ok(repo)
     }
 
-    /// Open and lock the repository at `root` for a mutating command.
+    /// Open and lock the repository at `root` for a mutating command (converting a
+    /// repository of the old single-file layout first).
     pub fn open(root: &Path) -> Result<Repo> {
-        let private = Self::private(root);
-        if !private.is_dir() {
+        let layout = Layout::new(root);
+        if !layout.private.is_dir() {
             bail!(
                 "{} is not a keepup repository (no .keepup/); create one with `keepup repo init {}`",
                 root.display(),
                 root.display()
             );
         }
-        let lock_file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(private.join("lock"))
-            .with_context(|| format!("opening {}/lock", private.display()))?;
-        let lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
-            .map_err(|(_, e)| anyhow!("locking {}/lock: {e}", private.display()))?;
+        let lock = lock(&layout.private)?;
         // Read the state only now that we hold the lock.
-        let mut repo = Repo::read_only(root)?;
+        let mut repo = Repo::load(root, true)?;
         repo._lock = Some(lock);
         Ok(repo)
     }
 
-    /// Open without locking (list, verify, serve): reads one consistent state file.
+    /// Open without locking (list, verify, serve). Each track file is read whole, so a track
+    /// is always seen consistent; two tracks may be seen either side of a concurrent command.
     pub fn read_only(root: &Path) -> Result<Repo> {
-        let (state, saved) = Self::load_state(root)?;
-        Ok(Repo {
-            root: root.to_path_buf(),
-            state,
-            saved,
-            _lock: None,
-        })
+        Repo::load(root, false)
     }
 
-    /// The state and the bytes it was read from.
-    fn load_state(root: &Path) -> Result<(State, Vec<u8>)> {
-        let path = Self::private(root).join("state.json");
-        match std::fs::read(&path) {
-            Ok(b) => Ok((
-                serde_json::from_slice(&b)
-                    .with_context(|| format!("{} is damaged", path.display()))?,
-                b,
-            )),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok((State::default(), vec![])),
-            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    /// Load repo.json and fleet.json. A repository of the old layout is converted first
+    /// (under the lock: taken here unless `locked`).
+    fn load(root: &Path, locked: bool) -> Result<Repo> {
+        let mut repo = Repo {
+            root: root.to_path_buf(),
+            state: State::default(),
+            layout: Layout::new(root),
+            _lock: None,
+        };
+        let layout = &repo.layout;
+        if !layout.settings().exists() && layout.old_state().exists() {
+            let _lock = if locked {
+                None
+            } else {
+                Some(lock(&layout.private)?)
+            };
+            if !layout.settings().exists() {
+                repo.migrate()?;
+            }
         }
+        let layout = &repo.layout;
+        let Some(settings) = state::read_json::<Settings>(&layout.settings())? else {
+            bail!(
+                "{} is not a keepup repository (no .keepup/repo.json); create one with `keepup repo init {}`",
+                root.display(),
+                root.display()
+            );
+        };
+        if settings.layout > state::LAYOUT {
+            bail!(
+                "{} was written by a newer keepup (state layout {}); upgrade keepup",
+                root.display(),
+                settings.layout
+            );
+        }
+        repo.state = State {
+            tracks: settings.tracks,
+            fleet: state::read_json(&layout.fleet())?.unwrap_or_default(),
+        };
+        Ok(repo)
+    }
+
+    /// Convert `.keepup/state.json` (one file for everything) to per-track state files.
+    fn migrate(&self) -> Result<()> {
+        let key = inspect::rpm_verifier(&std::fs::read(self.public_key_path())?)?;
+        let write = |p: &Path, b: &[u8]| write_new(p, b, 0o600);
+        let refragment = |e: &PoolEntry| self.refragment(e, &key);
+        state::migrate(&self.layout, write, refragment).with_context(|| {
+            format!(
+                "converting {} to the per-track layout (nothing public changed; run `keepup repo reindex --repo {}` to retry)",
+                self.layout.old_state().display(),
+                self.root.display()
+            )
+        })
     }
 
     /// The loaded signer.
@@ -346,117 +418,142 @@ impl Repo {
         Signer::load(&self.secret_key_path())
     }
 
-    /// Where the index fragments of the pool file with this digest are kept (one JSON object:
-    /// `stanza` for a .deb; `primary`, `filelists`, `other` for an .rpm).
-    fn meta_path(&self, sha256: &str) -> PathBuf {
-        Self::private(&self.root)
-            .join("meta")
-            .join(&sha256[..2])
-            .join(format!("{sha256}.json"))
-    }
-
-    /// The index fragments of a pool entry.
-    fn fragments(&self, e: &PoolEntry) -> Result<BTreeMap<String, String>> {
-        let p = self.meta_path(&e.sha256);
-        let b = std::fs::read(&p).with_context(|| {
-            format!(
-                "the index fragments of {} are missing ({})",
-                e.path,
-                p.display()
+    /// A track's serial and members.
+    pub fn track(&self, track: &str) -> Result<Track> {
+        self.state.track_index(track)?;
+        let path = self.layout.track(track);
+        state::read_json(&path)?.ok_or_else(|| {
+            anyhow!(
+                "{} is missing: the repository's state is damaged; restore .keepup/ from a backup",
+                path.display()
             )
-        })?;
-        Ok(serde_json::from_slice(&b)?)
+        })
     }
 
-    /// Regenerate the views and indexes of `tracks` (and, if `fleet`, the fleet policy), then
-    /// save the state.
-    fn commit(&mut self, tracks: &[String], fleet: bool) -> Result<()> {
-        let signer = self.signer()?;
-        for t in tracks {
-            let ts = self.state.track.get_mut(t).expect("known track");
-            ts.serial += 1;
-            views::write_track(self, &signer, t)?;
-        }
-        if fleet {
-            crate::fleet::write(self, &signer)?;
-        }
-        let state = serde_json::to_vec(&self.state)?;
-        write_new(&Self::private(&self.root).join("state.json"), &state, 0o600)?;
-        self.saved = state;
-        Ok(())
+    /// The members of `track` named `name` (reads one line of the track file).
+    fn track_entries(&self, track: &str, name: &str) -> Result<Vec<PoolEntry>> {
+        let path = self.layout.track(track);
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        state::lookup(&bytes, name).with_context(|| format!("{} is damaged", path.display()))
     }
 
-    /// Commit, and if that fails, put the views of `tracks` back as the old state had them.
-    fn commit_or_restore(&mut self, tracks: &[String]) -> Result<()> {
-        if let Err(e) = self.commit(tracks, false) {
-            self.state = if self.saved.is_empty() {
-                State::default()
-            } else {
-                serde_json::from_slice(&self.saved)?
-            };
-            if let Ok(signer) = self.signer() {
-                for t in tracks {
-                    let _ = views::write_track(self, &signer, t);
-                }
+    /// Every pool file's metadata.
+    pub fn pool(&self) -> Result<Vec<PoolEntry>> {
+        Ok(state::all_meta(&self.layout)?
+            .into_iter()
+            .map(|m| m.entry)
+            .collect())
+    }
+
+    /// Write the views of `name` for `new` and save it; on failure, put back the views of
+    /// `old` (under a higher serial: serials never go down) and undo the pool changes.
+    /// `known`: metadata already in memory (of the packages just stored), not read again.
+    fn commit_track(
+        &self,
+        name: &str,
+        old: &Track,
+        mut new: Track,
+        undo: &Undo,
+        known: &[&PoolMeta],
+    ) -> Result<()> {
+        let signer = match self.signer() {
+            Ok(s) => s,
+            Err(e) => {
+                undo.run();
+                return Err(e);
             }
-            return Err(e);
+        };
+        new.serial = old.serial + 1;
+        let write = |t: &Track, known: &[&PoolMeta]| -> Result<()> {
+            let mut by_path: HashMap<&str, &PoolMeta> =
+                known.iter().map(|m| (m.entry.path.as_str(), *m)).collect();
+            // One metadata file per package name that has members not in memory.
+            let names: Vec<&String> = t
+                .packages
+                .iter()
+                .filter(|(_, v)| v.iter().any(|e| !by_path.contains_key(e.path.as_str())))
+                .map(|(n, _)| n)
+                .collect();
+            let read = par_map(&names, |n| state::read_meta(&self.layout, n))?;
+            by_path.extend(read.iter().flatten().map(|m| (m.entry.path.as_str(), m)));
+            let members = t
+                .entries()
+                .map(|e| {
+                    by_path.get(e.path.as_str()).copied().ok_or_else(|| {
+                        anyhow!(
+                            "the metadata of {} is missing from {}; restore .keepup/ from a backup",
+                            e.path,
+                            self.layout.meta(&e.name).display()
+                        )
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            views::write_track(&self.root, &signer, name, t.serial, &members)
+        };
+        let save = |t: &Track| write_new(&self.layout.track(name), &state::track_json(t)?, 0o600);
+        let Err(err) = write(&new, known).and_then(|_| save(&new)) else {
+            return Ok(());
+        };
+        let back = Track {
+            serial: new.serial + 1,
+            packages: old.packages.clone(),
+        };
+        match save(&back).and_then(|_| write(&back, &[])) {
+            Ok(()) => {
+                undo.run();
+                Err(err)
+            }
+            Err(e) => Err(err.context(format!(
+                "putting the views of {name} back failed too ({e:#}); run `keepup repo reindex --repo {}` once the cause is fixed",
+                self.root.display()
+            ))),
         }
-        Ok(())
     }
 
     /// Publish package files into `track`. Everything is checked before anything is written.
     pub fn publish(&mut self, files: &[PathBuf], track: &str) -> Result<Vec<PoolEntry>> {
         self.state.track_index(track)?;
         let key = inspect::rpm_verifier(&std::fs::read(self.public_key_path())?)?;
+        let owner = std::fs::metadata(&self.layout.private)?.uid();
         // Checking packages and computing their index fragments is the expensive part: spread
         // it over the cores. Nothing is written until every file has passed.
-        let threads = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .min(files.len().max(1));
-        let this = &*self;
-        let results: Vec<Result<Vec<(usize, Staged)>>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..threads)
-                .map(|t| {
-                    let key = &key;
-                    scope.spawn(move || {
-                        let mut out = Vec::new();
-                        for (i, f) in files.iter().enumerate().skip(t).step_by(threads) {
-                            out.push((i, this.check_file(f, key)?));
-                        }
-                        Ok(out)
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("staging thread panicked"))
-                .collect()
-        });
-        let mut staged: Vec<(usize, Staged)> = Vec::new();
-        for r in results {
-            staged.extend(r?);
-        }
-        staged.sort_by_key(|(i, _)| *i);
-        let staged: Vec<Staged> = staged.into_iter().map(|(_, s)| s).collect();
-        for (i, a) in staged.iter().enumerate() {
-            if let Some(b) = staged[..i]
-                .iter()
-                .find(|b| b.entry.path == a.entry.path && b.entry.sha256 != a.entry.sha256)
-            {
-                bail!(
+        let mut staged = par_map(files, |f| self.check_file(f, &key, owner))?;
+        // The same file given twice is stored once; two different files for one pool path
+        // are refused.
+        let mut seen: HashMap<String, String> = HashMap::new();
+        for s in &staged {
+            let e = &s.meta.entry;
+            match seen.get(&e.path) {
+                Some(sha) if *sha != e.sha256 => bail!(
                     "{} {} ({}) is given twice with different contents; publish one of them",
-                    b.entry.name,
-                    b.entry.version,
-                    b.entry.arch
-                );
+                    e.name,
+                    e.version,
+                    e.arch
+                ),
+                Some(_) => {}
+                None => {
+                    seen.insert(e.path.clone(), e.sha256.clone());
+                }
             }
         }
-        self.add_to_track(track, &staged)
+        let mut first = std::collections::HashSet::new();
+        staged.retain(|s| first.insert(s.meta.entry.path.clone()));
+        self.add_to_track(track, staged)
     }
 
-    /// Read and check one file offered for publication.
-    fn check_file(&self, f: &Path, key: &rpm::signature::pgp::Verifier) -> Result<Staged> {
-        let bytes = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
+    /// Read and check one file offered for publication. The pool may hard-link it if it is a
+    /// plain file of the repository's owner that only the owner can change.
+    fn check_file(
+        &self,
+        f: &Path,
+        key: &rpm::signature::pgp::Verifier,
+        owner: u32,
+    ) -> Result<Staged> {
+        let mut file = File::open(f).with_context(|| format!("reading {}", f.display()))?;
+        let m = file.metadata()?;
+        let mut bytes = Vec::with_capacity(m.len() as usize);
+        file.read_to_end(&mut bytes)
+            .with_context(|| format!("reading {}", f.display()))?;
         let info = if bytes.starts_with(b"!<arch>\n") {
             inspect::inspect_deb(f, &bytes)?
         } else if bytes.starts_with(&[0xed, 0xab, 0xee, 0xdb]) {
@@ -467,23 +564,25 @@ impl Repo {
                 f.display()
             );
         };
-        self.stage(info, bytes, None)
+        let mut s = self.stage(info, bytes, None)?;
+        if m.is_file() && m.uid() == owner && m.mode() & 0o7022 == 0 && m.mode() & 0o444 == 0o444 {
+            s.source = Some(Source {
+                path: f.to_path_buf(),
+                dev: m.dev(),
+                ino: m.ino(),
+            });
+        }
+        Ok(s)
     }
 
-    /// Check one package against the pool; returns its entry, bytes and index fragments.
-    fn stage(
-        &self,
-        info: inspect::Inspected,
-        bytes: Vec<u8>,
-        rollback_of: Option<String>,
-    ) -> Result<Staged> {
-        let sha256 = sha256_hex(&bytes);
+    /// The pool path of a package.
+    fn pool_path(info: &inspect::Inspected) -> String {
         let letter = &info.name[..1];
         let plain_version = info
             .version
             .split_once(':')
             .map_or(info.version.as_str(), |(_, v)| v);
-        let path = match info.format {
+        match info.format {
             Format::Deb => format!(
                 "pool/main/{letter}/{n}/{n}_{plain_version}_{a}.deb",
                 n = info.name,
@@ -494,80 +593,165 @@ impl Repo {
                 n = info.name,
                 a = info.arch
             ),
+        }
+    }
+
+    /// Check one package against the pool; returns its metadata (entry and index fragments)
+    /// and bytes.
+    fn stage(
+        &self,
+        info: inspect::Inspected,
+        bytes: Vec<u8>,
+        rollback_of: Option<String>,
+    ) -> Result<Staged> {
+        let entry = PoolEntry {
+            path: Self::pool_path(&info),
+            name: info.name.clone(),
+            version: info.version.clone(),
+            arch: info.arch.clone(),
+            format: info.format,
+            size: bytes.len() as u64,
+            sha256: sha256_hex(&bytes),
+            rollback_of,
         };
-        if let Some(existing) = self.state.pool.get(&path) {
-            if existing.sha256 != sha256 {
+        // A pool file whose metadata exists is in the pool, unless no track names it (left by
+        // a command that crashed before its commit): that one may be replaced.
+        let metas = match state::read_meta(&self.layout, &entry.name) {
+            Ok(m) => m,
+            // A name's first metadata file is written straight to its name: one left
+            // half-written by a crash names nothing any track holds, and is written again.
+            Err(_) if !self.name_in_some_track(&entry.name)? => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        let existing = metas.into_iter().find(|m| m.entry.path == entry.path);
+        if let Some(existing) = existing {
+            if existing.entry.sha256 == entry.sha256 {
+                return Ok(Staged {
+                    meta: existing,
+                    bytes,
+                    source: None,
+                    new: false,
+                });
+            }
+            if self.in_some_track(&existing.entry)? {
                 bail!(
                     "{} {} ({}, {}) is already in the pool with different contents (sha256 {} there, {} here); the pool is immutable: bump the version or release and publish again",
-                    info.name, info.version, info.arch, info.format, existing.sha256, sha256
+                    entry.name, entry.version, entry.arch, entry.format, existing.entry.sha256, entry.sha256
                 );
             }
         }
-        let entry = PoolEntry {
-            name: info.name,
-            version: info.version,
-            arch: info.arch,
-            format: info.format,
-            path,
-            size: bytes.len() as u64,
-            sha256,
-            rollback_of,
-        };
-        let fragments = match entry.format {
-            Format::Deb => vec![(
-                "stanza",
-                views::deb_stanza(&entry, info.control.as_deref().unwrap_or(""), &bytes),
-            )],
-            Format::Rpm => {
-                let href = format!("packages/{}", file_name(&entry.path));
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs());
-                let meta = info
-                    .rpm
-                    .as_ref()
-                    .ok_or_else(|| anyhow!("{}: rpm headers missing", entry.path))?;
-                let [p, f, o] =
-                    inspect::rpm_fragments(meta, &entry.sha256, entry.size, &href, now)?;
-                vec![("primary", p), ("filelists", f), ("other", o)]
-            }
-        };
+        let meta = fragments(entry, &info, &bytes)?;
         Ok(Staged {
-            entry,
+            meta,
             bytes,
-            fragments,
+            source: None,
+            new: true,
         })
     }
 
-    /// Write staged packages into the pool (and their index fragments); returns new files.
-    fn store(&mut self, staged: &[Staged]) -> Result<Vec<PathBuf>> {
-        let mut written = Vec::new();
-        let result = (|| -> Result<()> {
-            for s in staged {
-                let e = &s.entry;
-                let dest = self.root.join(&e.path);
-                if !self.state.pool.contains_key(&e.path) || !dest.exists() {
+    /// Does any track hold a package of this name?
+    fn name_in_some_track(&self, name: &str) -> Result<bool> {
+        for t in &self.state.tracks {
+            if !self.track_entries(t, name)?.is_empty() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Is this pool entry a member of any track?
+    fn in_some_track(&self, e: &PoolEntry) -> Result<bool> {
+        for t in &self.state.tracks {
+            if self
+                .track_entries(t, &e.name)?
+                .iter()
+                .any(|x| x.path == e.path)
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// The metadata of a pool file computed again from the file (old repositories whose
+    /// fragments are missing).
+    fn refragment(&self, e: &PoolEntry, key: &rpm::signature::pgp::Verifier) -> Result<PoolMeta> {
+        let path = self.root.join(&e.path);
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        let info = match e.format {
+            Format::Deb => inspect::inspect_deb(&path, &bytes)?,
+            Format::Rpm => inspect::inspect_rpm(&path, &bytes, key)?,
+        };
+        fragments(e.clone(), &info, &bytes)
+    }
+
+    /// Write staged packages into the pool, then their metadata (one file per name); returns
+    /// how to undo that.
+    fn store(&self, staged: &[Staged]) -> Result<Undo> {
+        let undo = std::sync::Mutex::new(Undo::default());
+        let undo_ = &undo;
+        let files = par_map(staged, |s| {
+            let e = &s.meta.entry;
+            let dest = self.root.join(&e.path);
+            if s.new {
+                let _ = std::fs::remove_file(&dest);
+                let linked = s.source.as_ref().is_some_and(|src| link_source(src, &dest));
+                if !linked {
                     write_unreferenced(&dest, &s.bytes, 0o644)?;
-                    written.push(dest.clone());
                 }
-                let frags: BTreeMap<&str, &str> =
-                    s.fragments.iter().map(|(k, v)| (*k, v.as_str())).collect();
-                write_unreferenced(
-                    &self.meta_path(&e.sha256),
-                    &serde_json::to_vec(&frags)?,
-                    0o600,
-                )?;
-                self.state.pool.insert(e.path.clone(), e.clone());
+            } else if !dest.exists() {
+                write_unreferenced(&dest, &s.bytes, 0o644)?;
+            } else {
+                return Ok(());
             }
+            undo_.lock().expect("not poisoned").remove.push(dest);
             Ok(())
-        })();
-        if let Err(err) = result {
-            for p in &written {
-                let _ = std::fs::remove_file(p);
-            }
+        });
+        let mut by_name: BTreeMap<&str, Vec<&PoolMeta>> = BTreeMap::new();
+        for s in staged.iter().filter(|s| s.new) {
+            by_name.entry(&s.meta.entry.name).or_default().push(&s.meta);
+        }
+        let by_name: Vec<_> = by_name.into_iter().collect();
+        let metas = files.and_then(|_| {
+            par_map(&by_name, |(name, metas)| {
+                let path = self.layout.meta(name);
+                let before = match std::fs::read(&path) {
+                    Ok(b) => Some(b),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                    Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+                };
+                // Unreadable: left half-written by a crash (stage found no track naming it).
+                let parsed = before
+                    .as_deref()
+                    .and_then(|b| serde_json::from_slice::<Vec<PoolMeta>>(b).ok());
+                let before = before.filter(|_| parsed.is_some());
+                let mut all = parsed.unwrap_or_default();
+                for m in metas {
+                    all.retain(|x| x.entry.path != m.entry.path);
+                    all.push((*m).clone());
+                }
+                all.sort_by(|a, b| a.entry.path.cmp(&b.entry.path));
+                let json = state::meta_json(&all)?;
+                match before {
+                    // Other tracks may name this name's other files: replace it whole.
+                    Some(b) => {
+                        write_new(&path, &json, 0o600)?;
+                        undo_.lock().expect("not poisoned").put_back.push((path, b));
+                    }
+                    None => {
+                        write_unreferenced(&path, &json, 0o600)?;
+                        undo_.lock().expect("not poisoned").remove.push(path);
+                    }
+                }
+                Ok(())
+            })
+        });
+        let undo = undo.into_inner().expect("not poisoned");
+        if let Err(err) = metas {
+            undo.run();
             return Err(err);
         }
-        Ok(written)
+        Ok(undo)
     }
 
     /// Promote one version of `name` (default: the current one) from the track below `to`.
@@ -578,20 +762,16 @@ impl Repo {
         to: &str,
     ) -> Result<Vec<PoolEntry>> {
         let from = self.state.below(to)?.to_string();
+        let candidates = self.track_entries(&from, name)?;
         let chosen: Vec<PoolEntry> = match version {
-            Some(v) => self.state.track[&from]
-                .members
+            Some(v) => candidates
                 .iter()
-                .filter_map(|p| self.state.pool.get(p))
-                .filter(|e| e.name == name && e.matches_version(v))
+                .filter(|e| e.matches_version(v))
                 .cloned()
                 .collect(),
-            None => self
-                .state
-                .current(&from)
-                .into_iter()
-                .filter(|((n, _, _), _)| n == name)
-                .map(|(_, e)| e.clone())
+            None => state::current_of(candidates.iter())
+                .into_values()
+                .cloned()
                 .collect(),
         };
         if chosen.is_empty() {
@@ -601,28 +781,32 @@ impl Repo {
                 self.root.display()
             );
         }
-        let versions: BTreeSet<&str> = chosen.iter().map(|e| e.version.as_str()).collect();
+        let versions: std::collections::BTreeSet<&str> =
+            chosen.iter().map(|e| e.version.as_str()).collect();
         if versions.len() > 1 {
             bail!(
                 "{from} has several versions of {name} matching: {}; name one exactly",
                 versions.into_iter().collect::<Vec<_>>().join(", ")
             );
         }
-        let current = self.state.current(to);
-        for e in &chosen {
-            if let Some(cur) = current.get(&(e.name.clone(), e.format, e.arch.clone())) {
-                if cur.version_cmp(&e.version).is_gt() {
-                    bail!(
-                        "{to} already has {name} {} ({}), newer than {}; promotion never downgrades: to go back, use `keepup rollback --repo {} {name} --to {} --track {to}`",
-                        cur.version, e.format, e.version, self.root.display(), e.version
-                    );
+        let old = self.track(to)?;
+        let mut new = old.clone();
+        {
+            let current = state::current_of(old.packages.get(name).into_iter().flatten());
+            for e in &chosen {
+                if let Some(cur) = current.get(&(e.name.clone(), e.format, e.arch.clone())) {
+                    if cur.version_cmp(&e.version).is_gt() {
+                        bail!(
+                            "{to} already has {name} {} ({}), newer than {}; promotion never downgrades: to go back, use `keepup rollback --repo {} {name} --to {} --track {to}`",
+                            cur.version, e.format, e.version, self.root.display(), e.version
+                        );
+                    }
                 }
             }
         }
-        let ts = self.state.track.get_mut(to).expect("checked");
         let mut added = false;
         for e in &chosen {
-            added |= ts.members.insert(e.path.clone());
+            added |= new.insert(e.clone());
         }
         if !added {
             bail!(
@@ -630,7 +814,7 @@ impl Repo {
                 chosen[0].version
             );
         }
-        self.commit_or_restore(&[to.to_string()])?;
+        self.commit_track(to, &old, new, &Undo::default(), &[])?;
         Ok(chosen)
     }
 
@@ -643,14 +827,14 @@ impl Repo {
         track: &str,
     ) -> Result<Vec<PoolEntry>> {
         self.state.track_index(track)?;
-        let current = self.state.current(track);
-        let olds: Vec<PoolEntry> = self
-            .state
-            .pool
-            .values()
-            .filter(|e| e.name == name && e.matches_version(old_version))
-            .cloned()
+        let members = self.track_entries(track, name)?;
+        let current = state::current_of(members.iter());
+        let mut olds: Vec<PoolEntry> = state::read_meta(&self.layout, name)?
+            .into_iter()
+            .map(|m| m.entry)
+            .filter(|e| e.matches_version(old_version))
             .collect();
+        olds.sort_by(|a, b| a.path.cmp(&b.path));
         if olds.is_empty() {
             bail!(
                 "the pool has no {name} {old_version}; see `keepup repo list --repo {}`",
@@ -658,6 +842,7 @@ impl Repo {
             );
         }
         let secret = self.secret_key_path();
+        let key = inspect::rpm_verifier(&std::fs::read(self.public_key_path())?)?;
         let mut staged = Vec::new();
         for old in &olds {
             let Some(cur) = current.get(&(old.name.clone(), old.format, old.arch.clone())) else {
@@ -689,7 +874,6 @@ impl Repo {
                 }
             };
             let label = PathBuf::from(format!("rollback of {} {}", old.name, old.version));
-            let key = inspect::rpm_verifier(&std::fs::read(self.public_key_path())?)?;
             let info = match old.format {
                 Format::Deb => inspect::inspect_deb(&label, &new_bytes)?,
                 Format::Rpm => inspect::inspect_rpm(&label, &new_bytes, &key)?,
@@ -706,43 +890,95 @@ impl Repo {
         if staged.is_empty() {
             bail!("{track} has no {name}; a rollback replaces the current version of a track");
         }
-        self.add_to_track(track, &staged)
+        self.add_to_track(track, staged)
     }
 
     /// Store staged packages in the pool, add them to `track` and commit; on failure the
-    /// repository is restored and the new pool files are removed.
-    fn add_to_track(&mut self, track: &str, staged: &[Staged]) -> Result<Vec<PoolEntry>> {
-        let written = self.store(staged)?;
-        let entries: Vec<PoolEntry> = staged.iter().map(|s| s.entry.clone()).collect();
-        let ts = self.state.track.get_mut(track).expect("checked");
-        for e in &entries {
-            ts.members.insert(e.path.clone());
+    /// track is as it was and the new pool files are removed.
+    fn add_to_track(&mut self, track: &str, staged: Vec<Staged>) -> Result<Vec<PoolEntry>> {
+        let old = self.track(track)?;
+        let undo = self.store(&staged)?;
+        let mut new = old.clone();
+        for s in &staged {
+            new.insert(s.meta.entry.clone());
         }
-        let res = self.commit_or_restore(&[track.to_string()]);
-        if res.is_err() {
-            for p in written {
-                let _ = std::fs::remove_file(p);
-            }
-        }
-        res.map(|_| entries)
+        let known: Vec<&PoolMeta> = staged.iter().map(|s| &s.meta).collect();
+        self.commit_track(track, &old, new, &undo, &known)?;
+        Ok(staged.into_iter().map(|s| s.meta.entry).collect())
     }
 
-    /// Save a changed fleet policy (views of tracks unchanged).
+    /// Save a changed fleet policy (`self.state.fleet`; views of tracks unchanged).
     pub fn commit_fleet(&mut self) -> Result<()> {
-        self.state.fleet.serial += 1;
-        self.commit(&[], true)
+        let old: crate::fleet::Fleet = state::read_json(&self.layout.fleet())?.unwrap_or_default();
+        self.state.fleet.serial = old.serial + 1;
+        self.commit_fleet_from(&old)
+    }
+
+    /// Write fleet.yaml for `self.state.fleet`, then fleet.json; on failure put `old` back.
+    fn commit_fleet_from(&self, old: &crate::fleet::Fleet) -> Result<()> {
+        let signer = self.signer()?;
+        let save = |f: &crate::fleet::Fleet| {
+            crate::fleet::write(&self.root, &signer, f)?;
+            write_new(&self.layout.fleet(), &serde_json::to_vec_pretty(f)?, 0o600)
+        };
+        if let Err(e) = save(&self.state.fleet) {
+            let mut back = old.clone();
+            back.serial = self.state.fleet.serial + 1;
+            let _ = save(&back);
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Rebuild every view from the state (after a restore, or to time a full index build).
     pub fn reindex(&mut self) -> Result<()> {
-        let tracks = self.state.tracks.clone();
-        self.commit(&tracks, true)
+        for t in self.state.tracks.clone() {
+            let old = self.track(&t)?;
+            self.commit_track(&t, &old, old.clone(), &Undo::default(), &[])?;
+        }
+        crate::fleet::write(&self.root, &self.signer()?, &self.state.fleet)
     }
 
     /// Check every signature and hash; returns the problems found.
     pub fn verify(&self) -> Result<Vec<String>> {
         views::verify(self)
     }
+}
+
+/// A pool entry's metadata: the entry and its index fragments, computed from the package.
+fn fragments(entry: PoolEntry, info: &inspect::Inspected, bytes: &[u8]) -> Result<PoolMeta> {
+    let mut meta = PoolMeta {
+        stanza: None,
+        primary: None,
+        filelists: None,
+        other: None,
+        entry,
+    };
+    let e = &meta.entry;
+    match e.format {
+        Format::Deb => {
+            meta.stanza = Some(views::deb_stanza(
+                e,
+                info.control.as_deref().unwrap_or(""),
+                bytes,
+            ))
+        }
+        Format::Rpm => {
+            let href = format!("packages/{}", file_name(&e.path));
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let rpm = info
+                .rpm
+                .as_ref()
+                .ok_or_else(|| anyhow!("{}: rpm headers missing", e.path))?;
+            let [p, f, o] = inspect::rpm_fragments(rpm, &e.sha256, e.size, &href, now)?;
+            meta.primary = Some(p);
+            meta.filelists = Some(f);
+            meta.other = Some(o);
+        }
+    }
+    Ok(meta)
 }
 
 /// Last component of a slash-separated path.

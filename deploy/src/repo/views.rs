@@ -1,8 +1,9 @@
-//! The public views of one track, regenerated from the state: the APT view (`dists/<track>/`),
+//! The public views of one track, regenerated from its state: the APT view (`dists/<track>/`),
 //! the DNF view (`rpm/<track>/`) and the agent's index (`tracks/<track>/index.json`). Only the
 //! track that changed is rewritten; per-package fragments (Packages stanzas, createrepo
-//! entries) are computed once at publish time and kept in `.keepup/meta/`, so a view costs a
-//! concatenation, a compression and a few signatures. Also `repo verify`.
+//! entries) are computed once at publish time and kept in `.keepup/pool/`, so a view costs a
+//! concatenation, a compression and a few signatures. Old by-hash files and DNF metadata are
+//! pruned after a few generations. Also `repo verify`.
 
 use std::io::Write as _;
 use std::path::Path;
@@ -10,6 +11,7 @@ use std::path::Path;
 use anyhow::{anyhow, Context as _, Result};
 use md5::Digest as _;
 
+use super::state::{current_of, PoolMeta};
 use super::{file_name, sha256_hex, write_atomic, Format, PoolEntry, Repo};
 use crate::sign::{self, Signer};
 
@@ -50,58 +52,80 @@ fn now() -> u64 {
         .unwrap_or(0)
 }
 
-/// Rewrite every view of `track` from the repository state.
-pub fn write_track(repo: &Repo, signer: &Signer, track: &str) -> Result<()> {
-    let state = &repo.state;
-    let members: Vec<&PoolEntry> = state.track[track]
-        .members
-        .iter()
-        .filter_map(|p| state.pool.get(p))
-        .collect();
-    write_apt(repo, signer, track, &members)?;
-    write_rpm(repo, signer, track, &members)?;
-    write_index(repo, signer, track)?;
-    Ok(())
+/// Generations of by-hash files and DNF metadata kept besides the current one, for clients
+/// that fetched an older `InRelease` or `repomd.xml` and have not yet fetched what it names.
+pub const PREVIOUS_GENERATIONS: usize = 3;
+
+/// Rewrite every view of `track`: its members' metadata (any order) and its new serial.
+pub fn write_track(
+    root: &Path,
+    signer: &Signer,
+    track: &str,
+    serial: u64,
+    members: &[&PoolMeta],
+) -> Result<()> {
+    let mut members = members.to_vec();
+    members.sort_by(|a, b| {
+        let (a, b) = (&a.entry, &b.entry);
+        a.name
+            .cmp(&b.name)
+            .then(a.version_cmp(&b.version))
+            .then(a.path.cmp(&b.path))
+    });
+    // Four signatures and two compressions: the APT view on one core, the rest on the other.
+    std::thread::scope(|s| {
+        let apt = s.spawn(|| write_apt(root, signer, track, &members));
+        let rest = write_rpm(root, signer, track, &members)
+            .and_then(|_| write_index(root, signer, track, serial, &members));
+        apt.join().expect("APT view thread panicked").and(rest)
+    })
 }
 
-fn write_apt(repo: &Repo, signer: &Signer, track: &str, members: &[&PoolEntry]) -> Result<()> {
-    let dist = repo.root.join("dists").join(track);
+fn write_apt(root: &Path, signer: &Signer, track: &str, members: &[&PoolMeta]) -> Result<()> {
+    let dist = root.join("dists").join(track);
+    let debs: Vec<&PoolMeta> = members
+        .iter()
+        .copied()
+        .filter(|m| m.entry.format == Format::Deb)
+        .collect();
     let mut arches: Vec<String> = APT_ARCHES.iter().map(|s| s.to_string()).collect();
-    for e in members.iter().filter(|e| e.format == Format::Deb) {
-        if e.arch != "all" && !arches.contains(&e.arch) {
-            arches.push(e.arch.clone());
+    for m in &debs {
+        if m.entry.arch != "all" && !arches.contains(&m.entry.arch) {
+            arches.push(m.entry.arch.clone());
         }
     }
     arches.sort();
     let mut sums = Vec::new();
+    let mut by_hash = Vec::new();
     for arch in &arches {
-        let mut debs: Vec<&&PoolEntry> = members
-            .iter()
-            .filter(|e| e.format == Format::Deb && (&e.arch == arch || e.arch == "all"))
-            .collect();
-        debs.sort_by(|a, b| a.name.cmp(&b.name).then(a.version_cmp(&b.version)));
         let mut packages = String::new();
-        for e in debs {
-            let stanza = repo.fragments(e)?.remove("stanza").unwrap_or_default();
+        for m in debs
+            .iter()
+            .filter(|m| &m.entry.arch == arch || m.entry.arch == "all")
+        {
             if !packages.is_empty() {
                 packages.push('\n');
             }
-            packages.push_str(&stanza);
+            packages.push_str(m.fragment("stanza")?);
         }
         let gz = gzip(packages.as_bytes())?;
         let dir = format!("main/binary-{arch}");
+        let hash_dir = dist.join(&dir).join("by-hash/SHA256");
+        let mut current = Vec::new();
         for (name, data) in [("Packages", packages.as_bytes()), ("Packages.gz", &gz[..])] {
             let hash = sha256_hex(data);
             // by-hash first: a client holding the new Release finds every file it names.
-            write_atomic(&dist.join(&dir).join("by-hash/SHA256").join(&hash), data)?;
+            write_atomic(&hash_dir.join(&hash), data)?;
             write_atomic(&dist.join(&dir).join(name), data)?;
             sums.push((
                 format!("{dir}/{name}"),
                 data.len(),
-                hash,
+                hash.clone(),
                 hex::encode(md5::Md5::digest(data)),
             ));
+            current.push(hash);
         }
+        by_hash.push((hash_dir, current));
     }
     let mut release = format!(
         "Origin: keepup\nLabel: keepup\nSuite: {track}\nCodename: {track}\nDate: {}\nArchitectures: {}\nComponents: main\nDescription: keepup track {track}\nAcquire-By-Hash: yes\nMD5Sum:\n",
@@ -120,6 +144,11 @@ fn write_apt(repo: &Repo, signer: &Signer, track: &str, members: &[&PoolEntry]) 
     write_atomic(&dist.join("Release"), release.as_bytes())?;
     write_atomic(&dist.join("Release.gpg"), gpg.as_bytes())?;
     write_atomic(&dist.join("InRelease"), inrelease.as_bytes())?;
+    // Only now that the new Release is in place: the generations no Release names any more,
+    // but for the last few (apt clients mid-update may hold them).
+    for (dir, current) in by_hash {
+        prune_generations(&dir, &current, 2, |_| false)?;
+    }
     Ok(())
 }
 
@@ -129,31 +158,37 @@ const FILELISTS_OPEN: &str =
 const OTHER_OPEN: &str =
     r#"<otherdata xmlns="http://linux.duke.edu/metadata/other" packages="{N}">"#;
 
-fn write_rpm(repo: &Repo, signer: &Signer, track: &str, members: &[&PoolEntry]) -> Result<()> {
-    let base = repo.root.join("rpm").join(track);
+fn write_rpm(root: &Path, signer: &Signer, track: &str, members: &[&PoolMeta]) -> Result<()> {
+    let base = root.join("rpm").join(track);
     let pkgdir = base.join("packages");
     std::fs::create_dir_all(&pkgdir)?;
-    let mut rpms: Vec<&&PoolEntry> = members.iter().filter(|e| e.format == Format::Rpm).collect();
-    rpms.sort_by(|a, b| a.name.cmp(&b.name).then(a.version_cmp(&b.version)));
-    // Hard links: the same bytes as the pool, at a path inside the DNF repository.
+    let rpms: Vec<&PoolMeta> = members
+        .iter()
+        .copied()
+        .filter(|m| m.entry.format == Format::Rpm)
+        .collect();
+    // Hard links: the same bytes as the pool, at a path inside the DNF repository. One
+    // directory listing instead of a lookup per package.
+    let mut present = std::collections::BTreeSet::new();
+    for f in std::fs::read_dir(&pkgdir)? {
+        present.insert(f?.file_name().to_string_lossy().into_owned());
+    }
     let mut wanted = std::collections::BTreeSet::new();
-    for e in &rpms {
-        let link = pkgdir.join(file_name(&e.path));
-        wanted.insert(file_name(&e.path).to_string());
-        if !link.exists() {
-            let tmp = pkgdir.join(format!(".tmp-{}", file_name(&e.path)));
+    for m in &rpms {
+        let e = &m.entry;
+        let name = file_name(&e.path);
+        wanted.insert(name);
+        if !present.contains(name) {
+            let link = pkgdir.join(name);
+            let tmp = pkgdir.join(format!(".tmp-{name}"));
             let _ = std::fs::remove_file(&tmp);
-            std::fs::hard_link(repo.root.join(&e.path), &tmp)
-                .or_else(|_| std::fs::copy(repo.root.join(&e.path), &tmp).map(|_| ()))
+            std::fs::hard_link(root.join(&e.path), &tmp)
+                .or_else(|_| std::fs::copy(root.join(&e.path), &tmp).map(|_| ()))
                 .with_context(|| format!("linking {} into {}", e.path, pkgdir.display()))?;
             std::fs::rename(&tmp, &link)?;
         }
     }
     let n = rpms.len().to_string();
-    let frags: Vec<_> = rpms
-        .iter()
-        .map(|e| repo.fragments(e))
-        .collect::<Result<_>>()?;
     let mut records = Vec::new();
     for (kind, open, close) in [
         ("primary", PRIMARY_OPEN, "</metadata>"),
@@ -163,11 +198,8 @@ fn write_rpm(repo: &Repo, signer: &Signer, track: &str, members: &[&PoolEntry]) 
         let mut xml = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
         xml.push_str(&open.replace("{N}", &n));
         xml.push('\n');
-        for (e, f) in rpms.iter().zip(&frags) {
-            let frag = f
-                .get(kind)
-                .ok_or_else(|| anyhow!("the {kind} fragment of {} is missing", e.path))?;
-            xml.push_str(frag);
+        for m in &rpms {
+            xml.push_str(m.fragment(kind)?);
         }
         xml.push_str(close);
         xml.push('\n');
@@ -197,67 +229,71 @@ fn write_rpm(repo: &Repo, signer: &Signer, track: &str, members: &[&PoolEntry]) 
     let asc = signer.detached(repomd.as_bytes())?;
     write_atomic(&base.join("repodata/repomd.xml.asc"), asc.as_bytes())?;
     write_atomic(&base.join("repodata/repomd.xml"), repomd.as_bytes())?;
-    // Metadata of older generations that no repomd names any more: keep the previous one for
-    // clients mid-download, remove the rest.
-    prune_repodata(
-        &base.join("repodata"),
-        &records.iter().map(|r| r.3.clone()).collect::<Vec<_>>(),
-    )?;
+    // Metadata that no repomd.xml names any more: keep the last few generations for clients
+    // mid-download, remove the rest.
+    let current: Vec<String> = records
+        .iter()
+        .map(|r| file_name(&r.3).to_string())
+        .collect();
+    prune_generations(&base.join("repodata"), &current, 3, |name| {
+        name.starts_with("repomd.xml")
+    })?;
     // Links of packages that left the track.
-    for f in std::fs::read_dir(&pkgdir)? {
-        let f = f?;
-        let name = f.file_name().to_string_lossy().to_string();
-        if !wanted.contains(&name) {
-            let _ = std::fs::remove_file(f.path());
-        }
+    for name in present.iter().filter(|n| !wanted.contains(n.as_str())) {
+        let _ = std::fs::remove_file(pkgdir.join(name));
     }
     Ok(())
 }
 
-fn prune_repodata(dir: &Path, current: &[String]) -> Result<()> {
-    let keep: Vec<&str> = current.iter().map(|h| file_name(h)).collect();
-    let mut old: Vec<(std::time::SystemTime, std::path::PathBuf)> = Vec::new();
-    for f in std::fs::read_dir(dir)? {
+/// Remove the files of `dir` that are not `current` and not among the newest
+/// [`PREVIOUS_GENERATIONS`] generations of `per_generation` files before it (by modification
+/// time: each generation is written after the one before). Files for which `skip` is true are
+/// left alone, and so are temporary files of a write in progress.
+fn prune_generations(
+    dir: &Path,
+    current: &[String],
+    per_generation: usize,
+    skip: impl Fn(&str) -> bool,
+) -> Result<()> {
+    let mut old: Vec<(std::time::SystemTime, String)> = Vec::new();
+    for f in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let f = f?;
-        let name = f.file_name().to_string_lossy().to_string();
-        if name.starts_with("repomd.xml") || keep.contains(&name.as_str()) {
+        let name = f.file_name().to_string_lossy().into_owned();
+        if skip(&name) || name.starts_with(".tmp-") || current.contains(&name) {
             continue;
         }
-        old.push((f.metadata()?.modified()?, f.path()));
+        old.push((f.metadata()?.modified()?, name));
     }
-    old.sort();
-    // Keep the newest previous generation (three files).
-    let n = old.len().saturating_sub(3);
-    for (_, p) in old.into_iter().take(n) {
-        let _ = std::fs::remove_file(p);
+    // Newest first.
+    old.sort_by(|a, b| b.cmp(a));
+    for (_, name) in old.into_iter().skip(PREVIOUS_GENERATIONS * per_generation) {
+        let _ = std::fs::remove_file(dir.join(name));
     }
     Ok(())
 }
 
-/// The agent's index of a track.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-pub struct Index {
-    /// Track name.
-    pub track: String,
-    /// Only increases.
-    pub serial: u64,
-    /// Unix time of generation.
-    pub generated: u64,
-    /// The current version of each package (per name, format and arch).
-    pub packages: Vec<PoolEntry>,
-}
+pub use keepup_deploy::wire::Index;
 
-fn write_index(repo: &Repo, signer: &Signer, track: &str) -> Result<()> {
+fn write_index(
+    root: &Path,
+    signer: &Signer,
+    track: &str,
+    serial: u64,
+    members: &[&PoolMeta],
+) -> Result<()> {
     let index = Index {
         track: track.to_string(),
-        serial: repo.state.track[track].serial,
+        serial,
         generated: now(),
-        packages: repo.state.current(track).into_values().cloned().collect(),
+        packages: current_of(members.iter().map(|m| &m.entry))
+            .into_values()
+            .cloned()
+            .collect(),
     };
     let mut json = serde_json::to_vec_pretty(&index)?;
     json.push(b'\n');
     let sig = signer.detached(&json)?;
-    let dir = repo.root.join("tracks").join(track);
+    let dir = root.join("tracks").join(track);
     write_atomic(&dir.join("index.json.sig"), sig.as_bytes())?;
     write_atomic(&dir.join("index.json"), &json)?;
     Ok(())
@@ -269,7 +305,15 @@ pub fn verify(repo: &Repo) -> Result<Vec<String>> {
     let mut problems = Vec::new();
     let root = &repo.root;
     let read = |rel: &str| std::fs::read(root.join(rel)).map_err(|e| anyhow!("{rel}: {e}"));
-    for e in repo.state.pool.values() {
+    // A file whose detached signature is `sig`, checked against the key.
+    let read_signed = |rel: &str, sig: &str| -> Result<Vec<u8>> {
+        let data = read(rel)?;
+        let armored = String::from_utf8(read(sig)?).map_err(|_| anyhow!("{sig}: not text"))?;
+        sign::verify_detached(&key, &data, &armored).with_context(|| sig.to_string())?;
+        Ok(data)
+    };
+    let pool = repo.pool()?;
+    for e in &pool {
         match read(&e.path) {
             Ok(b) if sha256_hex(&b) == e.sha256 && b.len() as u64 == e.size => {}
             Ok(_) => problems.push(format!(
@@ -291,13 +335,10 @@ pub fn verify(repo: &Repo) -> Result<Vec<String>> {
             (|| {
                 let text = String::from_utf8(read(&format!("{d}/InRelease"))?)?;
                 let signed = sign::verify_cleartext(&key, &text)?;
-                let release = String::from_utf8(read(&format!("{d}/Release"))?)?;
-                sign::verify_detached(
-                    &key,
-                    release.as_bytes(),
-                    &String::from_utf8(read(&format!("{d}/Release.gpg"))?)?,
-                )
-                .context("Release.gpg")?;
+                let release = String::from_utf8(read_signed(
+                    &format!("{d}/Release"),
+                    &format!("{d}/Release.gpg"),
+                )?)?;
                 if signed.trim_end() != release.trim_end() {
                     return Err(anyhow!("InRelease and Release differ"));
                 }
@@ -328,12 +369,7 @@ pub fn verify(repo: &Repo) -> Result<Vec<String>> {
         check(
             "repomd.xml",
             (|| {
-                let md = read(&format!("{r}/repomd.xml"))?;
-                sign::verify_detached(
-                    &key,
-                    &md,
-                    &String::from_utf8(read(&format!("{r}/repomd.xml.asc"))?)?,
-                )?;
+                let md = read_signed(&format!("{r}/repomd.xml"), &format!("{r}/repomd.xml.asc"))?;
                 let md = String::from_utf8(md)?;
                 for data in md.split("<data ").skip(1) {
                     let sum = between(data, "<checksum type=\"sha256\">", "<")
@@ -352,12 +388,7 @@ pub fn verify(repo: &Repo) -> Result<Vec<String>> {
         check(
             "index.json",
             (|| {
-                let json = read(&format!("{t}/index.json"))?;
-                sign::verify_detached(
-                    &key,
-                    &json,
-                    &String::from_utf8(read(&format!("{t}/index.json.sig"))?)?,
-                )?;
+                let json = read_signed(&format!("{t}/index.json"), &format!("{t}/index.json.sig"))?;
                 let index: Index = serde_json::from_slice(&json)?;
                 for e in &index.packages {
                     let b = read(&e.path)?;
@@ -405,6 +436,48 @@ mod tests {
         assert_eq!(rfc2822(0), "Thu, 01 Jan 1970 00:00:00 UTC");
         assert_eq!(rfc2822(1_700_000_000), "Tue, 14 Nov 2023 22:13:20 UTC");
         assert_eq!(rfc2822(951_782_400), "Tue, 29 Feb 2000 00:00:00 UTC");
+    }
+
+    #[test]
+    fn prune_keeps_current_and_the_last_generations() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = std::time::SystemTime::now() - std::time::Duration::from_secs(100);
+        // Generations 0..6 of two files each, oldest first; generation 6 is current.
+        for g in 0..7u64 {
+            for kind in ["a", "b"] {
+                let p = dir.path().join(format!("{g}{kind}"));
+                std::fs::write(&p, b"x").unwrap();
+                let f = std::fs::File::options().write(true).open(&p).unwrap();
+                f.set_modified(t0 + std::time::Duration::from_secs(g))
+                    .unwrap();
+            }
+        }
+        // The current generation may reuse an old file (same contents, same hash).
+        let current = vec!["6a".to_string(), "0b".to_string()];
+        std::fs::write(dir.path().join("repomd.xml"), b"x").unwrap();
+        std::fs::write(dir.path().join(".tmp-123"), b"x").unwrap();
+        prune_generations(dir.path(), &current, 2, |n| n == "repomd.xml").unwrap();
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|f| f.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        // current (6a, 0b) + the newest 3 x 2 others (6b, 5a, 5b, 4a, 4b, 3b... by time).
+        assert_eq!(
+            left,
+            [
+                ".tmp-123",
+                "0b",
+                "3b",
+                "4a",
+                "4b",
+                "5a",
+                "5b",
+                "6a",
+                "6b",
+                "repomd.xml"
+            ]
+        );
     }
 
     #[test]

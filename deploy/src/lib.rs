@@ -1,0 +1,6 @@
+//! keepup's deploy side as a library. [`wire`] holds what agents and the operator side
+//! exchange (the track index, the fleet policy, host reports, signature checks) and is all that
+//! is built with `default-features = false`, which is how the agent depends on this crate: it
+//! links no repository, packaging or server code.
+
+pub mod wire;

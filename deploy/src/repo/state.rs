@@ -1,0 +1,436 @@
+//! The repository's private state under `.keepup/`, one small file per concern so that a
+//! command reads and rewrites only what it changes:
+//!
+//! ```text
+//! .keepup/repo.json               layout version and track names, lowest first (written once)
+//! .keepup/fleet.json              fleet policy (fleet.yaml is rendered from it)
+//! .keepup/tracks/<track>.json     a track's serial and members, one package name per line
+//! .keepup/pool/<name>.json       every pool file of one package name, one per line: its entry
+//!                                 and pre-rendered index fragments
+//! ```
+//!
+//! Pool metadata holds everything the views need from a package (the Packages stanza, or the
+//! createrepo primary/filelists/other entries), so views are assembled by concatenation and no
+//! command re-reads package files. It is kept per name, not per file: creating files is what
+//! costs most on a busy ext4, and a publish of N new services then creates N metadata files. Repositories from before this layout kept everything
+//! in `.keepup/state.json`; [`migrate`] converts them.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use serde::{Deserialize, Serialize};
+
+use super::{Format, PoolEntry};
+use crate::fleet::Fleet;
+
+/// The layout version `repo.json` records.
+pub const LAYOUT: u32 = 2;
+
+/// `.keepup/repo.json`: what never changes after `repo init`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Settings {
+    /// State layout version ([`LAYOUT`]).
+    pub layout: u32,
+    /// Track names, lowest first.
+    pub tracks: Vec<String>,
+}
+
+/// One track: its index serial and its members, grouped by package name.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Track {
+    /// Serial of the last index written; only increases.
+    pub serial: u64,
+    /// Members by package name: every version, format and arch of that name in the track.
+    pub packages: BTreeMap<String, Vec<PoolEntry>>,
+}
+
+/// The current (highest) entry per (name, format, arch).
+pub type Current<'a> = BTreeMap<(String, Format, String), &'a PoolEntry>;
+
+impl Track {
+    /// Every member.
+    pub fn entries(&self) -> impl Iterator<Item = &PoolEntry> {
+        self.packages.values().flatten()
+    }
+
+    /// Add a member; false if it was already there.
+    pub fn insert(&mut self, e: PoolEntry) -> bool {
+        let v = self.packages.entry(e.name.clone()).or_default();
+        if v.iter().any(|x| x.path == e.path) {
+            return false;
+        }
+        v.push(e);
+        v.sort_by(|a, b| a.path.cmp(&b.path));
+        true
+    }
+
+    /// The current (highest) entry per (name, format, arch).
+    pub fn current(&self) -> Current<'_> {
+        current_of(self.entries())
+    }
+}
+
+/// The highest entry per (name, format, arch) among `entries`.
+pub fn current_of<'a>(entries: impl Iterator<Item = &'a PoolEntry>) -> Current<'a> {
+    let mut cur: Current<'a> = BTreeMap::new();
+    for e in entries {
+        let key = (e.name.clone(), e.format, e.arch.clone());
+        match cur.get(&key) {
+            Some(old) if old.version_cmp(&e.version).is_ge() => {}
+            _ => {
+                cur.insert(key, e);
+            }
+        }
+    }
+    cur
+}
+
+/// A track file: one line per package name, so `cat` shows it and a command that needs one
+/// name's entries ([`lookup`]) reads one line instead of parsing the whole track.
+pub fn track_json(t: &Track) -> Result<Vec<u8>> {
+    let mut out = format!("{{\"serial\":{},\"packages\":{{", t.serial).into_bytes();
+    for (i, (name, entries)) in t.packages.iter().enumerate() {
+        out.extend_from_slice(if i == 0 { b"\n" } else { b",\n" });
+        serde_json::to_writer(&mut out, name)?;
+        out.push(b':');
+        serde_json::to_writer(&mut out, entries)?;
+    }
+    out.extend_from_slice(b"\n}}\n");
+    Ok(out)
+}
+
+/// The entries of `name` in a track file's bytes, found by its line; falls back to parsing
+/// the whole file if the file is not laid out one name per line (edited by hand).
+pub fn lookup(bytes: &[u8], name: &str) -> Result<Vec<PoolEntry>> {
+    let key = format!("{}:", serde_json::to_string(name)?);
+    let line = bytes
+        .split(|&b| b == b'\n')
+        .find(|l| l.starts_with(key.as_bytes()));
+    if let Some(line) = line {
+        let rest = &line[key.len()..];
+        let rest = rest.strip_suffix(b",").unwrap_or(rest);
+        if let Ok(v) = serde_json::from_slice::<Vec<PoolEntry>>(rest) {
+            if v.iter().all(|e| e.name == name) {
+                return Ok(v);
+            }
+        }
+    }
+    let t: Track = serde_json::from_slice(bytes)?;
+    Ok(t.packages.get(name).cloned().unwrap_or_default())
+}
+
+/// One pool file's metadata: its entry and the index fragments the views are made of.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PoolMeta {
+    /// The pool entry (as the agent index lists it).
+    pub entry: PoolEntry,
+    /// .deb: the Packages stanza (no trailing blank line).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stanza: Option<String>,
+    /// .rpm: the `<package>` element of primary.xml.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary: Option<String>,
+    /// .rpm: the `<package>` element of filelists.xml.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filelists: Option<String>,
+    /// .rpm: the `<package>` element of other.xml.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub other: Option<String>,
+}
+
+impl PoolMeta {
+    /// A fragment by kind (`stanza`, `primary`, `filelists`, `other`).
+    pub fn fragment(&self, kind: &str) -> Result<&str> {
+        match kind {
+            "stanza" => &self.stanza,
+            "primary" => &self.primary,
+            "filelists" => &self.filelists,
+            "other" => &self.other,
+            _ => &None,
+        }
+        .as_deref()
+        .ok_or_else(|| anyhow!("the {kind} fragment of {} is missing", self.entry.path))
+    }
+}
+
+/// Paths of the private state files of the repository at `root`.
+pub struct Layout {
+    /// `.keepup/`.
+    pub private: PathBuf,
+}
+
+impl Layout {
+    /// The layout of the repository at `root`.
+    pub fn new(root: &Path) -> Layout {
+        Layout {
+            private: root.join(".keepup"),
+        }
+    }
+
+    /// `.keepup/repo.json`.
+    pub fn settings(&self) -> PathBuf {
+        self.private.join("repo.json")
+    }
+
+    /// `.keepup/fleet.json`.
+    pub fn fleet(&self) -> PathBuf {
+        self.private.join("fleet.json")
+    }
+
+    /// `.keepup/tracks/<track>.json`.
+    pub fn track(&self, track: &str) -> PathBuf {
+        self.private.join("tracks").join(format!("{track}.json"))
+    }
+
+    /// `.keepup/pool/<name>.json`: the metadata of every pool file of one package name.
+    pub fn meta(&self, name: &str) -> PathBuf {
+        self.private.join("pool").join(format!("{name}.json"))
+    }
+
+    /// The single-file state of repositories made before [`LAYOUT`] 2.
+    pub fn old_state(&self) -> PathBuf {
+        self.private.join("state.json")
+    }
+}
+
+/// Read a JSON state file; `None` if it does not exist.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>> {
+    match std::fs::read(path) {
+        Ok(b) => Ok(Some(serde_json::from_slice(&b).with_context(|| {
+            format!(
+                "{} is damaged (not the JSON keepup wrote); restore it from a backup",
+                path.display()
+            )
+        })?)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// The metadata of every pool file of one package name (none: empty).
+pub fn read_meta(layout: &Layout, name: &str) -> Result<Vec<PoolMeta>> {
+    Ok(read_json(&layout.meta(name))?.unwrap_or_default())
+}
+
+/// A name's metadata file: a JSON array, one pool file per line.
+pub fn meta_json(metas: &[PoolMeta]) -> Result<Vec<u8>> {
+    let mut out = b"[".to_vec();
+    for (i, m) in metas.iter().enumerate() {
+        out.extend_from_slice(if i == 0 { b"\n" } else { b",\n" });
+        serde_json::to_writer(&mut out, m)?;
+    }
+    out.extend_from_slice(b"\n]\n");
+    Ok(out)
+}
+
+/// The metadata of every pool file (reads all of `.keepup/pool/`).
+pub fn all_meta(layout: &Layout) -> Result<Vec<PoolMeta>> {
+    let dir = layout.private.join("pool");
+    let mut out = Vec::new();
+    let files = match std::fs::read_dir(&dir) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
+    };
+    for f in files {
+        let p = f?.path();
+        if p.extension().is_some_and(|x| x == "json") {
+            out.extend(read_json::<Vec<PoolMeta>>(&p)?.unwrap_or_default());
+        }
+    }
+    out.sort_by(|a, b| a.entry.path.cmp(&b.entry.path));
+    Ok(out)
+}
+
+/// The single-file state of layout 1 (`.keepup/state.json`).
+#[derive(Deserialize)]
+struct OldState {
+    tracks: Vec<String>,
+    pool: BTreeMap<String, PoolEntry>,
+    track: BTreeMap<String, OldTrack>,
+    #[serde(default)]
+    fleet: Fleet,
+}
+
+#[derive(Deserialize)]
+struct OldTrack {
+    serial: u64,
+    members: BTreeSet<String>,
+}
+
+/// Convert a layout-1 repository (`.keepup/state.json` + `.keepup/meta/<sha>.json`) to this
+/// layout; the public files stay as they are. Call with the lock held. `refragment` computes
+/// the fragments of a pool file whose old ones are missing. Idempotent: `repo.json` is written
+/// last, so an interrupted migration runs again from the start.
+pub fn migrate(
+    layout: &Layout,
+    write: impl Fn(&Path, &[u8]) -> Result<()>,
+    refragment: impl Fn(&PoolEntry) -> Result<PoolMeta>,
+) -> Result<()> {
+    let old_path = layout.old_state();
+    let Some(old) = read_json::<OldState>(&old_path)? else {
+        bail!("{} is missing", old_path.display());
+    };
+    let mut by_name: BTreeMap<&str, Vec<PoolMeta>> = BTreeMap::new();
+    for e in old.pool.values() {
+        let frags = layout
+            .private
+            .join("meta")
+            .join(e.sha256.get(..2).unwrap_or("00"))
+            .join(format!("{}.json", e.sha256));
+        let meta = match read_json::<BTreeMap<String, String>>(&frags).ok().flatten() {
+            Some(mut f) => PoolMeta {
+                entry: e.clone(),
+                stanza: f.remove("stanza"),
+                primary: f.remove("primary"),
+                filelists: f.remove("filelists"),
+                other: f.remove("other"),
+            },
+            None => refragment(e)
+                .with_context(|| format!("recomputing the index fragments of {}", e.path))?,
+        };
+        by_name.entry(&e.name).or_default().push(meta);
+    }
+    for (name, metas) in &by_name {
+        write(&layout.meta(name), &meta_json(metas)?)?;
+    }
+    for t in &old.tracks {
+        let mut track = Track::default();
+        if let Some(ot) = old.track.get(t) {
+            track.serial = ot.serial;
+            for p in &ot.members {
+                let e = old.pool.get(p).ok_or_else(|| {
+                    anyhow!(
+                        "{}: track {t} names {p}, which is not in the pool",
+                        old_path.display()
+                    )
+                })?;
+                track.insert(e.clone());
+            }
+        }
+        write(&layout.track(t), &track_json(&track)?)?;
+    }
+    write(&layout.fleet(), &serde_json::to_vec_pretty(&old.fleet)?)?;
+    let settings = Settings {
+        layout: LAYOUT,
+        tracks: old.tracks,
+    };
+    write(&layout.settings(), &serde_json::to_vec_pretty(&settings)?)?;
+    let _ = std::fs::remove_file(&old_path);
+    let _ = std::fs::remove_dir_all(layout.private.join("meta"));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(name: &str, version: &str, format: Format) -> PoolEntry {
+        let path = match format {
+            Format::Deb => format!("pool/main/{}/{name}/{name}_{version}_amd64.deb", &name[..1]),
+            Format::Rpm => format!("pool/rpm/{}/{name}/{name}-{version}.x86_64.rpm", &name[..1]),
+        };
+        PoolEntry {
+            name: name.into(),
+            version: version.into(),
+            arch: if format == Format::Deb {
+                "amd64"
+            } else {
+                "x86_64"
+            }
+            .into(),
+            format,
+            path,
+            size: 1,
+            sha256: format!("{name}{version}{format}"),
+            rollback_of: None,
+        }
+    }
+
+    #[test]
+    fn track_file_is_one_name_per_line_and_lookup_reads_one_line() {
+        let mut t = Track {
+            serial: 7,
+            ..Default::default()
+        };
+        assert!(t.insert(entry("foo", "1.0-1", Format::Deb)));
+        assert!(t.insert(entry("foo", "1.1-1", Format::Deb)));
+        assert!(t.insert(entry("foo", "1.1-1", Format::Rpm)));
+        assert!(t.insert(entry("bar", "2.0-1", Format::Deb)));
+        assert!(!t.insert(entry("bar", "2.0-1", Format::Deb)));
+        let b = track_json(&t).unwrap();
+        let text = String::from_utf8(b.clone()).unwrap();
+        assert_eq!(text.lines().count(), 4, "{text}");
+        assert_eq!(serde_json::from_slice::<Track>(&b).unwrap(), t);
+        let foo = lookup(&b, "foo").unwrap();
+        assert_eq!(foo.len(), 3);
+        assert!(lookup(&b, "fo").unwrap().is_empty());
+        assert!(lookup(&b, "baz").unwrap().is_empty());
+        // A hand-formatted file still reads.
+        let pretty = serde_json::to_vec_pretty(&t).unwrap();
+        assert_eq!(lookup(&pretty, "bar").unwrap().len(), 1);
+        let cur = t.current();
+        assert_eq!(cur.len(), 3);
+        assert_eq!(
+            cur[&("foo".to_string(), Format::Deb, "amd64".to_string())].version,
+            "1.1-1"
+        );
+        assert_eq!(t.entries().count(), 4);
+    }
+
+    #[test]
+    fn migrates_the_single_file_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path());
+        let deb = entry("foo", "1.0-1", Format::Deb);
+        let rpm = entry("foo", "1.0-1", Format::Rpm);
+        let old = serde_json::json!({
+            "tracks": ["unstable", "stable"],
+            "pool": { deb.path.clone(): deb, rpm.path.clone(): rpm },
+            "track": {
+                "unstable": { "serial": 4, "members": [deb.path, rpm.path] },
+                "stable": { "serial": 2, "members": [deb.path] },
+            },
+            "fleet": { "serial": 3, "assignments": [], "quarantine": [] },
+        });
+        std::fs::create_dir_all(layout.private.join("meta/fo")).unwrap();
+        std::fs::write(layout.old_state(), old.to_string()).unwrap();
+        std::fs::write(
+            layout.private.join(format!("meta/fo/{}.json", deb.sha256)),
+            r#"{"stanza":"Package: foo"}"#,
+        )
+        .unwrap();
+        let write = |p: &Path, b: &[u8]| -> Result<()> {
+            std::fs::create_dir_all(p.parent().unwrap())?;
+            Ok(std::fs::write(p, b)?)
+        };
+        // The rpm's fragments are missing: recomputed.
+        let refragment = |e: &PoolEntry| -> Result<PoolMeta> {
+            Ok(PoolMeta {
+                entry: e.clone(),
+                stanza: None,
+                primary: Some("<package/>".into()),
+                filelists: Some(String::new()),
+                other: Some(String::new()),
+            })
+        };
+        migrate(&layout, write, refragment).unwrap();
+        assert!(!layout.old_state().exists());
+        let s: Settings = read_json(&layout.settings()).unwrap().unwrap();
+        assert_eq!(s.tracks, ["unstable", "stable"]);
+        let f: Fleet = read_json(&layout.fleet()).unwrap().unwrap();
+        assert_eq!(f.serial, 3);
+        let u: Track = read_json(&layout.track("unstable")).unwrap().unwrap();
+        assert_eq!((u.serial, u.entries().count()), (4, 2));
+        let st: Track = read_json(&layout.track("stable")).unwrap().unwrap();
+        assert_eq!((st.serial, st.entries().count()), (2, 1));
+        let m = read_meta(&layout, "foo").unwrap();
+        assert_eq!(m.len(), 2);
+        let text = String::from_utf8(std::fs::read(layout.meta("foo")).unwrap()).unwrap();
+        assert_eq!(text.lines().count(), 4, "one pool file per line: {text}");
+        let deb_meta = m.iter().find(|m| m.entry == deb).unwrap();
+        assert_eq!(deb_meta.fragment("stanza").unwrap(), "Package: foo");
+        assert_eq!(all_meta(&layout).unwrap().len(), 2);
+    }
+}

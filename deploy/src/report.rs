@@ -1,0 +1,468 @@
+//! `keepup report`: fetches the fleet view from a `keepup serve --state` server and prints
+//! summary counts and a table of hosts x services (or the JSON), optionally only the rows
+//! that are behind, unhealthy or stale.
+
+use std::borrow::Cow;
+use std::io::Write as _;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use http_body_util::{BodyExt as _, Empty};
+use hyper::body::Bytes;
+use hyper::{Request, StatusCode};
+use keepup_deploy::wire::report::FLEET_PATH;
+use serde::Deserialize;
+
+use crate::state::view::{age, Filter, FleetView, Status, Summary};
+
+/// What `keepup report` was asked for.
+pub struct ReportOptions {
+    /// Server base URL (`http://HOST:PORT`).
+    pub server: String,
+    /// Print the JSON instead of the table.
+    pub json: bool,
+    /// Which rows to keep.
+    pub filter: Filter,
+    /// Seconds of silence after which a host is stale.
+    pub stale_after: u64,
+}
+
+/// Parse `600`, `600s`, `10m`, `2h`, `1d` into seconds.
+pub fn parse_duration(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, 's')) => (&s[..i], 1),
+        Some((i, 'm')) => (&s[..i], 60),
+        Some((i, 'h')) => (&s[..i], 3600),
+        Some((i, 'd')) => (&s[..i], 86_400),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .map(|n| n * mult)
+        .map_err(|_| format!("{s:?} is not a duration (examples: 90s, 10m, 2h, 1d)"))
+}
+
+/// Split `http://host:port/prefix` into the address to connect to, the Host header and the
+/// path prefix.
+fn split_url(url: &str) -> Result<(String, String, String)> {
+    let rest = match url.split_once("://") {
+        Some(("http", rest)) => rest,
+        Some((scheme, _)) => bail!(
+            "{url}: only http:// is supported (got {scheme}://); put a TLS proxy in front of \
+             keepup serve and use http:// on the inside"
+        ),
+        None => url,
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
+        None => (rest, ""),
+    };
+    if authority.is_empty() {
+        bail!("{url}: no host in the server URL");
+    }
+    let addr = if authority
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+        && !authority.ends_with(']')
+    {
+        authority.to_string()
+    } else {
+        format!("{authority}:80")
+    };
+    Ok((addr, authority.to_string(), path.to_string()))
+}
+
+/// GET `url` over plain HTTP/1; returns the status and body.
+async fn get(addr: &str, host: &str, path: &str) -> Result<(StatusCode, Bytes)> {
+    let stream = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::net::TcpStream::connect(addr),
+    )
+    .await
+    .map_err(|_| anyhow!("timed out connecting"))??;
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let req = Request::get(path)
+        .header(hyper::header::HOST, host)
+        .body(Empty::<Bytes>::new())?;
+    let work = async {
+        let resp = send.send_request(req).await?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await?.to_bytes();
+        Ok::<_, anyhow::Error>((status, body))
+    };
+    tokio::time::timeout(Duration::from_secs(120), work)
+        .await
+        .map_err(|_| anyhow!("no complete answer within 120 s"))?
+}
+
+/// Fetch the fleet view's JSON from the server.
+pub fn fetch(server: &str, stale_after: u64, events: bool) -> Result<Bytes> {
+    let (addr, host, prefix) = split_url(server)?;
+    let path = format!(
+        "{prefix}{FLEET_PATH}?stale_after={stale_after}{}",
+        if events { "" } else { "&events=0" }
+    );
+    let url = format!("http://{host}{path}");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (status, body) = rt.block_on(get(&addr, &host, &path)).with_context(|| {
+        format!(
+            "cannot reach the keepup server at {url}: is `keepup serve --repo DIR --state FILE` \
+             running there and reachable from here? (choose another server with --server URL)"
+        )
+    })?;
+    if status == StatusCode::NOT_FOUND {
+        bail!(
+            "{url} answered 404: that server keeps no fleet state; start it with \
+             `keepup serve --repo DIR --state FILE`"
+        );
+    }
+    if !status.is_success() {
+        bail!(
+            "{url} answered {status}: {}",
+            String::from_utf8_lossy(&body[..body.len().min(300)]).trim()
+        );
+    }
+    Ok(body)
+}
+
+/// `keepup report`.
+pub fn run(o: &ReportOptions) -> Result<()> {
+    let want_events = o.json;
+    let body = fetch(&o.server, o.stale_after, want_events)?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
+    if o.json && o.filter.is_empty() {
+        out.write_all(&body)?;
+        out.write_all(b"\n")?;
+        out.flush()?;
+        return Ok(());
+    }
+    if o.json {
+        let mut view: FleetView = serde_json::from_slice(&body)
+            .with_context(|| format!("{}: the answer is not a fleet view", o.server))?;
+        for h in &mut view.hosts {
+            let host = h.clone();
+            h.services.retain(|s| o.filter.keeps(&host, Some(s)));
+        }
+        view.hosts
+            .retain(|h| !h.services.is_empty() || o.filter.keeps(h, None));
+        serde_json::to_writer(&mut out, &view)?;
+        out.write_all(b"\n")?;
+        out.flush()?;
+        return Ok(());
+    }
+    let view: TableView<'_> = serde_json::from_slice(&body)
+        .with_context(|| format!("{}: the answer is not a fleet view", o.server))?;
+    render(&view, &o.filter, &mut out)?;
+    out.flush()?;
+    Ok(())
+}
+
+// What the table needs of the fleet view, borrowing its strings from the response body
+// (a fleet of 100,000 hosts is a response of tens of megabytes). Field names are those of
+// [`FleetView`]; the server computes the flags.
+
+#[derive(Deserialize)]
+struct TableView<'a> {
+    generated_at: u64,
+    summary: Summary,
+    #[serde(borrow)]
+    hosts: Vec<TableHost<'a>>,
+}
+
+#[derive(Deserialize)]
+struct TableHost<'a> {
+    #[serde(borrow)]
+    host: Cow<'a, str>,
+    #[serde(borrow, default)]
+    track: Option<Cow<'a, str>>,
+    #[serde(default)]
+    last_seen: Option<u64>,
+    #[serde(default)]
+    stale: bool,
+    #[serde(borrow, default)]
+    update: Option<TableUpdate<'a>>,
+    #[serde(borrow, default)]
+    services: Vec<TableService<'a>>,
+}
+
+#[derive(Deserialize)]
+struct TableUpdate<'a> {
+    ok: bool,
+    #[serde(borrow, default)]
+    error: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct TableService<'a> {
+    #[serde(borrow)]
+    name: Cow<'a, str>,
+    #[serde(borrow, default)]
+    installed: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    track_version: Option<Cow<'a, str>>,
+    status: Status,
+    #[serde(borrow, default)]
+    rolled_back_to: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    state: Option<Cow<'a, str>>,
+    #[serde(default)]
+    restarts: u64,
+    #[serde(borrow, default)]
+    failing_probes: Vec<Cow<'a, str>>,
+    #[serde(default)]
+    quarantined: bool,
+    #[serde(borrow, default)]
+    failed_start: Option<TableStart<'a>>,
+    #[serde(default)]
+    behind: bool,
+    #[serde(default)]
+    unhealthy: bool,
+}
+
+#[derive(Deserialize)]
+struct TableStart<'a> {
+    #[serde(borrow)]
+    version: Cow<'a, str>,
+}
+
+fn keeps(f: &Filter, h: &TableHost<'_>, s: Option<&TableService<'_>>) -> bool {
+    if f.is_empty() {
+        return true;
+    }
+    let update_failed = h.update.as_ref().is_some_and(|u| !u.ok);
+    (f.stale && h.stale)
+        || (f.behind && s.is_some_and(|s| s.behind))
+        || (f.unhealthy && (s.is_some_and(|s| s.unhealthy) || update_failed))
+        || (f.quarantined && s.is_some_and(|s| s.quarantined))
+}
+
+const HEADER: [&str; 11] = [
+    "HOST",
+    "TRACK",
+    "SERVICE",
+    "INSTALLED",
+    "TRACK-VERSION",
+    "STATUS",
+    "STATE",
+    "RESTARTS",
+    "FAILING-PROBES",
+    "LAST-SEEN",
+    "UPDATE",
+];
+
+fn clip(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        let mut c: String = s.chars().take(n - 1).collect();
+        c.push('…');
+        c
+    }
+}
+
+/// The cells of one row.
+fn cells<'v>(
+    h: &'v TableHost<'v>,
+    svc: Option<&'v TableService<'v>>,
+    seen: &'v str,
+    update: &'v str,
+) -> [Cow<'v, str>; 11] {
+    let d = || Cow::Borrowed("-");
+    let track = h.track.as_deref().map_or_else(d, Cow::Borrowed);
+    match svc {
+        Some(x) => [
+            Cow::Borrowed(&*h.host),
+            track,
+            Cow::Borrowed(&*x.name),
+            x.installed.as_deref().map_or_else(d, Cow::Borrowed),
+            x.track_version.as_deref().map_or_else(d, Cow::Borrowed),
+            match (&x.status, &x.rolled_back_to) {
+                (Status::RolledBack, Some(v)) => Cow::Owned(format!("rolled back to {v}")),
+                (st, _) => Cow::Borrowed(st.as_str()),
+            },
+            match (&x.state, &x.failed_start) {
+                (_, Some(f)) => Cow::Owned(format!("failed to start {}", f.version)),
+                (Some(st), None) => Cow::Borrowed(&**st),
+                (None, None) => d(),
+            },
+            Cow::Owned(x.restarts.to_string()),
+            if x.failing_probes.is_empty() {
+                d()
+            } else {
+                Cow::Owned(x.failing_probes.join(","))
+            },
+            Cow::Borrowed(seen),
+            Cow::Borrowed(update),
+        ],
+        None => [
+            Cow::Borrowed(&*h.host),
+            track,
+            d(),
+            d(),
+            d(),
+            d(),
+            d(),
+            d(),
+            d(),
+            Cow::Borrowed(seen),
+            Cow::Borrowed(update),
+        ],
+    }
+}
+
+/// The summary line and the table, as printed.
+fn render(
+    view: &TableView<'_>,
+    filter: &Filter,
+    out: &mut impl std::io::Write,
+) -> std::io::Result<()> {
+    let s = &view.summary;
+    let now = view.generated_at;
+    // Per host: last seen and the update column, computed once.
+    let host_cols: Vec<(String, String)> = view
+        .hosts
+        .iter()
+        .map(|h| {
+            let update = match &h.update {
+                None => "-".to_string(),
+                Some(u) if u.ok => "ok".to_string(),
+                Some(u) => format!("failed: {}", clip(u.error.as_deref().unwrap_or(""), 60)),
+            };
+            (age(now, h.last_seen), update)
+        })
+        .collect();
+    let rows = || {
+        view.hosts
+            .iter()
+            .zip(&host_cols)
+            .flat_map(|(h, (seen, update))| {
+                let svcs: Vec<Option<&TableService<'_>>> = if h.services.is_empty() {
+                    vec![None]
+                } else {
+                    h.services.iter().map(Some).collect()
+                };
+                svcs.into_iter()
+                    .filter(move |svc| keeps(filter, h, *svc))
+                    .map(move |svc| cells(h, svc, seen, update))
+            })
+    };
+    // Two passes: column widths, then the lines.
+    let mut widths = HEADER.map(|h| h.len());
+    let mut count = 0;
+    for r in rows() {
+        count += 1;
+        for (w, c) in widths.iter_mut().zip(&r) {
+            *w = (*w).max(if c.is_ascii() {
+                c.len()
+            } else {
+                c.chars().count()
+            });
+        }
+    }
+    writeln!(
+        out,
+        "{} hosts: {} reporting, {} stale, {} behind, {} unhealthy, {} quarantined, {} failed updates",
+        s.hosts, s.reporting, s.stale, s.behind, s.unhealthy, s.quarantined, s.failed_updates
+    )?;
+    if !filter.is_empty() {
+        let names: Vec<&str> = [
+            (filter.behind, "behind"),
+            (filter.unhealthy, "unhealthy"),
+            (filter.stale, "stale"),
+            (filter.quarantined, "quarantined"),
+        ]
+        .iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, n)| *n)
+        .collect();
+        writeln!(out, "{count} rows {}", names.join(" or "))?;
+    }
+    writeln!(out)?;
+    // One line at a time into a reused buffer, then to the (buffered) output.
+    let mut buf = String::with_capacity(256);
+    let mut line = |out: &mut dyn std::io::Write, cells: &[&str]| {
+        buf.clear();
+        for (i, c) in cells.iter().enumerate() {
+            buf.push_str(c);
+            if i + 1 < cells.len() {
+                let len = if c.is_ascii() {
+                    c.len()
+                } else {
+                    c.chars().count()
+                };
+                for _ in len..widths[i] + 2 {
+                    buf.push(' ');
+                }
+            }
+        }
+        buf.push('\n');
+        out.write_all(buf.as_bytes())
+    };
+    line(out, &HEADER)?;
+    for r in rows() {
+        let refs: [&str; 11] = std::array::from_fn(|i| &*r[i]);
+        line(out, &refs)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_rows_and_filters() {
+        let json = r#"{"generated_at":1000,"stale_after":600,"summary":{"hosts":2,"reporting":1,
+            "stale":1,"behind":1,"unhealthy":1,"quarantined":0,"failed_updates":0},"hosts":[
+            {"host":"db1","stale":true,"services":[]},
+            {"host":"web1","track":"stable","last_seen":990,"update":{"at":900,"ok":true},
+             "services":[{"name":"bar","installed":"2.1-1","track_version":"2.1-1",
+               "status":"rolled back","rolled_back_to":"2.0-1","state":"running"},
+              {"name":"foo","installed":"1.1-1","track_version":"1.2-1","status":"behind",
+               "state":"backoff","restarts":4,"failing_probes":["port","http"],
+               "behind":true,"unhealthy":true}]}]}"#;
+        let view: TableView<'_> = serde_json::from_str(json).unwrap();
+        let text = |f: &Filter| {
+            let mut out = Vec::new();
+            render(&view, f, &mut out).unwrap();
+            String::from_utf8(out).unwrap()
+        };
+        let all = text(&Filter::default());
+        let lines: Vec<&str> = all.lines().collect();
+        assert!(lines[0].starts_with("2 hosts: 1 reporting, 1 stale, 1 behind"));
+        assert!(lines[2].starts_with("HOST  TRACK   SERVICE"));
+        assert!(lines[3].starts_with("db1   -       -"));
+        assert!(lines[4].contains("rolled back to 2.0-1") && lines[4].ends_with("ok"));
+        assert!(lines[5].contains("port,http") && lines[5].contains("10s"));
+        let behind = text(&Filter {
+            behind: true,
+            ..Filter::default()
+        });
+        assert!(behind.lines().nth(1).unwrap().starts_with("1 rows behind"));
+        assert_eq!(behind.lines().count(), 5);
+    }
+
+    #[test]
+    fn durations_and_urls() {
+        assert_eq!(parse_duration("10m"), Ok(600));
+        assert_eq!(parse_duration("90"), Ok(90));
+        assert_eq!(parse_duration("2h"), Ok(7200));
+        assert!(parse_duration("soon").is_err());
+        let (addr, host, prefix) = split_url("http://127.0.0.1:8080").unwrap();
+        assert_eq!(
+            (addr.as_str(), host.as_str(), prefix.as_str()),
+            ("127.0.0.1:8080", "127.0.0.1:8080", "")
+        );
+        let (addr, _, prefix) = split_url("http://fleet.example/keepup/").unwrap();
+        assert_eq!(
+            (addr.as_str(), prefix.as_str()),
+            ("fleet.example:80", "/keepup")
+        );
+        assert!(split_url("https://x").is_err());
+    }
+}

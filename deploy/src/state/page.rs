@@ -1,0 +1,372 @@
+//! The fleet page at `/`: the same view as `keepup report`, server-rendered HTML that reloads
+//! itself every 10 s, needs no JavaScript and reads on a phone (rows become cards on narrow
+//! screens). Every value from reports is HTML-escaped. Large fleets show the problem rows
+//! only, and at most [`MAX_ROWS`] of them.
+
+use std::fmt::Write as _;
+
+use super::view::{age, Filter, FleetView, HostView, ServiceView};
+
+/// Rows rendered at most.
+pub const MAX_ROWS: usize = 1000;
+/// Fleets with more rows than this open on the problem rows.
+const ALL_ROWS_UP_TO: usize = 500;
+/// Events listed under the table.
+const EVENTS_SHOWN: usize = 30;
+
+/// What the page's query selects.
+#[derive(Debug, Clone, Default)]
+pub struct PageQuery {
+    /// `all`, `problems`, `behind`, `unhealthy`, `stale`, `quarantined`.
+    pub filter: Option<String>,
+    /// Only this host.
+    pub host: Option<String>,
+}
+
+/// Escape text for HTML content and attribute values.
+pub fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn filter_for(name: &str) -> Filter {
+    match name {
+        "behind" => Filter {
+            behind: true,
+            ..Filter::default()
+        },
+        "unhealthy" => Filter {
+            unhealthy: true,
+            ..Filter::default()
+        },
+        "stale" => Filter {
+            stale: true,
+            ..Filter::default()
+        },
+        "quarantined" => Filter {
+            quarantined: true,
+            ..Filter::default()
+        },
+        "problems" => Filter {
+            behind: true,
+            unhealthy: true,
+            stale: true,
+            quarantined: true,
+        },
+        _ => Filter::default(),
+    }
+}
+
+const STYLE: &str = "
+body{font-family:system-ui,sans-serif;margin:0 1rem 2rem;color:#222;background:#fafafa}
+h1{font-size:1.3rem;margin:.8rem 0 .4rem}
+.counts{display:flex;flex-wrap:wrap;gap:.4rem;margin:.4rem 0}
+.counts a{display:block;padding:.3rem .6rem;border-radius:.4rem;background:#e8eef5;color:#123;text-decoration:none}
+.counts a.on{outline:2px solid #357}
+.counts b{font-size:1.1rem;margin-right:.25rem}
+.counts .bad b{color:#b00}
+table{border-collapse:collapse;width:100%;font-size:.9rem}
+th,td{text-align:left;padding:.25rem .5rem;border-bottom:1px solid #ddd;vertical-align:top}
+th{background:#eee;position:sticky;top:0}
+tr.bad td{background:#fde8e8}
+tr.warn td{background:#fff6d6}
+td.err{color:#b00}
+.note{color:#555;font-size:.85rem}
+ul.events{padding-left:1.2rem;font-size:.9rem}
+@media (max-width:700px){
+ table,thead,tbody,tr,td{display:block}
+ thead{display:none}
+ tr{margin:.5rem 0;border:1px solid #ccc;border-radius:.4rem;background:#fff}
+ td{border:none;padding:.1rem .5rem}
+ td::before{content:attr(data-l) \": \";font-weight:600;color:#555}
+}
+";
+
+const COLUMNS: [&str; 11] = [
+    "host",
+    "track",
+    "service",
+    "installed",
+    "track version",
+    "status",
+    "state",
+    "restarts",
+    "failing probes",
+    "last seen",
+    "update",
+];
+
+/// Render the page for `view` and the query.
+pub fn render(view: &FleetView, q: &PageQuery) -> String {
+    let total_rows: usize = view.hosts.iter().map(|h| h.services.len().max(1)).sum();
+    let filter_name = q.filter.clone().unwrap_or_else(|| {
+        if total_rows > ALL_ROWS_UP_TO {
+            "problems".into()
+        } else {
+            "all".into()
+        }
+    });
+    let filter = filter_for(&filter_name);
+    let host_q = q
+        .host
+        .as_ref()
+        .map(|h| format!("&amp;host={}", escape(&url_part(h))))
+        .unwrap_or_default();
+    let s = &view.summary;
+    let mut o = String::with_capacity(64 * 1024);
+    o.push_str("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\n");
+    o.push_str("<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n");
+    o.push_str(
+        "<meta http-equiv=\"refresh\" content=\"10\">\n<title>keepup fleet</title>\n<style>",
+    );
+    o.push_str(STYLE);
+    o.push_str("</style></head><body>\n<h1>keepup fleet");
+    if let Some(h) = &q.host {
+        let _ = write!(o, ": {}", escape(h));
+    }
+    o.push_str("</h1>\n<div class=\"counts\">");
+    let counts: [(&str, usize, &str, bool); 7] = [
+        ("hosts", s.hosts, "all", false),
+        ("reporting", s.reporting, "all", false),
+        ("stale", s.stale, "stale", true),
+        ("behind", s.behind, "behind", true),
+        ("unhealthy", s.unhealthy, "unhealthy", true),
+        ("quarantined", s.quarantined, "quarantined", false),
+        ("failed updates", s.failed_updates, "unhealthy", true),
+    ];
+    for (label, n, f, alarm) in counts {
+        let class = match (f == filter_name && label != "reporting", alarm && n > 0) {
+            (true, true) => " class=\"on bad\"",
+            (true, false) => " class=\"on\"",
+            (false, true) => " class=\"bad\"",
+            (false, false) => "",
+        };
+        let _ = write!(
+            o,
+            "<a href=\"/?filter={f}{host_q}\"{class}><b>{n}</b>{label}</a>"
+        );
+    }
+    let _ = writeln!(
+        o,
+        "<a href=\"/?filter=problems{host_q}\"{}>problems</a></div>",
+        if filter_name == "problems" {
+            " class=\"on\""
+        } else {
+            ""
+        }
+    );
+
+    o.push_str("<table><thead><tr>");
+    for c in COLUMNS {
+        let _ = write!(o, "<th>{c}</th>");
+    }
+    o.push_str("</tr></thead><tbody>\n");
+    let mut shown = 0;
+    let mut matched = 0;
+    for h in &view.hosts {
+        if q.host.as_ref().is_some_and(|x| *x != h.host) {
+            continue;
+        }
+        let rows: Vec<Option<&ServiceView>> = if h.services.is_empty() {
+            vec![None]
+        } else {
+            h.services.iter().map(Some).collect()
+        };
+        for svc in rows {
+            if !filter.keeps(h, svc) {
+                continue;
+            }
+            matched += 1;
+            if shown < MAX_ROWS {
+                shown += 1;
+                row(&mut o, view.generated_at, h, svc);
+            }
+        }
+    }
+    o.push_str("</tbody></table>\n");
+    let _ = writeln!(
+        o,
+        "<p class=\"note\">{shown} of {matched} matching rows ({filter_name}); {total_rows} rows in all. \
+         Full list: <code>keepup report</code> or <a href=\"/api/v1/fleet\">/api/v1/fleet</a>. \
+         Generated at {} (unix), stale after {} s.</p>",
+        view.generated_at, view.stale_after
+    );
+
+    // Recent events: the host's, or the fleet's newest.
+    let mut events: Vec<(&str, &keepup_deploy::wire::Event)> = view
+        .hosts
+        .iter()
+        .filter(|h| q.host.as_ref().is_none_or(|x| *x == h.host))
+        .flat_map(|h| h.events.iter().map(move |e| (h.host.as_str(), e)))
+        .collect();
+    events.sort_by_key(|e| std::cmp::Reverse(e.1.at));
+    events.truncate(EVENTS_SHOWN);
+    o.push_str("<h2>Recent events</h2>\n<ul class=\"events\">\n");
+    for (host, e) in &events {
+        let _ = writeln!(
+            o,
+            "<li>{} ago <a href=\"/?host={}\">{}</a> {}{}: {}</li>",
+            age(view.generated_at, Some(e.at)),
+            escape(&url_part(host)),
+            escape(host),
+            e.service
+                .as_deref()
+                .map(|s| format!("{} ", escape(s)))
+                .unwrap_or_default(),
+            escape(&e.kind),
+            escape(&e.message)
+        );
+    }
+    if events.is_empty() {
+        o.push_str("<li>none</li>\n");
+    }
+    o.push_str("</ul>\n</body></html>\n");
+    o
+}
+
+/// Percent-encode what is not safe in a query value.
+fn url_part(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+fn row(o: &mut String, now: u64, h: &HostView, svc: Option<&ServiceView>) {
+    let bad = svc.is_some_and(|s| s.unhealthy) || h.update.as_ref().is_some_and(|u| !u.ok);
+    let warn = h.stale || svc.is_some_and(|s| s.behind || s.quarantined);
+    let class = if bad {
+        " class=\"bad\""
+    } else if warn {
+        " class=\"warn\""
+    } else {
+        ""
+    };
+    let _ = write!(o, "<tr{class}>");
+    let cell = |o: &mut String, label: &str, v: &str, err: bool| {
+        let _ = write!(
+            o,
+            "<td data-l=\"{label}\"{}>{}</td>",
+            if err { " class=\"err\"" } else { "" },
+            escape(v)
+        );
+    };
+    let _ = write!(
+        o,
+        "<td data-l=\"host\"><a href=\"/?host={}\">{}</a></td>",
+        escape(&url_part(&h.host)),
+        escape(&h.host)
+    );
+    cell(o, "track", h.track.as_deref().unwrap_or("-"), false);
+    match svc {
+        Some(s) => {
+            cell(o, "service", &s.name, false);
+            cell(o, "installed", s.installed.as_deref().unwrap_or("-"), false);
+            cell(
+                o,
+                "track version",
+                s.track_version.as_deref().unwrap_or("-"),
+                false,
+            );
+            cell(o, "status", &s.status_text(), s.behind);
+            let state = match &s.failed_start {
+                Some(f) => format!(
+                    "{} (failed to start {}: {})",
+                    s.state.as_deref().unwrap_or("-"),
+                    f.version,
+                    f.detail
+                ),
+                None => s.state.as_deref().unwrap_or("-").to_string(),
+            };
+            cell(o, "state", &state, s.unhealthy);
+            cell(o, "restarts", &s.restarts.to_string(), false);
+            cell(o, "failing probes", &s.failing_probes.join(", "), true);
+        }
+        None => {
+            for l in &COLUMNS[2..9] {
+                cell(o, l, "-", false);
+            }
+        }
+    }
+    cell(o, "last seen", &age(now, h.last_seen), h.stale);
+    let update = match &h.update {
+        None => "-".to_string(),
+        Some(u) if u.ok => format!("ok {} ago", age(now, Some(u.at))),
+        Some(u) => format!(
+            "failed {} ago: {}",
+            age(now, Some(u.at)),
+            u.error.as_deref().unwrap_or("")
+        ),
+    };
+    cell(
+        o,
+        "update",
+        &update,
+        h.update.as_ref().is_some_and(|u| !u.ok),
+    );
+    o.push_str("</tr>\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::view::{Status, Summary};
+
+    #[test]
+    fn values_are_escaped_and_filters_apply() {
+        let v = FleetView {
+            generated_at: 100,
+            stale_after: 600,
+            fleet_serial: None,
+            summary: Summary::default(),
+            hosts: vec![
+                HostView {
+                    host: "web<1>".into(),
+                    last_seen: Some(90),
+                    services: vec![ServiceView {
+                        name: "foo\"&".into(),
+                        installed: Some("1.0-1".into()),
+                        track_version: Some("1.1-1".into()),
+                        status: Status::Behind,
+                        rolled_back_to: None,
+                        state: Some("running".into()),
+                        restarts: 0,
+                        failing_probes: vec![],
+                        quarantined: false,
+                        failed_start: None,
+                        behind: true,
+                        unhealthy: false,
+                    }],
+                    ..HostView::default()
+                },
+                HostView {
+                    host: "db1".into(),
+                    last_seen: Some(95),
+                    ..HostView::default()
+                },
+            ],
+        };
+        let all = render(&v, &PageQuery::default());
+        assert!(all.contains("web&lt;1&gt;"));
+        assert!(all.contains("foo&quot;&amp;"));
+        assert!(!all.contains("web<1>"));
+        assert!(all.contains("http-equiv=\"refresh\" content=\"10\""));
+        assert!(all.contains(">db1<"));
+        let behind = render(
+            &v,
+            &PageQuery {
+                filter: Some("behind".into()),
+                host: None,
+            },
+        );
+        assert!(!behind.contains(">db1<"));
+        assert!(behind.contains("1 of 1 matching rows"));
+    }
+}

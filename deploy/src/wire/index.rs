@@ -1,0 +1,162 @@
+//! The agent's index of a track (`tracks/<track>/index.json`, signed by `index.json.sig`): a
+//! serial that only increases and the current package of each name, format and arch.
+
+use std::cmp::Ordering;
+
+use keepup_packager::version;
+use serde::{Deserialize, Serialize};
+
+/// Package format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// Debian package (dpkg/apt).
+    Deb,
+    /// RPM package (rpm/dnf).
+    Rpm,
+}
+
+impl Format {
+    /// Compares two full versions the way this format's package manager does.
+    pub fn cmp_versions(self, a: &str, b: &str) -> Ordering {
+        match self {
+            Format::Deb => version::dpkg_cmp(a, b),
+            Format::Rpm => version::rpm_cmp(a, b),
+        }
+    }
+
+    /// The architecture name that installs on any machine (`all` / `noarch`).
+    pub fn any_arch(self) -> &'static str {
+        match self {
+            Format::Deb => "all",
+            Format::Rpm => "noarch",
+        }
+    }
+}
+
+impl std::fmt::Display for Format {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Format::Deb => "deb",
+            Format::Rpm => "rpm",
+        })
+    }
+}
+
+/// One package file in the pool, as the index lists it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PoolEntry {
+    /// Package (= service) name.
+    pub name: String,
+    /// Full version (`[epoch:]version-release`).
+    pub version: String,
+    /// Architecture as the format spells it.
+    pub arch: String,
+    /// deb or rpm.
+    pub format: Format,
+    /// Path relative to the repository root.
+    pub path: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// SHA-256 of the file, hex.
+    pub sha256: String,
+    /// For a rollback package: the version whose payload and scripts it carries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback_of: Option<String>,
+}
+
+impl PoolEntry {
+    /// Compare this entry's version with `other` the way its package manager does.
+    pub fn version_cmp(&self, other: &str) -> Ordering {
+        self.format.cmp_versions(&self.version, other)
+    }
+
+    /// Does `v` name this entry's version (full, or upstream part only)?
+    pub fn matches_version(&self, v: &str) -> bool {
+        self.version == v
+            || self
+                .version
+                .rsplit_once('-')
+                .is_some_and(|(u, _)| u == v || u.split_once(':').is_some_and(|(_, u)| u == v))
+    }
+}
+
+/// The agent's index of one track.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Index {
+    /// Track name.
+    pub track: String,
+    /// Only increases; agents refuse an index with a lower serial than one they have seen.
+    pub serial: u64,
+    /// Unix time of generation.
+    pub generated: u64,
+    /// The current version of each package (per name, format and arch).
+    pub packages: Vec<PoolEntry>,
+}
+
+impl Index {
+    /// Parses `index.json` text (after its signature was checked).
+    pub fn from_json(data: &[u8]) -> Result<Index, String> {
+        serde_json::from_slice(data).map_err(|e| format!("index.json: {e}"))
+    }
+
+    /// The newest package named `name` for a host of `format` and `arch`.
+    pub fn best(&self, name: &str, format: Format, arch: &str) -> Option<&PoolEntry> {
+        self.packages
+            .iter()
+            .filter(|p| p.name == name && p.format == format)
+            .filter(|p| p.arch == arch || p.arch == format.any_arch())
+            .max_by(|a, b| format.cmp_versions(&a.version, &b.version))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(name: &str, version: &str, format: Format, arch: &str) -> PoolEntry {
+        PoolEntry {
+            name: name.into(),
+            version: version.into(),
+            arch: arch.into(),
+            format,
+            path: format!("pool/{name}"),
+            size: 1,
+            sha256: "00".into(),
+            rollback_of: None,
+        }
+    }
+
+    #[test]
+    fn best_picks_format_arch_and_newest() {
+        let index = Index {
+            track: "stable".into(),
+            serial: 1,
+            generated: 0,
+            packages: vec![
+                entry("foo", "1.9-1", Format::Deb, "amd64"),
+                entry("foo", "1.10-1", Format::Deb, "all"),
+                entry("foo", "2.0-1", Format::Rpm, "x86_64"),
+                entry("foo", "3.0-1", Format::Deb, "arm64"),
+            ],
+        };
+        assert_eq!(
+            index.best("foo", Format::Deb, "amd64").unwrap().version,
+            "1.10-1"
+        );
+        assert_eq!(
+            index.best("foo", Format::Rpm, "x86_64").unwrap().version,
+            "2.0-1"
+        );
+        assert!(index.best("foo", Format::Rpm, "aarch64").is_none());
+        assert!(index.best("bar", Format::Deb, "amd64").is_none());
+    }
+
+    #[test]
+    fn upstream_version_matches() {
+        let e = entry("foo", "1:2.0-3", Format::Deb, "amd64");
+        assert!(e.matches_version("1:2.0-3"));
+        assert!(e.matches_version("2.0"));
+        assert!(!e.matches_version("2.1"));
+    }
+}

@@ -1,0 +1,13 @@
+//! Wire types shared by the agent and the operator side: the agent's track index
+//! ([`index`]), the fleet policy ([`fleet`]), what an agent reports ([`report`]) and the
+//! OpenPGP signature check both sides apply ([`verify`]). Everything here is plain data plus
+//! pure functions: no files, no network.
+
+pub mod fleet;
+pub mod index;
+pub mod report;
+pub mod verify;
+
+pub use fleet::{glob_match, Assignment, Fleet, Quarantine};
+pub use index::{Format, Index, PoolEntry};
+pub use report::{Event, ProbeReport, Report, ServiceReport, StartReport, UpdateReport};
