@@ -1,8 +1,8 @@
 //! `keepup-agent run`: the agent's top level. Takes the lock (a second agent refuses to
 //! start), becomes the child subreaper, opens the control socket, follows the manifest
 //! directory (a service per manifest; added -> started, removed -> stopped and its role
-//! killed), runs the re-kick timer, answers control requests, and on SIGTERM stops every
-//! service and exits 0.
+//! killed), runs the re-kick timer, answers control requests, starts the updater and the
+//! reporter when they are configured, and on SIGTERM stops every service and exits 0.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -14,13 +14,15 @@ use anyhow::{bail, Context, Result};
 use keepup_packager::manifest::Manifest;
 use nix::fcntl::{Flock, FlockArg};
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::config::Config;
 use crate::control::{self, Incoming, Request, Response};
 use crate::reaper::{self, Spawned};
 use crate::refuse::Roles;
+use crate::report::{Events, SharedHost};
 use crate::service::{self, Ctx, Handle, ServiceCommand};
+use crate::update::{self, PassRequest};
 use crate::watch::DirWatch;
 
 /// Upper bound on the shutdown: every service's stop runs in parallel within its
@@ -37,9 +39,22 @@ pub struct AgentLock {
     _lock: Flock<File>,
 }
 
+/// Opens (creating, mode 0600) a lock file, refusing to follow a symlink planted in its place.
+pub fn open_lock_file(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(path)
+}
+
 /// Takes the agent lock or explains who has it.
 pub fn lock(cfg: &Config) -> Result<AgentLock> {
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
     let path = cfg.lock_path();
     let me = nix::unistd::geteuid().as_raw();
     if let Some(dir) = path.parent() {
@@ -58,14 +73,7 @@ pub fn lock(cfg: &Config) -> Result<AgentLock> {
             );
         }
     }
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .mode(0o600)
-        .custom_flags(nix::libc::O_NOFOLLOW)
-        .open(&path)
+    let file = open_lock_file(&path)
         .with_context(|| format!("opening the lock file {}", path.display()))?;
     let meta = file.metadata()?;
     if meta.uid() != me {
@@ -102,7 +110,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     let spawned = Spawned::default();
     tokio::spawn(reaper::run(spawned.clone()));
     let (to_agent, mut requests) = mpsc::channel::<Incoming>(16);
-    tokio::spawn(control::serve(listener, to_agent));
+    tokio::spawn(control::serve(listener, to_agent.clone()));
 
     let cfg = Arc::new(cfg);
     eprintln!(
@@ -111,6 +119,20 @@ pub async fn run(cfg: Config) -> Result<()> {
         cfg.socket.display(),
         keepup_packager::spec::format_duration(cfg.rekick_every)
     );
+    let events = Events::default();
+    let host_state = SharedHost::default();
+    let report_now = Arc::new(Notify::new());
+    let updater = start_updater(&cfg, &to_agent, &spawned, &events, &host_state, &report_now);
+    if let Some(r) = &cfg.report {
+        tokio::spawn(crate::report::run(
+            r.clone(),
+            cfg.host_name(),
+            host_state.clone(),
+            events.clone(),
+            to_agent.clone(),
+            report_now.clone(),
+        ));
+    }
     let mut agent = Agent {
         ctx: Ctx {
             cfg: cfg.clone(),
@@ -118,7 +140,9 @@ pub async fn run(cfg: Config) -> Result<()> {
             roles: Roles::default(),
             uid_min: crate::refuse::uid_min(),
             epoch: Instant::now(),
+            events,
         },
+        updater,
         services: BTreeMap::new(),
         stopping: HashMap::new(),
         seen: HashMap::new(),
@@ -149,6 +173,45 @@ pub async fn run(cfg: Config) -> Result<()> {
     Ok(())
 }
 
+/// Starts the updater task if `repo` is configured; returns the way to ask it for a pass.
+fn start_updater(
+    cfg: &Arc<Config>,
+    to_agent: &mpsc::Sender<Incoming>,
+    spawned: &Spawned,
+    events: &Events,
+    state: &SharedHost,
+    report_now: &Arc<Notify>,
+) -> Option<mpsc::Sender<PassRequest>> {
+    let up = cfg.updater.as_ref()?;
+    let schedule = match update::schedule::Schedule::parse(&up.schedule) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("keepup-agent: updater off: {e}");
+            return None;
+        }
+    };
+    let (tx, rx) = mpsc::channel::<PassRequest>(4);
+    let (cfg, to_agent, spawned, events, state, report_now) = (
+        cfg.clone(),
+        to_agent.clone(),
+        spawned.clone(),
+        events.clone(),
+        state.clone(),
+        report_now.clone(),
+    );
+    let stagger = up.stagger;
+    tokio::spawn(async move {
+        let Some(mut u) =
+            update::pass::Updater::new(cfg, Some(to_agent), Some(spawned), events).await
+        else {
+            return;
+        };
+        u.report_progress_to(state.clone(), report_now.clone());
+        update::run_task(u, schedule, stagger, rx, state, report_now).await;
+    });
+    Some(tx)
+}
+
 /// Identity of a manifest file version: reparse only when it changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct FileKey {
@@ -159,6 +222,8 @@ struct FileKey {
 
 struct Agent {
     ctx: Ctx,
+    /// Asks the updater task for a pass now (`None`: the updater is off).
+    updater: Option<mpsc::Sender<PassRequest>>,
     services: BTreeMap<String, Handle>,
     /// Services whose manifest was removed, still stopping: a service of the same name is not
     /// started again until its old task has finished (its role kill would kill the new run).
@@ -348,6 +413,24 @@ impl Agent {
             } => match find(&service) {
                 Ok(h) => forward(h, ServiceCommand::Rekick(Some(reply))),
                 Err(r) => drop(reply.send(r)),
+            },
+            Request::Update => match &self.updater {
+                None => drop(reply.send(Response::failed(format!(
+                    "the updater is off: no `repo` in the configuration (see `keepup-agent \
+                     update --now` in docs/agent.md; state directory {})",
+                    self.ctx.cfg.state_dir.display()
+                )))),
+                Some(tx) => {
+                    if let Err(e) = tx.try_send(reply) {
+                        let (why, reply) = match e {
+                            mpsc::error::TrySendError::Full(r) => {
+                                ("passes are already queued; try again later", r)
+                            }
+                            mpsc::error::TrySendError::Closed(r) => ("the updater stopped", r),
+                        };
+                        let _ = reply.send(Response::failed(why));
+                    }
+                }
             },
             Request::Rekick { service: None } => {
                 let mut answers = Vec::new();

@@ -1,6 +1,7 @@
 //! The agent's configuration file (YAML, every key optional): where manifests, admin-down
-//! marks, logs and the control socket live, and the agent's timers. With no file at all the
-//! defaults below apply, so `keepup-agent run` works on a fresh host.
+//! marks, logs and the control socket live, the agent's timers, and the updater and reporter
+//! (both off unless `repo` / `report` is set). With no file at all the defaults below apply,
+//! so `keepup-agent run` works on a fresh host.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -10,6 +11,8 @@ use keepup_packager::spec::parse_duration;
 use serde::Deserialize;
 
 use crate::policy::Respawn;
+use crate::update::plan::Format;
+use crate::update::schedule::Schedule;
 
 /// Where the agent looks for its configuration when `--config` is not given (optional).
 pub const DEFAULT_CONFIG: &str = "/etc/keepup/agent.yaml";
@@ -37,7 +40,55 @@ pub struct Config {
     /// Respawn timing: a run shorter than `fast_crash` is a fast crash; the respawn delay
     /// after fast crashes grows up to `max_backoff`.
     pub respawn: Respawn,
+    /// This host's name in the fleet policy and in reports (`None`: the hostname).
+    pub host: Option<String>,
+    /// The updater; `None` (no `repo` key) turns it off.
+    pub updater: Option<UpdaterConfig>,
+    /// The reporter; `None` (no `report` key) turns it off.
+    pub report: Option<ReportConfig>,
 }
+
+/// The updater's settings (the `repo` key and its companions).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpdaterConfig {
+    /// Repository base URL, ending in `/`.
+    pub repo: String,
+    /// The pinned repository key (armored OpenPGP public key file).
+    pub trusted_key: PathBuf,
+    /// Crontab line (5 or 6 fields), already checked.
+    pub schedule: String,
+    /// Window of the per-host offset added to each scheduled time.
+    pub stagger: Duration,
+    /// Bound of every package-manager run (and of each download).
+    pub package_timeout: Duration,
+    /// Package format (`None`: deb if `/usr/bin/dpkg` exists, else rpm).
+    pub package_format: Option<Format>,
+    /// Architecture as the format spells it (`None`: asked from dpkg/rpm).
+    pub arch: Option<String>,
+    /// Where downloaded packages are kept.
+    pub cache_dir: PathBuf,
+    /// Extra wait beyond the probes' longest `grace` when confirming a start.
+    pub start_timeout: Duration,
+    /// rpm's database directory when it is not rpm's default (`rpm --dbpath`).
+    pub rpm_dbpath: Option<PathBuf>,
+}
+
+/// The reporter's settings (the `report` key and its companions).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReportConfig {
+    /// Server base URL (`/api/v1/report` is appended), without a trailing `/`.
+    pub url: String,
+    /// File holding this host's bearer token.
+    pub token_file: PathBuf,
+    /// Interval between reports (one is also sent after each update pass).
+    pub every: Duration,
+}
+
+/// Every key the file may have, for error messages.
+const KEYS: &str = "manifest_dir, state_dir, log_dir, log_max_bytes, log_keep, socket, \
+                    rekick_every, scan_every, fast_crash, max_backoff, host, repo, trusted_key, \
+                    schedule, stagger, package_timeout, package_format, arch, cache_dir, \
+                    start_timeout, rpm_dbpath, report, report_token_file, report_every";
 
 impl Default for Config {
     fn default() -> Config {
@@ -51,6 +102,9 @@ impl Default for Config {
             rekick_every: Duration::from_secs(300),
             scan_every: Duration::from_secs(1),
             respawn: Respawn::default(),
+            host: None,
+            updater: None,
+            report: None,
         }
     }
 }
@@ -69,6 +123,40 @@ struct RawConfig {
     scan_every: Option<String>,
     fast_crash: Option<String>,
     max_backoff: Option<String>,
+    host: Option<String>,
+    repo: Option<String>,
+    trusted_key: Option<PathBuf>,
+    schedule: Option<String>,
+    stagger: Option<String>,
+    package_timeout: Option<String>,
+    package_format: Option<String>,
+    arch: Option<String>,
+    cache_dir: Option<PathBuf>,
+    start_timeout: Option<String>,
+    rpm_dbpath: Option<PathBuf>,
+    report: Option<String>,
+    report_token_file: Option<PathBuf>,
+    report_every: Option<String>,
+}
+
+/// A base URL: `http://host[:port][/path]`, returned with a trailing `/`.
+fn base_url(path: &Path, key: &str, url: &str) -> Result<String> {
+    let url = url.trim();
+    let Some(rest) = url.strip_prefix("http://") else {
+        bail!(
+            "{}: {key}: {url:?} is not an http:// URL (plain http: what the agent trusts is \
+             the signatures and sha256 sums, not the transport)",
+            path.display()
+        );
+    };
+    if rest.is_empty() || rest.starts_with('/') || rest.contains(char::is_whitespace) {
+        bail!("{}: {key}: {url:?} has no host", path.display());
+    }
+    Ok(if url.ends_with('/') {
+        url.to_string()
+    } else {
+        format!("{url}/")
+    })
 }
 
 impl Config {
@@ -77,14 +165,8 @@ impl Config {
         let raw: RawConfig = if text.trim().is_empty() {
             RawConfig::default()
         } else {
-            serde_saphyr::from_str(text).map_err(|e| {
-                anyhow::anyhow!(
-                    "{}: {}\n(known keys: manifest_dir, state_dir, log_dir, log_max_bytes, \
-                     log_keep, socket, rekick_every, scan_every, fast_crash, max_backoff)",
-                    path.display(),
-                    e
-                )
-            })?
+            serde_saphyr::from_str(text)
+                .map_err(|e| anyhow::anyhow!("{}: {}\n(known keys: {KEYS})", path.display(), e))?
         };
         let d = Config::default();
         let dur = |key: &str, v: Option<String>, default: Duration| -> Result<Duration> {
@@ -94,9 +176,141 @@ impl Config {
                     .map_err(|e| anyhow::anyhow!("{}: {key}: {e}", path.display())),
             }
         };
+        let state_dir = raw.state_dir.unwrap_or(d.state_dir);
+        if let Some(h) = &raw.host {
+            if h.is_empty()
+                || h.len() > 253
+                || !h
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-._".contains(c))
+            {
+                bail!(
+                    "{}: host: {h:?} is not a host name (letters, digits, - . _)",
+                    path.display()
+                );
+            }
+        }
+        let updater_keys = [
+            ("trusted_key", raw.trusted_key.is_some()),
+            ("schedule", raw.schedule.is_some()),
+            ("stagger", raw.stagger.is_some()),
+            ("package_timeout", raw.package_timeout.is_some()),
+            ("package_format", raw.package_format.is_some()),
+            ("arch", raw.arch.is_some()),
+            ("cache_dir", raw.cache_dir.is_some()),
+            ("start_timeout", raw.start_timeout.is_some()),
+            ("rpm_dbpath", raw.rpm_dbpath.is_some()),
+        ];
+        let updater = match &raw.repo {
+            None => {
+                if let Some((key, _)) = updater_keys.iter().find(|(_, set)| *set) {
+                    bail!(
+                        "{}: {key} is set but repo is not: the updater is off without a \
+                         repository URL (add `repo: http://REPO:8080/`)",
+                        path.display()
+                    );
+                }
+                None
+            }
+            Some(url) => {
+                let repo = base_url(path, "repo", url)?;
+                let trusted_key = raw.trusted_key.clone().ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "{}: trusted_key: required when repo is set (the repository's armored \
+                         public key, e.g. /etc/keepup/repository.asc)",
+                        path.display()
+                    )
+                })?;
+                let schedule = raw.schedule.clone().unwrap_or_else(|| "*/5 * * * *".into());
+                Schedule::parse(&schedule)
+                    .map_err(|e| anyhow::anyhow!("{}: schedule: {e}", path.display()))?;
+                let package_format = match raw.package_format.as_deref() {
+                    None => None,
+                    Some("deb") => Some(Format::Deb),
+                    Some("rpm") => Some(Format::Rpm),
+                    Some(other) => bail!(
+                        "{}: package_format: {other:?}: expected deb or rpm",
+                        path.display()
+                    ),
+                };
+                if let Some(a) = &raw.arch {
+                    if a.is_empty() || !a.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                        bail!(
+                            "{}: arch: {a:?} is not an architecture name",
+                            path.display()
+                        );
+                    }
+                }
+                Some(UpdaterConfig {
+                    repo,
+                    trusted_key,
+                    schedule,
+                    stagger: dur("stagger", raw.stagger.clone(), Duration::from_secs(300))?,
+                    package_timeout: dur(
+                        "package_timeout",
+                        raw.package_timeout.clone(),
+                        Duration::from_secs(600),
+                    )?,
+                    package_format,
+                    arch: raw.arch.clone(),
+                    cache_dir: raw
+                        .cache_dir
+                        .clone()
+                        .unwrap_or_else(|| state_dir.join("cache")),
+                    start_timeout: dur(
+                        "start_timeout",
+                        raw.start_timeout.clone(),
+                        Duration::from_secs(30),
+                    )?,
+                    rpm_dbpath: raw.rpm_dbpath.clone(),
+                })
+            }
+        };
+        if let Some(u) = &updater {
+            if u.package_timeout.is_zero() {
+                bail!("{}: package_timeout: must be more than 0", path.display());
+            }
+        }
+        let report = match &raw.report {
+            None => {
+                for (key, set) in [
+                    ("report_token_file", raw.report_token_file.is_some()),
+                    ("report_every", raw.report_every.is_some()),
+                ] {
+                    if set {
+                        bail!(
+                            "{}: {key} is set but report is not: reporting is off without a \
+                             server URL (add `report: http://SERVER:8080`)",
+                            path.display()
+                        );
+                    }
+                }
+                None
+            }
+            Some(url) => {
+                let every = dur(
+                    "report_every",
+                    raw.report_every.clone(),
+                    Duration::from_secs(120),
+                )?;
+                if every.is_zero() {
+                    bail!("{}: report_every: must be more than 0", path.display());
+                }
+                Some(ReportConfig {
+                    url: base_url(path, "report", url)?
+                        .trim_end_matches('/')
+                        .to_string(),
+                    token_file: raw
+                        .report_token_file
+                        .clone()
+                        .unwrap_or_else(|| PathBuf::from("/etc/keepup/token")),
+                    every,
+                })
+            }
+        };
         let cfg = Config {
             manifest_dir: raw.manifest_dir.unwrap_or(d.manifest_dir),
-            state_dir: raw.state_dir.unwrap_or(d.state_dir),
+            state_dir,
             log_dir: raw.log_dir.unwrap_or(d.log_dir),
             log_max_bytes: raw.log_max_bytes.unwrap_or(d.log_max_bytes),
             log_keep: raw.log_keep.unwrap_or(d.log_keep),
@@ -107,13 +321,27 @@ impl Config {
                 fast_crash: dur("fast_crash", raw.fast_crash, d.respawn.fast_crash)?,
                 max_delay: dur("max_backoff", raw.max_backoff, d.respawn.max_delay)?,
             },
+            host: raw.host,
+            updater,
+            report,
         };
-        for (key, p) in [
+        let mut paths = vec![
             ("manifest_dir", &cfg.manifest_dir),
             ("state_dir", &cfg.state_dir),
             ("log_dir", &cfg.log_dir),
             ("socket", &cfg.socket),
-        ] {
+        ];
+        if let Some(u) = &cfg.updater {
+            paths.push(("trusted_key", &u.trusted_key));
+            paths.push(("cache_dir", &u.cache_dir));
+            if let Some(db) = &u.rpm_dbpath {
+                paths.push(("rpm_dbpath", db));
+            }
+        }
+        if let Some(r) = &cfg.report {
+            paths.push(("report_token_file", &r.token_file));
+        }
+        for (key, p) in paths {
             if !p.is_absolute() {
                 bail!(
                     "{}: {key}: {} is not an absolute path",
@@ -150,6 +378,19 @@ impl Config {
     /// The directory of admin-down marks.
     pub fn down_dir(&self) -> PathBuf {
         self.state_dir.join("down")
+    }
+
+    /// This host's name: `host` from the file, else the kernel's hostname.
+    pub fn host_name(&self) -> String {
+        if let Some(h) = &self.host {
+            return h.clone();
+        }
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+            .map(|s| s.trim().to_string())
+            .ok()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "localhost".into())
     }
 }
 
@@ -191,5 +432,80 @@ mod tests {
         assert!(format!("{e:#}").contains("rekick_every"), "{e:#}");
         let e = Config::parse(Path::new("a.yaml"), "socket: run/x.sock\n").unwrap_err();
         assert!(format!("{e:#}").contains("absolute"), "{e:#}");
+    }
+
+    #[test]
+    fn updater_and_report_defaults() {
+        let c = Config::parse(
+            Path::new("a.yaml"),
+            "repo: http://repo:8080\ntrusted_key: /etc/keepup/repository.asc\n\
+             report: http://server:8080/\n",
+        )
+        .unwrap();
+        let u = c.updater.unwrap();
+        assert_eq!(u.repo, "http://repo:8080/");
+        assert_eq!(u.schedule, "*/5 * * * *");
+        assert_eq!(u.stagger, Duration::from_secs(300));
+        assert_eq!(u.package_timeout, Duration::from_secs(600));
+        assert_eq!(u.start_timeout, Duration::from_secs(30));
+        assert_eq!(u.package_format, None);
+        assert_eq!(u.cache_dir, PathBuf::from("/var/lib/keepup-agent/cache"));
+        let r = c.report.unwrap();
+        assert_eq!(r.url, "http://server:8080");
+        assert_eq!(r.token_file, PathBuf::from("/etc/keepup/token"));
+        assert_eq!(r.every, Duration::from_secs(120));
+        assert!(Config::default().updater.is_none() && Config::default().report.is_none());
+    }
+
+    #[test]
+    fn updater_keys() {
+        let c = Config::parse(
+            Path::new("a.yaml"),
+            "host: web1\nstate_dir: /s\nrepo: http://repo/r/\ntrusted_key: /k.asc\n\
+             schedule: '*/10 * * * * *'\nstagger: 3s\npackage_timeout: 20s\n\
+             package_format: rpm\narch: x86_64\nstart_timeout: 5s\nrpm_dbpath: /r\n\
+             report: http://s:1\nreport_token_file: /t\nreport_every: 10s\n",
+        )
+        .unwrap();
+        assert_eq!(c.host_name(), "web1");
+        let u = c.updater.unwrap();
+        assert_eq!(u.repo, "http://repo/r/");
+        assert_eq!(u.package_format, Some(Format::Rpm));
+        assert_eq!(u.arch.as_deref(), Some("x86_64"));
+        assert_eq!(u.cache_dir, PathBuf::from("/s/cache"));
+        assert_eq!(u.stagger, Duration::from_secs(3));
+        assert_eq!(u.rpm_dbpath, Some(PathBuf::from("/r")));
+        assert_eq!(c.report.unwrap().every, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn updater_errors_name_the_key() {
+        let err = |t: &str| format!("{:#}", Config::parse(Path::new("a.yaml"), t).unwrap_err());
+        let e = err("repo: http://repo/\n");
+        assert!(e.contains("trusted_key: required"), "{e}");
+        let e = err("repo: https://repo/\ntrusted_key: /k\n");
+        assert!(
+            e.contains("repo:") && e.contains("not an http:// URL"),
+            "{e}"
+        );
+        let e = err("repo: http://r/\ntrusted_key: /k\nschedule: '0 25 * * *'\n");
+        assert!(e.contains("schedule:") && e.contains("(hour)"), "{e}");
+        let e = err("repo: http://r/\ntrusted_key: /k\npackage_format: pacman\n");
+        assert!(
+            e.contains("package_format") && e.contains("deb or rpm"),
+            "{e}"
+        );
+        let e = err("repo: http://r/\ntrusted_key: k.asc\n");
+        assert!(e.contains("trusted_key") && e.contains("absolute"), "{e}");
+        let e = err("stagger: 5m\n");
+        assert!(e.contains("stagger is set but repo is not"), "{e}");
+        let e = err("report_every: 5m\n");
+        assert!(e.contains("report_every is set but report is not"), "{e}");
+        let e = err("report: http://s\nreport_every: often\n");
+        assert!(e.contains("report_every"), "{e}");
+        let e = err("host: 'web 1'\n");
+        assert!(e.contains("host:"), "{e}");
+        let e = err("repo_url: x\n");
+        assert!(e.contains("known keys") && e.contains("trusted_key"), "{e}");
     }
 }

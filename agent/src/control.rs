@@ -1,7 +1,7 @@
 //! The control socket: a Unix stream socket (`/run/keepup/agent.sock` by default) that takes
 //! one JSON request line per connection and answers with one JSON response line. The
-//! `keepup-agent status|down|up|rekick|check` commands are its clients; connecting to it at all
-//! proves the agent is alive. Only root can connect (the socket is mode 0600).
+//! `keepup-agent status|down|up|rekick|check|update` commands are its clients; connecting to it
+//! at all proves the agent is alive. Only root can connect (the socket is mode 0600).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -47,6 +47,8 @@ pub enum Request {
         /// Service name.
         service: String,
     },
+    /// Run an update pass now and report its plan and result.
+    Update,
 }
 
 /// The agent's answer.
@@ -66,6 +68,9 @@ pub struct Response {
     /// Probe results (`check`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub checks: Vec<ProbeStatus>,
+    /// The pass (`update`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update: Option<Box<crate::update::pass::PassResult>>,
 }
 
 impl Response {
@@ -105,7 +110,7 @@ pub struct ServiceStatus {
     /// Seconds since the current run started.
     #[serde(default)]
     pub uptime_secs: Option<f64>,
-    /// Starts after the first one since the agent started.
+    /// Starts after the first one since the agent started or the version changed.
     pub restarts: u64,
     /// How the last run ended, e.g. `exit status 3 after 1.2s`.
     #[serde(default)]
@@ -218,8 +223,27 @@ async fn answer(stream: UnixStream, to_agent: mpsc::Sender<Incoming>) -> Result<
     Ok(())
 }
 
-/// Sends one request to the agent at `socket` and returns its answer.
+/// Whether an agent answers on `socket` (something accepts connections there).
+pub async fn agent_answers(socket: &Path) -> bool {
+    UnixStream::connect(socket).await.is_ok()
+}
+
+/// Sends one request to the agent at `socket` and returns its answer (waiting at most
+/// [`CLIENT_TIMEOUT`], or much longer for an update pass).
 pub async fn request(socket: &Path, req: &Request) -> Result<Response> {
+    let limit = if *req == Request::Update {
+        UPDATE_TIMEOUT
+    } else {
+        CLIENT_TIMEOUT
+    };
+    request_within(socket, req, limit).await
+}
+
+/// How long `update --now` waits for the agent's pass (package-manager runs are bounded by
+/// `package_timeout` each).
+const UPDATE_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
+
+async fn request_within(socket: &Path, req: &Request, limit: Duration) -> Result<Response> {
     let run = async {
         let stream = UnixStream::connect(socket).await.with_context(|| {
             format!(
@@ -239,9 +263,9 @@ pub async fn request(socket: &Path, req: &Request) -> Result<Response> {
         }
         serde_json::from_str::<Response>(line.trim()).context("reading the agent's answer")
     };
-    tokio::time::timeout(CLIENT_TIMEOUT, run)
+    tokio::time::timeout(limit, run)
         .await
-        .map_err(|_| anyhow::anyhow!("keepup-agent did not answer within {CLIENT_TIMEOUT:?}"))?
+        .map_err(|_| anyhow::anyhow!("keepup-agent did not answer within {limit:?}"))?
 }
 
 /// The `status` table: one line per service, then its probes indented.
@@ -336,6 +360,8 @@ mod tests {
             serde_json::to_string(&Request::Status).unwrap(),
             r#"{"cmd":"status"}"#
         );
+        let r: Request = serde_json::from_str(r#"{"cmd":"update"}"#).unwrap();
+        assert_eq!(r, Request::Update);
     }
 
     #[test]

@@ -1,6 +1,8 @@
-//! keepup-agent: the per-host supervisor. `run` keeps every service whose manifest is installed
-//! running (respawn, give up, re-kick, probes, role kills); the other commands talk to a running
-//! agent over its control socket. See docs/agent.md.
+//! keepup-agent: the per-host supervisor and updater. `run` keeps every service whose manifest
+//! is installed running (respawn, give up, re-kick, probes, role kills), installs what the
+//! repository says this host should run and reports to the server; the other commands talk to
+//! a running agent over its control socket (`update --now` runs a pass itself when no agent
+//! runs). See docs/agent.md.
 
 mod agent;
 mod config;
@@ -9,6 +11,7 @@ mod logfile;
 mod policy;
 mod reaper;
 mod refuse;
+mod report;
 mod role;
 mod service;
 mod systemd;
@@ -68,6 +71,16 @@ enum Cmd {
         /// Service name.
         service: String,
     },
+    /// Run an update pass now (through the running agent, or in this process if none runs)
+    /// and print the plan and the result; exits 1 if the pass failed.
+    Update {
+        /// Run the pass now (required: otherwise passes run on the agent's schedule).
+        #[arg(long)]
+        now: bool,
+        /// Print the pass as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -97,6 +110,50 @@ fn main() -> ExitCode {
     }
 }
 
+/// `keepup-agent update --now`: asks the running agent for a pass, or runs one here if no
+/// agent answers on the socket.
+async fn update_now(cfg: Config, now: bool, json: bool) -> Result<ExitCode> {
+    if !now {
+        anyhow::bail!(
+            "`keepup-agent update` needs --now (passes otherwise run on the agent's schedule)"
+        );
+    }
+    let result = if control::agent_answers(&cfg.socket).await {
+        let resp = control::request(&cfg.socket, &Request::Update).await?;
+        match resp.update {
+            Some(r) => *r,
+            None => anyhow::bail!(
+                "{}",
+                resp.error
+                    .unwrap_or_else(|| "the agent ran no pass".to_string())
+            ),
+        }
+    } else {
+        if cfg.updater.is_none() {
+            anyhow::bail!(
+                "the updater is off: set `repo` and `trusted_key` in the configuration \
+                 (docs/agent.md, \"Updater\")"
+            );
+        }
+        let cfg = std::sync::Arc::new(cfg);
+        let events = crate::report::Events::default();
+        let u = update::pass::Updater::new(cfg, None, None, events)
+            .await
+            .expect("the updater is configured");
+        u.pass().await
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&result)?);
+    } else {
+        print!("{}", result.render());
+    }
+    Ok(if result.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
 /// One malloc arena for all threads: glibc gives each new thread its own (up to 8 per core),
 /// and the few blocking threads need no parallel allocation; their arenas would outlive them
 /// as resident memory.
@@ -123,6 +180,7 @@ async fn main_async(cli: Cli) -> Result<ExitCode> {
         Cmd::Up { service } => (Request::Up { service }, false),
         Cmd::Rekick { service } => (Request::Rekick { service }, false),
         Cmd::Check { service } => (Request::Check { service }, false),
+        Cmd::Update { now, json } => return update_now(cfg, now, json).await,
     };
     let is_status = req == Request::Status;
     let resp = control::request(&cfg.socket, &req).await?;

@@ -53,6 +53,8 @@ pub struct Ctx {
     pub uid_min: u32,
     /// When the agent started: the re-kick timer ticks every `rekick_every` from here.
     pub epoch: Instant,
+    /// Recent events, for reports (give-ups, health kills).
+    pub events: crate::report::Events,
 }
 
 /// Requests from the agent to a service task.
@@ -741,6 +743,9 @@ impl Service {
         );
         self.note(&why);
         eprintln!("keepup-agent: {}: {why}", self.m.name);
+        self.ctx
+            .events
+            .push("given-up", Some(&self.m.name), why.clone());
         self.set_state(State::GivenUp, Some(why));
     }
 
@@ -963,6 +968,11 @@ impl Service {
         ));
         let settle = settle(&m, self.ctx.cfg.respawn.fast_crash);
         let version = m.version.clone();
+        // A new version starts counting afresh: the kills of an upgrade are not crashes.
+        let new_version = m.version != self.m.version;
+        if new_version {
+            self.starts = 0;
+        }
         self.m = m;
         self.rebuild_checks();
         if self.run.is_some() || self.systemd() {
@@ -971,6 +981,9 @@ impl Service {
         self.update(|s| {
             s.version = version;
             s.settle = settle;
+            if new_version {
+                s.restarts = 0;
+            }
         });
     }
 
@@ -1131,6 +1144,11 @@ impl Service {
             return;
         };
         self.note(&format!("{why}; killing role {}", self.m.role));
+        self.ctx.events.push(
+            "health-kill",
+            Some(&self.m.name),
+            format!("{why}; killing role {}", self.m.role),
+        );
         eprintln!(
             "keepup-agent: {}: {why}; killing role {}",
             self.m.name, self.m.role

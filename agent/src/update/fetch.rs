@@ -3,14 +3,17 @@
 //! in time and in size (never more bytes than the index declares), written to a temporary file
 //! in the cache directory and renamed into place only when its size and sha256 match. A file
 //! already in the cache with the right sha256 is used without downloading again.
+//!
+//! The same small client fetches the signed index and policy ([`get`], bounded in size) and
+//! posts reports ([`post`]).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
-use hyper::header::{CONNECTION, HOST, USER_AGENT};
+use hyper::header::{AUTHORIZATION, CONNECTION, CONTENT_TYPE, HOST, USER_AGENT};
 use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use sha2::{Digest, Sha256};
@@ -192,10 +195,23 @@ pub async fn fetch(
     }
 }
 
-/// Streams the body into `tmp`, hashing and counting; returns the sha256.
-async fn download(want: &Wanted<'_>, tmp: &Path) -> Result<String, FetchError> {
-    let (connect, host, target) = split_url(want.url)?;
-    let http = |what: &str, e: &dyn fmt::Display| FetchError::Http(format!("{what}: {e}"));
+fn http(what: &str, e: &dyn fmt::Display) -> FetchError {
+    FetchError::Http(format!("{what}: {e}"))
+}
+
+/// Sends one request (a GET, or a POST with a JSON body) on a new connection; returns the
+/// response and the connection task (aborted by the caller when done).
+async fn send(
+    url: &str,
+    body: Option<(Vec<u8>, Option<&str>)>,
+) -> Result<
+    (
+        hyper::Response<hyper::body::Incoming>,
+        tokio::task::JoinHandle<hyper::Result<()>>,
+    ),
+    FetchError,
+> {
+    let (connect, host, target) = split_url(url)?;
     let stream = TcpStream::connect(&connect)
         .await
         .map_err(|e| http(&format!("connecting to {connect}"), &e))?;
@@ -203,16 +219,96 @@ async fn download(want: &Wanted<'_>, tmp: &Path) -> Result<String, FetchError> {
         .await
         .map_err(|e| http("handshake", &e))?;
     let conn = tokio::spawn(conn);
-    let req = Request::get(target.as_str())
-        .header(HOST, host)
-        .header(USER_AGENT, "keepup-agent")
-        .header(CONNECTION, "close")
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| http("request", &e))?;
-    let resp = sender
-        .send_request(req)
+    let builder = |method: &str| {
+        Request::builder()
+            .method(method)
+            .uri(target.as_str())
+            .header(HOST, host.as_str())
+            .header(USER_AGENT, "keepup-agent")
+            .header(CONNECTION, "close")
+    };
+    let req = match body {
+        None => builder("GET").body(Full::new(Bytes::new())),
+        Some((data, token)) => {
+            let mut b = builder("POST").header(CONTENT_TYPE, "application/json");
+            if let Some(t) = token {
+                b = b.header(AUTHORIZATION, format!("Bearer {t}"));
+            }
+            b.body(Full::new(Bytes::from(data)))
+        }
+    }
+    .map_err(|e| http("request", &e))?;
+    match sender.send_request(req).await {
+        Ok(r) => Ok((r, conn)),
+        Err(e) => {
+            conn.abort();
+            Err(http(url, &e))
+        }
+    }
+}
+
+/// GETs `url` into memory: at most `max` bytes, within `timeout`. For the signed index,
+/// policy and signatures (small files).
+pub async fn get(url: &str, max: u64, timeout: Duration) -> Result<Vec<u8>, FetchError> {
+    let run = async {
+        let (resp, conn) = send(url, None).await?;
+        if resp.status() != StatusCode::OK {
+            conn.abort();
+            return Err(FetchError::Status(resp.status()));
+        }
+        let mut body = resp.into_body();
+        let mut out = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| http(url, &e))?;
+            if let Ok(data) = frame.into_data() {
+                if (out.len() + data.len()) as u64 > max {
+                    conn.abort();
+                    return Err(FetchError::TooLarge(max));
+                }
+                out.extend_from_slice(&data);
+            }
+        }
+        conn.abort();
+        Ok(out)
+    };
+    tokio::time::timeout(timeout, run)
         .await
-        .map_err(|e| http(want.url, &e))?;
+        .unwrap_or(Err(FetchError::Timeout(timeout)))
+}
+
+/// POSTs a JSON `body` to `url` with a bearer `token`, within `timeout`; returns the status
+/// and (the start of) the answer's body.
+pub async fn post(
+    url: &str,
+    token: &str,
+    body: Vec<u8>,
+    timeout: Duration,
+) -> Result<(StatusCode, String), FetchError> {
+    let run = async {
+        let (resp, conn) = send(url, Some((body, Some(token)))).await?;
+        let status = resp.status();
+        let mut text = Vec::new();
+        let mut b = resp.into_body();
+        while let Some(Ok(frame)) = b.frame().await {
+            if let Ok(d) = frame.into_data() {
+                text.extend_from_slice(&d);
+                if text.len() > 4096 {
+                    break;
+                }
+            }
+        }
+        conn.abort();
+        text.truncate(4096);
+        Ok((status, String::from_utf8_lossy(&text).trim().to_string()))
+    };
+    tokio::time::timeout(timeout, run)
+        .await
+        .unwrap_or(Err(FetchError::Timeout(timeout)))
+}
+
+/// Streams the body into `tmp`, hashing and counting; returns the sha256.
+async fn download(want: &Wanted<'_>, tmp: &Path) -> Result<String, FetchError> {
+    let (resp, conn) = send(want.url, None).await?;
     if resp.status() != StatusCode::OK {
         conn.abort();
         return Err(FetchError::Status(resp.status()));
@@ -380,6 +476,50 @@ mod tests {
         let want = Wanted { url: &url, ..want };
         let e = fetch(&want, dir.path(), "a.deb", T).await.unwrap_err();
         assert!(e.to_string().contains("404"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn get_is_bounded_and_post_sends_the_token() {
+        let url = server(ok_reply(b"{\"serial\":1}"), Duration::ZERO).await;
+        assert_eq!(get(&url, 100, T).await.unwrap(), b"{\"serial\":1}");
+        let e = get(&url, 5, T).await.unwrap_err();
+        assert!(matches!(e, FetchError::TooLarge(5)), "{e}");
+        let e = get("http://127.0.0.1:1/x", 5, T).await.unwrap_err();
+        assert!(e.to_string().contains("connecting to 127.0.0.1:1"), "{e}");
+        // A server that echoes the request back as the body.
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut req = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !String::from_utf8_lossy(&req).contains("\"host\"") {
+                let n = s.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                req.extend_from_slice(&buf[..n]);
+            }
+            let mut r = format!(
+                "HTTP/1.1 401 Unauthorized\r\nContent-Length: {}\r\n\r\n",
+                req.len()
+            )
+            .into_bytes();
+            r.extend_from_slice(&req);
+            s.write_all(&r).await.unwrap();
+        });
+        let (status, body) = post(
+            &format!("http://{addr}/api/v1/report"),
+            "s3cret",
+            br#"{"host":"web1"}"#.to_vec(),
+            T,
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert!(body.starts_with("POST /api/v1/report HTTP/1.1"), "{body}");
+        assert!(body.contains("authorization: Bearer s3cret"), "{body}");
+        assert!(body.contains("content-type: application/json"), "{body}");
     }
 
     #[test]

@@ -5,12 +5,12 @@
 //!
 //! Debian: `apt-get install ./file.deb` (dependencies resolved, conffiles kept with
 //! `--force-confold`/`--force-confdef`), `dpkg --remove`, repair `dpkg --configure -a`.
-//! RPM: `rpm -U --replacepkgs` (an upgrade erases every older instance, so it also finishes a
-//! transaction that was killed between adding the new header and erasing the old one),
-//! `rpm -e`, and repair = nothing to run: rpm's database lock is an fcntl lock the kernel drops
-//! with the process, an interrupted transaction shows up as two installed versions of a name,
-//! which [`PackageManager::installed_version`] reports as not installed so the next plan
-//! reinstalls it.
+//! RPM (with `--dbpath` when `rpm_dbpath` is set): `rpm -U --replacepkgs` (an upgrade erases
+//! every older instance, so it also finishes a transaction that was killed between adding the
+//! new header and erasing the old one), `rpm -e`, and repair = nothing to run: rpm's database
+//! lock is an fcntl lock the kernel drops with the process, an interrupted transaction shows
+//! up as two installed versions of a name, which [`PackageManager::installed_version`] reports
+//! as not installed so the next plan reinstalls it.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -37,32 +37,6 @@ impl System {
             System::Rpm => Format::Rpm,
         }
     }
-
-    /// Reads a config value: `dpkg`/`deb`/`apt` or `rpm`.
-    pub fn parse(s: &str) -> Result<System, String> {
-        match s {
-            "dpkg" | "deb" | "apt" => Ok(System::Dpkg),
-            "rpm" | "dnf" | "yum" => Ok(System::Rpm),
-            other => Err(format!(
-                "{other:?} is not a package system: expected dpkg or rpm"
-            )),
-        }
-    }
-
-    /// The host's system: the override if given, else dpkg if its database exists (a Debian
-    /// host with `rpm` installed is still a dpkg host), else rpm if its database exists.
-    pub fn detect(over: Option<System>, root: &Path) -> Option<System> {
-        if over.is_some() {
-            return over;
-        }
-        if root.join("var/lib/dpkg/status").is_file() {
-            return Some(System::Dpkg);
-        }
-        if root.join("var/lib/rpm").is_dir() || root.join("usr/lib/sysimage/rpm").is_dir() {
-            return Some(System::Rpm);
-        }
-        None
-    }
 }
 
 impl fmt::Display for System {
@@ -85,6 +59,8 @@ pub struct PackageManager {
     pub apt: bool,
     /// The agent's list of children it reaps itself (None outside the agent).
     pub spawned: Option<Spawned>,
+    /// rpm's database, when not rpm's default (`rpm --dbpath`).
+    pub rpm_dbpath: Option<PathBuf>,
 }
 
 /// dpkg options that never ask about conffiles: keep the admin's, take the default otherwise.
@@ -98,7 +74,24 @@ impl PackageManager {
             timeout,
             apt: Path::new("/usr/bin/apt-get").exists(),
             spawned: None,
+            rpm_dbpath: None,
         }
+    }
+
+    /// `rpm [--dbpath DIR] ARGS`.
+    fn rpm<'a>(&'a self, args: &[&'a str]) -> Vec<String> {
+        let mut v = vec!["rpm".to_string()];
+        if let Some(db) = &self.rpm_dbpath {
+            v.push("--dbpath".into());
+            v.push(db.display().to_string());
+        }
+        v.extend(args.iter().map(|a| a.to_string()));
+        v
+    }
+
+    async fn run_owned(&self, argv: Vec<String>) -> Outcome {
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        self.run(&argv).await
     }
 
     async fn run(&self, argv: &[&str]) -> Outcome {
@@ -108,6 +101,9 @@ impl PackageManager {
     /// The command that installs or upgrades to the package file `file`.
     pub fn install_argv(&self, file: &Path) -> Vec<String> {
         let file = file.display().to_string();
+        if self.system == System::Rpm {
+            return self.rpm(&["-U", "--replacepkgs", &file]);
+        }
         let v: Vec<&str> = match self.system {
             System::Dpkg if self.apt => vec![
                 "apt-get",
@@ -121,10 +117,13 @@ impl PackageManager {
                 "Dpkg::Options::=--force-confdef",
                 "-o",
                 "DPkg::Lock::Timeout=30",
+                // No pty: with one, apt runs dpkg in a new session, out of the process group
+                // that a timeout kills.
+                "-o",
+                "Dpkg::Use-Pty=0",
                 &file,
             ],
-            System::Dpkg => [&["dpkg"], &DPKG_CONF[..], &["-i", &file]].concat(),
-            System::Rpm => vec!["rpm", "-U", "--replacepkgs", &file],
+            _ => [&["dpkg"], &DPKG_CONF[..], &["-i", &file]].concat(),
         };
         v.into_iter().map(String::from).collect()
     }
@@ -140,7 +139,7 @@ impl PackageManager {
     pub async fn remove(&self, name: &str) -> Outcome {
         match self.system {
             System::Dpkg => self.run(&["dpkg", "--remove", name]).await,
-            System::Rpm => self.run(&["rpm", "-e", name]).await,
+            System::Rpm => self.run_owned(self.rpm(&["-e", name])).await,
         }
     }
 
@@ -181,13 +180,12 @@ impl PackageManager {
             }
             System::Rpm => {
                 let o = self
-                    .run(&[
-                        "rpm",
+                    .run_owned(self.rpm(&[
                         "-q",
                         "--qf",
                         "%|EPOCH?{%{EPOCH}:}:{}|%{VERSION}-%{RELEASE}\n",
                         name,
-                    ])
+                    ]))
                     .await;
                 match o {
                     Outcome::Ok { output_tail } => Ok(parse_rpm_query(&output_tail)),
@@ -318,23 +316,6 @@ mod tests {
     }
 
     #[test]
-    fn detection() {
-        let d = tempfile::tempdir().unwrap();
-        assert_eq!(System::detect(None, d.path()), None);
-        std::fs::create_dir_all(d.path().join("var/lib/rpm")).unwrap();
-        assert_eq!(System::detect(None, d.path()), Some(System::Rpm));
-        std::fs::create_dir_all(d.path().join("var/lib/dpkg")).unwrap();
-        std::fs::write(d.path().join("var/lib/dpkg/status"), "").unwrap();
-        assert_eq!(System::detect(None, d.path()), Some(System::Dpkg));
-        assert_eq!(
-            System::detect(Some(System::Rpm), d.path()),
-            Some(System::Rpm)
-        );
-        assert_eq!(System::parse("rpm"), Ok(System::Rpm));
-        assert!(System::parse("pacman").unwrap_err().contains("dpkg or rpm"));
-    }
-
-    #[test]
     fn commands() {
         let mut m = PackageManager::new(System::Dpkg, Duration::from_secs(60));
         m.apt = true;
@@ -347,10 +328,26 @@ mod tests {
             m.install_argv(Path::new("/x.deb")),
             ["dpkg", "--force-confold", "--force-confdef", "-i", "/x.deb"]
         );
-        let r = PackageManager::new(System::Rpm, Duration::from_secs(60));
+        let mut r = PackageManager::new(System::Rpm, Duration::from_secs(60));
         assert_eq!(
             r.install_argv(Path::new("/x.rpm")),
             ["rpm", "-U", "--replacepkgs", "/x.rpm"]
+        );
+        r.rpm_dbpath = Some("/var/lib/keepup-rpm".into());
+        assert_eq!(
+            r.install_argv(Path::new("/x.rpm")),
+            [
+                "rpm",
+                "--dbpath",
+                "/var/lib/keepup-rpm",
+                "-U",
+                "--replacepkgs",
+                "/x.rpm"
+            ]
+        );
+        assert_eq!(
+            r.rpm(&["-e", "foo"]),
+            ["rpm", "--dbpath", "/var/lib/keepup-rpm", "-e", "foo"]
         );
     }
 
@@ -387,14 +384,23 @@ mod tests {
         );
     }
 
-    /// Real rpm on this machine (Debian's rpm, empty database in a temp dir via --dbpath is not
-    /// reachable through the fixed argv, so only the not-installed path is checked).
+    /// Real rpm on this machine (Debian's rpm): the default database, and one in a temporary
+    /// directory (`rpm_dbpath`); only the not-installed path is checked.
     #[tokio::test]
     async fn real_rpm_query() {
         if !Path::new("/usr/bin/rpm").exists() {
             return;
         }
-        let m = PackageManager::new(System::Rpm, Duration::from_secs(30));
+        let mut m = PackageManager::new(System::Rpm, Duration::from_secs(30));
+        assert_eq!(
+            m.installed_version("keepup-no-such-package").await,
+            Ok(None)
+        );
+        // A database of its own (`rpm_dbpath`).
+        let d = tempfile::tempdir().unwrap();
+        m.rpm_dbpath = Some(d.path().to_path_buf());
+        let o = m.run_owned(m.rpm(&["--initdb"])).await;
+        assert!(o.is_ok(), "{o:?}");
         assert_eq!(
             m.installed_version("keepup-no-such-package").await,
             Ok(None)

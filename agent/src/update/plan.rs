@@ -1,83 +1,16 @@
 //! The plan of one pass: a pure function from what the fleet policy and the track's index say
 //! about this host, and what is installed, to the actions to take. Quarantine wins over
 //! assignment; a rollback is just a newer version; nothing is ever downgraded.
-//!
-//! The input types mirror the repository's wire types (`deploy/src/repo/mod.rs` `PoolEntry`,
-//! `deploy/src/fleet.rs` `Assignment`/`Quarantine`) field for field, so switching to shared
-//! wire types later is a rename.
 
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::fmt;
 
-use serde::{Deserialize, Serialize};
-
-use super::version;
-
-/// Package format, as the index spells it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Format {
-    /// Debian package (dpkg/apt).
-    Deb,
-    /// RPM package (rpm/dnf).
-    Rpm,
-}
-
-impl Format {
-    /// Compares two full versions the way this format's package manager does.
-    pub fn cmp_versions(self, a: &str, b: &str) -> Ordering {
-        match self {
-            Format::Deb => version::dpkg_cmp(a, b),
-            Format::Rpm => version::rpm_cmp(a, b),
-        }
-    }
-
-    /// The architecture names that install on any machine.
-    fn any_arch(self) -> &'static str {
-        match self {
-            Format::Deb => "all",
-            Format::Rpm => "noarch",
-        }
-    }
-}
-
-impl fmt::Display for Format {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Format::Deb => "deb",
-            Format::Rpm => "rpm",
-        })
-    }
-}
-
-/// One package of the track's index (mirrors the repository's `PoolEntry`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PackageEntry {
-    /// Package (= service) name.
-    pub name: String,
-    /// Full version (`[epoch:]version-release`).
-    pub version: String,
-    /// Architecture as the format spells it.
-    pub arch: String,
-    /// deb or rpm.
-    pub format: Format,
-    /// Path relative to the repository root.
-    pub path: String,
-    /// Size in bytes.
-    pub size: u64,
-    /// SHA-256 of the file, hex.
-    pub sha256: String,
-    /// For a rollback package: the version whose payload and scripts it carries.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rollback_of: Option<String>,
-}
+pub use keepup_deploy::wire::{Format, PoolEntry as PackageEntry};
 
 /// Everything the plan depends on.
 #[derive(Debug, Clone)]
 pub struct PlanInput<'a> {
-    /// This host's name (for messages).
-    pub host: &'a str,
     /// This host's package format.
     pub format: Format,
     /// This host's architecture as its format spells it (`amd64` / `x86_64`).
@@ -285,7 +218,6 @@ mod tests {
     ) -> Vec<String> {
         let (s, q, i) = (strings(services), strings(quarantined), installed(inst));
         plan(&PlanInput {
-            host: "web1",
             format: Format::Deb,
             arch: "amd64",
             services: &s,
@@ -369,7 +301,6 @@ mod tests {
             let (s, q, i) = (strings(&[]), strings(&[]), installed(&[("foo", "1.10-1")]));
             let t = debs(&[("foo", "1.9-1")]);
             plan(&PlanInput {
-                host: "h",
                 format: Format::Deb,
                 arch: "amd64",
                 services: &s,
@@ -393,7 +324,6 @@ mod tests {
         assert_eq!(got, ["install bar 2.0-1", "install foo 1.0-1"]);
         let (s, q, i) = (strings(&[]), strings(&[]), installed(&[("foo", "1.0-1")]));
         let got = plan(&PlanInput {
-            host: "r1",
             format: Format::Rpm,
             arch: "x86_64",
             services: &s,

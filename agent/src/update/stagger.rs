@@ -39,7 +39,8 @@ pub fn next_pass<Tz: TimeZone>(
 }
 
 /// Passes per minute of `window` over `hosts` synthetic names (`host-00000` ...): the
-/// histogram behind the stagger figure in docs/benchmarks.md.
+/// histogram behind the stagger figure in docs/benchmarks.md (tests/bench/stagger.sh).
+#[cfg(test)]
 pub fn per_minute(hosts: usize, window: Duration) -> Vec<u32> {
     let minutes = window.as_secs().div_ceil(60) as usize;
     let mut bins = vec![0u32; minutes.max(1)];

@@ -1,6 +1,7 @@
 //! Start confirmation after an install or upgrade, as pure judgement over the agent's own
-//! `status` snapshots ([`ServiceStatus`]): the pass polls a service's snapshot until [`judge`]
-//! says started or failed, and on failure reports [`log_tail`] of the service's log.
+//! `status` snapshots ([`ServiceStatus`]): the pass polls a service's snapshot until
+//! [`judge_new_run`] says started or failed, and on failure reports [`log_tail`] of the
+//! service's log.
 //!
 //! Started: the snapshot shows the new version, the service is starting or running, and every
 //! probe has passed since the current run began (a result older than the run is from the
@@ -100,6 +101,34 @@ pub fn judge(
     if late {
         fail(format!(
             "not started after {}: {why_not}",
+            humantime::format_duration(deadline)
+        ))
+    } else {
+        Verdict::Waiting
+    }
+}
+
+/// [`judge`], where the current run must also have begun after the package command did
+/// (`since_command` ago): a keepup package's scripts kill the role once the new files are in
+/// place, so a run older than the command is the previous version's, even if the status
+/// already shows the new manifest's version.
+pub fn judge_new_run(
+    s: &ServiceStatus,
+    package_version: &str,
+    since_command: Duration,
+    elapsed: Duration,
+    deadline: Duration,
+) -> Verdict {
+    let old_run = matches!(s.state, State::Starting | State::Running)
+        && s.uptime_secs
+            .is_some_and(|u| u > since_command.as_secs_f64());
+    if !old_run {
+        return judge(s, package_version, elapsed, deadline);
+    }
+    if elapsed >= deadline {
+        Verdict::FailedToStart(format!(
+            "not started after {}: the run from before the install is still the current one \
+             (the package did not restart the service)",
             humantime::format_duration(deadline)
         ))
     } else {
@@ -238,6 +267,36 @@ mod tests {
             panic!()
         };
         assert!(why.ends_with(": backoff"), "{why}");
+    }
+
+    #[test]
+    fn the_run_must_be_newer_than_the_install() {
+        // Shows the new version (manifest reloaded) with passing probes, but began before the
+        // package command: the old daemon, not yet killed by the package's scripts.
+        let s = status(
+            "1.2",
+            State::Running,
+            20.0,
+            vec![probe(Some(true), 0.5, None)],
+        );
+        let cmd = Duration::from_secs(5);
+        assert_eq!(judge_new_run(&s, "1.2-1", cmd, EARLY, D), Verdict::Waiting);
+        let Verdict::FailedToStart(why) = judge_new_run(&s, "1.2-1", cmd, D, D) else {
+            panic!()
+        };
+        assert!(why.contains("the run from before the install"), "{why}");
+        let s = status(
+            "1.2",
+            State::Running,
+            3.0,
+            vec![probe(Some(true), 0.5, None)],
+        );
+        assert_eq!(judge_new_run(&s, "1.2-1", cmd, EARLY, D), Verdict::Started);
+        let s = status("1.2", State::GivenUp, 0.0, vec![]);
+        assert!(matches!(
+            judge_new_run(&s, "1.2-1", cmd, EARLY, D),
+            Verdict::FailedToStart(_)
+        ));
     }
 
     #[test]

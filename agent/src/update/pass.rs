@@ -1,0 +1,1014 @@
+//! One update pass, end to end: repair what an interrupted or failed pass left, fetch the fleet
+//! policy and this host's track index, check their signatures against the pinned key and their
+//! serials against the highest seen, compute the [`plan`](super::plan), download (sha256
+//! checked) and install or remove with the package manager (every run bounded), then confirm
+//! that each installed service started. The outcome is a [`PassResult`]: what
+//! `keepup-agent update --now` prints and what the next report carries.
+//!
+//! Only one pass runs at a time on a host: an exclusive `flock` on `state_dir/update.lock`,
+//! taken by the agent's passes and by `update --now` run without an agent alike.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use keepup_deploy::wire::report::StartReport;
+use keepup_deploy::wire::verify::TrustedKey;
+use keepup_deploy::wire::{Fleet, Index};
+use keepup_packager::manifest::Manifest;
+use nix::fcntl::{Flock, FlockArg};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, Notify};
+
+use super::fetch::{self, FetchError, Wanted};
+use super::pkg::{PackageManager, PassMarker, System};
+use super::plan::{self, Action, Format, PackageEntry, PlanInput};
+use super::run::{run, Outcome};
+use super::serials::SerialStore;
+use super::start::{self, Verdict};
+use crate::config::{Config, UpdaterConfig};
+use crate::control::Incoming;
+use crate::reaper::Spawned;
+use crate::report::{self, now_unix, Events, SharedHost};
+
+/// Bound of one fetch of the index, the policy or a signature.
+const META_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest index or policy accepted.
+const MAX_META: u64 = 16 * 1024 * 1024;
+/// Largest signature accepted.
+const MAX_SIG: u64 = 64 * 1024;
+/// Log lines kept in a "failed to start" report.
+const LOG_TAIL_LINES: usize = 20;
+/// How often a starting service's status is looked at.
+const START_POLL: Duration = Duration::from_millis(250);
+
+/// What a pass found and did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PassResult {
+    /// This host's name.
+    pub host: String,
+    /// The track the policy assigns (`None`: not assigned, or the policy was not read).
+    pub track: Option<String>,
+    /// Unix time the pass ended.
+    pub at: u64,
+    /// Whether every step succeeded.
+    pub ok: bool,
+    /// The first failure.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// The plan, one line per action (`install foo 1.1.0-1`, ...).
+    #[serde(default)]
+    pub plan: Vec<String>,
+    /// What happened, one line per step that did something.
+    #[serde(default)]
+    pub results: Vec<String>,
+    /// Serial of the index used.
+    #[serde(default)]
+    pub index_serial: Option<u64>,
+    /// Serial of the policy used.
+    #[serde(default)]
+    pub fleet_serial: Option<u64>,
+    /// Fully installed packages of the repository's services after the pass (`None`: not
+    /// looked at).
+    #[serde(default)]
+    pub installed: Option<BTreeMap<String, String>>,
+    /// Services quarantined here.
+    #[serde(default)]
+    pub quarantined: Vec<String>,
+    /// Start judgements of the services installed or upgraded by this pass.
+    #[serde(default)]
+    pub starts: BTreeMap<String, StartReport>,
+}
+
+impl PassResult {
+    /// Did the pass do (or try) anything beyond keeping what is installed?
+    fn plan_changed(&self) -> bool {
+        !self.results.is_empty()
+    }
+
+    fn fail(&mut self, why: impl Into<String>) {
+        self.ok = false;
+        if self.error.is_none() {
+            self.error = Some(why.into());
+        }
+    }
+
+    /// The human output of `update --now`: plan, results, verdict.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        match &self.track {
+            Some(t) => out.push_str(&format!("host {} follows track {t}\n", self.host)),
+            None if self.fleet_serial.is_some() => out.push_str(&format!(
+                "host {} is not assigned to a track in fleet.yaml: nothing to install\n",
+                self.host
+            )),
+            None => {}
+        }
+        for l in &self.plan {
+            out.push_str(&format!("{l}\n"));
+        }
+        for l in &self.results {
+            out.push_str(&format!("  {l}\n"));
+        }
+        match (&self.ok, &self.error) {
+            (true, _) => out.push_str("update: ok\n"),
+            (false, Some(e)) => out.push_str(&format!("update: failed: {e}\n")),
+            (false, None) => out.push_str("update: failed\n"),
+        }
+        out
+    }
+}
+
+/// The package format and architecture of this host: from the configuration, else deb if
+/// `/usr/bin/dpkg` exists (rpm otherwise), and the architecture as the package manager says.
+pub async fn host_system(up: &UpdaterConfig) -> (Format, String) {
+    let format = up
+        .package_format
+        .unwrap_or(if Path::new("/usr/bin/dpkg").exists() {
+            Format::Deb
+        } else {
+            Format::Rpm
+        });
+    if let Some(a) = &up.arch {
+        return (format, a.clone());
+    }
+    let argv: &[&str] = match format {
+        Format::Deb => &["dpkg", "--print-architecture"],
+        Format::Rpm => &["rpm", "--eval", "%_arch"],
+    };
+    let asked = match run(argv, Duration::from_secs(30), None).await {
+        Outcome::Ok { output_tail } => Some(output_tail.trim().to_string()),
+        _ => None,
+    }
+    .filter(|a| !a.is_empty() && !a.contains(char::is_whitespace) && !a.starts_with('%'));
+    let arch = asked.unwrap_or_else(|| {
+        let m = std::env::consts::ARCH;
+        match (format, m) {
+            (Format::Deb, "x86_64") => "amd64".into(),
+            (Format::Deb, "aarch64") => "arm64".into(),
+            (Format::Deb, "x86") => "i386".into(),
+            _ => m.to_string(),
+        }
+    });
+    (format, arch)
+}
+
+/// Takes the one-pass-at-a-time lock, or says that another pass holds it.
+fn pass_lock(state_dir: &Path) -> Result<Flock<File>, String> {
+    let path = state_dir.join("update.lock");
+    let open = || -> std::io::Result<File> {
+        std::fs::create_dir_all(state_dir)?;
+        crate::agent::open_lock_file(&path)
+    };
+    let file = open().map_err(|e| format!("opening {}: {e}", path.display()))?;
+    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+        if e == nix::errno::Errno::EWOULDBLOCK {
+            format!(
+                "another update pass is running (it holds the lock on {}); try again when it \
+                 is done",
+                path.display()
+            )
+        } else {
+            format!("locking {}: {e}", path.display())
+        }
+    })
+}
+
+/// Checks a detached signature against the pinned key; the refusal names the file and key.
+pub fn check_signature(
+    key: &TrustedKey,
+    what: &str,
+    data: &[u8],
+    sig: &[u8],
+) -> Result<(), String> {
+    let refused = |e: String| {
+        format!(
+            "refused {what}: bad signature (not signed by the pinned key {}): {e}",
+            key.fingerprint()
+        )
+    };
+    let sig = std::str::from_utf8(sig).map_err(|_| refused("the signature is not text".into()))?;
+    key.verify(data, sig).map_err(refused)
+}
+
+/// Runs passes for one host.
+pub struct Updater {
+    cfg: Arc<Config>,
+    up: UpdaterConfig,
+    host: String,
+    format: Format,
+    arch: String,
+    pm: PackageManager,
+    serials: SerialStore,
+    marker: PassMarker,
+    events: Events,
+    /// The agent's request loop, to watch services start (`None`: no agent runs).
+    to_agent: Option<mpsc::Sender<Incoming>>,
+    /// The reporter, told as soon as packages changed (before the starts are confirmed).
+    progress: Option<(SharedHost, Arc<Notify>)>,
+}
+
+impl Updater {
+    /// An updater for the configured host. `to_agent` is the running agent's request loop
+    /// (None for `update --now` without an agent); `spawned` the agent's own children.
+    pub async fn new(
+        cfg: Arc<Config>,
+        to_agent: Option<mpsc::Sender<Incoming>>,
+        spawned: Option<Spawned>,
+        events: Events,
+    ) -> Option<Updater> {
+        let up = cfg.updater.clone()?;
+        let (format, arch) = host_system(&up).await;
+        let system = match format {
+            Format::Deb => System::Dpkg,
+            Format::Rpm => System::Rpm,
+        };
+        let mut pm = PackageManager::new(system, up.package_timeout);
+        pm.spawned = spawned;
+        pm.rpm_dbpath = up.rpm_dbpath.clone();
+        Some(Updater {
+            host: cfg.host_name(),
+            serials: SerialStore::new(&cfg.state_dir),
+            marker: PassMarker::new(&cfg.state_dir),
+            cfg,
+            up,
+            format,
+            arch,
+            pm,
+            events,
+            to_agent,
+            progress: None,
+        })
+    }
+
+    /// Makes the pass update `state` and wake the reporter as soon as its package changes are
+    /// done, so the server learns of an install without waiting for the start confirmation.
+    pub fn report_progress_to(&mut self, state: SharedHost, report_now: Arc<Notify>) {
+        self.progress = Some((state, report_now));
+    }
+
+    /// This host's name.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The package format.
+    pub fn format(&self) -> Format {
+        self.pm.system.format()
+    }
+
+    /// The architecture.
+    pub fn arch(&self) -> &str {
+        &self.arch
+    }
+
+    /// At agent start: if a pass was interrupted (the marker is there: the agent was killed
+    /// mid-install, or the last pass failed), repair now. Returns what happened, if anything.
+    pub async fn recover(&self) -> Option<Result<String, String>> {
+        self.marker.pending()?;
+        let _lock = match pass_lock(&self.cfg.state_dir) {
+            Ok(l) => l,
+            Err(e) => return Some(Err(e)),
+        };
+        self.repair().await
+    }
+
+    /// Repairs if the marker says so: `Some(Ok(line))` repaired, `Some(Err)` repair failed.
+    async fn repair(&self) -> Option<Result<String, String>> {
+        let pending = self.marker.pending()?;
+        let what: Vec<&str> = pending
+            .lines()
+            .skip(1)
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        let cmd = match self.pm.system {
+            System::Dpkg => "dpkg --configure -a",
+            System::Rpm => {
+                "rpm (nothing to run: the next plan reinstalls what is not fully installed)"
+            }
+        };
+        eprintln!(
+            "keepup-agent: update: the previous pass did not finish ({}); repairing with {cmd}",
+            what.join("; ")
+        );
+        let o = self.pm.repair().await;
+        if o.is_ok() {
+            let _ = self.marker.clear();
+            let line = format!("repaired: {cmd} (after: {})", what.join("; "));
+            eprintln!("keepup-agent: update: {line}");
+            self.events.push("repair", None, line.clone());
+            Some(Ok(line))
+        } else {
+            let why = format!("repair ({cmd}) {o}: {}", last_lines(o.output_tail(), 5));
+            eprintln!("keepup-agent: update: {why}");
+            self.events.push("repair-failed", None, why.clone());
+            Some(Err(why))
+        }
+    }
+
+    /// Runs one pass.
+    pub async fn pass(&self) -> PassResult {
+        let mut r = PassResult {
+            host: self.host.clone(),
+            ok: true,
+            ..PassResult::default()
+        };
+        match pass_lock(&self.cfg.state_dir) {
+            Err(e) => r.fail(e),
+            Ok(_lock) => {
+                if let Err(e) = self.pass_locked(&mut r).await {
+                    r.fail(e);
+                }
+            }
+        }
+        r.at = now_unix();
+        // What changed goes to the agent's log (the journal) too.
+        for l in &r.results {
+            eprintln!("keepup-agent: update: {l}");
+        }
+        if let Some(e) = &r.error {
+            eprintln!("keepup-agent: update: pass failed: {e}");
+            self.events.push("update-failed", None, e.clone());
+        }
+        r
+    }
+
+    /// Fetches `path` and `path.sig` from the repository and checks the signature.
+    async fn fetch_signed(&self, path: &str, key: &TrustedKey) -> Result<Vec<u8>, String> {
+        let url = format!("{}{path}", self.up.repo);
+        let unreachable = |e: FetchError| {
+            format!("cannot fetch {url}: {e} (repository unreachable? installed services keep running; retried next pass)")
+        };
+        let data = fetch::get(&url, MAX_META, META_TIMEOUT)
+            .await
+            .map_err(unreachable)?;
+        let sig_url = format!("{url}.sig");
+        let sig = fetch::get(&sig_url, MAX_SIG, META_TIMEOUT)
+            .await
+            .map_err(|e| format!("cannot fetch {sig_url}: {e}"))?;
+        check_signature(key, path, &data, &sig).inspect_err(|e| self.refused(None, e))?;
+        Ok(data)
+    }
+
+    fn refused(&self, service: Option<&str>, why: &str) {
+        eprintln!("keepup-agent: update: {why}");
+        self.events.push("refused", service, why);
+    }
+
+    async fn pass_locked(&self, r: &mut PassResult) -> Result<(), String> {
+        if let Some(repaired) = self.repair().await {
+            r.results.push(repaired?);
+        }
+        let key_path = &self.up.trusted_key;
+        let key_text = std::fs::read_to_string(key_path)
+            .map_err(|e| format!("cannot read trusted_key {}: {e}", key_path.display()))?;
+        let key = TrustedKey::from_armored(&key_text)
+            .map_err(|e| format!("trusted_key {}: {e}", key_path.display()))?;
+        let mut seen = self.serials.load()?;
+
+        let fleet_bytes = self.fetch_signed("fleet.yaml", &key).await?;
+        let fleet = std::str::from_utf8(&fleet_bytes)
+            .map_err(|e| e.to_string())
+            .and_then(Fleet::from_yaml)
+            .map_err(|e| format!("refused fleet.yaml: {e}"))
+            .inspect_err(|e| self.refused(None, e))?;
+        seen.check_fleet(fleet.serial)
+            .inspect_err(|e| self.refused(None, e))?;
+        let (assignment, quarantined) = fleet.for_host(&self.host);
+        r.fleet_serial = Some(fleet.serial);
+        r.quarantined = quarantined.iter().map(|s| s.to_string()).collect();
+        r.track = assignment.map(|a| a.track.clone());
+
+        let index = match assignment {
+            None => None,
+            Some(a) => {
+                let path = format!("tracks/{}/index.json", a.track);
+                let bytes = self.fetch_signed(&path, &key).await?;
+                let index = Index::from_json(&bytes)
+                    .map_err(|e| format!("refused {path}: {e}"))
+                    .inspect_err(|e| self.refused(None, e))?;
+                if index.track != a.track {
+                    let e = format!(
+                        "refused {path}: it is the index of track {:?}, not {:?}",
+                        index.track, a.track
+                    );
+                    self.refused(None, &e);
+                    return Err(e);
+                }
+                seen.check_track(&a.track, index.serial)
+                    .inspect_err(|e| self.refused(None, e))?;
+                r.index_serial = Some(index.serial);
+                Some(index)
+            }
+        };
+        if seen.record(
+            fleet.serial,
+            index.as_ref().map(|i| (i.track.as_str(), i.serial)),
+        ) {
+            self.serials.save(&seen)?;
+        }
+
+        // Only packages the repository or the manifest directory knows are looked at, so a
+        // quarantine can never remove a package that is not one of keepup's services.
+        let packages: Vec<PackageEntry> = index.map(|i| i.packages).unwrap_or_default();
+        let mut names: BTreeSet<String> = packages.iter().map(|p| p.name.clone()).collect();
+        names.extend(self.manifest_names());
+        let installed = self.installed(&names).await?;
+        let services: Vec<String> = assignment.map(|a| a.services.clone()).unwrap_or_default();
+        let actions = plan::plan(&PlanInput {
+            format: self.format,
+            arch: &self.arch,
+            services: &services,
+            packages: &packages,
+            quarantined: &r.quarantined,
+            installed: &installed,
+        });
+        r.plan = actions.iter().map(|a| a.to_string()).collect();
+
+        let changing: Vec<&Action> = actions.iter().filter(|a| a.changes()).collect();
+        // Installed packages, with when their install command began.
+        let mut to_confirm: Vec<(PackageEntry, Instant)> = Vec::new();
+        if !changing.is_empty() {
+            let lines: Vec<String> = changing.iter().map(|a| a.to_string()).collect();
+            self.marker
+                .begin(&lines)
+                .map_err(|e| format!("writing {}: {e}", self.marker.path().display()))?;
+            let mut broken: Option<String> = None;
+            for a in changing {
+                if let Err(f) = self.act(a, r, &mut to_confirm).await {
+                    r.fail(f.why.clone());
+                    // The package manager failed or hung: nothing more until the repair.
+                    if f.broken {
+                        broken = Some(f.why);
+                        break;
+                    }
+                }
+            }
+            match broken {
+                Some(why) => {
+                    let _ = self.marker.failed(&why);
+                }
+                None => {
+                    let _ = self.marker.clear();
+                }
+            }
+        }
+        let installed_after = self.installed(&names).await;
+        if let Ok(i) = &installed_after {
+            r.installed = Some(i.clone());
+            if let (Some((state, report_now)), true) = (&self.progress, r.plan_changed()) {
+                let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+                s.installed = i.clone();
+                s.track = r.track.clone();
+                s.quarantined = r.quarantined.clone();
+                drop(s);
+                report_now.notify_one();
+            }
+        }
+        self.prune_cache(&packages);
+
+        let since = Instant::now();
+        for (p, began) in to_confirm {
+            let s = self.confirm_start(&p, began, since).await;
+            let line = format!(
+                "{} {}: {}{}",
+                p.name,
+                p.version,
+                if s.started {
+                    "started"
+                } else {
+                    "failed to start"
+                },
+                if s.detail.is_empty() || s.detail == "started" {
+                    String::new()
+                } else {
+                    format!(" ({})", s.detail)
+                }
+            );
+            let unsupervised = self.to_agent.is_none();
+            if unsupervised {
+                r.results
+                    .push(format!("{} {}: {}", p.name, p.version, s.detail));
+            } else if s.started {
+                self.events.push("started", Some(&p.name), line.clone());
+                r.results.push(line);
+            } else {
+                self.events
+                    .push("failed-to-start", Some(&p.name), line.clone());
+                eprintln!("keepup-agent: update: {line}");
+                r.results.push(line.clone());
+                r.fail(line);
+            }
+            r.starts.insert(p.name.clone(), s);
+        }
+        installed_after.map(|_| ())
+    }
+
+    /// Service names that have a manifest installed.
+    fn manifest_names(&self) -> Vec<String> {
+        let Ok(rd) = std::fs::read_dir(&self.cfg.manifest_dir) else {
+            return Vec::new();
+        };
+        rd.flatten()
+            .filter_map(|e| {
+                let p = e.path();
+                (p.extension()? == "yaml").then_some(())?;
+                Some(p.file_stem()?.to_str()?.to_string())
+            })
+            .collect()
+    }
+
+    /// Fully installed versions of `names`.
+    async fn installed(
+        &self,
+        names: &BTreeSet<String>,
+    ) -> Result<BTreeMap<String, String>, String> {
+        let mut out = BTreeMap::new();
+        for n in names {
+            if let Some(v) = self.pm.installed_version(n).await? {
+                out.insert(n.clone(), v);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Carries out one changing action.
+    async fn act(
+        &self,
+        a: &Action,
+        r: &mut PassResult,
+        to_confirm: &mut Vec<(PackageEntry, Instant)>,
+    ) -> Result<(), ActFailed> {
+        let broken = |why: String| ActFailed { why, broken: true };
+        match a {
+            Action::Remove { name, version } => {
+                let o = self.pm.remove(name).await;
+                if !o.is_ok() {
+                    let line = format!(
+                        "{a}: package manager {o}: {}",
+                        last_lines(o.output_tail(), 5)
+                    );
+                    r.results.push(line.clone());
+                    return Err(broken(line));
+                }
+                if let Some(v) = self.pm.installed_version(name).await.map_err(broken)? {
+                    return Err(broken(format!(
+                        "{a}: still installed ({v}) after the removal"
+                    )));
+                }
+                let line = format!("removed {name} {version} (quarantined)");
+                self.events.push("remove", Some(name), line.clone());
+                r.results.push(line);
+                Ok(())
+            }
+            Action::Install(p) | Action::Upgrade { to: p, .. } => {
+                let kind = if matches!(a, Action::Install(_)) {
+                    "install"
+                } else {
+                    "upgrade"
+                };
+                let url = format!("{}{}", self.up.repo, p.path.trim_start_matches('/'));
+                let file_name = p.path.rsplit('/').next().unwrap_or_default();
+                let want = Wanted {
+                    url: &url,
+                    size: p.size,
+                    sha256: &p.sha256,
+                };
+                let file = match fetch::fetch(
+                    &want,
+                    &self.up.cache_dir,
+                    file_name,
+                    self.up.package_timeout,
+                )
+                .await
+                {
+                    Ok(f) => f,
+                    Err(e) => {
+                        let refusal = matches!(
+                            e,
+                            FetchError::Sha256Mismatch { .. }
+                                | FetchError::TooLarge(_)
+                                | FetchError::TooShort { .. }
+                        );
+                        let line = format!("{kind} {} {}: {e}", p.name, p.version);
+                        if refusal {
+                            self.refused(Some(&p.name), &line);
+                        }
+                        r.results.push(line.clone());
+                        return Err(ActFailed {
+                            why: line,
+                            broken: false,
+                        });
+                    }
+                };
+                let began = Instant::now();
+                let o = self.pm.install(&file).await;
+                if !o.is_ok() {
+                    let line = format!(
+                        "{a}: package manager {o}: {}",
+                        last_lines(o.output_tail(), 8)
+                    );
+                    r.results.push(line.clone());
+                    return Err(broken(line));
+                }
+                let now = self.pm.installed_version(&p.name).await.map_err(broken)?;
+                if now
+                    .as_deref()
+                    .map(|v| self.format.cmp_versions(v, &p.version))
+                    != Some(std::cmp::Ordering::Equal)
+                {
+                    let line = format!(
+                        "{a}: the package manager succeeded, but {} is {} (not fully installed at {})",
+                        p.name,
+                        now.as_deref().unwrap_or("not installed"),
+                        p.version
+                    );
+                    r.results.push(line.clone());
+                    return Err(broken(line));
+                }
+                let line = match a {
+                    Action::Upgrade { from, .. } => {
+                        format!("upgraded {} {from} -> {}", p.name, p.version)
+                    }
+                    _ => format!("installed {} {}", p.name, p.version),
+                };
+                self.events.push(kind, Some(&p.name), line.clone());
+                r.results.push(line);
+                to_confirm.push((p.clone(), began));
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Removes cached packages the index no longer lists for this host.
+    fn prune_cache(&self, packages: &[PackageEntry]) {
+        let keep: BTreeSet<&str> = packages
+            .iter()
+            .filter(|p| p.format == self.format)
+            .filter_map(|p| p.path.rsplit('/').next())
+            .collect();
+        let Ok(rd) = std::fs::read_dir(&self.up.cache_dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if !name.starts_with('.') && !keep.contains(name.as_ref()) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+
+    /// Waits until `p`'s service has started or failed to (bounded by its probes' longest
+    /// `grace` plus `start_timeout` after `since`), judging the agent's status snapshots; the
+    /// run must have begun after the install command did (`began`).
+    async fn confirm_start(&self, p: &PackageEntry, began: Instant, since: Instant) -> StartReport {
+        let mut rep = StartReport {
+            version: p.version.clone(),
+            started: false,
+            detail: String::new(),
+            log_tail: Vec::new(),
+            at: 0,
+        };
+        let Some(to_agent) = &self.to_agent else {
+            rep.detail = "installed; no agent running to start it".into();
+            rep.at = now_unix();
+            return rep;
+        };
+        let manifest_path = self.cfg.manifest_dir.join(format!("{}.yaml", p.name));
+        let grace = std::fs::read_to_string(&manifest_path)
+            .ok()
+            .and_then(|t| Manifest::parse(&manifest_path.display().to_string(), &t).ok())
+            .map(|m| m.checks.iter().map(|c| c.grace).max().unwrap_or_default());
+        let Some(grace) = grace else {
+            rep.detail = format!(
+                "no readable manifest {} after the install: not a keepup service package?",
+                manifest_path.display()
+            );
+            rep.at = now_unix();
+            return rep;
+        };
+        let deadline = grace + self.up.start_timeout;
+        let verdict = loop {
+            let elapsed = since.elapsed();
+            let services = report::service_status(to_agent).await;
+            let v = match services.iter().find(|s| s.name == p.name) {
+                Some(s) => {
+                    // A rollback package carries the old version's manifest.
+                    let want = match &p.rollback_of {
+                        Some(old) if start::version_matches(&s.version, old) => old.as_str(),
+                        _ => p.version.as_str(),
+                    };
+                    start::judge_new_run(s, want, began.elapsed(), elapsed, deadline)
+                }
+                None if elapsed >= deadline => Verdict::FailedToStart(format!(
+                    "the agent does not supervise {} (no manifest picked up)",
+                    p.name
+                )),
+                None => Verdict::Waiting,
+            };
+            if v != Verdict::Waiting {
+                break v;
+            }
+            tokio::time::sleep(START_POLL).await;
+        };
+        rep.at = now_unix();
+        match verdict {
+            Verdict::Started => {
+                rep.started = true;
+                rep.detail = "started".into();
+            }
+            Verdict::FailedToStart(why) => {
+                rep.detail = why;
+                let tail = start::log_tail(&self.cfg.log_dir, &p.name, 8192);
+                let lines: Vec<&str> = tail.lines().collect();
+                rep.log_tail = lines[lines.len().saturating_sub(LOG_TAIL_LINES)..]
+                    .iter()
+                    .map(|l| l.to_string())
+                    .collect();
+            }
+            Verdict::Waiting => {}
+        }
+        rep
+    }
+}
+
+/// Why an action failed; `broken`: the package system may be left half-way, so the pass
+/// stops and the next one repairs first.
+struct ActFailed {
+    why: String,
+    broken: bool,
+}
+
+/// The last `n` non-empty lines of `text`, joined with " | ".
+fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    lines[lines.len().saturating_sub(n)..].join(" | ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    /// Makes an ed25519 key with gpg in `home`; returns (armored public key, fingerprint).
+    fn gpg_key(home: &Path, uid: &str) -> Option<String> {
+        let ok = Command::new("gpg")
+            .env("GNUPGHOME", home)
+            .args([
+                "--batch",
+                "--quiet",
+                "--passphrase",
+                "",
+                "--quick-gen-key",
+                uid,
+                "ed25519",
+                "sign",
+                "never",
+            ])
+            .status()
+            .ok()?
+            .success();
+        if !ok {
+            return None;
+        }
+        let out = Command::new("gpg")
+            .env("GNUPGHOME", home)
+            .args(["--batch", "--armor", "--export", uid])
+            .output()
+            .ok()?;
+        String::from_utf8(out.stdout).ok()
+    }
+
+    fn gpg_sign(home: &Path, uid: &str, data: &[u8]) -> Vec<u8> {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("data");
+        std::fs::write(&f, data).unwrap();
+        let st = Command::new("gpg")
+            .env("GNUPGHOME", home)
+            .args([
+                "--batch",
+                "--yes",
+                "--local-user",
+                uid,
+                "--armor",
+                "--detach-sign",
+            ])
+            .arg(&f)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        std::fs::read(dir.path().join("data.asc")).unwrap()
+    }
+
+    #[test]
+    fn signatures_are_checked_against_the_pinned_key() {
+        if Command::new("gpg").arg("--version").output().is_err() {
+            eprintln!("skipping: no gpg (tests/run.sh installs gnupg)");
+            return;
+        }
+        let home = tempfile::tempdir().unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(home.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let pinned = gpg_key(home.path(), "repo@example.org").expect("gpg key");
+        gpg_key(home.path(), "mallory@example.org").expect("gpg key");
+        let key = TrustedKey::from_armored(&pinned).unwrap();
+        let data = br#"{"track":"stable","serial":5,"generated":0,"packages":[]}"#;
+        let good = gpg_sign(home.path(), "repo@example.org", data);
+        check_signature(&key, "tracks/stable/index.json", data, &good).unwrap();
+        // Tampered data, another key's signature, garbage: all refused, naming file and key.
+        let tampered = br#"{"track":"stable","serial":9,"generated":0,"packages":[]}"#;
+        let e = check_signature(&key, "tracks/stable/index.json", tampered, &good).unwrap_err();
+        let prefix = format!(
+            "refused tracks/stable/index.json: bad signature (not signed by the pinned key {})",
+            key.fingerprint()
+        );
+        assert!(e.starts_with(&prefix), "{e}");
+        let other = gpg_sign(home.path(), "mallory@example.org", data);
+        let e = check_signature(&key, "tracks/stable/index.json", data, &other).unwrap_err();
+        assert!(e.starts_with(&prefix), "{e}");
+        let e = check_signature(&key, "fleet.yaml", data, b"not a signature").unwrap_err();
+        assert!(e.starts_with("refused fleet.yaml: bad signature"), "{e}");
+    }
+
+    /// A repository over HTTP on 127.0.0.1: path -> bytes (404 otherwise), changeable while
+    /// it runs.
+    type Files = Arc<std::sync::Mutex<BTreeMap<String, Vec<u8>>>>;
+
+    async fn serve(files: Files) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let files = files.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let n = s.read(&mut buf).await.unwrap_or(0);
+                    let req = String::from_utf8_lossy(&buf[..n]).to_string();
+                    let path = req.split_whitespace().nth(1).unwrap_or("/").to_string();
+                    let body = files.lock().unwrap().get(&path).cloned();
+                    let head = match &body {
+                        Some(b) => {
+                            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", b.len())
+                        }
+                        None => "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".into(),
+                    };
+                    let _ = s.write_all(head.as_bytes()).await;
+                    let _ = s.write_all(&body.unwrap_or_default()).await;
+                    let _ = s.shutdown().await;
+                });
+            }
+        });
+        format!("http://{addr}/")
+    }
+
+    /// Whole passes against a local repository: signed policy and index, a package whose bytes
+    /// do not match, a replayed index, a host with no assignment, a tampered policy. Needs gpg
+    /// (to sign) and dpkg-query (nothing is installed: the package name is made up).
+    #[tokio::test]
+    async fn passes_refuse_what_does_not_check_out() {
+        let have = |t: &str| Command::new(t).arg("--version").output().is_ok();
+        if !have("gpg") || !have("dpkg-query") {
+            eprintln!("skipping: needs gpg and dpkg-query");
+            return;
+        }
+        let home = tempfile::tempdir().unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(home.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let uid = "repo@example.org";
+        let public = gpg_key(home.path(), uid).expect("gpg key");
+        let files: Files = Arc::default();
+        let put = |path: &str, data: &[u8], sign: bool| {
+            let mut f = files.lock().unwrap();
+            f.insert(format!("/{path}"), data.to_vec());
+            if sign {
+                f.insert(format!("/{path}.sig"), gpg_sign(home.path(), uid, data));
+            }
+        };
+        let fleet =
+            "serial: 2\nassignments:\n  - hosts: web1\n    track: stable\n    services: []\n\
+                     quarantine: []\n";
+        put("fleet.yaml", fleet.as_bytes(), true);
+        let real = b"the real package".to_vec();
+        let index = |serial: u64| {
+            format!(
+                r#"{{"track":"stable","serial":{serial},"generated":0,"packages":[{{"name":
+                "keepup-unit-test-no-such-pkg","version":"1.0-1","arch":"amd64","format":"deb",
+                "path":"pool/k.deb","size":{},"sha256":"{}"}}]}}"#,
+                real.len(),
+                hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&real))
+            )
+        };
+        put("tracks/stable/index.json", index(5).as_bytes(), true);
+        put("pool/k.deb", b"the fake package", false);
+        let repo = serve(files.clone()).await;
+
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("key.asc"), &public).unwrap();
+        let d = dir.path().display();
+        let text = format!(
+            "state_dir: {d}/state\nmanifest_dir: {d}/manifests\nlog_dir: {d}/log\n\
+             socket: {d}/sock\nrepo: {repo}\ntrusted_key: {d}/key.asc\npackage_format: deb\n\
+             arch: amd64\nhost: web1\n"
+        );
+        let cfg = Config::parse(Path::new("agent.yaml"), &text).unwrap();
+        let updater = |cfg: Config| async {
+            Updater::new(Arc::new(cfg), None, None, Events::default())
+                .await
+                .unwrap()
+        };
+        let u = updater(cfg.clone()).await;
+
+        // The package's bytes are not what the signed index says: refused, nothing kept.
+        let r = u.pass().await;
+        assert_eq!(r.track.as_deref(), Some("stable"));
+        assert_eq!(r.plan, ["install keepup-unit-test-no-such-pkg 1.0-1"]);
+        assert_eq!((r.fleet_serial, r.index_serial), (Some(2), Some(5)));
+        let e = r.error.unwrap();
+        assert!(
+            e.starts_with("install keepup-unit-test-no-such-pkg 1.0-1: refused: sha256 mismatch"),
+            "{e}"
+        );
+        let cache = dir.path().join("state/cache");
+        assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 0);
+        assert!(!dir.path().join("state/update-in-progress").exists());
+        let serials = std::fs::read_to_string(dir.path().join("state/serials.json")).unwrap();
+        assert!(serials.contains("\"stable\": 5"), "{serials}");
+
+        // An older index, properly signed, served again: a replay.
+        put("tracks/stable/index.json", index(3).as_bytes(), true);
+        let r = u.pass().await;
+        assert_eq!(
+            r.error.as_deref(),
+            Some(
+                "refused tracks/stable/index.json: serial 3 is lower than 5 already seen \
+                 (replayed or rolled-back repository?)"
+            )
+        );
+        assert!(r.plan.is_empty());
+
+        // A host no assignment matches: nothing to do, track none, and that is fine.
+        let mut other = cfg.clone();
+        other.host = Some("db1".into());
+        let r = updater(other).await.pass().await;
+        assert!(r.ok && r.track.is_none() && r.plan.is_empty(), "{r:?}");
+        assert!(
+            r.render().contains("not assigned to a track"),
+            "{}",
+            r.render()
+        );
+
+        // A policy edited after signing.
+        put(
+            "fleet.yaml",
+            fleet.replace("web1", "web*").as_bytes(),
+            false,
+        );
+        let r = u.pass().await;
+        let e = r.error.unwrap();
+        assert!(
+            e.starts_with("refused fleet.yaml: bad signature (not signed by the pinned key"),
+            "{e}"
+        );
+        assert_eq!(r.fleet_serial, None);
+    }
+
+    #[test]
+    fn one_pass_at_a_time() {
+        let d = tempfile::tempdir().unwrap();
+        let held = pass_lock(d.path()).unwrap();
+        let e = pass_lock(d.path()).unwrap_err();
+        assert!(e.contains("another update pass is running"), "{e}");
+        drop(held);
+        pass_lock(d.path()).unwrap();
+    }
+
+    #[test]
+    fn render_lists_plan_results_and_verdict() {
+        let r = PassResult {
+            host: "web1".into(),
+            track: Some("stable".into()),
+            ok: false,
+            error: Some("install foo 1.1-1: refused: sha256 mismatch".into()),
+            plan: vec!["install foo 1.1-1".into()],
+            results: vec!["install foo 1.1-1: refused: sha256 mismatch".into()],
+            fleet_serial: Some(1),
+            ..PassResult::default()
+        };
+        assert_eq!(
+            r.render(),
+            "host web1 follows track stable\ninstall foo 1.1-1\n  install foo 1.1-1: refused: \
+             sha256 mismatch\nupdate: failed: install foo 1.1-1: refused: sha256 mismatch\n"
+        );
+        assert_eq!(last_lines("a\n\nb\nc\n", 2), "b | c");
+    }
+}

@@ -1,0 +1,158 @@
+//! The replay guard: the highest serial seen of the fleet policy and of each track's index,
+//! kept in `state_dir/serials.json` (written to a temporary file and renamed, so a crash leaves
+//! the old or the new file, never half of one). A signed file with a lower serial than one
+//! already seen is an old copy served again (a replay, or a repository restored from backup)
+//! and is refused; the same serial is fine.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// What has been seen.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Serials {
+    /// Highest `fleet.yaml` serial.
+    #[serde(default)]
+    pub fleet: u64,
+    /// Highest index serial per track.
+    #[serde(default)]
+    pub tracks: BTreeMap<String, u64>,
+}
+
+/// The store in `state_dir/serials.json`.
+#[derive(Debug, Clone)]
+pub struct SerialStore {
+    path: PathBuf,
+}
+
+impl SerialStore {
+    /// The store under `state_dir`.
+    pub fn new(state_dir: &Path) -> SerialStore {
+        SerialStore {
+            path: state_dir.join("serials.json"),
+        }
+    }
+
+    /// What was seen so far (nothing if the file does not exist). An unreadable file is an
+    /// error: starting from zero would accept any replay.
+    pub fn load(&self) -> Result<Serials, String> {
+        match std::fs::read(&self.path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| {
+                format!(
+                    "{}: {e} (fix or remove it; removing it forgets which serials were seen)",
+                    self.path.display()
+                )
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Serials::default()),
+            Err(e) => Err(format!("reading {}: {e}", self.path.display())),
+        }
+    }
+
+    /// Writes `s` atomically.
+    pub fn save(&self, s: &Serials) -> Result<(), String> {
+        let write = || -> std::io::Result<()> {
+            if let Some(dir) = self.path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let tmp = self.path.with_extension("json.tmp");
+            let mut text = serde_json::to_vec_pretty(s).map_err(std::io::Error::other)?;
+            text.push(b'\n');
+            {
+                use std::io::Write;
+                let mut f = std::fs::File::create(&tmp)?;
+                f.write_all(&text)?;
+                f.sync_all()?;
+            }
+            std::fs::rename(&tmp, &self.path)
+        };
+        write().map_err(|e| format!("writing {}: {e}", self.path.display()))
+    }
+}
+
+/// Checks `serial` of the file at `what` (e.g. `tracks/stable/index.json`) against the highest
+/// seen, `seen`.
+pub fn check(what: &str, serial: u64, seen: u64) -> Result<(), String> {
+    if serial < seen {
+        return Err(format!(
+            "refused {what}: serial {serial} is lower than {seen} already seen (replayed or \
+             rolled-back repository?)"
+        ));
+    }
+    Ok(())
+}
+
+impl Serials {
+    /// Checks the fleet policy's serial.
+    pub fn check_fleet(&self, serial: u64) -> Result<(), String> {
+        check("fleet.yaml", serial, self.fleet)
+    }
+
+    /// Checks a track index's serial.
+    pub fn check_track(&self, track: &str, serial: u64) -> Result<(), String> {
+        check(
+            &format!("tracks/{track}/index.json"),
+            serial,
+            self.tracks.get(track).copied().unwrap_or(0),
+        )
+    }
+
+    /// Records serials that passed their checks; true if anything rose.
+    pub fn record(&mut self, fleet: u64, track: Option<(&str, u64)>) -> bool {
+        let mut changed = false;
+        if fleet > self.fleet {
+            self.fleet = fleet;
+            changed = true;
+        }
+        if let Some((t, s)) = track {
+            let e = self.tracks.entry(t.to_string()).or_insert(0);
+            if s > *e {
+                *e = s;
+                changed = true;
+            }
+        }
+        changed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lower_is_refused_equal_is_fine() {
+        let mut s = Serials::default();
+        s.check_fleet(0).unwrap();
+        assert!(s.record(4, Some(("stable", 5))));
+        assert!(!s.record(4, Some(("stable", 5))));
+        s.check_track("stable", 5).unwrap();
+        s.check_track("stable", 6).unwrap();
+        s.check_track("testing", 1).unwrap();
+        assert_eq!(
+            s.check_track("stable", 3).unwrap_err(),
+            "refused tracks/stable/index.json: serial 3 is lower than 5 already seen \
+             (replayed or rolled-back repository?)"
+        );
+        assert!(s
+            .check_fleet(2)
+            .unwrap_err()
+            .starts_with("refused fleet.yaml: serial 2"));
+        // Never goes down.
+        assert!(!s.record(1, Some(("stable", 2))));
+        assert_eq!((s.fleet, s.tracks["stable"]), (4, 5));
+    }
+
+    #[test]
+    fn store_round_trip() {
+        let d = tempfile::tempdir().unwrap();
+        let store = SerialStore::new(&d.path().join("state"));
+        assert_eq!(store.load().unwrap(), Serials::default());
+        let mut s = Serials::default();
+        s.record(2, Some(("stable", 7)));
+        store.save(&s).unwrap();
+        assert_eq!(store.load().unwrap(), s);
+        assert!(!d.path().join("state/serials.json.tmp").exists());
+        std::fs::write(&store.path, "{not json").unwrap();
+        assert!(store.load().unwrap_err().contains("serials.json"));
+    }
+}
