@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
-# The main job, on the embedded default: build keepup and the example service, then pack the
-# example spec (docs/examples/foo.yaml) into dist/foo_1.0.0-1_amd64.deb and
-# dist/foo-1.0.0-1.x86_64.rpm, and show what they hold.
+# The main job, on the embedded default: build keepup, keepup-agent and the example service,
+# then run a small fleet of Debian host containers (2 on testing, 3 on stable, one of them an
+# RPM host) against `keepup serve`, publish and promote the example service `foo`, and show
+# the fleet converging in `keepup report` and on the page http://127.0.0.1:8080/.
+# Ctrl-C removes every container. Needs Docker (no registry: the host image is built locally
+# with debootstrap on first use).
+#
+#   bash tests/demo.sh            # run until Ctrl-C
+#   bash tests/demo.sh --once     # stop once the fleet has converged
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release -p keepup-deploy -p keepup-tests --bin keepup --bin food
-target/release/keepup pack docs/examples/foo.yaml --out dist
-echo
-if command -v dpkg-deb >/dev/null; then
-    for deb in dist/foo_*.deb; do
-        echo "== $deb"
-        dpkg-deb --info "$deb" | sed -n '/Package:/,$p'
-        dpkg-deb --contents "$deb" | awk '{print "   " $1, $2, $6}'
-    done
+
+packages=(debootstrap rpm gnupg xz-utils zstd curl)
+bash tests/ensure-packages.sh "${packages[@]}"
+if ! docker info >/dev/null 2>&1; then
+    echo "demo: Docker is required: start the Docker daemon (docker info must work)" >&2
+    exit 1
 fi
-echo
-echo "Next: install it on a Debian host (dpkg -i dist/foo_*.deb) and run /usr/sbin/run-foo,"
-echo "or read docs/spec.md to write a spec for your own service."
+cargo build --workspace --bins
+exec target/debug/keepup-demo "$@"

@@ -10,17 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(debootstrap lintian rpm rpmlint gnupg zstd xz-utils binutils cpio netcat-openbsd curl apt-utils createrepo-c)
-missing=()
-for p in "${packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    echo "tests/run.sh: installing ${missing[*]}" >&2
-    sudo=""
-    [ "$(id -u)" = 0 ] || sudo="sudo"
-    $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+bash tests/ensure-packages.sh "${packages[@]}"
 
 if [ "${KEEPUP_SKIP_DOCKER_TESTS:-}" = 1 ]; then
     echo "tests/run.sh: KEEPUP_SKIP_DOCKER_TESTS=1: container (fleet) tests will be skipped" >&2

@@ -1,25 +1,33 @@
 #!/usr/bin/env bash
-# Repository benchmark: keepup's index build and promotion against the peers, on the same
-# generated packages.
+# Repository benchmark: keepup's index build, publish and promotion against the peers, on the
+# same generated packages.
 #
 #   bash tests/bench/repo.sh                 # N=5000 small packages (deb + rpm), SMALL=500
 #   N=1000 SMALL=100 RUNS=3 bash tests/bench/repo.sh   # quick run
 #
-# What is timed (wall clock, median of RUNS):
-#   1. full index build of N debs + N rpms:
-#        keepup:  `keepup repo reindex` (every view of every track from the repository state:
-#                 Packages{,.gz}, Release, InRelease, Release.gpg, repodata, repomd.xml.asc,
-#                 index.json + sig, for 3 tracks) and, once, the whole `keepup publish` of the
-#                 N+N files into an empty repository (checks every package, copies into the
-#                 pool, computes per-package fragments, writes the unstable views);
+# What is timed (wall clock, median of RUNS; publish: median of up to 3 rounds):
+#   1. full index build from the N debs + N rpms already in place (like with like):
+#        keepup:  `keepup repo reindex` (every view of every track from the per-package
+#                 fragments computed at publish: Packages{,.gz} + by-hash, Release, InRelease,
+#                 Release.gpg, repodata, repomd.xml.asc, index.json + sig, for 3 tracks);
 #        peers:   `apt-ftparchive packages` + `createrepo_c --no-database` on the same files.
-#   2. one promotion of one package from unstable to testing, in a repository holding SMALL
-#      and then N packages in unstable:
-#        keepup:  `keepup promote --repo R pkgXXXX --to testing`
-#        peer:    `reprepro copy testing unstable pkgXXXX` (deb only, unsigned).
+#   2. publishing the 2N new files into an empty repository:
+#        keepup:  `keepup publish` (checks every package: each .deb member decompressed to the
+#                 end, each rpm's digests and signature; stores them in the pool, as hard
+#                 links when the files are on the repository's filesystem; fragments; views),
+#                 and the same from another filesystem (/dev/shm: the pool gets copies);
+#        peers:   `cp` (and `cp -l`) of the files into a pool directory + apt-ftparchive +
+#                 createrepo_c.
+#   3. one promotion of one package from unstable to testing:
+#        keepup:  `keepup promote --repo R pkgXXXX --to testing`, with SMALL and then N
+#                 packages in unstable (testing small), and with N packages in unstable and
+#                 N-RUNS already in testing (the target track's views are rewritten whole);
+#        peer:    `reprepro copy testing unstable pkgXXXX` in the same three repositories
+#                 (deb only, unsigned).
 #
-# Environment: N, SMALL, RUNS (default 5), KEEP=1 keeps the work directory.
-# Progress goes to stderr, the results table to stdout. See docs/benchmarks.md.
+# Environment: N, SMALL, RUNS (default 5), KEEP=1 keeps the work directory, PKGS=DIR keeps the
+# generated packages (and their signing key) in DIR and reuses them on the next run with the
+# same N. Progress goes to stderr, the results table to stdout. See docs/benchmarks.md.
 set -euo pipefail
 
 N=${N:-5000}
@@ -34,7 +42,11 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 log() { printf '[repo-bench] %s\n' "$*" >&2; }
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/keepup-repo-bench.XXXXXX")
-cleanup() { if [ "$KEEP" = 1 ]; then log "kept $WORK"; else rm -rf "$WORK"; fi; }
+OTHER=""
+cleanup() {
+    [ -n "$OTHER" ] && rm -rf "$OTHER"
+    if [ "$KEEP" = 1 ]; then log "kept $WORK"; else rm -rf "$WORK"; fi
+}
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
@@ -62,10 +74,7 @@ ms() {
     echo $(((e - s) / 1000000))
 }
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-
-log "signing key"
-"$K" repo init "$WORK/keyrepo" >/dev/null
-KEY=$WORK/keyrepo/.keepup/signing-key.asc
+med() { printf '%s\n' "$@" | median; }
 
 # ---------------------------------------------------------------------------------------
 # Packages: N tiny services, each one small file, deb + signed rpm.
@@ -92,22 +101,34 @@ EOF
     done
     SOURCE_DATE_EPOCH=1700000000 "$K" pack --sign-key "$KEY" --out "$dir/dist" "$dir"/specs/*.yaml >/dev/null 2>&1
 }
-log "generating $N packages (deb + rpm)"
-gen "$N" "$WORK/big"
-mkdir -p "$WORK/small/dist"
-ls "$WORK/big/dist" | awk -v s="$SMALL" -F'[_-]' '{n=substr($1,4)+0; if (n<=s) print}' |
-    while read -r f; do ln "$WORK/big/dist/$f" "$WORK/small/dist/$f"; done
-mkdir -p "$WORK/debs" "$WORK/rpms"
-ln "$WORK"/big/dist/*.deb "$WORK/debs/"
-ln "$WORK"/big/dist/*.rpm "$WORK/rpms/"
-log "$(ls "$WORK/big/dist" | wc -l) files, $(du -sh "$WORK/big/dist" | cut -f1)"
+PKGS=${PKGS:-$WORK/pkgs}
+KEY=$PKGS/signing-key.asc
+if [ -f "$PKGS/done-$N" ] && [ -f "$KEY" ]; then
+    log "reusing the $N packages in $PKGS"
+else
+    log "generating $N packages (deb + rpm) in $PKGS"
+    rm -rf "$PKGS" && mkdir -p "$PKGS"
+    "$K" repo init "$WORK/keyrepo" >/dev/null
+    cp "$WORK/keyrepo/.keepup/signing-key.asc" "$KEY"
+    gen "$N" "$PKGS/big"
+    touch "$PKGS/done-$N"
+fi
+BIG=$PKGS/big/dist
+mkdir -p "$WORK/small" "$WORK/debs" "$WORK/rpms" "$WORK/rest"
+# small: pkg1..SMALL; rest: every package but pkg1..RUNS (the ones promoted in the rounds).
+ls "$BIG" | awk -v s="$SMALL" -F'[_-]' '{n=substr($1,4)+0; if (n<=s) print}' |
+    while read -r f; do ln "$BIG/$f" "$WORK/small/$f"; done
+ls "$BIG" | awk -v s="$RUNS" -F'[_-]' '{n=substr($1,4)+0; if (n>s) print}' |
+    while read -r f; do ln "$BIG/$f" "$WORK/rest/$f"; done
+ln "$BIG"/*.deb "$WORK/debs/"
+ln "$BIG"/*.rpm "$WORK/rpms/"
+log "$(ls "$BIG" | wc -l) files, $(du -sh "$BIG" | cut -f1)"
 
 # ---------------------------------------------------------------------------------------
-# 1. Full index build
+# 1. Full index build from the files in place
 # ---------------------------------------------------------------------------------------
-log "keepup publish of all $((2 * N)) files into an empty repository"
 "$K" repo init "$WORK/R" --key "$KEY" >/dev/null
-publish_ms=$(ms "$K" publish --repo "$WORK/R" "$WORK"/big/dist/*)
+"$K" publish --repo "$WORK/R" "$BIG"/* >/dev/null
 "$K" repo verify --repo "$WORK/R" >/dev/null
 
 apt_t=() cr_t=() peers_t=() reindex_t=()
@@ -119,38 +140,85 @@ for r in $(seq "$RUNS"); do
     apt_t+=("$a") cr_t+=("$c") peers_t+=($((a + c)))
     reindex_t+=("$(ms "$K" repo reindex --repo "$WORK/R")")
 done
-apt_ms=$(printf '%s\n' "${apt_t[@]}" | median)
-cr_ms=$(printf '%s\n' "${cr_t[@]}" | median)
-peers_ms=$(printf '%s\n' "${peers_t[@]}" | median)
-reindex_ms=$(printf '%s\n' "${reindex_t[@]}" | median)
+
+# Nothing is deleted from here on until the end: ext4 (here without a journal) skips inodes
+# freed in the last minutes when it allocates new ones, which makes creating files after a
+# mass deletion several times slower, for keepup and the peers alike.
 
 # ---------------------------------------------------------------------------------------
-# 2. One promotion, SMALL vs N packages in unstable
+# 2. Publishing 2N new files
+# ---------------------------------------------------------------------------------------
+if [ "$(stat -f -c %T /dev/shm 2>/dev/null)" = tmpfs ] &&
+    [ "$(stat -c %d /dev/shm)" != "$(stat -c %d "$WORK")" ]; then
+    OTHER=$(mktemp -d /dev/shm/keepup-repo-bench.XXXXXX)
+    cp "$BIG"/* "$OTHER/"
+fi
+PR=$((RUNS < 3 ? RUNS : 3))
+pub_t=() pubcp_t=() peerpub_t=() peerpubl_t=()
+for r in $(seq "$PR"); do
+    log "publish of $((2 * N)) new files, round $r/$PR"
+    "$K" repo init "$WORK/PUB$r" --key "$KEY" >/dev/null
+    pub_t+=("$(ms "$K" publish --repo "$WORK/PUB$r" "$BIG"/*)")
+    if [ -n "$OTHER" ]; then
+        "$K" repo init "$WORK/PUBCP$r" --key "$KEY" >/dev/null
+        pubcp_t+=("$(ms "$K" publish --repo "$WORK/PUBCP$r" "$OTHER"/*)")
+    fi
+    for flag in "" -l; do
+        pp=$WORK/PP$r$flag
+        mkdir -p "$pp/pool/debs" "$pp/pool/rpms"
+        t=$(ms sh -c "cp $flag '$WORK'/debs/*.deb '$pp/pool/debs/' && cp $flag '$WORK'/rpms/*.rpm '$pp/pool/rpms/' &&
+            cd '$pp' && apt-ftparchive packages pool/debs > Packages && createrepo_c --no-database -q pool/rpms")
+        if [ -z "$flag" ]; then peerpub_t+=("$t"); else peerpubl_t+=("$t"); fi
+    done
+done
+publish_copy_ms=n/a
+[ ${#pubcp_t[@]} -gt 0 ] && publish_copy_ms=$(med "${pubcp_t[@]}")
+
+# ---------------------------------------------------------------------------------------
+# 3. One promotion: SMALL vs N packages in unstable (testing small), and N in unstable with
+#    N-RUNS already in testing
 # ---------------------------------------------------------------------------------------
 reprepro_repo() {
-    local dir=$1 src=$2
+    local dir=$1 src=$2 testing=$3
     mkdir -p "$dir/conf"
     for t in unstable testing; do
         printf 'Codename: %s\nArchitectures: amd64\nComponents: main\n\n' "$t"
     done >"$dir/conf/distributions"
     reprepro -b "$dir" -S admin -P optional includedeb unstable "$src"/*.deb >/dev/null 2>&1
+    if [ -n "$testing" ]; then
+        reprepro -b "$dir" -S admin -P optional includedeb testing "$testing"/*.deb >/dev/null 2>&1
+    fi
 }
-declare -A promote_ms reprepro_ms
-for size in "$SMALL" "$N"; do
-    if [ "$size" = "$N" ]; then src=$WORK/big/dist; else src=$WORK/small/dist; fi
-    log "promotion with $size packages in unstable"
-    repo=$WORK/P$size
-    "$K" repo init "$repo" --key "$KEY" >/dev/null
-    "$K" publish --repo "$repo" "$src"/* >/dev/null
-    reprepro_repo "$WORK/RR$size" "$src"
-    kt=() rt=()
-    for r in $(seq "$RUNS"); do
-        p=pkg$(printf "%0${#N}d" "$r")
-        kt+=("$(ms "$K" promote --repo "$repo" "$p" --to testing)")
-        rt+=("$(ms reprepro -b "$WORK/RR$size" copy testing unstable "$p")")
+declare -A promote_ms reprepro_ms kt rt
+cases="small big big-testing"
+for case in $cases; do
+    case $case in
+    small) src=$WORK/small testing="" ;;
+    big) src=$BIG testing="" ;;
+    *) src=$BIG testing=$WORK/rest ;;
+    esac
+    log "promotion, setting up $case"
+    "$K" repo init "$WORK/P-$case" --key "$KEY" >/dev/null
+    "$K" publish --repo "$WORK/P-$case" "$src"/* >/dev/null
+    if [ -n "$testing" ]; then
+        "$K" publish --repo "$WORK/P-$case" --track testing "$testing"/* >/dev/null
+    fi
+    reprepro_repo "$WORK/RR-$case" "$src" "$testing"
+done
+# The cases take turns in every round, so a change in the machine's load hits them alike.
+for r in $(seq "$RUNS"); do
+    log "promotion, round $r/$RUNS"
+    p=pkg$(printf "%0${#N}d" "$r")
+    for case in $cases; do
+        kt[$case]+=" $(ms "$K" promote --repo "$WORK/P-$case" "$p" --to testing)"
+        rt[$case]+=" $(ms reprepro -b "$WORK/RR-$case" copy testing unstable "$p")"
     done
-    promote_ms[$size]=$(printf '%s\n' "${kt[@]}" | median)
-    reprepro_ms[$size]=$(printf '%s\n' "${rt[@]}" | median)
+done
+for case in $cases; do
+    # shellcheck disable=SC2086 # word splitting wanted
+    promote_ms[$case]=$(med ${kt[$case]})
+    # shellcheck disable=SC2086
+    reprepro_ms[$case]=$(med ${rt[$case]})
 done
 
 cpus=$(nproc)
@@ -161,13 +229,18 @@ cat <<EOF
 
 | What | Time (ms) |
 |---|---|
-| apt-ftparchive packages ($N debs) | $apt_ms |
-| createrepo_c --no-database ($N rpms) | $cr_ms |
-| **peers combined** | **$peers_ms** |
-| **keepup repo reindex** (3 tracks x APT + DNF + index, signed) | **$reindex_ms** |
-| keepup publish of all $((2 * N)) files into an empty repository (once) | $publish_ms |
-| keepup promote, $SMALL packages in unstable | ${promote_ms[$SMALL]} |
-| keepup promote, $N packages in unstable | ${promote_ms[$N]} |
-| reprepro copy, $SMALL packages in unstable | ${reprepro_ms[$SMALL]} |
-| reprepro copy, $N packages in unstable | ${reprepro_ms[$N]} |
+| apt-ftparchive packages ($N debs) | $(med "${apt_t[@]}") |
+| createrepo_c --no-database ($N rpms) | $(med "${cr_t[@]}") |
+| **peers combined** (index build, files in place) | **$(med "${peers_t[@]}")** |
+| **keepup repo reindex** (3 tracks x APT + DNF + index, signed) | **$(med "${reindex_t[@]}")** |
+| cp into a pool + apt-ftparchive + createrepo_c ($((2 * N)) new files) | $(med "${peerpub_t[@]}") |
+| cp -l (hard links) into a pool + apt-ftparchive + createrepo_c | $(med "${peerpubl_t[@]}") |
+| **keepup publish** of $((2 * N)) new files into an empty repository (pool: hard links) | **$(med "${pub_t[@]}")** |
+| keepup publish of the same from another filesystem (pool: copies) | $publish_copy_ms |
+| keepup promote, $SMALL packages in unstable, testing small | ${promote_ms[small]} |
+| keepup promote, $N packages in unstable, testing small | ${promote_ms[big]} |
+| keepup promote, $N packages in unstable, $((N - RUNS)) in testing | ${promote_ms[big-testing]} |
+| reprepro copy, $SMALL packages in unstable, testing small | ${reprepro_ms[small]} |
+| reprepro copy, $N packages in unstable, testing small | ${reprepro_ms[big]} |
+| reprepro copy, $N packages in unstable, $((N - RUNS)) in testing | ${reprepro_ms[big-testing]} |
 EOF

@@ -106,8 +106,8 @@ SETPRIV=/usr/bin/setpriv
 NC=/bin/nc.openbsd
 
 log "building keepup-agent (release)"
-(cd "$ROOT" && cargo build --release -q -p keepup-agent) || die "cargo build failed"
-AGENT="$ROOT/target/release/keepup-agent"
+(cd "$ROOT" && cargo build --profile agent -q -p keepup-agent) || die "cargo build failed"
+AGENT="$ROOT/target/agent/keepup-agent"
 [ -x "$AGENT" ] || die "$AGENT missing after the build"
 
 # ---------------------------------------------------------------------------------------

@@ -50,6 +50,17 @@ pub fn build_example(
     version: &str,
     edit: impl Fn(String) -> String,
 ) -> Result<Vec<PathBuf>> {
+    build_example_signed(out, version, None, edit)
+}
+
+/// [`build_example`] with the .rpm signed by the armored secret key `sign_key` (a repository
+/// accepts only rpms signed with its own key: `<repo>/.keepup/signing-key.asc`).
+pub fn build_example_signed(
+    out: &Path,
+    version: &str,
+    sign_key: Option<&Path>,
+    edit: impl Fn(String) -> String,
+) -> Result<Vec<PathBuf>> {
     let src = workspace_root().join("docs/examples");
     let dir = out.join(format!("spec-{version}"));
     std::fs::create_dir_all(&dir)?;
@@ -65,7 +76,7 @@ pub fn build_example(
         formats: vec![Format::Deb, Format::Rpm],
         compression: None,
         epoch: 1_700_000_000,
-        sign_key: None,
+        sign_key: sign_key.map(Path::to_path_buf),
     };
     Ok(pack(&spec, &opts, &out.join("dist"))?)
 }

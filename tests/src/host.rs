@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
-use testcontainers::core::ExecCommand;
+use testcontainers::core::{AccessMode, ExecCommand, Mount};
 use testcontainers::runners::AsyncRunner;
 use testcontainers::{ContainerAsync, GenericImage, ImageExt};
 
@@ -143,6 +143,12 @@ impl Host {
     /// Starts a host with hostname `name` on `net`; other hosts on `net` reach it as `name`.
     /// Builds the host image first if needed.
     pub async fn start(net: &TestNet, name: &str) -> Result<Host> {
+        Host::start_with(net, name, &[]).await
+    }
+
+    /// Like [`Host::start`], with local directories bind-mounted read-only: `(local, remote)`.
+    /// The host sees changes to them as they happen (e.g. a repository the test edits).
+    pub async fn start_with(net: &TestNet, name: &str, mounts: &[(&Path, &str)]) -> Result<Host> {
         let valid = !name.is_empty()
             && name.len() <= 63
             && name
@@ -155,8 +161,17 @@ impl Host {
         }
         let image = tokio::task::spawn_blocking(crate::image::host_image).await??;
         let (repo, tag) = image.split_once(':').expect("reference has a tag");
-        let container = GenericImage::new(repo, tag)
-            .with_cmd(["sleep", "infinity"])
+        let mut request = GenericImage::new(repo, tag).with_cmd(["sleep", "infinity"]);
+        for (local, remote) in mounts {
+            let local = local
+                .canonicalize()
+                .with_context(|| format!("mount source {}", local.display()))?;
+            request = request.with_mount(
+                Mount::bind_mount(local.to_string_lossy(), *remote)
+                    .with_access_mode(AccessMode::ReadOnly),
+            );
+        }
+        let container = request
             .with_hostname(name)
             .with_container_name(format!("{}-{name}", net.name()))
             .with_network(net.name())

@@ -2,10 +2,13 @@
 //! starts hosts as containers on per-test networks ([`host`]). The example service daemon
 //! `food` lives in `src/bin/food.rs`; [`example`] packs it.
 
+pub mod agent_pkg;
 pub mod example;
+pub mod fleet;
 pub mod host;
 pub mod image;
 pub mod systemd;
+pub mod testkit;
 
 pub use host::{docker_or_skip, workspace_root, Exec, Host, TestNet};
 pub use image::host_image;

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use keepup_tests::example;
 use keepup_tests::host::{docker_or_skip, Host, TestNet};
+use keepup_tests::testkit::{quick, with_flags};
 
 /// Live (non-zombie) processes of the role: `pid stat args`.
 const ROLE_PROCS: &str = "ps -u foo -o pid=,stat=,args= | awk '$2 !~ /^Z/'";
@@ -22,24 +23,6 @@ const AGENT_OUT: &str = "/var/log/keepup-agent.out";
 const AGENT_RC: &str = "/var/log/keepup-agent.rc";
 /// The agent lock (in the default state directory).
 const LOCK: &str = "/var/lib/keepup-agent/agent.lock";
-
-/// Spec edits every agent test uses: short stop grace and not-sane sleep, quick probes.
-fn quick(text: String) -> String {
-    text.replace("not_sane_sleep: 10s", "not_sane_sleep: 2s")
-        .replace("stop_grace: 5s", "stop_grace: 2s")
-        .replace("every: 10s", "every: 1s")
-        .replace("timeout: 2s", "timeout: 1s")
-        .replace("grace: 2s", "grace: 1s")
-}
-
-/// Adds daemon flags to the example's `exec` line.
-fn with_flags(text: String, flags: &[&str]) -> String {
-    let extra: String = flags.iter().map(|f| format!(", \"{f}\"")).collect();
-    text.replace(
-        "exec: [/usr/bin/food, --config, /etc/foo/foo.conf]",
-        &format!("exec: [/usr/bin/food, --config, /etc/foo/foo.conf{extra}]"),
-    )
-}
 
 /// A host with the agent binary and the example's .deb copied in (not yet installed).
 struct Setup {

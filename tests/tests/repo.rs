@@ -5,57 +5,25 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 
 use anyhow::{bail, ensure, Context, Result};
 use keepup_tests::example::built_bin;
-use keepup_tests::host::{docker_or_skip, workspace_root, Host, TestNet};
-
-/// Run `keepup ARGS`; returns (success, stdout, stderr).
-fn keepup(args: &[&str]) -> Result<(bool, String, String)> {
-    let out = Command::new(built_bin("keepup")?)
-        .args(args)
-        .output()
-        .context("running keepup")?;
-    Ok((
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    ))
-}
-
-/// Run `keepup ARGS` and require success; returns stdout.
-fn keepup_ok(args: &[&str]) -> Result<String> {
-    let (ok, out, err) = keepup(args)?;
-    ensure!(ok, "keepup {args:?} failed:\n{out}\n{err}");
-    Ok(out)
-}
+use keepup_tests::fleet::{keepup, keepup_output};
+use keepup_tests::host::{docker_or_skip, Host, TestNet};
+use keepup_tests::testkit::{keepup_pack_example, shared_signing_key};
 
 /// Run `keepup ARGS` and require failure; returns stderr.
 fn keepup_fails(args: &[&str]) -> Result<String> {
-    let (ok, out, err) = keepup(args)?;
+    let (ok, out, err) = keepup_output(args)?;
     ensure!(!ok, "keepup {args:?} should have failed:\n{out}");
     Ok(err)
-}
-
-/// One RSA signing key for all tests (generating one takes seconds in a debug build).
-fn shared_key() -> Result<PathBuf> {
-    static KEY: OnceLock<PathBuf> = OnceLock::new();
-    if let Some(k) = KEY.get() {
-        return Ok(k.clone());
-    }
-    let dir = std::env::temp_dir().join(format!("keepup-test-key-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    keepup_ok(&["repo", "init", dir.join("r").to_str().unwrap()])?;
-    let key = dir.join("r/.keepup/signing-key.asc");
-    Ok(KEY.get_or_init(|| key).clone())
 }
 
 /// A fresh repository in `dir/repo` signed with the shared key.
 fn new_repo(dir: &Path) -> Result<PathBuf> {
     let repo = dir.join("repo");
-    let key = shared_key()?;
-    let out = keepup_ok(&[
+    let key = shared_signing_key()?;
+    let out = keepup(&[
         "repo",
         "init",
         repo.to_str().unwrap(),
@@ -70,40 +38,18 @@ fn new_repo(dir: &Path) -> Result<PathBuf> {
 }
 
 /// Build the example service at `version` with `keepup pack`, the rpm signed with `key`
-/// (None: unsigned). Returns (deb, rpm).
+/// (None: unsigned); `edit` is put in the summary, so builds can differ. Returns (deb, rpm).
 fn build(out: &Path, version: &str, key: Option<&Path>, edit: &str) -> Result<(PathBuf, PathBuf)> {
-    let src = workspace_root().join("docs/examples");
-    let dir = out.join(format!("spec-{version}{edit}"));
-    std::fs::create_dir_all(&dir)?;
-    std::fs::copy(src.join("foo.conf"), dir.join("foo.conf"))?;
-    let text = std::fs::read_to_string(src.join("foo.yaml"))?
-        .replace("version: 1.0.0", &format!("version: {version}"))
-        .replace(
-            "../../target/release/food",
-            &built_bin("food")?.to_string_lossy(),
-        )
-        .replace("summary: Example", &format!("summary: {edit}Example"));
-    std::fs::write(dir.join("foo.yaml"), text)?;
-    let dist = dir.join("dist");
-    let mut args = vec![
-        "pack".to_string(),
-        dir.join("foo.yaml").to_string_lossy().into_owned(),
-        "--out".into(),
-        dist.to_string_lossy().into_owned(),
-    ];
-    if let Some(k) = key {
-        args.extend(["--sign-key".into(), k.to_string_lossy().into_owned()]);
-    }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    keepup_ok(&args)?;
-    Ok((
-        dist.join(format!("foo_{version}-1_amd64.deb")),
-        dist.join(format!("foo-{version}-1.x86_64.rpm")),
-    ))
+    keepup_pack_example(
+        &out.join(format!("spec-{version}{edit}")),
+        version,
+        key,
+        |t| t.replace("summary: Example", &format!("summary: {edit}Example")),
+    )
 }
 
 fn list_json(repo: &Path) -> Result<serde_json::Value> {
-    Ok(serde_json::from_str(&keepup_ok(&[
+    Ok(serde_json::from_str(&keepup(&[
         "repo",
         "list",
         "--repo",
@@ -137,14 +83,14 @@ fn publish_promote_rollback_and_refusals() -> Result<()> {
     let key = repo.join(".keepup/signing-key.asc");
     let (deb1, rpm1) = build(tmp.path(), "1.0.0", Some(&key), "")?;
     let (deb2, rpm2) = build(tmp.path(), "1.1.0", Some(&key), "")?;
-    keepup_ok(&[
+    keepup(&[
         "publish",
         "--repo",
         r,
         deb1.to_str().unwrap(),
         rpm1.to_str().unwrap(),
     ])?;
-    keepup_ok(&[
+    keepup(&[
         "publish",
         "--repo",
         r,
@@ -153,7 +99,7 @@ fn publish_promote_rollback_and_refusals() -> Result<()> {
     ])?;
 
     // Promotion moves exactly one version, with the bytes unstable has.
-    keepup_ok(&["promote", "--repo", r, "foo", "1.0.0", "--to", "testing"])?;
+    keepup(&["promote", "--repo", r, "foo", "1.0.0", "--to", "testing"])?;
     let testing = index(&repo, "testing")?;
     let pkgs = testing["packages"].as_array().unwrap();
     ensure!(pkgs.len() == 2, "one deb and one rpm in testing: {testing}");
@@ -164,7 +110,7 @@ fn publish_promote_rollback_and_refusals() -> Result<()> {
         ensure!(file == original, "{} is not the published bytes", p["path"]);
     }
     let serial = testing["serial"].as_u64().unwrap();
-    keepup_ok(&["promote", "--repo", r, "foo", "--to", "testing"])?;
+    keepup(&["promote", "--repo", r, "foo", "--to", "testing"])?;
     ensure!(entry(&repo, "testing", "deb")?["version"] == "1.1.0-1");
     ensure!(index(&repo, "testing")?["serial"].as_u64().unwrap() > serial);
     ensure!(
@@ -176,7 +122,7 @@ fn publish_promote_rollback_and_refusals() -> Result<()> {
         .unwrap()
         .is_empty());
     // Going down is not a promotion.
-    keepup_ok(&["promote", "--repo", r, "foo", "--to", "stable"])?;
+    keepup(&["promote", "--repo", r, "foo", "--to", "stable"])?;
     let err = keepup_fails(&["promote", "--repo", r, "foo", "1.0.0", "--to", "stable"])?;
     ensure!(err.contains("keepup rollback"), "{err}");
 
@@ -226,12 +172,12 @@ fn publish_promote_rollback_and_refusals() -> Result<()> {
         "a failed command changed the repository"
     );
     ensure!(!repo.join("pool/main/f/foo/foo_1.3.0-1_amd64.deb").exists());
-    keepup_ok(&["repo", "verify", "--repo", r])?;
+    keepup(&["repo", "verify", "--repo", r])?;
     // Publishing the same bytes again is harmless.
-    keepup_ok(&["publish", "--repo", r, deb1.to_str().unwrap()])?;
+    keepup(&["publish", "--repo", r, deb1.to_str().unwrap()])?;
 
     // Rollback: testing's current is 1.1.0-1; bring back 1.0.0's contents, newer.
-    keepup_ok(&[
+    keepup(&[
         "rollback", "--repo", r, "foo", "--to", "1.0.0", "--track", "testing",
     ])?;
     let deb = entry(&repo, "testing", "deb")?;
@@ -268,14 +214,36 @@ fn publish_promote_rollback_and_refusals() -> Result<()> {
         a.status.success() && a.stdout == b.stdout,
         "rollback payload differs from 1.0.0"
     );
-    let list = keepup_ok(&["repo", "list", "--repo", r, "--track", "testing"])?;
+    let list = keepup(&["repo", "list", "--repo", r, "--track", "testing"])?;
     ensure!(list.contains("rollback of 1.0.0-1"), "{list}");
     // A second rollback climbs again.
-    keepup_ok(&[
+    keepup(&[
         "rollback", "--repo", r, "foo", "--to", "1.0.0", "--track", "testing",
     ])?;
     ensure!(entry(&repo, "testing", "rpm")?["version"] == "1.1.0+rb2-1");
-    keepup_ok(&["repo", "verify", "--repo", r])?;
+    keepup(&["repo", "verify", "--repo", r])?;
+
+    // testing has had five different contents (empty, 1.0.0, 1.1.0, rb1, rb2): only the current
+    // generation and the three before it are kept (by-hash: Packages + Packages.gz; repodata:
+    // primary, filelists, other), and verify found every file the current indexes name.
+    let count = |dir: &str| -> Result<usize> {
+        Ok(std::fs::read_dir(repo.join(dir))?
+            .filter(|f| {
+                f.as_ref()
+                    .is_ok_and(|f| !f.file_name().to_string_lossy().starts_with("repomd.xml"))
+            })
+            .count())
+    };
+    let by_hash = count("dists/testing/main/binary-amd64/by-hash/SHA256")?;
+    ensure!(
+        by_hash == 8,
+        "{by_hash} by-hash files, expected 4 generations x 2"
+    );
+    let repodata = count("rpm/testing/repodata")?;
+    ensure!(
+        repodata == 12,
+        "{repodata} repodata files, expected 4 generations x 3"
+    );
 
     // Tampering is found by verify.
     let packages = repo.join("dists/testing/main/binary-amd64/Packages");
@@ -283,8 +251,8 @@ fn publish_promote_rollback_and_refusals() -> Result<()> {
     std::fs::write(&packages, text.replace("Maintainer:", "Maintainer: x"))?;
     let err = keepup_fails(&["repo", "verify", "--repo", r])?;
     ensure!(err.contains("Packages"), "{err}");
-    keepup_ok(&["repo", "reindex", "--repo", r])?;
-    keepup_ok(&["repo", "verify", "--repo", r])?;
+    keepup(&["repo", "reindex", "--repo", r])?;
+    keepup(&["repo", "verify", "--repo", r])?;
     Ok(())
 }
 
@@ -293,7 +261,7 @@ fn fleet_policy_is_signed_and_shown() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let repo = new_repo(tmp.path())?;
     let r = repo.to_str().unwrap();
-    keepup_ok(&[
+    keepup(&[
         "assign",
         "--repo",
         r,
@@ -303,16 +271,16 @@ fn fleet_policy_is_signed_and_shown() -> Result<()> {
         "--services",
         "foo,bar",
     ])?;
-    keepup_ok(&["assign", "--repo", r, "*", "--track", "testing"])?;
-    keepup_ok(&["quarantine", "--repo", r, "foo", "--hosts", "web3"])?;
+    keepup(&["assign", "--repo", r, "*", "--track", "testing"])?;
+    keepup(&["quarantine", "--repo", r, "foo", "--hosts", "web3"])?;
     let err = keepup_fails(&["assign", "--repo", r, "db*", "--track", "nope"])?;
     ensure!(err.contains("no track"), "{err}");
-    let show = keepup_ok(&["fleet", "show", "--repo", r])?;
+    let show = keepup(&["fleet", "show", "--repo", r])?;
     ensure!(
         show.contains("web*") && show.contains("foo,bar") && show.contains("web3"),
         "{show}"
     );
-    let host: serde_json::Value = serde_json::from_str(&keepup_ok(&[
+    let host: serde_json::Value = serde_json::from_str(&keepup(&[
         "fleet", "show", "--repo", r, "--host", "web3", "--json",
     ])?)?;
     ensure!(
@@ -321,8 +289,8 @@ fn fleet_policy_is_signed_and_shown() -> Result<()> {
     );
     let yaml = std::fs::read_to_string(repo.join("fleet.yaml"))?;
     ensure!(yaml.contains("serial: 3"), "{yaml}");
-    keepup_ok(&["repo", "verify", "--repo", r])?;
-    keepup_ok(&["unquarantine", "--repo", r, "foo"])?;
+    keepup(&["repo", "verify", "--repo", r])?;
+    keepup(&["unquarantine", "--repo", r, "foo"])?;
     keepup_fails(&["unquarantine", "--repo", r, "foo"])?;
     // A hand edit breaks the signature.
     std::fs::write(repo.join("fleet.yaml"), yaml.replace("stable", "unstable"))?;
@@ -338,15 +306,15 @@ async fn served_repo(net: &TestNet, tmp: &Path) -> Result<(Host, Host)> {
     let r = repo.to_str().unwrap();
     let key = repo.join(".keepup/signing-key.asc");
     let (deb, rpm) = build(tmp, "1.0.0", Some(&key), "")?;
-    keepup_ok(&[
+    keepup(&[
         "publish",
         "--repo",
         r,
         deb.to_str().unwrap(),
         rpm.to_str().unwrap(),
     ])?;
-    keepup_ok(&["promote", "--repo", r, "foo", "--to", "testing"])?;
-    keepup_ok(&["promote", "--repo", r, "foo", "--to", "stable"])?;
+    keepup(&["promote", "--repo", r, "foo", "--to", "testing"])?;
+    keepup(&["promote", "--repo", r, "foo", "--to", "stable"])?;
     let (server, client) = tokio::try_join!(Host::start(net, "repo"), Host::start(net, "client"))?;
     server
         .copy_in(&built_bin("keepup")?, "/usr/local/bin/keepup")
@@ -639,7 +607,7 @@ fn views_match_apt_ftparchive_and_createrepo_c_field_by_field() -> Result<()> {
     let r = repo.to_str().unwrap();
     let key = repo.join(".keepup/signing-key.asc");
     let (deb, rpm) = build(tmp.path(), "1.0.0", Some(&key), "")?;
-    keepup_ok(&[
+    keepup(&[
         "publish",
         "--repo",
         r,
@@ -738,6 +706,94 @@ fn concurrent_commands_are_serialized() -> Result<()> {
     );
     ensure!(index(&repo, "unstable")?["serial"].as_u64().unwrap() == 1 + versions.len() as u64);
     ensure!(std::fs::read_to_string(repo.join("fleet.yaml"))?.contains("stable"));
-    keepup_ok(&["repo", "verify", "--repo", &r])?;
+    keepup(&["repo", "verify", "--repo", &r])?;
+    Ok(())
+}
+
+/// A repository of the old single-file layout (`.keepup/state.json` + `.keepup/meta/`) is
+/// converted by the first command that opens it, and works as before.
+#[test]
+fn old_single_file_state_is_converted_on_open() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let repo = new_repo(tmp.path())?;
+    let r = repo.to_str().unwrap();
+    let key = repo.join(".keepup/signing-key.asc");
+    let (deb, rpm) = build(tmp.path(), "1.0.0", Some(&key), "")?;
+    // A name's first metadata file left half-written by a crash is written again.
+    std::fs::create_dir_all(repo.join(".keepup/pool"))?;
+    std::fs::write(repo.join(".keepup/pool/foo.json"), "[\n{\"entry\":{\"na")?;
+    keepup(&[
+        "publish",
+        "--repo",
+        r,
+        deb.to_str().unwrap(),
+        rpm.to_str().unwrap(),
+    ])?;
+    keepup(&["assign", "--repo", r, "web*", "--track", "stable"])?;
+    let before = list_json(&repo)?;
+
+    // Rewrite the private state as the old layout had it; drop the rpm's fragments (they are
+    // computed again from the pool file).
+    let private = repo.join(".keepup");
+    let read = |p: &str| -> Result<serde_json::Value> {
+        Ok(serde_json::from_slice(&std::fs::read(private.join(p))?)?)
+    };
+    let metas = read("pool/foo.json")?;
+    let mut pool = serde_json::Map::new();
+    for m in metas.as_array().unwrap() {
+        let e = &m["entry"];
+        pool.insert(e["path"].as_str().unwrap().into(), e.clone());
+        if let Some(stanza) = m.get("stanza") {
+            let sha = e["sha256"].as_str().unwrap();
+            let dir = private.join("meta").join(&sha[..2]);
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(
+                dir.join(format!("{sha}.json")),
+                serde_json::json!({ "stanza": stanza }).to_string(),
+            )?;
+        }
+    }
+    let settings = read("repo.json")?;
+    let mut tracks = serde_json::Map::new();
+    for t in settings["tracks"].as_array().unwrap() {
+        let t = t.as_str().unwrap();
+        let track = read(&format!("tracks/{t}.json"))?;
+        let members: Vec<serde_json::Value> = track["packages"]
+            .as_object()
+            .unwrap()
+            .values()
+            .flat_map(|v| v.as_array().unwrap().iter().map(|e| e["path"].clone()))
+            .collect();
+        tracks.insert(
+            t.into(),
+            serde_json::json!({ "serial": track["serial"], "members": members }),
+        );
+    }
+    let old = serde_json::json!({
+        "tracks": settings["tracks"],
+        "pool": pool,
+        "track": tracks,
+        "fleet": read("fleet.json")?,
+    });
+    std::fs::write(private.join("state.json"), old.to_string())?;
+    for f in ["repo.json", "fleet.json"] {
+        std::fs::remove_file(private.join(f))?;
+    }
+    for d in ["tracks", "pool"] {
+        std::fs::remove_dir_all(private.join(d))?;
+    }
+
+    // A read-only command converts it (under the lock) and sees the same repository.
+    ensure!(
+        list_json(&repo)? == before,
+        "the converted repository differs"
+    );
+    ensure!(!private.join("state.json").exists() && !private.join("meta").exists());
+    ensure!(private.join("pool/foo.json").exists());
+    keepup(&["repo", "verify", "--repo", r])?;
+    keepup(&["promote", "--repo", r, "foo", "--to", "testing"])?;
+    ensure!(entry(&repo, "testing", "rpm")?["version"] == "1.0.0-1");
+    ensure!(std::fs::read_to_string(repo.join("fleet.yaml"))?.contains("web*"));
+    keepup(&["repo", "verify", "--repo", r])?;
     Ok(())
 }

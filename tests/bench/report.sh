@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Report ingestion and `keepup report` at fleet scale (docs/benchmarks.md, "Reports (issue 4)").
+# Builds release binaries, starts `keepup serve --state` on loopback over a temporary repository
+# and state database, registers HOSTS hosts (`keepup host add --bulk`), posts ROUNDS realistic
+# reports per host from CONNECTIONS keep-alive connections (tests/src/bin/reportload.rs), times
+# `keepup report` (table and --json) against it, and reads the server's peak RSS (VmHWM).
+#
+#   bash tests/bench/report.sh                    # 100,000 hosts, 2 rounds
+#   HOSTS=10000 ROUNDS=1 bash tests/bench/report.sh
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+HOSTS=${HOSTS:-100000}
+ROUNDS=${ROUNDS:-2}
+CONNECTIONS=${CONNECTIONS:-32}
+
+cargo build --release -q -p keepup-deploy --bin keepup -p keepup-tests --bin reportload
+K=${CARGO_TARGET_DIR:-$PWD/target}/release/keepup
+LOAD=${CARGO_TARGET_DIR:-$PWD/target}/release/reportload
+
+tmp=$(mktemp -d)
+pid=""
+cleanup() {
+    if [ -n "$pid" ]; then
+        kill "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    fi
+    rm -rf "$tmp"
+}
+trap cleanup EXIT
+
+"$K" repo init "$tmp/repo" >/dev/null 2>&1
+"$K" assign --repo "$tmp/repo" '*' --track stable >/dev/null 2>&1
+# The track's index as agents see it (the server reads only this public file).
+mkdir -p "$tmp/repo/tracks/stable"
+cat >"$tmp/repo/tracks/stable/index.json" <<'JSON'
+{"track":"stable","serial":42,"generated":0,"packages":[
+ {"name":"foo","version":"1.2-1","arch":"amd64","format":"deb","path":"pool/f/foo_1.2-1_amd64.deb","size":1,"sha256":"00"},
+ {"name":"bar","version":"2.1-1","arch":"amd64","format":"deb","path":"pool/b/bar_2.1-1_amd64.deb","size":1,"sha256":"00","rollback_of":"2.0-1"},
+ {"name":"baz","version":"1.0-1","arch":"all","format":"deb","path":"pool/b/baz_1.0-1_all.deb","size":1,"sha256":"00"}]}
+JSON
+
+start=$(date +%s.%N)
+seq -f "host-%06g" 1 "$HOSTS" | "$K" host add --bulk --state "$tmp/state.db" >"$tmp/tokens" 2>/dev/null
+echo "registered $HOSTS hosts in $(echo "$(date +%s.%N) - $start" | bc) s"
+
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+url="http://127.0.0.1:$port"
+"$K" serve --repo "$tmp/repo" --listen "127.0.0.1:$port" --state "$tmp/state.db" 2>"$tmp/serve.log" &
+pid=$!
+for _ in $(seq 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+    sleep 0.1
+done
+
+echo "server after start: $(grep VmRSS "/proc/$pid/status")"
+"$LOAD" --server "$url" --tokens "$tmp/tokens" --connections "$CONNECTIONS" --rounds "$ROUNDS"
+echo "server after the load: $(grep VmRSS "/proc/$pid/status")"
+
+# Wall times depend on what else runs on the machine; CPU times (server: utime+stime of the
+# serve process around one request; client: user+sys) do not.
+server_cpu() { awk '{print $14 + $15}' "/proc/$pid/stat"; }
+TIMEFORMAT='%R s wall, %U s user + %S s sys (client)'
+for i in 1 2 3; do
+    a=$(server_cpu)
+    t=$( { time "$K" report --server "$url" >"$tmp/report.txt"; } 2>&1 )
+    b=$(server_cpu)
+    echo "keepup report ($HOSTS hosts, $(wc -l <"$tmp/report.txt") lines): $t, $(( (b - a) * 10 )) ms CPU (server)"
+done
+echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
+head -1 "$tmp/report.txt"
+for i in 1 2; do
+    t=$( { time "$K" report --server "$url" --json >"$tmp/report.json"; } 2>&1 )
+    echo "keepup report --json ($(du -m "$tmp/report.json" | cut -f1) MiB): $t"
+done
+t=$( { time "$K" report --server "$url" --unhealthy >/dev/null; } 2>&1 )
+echo "keepup report --unhealthy: $t"
+t=$(curl -s -o /dev/null -w '%{time_total}' "$url/")
+echo "the page at /: $t s"
+grep -E 'VmHWM|VmRSS' "/proc/$pid/status" | sed 's/^/server /'
+echo "state database: $(du -m "$tmp/state.db" | cut -f1) MiB (+ WAL $(du -m "$tmp/state.db-wal" 2>/dev/null | cut -f1) MiB)"

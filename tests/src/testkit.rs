@@ -1,0 +1,83 @@
+//! Small helpers the end-to-end tests share: the example spec's quick timers and daemon flags,
+//! one repository signing key per test process, and the example packed with the real
+//! `keepup pack`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use anyhow::Result;
+
+use crate::example::built_bin;
+use crate::fleet::keepup;
+use crate::host::workspace_root;
+
+/// Spec edits for tests: short stop grace and not-sane sleep, quick probes, so that starts
+/// are judged within seconds.
+pub fn quick(text: String) -> String {
+    text.replace("not_sane_sleep: 10s", "not_sane_sleep: 2s")
+        .replace("stop_grace: 5s", "stop_grace: 2s")
+        .replace("every: 10s", "every: 1s")
+        .replace("timeout: 2s", "timeout: 1s")
+        .replace("grace: 2s", "grace: 1s")
+}
+
+/// Adds daemon flags to the example's `exec` line.
+pub fn with_flags(text: String, flags: &[&str]) -> String {
+    let extra: String = flags.iter().map(|f| format!(", \"{f}\"")).collect();
+    text.replace(
+        "exec: [/usr/bin/food, --config, /etc/foo/foo.conf]",
+        &format!("exec: [/usr/bin/food, --config, /etc/foo/foo.conf{extra}]"),
+    )
+}
+
+/// One repository signing key (armored secret key) for every test of this process: an RSA
+/// key takes seconds in a debug build, and the lock makes tests running at once share it.
+pub fn shared_signing_key() -> Result<PathBuf> {
+    static KEY: Mutex<Option<PathBuf>> = Mutex::new(None);
+    let mut key = KEY.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(k) = key.as_ref() {
+        return Ok(k.clone());
+    }
+    let dir = std::env::temp_dir().join(format!("keepup-test-key-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    keepup(&["repo", "init", dir.join("r").to_str().unwrap()])?;
+    let path = dir.join("r/.keepup/signing-key.asc");
+    *key = Some(path.clone());
+    Ok(path)
+}
+
+/// Writes the example spec (docs/examples: foo.yaml and foo.conf) at `version`, with the real
+/// `food` daemon and then `edit` applied, into `dir`, and packs it with the real `keepup pack`
+/// into `dir/dist`, the .rpm signed with `sign_key` (None: unsigned). Returns (deb, rpm).
+pub fn keepup_pack_example(
+    dir: &Path,
+    version: &str,
+    sign_key: Option<&Path>,
+    edit: impl FnOnce(String) -> String,
+) -> Result<(PathBuf, PathBuf)> {
+    let src = workspace_root().join("docs/examples");
+    std::fs::create_dir_all(dir)?;
+    std::fs::copy(src.join("foo.conf"), dir.join("foo.conf"))?;
+    let text = std::fs::read_to_string(src.join("foo.yaml"))?
+        .replace("version: 1.0.0", &format!("version: {version}"))
+        .replace(
+            "../../target/release/food",
+            &built_bin("food")?.to_string_lossy(),
+        );
+    std::fs::write(dir.join("foo.yaml"), edit(text))?;
+    let dist = dir.join("dist");
+    let mut args = vec![
+        "pack".to_string(),
+        dir.join("foo.yaml").to_string_lossy().into_owned(),
+        "--out".into(),
+        dist.to_string_lossy().into_owned(),
+    ];
+    if let Some(k) = sign_key {
+        args.extend(["--sign-key".into(), k.to_string_lossy().into_owned()]);
+    }
+    keepup(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
+    Ok((
+        dist.join(format!("foo_{version}-1_amd64.deb")),
+        dist.join(format!("foo-{version}-1.x86_64.rpm")),
+    ))
+}
