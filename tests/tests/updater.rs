@@ -716,9 +716,34 @@ async fn rpm_host_installs_upgrades_and_quarantines() -> Result<()> {
 
 /// A fake report server on the repo host: answers 204 to every connection on port 9000 and
 /// appends what it received to /tmp/reports.
-const FAKE_SERVER: &str = "rm -f /tmp/stop-reports; setsid sh -c 'while [ ! -e /tmp/stop-reports ]; do \
-     printf \"HTTP/1.1 204 No Content\\r\\nConnection: close\\r\\n\\r\\n\" | nc -N -l 9000 >>/tmp/reports; \
-     echo >>/tmp/reports; done' >/dev/null 2>&1 </dev/null &";
+/// A stand-in report server on port 9000 (python3 is in the host image, for dnf): it reads
+/// each whole request before it answers 204, and appends the request line, the headers
+/// (lower-cased) and the body to /tmp/reports. Stopped with [`STOP_FAKE_SERVER`].
+const FAKE_SERVER: &str = r#"cat > /tmp/fake-report-server.py <<'EOF'
+import http.server
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("content-length", 0)))
+        lines = [self.requestline] + [k.lower() + ": " + v for k, v in self.headers.items()]
+        with open("/tmp/reports", "ab") as f:
+            f.write(("\n".join(lines) + "\n\n").encode() + body + b"\n")
+        self.send_response(204)
+        self.send_header("Connection", "close")
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("0.0.0.0", 9000), Handler).serve_forever()
+EOF
+touch /tmp/reports
+setsid python3 /tmp/fake-report-server.py >>/tmp/fake-report-server.log 2>&1 </dev/null &
+for i in $(seq 100); do
+    curl -s -o /dev/null http://127.0.0.1:9000/ && exit 0
+    sleep 0.1
+done
+echo "the fake report server did not start" >&2; cat /tmp/fake-report-server.log >&2; exit 1"#;
+
+/// Stops [`FAKE_SERVER`].
+const STOP_FAKE_SERVER: &str = "pkill -f '[f]ake-report-server.py'; true";
 
 /// What the fake server received so far.
 async fn received(repo: &Host) -> Result<String> {
@@ -775,8 +800,10 @@ async fn reports_survive_an_outage_and_a_failed_start_comes_with_the_log_tail() 
     };
     let pid0 = pid(&host.ok("keepup-agent status --json").await?)?;
     ensure!(pid0.is_u64(), "foo is not running: {pid0}");
-    repo.ok("touch /tmp/stop-reports; pkill -f '[n]c -N -l 9000'; pkill -f '[k]eepup serve'; true")
-        .await?;
+    repo.ok(&format!(
+        "{STOP_FAKE_SERVER}; pkill -f '[k]eepup serve'; true"
+    ))
+    .await?;
     tokio::time::sleep(Duration::from_secs(7)).await;
     let (code, v) = update_now(&web1).await?;
     ensure!(
