@@ -100,6 +100,10 @@ pub fn lock(cfg: &Config) -> Result<AgentLock> {
     }
 }
 
+/// When the agent stops, how long a package-manager run in flight may take to finish (under
+/// the systemd unit's `TimeoutStopSec=60s`).
+pub const PACKAGE_RUN_GRACE: Duration = Duration::from_secs(45);
+
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(cfg: Config) -> Result<()> {
     let _lock = lock(&cfg)?;
@@ -119,7 +123,12 @@ pub async fn run(cfg: Config) -> Result<()> {
         cfg.socket.display(),
         keepup_packager::spec::format_duration(cfg.rekick_every)
     );
-    let events = Events::default();
+    let events = Events::persistent(cfg.state_dir.join("events.json"));
+    events.push(
+        "agent-start",
+        None,
+        format!("keepup-agent started (pid {})", std::process::id()),
+    );
     let host_state = SharedHost::default();
     let report_now = Arc::new(Notify::new());
     let updater = start_updater(&cfg, &to_agent, &spawned, &events, &host_state, &report_now);
@@ -167,7 +176,13 @@ pub async fn run(cfg: Config) -> Result<()> {
         }
     };
     eprintln!("keepup-agent: {why}: stopping every service");
-    agent.shutdown().await;
+    // A package-manager run in flight may finish meanwhile (it may be the upgrade of this
+    // very agent, whose postinst is what stopped it); no new one starts.
+    let spawned = agent.ctx.spawned.clone();
+    tokio::join!(
+        crate::update::run::finish_before_exit(&spawned, PACKAGE_RUN_GRACE),
+        agent.shutdown()
+    );
     let _ = std::fs::remove_file(&cfg.socket);
     eprintln!("keepup-agent: stopped");
     Ok(())

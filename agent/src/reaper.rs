@@ -11,7 +11,7 @@
 //! waits for within milliseconds, so anything still a zombie after that is an orphan (or a
 //! child nobody waits for any more; an exec probe's child is always waited for).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,28 +23,59 @@ use tokio::signal::unix::{signal, SignalKind};
 pub const SETTLE: Duration = Duration::from_millis(200);
 
 /// Pids of children the agent spawned and waits for through tokio; the reaper leaves them alone.
+/// Among them, the package-manager runs in flight, which a stopping agent lets finish.
 #[derive(Debug, Clone, Default)]
-pub struct Spawned(Arc<Mutex<HashSet<i32>>>);
+pub struct Spawned(Arc<Mutex<Children>>);
+
+#[derive(Debug, Default)]
+struct Children {
+    pids: HashSet<i32>,
+    package_runs: BTreeSet<i32>,
+    stopping: bool,
+}
 
 impl Spawned {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Children> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Marks `pid` as waited for by its owner.
     pub fn insert(&self, pid: i32) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(pid);
+        self.lock().pids.insert(pid);
     }
 
     /// Forgets `pid` (its owner reaped it).
     pub fn remove(&self, pid: i32) {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&pid);
+        let mut c = self.lock();
+        c.pids.remove(&pid);
+        c.package_runs.remove(&pid);
     }
 
     fn contains(&self, pid: i32) -> bool {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(&pid)
+        self.lock().pids.contains(&pid)
+    }
+
+    /// Marks `pid` (the leader of its own process group) as a package-manager run, waited for
+    /// by its owner.
+    pub fn insert_package_run(&self, pid: i32) {
+        let mut c = self.lock();
+        c.pids.insert(pid);
+        c.package_runs.insert(pid);
+    }
+
+    /// Package-manager runs in flight (their process groups).
+    pub fn package_runs(&self) -> Vec<i32> {
+        self.lock().package_runs.iter().copied().collect()
+    }
+
+    /// From now on, no new package-manager run may start (the agent is stopping).
+    pub fn stop_package_runs(&self) {
+        self.lock().stopping = true;
+    }
+
+    /// Is the agent stopping?
+    pub fn stopping(&self) -> bool {
+        self.lock().stopping
     }
 }
 

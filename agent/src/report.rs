@@ -6,7 +6,7 @@
 //! timeout, a failure is logged once per outage and the next report simply tries again.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -34,17 +34,60 @@ pub fn now_unix() -> u64 {
 }
 
 /// The ring of recent events (the last [`MAX_EVENTS`]), shared by the services, the updater
-/// and the reporter.
+/// and the reporter; with a file, kept across agent restarts (an upgrade of the agent, a
+/// crash), so what led to the restart still reaches the server.
 #[derive(Debug, Clone, Default)]
-pub struct Events(Arc<Mutex<VecDeque<Event>>>);
+pub struct Events(Arc<Mutex<Ring>>);
+
+#[derive(Debug, Default)]
+struct Ring {
+    events: VecDeque<Event>,
+    file: Option<PathBuf>,
+}
 
 impl Events {
+    /// Events saved in `file` (JSON, replaced atomically on every new event), starting with
+    /// what it holds. A missing file is an empty ring; an unreadable one is logged and
+    /// replaced.
+    pub fn persistent(file: PathBuf) -> Events {
+        let events = match std::fs::read(&file) {
+            Ok(bytes) => match serde_json::from_slice::<VecDeque<Event>>(&bytes) {
+                Ok(mut q) => {
+                    while q.len() > MAX_EVENTS {
+                        q.pop_front();
+                    }
+                    q
+                }
+                Err(e) => {
+                    eprintln!(
+                        "keepup-agent: {}: not a list of events ({e}); starting a new one",
+                        file.display()
+                    );
+                    VecDeque::new()
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => VecDeque::new(),
+            Err(e) => {
+                eprintln!(
+                    "keepup-agent: cannot read {} ({e}); starting a new list of events",
+                    file.display()
+                );
+                VecDeque::new()
+            }
+        };
+        Events(Arc::new(Mutex::new(Ring {
+            events,
+            file: Some(file),
+        })))
+    }
+
     /// Records an event now, unless the same one (kind, service, message) is among the last
     /// few: a failure that repeats every pass (an unreachable repository, a replayed index) is
     /// recorded once, with the time it began, instead of pushing everything else out.
     pub fn push(&self, kind: &str, service: Option<&str>, message: impl Into<String>) {
         let message = message.into();
-        let mut q = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut ring = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let q = &mut ring.events;
         let repeated = q
             .iter()
             .rev()
@@ -62,17 +105,28 @@ impl Events {
         while q.len() > MAX_EVENTS {
             q.pop_front();
         }
+        if let Some(file) = &ring.file {
+            if let Err(e) = save(file, &ring.events) {
+                eprintln!(
+                    "keepup-agent: cannot save events to {}: {e} (they are still reported)",
+                    file.display()
+                );
+            }
+        }
     }
 
     /// The events, oldest first.
     pub fn list(&self) -> Vec<Event> {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .cloned()
-            .collect()
+        let ring = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        ring.events.iter().cloned().collect()
     }
+}
+
+/// Writes `events` to `file` through a temporary file and a rename.
+fn save(file: &Path, events: &VecDeque<Event>) -> std::io::Result<()> {
+    let tmp = file.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec(events)?)?;
+    std::fs::rename(&tmp, file)
 }
 
 /// What the updater last found and did, for reports.
@@ -246,6 +300,25 @@ mod tests {
         assert_eq!(l.len(), MAX_EVENTS);
         assert_eq!(l[0].message, "n5");
         assert_eq!(l.last().unwrap().message, format!("n{}", MAX_EVENTS + 4));
+    }
+
+    #[test]
+    fn events_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("events.json");
+        let e = Events::persistent(file.clone());
+        assert!(e.list().is_empty());
+        e.push("upgrade", Some("foo"), "upgraded foo 1 -> 2");
+        e.push("agent-start", None, "started");
+        let again = Events::persistent(file.clone());
+        let kinds: Vec<String> = again.list().into_iter().map(|e| e.kind).collect();
+        assert_eq!(kinds, ["upgrade", "agent-start"]);
+        // A damaged file is replaced, not fatal.
+        std::fs::write(&file, "{not json").unwrap();
+        let fresh = Events::persistent(file.clone());
+        assert!(fresh.list().is_empty());
+        fresh.push("agent-start", None, "started");
+        assert_eq!(Events::persistent(file).list().len(), 1);
     }
 
     #[test]

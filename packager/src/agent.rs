@@ -171,9 +171,9 @@ pub fn agent_plan(pkg: &AgentPackage, format: Format, epoch: u64) -> Result<Plan
 /// The systemd unit: the agent in the foreground, restarted whatever way it ends.
 ///
 /// `KillMode=process`: stopping or restarting the unit signals only the agent, which stops its
-/// services itself (role kills, each within its `stop_grace`); systemd does not TERM every
-/// process in the cgroup at once, and a package manager the agent's updater started (whose
-/// postinst is restarting the agent) survives the restart. Whatever is left behind is killed
+/// services itself (role kills, each within its `stop_grace`) and lets a package-manager run
+/// in flight finish (whose postinst may be what restarts the agent); systemd does not TERM
+/// every process in the cgroup at once. Whatever is left behind is killed
 /// by the next agent's leftover kill (by uid) before it starts each service.
 pub fn unit() -> String {
     format!(

@@ -14,6 +14,7 @@ use keepup_tests::agent_pkg::{agent_package, agent_package_version};
 use keepup_tests::example::{self, built_bin};
 use keepup_tests::host::{docker_or_skip, Host, TestNet};
 use keepup_tests::systemd::SystemdHost;
+use keepup_tests::testkit::shared_signing_key;
 
 /// Live (non-zombie) agent processes; a container whose PID 1 is `sleep` never reaps them.
 const LIVE_AGENT: &str = "ps -eo stat=,comm= | awk '$1 !~ /^Z/ && $2 == \"keepup-agent\"'";
@@ -490,6 +491,98 @@ fn systemd_runs_the_agent_and_the_cron_line_restarts_it() -> Result<()> {
     );
     h.ok("dpkg --purge keepup-agent")?;
     h.ok("! test -e /etc/keepup/agent.yaml && ! test -e /var/lib/keepup-agent")?;
+    Ok(())
+}
+
+/// The repository of the self-upgrade test, on the host itself.
+const SELF_REPO: &str = "/srv/repo";
+
+/// Publishes the package file `deb` into [`SELF_REPO`] and promotes it up to stable.
+fn publish_to_stable(h: &SystemdHost, deb: &str) -> Result<String> {
+    h.ok(&format!(
+        "keepup publish --repo {SELF_REPO} {deb} && \
+         keepup promote --repo {SELF_REPO} keepup-agent --to testing && \
+         keepup promote --repo {SELF_REPO} keepup-agent --to stable"
+    ))
+}
+
+#[test]
+fn the_agent_upgrades_itself_through_its_own_updater() -> Result<()> {
+    if !docker_or_skip() {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let v1 = agent_package(dir.path(), Format::Deb);
+    let v2 = agent_package_version(dir.path(), Format::Deb, "99.0.0")?;
+    let h = SystemdHost::start("agent-self")?;
+    h.copy_in(&built_bin("keepup")?, "/usr/local/bin/keepup")?;
+    h.copy_in(&shared_signing_key()?, "/root/signing-key.asc")?;
+    h.copy_in(&v1, "/pkgs/v1/keepup-agent.deb")?;
+    h.copy_in(&v2, "/pkgs/v2/keepup-agent.deb")?;
+    // The repository, served on the host's loopback, with keepup-agent v1 in stable; every
+    // host follows stable.
+    h.ok(&format!(
+        "keepup repo init {SELF_REPO} --key /root/signing-key.asc >/dev/null && \
+         keepup assign --repo {SELF_REPO} '*' --track stable && \
+         systemd-run --unit keepup-serve keepup serve --repo {SELF_REPO} --listen 127.0.0.1:8080"
+    ))?;
+    publish_to_stable(&h, "/pkgs/v1/keepup-agent.deb")?;
+    // Installed by hand, as a new host is, then pointed at the repository. dpkg's post-invoke
+    // hook keeps every dpkg run going 3 s after the maintainer scripts: the postinst's restart
+    // of the agent always comes while the updater's dpkg still runs.
+    h.ok("dpkg -i /pkgs/v1/keepup-agent.deb")?;
+    h.write(
+        "/etc/keepup/agent.yaml",
+        "repo: http://127.0.0.1:8080/\ntrusted_key: /etc/keepup/repository.asc\n\
+         schedule: '0 0 1 1 *'\n",
+    )?;
+    h.ok(&format!(
+        "cp {SELF_REPO}/keys/repository.asc /etc/keepup/repository.asc && \
+         echo 'post-invoke=sleep 3' > /etc/dpkg/dpkg.cfg.d/zz-slow-post-invoke && \
+         systemctl restart keepup-agent"
+    ))?;
+    wait_for(&h, "keepup-agent status", Duration::from_secs(10))?;
+    let first = h.ok("keepup-agent update --now")?;
+    ensure!(
+        first.contains("keep keepup-agent") && first.contains("(current)"),
+        "{first}"
+    );
+    let before = main_pid(&h)?;
+
+    // v2 reaches stable: the agent's own pass installs it, the postinst restarts the agent,
+    // and the stopping agent lets that dpkg run finish before it exits. The pass's answer may
+    // be cut off by the restart, so only what follows is judged.
+    publish_to_stable(&h, "/pkgs/v2/keepup-agent.deb")?;
+    let pass = h.exec("keepup-agent update --now")?;
+    let restarted = format!(
+        "pid=$(systemctl show -p MainPID --value keepup-agent); [ \"$pid\" != 0 ] && [ \"$pid\" != {before} ]"
+    );
+    wait_for(&h, &restarted, Duration::from_secs(30))
+        .with_context(|| format!("the agent did not restart into v2; the pass said: {pass:?}"))?;
+    wait_for(&h, "keepup-agent status", Duration::from_secs(15))?;
+    let status = h.ok("dpkg-query -W -f '${Status} ${Version}' keepup-agent")?;
+    ensure!(
+        status == "install ok installed 99.0.0-1",
+        "keepup-agent after its own upgrade: {status}; the pass said: {pass:?}"
+    );
+    let audit = h.ok("dpkg --audit")?;
+    ensure!(audit.trim().is_empty(), "dpkg --audit: {audit}");
+    let log = h.ok("journalctl -u keepup-agent --no-pager -o cat")?;
+    for want in [
+        "SIGTERM: stopping every service",
+        "waiting up to 45s for the package manager",
+        "the package manager finished",
+    ] {
+        ensure!(log.contains(want), "no `{want}` in the agent's log:\n{log}");
+    }
+    // The new agent finds nothing to repair and nothing to do.
+    let next = h.ok("keepup-agent update --now")?;
+    ensure!(
+        next.contains("keep keepup-agent 99.0.0-1 (current)"),
+        "{next}"
+    );
+    let log = h.ok("journalctl -u keepup-agent --no-pager -o cat")?;
+    ensure!(!log.contains("repair"), "{log}");
     Ok(())
 }
 

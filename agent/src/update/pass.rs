@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use keepup_deploy::wire::report::StartReport;
 use keepup_deploy::wire::verify::TrustedKey;
-use keepup_deploy::wire::{Fleet, Index};
+use keepup_deploy::wire::{Fleet, Index, AGENT_PACKAGE};
 use keepup_packager::manifest::Manifest;
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
@@ -637,7 +637,16 @@ impl Updater {
                 };
                 self.events.push(kind, Some(&p.name), line.clone());
                 r.results.push(line);
-                to_confirm.push((p.clone(), began));
+                if p.name == AGENT_PACKAGE {
+                    // Not a service: its postinst restarts the agent (this one lets the
+                    // package manager finish first), and the next agent reports the version.
+                    r.results.push(format!(
+                        "{} {}: the agent restarts into it",
+                        p.name, p.version
+                    ));
+                } else {
+                    to_confirm.push((p.clone(), began));
+                }
                 Ok(())
             }
             _ => Ok(()),

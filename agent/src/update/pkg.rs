@@ -98,6 +98,21 @@ impl PackageManager {
         run(argv, self.timeout, self.spawned.as_ref()).await
     }
 
+    /// Runs a command that changes the system; none starts once the agent is stopping (a
+    /// run in flight may finish, see `run::finish_before_exit`).
+    async fn change(&self, argv: &[&str]) -> Outcome {
+        if self.spawned.as_ref().is_some_and(Spawned::stopping) {
+            return Outcome::Failed {
+                code: None,
+                output_tail: format!(
+                    "{} not started: the agent is stopping (the next pass does it)",
+                    argv.first().unwrap_or(&"package manager")
+                ),
+            };
+        }
+        self.run(argv).await
+    }
+
     /// The command that installs or upgrades to the package file `file`.
     pub fn install_argv(&self, file: &Path) -> Vec<String> {
         let file = file.display().to_string();
@@ -132,14 +147,18 @@ impl PackageManager {
     pub async fn install(&self, file: &Path) -> Outcome {
         let argv = self.install_argv(file);
         let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-        self.run(&argv).await
+        self.change(&argv).await
     }
 
     /// Removes a package (its conffiles stay, so lifting a quarantine restores the config).
     pub async fn remove(&self, name: &str) -> Outcome {
         match self.system {
-            System::Dpkg => self.run(&["dpkg", "--remove", name]).await,
-            System::Rpm => self.run_owned(self.rpm(&["-e", name])).await,
+            System::Dpkg => self.change(&["dpkg", "--remove", name]).await,
+            System::Rpm => {
+                let argv = self.rpm(&["-e", name]);
+                let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+                self.change(&argv).await
+            }
         }
     }
 
@@ -149,7 +168,7 @@ impl PackageManager {
     pub async fn repair(&self) -> Outcome {
         match self.system {
             System::Dpkg => {
-                self.run(&["dpkg", DPKG_CONF[0], DPKG_CONF[1], "--configure", "-a"])
+                self.change(&["dpkg", DPKG_CONF[0], DPKG_CONF[1], "--configure", "-a"])
                     .await
             }
             System::Rpm => Outcome::Ok {
@@ -293,6 +312,27 @@ impl PassMarker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn nothing_changes_once_the_agent_is_stopping() {
+        let spawned = Spawned::default();
+        let mut pm = PackageManager::new(System::Dpkg, Duration::from_secs(5));
+        pm.spawned = Some(spawned.clone());
+        spawned.stop_package_runs();
+        for o in [
+            pm.install(Path::new("/nonexistent/foo.deb")).await,
+            pm.remove("foo").await,
+            pm.repair().await,
+        ] {
+            assert!(
+                o.output_tail()
+                    .contains("not started: the agent is stopping"),
+                "{o:?}"
+            );
+        }
+        // Queries still run.
+        assert!(pm.installed_version("keepup-no-such-package").await.is_ok());
+    }
 
     #[test]
     fn only_fully_installed_counts() {

@@ -6,6 +6,7 @@ use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::fmt;
 
+use keepup_deploy::wire::AGENT_PACKAGE;
 pub use keepup_deploy::wire::{Format, PoolEntry as PackageEntry};
 
 /// Everything the plan depends on.
@@ -61,6 +62,9 @@ pub enum Action {
         /// The track's version.
         track: String,
     },
+    /// The policy quarantines the agent's own package here: ignored, the agent never removes
+    /// itself (it would stop following the fleet for good).
+    KeepAgent,
     /// Assigned, but the track has no package for this host's format and architecture.
     NotInTrack {
         /// Service name.
@@ -101,6 +105,10 @@ impl fmt::Display for Action {
                 f,
                 "keep {name} {installed}: the track has {track}, which is older (no downgrades)"
             ),
+            Action::KeepAgent => write!(
+                f,
+                "keep {AGENT_PACKAGE}: quarantine ignored (the agent never removes itself)"
+            ),
             Action::NotInTrack { name } => {
                 write!(
                     f,
@@ -128,9 +136,17 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
             }
         }
     }
-    let quarantined = |n: &str| input.quarantined.iter().any(|q| q == n);
     let mut actions = Vec::new();
-    let mut removed: Vec<&String> = input.quarantined.iter().collect();
+    if input.quarantined.iter().any(|q| q == AGENT_PACKAGE) {
+        actions.push(Action::KeepAgent);
+    }
+    let quarantine: Vec<&String> = input
+        .quarantined
+        .iter()
+        .filter(|q| *q != AGENT_PACKAGE)
+        .collect();
+    let quarantined = |n: &str| quarantine.iter().any(|q| *q == n);
+    let mut removed = quarantine.clone();
     removed.sort();
     removed.dedup();
     for name in removed {
@@ -275,6 +291,21 @@ mod tests {
         assert_eq!(
             got,
             ["remove old 0.1-1 (quarantined)", "keep bar 2.0-1 (current)"]
+        );
+    }
+
+    #[test]
+    fn the_agent_never_removes_itself() {
+        let track = debs(&[("keepup-agent", "1.1-1"), ("bar", "2.0-1")]);
+        let installed = [("keepup-agent", "1.0-1"), ("bar", "2.0-1")];
+        let got = run(&[], &track, &["keepup-agent", "bar"], &installed);
+        assert_eq!(
+            got,
+            [
+                "keep keepup-agent: quarantine ignored (the agent never removes itself)",
+                "remove bar 2.0-1 (quarantined)",
+                "upgrade keepup-agent 1.0-1 -> 1.1-1",
+            ]
         );
     }
 

@@ -3,6 +3,10 @@
 //! [`TAIL_BYTES`] are kept. When the time is up the whole group gets SIGTERM (and SIGCONT), then
 //! SIGKILL after a grace, and the command is reaped: a hung maintainer script cannot hang the
 //! agent.
+//!
+//! When the agent is told to stop, a run in flight may finish (see [`finish_before_exit`]):
+//! stopping the agent is also how its own package restarts it after an upgrade, from inside
+//! the very dpkg run the updater started, and killing that run would leave the upgrade split.
 
 use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
@@ -39,6 +43,54 @@ pub const ENV: [(&str, &str); 6] = [
     ("DEBCONF_NONINTERACTIVE_SEEN", "true"),
     ("APT_LISTCHANGES_FRONTEND", "none"),
 ];
+
+/// The agent is stopping: no new package-manager run that changes the system starts (see
+/// `PackageManager`), and the ones in flight (in
+/// `spawned`) get up to `bound` to finish; after that their process groups are killed (TERM,
+/// then KILL after [`KILL_GRACE`]) and the next agent repairs. Returns how many runs were in
+/// flight.
+pub async fn finish_before_exit(spawned: &Spawned, bound: Duration) -> usize {
+    spawned.stop_package_runs();
+    let running = spawned.package_runs();
+    if running.is_empty() {
+        return 0;
+    }
+    eprintln!(
+        "keepup-agent: waiting up to {} for the package manager (process group {}) to finish",
+        humantime::format_duration(bound),
+        running
+            .iter()
+            .map(i32::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let gone = |within: Duration| async move {
+        let deadline = tokio::time::Instant::now() + within;
+        while !spawned.package_runs().is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        spawned.package_runs().is_empty()
+    };
+    if gone(bound).await {
+        eprintln!("keepup-agent: the package manager finished");
+        return running.len();
+    }
+    eprintln!(
+        "keepup-agent: the package manager is still running after {}: killing it (the next \
+         agent repairs with the package manager before anything else)",
+        humantime::format_duration(bound)
+    );
+    for signal in [Signal::SIGTERM, Signal::SIGKILL] {
+        for p in spawned.package_runs() {
+            let _ = killpg(Pid::from_raw(p), signal);
+            let _ = killpg(Pid::from_raw(p), Signal::SIGCONT);
+        }
+        if gone(KILL_GRACE).await {
+            break;
+        }
+    }
+    running.len()
+}
 
 /// How a bounded command ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,7 +202,7 @@ pub async fn run(argv: &[&str], timeout: Duration, spawned: Option<&Spawned>) ->
     drop(cmd);
     let pid = child.id().map(|p| p as i32);
     if let (Some(s), Some(p)) = (spawned, pid) {
-        s.insert(p);
+        s.insert_package_run(p);
     }
     let tail = Arc::new(Mutex::new(Tail::default()));
     let mut reader = {
@@ -321,5 +373,57 @@ mod tests {
             let pid: i32 = pid.parse().unwrap();
             assert!(!alive(pid), "pid {pid} survived");
         }
+    }
+
+    #[tokio::test]
+    async fn a_stopping_agent_lets_the_run_finish() {
+        let spawned = Spawned::default();
+        let run_it = |cmd: &'static str, s: Spawned| {
+            tokio::spawn(
+                async move { run(&["sh", "-c", cmd], Duration::from_secs(60), Some(&s)).await },
+            )
+        };
+        let first = run_it("sleep 0.5; echo done", spawned.clone());
+        while spawned.package_runs().is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            finish_before_exit(&spawned, Duration::from_secs(10)).await,
+            1
+        );
+        let o = first.await.unwrap();
+        assert_eq!(
+            o,
+            Outcome::Ok {
+                output_tail: "done\n".into()
+            }
+        );
+        assert!(spawned.stopping());
+        assert!(spawned.package_runs().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_run_past_the_bound_is_killed_with_its_group() {
+        let spawned = Spawned::default();
+        let s = spawned.clone();
+        let hung = tokio::spawn(async move {
+            run(
+                &["sh", "-c", "trap '' TERM; sleep 600"],
+                Duration::from_secs(600),
+                Some(&s),
+            )
+            .await
+        });
+        while spawned.package_runs().is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let t0 = Instant::now();
+        assert_eq!(
+            finish_before_exit(&spawned, Duration::from_millis(300)).await,
+            1
+        );
+        assert!(t0.elapsed() < KILL_GRACE * 2 + Duration::from_secs(2));
+        let o = hung.await.unwrap();
+        assert!(matches!(o, Outcome::Failed { code: None, .. }), "{o:?}");
     }
 }

@@ -6,6 +6,10 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
+/// The agent's own package. It is never removed by policy: an agent that removed itself
+/// would stop following the fleet for good. It can be assigned and promoted like a service.
+pub const AGENT_PACKAGE: &str = "keepup-agent";
+
 /// Hosts matching a glob follow a track (and run the listed services; empty = all).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -111,6 +115,13 @@ impl Fleet {
     /// Quarantine a service on hosts.
     pub fn quarantine(&mut self, service: &str, hosts: &str) -> Result<bool, String> {
         check_glob(hosts)?;
+        if service == AGENT_PACKAGE {
+            return Err(format!(
+                "{AGENT_PACKAGE} cannot be quarantined: removing it would leave the hosts with \
+                 nothing that follows the fleet policy; stop the agent by hand on a host, or \
+                 roll back to an older {AGENT_PACKAGE} instead"
+            ));
+        }
         let q = Quarantine {
             service: service.into(),
             hosts: hosts.into(),
@@ -213,5 +224,13 @@ mod tests {
         assert_eq!(a.unwrap().track, "stable");
         assert_eq!(q, vec!["foo"]);
         assert_eq!(f.unquarantine("foo", None), 1);
+    }
+
+    #[test]
+    fn the_agent_cannot_be_quarantined() {
+        let mut f = Fleet::default();
+        let e = f.quarantine(AGENT_PACKAGE, "*").unwrap_err();
+        assert!(e.contains("cannot be quarantined"), "{e}");
+        assert!(f.quarantine.is_empty());
     }
 }

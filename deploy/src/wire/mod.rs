@@ -8,6 +8,6 @@ pub mod index;
 pub mod report;
 pub mod verify;
 
-pub use fleet::{glob_match, Assignment, Fleet, Quarantine};
+pub use fleet::{glob_match, Assignment, Fleet, Quarantine, AGENT_PACKAGE};
 pub use index::{Format, Index, PoolEntry};
 pub use report::{Event, ProbeReport, Report, ServiceReport, StartReport, UpdateReport};
