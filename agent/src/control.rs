@@ -259,6 +259,14 @@ async fn request_within(socket: &Path, req: &Request, limit: Duration) -> Result
         let mut line = String::new();
         BufReader::new(read).read_line(&mut line).await?;
         if line.trim().is_empty() {
+            if *req == Request::Update {
+                bail!(
+                    "keepup-agent stopped before the pass ended (stopped or restarted, e.g. by \
+                     an upgrade of keepup-agent itself; a package-manager run in flight was \
+                     let finish): see `journalctl -u keepup-agent` and run `keepup-agent \
+                     update --now` again"
+                );
+            }
             bail!("keepup-agent closed the connection without answering");
         }
         serde_json::from_str::<Response>(line.trim()).context("reading the agent's answer")
