@@ -20,7 +20,7 @@ use crate::config::Config;
 use crate::control::{self, Incoming, Request, Response};
 use crate::reaper::{self, Spawned};
 use crate::refuse::Roles;
-use crate::report::{Events, SharedHost};
+use crate::report::{Events, HostState, SharedHost};
 use crate::service::{self, Ctx, Handle, ServiceCommand};
 use crate::update::{self, PassRequest};
 use crate::watch::DirWatch;
@@ -129,7 +129,9 @@ pub async fn run(cfg: Config) -> Result<()> {
         None,
         format!("keepup-agent started (pid {})", std::process::id()),
     );
-    let host_state = SharedHost::default();
+    let host_state: SharedHost = Arc::new(std::sync::Mutex::new(HostState::load(
+        &cfg.state_dir.join(crate::report::HOST_STATE_FILE),
+    )));
     let report_now = Arc::new(Notify::new());
     let updater = start_updater(&cfg, &to_agent, &spawned, &events, &host_state, &report_now);
     if let Some(r) = &cfg.report {

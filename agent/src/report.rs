@@ -106,7 +106,7 @@ impl Events {
             q.pop_front();
         }
         if let Some(file) = &ring.file {
-            if let Err(e) = save(file, &ring.events) {
+            if let Err(e) = save_json(file, &ring.events) {
                 eprintln!(
                     "keepup-agent: cannot save events to {}: {e} (they are still reported)",
                     file.display()
@@ -122,15 +122,18 @@ impl Events {
     }
 }
 
-/// Writes `events` to `file` through a temporary file and a rename.
-fn save(file: &Path, events: &VecDeque<Event>) -> std::io::Result<()> {
+/// Writes `value` as JSON to `file` through a temporary file and a rename.
+fn save_json(file: &Path, value: &impl serde::Serialize) -> std::io::Result<()> {
     let tmp = file.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec(events)?)?;
+    std::fs::write(&tmp, serde_json::to_vec(value)?)?;
     std::fs::rename(&tmp, file)
 }
 
-/// What the updater last found and did, for reports.
-#[derive(Debug, Clone, Default)]
+/// What the updater last found and did, for reports. Saved in `state_dir` after each pass
+/// ([`HOST_STATE_FILE`]) and read back when the agent starts, so a restarted agent (its own
+/// upgrade, a reboot) reports what is installed before its next pass, not "missing".
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct HostState {
     /// The track from the fleet policy (`None`: not assigned, or not known yet).
     pub track: Option<String>,
@@ -150,6 +153,31 @@ pub struct HostState {
 
 /// Shared between the updater (writes) and the reporter (reads).
 pub type SharedHost = Arc<Mutex<HostState>>;
+
+/// The file in `state_dir` that keeps the [`HostState`] across agent restarts.
+pub const HOST_STATE_FILE: &str = "host-state.json";
+
+impl HostState {
+    /// The state saved in `file`; empty if there is none or it cannot be read (said on
+    /// stderr: the next pass finds it all again).
+    pub fn load(file: &Path) -> HostState {
+        match std::fs::read(file) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                eprintln!(
+                    "keepup-agent: {}: unreadable ({e}); the next pass finds it again",
+                    file.display()
+                );
+                HostState::default()
+            }),
+            Err(_) => HostState::default(),
+        }
+    }
+
+    /// Saves the state in `file` (a temporary file, then a rename).
+    pub fn save(&self, file: &Path) -> std::io::Result<()> {
+        save_json(file, self)
+    }
+}
 
 /// Builds a report from the host state, the events and the supervisor's status.
 pub fn build(host: &str, state: &HostState, events: &Events, services: &[ServiceStatus]) -> Report {
@@ -319,6 +347,28 @@ mod tests {
         assert!(fresh.list().is_empty());
         fresh.push("agent-start", None, "started");
         assert_eq!(Events::persistent(file).list().len(), 1);
+    }
+
+    #[test]
+    fn host_state_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join(HOST_STATE_FILE);
+        assert!(HostState::load(&file).installed.is_empty());
+        let mut s = HostState {
+            track: Some("stable".into()),
+            format: Some(Format::Deb),
+            ..HostState::default()
+        };
+        s.installed.insert("foo".into(), "1.0.0-1".into());
+        s.save(&file).unwrap();
+        let back = HostState::load(&file);
+        assert_eq!(back.track.as_deref(), Some("stable"));
+        assert_eq!(
+            back.installed.get("foo").map(String::as_str),
+            Some("1.0.0-1")
+        );
+        std::fs::write(&file, "[").unwrap();
+        assert!(HostState::load(&file).installed.is_empty());
     }
 
     #[test]

@@ -879,5 +879,32 @@ async fn reports_survive_an_outage_and_a_failed_start_comes_with_the_log_tail() 
         "{r:#}"
     );
     ensure!(r["update"]["ok"] == false, "{r:#}");
+
+    // A restarted agent reports what is installed, and the events before the restart, before
+    // its next pass (none is due: the schedule is yearly).
+    host.ok("pkill -TERM -x keepup-agent; for i in $(seq 100); do pgrep -x keepup-agent >/dev/null || exit 0; sleep 0.1; done; exit 1")
+        .await?;
+    repo.ok(": > /tmp/reports").await?;
+    start_agent(&web1).await?;
+    let reports = wait_report(repo, "\"kind\":\"agent-start\"").await?;
+    let last = reports
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .context("no report body")?;
+    let r: Value = serde_json::from_str(last)?;
+    ensure!(r["installed"]["foo"] == "1.1.0-1", "{r:#}");
+    ensure!(r["track"] == "stable", "{r:#}");
+    let kinds: Vec<&str> = r["events"]
+        .as_array()
+        .context("events")?
+        .iter()
+        .filter_map(|e| e["kind"].as_str())
+        .collect();
+    ensure!(
+        kinds.contains(&"failed-to-start")
+            && kinds.iter().filter(|k| **k == "agent-start").count() == 2,
+        "{r:#}"
+    );
     Ok(())
 }

@@ -97,10 +97,18 @@ pub async fn run_task(
         }
         None => {}
     }
-    {
+    // What the last agent saved may be out of date (it may have stopped in the middle of a
+    // pass, e.g. the one that upgraded it): read the installed versions again.
+    let names: std::collections::BTreeSet<String> = {
         let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
         s.format = Some(updater.format());
         s.arch = Some(updater.arch().to_string());
+        s.installed.keys().cloned().collect()
+    };
+    if !names.is_empty() {
+        if let Ok(now) = updater.installed(&names).await {
+            state.lock().unwrap_or_else(|e| e.into_inner()).installed = now;
+        }
     }
     loop {
         let now = chrono::Utc::now();
@@ -123,6 +131,14 @@ pub async fn run_task(
         }
         let result = updater.pass().await;
         publish(&state, &updater, &result);
+        let saved = state.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let file = updater.state_dir().join(crate::report::HOST_STATE_FILE);
+        if let Err(e) = saved.save(&file) {
+            eprintln!(
+                "keepup-agent: cannot save {}: {e} (reports after a restart wait for a pass)",
+                file.display()
+            );
+        }
         report_now.notify_one();
         if let Some(reply) = reply {
             let _ = reply.send(response(result));

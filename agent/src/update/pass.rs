@@ -211,6 +211,11 @@ pub struct Updater {
 }
 
 impl Updater {
+    /// The agent's state directory.
+    pub fn state_dir(&self) -> &Path {
+        &self.cfg.state_dir
+    }
+
     /// An updater for the configured host. `to_agent` is the running agent's request loop
     /// (None for `update --now` without an agent); `spawned` the agent's own children.
     pub async fn new(
@@ -522,7 +527,7 @@ impl Updater {
     }
 
     /// Fully installed versions of `names`.
-    async fn installed(
+    pub async fn installed(
         &self,
         names: &BTreeSet<String>,
     ) -> Result<BTreeMap<String, String>, String> {
