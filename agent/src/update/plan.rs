@@ -6,7 +6,7 @@ use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::fmt;
 
-use keepup_deploy::wire::AGENT_PACKAGE;
+use keepup_deploy::wire::{best_per_name, AGENT_PACKAGE};
 pub use keepup_deploy::wire::{Format, PoolEntry as PackageEntry};
 
 /// Everything the plan depends on.
@@ -124,18 +124,7 @@ impl fmt::Display for Action {
 pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
     let fmt = input.format;
     // The track's best package per name for this host's format and architecture.
-    let mut track: BTreeMap<&str, &PackageEntry> = BTreeMap::new();
-    for p in input.packages {
-        if p.format != fmt || (p.arch != input.arch && p.arch != fmt.any_arch()) {
-            continue;
-        }
-        match track.get(p.name.as_str()) {
-            Some(q) if fmt.cmp_versions(&q.version, &p.version) != Ordering::Less => {}
-            _ => {
-                track.insert(&p.name, p);
-            }
-        }
-    }
+    let track = best_per_name(input.packages, fmt, input.arch);
     let mut actions = Vec::new();
     if input.quarantined.iter().any(|q| q == AGENT_PACKAGE) {
         actions.push(Action::KeepAgent);

@@ -4,10 +4,12 @@
 //! quarantines) and the track indexes; served as `/api/v1/fleet` and read back by
 //! `keepup report`.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
-use keepup_deploy::wire::{Event, Fleet, Format, Index, PoolEntry, Report, StartReport};
+use keepup_deploy::wire::{
+    best_per_name, Event, Fleet, Format, Index, PoolEntry, Report, StartReport,
+};
 use serde::{Deserialize, Serialize};
 
 /// The default threshold after which a silent host counts as stale (3 x a 200 s report
@@ -244,7 +246,7 @@ pub fn build(
     with_events: bool,
 ) -> FleetView {
     // Per (track, format, arch): the track's best entry of each name, and the names sorted.
-    type Table<'p> = (HashMap<&'p str, &'p PoolEntry>, Vec<&'p str>);
+    type Table<'p> = (BTreeMap<&'p str, &'p PoolEntry>, Vec<&'p str>);
     let mut tables: HashMap<(&str, Format, &str), Table<'_>> = HashMap::new();
     let mut summary = Summary {
         hosts: hosts.len(),
@@ -268,21 +270,8 @@ pub fn build(
             .and_then(|t| policy.indexes.get(t).map(|i| (t, *i)))
             .map(|(t, idx)| {
                 &*tables.entry((t, format, arch)).or_insert_with(|| {
-                    let mut best: HashMap<&str, &PoolEntry> = HashMap::new();
-                    for p in idx.packages.iter().filter(|p| {
-                        p.format == format && (p.arch == arch || p.arch == format.any_arch())
-                    }) {
-                        match best.get(p.name.as_str()) {
-                            Some(b)
-                                if format.cmp_versions(&b.version, &p.version)
-                                    != std::cmp::Ordering::Less => {}
-                            _ => {
-                                best.insert(&p.name, p);
-                            }
-                        }
-                    }
-                    let mut names: Vec<&str> = best.keys().copied().collect();
-                    names.sort_unstable();
+                    let best = best_per_name(&idx.packages, format, arch);
+                    let names: Vec<&str> = best.keys().copied().collect();
                     (best, names)
                 })
             });

@@ -2,6 +2,7 @@
 //! serial that only increases and the current package of each name, format and arch.
 
 use std::cmp::Ordering;
+use std::collections::BTreeMap;
 
 use keepup_packager::version;
 use serde::{Deserialize, Serialize};
@@ -99,15 +100,29 @@ impl Index {
     pub fn from_json(data: &[u8]) -> Result<Index, String> {
         serde_json::from_slice(data).map_err(|e| format!("index.json: {e}"))
     }
+}
 
-    /// The newest package named `name` for a host of `format` and `arch`.
-    pub fn best(&self, name: &str, format: Format, arch: &str) -> Option<&PoolEntry> {
-        self.packages
-            .iter()
-            .filter(|p| p.name == name && p.format == format)
-            .filter(|p| p.arch == arch || p.arch == format.any_arch())
-            .max_by(|a, b| format.cmp_versions(&a.version, &b.version))
+/// The newest package of each name among `packages` for a host of `format` and `arch` (its
+/// own arch or the format's "any" arch; of equal versions, the first listed). What an agent
+/// installs, and what the fleet view compares hosts with.
+pub fn best_per_name<'a>(
+    packages: &'a [PoolEntry],
+    format: Format,
+    arch: &str,
+) -> BTreeMap<&'a str, &'a PoolEntry> {
+    let mut best: BTreeMap<&str, &PoolEntry> = BTreeMap::new();
+    for p in packages {
+        if p.format != format || (p.arch != arch && p.arch != format.any_arch()) {
+            continue;
+        }
+        match best.get(p.name.as_str()) {
+            Some(b) if format.cmp_versions(&b.version, &p.version) != Ordering::Less => {}
+            _ => {
+                best.insert(&p.name, p);
+            }
+        }
     }
+    best
 }
 
 #[cfg(test)]
@@ -129,27 +144,20 @@ mod tests {
 
     #[test]
     fn best_picks_format_arch_and_newest() {
-        let index = Index {
-            track: "stable".into(),
-            serial: 1,
-            generated: 0,
-            packages: vec![
-                entry("foo", "1.9-1", Format::Deb, "amd64"),
-                entry("foo", "1.10-1", Format::Deb, "all"),
-                entry("foo", "2.0-1", Format::Rpm, "x86_64"),
-                entry("foo", "3.0-1", Format::Deb, "arm64"),
-            ],
-        };
-        assert_eq!(
-            index.best("foo", Format::Deb, "amd64").unwrap().version,
-            "1.10-1"
-        );
-        assert_eq!(
-            index.best("foo", Format::Rpm, "x86_64").unwrap().version,
-            "2.0-1"
-        );
-        assert!(index.best("foo", Format::Rpm, "aarch64").is_none());
-        assert!(index.best("bar", Format::Deb, "amd64").is_none());
+        let packages = vec![
+            entry("foo", "1.9-1", Format::Deb, "amd64"),
+            entry("foo", "1.10-1", Format::Deb, "all"),
+            entry("foo", "2.0-1", Format::Rpm, "x86_64"),
+            entry("foo", "3.0-1", Format::Deb, "arm64"),
+            entry("bar", "1.0-1", Format::Rpm, "x86_64"),
+        ];
+        let deb = best_per_name(&packages, Format::Deb, "amd64");
+        assert_eq!(deb.len(), 1);
+        assert_eq!(deb["foo"].version, "1.10-1");
+        let rpm = best_per_name(&packages, Format::Rpm, "x86_64");
+        assert_eq!(rpm["foo"].version, "2.0-1");
+        assert_eq!(rpm["bar"].version, "1.0-1");
+        assert!(best_per_name(&packages, Format::Rpm, "aarch64").is_empty());
     }
 
     #[test]

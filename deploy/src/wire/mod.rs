@@ -9,5 +9,5 @@ pub mod report;
 pub mod verify;
 
 pub use fleet::{glob_match, Assignment, Fleet, Quarantine, AGENT_PACKAGE};
-pub use index::{Format, Index, PoolEntry};
+pub use index::{best_per_name, Format, Index, PoolEntry};
 pub use report::{Event, ProbeReport, Report, ServiceReport, StartReport, UpdateReport};
