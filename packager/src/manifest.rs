@@ -145,6 +145,40 @@ pub enum ManifestError {
         /// Format found.
         found: u32,
     },
+    /// A value the agent would put into a path, a `systemctl` argument or a kill decision is
+    /// not what `keepup pack` writes (a hand-edited or forged manifest).
+    #[error("{path}: {field}: {message}; not supervised (reinstall the package, or fix the manifest as `keepup pack` writes it)")]
+    Invalid {
+        /// File.
+        path: String,
+        /// The offending field (`name`, `role`, `launch`, `supervisor.unit`, or the file name).
+        field: &'static str,
+        /// What is wrong and what is expected.
+        message: String,
+    },
+}
+
+impl ManifestError {
+    /// The file the error is about.
+    pub fn path(&self) -> &str {
+        match self {
+            ManifestError::Parse { path, .. }
+            | ManifestError::TooNew { path, .. }
+            | ManifestError::Invalid { path, .. } => path,
+        }
+    }
+}
+
+/// Whether `s` is a systemd unit name keepup may pass to `systemctl`: `[A-Za-z0-9:_.\-@]`,
+/// not starting with `-` or `.` (so never an option), at most 255 bytes, ending in `.service`
+/// with something before it.
+pub fn is_unit_name(s: &str) -> bool {
+    s.len() <= 255
+        && s.strip_suffix(".service")
+            .is_some_and(|stem| !stem.is_empty())
+        && !s.starts_with(['-', '.'])
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, ':' | '_' | '.' | '-' | '\\' | '@'))
 }
 
 impl Manifest {
@@ -233,10 +267,83 @@ impl Manifest {
                 });
             }
         }
-        serde_saphyr::from_str(text).map_err(|e| ManifestError::Parse {
+        let m: Manifest = serde_saphyr::from_str(text).map_err(|e| ManifestError::Parse {
             path: path.into(),
             message: e.without_snippet().to_string(),
-        })
+        })?;
+        m.validate(path)?;
+        Ok(m)
+    }
+
+    /// Parses the manifest file `path` (as [`Manifest::parse`]) and checks that its file name
+    /// is `<name>.yaml`: one file per service, and the name in paths is the one in the file.
+    pub fn parse_file(path: &std::path::Path, text: &str) -> Result<Manifest, ManifestError> {
+        let shown = path.display().to_string();
+        let m = Manifest::parse(&shown, text)?;
+        let file = path.file_name().and_then(|f| f.to_str()).unwrap_or("");
+        if file != format!("{}.yaml", m.name) {
+            return Err(ManifestError::Invalid {
+                path: shown,
+                field: "name",
+                message: format!(
+                    "the manifest of service {} must be named {}.yaml, not {file:?}",
+                    m.name, m.name
+                ),
+            });
+        }
+        Ok(m)
+    }
+
+    /// Checks the values the agent uses in paths (`name`: logs, admin-down marks), in
+    /// `systemctl` arguments (`supervisor.unit`), to find the role (`role`) and to spawn
+    /// (`launch`), the way `keepup pack` validated them in the spec.
+    pub fn validate(&self, path: &str) -> Result<(), ManifestError> {
+        let invalid = |field: &'static str, message: String| ManifestError::Invalid {
+            path: path.into(),
+            field,
+            message,
+        };
+        if !spec::is_package_name(&self.name) {
+            return Err(invalid(
+                "name",
+                format!(
+                    "{:?} is not a package name (2+ characters of a-z 0-9 + . -, starting with a \
+                     letter or digit)",
+                    self.name
+                ),
+            ));
+        }
+        if !spec::is_account_name(&self.role) {
+            return Err(invalid(
+                "role",
+                format!(
+                    "{:?} is not an account name (a-z 0-9 _ -, starting with a letter or _, at \
+                     most 32)",
+                    self.role
+                ),
+            ));
+        }
+        if !spec::is_clean_abs_path(&self.launch) {
+            return Err(invalid(
+                "launch",
+                format!(
+                    "{:?} is not a clean absolute path (no . or .. or empty components)",
+                    self.launch
+                ),
+            ));
+        }
+        if let Some(unit) = &self.supervisor.unit {
+            if !is_unit_name(unit) {
+                return Err(invalid(
+                    "supervisor.unit",
+                    format!(
+                        "{unit:?} is not a systemd service name (A-Z a-z 0-9 : _ . - \\ @, not \
+                         starting with - or ., ending in .service)"
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -270,6 +377,75 @@ mod tests {
             assert_eq!(spec::parse_duration(&spec::format_duration(d)).unwrap(), d);
         }
         assert_eq!(spec::format_duration(Duration::from_secs(300)), "5m");
+    }
+
+    const GOOD: &str = "format: 1\nname: foo\nversion: 1.0.0-1\nrole: foo\nlaunch: /usr/sbin/run-foo\n\
+                        supervisor:\n  kind: systemd\n  count: 10\n  within: 1m\n  stop_grace: 5s\n  \
+                        unit: foo.service\n";
+
+    /// GOOD with `field: value` replaced; fails loudly if the edit does not apply.
+    fn with(field: &str, value: &str) -> String {
+        let prefix = format!("{field}: ");
+        let mut hit = false;
+        let out = GOOD
+            .lines()
+            .map(|l| {
+                if l.trim_start().starts_with(&prefix) {
+                    hit = true;
+                    let indent = &l[..l.len() - l.trim_start().len()];
+                    format!("{indent}{prefix}{value}\n")
+                } else {
+                    format!("{l}\n")
+                }
+            })
+            .collect();
+        assert!(hit, "no {field} in the fixture");
+        out
+    }
+
+    #[test]
+    fn validates_values_that_reach_paths_and_systemctl() {
+        Manifest::parse("foo.yaml", GOOD).unwrap();
+        let cases = [
+            ("name", "'../../etc/x'"),
+            ("name", "'foo/bar'"),
+            ("name", "'..'"),
+            ("name", "'-foo'"),
+            ("name", "Foo"),
+            ("role", "'../root'"),
+            ("role", "'foo bar'"),
+            ("role", "''"),
+            ("launch", "run-foo"),
+            ("launch", "/usr/sbin/../../tmp/x"),
+            ("launch", "'/usr//sbin/run-foo'"),
+            ("unit", "'foo bar.service'"),
+            ("unit", "'-foo.service'"),
+            ("unit", "'--now.service'"),
+            ("unit", "foo.socket"),
+            ("unit", "'.service'"),
+            ("unit", "\"foo\\n.service\""),
+        ];
+        for (field, value) in cases {
+            let err = Manifest::parse("foo.yaml", &with(field, value)).unwrap_err();
+            let msg = err.to_string();
+            assert!(
+                matches!(err, ManifestError::Invalid { .. }) && msg.contains(field),
+                "{field}: {value}: {msg}"
+            );
+        }
+        for ok in ["foo@1.service", "foo-bar_2:x.service", "a\\x2db.service"] {
+            assert!(is_unit_name(ok), "{ok}");
+        }
+    }
+
+    #[test]
+    fn the_file_name_is_the_service_name() {
+        use std::path::Path;
+        Manifest::parse_file(Path::new("/usr/lib/keepup/services/foo.yaml"), GOOD).unwrap();
+        let err =
+            Manifest::parse_file(Path::new("/usr/lib/keepup/services/bar.yaml"), GOOD).unwrap_err();
+        assert!(err.to_string().contains("must be named foo.yaml"), "{err}");
+        assert_eq!(err.path(), "/usr/lib/keepup/services/bar.yaml");
     }
 
     #[test]

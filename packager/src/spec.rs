@@ -598,7 +598,7 @@ impl Checker<'_> {
 }
 
 /// True for `/a/b` style paths: absolute, no `.`/`..` components, no empty components, not `/`.
-fn is_clean_abs_path(s: &str) -> bool {
+pub(crate) fn is_clean_abs_path(s: &str) -> bool {
     s.len() > 1
         && s.starts_with('/')
         && !s.ends_with('/')
@@ -607,7 +607,7 @@ fn is_clean_abs_path(s: &str) -> bool {
             .all(|c| !c.is_empty() && c != "." && c != "..")
 }
 
-fn is_account_name(s: &str) -> bool {
+pub(crate) fn is_account_name(s: &str) -> bool {
     let mut chars = s.chars();
     matches!(chars.next(), Some('a'..='z' | '_'))
         && s.len() <= 32
@@ -615,7 +615,7 @@ fn is_account_name(s: &str) -> bool {
 }
 
 /// Package names valid for both dpkg and rpm.
-fn is_package_name(s: &str) -> bool {
+pub(crate) fn is_package_name(s: &str) -> bool {
     let mut chars = s.chars();
     s.len() >= 2
         && matches!(chars.next(), Some('a'..='z' | '0'..='9'))
