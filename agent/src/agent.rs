@@ -150,6 +150,7 @@ pub async fn run(cfg: Config) -> Result<()> {
             spawned,
             roles: Roles::default(),
             uid_min: crate::refuse::uid_min(),
+            role_registry: PathBuf::from(crate::refuse::ROLE_REGISTRY),
             epoch: Instant::now(),
             events,
         },
@@ -245,8 +246,10 @@ struct Agent {
     /// Services whose manifest was removed, still stopping: a service of the same name is not
     /// started again until its old task has finished (its role kill would kill the new run).
     stopping: HashMap<String, tokio::task::JoinHandle<()>>,
-    /// Manifest files last seen, with what they parsed to (`None`: unreadable; reported once).
-    seen: HashMap<PathBuf, (FileKey, Option<Manifest>)>,
+    /// Manifest files last seen, with what they parsed to, or why they are not supervised
+    /// (unreadable, not a manifest, a refused value: reported once per file version, and
+    /// shown by `status` and in reports as a `refused` entry).
+    seen: HashMap<PathBuf, (FileKey, Result<Manifest, String>)>,
 }
 
 impl Agent {
@@ -263,10 +266,13 @@ impl Agent {
             let fresh = !matches!(self.seen.get(&path), Some((k, _)) if *k == key);
             if fresh {
                 let parsed = read_manifest(&path);
+                if let Err(why) = &parsed {
+                    self.ctx.events.push("refused", None, why.clone());
+                }
                 self.seen.insert(path.clone(), (key, parsed));
             }
             match self.seen.get(&path) {
-                Some((_, Some(m))) => {
+                Some((_, Ok(m))) => {
                     if let Some((other, _)) = wanted.get(&m.name) {
                         if fresh {
                             eprintln!(
@@ -281,7 +287,8 @@ impl Agent {
                     }
                     wanted.insert(m.name.clone(), (m.clone(), path.clone()));
                 }
-                // Unreadable now: keep whatever runs under that file's name as it is.
+                // Unreadable or refused now: keep whatever runs under that file's name as it
+                // is (`status` shows why the file is not used).
                 _ => {
                     if let Some(stem) = path.file_stem().and_then(|s| s.to_str()) {
                         if let Some(h) = self.services.get(stem) {
@@ -382,7 +389,7 @@ impl Agent {
         match req {
             Request::Status => {
                 let now = Instant::now();
-                let services = self
+                let mut services: Vec<_> = self
                     .services
                     .values()
                     .map(|h| {
@@ -407,6 +414,7 @@ impl Agent {
                         s
                     })
                     .collect();
+                self.show_refused_files(&mut services);
                 let _ = reply.send(Response {
                     ok: true,
                     services,
@@ -469,6 +477,46 @@ impl Agent {
                     let _ = reply.send(Response::done(lines.join("\n")));
                 });
             }
+        }
+    }
+
+    /// Adds the manifest files that are not used (unreadable, not a manifest, a refused
+    /// value) to a status: as a `refused` entry named after the file, or, when a service of
+    /// that name runs from an earlier version of the file, as a note on it.
+    fn show_refused_files(&self, services: &mut Vec<crate::control::ServiceStatus>) {
+        let mut refused: Vec<(&PathBuf, &String)> = self
+            .seen
+            .iter()
+            .filter_map(|(p, (_, r))| r.as_ref().err().map(|why| (p, why)))
+            .collect();
+        refused.sort();
+        for (path, why) in refused {
+            let stem = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if let Some(s) = services.iter_mut().find(|s| s.name == stem) {
+                s.note = Some(format!(
+                    "{}still running the manifest read before: {why}",
+                    s.note
+                        .as_deref()
+                        .map(|n| format!("{n}; "))
+                        .unwrap_or_default()
+                ));
+                continue;
+            }
+            services.push(crate::control::ServiceStatus {
+                name: stem,
+                version: String::new(),
+                supervisor: "-".into(),
+                state: crate::policy::State::Refused,
+                pid: None,
+                uptime_secs: None,
+                restarts: 0,
+                last_exit: None,
+                note: Some(format!("{} {why}", crate::refuse::REFUSING)),
+                probes: Vec::new(),
+            });
         }
     }
 
@@ -537,20 +585,16 @@ fn file_key(path: &Path) -> Option<FileKey> {
     })
 }
 
-/// Reads and parses one manifest; problems are reported on stderr (once per file version).
-fn read_manifest(path: &Path) -> Option<Manifest> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("keepup-agent: {}: {e}", path.display());
-            return None;
-        }
-    };
-    match Manifest::parse(&path.display().to_string(), &text) {
-        Ok(m) => Some(m),
-        Err(e) => {
-            eprintln!("keepup-agent: {e} (ignored until the file changes)");
-            None
-        }
-    }
+/// Reads, parses and validates one manifest (its values, and that its file is
+/// `<name>.yaml`); problems are reported on stderr (once per file version) and returned.
+fn read_manifest(path: &Path) -> Result<Manifest, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        let why = format!("{}: {e}", path.display());
+        eprintln!("keepup-agent: {why}");
+        why
+    })?;
+    Manifest::parse_file(path, &text).map_err(|e| {
+        eprintln!("keepup-agent: {e} (ignored until the file changes)");
+        e.to_string()
+    })
 }
