@@ -330,6 +330,8 @@ pub fn render_probe(p: &ProbeStatus) -> String {
     let verdict = match p.ok {
         None => "not run yet".to_string(),
         Some(true) => "ok".to_string(),
+        // A probe that cannot run (a broken manifest) fails without a streak.
+        Some(false) if p.failures == 0 => "FAILED".to_string(),
         Some(false) => format!("FAILED ({} in a row)", p.failures),
     };
     let age = p

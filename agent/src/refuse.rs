@@ -1,10 +1,21 @@
 //! Manifests the agent refuses to supervise, because the role kill (`pkill -u ${role}`) would
 //! hit processes that are not the service's: a reserved system account (`nobody`, `www-data`,
 //! ...), a uid in the login range (a human's processes) or 65534, uid 0, a role another
-//! manifest already uses (the two would kill each other in a loop), and `count: 0` or
+//! manifest already uses (the two would kill each other in a loop), a role account that keepup
+//! did not create for this service (the role registry, below), and `count: 0` or
 //! `failures: 0` (a give-up limit of nothing, a probe that kills on success).
+//!
+//! The role registry: a role account belongs to service NAME when
+//! `/var/lib/keepup/roles/<role>` is a regular file (not a symlink), owned by root, writable by
+//! no one else, whose first line is NAME (a second line `adopted`: the operator adopted an
+//! existing account with `role_adopt: true`). The package's preinst writes it. An account made
+//! by keepup before the registry existed is recognized by its GECOS, exactly
+//! `NAME service (keepup)`, while no registry file exists. Anything else (`postgres`, `dbus`,
+//! `redis`: another daemon's account) is refused, so nothing of that uid is ever killed.
 
 use std::collections::HashMap;
+use std::io::Read;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use keepup_packager::manifest::Manifest;
@@ -31,6 +42,133 @@ pub fn uid_min() -> u32 {
         .ok()
         .and_then(|t| parse_uid_min(&t))
         .unwrap_or(DEFAULT_UID_MIN)
+}
+
+/// The role registry directory (see the module documentation).
+pub const ROLE_REGISTRY: &str = "/var/lib/keepup/roles";
+
+/// What the role registry holds for one role, as far as it can be trusted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Registry {
+    /// No registry file for the role (or no registry at all).
+    Absent,
+    /// A trustworthy registry file: its first line, the service the role belongs to.
+    Marked(String),
+    /// A registry file (or directory) that root did not write alone: why it is ignored.
+    Untrusted(String),
+}
+
+/// Whether a registry file or directory with owner `uid` and `mode` (from `lstat`) can be
+/// trusted: owned by root, writable by no one else; `None` if so, else why not.
+pub fn registry_owner_problem(path: &Path, uid: u32, mode: u32) -> Option<String> {
+    if uid != 0 {
+        return Some(format!(
+            "{} is owned by uid {uid}, not root: only root may mark a role",
+            path.display()
+        ));
+    }
+    if mode & 0o022 != 0 {
+        return Some(format!(
+            "{} is writable by group or others (mode {:04o}): only root may mark a role",
+            path.display(),
+            mode & 0o7777
+        ));
+    }
+    None
+}
+
+/// Reads the registry entry of `role` in `dir`, without following a symlink planted in place
+/// of the directory or the file.
+pub fn read_registry(dir: &Path, role: &str) -> Registry {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    match std::fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Registry::Absent,
+        Err(e) => return Registry::Untrusted(format!("cannot read {}: {e}", dir.display())),
+        Ok(m) if !m.is_dir() => {
+            return Registry::Untrusted(format!(
+                "{} is not a directory (a symlink?): the role registry must be a directory of \
+                 root",
+                dir.display()
+            ))
+        }
+        Ok(m) => {
+            if let Some(why) = registry_owner_problem(dir, m.uid(), m.mode()) {
+                return Registry::Untrusted(why);
+            }
+        }
+    }
+    let path = dir.join(role);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(&path);
+    let mut file = match file {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Registry::Absent,
+        Err(e) if e.raw_os_error() == Some(nix::libc::ELOOP) => {
+            return Registry::Untrusted(format!(
+                "{} is a symlink: the role registry takes only regular files",
+                path.display()
+            ))
+        }
+        Err(e) => return Registry::Untrusted(format!("cannot read {}: {e}", path.display())),
+    };
+    let meta = match file.metadata() {
+        Ok(m) => m,
+        Err(e) => return Registry::Untrusted(format!("cannot read {}: {e}", path.display())),
+    };
+    if !meta.is_file() {
+        return Registry::Untrusted(format!("{} is not a regular file", path.display()));
+    }
+    if let Some(why) = registry_owner_problem(&path, meta.uid(), meta.mode()) {
+        return Registry::Untrusted(why);
+    }
+    let mut text = String::new();
+    if let Err(e) = file.by_ref().take(4096).read_to_string(&mut text) {
+        return Registry::Untrusted(format!("cannot read {}: {e}", path.display()));
+    }
+    Registry::Marked(text.lines().next().unwrap_or("").to_string())
+}
+
+/// The GECOS (comment) that keepup gave the accounts it created before the registry existed.
+pub fn legacy_gecos(name: &str) -> String {
+    format!("{name} service (keepup)")
+}
+
+/// Whether role `role` belongs to service `name`: by its registry entry, or, when there is
+/// none, by the legacy GECOS mark. `Err` is the refusal.
+pub fn role_belongs(
+    name: &str,
+    role: &str,
+    registry: &Registry,
+    gecos: &str,
+) -> Result<(), String> {
+    let file = Path::new(ROLE_REGISTRY).join(role);
+    let file = file.display();
+    let todo = format!(
+        "reinstall the {name} package so its preinst marks the account (it refuses an account \
+         it did not create), or, if {role} is meant to be this service's own account, adopt it \
+         with `role_adopt: true` in the spec (dangerous: every process of {role} is killed on \
+         stop)"
+    );
+    match registry {
+        Registry::Marked(owner) if owner == name => Ok(()),
+        Registry::Marked(owner) => Err(format!(
+            "{REFUSING} {name}: role {role} belongs to service {owner:?} ({file} says so); \
+             stopping {name} would kill {owner}'s processes. Give {name} a role of its own, or \
+             {todo}"
+        )),
+        Registry::Untrusted(why) => Err(format!(
+            "{REFUSING} {name}: role {role}: {why}. Remove {file} and {todo}"
+        )),
+        Registry::Absent if gecos == legacy_gecos(name) => Ok(()),
+        Registry::Absent => Err(format!(
+            "{REFUSING} {name}: role {role} is an existing account that keepup did not create \
+             for {name} (no {file} naming {name}, and its GECOS is not \"{}\"); stopping the \
+             service would kill every process of {role}. To fix: {todo}",
+            legacy_gecos(name)
+        )),
+    }
 }
 
 /// Why the manifest itself (before looking up the role) cannot be supervised.
@@ -181,6 +319,91 @@ mod tests {
             Some(2000)
         );
         assert_eq!(parse_uid_min("UID_MAX 60000\n"), None);
+    }
+
+    #[test]
+    fn a_role_belongs_to_its_service_by_registry_or_legacy_mark() {
+        let marked = |s: &str| Registry::Marked(s.into());
+        // The registry names the service (gecos does not matter then).
+        assert_eq!(role_belongs("foo", "foo", &marked("foo"), ""), Ok(()));
+        assert_eq!(
+            role_belongs("foo", "pg", &marked("foo"), "PostgreSQL"),
+            Ok(())
+        );
+        // No registry file: the legacy GECOS mark, exactly.
+        let legacy = "foo service (keepup)";
+        assert_eq!(
+            role_belongs("foo", "foo", &Registry::Absent, legacy),
+            Ok(())
+        );
+        for gecos in [
+            "",
+            "PostgreSQL administrator",
+            "bar service (keepup)",
+            "foo service",
+        ] {
+            let why = role_belongs("foo", "postgres", &Registry::Absent, gecos).unwrap_err();
+            assert!(why.starts_with(REFUSING), "{why}");
+            assert!(why.contains("role postgres"), "{why}");
+            assert!(why.contains("/var/lib/keepup/roles/postgres"), "{why}");
+            assert!(
+                why.contains("role_adopt: true") && why.contains("reinstall"),
+                "{why}"
+            );
+        }
+        // The registry names another service: refused, even with foo's legacy mark.
+        let why = role_belongs("foo", "foo", &marked("bar"), legacy).unwrap_err();
+        assert!(why.contains("belongs to service \"bar\""), "{why}");
+        // An untrusted registry file is not a mark, and not a reason to fall back to GECOS.
+        let bad = Registry::Untrusted("/var/lib/keepup/roles/foo is a symlink".into());
+        let why = role_belongs("foo", "foo", &bad, legacy).unwrap_err();
+        assert!(
+            why.contains("is a symlink") && why.contains("Remove"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn registry_files_must_be_roots_alone() {
+        let p = Path::new("/var/lib/keepup/roles/foo");
+        assert_eq!(registry_owner_problem(p, 0, 0o100644), None);
+        assert_eq!(registry_owner_problem(p, 0, 0o100600), None);
+        let why = registry_owner_problem(p, 998, 0o100644).unwrap();
+        assert!(why.contains("uid 998"), "{why}");
+        for mode in [0o100664, 0o100646, 0o40777] {
+            let why = registry_owner_problem(p, 0, mode).unwrap();
+            assert!(why.contains("writable by group or others"), "{why}");
+        }
+    }
+
+    #[test]
+    fn reads_the_registry_without_following_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let roles = dir.path().join("roles");
+        assert_eq!(read_registry(&roles, "foo"), Registry::Absent);
+        std::fs::create_dir(&roles).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&roles, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let root = nix::unistd::geteuid().is_root();
+        std::fs::write(roles.join("foo"), "foo\nadopted\n").unwrap();
+        std::fs::set_permissions(roles.join("foo"), std::fs::Permissions::from_mode(0o644))
+            .unwrap();
+        std::os::unix::fs::symlink(roles.join("foo"), roles.join("bar")).unwrap();
+        let link = read_registry(&roles, "bar");
+        if root {
+            assert_eq!(read_registry(&roles, "foo"), Registry::Marked("foo".into()));
+            assert_eq!(read_registry(&roles, "nobody-here"), Registry::Absent);
+            assert!(
+                matches!(&link, Registry::Untrusted(w) if w.contains("symlink")),
+                "{link:?}"
+            );
+        } else {
+            // Not root: the directory itself is not root's.
+            assert!(
+                matches!(&link, Registry::Untrusted(w) if w.contains("not root")),
+                "{link:?}"
+            );
+        }
     }
 
     #[test]

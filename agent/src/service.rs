@@ -51,6 +51,8 @@ pub struct Ctx {
     pub roles: Roles,
     /// The first login uid (`UID_MIN`); roles at or above it are refused.
     pub uid_min: u32,
+    /// The role registry directory ([`refuse::ROLE_REGISTRY`]).
+    pub role_registry: PathBuf,
     /// When the agent started: the re-kick timer ticks every `rekick_every` from here.
     pub epoch: Instant,
     /// Recent events, for reports (give-ups, health kills).
@@ -261,7 +263,7 @@ struct Run {
 #[derive(Debug)]
 struct Check {
     spec: ManifestCheck,
-    probe: Result<Probe, String>,
+    probe: Result<Probe, ProbeProblem>,
     next: Option<Instant>,
     running: bool,
     failures: u32,
@@ -458,25 +460,33 @@ impl Service {
         }
     }
 
-    /// Checks the manifest, claims the role and looks it up (`getpwnam`, on a blocking
-    /// thread: it may ask NSS over the network). Refusals start with [`refuse::REFUSING`].
+    /// Checks the manifest, claims the role, looks it up (`getpwnam`, on a blocking thread:
+    /// it may ask NSS over the network) and checks that it belongs to this service (the role
+    /// registry, see `refuse.rs`). Refusals start with [`refuse::REFUSING`]. The uid is
+    /// recorded (and so becomes killable) only once every check passed.
     async fn lookup_role(&mut self) -> Result<(u32, u32), String> {
         if let Some(why) = refuse::manifest_refusal(&self.m) {
             return Err(why);
         }
         self.ctx.roles.claim(&self.m.role, &self.m.name)?;
         let role = self.m.role.clone();
-        let found = tokio::task::spawn_blocking(move || nix::unistd::User::from_name(&role))
-            .await
-            .map_err(|e| format!("cannot look up role user {}: {e}", self.m.role))?;
+        let registry = self.ctx.role_registry.clone();
+        let found = tokio::task::spawn_blocking(move || {
+            nix::unistd::User::from_name(&role)
+                .map(|u| u.map(|u| (u, refuse::read_registry(&registry, &role))))
+        })
+        .await
+        .map_err(|e| format!("cannot look up role user {}: {e}", self.m.role))?;
         match found {
-            Ok(Some(u)) => {
+            Ok(Some((u, registry))) => {
                 let (uid, gid) = (u.uid.as_raw(), u.gid.as_raw());
                 if let Some(why) =
                     refuse::uid_refusal(&self.m.name, &self.m.role, uid, self.ctx.uid_min)
                 {
                     return Err(why);
                 }
+                let gecos = u.gecos.to_string_lossy();
+                refuse::role_belongs(&self.m.name, &self.m.role, &registry, &gecos)?;
                 self.ids = Some((uid, gid));
                 Ok((uid, gid))
             }
@@ -493,6 +503,10 @@ impl Service {
     fn refuse(&mut self, why: String) {
         self.note(&why);
         eprintln!("keepup-agent: {}: {why}", self.m.name);
+        // For the report: the state says `refused`, the event says why.
+        self.ctx
+            .events
+            .push("refused", Some(&self.m.name), why.clone());
         self.refused = Some(why.clone());
         self.ids = None;
         self.respawn_at = None;
@@ -529,7 +543,7 @@ impl Service {
             return;
         };
         self.path_key = key;
-        if let Ok(m) = Manifest::parse(&self.path.display().to_string(), &text) {
+        if let Ok(m) = Manifest::parse_file(&self.path, &text) {
             if m.name == self.m.name && m != self.m {
                 self.reload(m);
             }
@@ -1004,19 +1018,27 @@ impl Service {
             })
             .collect();
         self.generation += 1;
+        // A probe that cannot be built is failing from the start, with the reason, and stays
+        // so until the manifest is fixed: the service never looks healthy because of it. It
+        // is not run, so it never counts toward a health kill (killing the service would not
+        // fix its manifest, and would crash-loop it).
+        let now = Instant::now();
         let slots = self
             .checks
             .iter()
-            .map(|c| ProbeSlot {
-                name: c.spec.name.clone(),
-                probe: match &c.probe {
-                    Ok(p) => p.describe(),
-                    Err(e) => format!("invalid: {e}"),
-                },
-                ok: None,
-                reason: None,
-                failures: 0,
-                at: None,
+            .map(|c| {
+                let broken = match &c.probe {
+                    Err(ProbeProblem::Invalid(why)) => Some(why.clone()),
+                    _ => None,
+                };
+                ProbeSlot {
+                    name: c.spec.name.clone(),
+                    probe: describe(&c.probe),
+                    ok: broken.is_some().then_some(false),
+                    at: broken.is_some().then_some(now),
+                    reason: broken.map(|why| broken_reason(&self.m.name, &why)),
+                    failures: 0,
+                }
             })
             .collect();
         self.update(|s| s.probes = slots);
@@ -1176,7 +1198,7 @@ impl Service {
 
     /// `check`: runs every probe now, without counting towards the failure streaks.
     fn check_now(&self, reply: oneshot::Sender<Response>) {
-        let probes: Vec<(String, Result<Probe, String>, Duration)> = self
+        let probes: Vec<(String, Result<Probe, ProbeProblem>, Duration)> = self
             .checks
             .iter()
             .map(|c| (c.spec.name.clone(), c.probe.clone(), c.spec.timeout))
@@ -1197,16 +1219,21 @@ impl Service {
             let checks: Vec<ProbeStatus> = probes
                 .iter()
                 .zip(results)
-                .map(|((n, p, _), r)| ProbeStatus {
-                    name: n.clone(),
-                    probe: match p {
-                        Ok(p) => p.describe(),
-                        Err(e) => format!("invalid: {e}"),
-                    },
-                    ok: r.as_ref().map(|r| r.ok),
-                    reason: r.map(|r| r.reason),
-                    failures: 0,
-                    age_secs: Some(0.0),
+                .map(|((n, p, _), r)| {
+                    let (ok, reason) = match (p, r) {
+                        (Err(ProbeProblem::Invalid(why)), _) => {
+                            (Some(false), Some(broken_reason(&name, why)))
+                        }
+                        (_, r) => (r.as_ref().map(|r| r.ok), r.map(|r| r.reason)),
+                    };
+                    ProbeStatus {
+                        name: n.clone(),
+                        probe: describe(p),
+                        ok,
+                        reason,
+                        failures: 0,
+                        age_secs: Some(0.0),
+                    }
                 })
                 .collect();
             let ok = checks.iter().all(|c| c.ok == Some(true));
@@ -1221,8 +1248,44 @@ impl Service {
     }
 }
 
+/// Why a manifest's probe cannot run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeProblem {
+    /// The manifest's probe is broken (a bad regex, URL, port, an empty argv): it is failing
+    /// until the manifest is fixed.
+    Invalid(String),
+    /// An exec probe, while the role user is not known (not looked up yet, or refused).
+    RoleUnknown,
+}
+
+impl std::fmt::Display for ProbeProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProbeProblem::Invalid(why) => f.write_str(why),
+            ProbeProblem::RoleUnknown => f.write_str("exec probe: the role user is unknown"),
+        }
+    }
+}
+
+/// What `status` shows as the probe.
+fn describe(p: &Result<Probe, ProbeProblem>) -> String {
+    match p {
+        Ok(p) => p.describe(),
+        Err(e) => format!("invalid: {e}"),
+    }
+}
+
+/// The failure reason of a probe its manifest describes badly.
+fn broken_reason(service: &str, why: &str) -> String {
+    format!(
+        "cannot run: {why} (the manifest is broken: reinstall or fix the {service} package; \
+         not counted toward health kills)"
+    )
+}
+
 /// Builds the probe a manifest describes; exec probes run as the role (`run_as`).
-pub fn build_probe(p: &ManifestProbe, run_as: Option<RunAs>) -> Result<Probe, String> {
+pub fn build_probe(p: &ManifestProbe, run_as: Option<RunAs>) -> Result<Probe, ProbeProblem> {
+    let invalid = |e: keepup_checks::ProbeError| ProbeProblem::Invalid(e.to_string());
     let probe: Probe = match p {
         ManifestProbe::Tcp {
             host,
@@ -1240,7 +1303,7 @@ pub fn build_probe(p: &ManifestProbe, run_as: Option<RunAs>) -> Result<Probe, St
                 send: send.as_ref().map(|s| s.as_bytes().to_vec()),
                 expect: expect.clone(),
             })
-            .map_err(|e| e.to_string())?
+            .map_err(invalid)?
             .into()
         }
         ManifestProbe::Http {
@@ -1253,21 +1316,25 @@ pub fn build_probe(p: &ManifestProbe, run_as: Option<RunAs>) -> Result<Probe, St
         } => HttpProbe::new(HttpSpec {
             url: url.clone(),
             method: Some(method.clone()),
-            status: StatusRange::new(*status_min, *status_max).map_err(|e| e.to_string())?,
+            status: StatusRange::new(*status_min, *status_max).map_err(invalid)?,
             body: body.clone(),
             host: host_header.clone(),
         })
-        .map_err(|e| e.to_string())?
+        .map_err(invalid)?
         .into(),
         ManifestProbe::Exec { argv } => {
             let Some(run_as) = run_as else {
-                return Err("exec probe: the role user is unknown".into());
+                // A broken argv is broken whoever would run it.
+                if argv.first().is_none_or(|a| a.is_empty()) {
+                    return Err(invalid(keepup_checks::ProbeError::EmptyCommand));
+                }
+                return Err(ProbeProblem::RoleUnknown);
             };
             ExecProbe::new(ExecSpec {
                 argv: argv.clone(),
                 run_as: Some(run_as),
             })
-            .map_err(|e| e.to_string())?
+            .map_err(invalid)?
             .into()
         }
     };
@@ -1346,8 +1413,61 @@ mod tests {
         let exec = ManifestProbe::Exec {
             argv: vec!["true".into()],
         };
-        assert!(build_probe(&exec, None).is_err());
+        assert_eq!(
+            build_probe(&exec, None).unwrap_err(),
+            ProbeProblem::RoleUnknown
+        );
         let p = build_probe(&exec, Some(RunAs { uid: 5, gid: 6 })).unwrap();
         assert_eq!(p.describe(), "exec true as 5:6");
+    }
+
+    #[test]
+    fn broken_probes_are_invalid_not_off() {
+        let run_as = Some(RunAs { uid: 5, gid: 6 });
+        let broken = [
+            ManifestProbe::Tcp {
+                host: "127.0.0.1".into(),
+                port: 7070,
+                send: None,
+                expect: Some("rea(dy".into()),
+            },
+            ManifestProbe::Tcp {
+                host: "127.0.0.1".into(),
+                port: 0,
+                send: None,
+                expect: None,
+            },
+            ManifestProbe::Http {
+                url: "ftp://x/".into(),
+                method: "GET".into(),
+                status_min: 200,
+                status_max: 200,
+                body: None,
+                host_header: None,
+            },
+            ManifestProbe::Http {
+                url: "http://127.0.0.1:7071/".into(),
+                method: "GET".into(),
+                status_min: 200,
+                status_max: 299,
+                body: Some("[".into()),
+                host_header: None,
+            },
+            ManifestProbe::Exec { argv: vec![] },
+            ManifestProbe::Exec {
+                argv: vec!["".into()],
+            },
+        ];
+        for p in &broken {
+            for who in [None, run_as] {
+                let e = build_probe(p, who).unwrap_err();
+                assert!(matches!(e, ProbeProblem::Invalid(_)), "{p:?}: {e:?}");
+            }
+        }
+        let why = broken_reason("foo", "banner: bad regex");
+        assert!(
+            why.contains("banner: bad regex") && why.contains("not counted"),
+            "{why}"
+        );
     }
 }
