@@ -108,13 +108,14 @@ pub const PACKAGE_RUN_GRACE: Duration = Duration::from_secs(45);
 pub async fn run(cfg: Config) -> Result<()> {
     let _lock = lock(&cfg)?;
     reaper::become_subreaper().context("becoming the child subreaper")?;
-    let listener = control::bind(&cfg.socket)?;
+    let status_gid = control::status_gid(cfg.status_group.as_deref());
+    let listener = control::bind(&cfg.socket, status_gid)?;
     let mut sigterm = signal(SignalKind::terminate()).context("watching SIGTERM")?;
     let mut sigint = signal(SignalKind::interrupt()).context("watching SIGINT")?;
     let spawned = Spawned::default();
     tokio::spawn(reaper::run(spawned.clone()));
     let (to_agent, mut requests) = mpsc::channel::<Incoming>(16);
-    tokio::spawn(control::serve(listener, to_agent.clone()));
+    tokio::spawn(control::serve(listener, to_agent.clone(), status_gid));
 
     let cfg = Arc::new(cfg);
     eprintln!(

@@ -30,8 +30,11 @@ pub struct Config {
     pub log_max_bytes: u64,
     /// Rotated logs kept per service (`<service>.log.1` ... `.N`).
     pub log_keep: u32,
-    /// The control socket; its lock file is the same path plus `.lock`.
+    /// The control socket. Its directory is the agent's: created or fixed mode 0750
+    /// root:`status_group` (0700 root:root without one), so it must be a directory of its own.
     pub socket: PathBuf,
+    /// The group whose members may run `keepup-agent status` (read-only); `None`: root only.
+    pub status_group: Option<String>,
     /// How often given-up services are started again (the talk's cron line).
     pub rekick_every: Duration,
     /// How often the manifest directory is looked at when it cannot be watched with inotify
@@ -86,7 +89,7 @@ pub struct ReportConfig {
 
 /// Every key the file may have, for error messages.
 const KEYS: &str = "manifest_dir, state_dir, log_dir, log_max_bytes, log_keep, socket, \
-                    rekick_every, scan_every, fast_crash, max_backoff, host, repo, trusted_key, \
+                    status_group, rekick_every, scan_every, fast_crash, max_backoff, host, repo, trusted_key, \
                     schedule, stagger, package_timeout, package_format, arch, cache_dir, \
                     start_timeout, rpm_dbpath, report, report_token_file, report_every";
 
@@ -99,6 +102,7 @@ impl Default for Config {
             log_max_bytes: 10 * 1024 * 1024,
             log_keep: 3,
             socket: PathBuf::from("/run/keepup/agent.sock"),
+            status_group: None,
             rekick_every: Duration::from_secs(300),
             scan_every: Duration::from_secs(1),
             respawn: Respawn::default(),
@@ -119,6 +123,7 @@ struct RawConfig {
     log_max_bytes: Option<u64>,
     log_keep: Option<u32>,
     socket: Option<PathBuf>,
+    status_group: Option<String>,
     rekick_every: Option<String>,
     scan_every: Option<String>,
     fast_crash: Option<String>,
@@ -186,6 +191,20 @@ impl Config {
             {
                 bail!(
                     "{}: host: {h:?} is not a host name (letters, digits, - . _)",
+                    path.display()
+                );
+            }
+        }
+        if let Some(g) = &raw.status_group {
+            let mut chars = g.chars();
+            let ok = matches!(chars.next(), Some('a'..='z' | '_'))
+                && g.len() <= 32
+                && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_' | '-'));
+            if !ok || g == "root" {
+                bail!(
+                    "{}: status_group: {g:?} is not a group name (a-z 0-9 _ -, starting with a \
+                     letter or _; not root): name the group whose members may run \
+                     `keepup-agent status`, or leave the key out (root only)",
                     path.display()
                 );
             }
@@ -315,6 +334,7 @@ impl Config {
             log_max_bytes: raw.log_max_bytes.unwrap_or(d.log_max_bytes),
             log_keep: raw.log_keep.unwrap_or(d.log_keep),
             socket: raw.socket.unwrap_or(d.socket),
+            status_group: raw.status_group,
             rekick_every: dur("rekick_every", raw.rekick_every, d.rekick_every)?,
             scan_every: dur("scan_every", raw.scan_every, d.scan_every)?,
             respawn: Respawn {
@@ -420,6 +440,14 @@ mod tests {
         assert_eq!(c.rekick_every, Duration::from_secs(10));
         assert_eq!(c.scan_every, Duration::from_millis(500));
         assert_eq!(c.log_keep, 5);
+        assert_eq!(c.status_group, None);
+        let c = Config::parse(Path::new("a.yaml"), "status_group: keepupview\n").unwrap();
+        assert_eq!(c.status_group.as_deref(), Some("keepupview"));
+        for bad in ["'view ers'", "'../x'", "root", "''"] {
+            let e =
+                Config::parse(Path::new("a.yaml"), &format!("status_group: {bad}\n")).unwrap_err();
+            assert!(format!("{e:#}").contains("status_group"), "{bad}: {e:#}");
+        }
     }
 
     #[test]

@@ -1,7 +1,14 @@
 //! The control socket: a Unix stream socket (`/run/keepup/agent.sock` by default) that takes
 //! one JSON request line per connection and answers with one JSON response line. The
 //! `keepup-agent status|down|up|rekick|check|update` commands are its clients; connecting to it
-//! at all proves the agent is alive. Only root can connect (the socket is mode 0600).
+//! at all proves the agent is alive.
+//!
+//! Who may ask what: the agent reads the client's credentials from the connection
+//! (`SO_PEERCRED`). Root may make every request; members of `status_group` (none by default)
+//! may make the read-only ones (`status`); anyone else is answered "permission denied". The
+//! socket lives in a directory of its own that the agent creates or fixes at start, without
+//! following a symlink and whatever the umask: mode 0750 root:`status_group` (0700 root:root
+//! without a group), the socket 0660 (0600), so others cannot even reach it.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -49,6 +56,78 @@ pub enum Request {
     },
     /// Run an update pass now and report its plan and result.
     Update,
+}
+
+impl Request {
+    /// Whether the request only reads the agent's state (what `status_group` may ask).
+    /// `check` is not: it runs the service's probes (exec probes spawn commands as the role).
+    pub fn read_only(&self) -> bool {
+        matches!(self, Request::Status)
+    }
+
+    /// The request as a command line, for messages: `down foo`, `status`.
+    pub fn describe(&self) -> String {
+        match self {
+            Request::Status => "status".into(),
+            Request::Down { service } => format!("down {service}"),
+            Request::Up { service } => format!("up {service}"),
+            Request::Rekick { service: None } => "rekick".into(),
+            Request::Rekick {
+                service: Some(service),
+            } => format!("rekick {service}"),
+            Request::Check { service } => format!("check {service}"),
+            Request::Update => "update --now".into(),
+        }
+    }
+}
+
+/// Who asks, from the connection's credentials (`SO_PEERCRED`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    /// The client's uid.
+    pub uid: u32,
+    /// Whether the client is a member of `status_group` (false when none is configured).
+    pub in_status_group: bool,
+}
+
+/// Whether `peer` may make `req`: root everything, a `status_group` member the read-only
+/// requests; `Err` is the answer to everyone else.
+pub fn permitted(req: &Request, peer: Peer) -> Result<(), String> {
+    if peer.uid == 0 || (peer.in_status_group && req.read_only()) {
+        return Ok(());
+    }
+    Err(format!(
+        "permission denied: `keepup-agent {}` needs root (uid {} asked){}",
+        req.describe(),
+        peer.uid,
+        if req.read_only() {
+            "; members of the agent's status_group may run it (`status_group` in \
+             /etc/keepup/agent.yaml)"
+        } else {
+            ""
+        }
+    ))
+}
+
+/// Whether user `uid`, whose connection carries primary group `peer_gid`, is a member of
+/// group `gid`: by that primary group, by the account's own primary group, or as a listed
+/// member (`getgrouplist`, which may ask NSS: call it on a blocking thread).
+fn in_group(uid: u32, peer_gid: u32, gid: u32) -> bool {
+    use nix::unistd::{Gid, Uid, User};
+    if peer_gid == gid {
+        return true;
+    }
+    let Ok(Some(user)) = User::from_uid(Uid::from_raw(uid)) else {
+        return false;
+    };
+    if user.gid.as_raw() == gid {
+        return true;
+    }
+    let Ok(name) = std::ffi::CString::new(user.name) else {
+        return false;
+    };
+    nix::unistd::getgrouplist(&name, user.gid)
+        .is_ok_and(|groups| groups.contains(&Gid::from_raw(gid)))
 }
 
 /// The agent's answer.
@@ -146,23 +225,123 @@ pub struct ProbeStatus {
 /// A request from a client, with the way back.
 pub type Incoming = (Request, oneshot::Sender<Response>);
 
-/// Binds the control socket at `path` (replacing a stale socket file: the caller holds the
-/// agent lock, so no live agent owns it), mode 0600.
-pub fn bind(path: &Path) -> Result<UnixListener> {
-    use std::os::unix::fs::PermissionsExt;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+/// Directories that are never the control socket's own: the agent would lock everyone out of
+/// them.
+const SHARED_DIRS: &[&str] = &[
+    "/", "/run", "/var/run", "/tmp", "/var/tmp", "/dev/shm", "/var", "/var/lib", "/etc", "/usr",
+    "/root", "/home",
+];
+
+/// Makes `dir` the control socket's directory: created if missing, then, through a descriptor
+/// opened without following a symlink, owned by the agent's uid and `group` (else its own
+/// gid), mode 0750 with a group, 0700 without. Refuses a symlink, a directory of another user
+/// and a shared directory (sticky, world-writable, or a system one).
+pub fn own_dir(dir: &Path, group: Option<u32>) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+    let shown = dir.display();
+    let own_directory = "the control socket needs a directory of its own, e.g. \
+                         /run/keepup/agent.sock (`socket` in /etc/keepup/agent.yaml)";
+    if SHARED_DIRS.iter().any(|d| Path::new(d) == dir) {
+        bail!("socket: {shown} is a shared system directory: {own_directory}");
     }
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e).with_context(|| format!("creating {shown}")),
+    }
+    let fd = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_DIRECTORY | nix::libc::O_NOFOLLOW)
+        .open(dir)
+        .map_err(|e| match e.raw_os_error() {
+            Some(nix::libc::ELOOP) | Some(nix::libc::ENOTDIR) => anyhow::anyhow!(
+                "{shown} is a symlink or not a directory: remove it ({own_directory})"
+            ),
+            _ => anyhow::anyhow!("opening {shown}: {e}"),
+        })?;
+    let meta = fd.metadata().with_context(|| format!("reading {shown}"))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != me {
+        bail!(
+            "{shown} belongs to uid {}, not {me}: remove it ({own_directory})",
+            meta.uid()
+        );
+    }
+    if meta.mode() & 0o1002 != 0 {
+        bail!(
+            "{shown} is shared (mode {:04o}: sticky or world-writable): {own_directory}",
+            meta.mode() & 0o7777
+        );
+    }
+    let gid = group.unwrap_or_else(|| nix::unistd::getegid().as_raw());
+    std::os::unix::fs::fchown(&fd, Some(me), Some(gid))
+        .with_context(|| format!("chown {me}:{gid} {shown}"))?;
+    let mode = if group.is_some() { 0o750 } else { 0o700 };
+    fd.set_permissions(std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("chmod {mode:o} {shown}"))?;
+    Ok(())
+}
+
+/// Binds the control socket at `path` (replacing a stale socket file: the caller holds the
+/// agent lock, so no live agent owns it) in its own directory ([`own_dir`]): mode 0660 and
+/// group `group`, or 0600 without one. The socket is created 0600 whatever the umask.
+pub fn bind(path: &Path, group: Option<u32>) -> Result<UnixListener> {
+    use nix::sys::stat::{umask, Mode};
+    use std::os::unix::fs::PermissionsExt;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .with_context(|| format!("socket: {} has no directory", path.display()))?;
+    own_dir(dir, group)?;
     match std::fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("removing stale {}", path.display())),
     }
-    let listener = UnixListener::bind(path)
-        .with_context(|| format!("binding the control socket {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("chmod 0600 {}", path.display()))?;
+    // The agent has started no thread or child yet: nothing else creates files meanwhile.
+    let old = umask(Mode::from_bits_truncate(0o177));
+    let bound = UnixListener::bind(path);
+    umask(old);
+    let listener =
+        bound.with_context(|| format!("binding the control socket {}", path.display()))?;
+    let mode = match group {
+        Some(gid) => {
+            std::os::unix::fs::lchown(path, None, Some(gid))
+                .with_context(|| format!("chgrp {gid} {}", path.display()))?;
+            0o660
+        }
+        None => 0o600,
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("chmod {mode:o} {}", path.display()))?;
     Ok(listener)
+}
+
+/// The gid of `status_group`, or `None` (root only) when it is not set or does not exist (said
+/// on stderr: a typo must not keep the agent, and so every service, from starting).
+pub fn status_gid(group: Option<&str>) -> Option<u32> {
+    let name = group?;
+    match nix::unistd::Group::from_name(name) {
+        Ok(Some(g)) => Some(g.gid.as_raw()),
+        Ok(None) => {
+            eprintln!(
+                "keepup-agent: status_group: there is no group {name:?}; the control socket is \
+                 root's only (create it with `groupadd --system {name}`, then restart the agent)"
+            );
+            None
+        }
+        Err(e) => {
+            eprintln!(
+                "keepup-agent: status_group: cannot look up group {name:?} ({e}); the control \
+                 socket is root's only"
+            );
+            None
+        }
+    }
 }
 
 /// A client must send its request line within this long, or it is hung up on.
@@ -173,7 +352,11 @@ const MAX_CONNECTIONS: usize = 16;
 /// Accepts connections forever, handing each request to `to_agent`. At most
 /// [`MAX_CONNECTIONS`] are served at once, and each must send its request within
 /// [`READ_TIMEOUT`], so clients that connect and say nothing cannot pile up.
-pub async fn serve(listener: UnixListener, to_agent: mpsc::Sender<Incoming>) {
+pub async fn serve(
+    listener: UnixListener,
+    to_agent: mpsc::Sender<Incoming>,
+    status_gid: Option<u32>,
+) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok(permit) = slots.clone().acquire_owned().await else {
@@ -185,13 +368,53 @@ pub async fn serve(listener: UnixListener, to_agent: mpsc::Sender<Incoming>) {
         };
         let to_agent = to_agent.clone();
         tokio::spawn(async move {
-            let _ = answer(stream, to_agent).await;
+            let _ = answer(stream, to_agent, status_gid).await;
             drop(permit);
         });
     }
 }
 
-async fn answer(stream: UnixStream, to_agent: mpsc::Sender<Incoming>) -> Result<()> {
+/// Whether the client with credentials `cred` may make `req`.
+async fn check_peer(
+    cred: &std::io::Result<tokio::net::unix::UCred>,
+    req: &Request,
+    status_gid: Option<u32>,
+) -> Result<(), String> {
+    let cred = cred
+        .as_ref()
+        .map_err(|e| format!("permission denied: cannot tell who is asking ({e})"))?;
+    let uid = cred.uid();
+    let in_status_group = match status_gid {
+        Some(gid) if uid != 0 && req.read_only() => {
+            let peer_gid = cred.gid();
+            tokio::task::spawn_blocking(move || in_group(uid, peer_gid, gid))
+                .await
+                .unwrap_or(false)
+        }
+        _ => false,
+    };
+    permitted(
+        req,
+        Peer {
+            uid,
+            in_status_group,
+        },
+    )
+    .inspect_err(|why| {
+        eprintln!(
+            "keepup-agent: control socket: {why} (pid {})",
+            cred.pid().map_or("?".to_string(), |p| p.to_string())
+        );
+    })
+}
+
+async fn answer(
+    stream: UnixStream,
+    to_agent: mpsc::Sender<Incoming>,
+    status_gid: Option<u32>,
+) -> Result<()> {
+    // Read when the client connected (`SO_PEERCRED`), not from what it sends.
+    let cred = stream.peer_cred();
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     tokio::time::timeout(
@@ -202,19 +425,22 @@ async fn answer(stream: UnixStream, to_agent: mpsc::Sender<Incoming>) -> Result<
     .map_err(|_| anyhow::anyhow!("no request within {READ_TIMEOUT:?}"))??;
     let response = match serde_json::from_str::<Request>(line.trim()) {
         Err(e) => Response::failed(format!("bad request: {e}")),
-        Ok(req) => {
-            let (tx, rx) = oneshot::channel();
-            if to_agent.send((req, tx)).await.is_err() {
-                Response::failed("the agent is shutting down")
-            } else {
-                rx.await.unwrap_or_else(|_| {
-                    Response::failed(
-                        "the agent dropped the request (the service was removed, or the agent \
+        Ok(req) => match check_peer(&cred, &req, status_gid).await {
+            Err(why) => Response::failed(why),
+            Ok(()) => {
+                let (tx, rx) = oneshot::channel();
+                if to_agent.send((req, tx)).await.is_err() {
+                    Response::failed("the agent is shutting down")
+                } else {
+                    rx.await.unwrap_or_else(|_| {
+                        Response::failed(
+                            "the agent dropped the request (the service was removed, or the agent \
                          is stopping)",
-                    )
-                })
+                        )
+                    })
+                }
             }
-        }
+        },
     };
     let mut text = serde_json::to_string(&response)?;
     text.push('\n');
@@ -245,12 +471,21 @@ const UPDATE_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
 
 async fn request_within(socket: &Path, req: &Request, limit: Duration) -> Result<Response> {
     let run = async {
-        let stream = UnixStream::connect(socket).await.with_context(|| {
-            format!(
-                "cannot reach keepup-agent at {}: is it running (`keepup-agent run`)? \
-                 Are you root?",
-                socket.display()
-            )
+        let stream = UnixStream::connect(socket).await.map_err(|e| {
+            if e.kind() == std::io::ErrorKind::PermissionDenied {
+                anyhow::anyhow!(
+                    "permission denied: cannot reach keepup-agent's control socket {} ({e}): \
+                     only root may talk to the agent (and members of its status_group, for \
+                     `status`)",
+                    socket.display()
+                )
+            } else {
+                anyhow::anyhow!(
+                    "cannot reach keepup-agent at {} ({e}): is it running (`keepup-agent \
+                     run`)?",
+                    socket.display()
+                )
+            }
         })?;
         let (read, mut write) = stream.into_split();
         let mut text = serde_json::to_string(req)?;
@@ -372,6 +607,102 @@ mod tests {
         );
         let r: Request = serde_json::from_str(r#"{"cmd":"update"}"#).unwrap();
         assert_eq!(r, Request::Update);
+    }
+
+    #[test]
+    fn root_does_everything_the_status_group_only_reads() {
+        let all = [
+            Request::Status,
+            Request::Down {
+                service: "foo".into(),
+            },
+            Request::Up {
+                service: "foo".into(),
+            },
+            Request::Rekick { service: None },
+            Request::Check {
+                service: "foo".into(),
+            },
+            Request::Update,
+        ];
+        let root = Peer {
+            uid: 0,
+            in_status_group: false,
+        };
+        let viewer = Peer {
+            uid: 1001,
+            in_status_group: true,
+        };
+        let other = Peer {
+            uid: 1002,
+            in_status_group: false,
+        };
+        for req in &all {
+            assert_eq!(permitted(req, root), Ok(()), "{req:?}");
+            let why = permitted(req, other).unwrap_err();
+            assert!(
+                why.starts_with(&format!(
+                    "permission denied: `keepup-agent {}` needs root",
+                    req.describe()
+                )),
+                "{why}"
+            );
+            assert!(why.contains("uid 1002"), "{why}");
+            let viewer_may = permitted(req, viewer).is_ok();
+            assert_eq!(viewer_may, *req == Request::Status, "{req:?}");
+        }
+        assert!(permitted(&all[0], other)
+            .unwrap_err()
+            .contains("status_group"));
+        assert_eq!(all[1].describe(), "down foo");
+    }
+
+    #[test]
+    fn the_socket_directory_is_fixed_without_following_links() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("keepup");
+        // A lax directory left by someone (or an older agent) is fixed, whatever the umask.
+        let old = nix::sys::stat::umask(nix::sys::stat::Mode::empty());
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let gid = nix::unistd::getegid().as_raw();
+        own_dir(&dir, Some(gid)).unwrap();
+        assert_eq!(std::fs::metadata(&dir).unwrap().mode() & 0o7777, 0o750);
+        own_dir(&dir, None).unwrap();
+        assert_eq!(std::fs::metadata(&dir).unwrap().mode() & 0o7777, 0o700);
+        // Created fresh.
+        let fresh = base.path().join("a/b");
+        own_dir(&fresh, None).unwrap();
+        assert_eq!(std::fs::metadata(&fresh).unwrap().mode() & 0o7777, 0o700);
+        // The socket itself: 0600 although the umask is 000.
+        let sock = base.path().join("s/agent.sock");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _guard = rt.enter();
+        let l = bind(&sock, None).unwrap();
+        nix::sys::stat::umask(old);
+        assert_eq!(std::fs::metadata(&sock).unwrap().mode() & 0o777, 0o600);
+        drop(l);
+        // A symlink in its place is refused, and its target left alone.
+        let target = base.path().join("target");
+        std::fs::create_dir(&target).unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let link = base.path().join("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let e = own_dir(&link, None).unwrap_err();
+        assert!(format!("{e:#}").contains("symlink"), "{e:#}");
+        assert_eq!(std::fs::metadata(&target).unwrap().mode() & 0o7777, 0o755);
+        // Shared directories are never taken over.
+        let e = own_dir(Path::new("/tmp"), None).unwrap_err();
+        assert!(format!("{e:#}").contains("shared"), "{e:#}");
+        let sticky = base.path().join("sticky");
+        std::fs::create_dir(&sticky).unwrap();
+        std::fs::set_permissions(&sticky, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let e = own_dir(&sticky, None).unwrap_err();
+        assert!(format!("{e:#}").contains("shared"), "{e:#}");
     }
 
     #[test]

@@ -238,8 +238,13 @@ pub fn default_config() -> String {
 #log_dir: /var/log/keepup
 #log_max_bytes: 10485760
 #log_keep: 3
-# Control socket (root only) for keepup-agent status/down/up/rekick/check.
+# Control socket for keepup-agent status/down/up/rekick/check/update. The agent owns its
+# directory (a directory of its own, never /run or /tmp): 0750 root:<status_group>, or 0700
+# root:root without a group; the socket is 0660 (0600). Root may make every request.
 #socket: /run/keepup/agent.sock
+# Members of this group may run `keepup-agent status` (read-only); everything else (down, up,
+# rekick, check, update) needs root. Default: none (root only). The group must exist.
+#status_group: keepupview
 # Given-up services are started again this often.
 #rekick_every: 5m
 # How often the manifest directory is looked at when inotify cannot watch it.
