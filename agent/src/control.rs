@@ -271,9 +271,11 @@ pub fn own_dir(dir: &Path, group: Option<u32>) -> Result<()> {
             meta.uid()
         );
     }
-    if meta.mode() & 0o1002 != 0 {
+    // A directory of ours that is merely too open (left 0777 under umask 000) is fixed below;
+    // a sticky one is a shared one (like /tmp), whatever it is called.
+    if meta.mode() & 0o1000 != 0 {
         bail!(
-            "{shown} is shared (mode {:04o}: sticky or world-writable): {own_directory}",
+            "{shown} is shared (mode {:04o}, sticky): {own_directory}",
             meta.mode() & 0o7777
         );
     }
@@ -665,7 +667,7 @@ mod tests {
         // A lax directory left by someone (or an older agent) is fixed, whatever the umask.
         let old = nix::sys::stat::umask(nix::sys::stat::Mode::empty());
         std::fs::create_dir(&dir).unwrap();
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
         let gid = nix::unistd::getegid().as_raw();
         own_dir(&dir, Some(gid)).unwrap();
         assert_eq!(std::fs::metadata(&dir).unwrap().mode() & 0o7777, 0o750);
