@@ -1285,7 +1285,15 @@ fn broken_reason(service: &str, why: &str) -> String {
 
 /// Builds the probe a manifest describes; exec probes run as the role (`run_as`).
 pub fn build_probe(p: &ManifestProbe, run_as: Option<RunAs>) -> Result<Probe, ProbeProblem> {
-    let invalid = |e: keepup_checks::ProbeError| ProbeProblem::Invalid(e.to_string());
+    // One line: a regex error spans several, and this is shown in the status table.
+    let invalid = |e: keepup_checks::ProbeError| {
+        ProbeProblem::Invalid(
+            e.to_string()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" "),
+        )
+    };
     let probe: Probe = match p {
         ManifestProbe::Tcp {
             host,
@@ -1462,6 +1470,7 @@ mod tests {
             for who in [None, run_as] {
                 let e = build_probe(p, who).unwrap_err();
                 assert!(matches!(e, ProbeProblem::Invalid(_)), "{p:?}: {e:?}");
+                assert!(!e.to_string().contains('\n'), "{e}");
             }
         }
         let why = broken_reason("foo", "banner: bad regex");
