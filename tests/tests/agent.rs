@@ -826,3 +826,535 @@ async fn not_sane_launch_is_shown_and_retried() -> Result<()> {
     .await?;
     Ok(())
 }
+
+// ---- issue 9: the agent's inputs (roles, probes, control socket, manifest values) ----
+
+/// Where packages install manifests.
+const MANIFESTS: &str = "/usr/lib/keepup/services";
+
+/// Agent configuration that reports every second to [`REPORT_RECEIVER`] on the same host.
+const REPORT_CONFIG: &str = "report: http://127.0.0.1:9000\nreport_every: 1s\n\
+                             report_token_file: /etc/keepup/token";
+
+/// A report receiver on port 9000 of the host (python3 is in the host image): it reads each
+/// whole request, answers 204, and appends the body (one JSON line) to /tmp/reports.
+const REPORT_RECEIVER: &str = r#"echo tok > /etc/keepup/token
+cat > /tmp/report-receiver.py <<'PY'
+import http.server
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("content-length", 0)))
+        with open("/tmp/reports", "ab") as f:
+            f.write(body.replace(b"\n", b" ") + b"\n")
+        self.send_response(204)
+        self.send_header("Connection", "close")
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", 9000), Handler).serve_forever()
+PY
+touch /tmp/reports
+setsid python3 /tmp/report-receiver.py >>/tmp/report-receiver.log 2>&1 </dev/null &
+for i in $(seq 100); do
+    curl -s -o /dev/null http://127.0.0.1:9000/ && exit 0
+    sleep 0.1
+done
+echo "the report receiver did not start" >&2; cat /tmp/report-receiver.log >&2; exit 1"#;
+
+/// Waits (20 s at most) for a report the agent posted for which `ok` holds; returns it.
+async fn wait_report(
+    h: &Host,
+    what: &str,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> Result<serde_json::Value> {
+    let start = Instant::now();
+    loop {
+        let all = h.ok("cat /tmp/reports").await?;
+        let last = all
+            .lines()
+            .rev()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|r| ok(r));
+        if let Some(r) = last {
+            return Ok(r);
+        }
+        if start.elapsed() > Duration::from_secs(20) {
+            bail!(
+                "no report with {what} within 20 s; the last one:\n{}\n--- agent:\n{}",
+                all.lines().last().unwrap_or("(none)"),
+                h.exec(&format!("tail -n 20 {AGENT_OUT}")).await?.stdout
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// The service `name` in a report (or in `status --json`: both list `services`).
+fn service_in<'a>(r: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
+    r["services"].as_array()?.iter().find(|s| s["name"] == name)
+}
+
+/// `keepup-agent status --json`, parsed.
+async fn status_json(h: &Host) -> Result<serde_json::Value> {
+    let out = h.ok("keepup-agent status --json").await?;
+    serde_json::from_str(&out).with_context(|| format!("status --json: {out}"))
+}
+
+/// Writes `MANIFESTS/file` (through a temporary file and a rename, as dpkg does): the installed
+/// foo.yaml with each `(from, to)` replaced; fails if an edit does not apply exactly once.
+async fn derive_manifest(h: &Host, file: &str, edits: &[(&str, &str)]) -> Result<()> {
+    let mut text = h.ok(&format!("cat {MANIFESTS}/foo.yaml")).await?;
+    for (from, to) in edits {
+        ensure!(
+            text.matches(from).count() == 1,
+            "manifest edit {from:?} does not apply exactly once:\n{text}"
+        );
+        text = text.replacen(from, to, 1);
+    }
+    h.ok(&format!(
+        "cat > /tmp/{file}.new <<'EOF'\n{text}EOF\nmv /tmp/{file}.new {MANIFESTS}/{file}"
+    ))
+    .await?;
+    Ok(())
+}
+
+/// Waits until `status` lists `name` as refused with `why` in its lines; returns them.
+async fn wait_refused(h: &Host, name: &str, why: &str) -> Result<String> {
+    let start = Instant::now();
+    loop {
+        let svc = status(h, name).await?;
+        if let Some(s) = &svc {
+            if s.state == "refused" && s.text.contains(why) {
+                return Ok(s.text.clone());
+            }
+        }
+        ensure!(
+            start.elapsed() < Duration::from_secs(15),
+            "{name} not refused for {why:?}: {svc:?}\n{}",
+            h.exec(&format!("tail -n 20 {AGENT_OUT}")).await?.stdout
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Account takeover, agent side: a manifest naming another daemon's account (`postgres`, no
+/// registry file, no keepup GECOS mark) is refused with the reason in `status`, `status
+/// --json` and the report, and the postgres process survives re-kicks; registry files that
+/// root did not write alone (group-writable, a symlink, owned by the role) or that name
+/// another service do not help; a proper registry file naming the service makes it accepted.
+#[tokio::test(flavor = "multi_thread")]
+async fn another_daemons_account_is_refused_unless_registered() -> Result<()> {
+    if !docker_or_skip() {
+        return Ok(());
+    }
+    let s = setup("agent-takeover", |t| t, REPORT_CONFIG).await?;
+    let h = &s.host;
+    h.ok(REPORT_RECEIVER).await?;
+    h.ok("dpkg -i /pkgs/foo.deb").await?;
+    // Another daemon's system account, with its process running.
+    h.ok("useradd --system -M -c 'PostgreSQL administrator' postgres")
+        .await?;
+    h.ok("setsid su postgres -s /bin/sh -c 'exec sleep 600' >/dev/null 2>&1 </dev/null &")
+        .await?;
+    let pg = h
+        .ok("for i in $(seq 50); do p=$(pgrep -u postgres -x sleep) && echo $p && exit 0; sleep 0.1; done; exit 1")
+        .await?
+        .trim()
+        .to_string();
+    start_agent(h).await?;
+    wait_banner(h, Duration::from_secs(15)).await?;
+
+    derive_manifest(
+        h,
+        "pgx.yaml",
+        &[
+            ("name: foo\n", "name: pgx\n"),
+            ("role: foo\n", "role: postgres\n"),
+        ],
+    )
+    .await?;
+    let text = wait_refused(h, "pgx", "role postgres").await?;
+    for needle in [
+        "/var/lib/keepup/roles/postgres",
+        "role_adopt: true",
+        "reinstall",
+    ] {
+        ensure!(text.contains(needle), "reason lacks {needle:?}:\n{text}");
+    }
+    let json = status_json(h).await?;
+    let svc = service_in(&json, "pgx").context("pgx not in status --json")?;
+    ensure!(svc["state"] == "refused", "{svc}");
+    let note = svc["note"].as_str().unwrap_or_default();
+    ensure!(
+        note.contains("role postgres") && note.contains("/var/lib/keepup/roles/postgres"),
+        "{svc}"
+    );
+    // The report says so too: the state, and an event with the reason.
+    wait_report(h, "pgx refused with the reason", |r| {
+        service_in(r, "pgx").is_some_and(|s| s["state"] == "refused")
+            && r["events"].as_array().is_some_and(|evs| {
+                evs.iter().any(|e| {
+                    e["kind"] == "refused"
+                        && e["service"] == "pgx"
+                        && e["message"]
+                            .as_str()
+                            .is_some_and(|m| m.contains("/var/lib/keepup/roles/postgres"))
+                })
+            })
+    })
+    .await?;
+    // A re-kick looks again, and kills nothing.
+    let out = h.ok("keepup-agent rekick pgx").await?;
+    ensure!(out.contains("still refused"), "{out}");
+    h.ok(&format!("kill -0 {pg}")).await?;
+
+    // Registry files that do not count.
+    let file = "/var/lib/keepup/roles/postgres";
+    let cases = [
+        (
+            format!("printf 'pgx\\n' >{file}; chmod 0664 {file}"),
+            "writable by group or others",
+        ),
+        (
+            format!("printf 'pgx\\n' >{file}; chmod 0644 {file}; chown postgres {file}"),
+            "not root",
+        ),
+        (
+            format!(
+                "printf 'pgx\\n' >/root/pgmark; chmod 0644 /root/pgmark; ln -s /root/pgmark {file}"
+            ),
+            "is a symlink",
+        ),
+        (
+            format!("printf 'other\\n' >{file}; chmod 0644 {file}"),
+            "belongs to service \"other\"",
+        ),
+    ];
+    h.ok("mkdir -p -m 0755 /var/lib/keepup/roles").await?;
+    for (plant, why) in &cases {
+        h.ok(&format!("rm -f {file}; {plant}")).await?;
+        let out = h.ok("keepup-agent rekick pgx").await?;
+        ensure!(
+            out.contains("still refused") && out.contains(why),
+            "with `{plant}`: {out}"
+        );
+        h.ok(&format!("kill -0 {pg}")).await?;
+    }
+    ensure!(
+        status(h, "foo")
+            .await?
+            .is_some_and(|s| s.state == "running"),
+        "foo disturbed"
+    );
+
+    // A registry file root wrote, naming pgx: the role is pgx's (adopted), supervised.
+    h.ok(&format!(
+        "rm -f {file}; printf 'pgx\\nadopted\\n' >{file}; chmod 0644 {file}"
+    ))
+    .await?;
+    let out = h.ok("keepup-agent rekick pgx").await?;
+    ensure!(
+        out.contains("re-kicked") && !out.contains("refused"),
+        "{out}"
+    );
+    let svc = status(h, "pgx").await?.context("pgx gone")?;
+    ensure!(svc.state != "refused", "{svc:?}");
+    Ok(())
+}
+
+/// Bad probe: a hand-broken manifest (a banner regex that does not compile) makes that probe
+/// failing with the reason in `status --json` and in the report the agent posts; it is not
+/// counted toward health kills (the daemon keeps running), and the other probe still runs.
+#[tokio::test(flavor = "multi_thread")]
+async fn broken_probe_is_failing_in_status_and_report() -> Result<()> {
+    if !docker_or_skip() {
+        return Ok(());
+    }
+    let s = setup("agent-badprobe", |t| t, REPORT_CONFIG).await?;
+    let h = &s.host;
+    h.ok(REPORT_RECEIVER).await?;
+    h.ok("dpkg -i /pkgs/foo.deb").await?;
+    start_agent(h).await?;
+    let food = wait_banner(h, Duration::from_secs(15)).await?;
+    wait_status(h, "passing probes", Duration::from_secs(10), |s| {
+        s.as_ref()
+            .is_some_and(|s| s.state == "running" && s.text.matches(": ok").count() == 2)
+    })
+    .await?;
+
+    derive_manifest(
+        h,
+        "foo.yaml",
+        &[("expect: ^food .* ready\n", "expect: '^food (ready'\n")],
+    )
+    .await?;
+    let broken = |p: &serde_json::Value| {
+        p["name"] == "banner"
+            && p["ok"] == false
+            && p["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("cannot run") && r.contains("invalid banner regex"))
+    };
+    let start = Instant::now();
+    loop {
+        let json = status_json(h).await?;
+        let foo = service_in(&json, "foo").context("foo not in status --json")?;
+        if foo["probes"]
+            .as_array()
+            .is_some_and(|ps| ps.iter().any(broken))
+        {
+            break;
+        }
+        ensure!(
+            start.elapsed() < Duration::from_secs(10),
+            "the broken probe is not failing: {foo:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let text = status(h, "foo").await?.context("foo not listed")?.text;
+    ensure!(
+        text.contains("probe banner") && text.contains("FAILED"),
+        "{text}\n{}",
+        h.ok("keepup-agent status; keepup-agent status --json")
+            .await?
+    );
+    // In the report, as a failing probe (which the server counts as unhealthy).
+    let report = wait_report(h, "foo's banner probe failing", |r| {
+        service_in(r, "foo").is_some_and(|s| {
+            s["probes"]
+                .as_array()
+                .is_some_and(|ps| ps.iter().any(broken))
+        })
+    })
+    .await?;
+    // Not a health kill: a later report still shows the healthz probe passing and the same
+    // daemon answers.
+    let sent = report["sent_at"].as_u64().unwrap_or_default();
+    wait_report(h, "a later report with healthz passing", |r| {
+        r["sent_at"].as_u64().unwrap_or_default() >= sent + 3
+            && service_in(r, "foo").is_some_and(|s| {
+                s["state"] == "running"
+                    && s["probes"].as_array().is_some_and(|ps| {
+                        ps.iter().any(|p| p["name"] == "healthz" && p["ok"] == true)
+                    })
+            })
+    })
+    .await?;
+    let now = wait_banner(h, Duration::from_secs(5)).await?;
+    ensure!(now == food, "food {food} was replaced by {now}");
+    let log = h.ok("cat /var/log/keepup/foo.log").await?;
+    ensure!(!log.contains("killing role"), "{log}");
+    Ok(())
+}
+
+/// Control socket: a user outside `status_group` cannot reach the socket at all (`down` and
+/// `status` get "permission denied", foo keeps running); a member may run `status` but
+/// `down` is refused by the agent (SO_PEERCRED). The socket's directory, left 0777 by someone
+/// and with the agent started under umask 000, ends up 0750 root:keepupview, the socket 0660.
+#[tokio::test(flavor = "multi_thread")]
+async fn control_socket_checks_who_is_asking() -> Result<()> {
+    if !docker_or_skip() {
+        return Ok(());
+    }
+    let s = setup("agent-socket", |t| t, "status_group: keepupview").await?;
+    let h = &s.host;
+    h.ok("dpkg -i /pkgs/foo.deb").await?;
+    h.ok("groupadd --system keepupview && useradd -M -G keepupview viewer && useradd -M mallory")
+        .await?;
+    h.ok("mkdir -p /run/keepup && chmod 0777 /run/keepup")
+        .await?;
+    h.ok(&format!(
+        "umask 000; setsid sh -c 'keepup-agent run; echo $? >{AGENT_RC}' >>{AGENT_OUT} 2>&1 </dev/null &"
+    ))
+    .await?;
+    let start = Instant::now();
+    while h.exec("keepup-agent status").await?.code != 0 {
+        ensure!(
+            start.elapsed() < Duration::from_secs(20),
+            "keepup-agent never answered:\n{}",
+            h.exec(&format!("cat {AGENT_OUT}")).await?.stdout
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let food = wait_banner(h, Duration::from_secs(15)).await?;
+    let modes = h
+        .ok("stat -c '%a %U:%G' /run/keepup /run/keepup/agent.sock")
+        .await?;
+    ensure!(
+        modes == "750 root:keepupview\n660 root:keepupview\n",
+        "socket directory and socket: {modes}"
+    );
+
+    let as_user = |user: &str, cmd: &str| format!("su {user} -s /bin/sh -c '{cmd}'");
+    // Not in the group: the directory keeps them out.
+    for cmd in ["keepup-agent down foo", "keepup-agent status"] {
+        let out = h.exec(&as_user("mallory", cmd)).await?;
+        ensure!(
+            out.code != 0 && out.stderr.contains("permission denied"),
+            "mallory: {cmd}: {out:?}"
+        );
+    }
+    let ls = h.exec(&as_user("mallory", "ls /run/keepup")).await?;
+    ensure!(ls.code != 0, "mallory can list /run/keepup: {ls:?}");
+    // In the group: status yes, down no.
+    let st = h.exec(&as_user("viewer", "keepup-agent status")).await?;
+    ensure!(
+        st.code == 0 && st.stdout.lines().any(|l| l.starts_with("foo ")),
+        "viewer: status: {st:?}"
+    );
+    let st = h
+        .exec(&as_user("viewer", "keepup-agent status --json"))
+        .await?;
+    ensure!(
+        st.code == 0 && st.stdout.contains("\"name\": \"foo\""),
+        "{st:?}"
+    );
+    for cmd in ["down foo", "rekick", "check foo"] {
+        let out = h
+            .exec(&as_user("viewer", &format!("keepup-agent {cmd}")))
+            .await?;
+        ensure!(
+            out.code == 1
+                && out.stderr.contains(&format!(
+                    "permission denied: `keepup-agent {cmd}` needs root"
+                )),
+            "viewer: {cmd}: {out:?}"
+        );
+    }
+    // Nothing was stopped, no mark written; root still may.
+    h.ok("test ! -e /var/lib/keepup-agent/down/foo").await?;
+    let now = wait_banner(h, Duration::from_secs(5)).await?;
+    ensure!(now == food, "food {food} was replaced by {now}");
+    ensure!(status(h, "foo")
+        .await?
+        .is_some_and(|s| s.state == "running"));
+    let out = h.ok("keepup-agent down foo").await?;
+    ensure!(out.contains("is down"), "{out}");
+    Ok(())
+}
+
+/// Hostile manifest values: a `name` that climbs out of the log directory, a `unit` with a
+/// space or a leading `-` (an option to `systemctl`), and a file that is not `<name>.yaml`
+/// are refused and reported (status, report), foo is left alone, nothing is written outside
+/// the agent's directories and `systemctl` never sees those units.
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_manifest_values_are_refused_and_reported() -> Result<()> {
+    if !docker_or_skip() {
+        return Ok(());
+    }
+    let s = setup("agent-hostile", |t| t, REPORT_CONFIG).await?;
+    let h = &s.host;
+    h.ok(REPORT_RECEIVER).await?;
+    // A stand-in systemctl that records its arguments (and fails: no systemd here).
+    h.ok("printf '#!/bin/sh\\necho \"$*\" >>/tmp/systemctl.args\\nexit 1\\n' >/usr/local/sbin/systemctl && chmod 755 /usr/local/sbin/systemctl && touch /tmp/systemctl.args")
+        .await?;
+    h.ok("dpkg -i /pkgs/foo.deb").await?;
+    // A legitimate systemd service (a keepup-made account), so `systemctl` is seen being used.
+    h.ok("useradd --system -M -c 'ctl service (keepup)' ctl && touch /tmp/before")
+        .await?;
+    start_agent(h).await?;
+    let food = wait_banner(h, Duration::from_secs(15)).await?;
+    let systemd = |unit: &'static str| -> (&'static str, String) {
+        (
+            "  kind: agent\n",
+            format!("  kind: systemd\n  unit: '{unit}'\n"),
+        )
+    };
+    let (k, ctl_unit) = systemd("ctl.service");
+    derive_manifest(
+        h,
+        "ctl.yaml",
+        &[
+            ("name: foo\n", "name: ctl\n"),
+            ("role: foo\n", "role: ctl\n"),
+            (k, &ctl_unit),
+        ],
+    )
+    .await?;
+    derive_manifest(
+        h,
+        "evil.yaml",
+        &[("name: foo\n", "name: ../../../etc/cron.d/evil\n")],
+    )
+    .await?;
+    let (k, dash) = systemd("-H evil.service");
+    derive_manifest(
+        h,
+        "dash.yaml",
+        &[("name: foo\n", "name: dash\n"), (k, &dash)],
+    )
+    .await?;
+    let (k, space) = systemd("sp ace.service");
+    derive_manifest(
+        h,
+        "space.yaml",
+        &[("name: foo\n", "name: space\n"), (k, &space)],
+    )
+    .await?;
+    derive_manifest(h, "other.yaml", &[("role: foo\n", "role: other\n")]).await?;
+    let cases = [
+        (
+            "evil",
+            "name: \"../../../etc/cron.d/evil\" is not a package name",
+        ),
+        (
+            "dash",
+            "supervisor.unit: \"-H evil.service\" is not a systemd service name",
+        ),
+        (
+            "space",
+            "supervisor.unit: \"sp ace.service\" is not a systemd service name",
+        ),
+        ("other", "must be named foo.yaml"),
+    ];
+    for (name, why) in cases {
+        wait_refused(h, name, why).await?;
+    }
+    wait_report(h, "the refused manifests", |r| {
+        cases.iter().all(|(name, why)| {
+            service_in(r, name).is_some_and(|s| s["state"] == "refused")
+                && r["events"].as_array().is_some_and(|evs| {
+                    evs.iter().any(|e| {
+                        e["kind"] == "refused"
+                            && e["message"].as_str().is_some_and(|m| m.contains(why))
+                    })
+                })
+        })
+    })
+    .await?;
+    // The legitimate unit reached systemctl (so the stand-in is the one used) ...
+    let start = Instant::now();
+    while !h
+        .ok("cat /tmp/systemctl.args")
+        .await?
+        .contains("ctl.service")
+    {
+        ensure!(
+            start.elapsed() < Duration::from_secs(10),
+            "systemctl never asked about ctl.service"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // ... the hostile ones never did, nothing landed outside the agent's directories, and foo
+    // (whose name other.yaml claims) runs on undisturbed.
+    let args = h.ok("cat /tmp/systemctl.args").await?;
+    ensure!(!args.contains("evil") && !args.contains("ace"), "{args}");
+    h.ok("test ! -e /etc/cron.d/evil.log && test ! -e /etc/cron.d/evil")
+        .await?;
+    let logs = h.ok("ls /var/log/keepup").await?;
+    ensure!(
+        logs.split_whitespace()
+            .all(|f| f.starts_with("foo.log") || f.starts_with("ctl.log")),
+        "{logs}"
+    );
+    let found = h
+        .ok(&format!(
+            "find / -xdev -newer /tmp/before -name '*evil*' -not -path '{MANIFESTS}/*' \
+             -not -path '/tmp/*' 2>/dev/null; true"
+        ))
+        .await?;
+    ensure!(found.trim().is_empty(), "{found}");
+    let now = wait_banner(h, Duration::from_secs(5)).await?;
+    ensure!(now == food, "food {food} was replaced by {now}");
+    Ok(())
+}
