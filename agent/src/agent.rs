@@ -108,6 +108,16 @@ pub const PACKAGE_RUN_GRACE: Duration = Duration::from_secs(45);
 pub async fn run(cfg: Config) -> Result<()> {
     let _lock = lock(&cfg)?;
     reaper::become_subreaper().context("becoming the child subreaper")?;
+    match crate::cgroup::init() {
+        Ok(c) => eprintln!(
+            "keepup-agent: stopping services with cgroup.kill: one cgroup each under {}/{}",
+            c.own.display(),
+            crate::cgroup::SERVICES
+        ),
+        Err(why) => eprintln!(
+            "keepup-agent: stopping services by freezing, then killing their processes: {why}"
+        ),
+    }
     let status_gid = control::status_gid(cfg.status_group.as_deref());
     let listener = control::bind(&cfg.socket, status_gid)?;
     let mut sigterm = signal(SignalKind::terminate()).context("watching SIGTERM")?;

@@ -5,6 +5,7 @@
 //! runs). See docs/agent.md.
 
 mod agent;
+mod cgroup;
 mod config;
 mod control;
 mod logfile;

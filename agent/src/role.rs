@@ -4,14 +4,27 @@
 //! away from its launch script keeps the uid, so it is still found. Processes in another PID
 //! namespace (a container on the host that happens to run as the same numeric uid) are not the
 //! role's and are left alone.
+//!
+//! A stop cannot be outrun: what outlives the grace is killed where it cannot fork any more,
+//! by `cgroup.kill` on the service's cgroup (`cgroup.rs`) or, without one, by freezing every
+//! process (SIGSTOP, rescan until nothing is new) and then SIGKILLing them all. Every signal
+//! goes through a pidfd opened and checked against the process's start time, so a recycled
+//! pid never receives one; the launch script's process group is used only while its leader is
+//! the agent's unreaped child.
 
 use std::collections::HashSet;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, killpg, Signal};
+use nix::errno::Errno;
+use nix::libc;
+use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+
+use crate::cgroup::ServiceCgroup;
 
 /// What `/proc/<pid>/stat` and `/proc/<pid>/status` say about one process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -177,13 +190,28 @@ impl PidNs {
     }
 }
 
-/// Live processes of the role (and of `group`) in the agent's PID namespace.
+/// Whom a role kill stops.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Target {
+    /// The role's uid: every process whose real or effective uid it is (never uid 0).
+    pub uid: u32,
+    /// The launch script's process group, and only while the launch script is the agent's
+    /// unreaped child: once its leader is reaped, a group id can be recycled by an unrelated
+    /// process group.
+    pub group: Option<i32>,
+    /// The service's cgroup, when the agent uses cgroups: everything in it is the service's.
+    pub cgroup: Option<ServiceCgroup>,
+}
+
+/// Live processes of the target in the agent's PID namespace: the role's, the launch
+/// script's group's, and those in the service's cgroup.
 ///
 /// `/proc/<pid>` is owned by the process's effective uid, or by root when the process is not
 /// dumpable, which is what changing credentials (setuid, a setuid binary) makes it; so a
 /// process whose real or effective uid is the role's has its `/proc` entry owned by the role
 /// or by root, and only those entries are read further.
-pub fn victims(uid: u32, group: Option<i32>) -> Vec<ProcInfo> {
+pub fn victims(t: &Target) -> Vec<ProcInfo> {
+    let (uid, group) = (t.uid, t.group);
     let me = std::process::id() as i32;
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
@@ -229,14 +257,139 @@ pub fn victims(uid: u32, group: Option<i32>) -> Vec<ProcInfo> {
         }
         out.push(info);
     }
+    // The cgroup's other members: the launch script and its helpers before they switch to
+    // the role (`cgroup.procs` lists only pids this namespace can see).
+    if let Some(cg) = &t.cgroup {
+        for pid in cg.pids() {
+            if pid <= 1 || pid == me || out.iter().any(|p| p.pid == pid) {
+                continue;
+            }
+            if let Some(st) = read_stat(pid).filter(|p| !p.is_dead()) {
+                out.push(st);
+            }
+        }
+    }
     out
 }
 
 /// [`victims`] on a blocking thread: `/proc` reads stay off the runtime's only thread.
-async fn victims_async(uid: u32, group: Option<i32>) -> Vec<ProcInfo> {
-    tokio::task::spawn_blocking(move || victims(uid, group))
+async fn victims_async(t: &Target) -> Vec<ProcInfo> {
+    let t = t.clone();
+    tokio::task::spawn_blocking(move || victims(&t))
         .await
         .unwrap_or_default()
+}
+
+/// How a signal to one process went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    /// The process got it.
+    Delivered,
+    /// The process was gone already.
+    Gone,
+    /// The pid now belongs to another process (or is pid 1 or the agent): nothing was sent.
+    NotSame,
+}
+
+/// Whether the kernel has pidfds; cleared at the first ENOSYS.
+static PIDFDS: AtomicBool = AtomicBool::new(true);
+
+fn pidfd_open(pid: i32) -> Result<OwnedFd, Errno> {
+    // SAFETY: pidfd_open(2) takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0 as libc::c_uint) };
+    if fd < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+fn pidfd_send_signal(fd: &OwnedFd, sig: Signal) -> Result<(), Errno> {
+    // SAFETY: pidfd_send_signal(2) with a valid pidfd, no siginfo and no flags.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            fd.as_raw_fd(),
+            sig as libc::c_int,
+            std::ptr::null::<libc::siginfo_t>(),
+            0 as libc::c_uint,
+        )
+    };
+    if r < 0 {
+        Err(Errno::last())
+    } else {
+        Ok(())
+    }
+}
+
+/// Sends `sig` to the process `pid` that started at `start` (clock ticks after boot, from its
+/// `stat`), and to no other. A pidfd is opened first, then the start time is read again: a pid
+/// recycled meanwhile has another start time and is left alone, and the pidfd pins the
+/// process that was checked, so the signal cannot reach one that takes the pid afterwards.
+/// Kernels without pidfds (before 5.3: ENOSYS, said once on stderr) get kill(2) right after
+/// the same check, which narrows the window to microseconds but cannot close it. Never pid 1,
+/// never the agent.
+pub fn signal_exact(pid: i32, start: Option<u64>, sig: Signal) -> Sent {
+    if pid <= 1 || pid == std::process::id() as i32 {
+        return Sent::NotSame;
+    }
+    let Some(start) = start else {
+        return Sent::NotSame;
+    };
+    let fd = if PIDFDS.load(Ordering::Relaxed) {
+        match pidfd_open(pid) {
+            Ok(fd) => Some(fd),
+            Err(Errno::ESRCH) => return Sent::Gone,
+            Err(Errno::ENOSYS) => {
+                if PIDFDS.swap(false, Ordering::Relaxed) {
+                    eprintln!(
+                        "keepup-agent: this kernel has no pidfds (pidfd_open: ENOSYS); processes \
+                         are signalled by pid right after their start time is checked"
+                    );
+                }
+                None
+            }
+            // Out of descriptors, say: the same fallback as without pidfds.
+            Err(_) => None,
+        }
+    } else {
+        None
+    };
+    match read_stat(pid) {
+        Some(now) if now.start == Some(start) => {}
+        Some(_) => return Sent::NotSame,
+        None => return Sent::Gone,
+    }
+    let sent = match &fd {
+        Some(fd) => pidfd_send_signal(fd, sig),
+        None => kill(Pid::from_raw(pid), sig),
+    };
+    match sent {
+        Ok(()) => Sent::Delivered,
+        Err(_) => Sent::Gone,
+    }
+}
+
+/// How a role kill ended what outlived the SIGTERM and the grace.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Finish {
+    /// Nothing outlived the grace.
+    #[default]
+    Term,
+    /// `cgroup.kill` on the service's cgroup; `outside` role processes outside the cgroup
+    /// were then frozen and killed.
+    Cgroup {
+        /// Role processes found outside the service's cgroup.
+        outside: usize,
+    },
+    /// Freeze-then-kill: SIGSTOP to every process, rescans until none was new, SIGKILL.
+    Freeze {
+        /// Scans it took (the last one found nothing new).
+        rounds: u32,
+        /// Whether the scans settled (none new) within the bound; if not, what was found was
+        /// killed anyway, then whatever appeared.
+        settled: bool,
+    },
 }
 
 /// What a role kill did.
@@ -244,31 +397,174 @@ async fn victims_async(uid: u32, group: Option<i32>) -> Vec<ProcInfo> {
 pub struct KillReport {
     /// Processes sent SIGTERM.
     pub termed: usize,
-    /// Processes still alive after the grace, sent SIGKILL.
+    /// Processes still alive after the grace, sent SIGKILL (by `cgroup.kill` or by pidfd).
     pub killed: usize,
     /// Processes still alive after SIGKILL (should be 0; e.g. stuck in uninterruptible I/O).
     pub survivors: usize,
+    /// How the processes that outlived the grace were ended.
+    pub finish: Finish,
+}
+
+impl KillReport {
+    /// One line for the service log: `SIGTERM to 3 process(es), SIGKILL to 2 (cgroup.kill)`.
+    pub fn describe(&self) -> String {
+        let how = match self.finish {
+            Finish::Term => String::new(),
+            Finish::Cgroup { outside: 0 } => " (cgroup.kill)".into(),
+            Finish::Cgroup { outside } => {
+                format!(" (cgroup.kill; {outside} outside the cgroup frozen, then killed)")
+            }
+            Finish::Freeze {
+                rounds,
+                settled: true,
+            } => format!(" (frozen, then killed; {rounds} scan(s))"),
+            Finish::Freeze {
+                rounds,
+                settled: false,
+            } => format!(" (still forking after {rounds} freeze scan(s): killed as found)"),
+        };
+        let survived = if self.survivors > 0 {
+            format!(", {} survived", self.survivors)
+        } else {
+            String::new()
+        };
+        format!(
+            "SIGTERM to {} process(es), SIGKILL to {}{how}{survived}",
+            self.termed, self.killed
+        )
+    }
 }
 
 /// How often a role kill looks again whether the processes it signalled are gone.
 const POLL: Duration = Duration::from_millis(100);
-/// How long to wait for SIGKILLed processes to disappear.
+/// How often, after `cgroup.kill`, the cgroup is looked at until it is empty.
+const CGROUP_POLL: Duration = Duration::from_millis(5);
+/// How long the kill phase (after the grace) may take in all.
 const AFTER_KILL: Duration = Duration::from_secs(2);
+/// Most scans freeze-then-kill makes before it kills what it found even if it is still
+/// finding new processes (each scan finds the children forked since the one before, and a
+/// stopped process forks no more: a fork loop settles in two or three).
+const MAX_FREEZE_ROUNDS: u32 = 50;
 
-/// Stops every process of role `uid` (and of process group `group`, the launch script's, which
-/// may still run as root before it switches to the role): SIGTERM (plus SIGCONT, so a stopped
-/// process gets it), wait up to `grace` for them to exit, SIGKILL the rest.
-pub async fn kill_role(uid: u32, group: Option<i32>, grace: Duration) -> KillReport {
+/// Stops every process of the target: SIGTERM (plus SIGCONT, so a stopped process gets it) to
+/// each, by pidfd, waiting up to `grace` for them to exit and signalling newcomers; then what
+/// is left is killed without a chance to fork: `cgroup.kill` on the service's cgroup, and
+/// freeze-then-kill for the rest (everything, without a cgroup). An empty service cgroup is
+/// removed at the end.
+pub async fn kill_role(t: &Target, grace: Duration) -> KillReport {
     let mut report = KillReport::default();
-    let term = signal_until_gone(uid, group, grace, &[Signal::SIGTERM, Signal::SIGCONT]).await;
+    let term = signal_until_gone(t, grace, &[Signal::SIGTERM, Signal::SIGCONT]).await;
     report.termed = term.signalled;
-    if term.left == 0 {
-        return report;
+    if term.left > 0 {
+        let deadline = Instant::now() + AFTER_KILL;
+        let mut in_cgroup = None;
+        if let Some(cg) = &t.cgroup {
+            let before = cg.pids().len();
+            match cg.kill() {
+                Ok(()) => {
+                    in_cgroup = Some(before);
+                    while cg.populated() == Some(true) && Instant::now() < deadline {
+                        tokio::time::sleep(CGROUP_POLL).await;
+                    }
+                }
+                Err(e) => eprintln!("keepup-agent: {e}; freezing the processes instead"),
+            }
+        }
+        let frozen = freeze_then_kill(t, deadline).await;
+        report.killed = in_cgroup.unwrap_or(0) + frozen.killed;
+        report.finish = match in_cgroup {
+            Some(_) => Finish::Cgroup {
+                outside: frozen.killed,
+            },
+            None => Finish::Freeze {
+                rounds: frozen.rounds,
+                settled: frozen.settled,
+            },
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        let last = signal_until_gone(t, left, &[Signal::SIGKILL]).await;
+        if !frozen.settled {
+            report.killed += last.signalled;
+        }
+        report.survivors = last.left;
     }
-    let killed = signal_until_gone(uid, group, AFTER_KILL, &[Signal::SIGKILL]).await;
-    report.killed = killed.signalled;
-    report.survivors = killed.left;
+    if let Some(cg) = &t.cgroup {
+        if cg.populated() == Some(false) {
+            cg.remove();
+        }
+    }
     report
+}
+
+/// One step of freeze-then-kill, decided from what a scan found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Step {
+    /// SIGSTOP these (new since the last scan), then scan again.
+    Stop(Vec<ProcInfo>),
+    /// SIGKILL these: every one was stopped before this scan (`settled`), or the bound of
+    /// scans or time was reached.
+    Kill { procs: Vec<ProcInfo>, settled: bool },
+}
+
+/// The decisions of freeze-then-kill: a stopped process cannot fork, and a fork that raced
+/// the SIGSTOP either completed before it (so the child shows in the next scan) or is
+/// restarted after it; so once a scan finds nothing that was not stopped before, nothing
+/// can appear any more, and SIGKILL to all of them ends the role.
+#[derive(Debug, Default)]
+struct Freezer {
+    stopped: HashSet<(i32, Option<u64>)>,
+    rounds: u32,
+}
+
+impl Freezer {
+    fn next(&mut self, found: &[ProcInfo], out_of_time: bool) -> Step {
+        self.rounds += 1;
+        let new: Vec<ProcInfo> = found
+            .iter()
+            .filter(|p| !self.stopped.contains(&(p.pid, p.start)))
+            .copied()
+            .collect();
+        if new.is_empty() || out_of_time || self.rounds >= MAX_FREEZE_ROUNDS {
+            return Step::Kill {
+                procs: found.to_vec(),
+                settled: new.is_empty(),
+            };
+        }
+        self.stopped.extend(new.iter().map(|p| (p.pid, p.start)));
+        Step::Stop(new)
+    }
+}
+
+struct Frozen {
+    killed: usize,
+    rounds: u32,
+    settled: bool,
+}
+
+/// Freeze-then-kill (see [`Freezer`]), bounded by `deadline` and [`MAX_FREEZE_ROUNDS`].
+async fn freeze_then_kill(t: &Target, deadline: Instant) -> Frozen {
+    let mut freezer = Freezer::default();
+    loop {
+        let found = victims_async(t).await;
+        match freezer.next(&found, Instant::now() >= deadline) {
+            Step::Stop(new) => {
+                for p in &new {
+                    signal_exact(p.pid, p.start, Signal::SIGSTOP);
+                }
+            }
+            Step::Kill { procs, settled } => {
+                let killed = procs
+                    .iter()
+                    .filter(|p| signal_exact(p.pid, p.start, Signal::SIGKILL) == Sent::Delivered)
+                    .count();
+                return Frozen {
+                    killed,
+                    rounds: freezer.rounds,
+                    settled,
+                };
+            }
+        }
+    }
 }
 
 struct Round {
@@ -276,38 +572,24 @@ struct Round {
     left: usize,
 }
 
-/// Sends `sigs` to every victim (and to `group`), waits up to `within` for them to go, and
-/// signals newcomers (forked meanwhile) as they are found. Polls only the signalled pids until
-/// they are gone, then scans `/proc` again.
-async fn signal_until_gone(
-    uid: u32,
-    group: Option<i32>,
-    within: Duration,
-    sigs: &[Signal],
-) -> Round {
+/// Sends `sigs` to every victim, waits up to `within` for them to go, and signals newcomers
+/// (forked meanwhile) as they are found. Polls only the signalled pids until they are gone,
+/// then scans `/proc` again.
+async fn signal_until_gone(t: &Target, within: Duration, sigs: &[Signal]) -> Round {
     let deadline = Instant::now() + within;
     let mut done: HashSet<(i32, Option<u64>)> = HashSet::new();
     loop {
-        let live = victims_async(uid, group).await;
+        let live = victims_async(t).await;
         if live.is_empty() {
             return Round {
                 signalled: done.len(),
                 left: 0,
             };
         }
-        let mut fresh = false;
         for p in &live {
             if done.insert((p.pid, p.start)) {
-                fresh = true;
                 for &s in sigs {
-                    signal(p.pid, s);
-                }
-            }
-        }
-        if fresh {
-            if let Some(g) = group.filter(|&g| g > 1) {
-                for &s in sigs {
-                    let _ = killpg(Pid::from_raw(g), s);
+                    signal_exact(p.pid, p.start, s);
                 }
             }
         }
@@ -318,12 +600,6 @@ async fn signal_until_gone(
             };
         }
         wait_gone(&live, deadline).await;
-    }
-}
-
-fn signal(pid: i32, sig: Signal) {
-    if pid > 1 && pid != std::process::id() as i32 {
-        let _ = kill(Pid::from_raw(pid), sig);
     }
 }
 
@@ -471,10 +747,139 @@ mod tests {
             .spawn()
             .unwrap();
         let pid = child.id() as i32;
-        let found = victims(uid, None);
+        let found = victims(&Target {
+            uid,
+            ..Target::default()
+        });
         let _ = child.kill();
         let _ = child.wait();
         assert!(found.iter().any(|p| p.pid == pid), "{found:?}");
         assert!(!found.iter().any(|p| p.pid == std::process::id() as i32));
+    }
+
+    fn started(pid: i32, start: u64) -> ProcInfo {
+        ProcInfo {
+            start: Some(start),
+            ..p(pid, pid, 998, 'S')
+        }
+    }
+
+    #[test]
+    fn freeze_stops_newcomers_until_a_scan_finds_none() {
+        let mut f = Freezer::default();
+        let (shell, s1, s2) = (started(10, 1), started(11, 2), started(12, 3));
+        // A fork loop: each scan finds the children forked since the last one.
+        assert_eq!(f.next(&[shell, s1], false), Step::Stop(vec![shell, s1]));
+        assert_eq!(f.next(&[shell, s1, s2], false), Step::Stop(vec![s2]));
+        // Nothing new: every process found is stopped; kill them all.
+        assert_eq!(
+            f.next(&[shell, s1, s2], false),
+            Step::Kill {
+                procs: vec![shell, s1, s2],
+                settled: true
+            }
+        );
+        // A recycled pid (same pid, new start time) is a new process.
+        let mut f = Freezer::default();
+        f.next(&[shell], false);
+        let reborn = started(10, 99);
+        assert_eq!(f.next(&[reborn], false), Step::Stop(vec![reborn]));
+        // Nothing at all: kill nothing, at once.
+        assert_eq!(
+            Freezer::default().next(&[], false),
+            Step::Kill {
+                procs: vec![],
+                settled: true
+            }
+        );
+    }
+
+    #[test]
+    fn freeze_is_bounded_in_scans_and_time() {
+        let mut f = Freezer::default();
+        let mut last = None;
+        for i in 0..MAX_FREEZE_ROUNDS as i32 {
+            last = Some(f.next(&[started(100 + i, 1)], false));
+        }
+        assert_eq!(
+            last,
+            Some(Step::Kill {
+                procs: vec![started(100 + MAX_FREEZE_ROUNDS as i32 - 1, 1)],
+                settled: false
+            })
+        );
+        let mut f = Freezer::default();
+        f.next(&[started(1000, 1)], false);
+        assert_eq!(
+            f.next(&[started(1000, 1), started(1001, 1)], true),
+            Step::Kill {
+                procs: vec![started(1000, 1), started(1001, 1)],
+                settled: false
+            }
+        );
+    }
+
+    #[test]
+    fn a_signal_reaches_only_the_process_with_the_start_time_it_was_meant_for() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        let start = read_stat(pid).unwrap().start.unwrap();
+        // The pid with another start time is another process (a recycled pid): not signalled.
+        assert_eq!(
+            signal_exact(pid, Some(start + 1), Signal::SIGKILL),
+            Sent::NotSame
+        );
+        assert_eq!(signal_exact(pid, None, Signal::SIGKILL), Sent::NotSame);
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(child.try_wait().unwrap().is_none(), "the wrong kill landed");
+        // The right start time: delivered.
+        assert_eq!(
+            signal_exact(pid, Some(start), Signal::SIGKILL),
+            Sent::Delivered
+        );
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(child.wait().unwrap().signal(), Some(9));
+        // Reaped: gone (or, if the pid was reused already, not the same).
+        assert_ne!(
+            signal_exact(pid, Some(start), Signal::SIGKILL),
+            Sent::Delivered
+        );
+        // Never pid 1 or the agent itself.
+        let me = std::process::id() as i32;
+        let my_start = read_stat(me).unwrap().start;
+        assert_eq!(signal_exact(me, my_start, Signal::SIGCONT), Sent::NotSame);
+        assert_eq!(
+            signal_exact(1, read_stat(1).and_then(|p| p.start), Signal::SIGCONT),
+            Sent::NotSame
+        );
+    }
+
+    #[test]
+    fn reports_say_how_the_stop_ended() {
+        let r = KillReport {
+            termed: 3,
+            killed: 2,
+            survivors: 0,
+            finish: Finish::Cgroup { outside: 0 },
+        };
+        assert_eq!(
+            r.describe(),
+            "SIGTERM to 3 process(es), SIGKILL to 2 (cgroup.kill)"
+        );
+        let f = KillReport {
+            finish: Finish::Freeze {
+                rounds: 3,
+                settled: true,
+            },
+            survivors: 1,
+            ..r
+        };
+        assert_eq!(
+            f.describe(),
+            "SIGTERM to 3 process(es), SIGKILL to 2 (frozen, then killed; 3 scan(s)), 1 survived"
+        );
     }
 }

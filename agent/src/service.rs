@@ -584,15 +584,27 @@ impl Service {
             Err(why) if why.starts_with(refuse::REFUSING) => return self.refuse(why),
             Err(why) => return self.failed_start(now, why),
         };
+        // The previous launch script is reaped: its group id may have been recycled, so the
+        // group is only asked whether it has members (signal 0), never signalled or used to
+        // pick victims; the service's cgroup, if any, answers exactly.
+        let cgroup = crate::cgroup::for_service(&self.m.name);
         let previous = previous.filter(|&g| g > 1);
-        let group_left = previous.is_some_and(|g| {
-            nix::sys::signal::killpg(nix::unistd::Pid::from_raw(g), None)
-                != Err(nix::errno::Errno::ESRCH)
+        let group_left = previous.is_some_and(|g| match &cgroup {
+            Some(cg) => cg.populated() != Some(false),
+            None => {
+                nix::sys::signal::killpg(nix::unistd::Pid::from_raw(g), None)
+                    != Err(nix::errno::Errno::ESRCH)
+            }
         });
         let leftovers = if previous.is_some() && !group_left {
             role::KillReport::default()
         } else {
-            role::kill_role(uid, previous, self.m.supervisor.stop_grace).await
+            let target = role::Target {
+                uid,
+                group: None,
+                cgroup,
+            };
+            role::kill_role(&target, self.m.supervisor.stop_grace).await
         };
         if leftovers.termed > 0 {
             self.note(&format!(
@@ -646,6 +658,20 @@ impl Service {
             .stdout(Stdio::from(write))
             .stderr(Stdio::from(write2))
             .process_group(0);
+        // With cgroups, the launch script joins its service's cgroup between fork and exec.
+        let joiner = match crate::cgroup::for_service(&self.m.name) {
+            Some(cg) => Some(
+                cg.joiner()
+                    .map_err(|e| format!("cannot put {} into its cgroup: {e}", self.m.launch))?,
+            ),
+            None => None,
+        };
+        if let Some(fd) = joiner.as_ref().map(crate::cgroup::Joiner::fd) {
+            // SAFETY: the closure only calls write(2), which is async-signal-safe.
+            unsafe {
+                cmd.pre_exec(move || crate::cgroup::Joiner::join(fd));
+            }
+        }
         let child = cmd
             .spawn()
             .map_err(|e| format!("cannot run {}: {e}", self.m.launch))?;
@@ -763,29 +789,34 @@ impl Service {
         self.set_state(State::GivenUp, Some(why));
     }
 
+    /// The launch script's process group, while the launch script is the agent's unreaped
+    /// child (its zombie holds the group id); `None` once it is reaped (`try_wait` reaps an
+    /// exited one and keeps its status for `wait`).
+    fn unreaped_group(&mut self) -> Option<i32> {
+        let run = self.run.as_mut()?;
+        matches!(run.child.try_wait(), Ok(None)).then_some(run.pid)
+    }
+
     /// Stops the service: role kill (with the launch script's process group), then reap.
     async fn stop(&mut self, why: &str) {
         self.respawn_at = None;
         self.generation += 1;
-        let group = self.run.as_ref().map(|r| r.pid);
         if self.ids.is_none() && self.refused.is_none() {
             let _ = self.lookup_role().await;
         }
-        // Without a (valid) role only the launch script's process group is stopped: uid 0 is
-        // never a victim by uid.
-        let uid = self.ids.map_or(0, |(uid, _)| uid);
-        let report = role::kill_role(uid, group, self.m.supervisor.stop_grace).await;
+        // Without a (valid) role only the launch script's process group and the service's
+        // cgroup are stopped: uid 0 is never a victim by uid.
+        let target = role::Target {
+            uid: self.ids.map_or(0, |(uid, _)| uid),
+            group: self.unreaped_group(),
+            cgroup: crate::cgroup::for_service(&self.m.name),
+        };
+        let report = role::kill_role(&target, self.m.supervisor.stop_grace).await;
         if report.termed > 0 {
             self.note(&format!(
-                "stopped ({why}): SIGTERM to {} process(es) of role {}, SIGKILL to {}{}",
-                report.termed,
+                "stopped ({why}), role {}: {}",
                 self.m.role,
-                report.killed,
-                if report.survivors > 0 {
-                    format!(", {} survived", report.survivors)
-                } else {
-                    String::new()
-                }
+                report.describe()
             ));
         }
         if let Some(mut run) = self.run.take() {
@@ -1175,21 +1206,16 @@ impl Service {
             "keepup-agent: {}: {why}; killing role {}",
             self.m.name, self.m.role
         );
-        let group = self.run.as_ref().map(|r| r.pid);
+        let target = role::Target {
+            uid,
+            group: self.unreaped_group(),
+            cgroup: crate::cgroup::for_service(&self.m.name),
+        };
         if let Some(run) = self.run.as_mut() {
             run.killed_for = Some(why);
         }
-        let report = role::kill_role(uid, group, self.m.supervisor.stop_grace).await;
-        self.note(&format!(
-            "health kill: SIGTERM to {} process(es), SIGKILL to {}{}",
-            report.termed,
-            report.killed,
-            if report.survivors > 0 {
-                format!(", {} survived", report.survivors)
-            } else {
-                String::new()
-            }
-        ));
+        let report = role::kill_role(&target, self.m.supervisor.stop_grace).await;
+        self.note(&format!("health kill: {}", report.describe()));
         // Probes start again `grace` from now. Agent-supervised, the launch script's exit is
         // normally noticed first and the start reschedules them; if something survived the
         // kill (or the launch script did), they keep watching it.

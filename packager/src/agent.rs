@@ -175,6 +175,10 @@ pub fn agent_plan(pkg: &AgentPackage, format: Format, epoch: u64) -> Result<Plan
 /// in flight finish (whose postinst may be what restarts the agent); systemd does not TERM
 /// every process in the cgroup at once. Whatever is left behind is killed
 /// by the next agent's leftover kill (by uid) before it starts each service.
+///
+/// `Delegate=yes`: the agent's cgroup subtree is its own, so it can give each service a
+/// cgroup (`<unit>/services/<name>`, itself in `<unit>/agent`) and end a stop with
+/// `cgroup.kill`, which a fork loop cannot outrun.
 pub fn unit() -> String {
     format!(
         "[Unit]
@@ -190,6 +194,8 @@ Restart=always
 RestartSec=2s
 # Stop signals go to the agent only; it stops its services (see docs/agent.md).
 KillMode=process
+# The agent puts each service in its own cgroup below its own and stops it with cgroup.kill.
+Delegate=yes
 TimeoutStopSec=60s
 
 [Install]
@@ -497,6 +503,7 @@ mod tests {
             "ExecStart=/usr/sbin/keepup-agent run",
             "Restart=always",
             "KillMode=process",
+            "Delegate=yes",
         ] {
             assert!(unit.lines().any(|l| l == line), "{line} missing:\n{unit}");
         }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
-use testcontainers::core::{AccessMode, ExecCommand, Mount};
+use testcontainers::core::{AccessMode, CgroupnsMode, ExecCommand, Mount};
 use testcontainers::runners::AsyncRunner;
 use testcontainers::{ContainerAsync, GenericImage, ImageExt};
 
@@ -149,6 +149,21 @@ impl Host {
     /// Like [`Host::start`], with local directories bind-mounted read-only: `(local, remote)`.
     /// The host sees changes to them as they happen (e.g. a repository the test edits).
     pub async fn start_with(net: &TestNet, name: &str, mounts: &[(&Path, &str)]) -> Result<Host> {
+        Host::start_opts(net, name, mounts, false).await
+    }
+
+    /// Like [`Host::start`], in a private cgroup namespace with CAP_SYS_ADMIN, so a test can
+    /// mount a writable cgroup2 tree (the container's own subtree) inside.
+    pub async fn start_with_cgroups(net: &TestNet, name: &str) -> Result<Host> {
+        Host::start_opts(net, name, &[], true).await
+    }
+
+    async fn start_opts(
+        net: &TestNet,
+        name: &str,
+        mounts: &[(&Path, &str)],
+        cgroups: bool,
+    ) -> Result<Host> {
         let valid = !name.is_empty()
             && name.len() <= 63
             && name
@@ -171,13 +186,19 @@ impl Host {
                     .with_access_mode(AccessMode::ReadOnly),
             );
         }
-        let container = request
+        request = request
             .with_hostname(name)
             .with_container_name(format!("{}-{name}", net.name()))
             .with_network(net.name())
             .with_label("org.keepup.test", "1")
             // Like root on a real host: read any process's /proc/PID/environ, exe, fd.
-            .with_cap_add("SYS_PTRACE")
+            .with_cap_add("SYS_PTRACE");
+        if cgroups {
+            request = request
+                .with_cgroupns_mode(CgroupnsMode::Private)
+                .with_cap_add("SYS_ADMIN");
+        }
+        let container = request
             .start()
             .await
             .with_context(|| format!("starting host {name} from {image}"))?;
