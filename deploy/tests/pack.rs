@@ -138,7 +138,7 @@ fn deb_has_the_expected_control_data_and_contents() {
         "Version: 1.0.0-1",
         "Architecture: amd64",
         "Pre-Depends: passwd",
-        "Depends: procps, libc6",
+        "Depends: procps, mawk | awk, libc6",
         "conffiles",
         "preinst",
         "postinst",
