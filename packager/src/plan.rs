@@ -52,11 +52,11 @@ pub struct Info {
 }
 
 impl Info {
-    /// A service package's fields, from its spec. The .deb depends on `procps` and an `awk`
-    /// (the maintainer scripts' `pgrep`, `ps` and role kill) and pre-depends on `passwd`
-    /// (`useradd` in `preinst`).
+    /// A service package's fields, from its spec. The .deb depends on `procps` (the
+    /// maintainer scripts' `pgrep` and `ps`; their `awk` is required on every Debian system)
+    /// and pre-depends on `passwd` (`useradd` in `preinst`).
     pub fn from_spec(spec: &Spec) -> Info {
-        let mut deb_depends = vec!["procps".to_string(), "mawk | awk".to_string()];
+        let mut deb_depends = vec!["procps".to_string()];
         deb_depends.extend(spec.depends.common.iter().cloned());
         deb_depends.extend(spec.depends.deb.iter().cloned());
         Info {

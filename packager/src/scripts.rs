@@ -337,8 +337,8 @@ keepup_kill_role() {
         { alive[$1] = 1; pg[$1] = $2; sd[$1] = $3 }
         END {
             for (x in p) if (x in alive) {
-                if ((pg[x] in p) || !(pg[x] in alive)) print "G", pg[x]
-                if ((sd[x] in p) || !(sd[x] in alive)) print "S", sd[x]
+                if (!(pg[x] in alive) || pg[x] in p) print "G", pg[x]
+                if (!(sd[x] in alive) || sd[x] in p) print "S", sd[x]
             }
         }') || true
     [ -z "$kr_pids" ] || kill -TERM $kr_pids 2>/dev/null || true
