@@ -397,3 +397,34 @@ fn a_missing_signing_key_is_a_clear_error() {
     assert!(String::from_utf8_lossy(&out.stderr)
         .contains("signing key /nonexistent/key.asc does not exist"));
 }
+
+#[test]
+fn a_probe_the_agent_could_not_run_fails_the_pack_with_its_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = example(dir.path());
+    let good = std::fs::read_to_string(&spec).unwrap();
+    let from = r#"expect: "^food .* ready""#;
+    assert!(
+        good.contains(from),
+        "the example's banner check changed; update this test"
+    );
+    std::fs::write(&spec, good.replace(from, r#"expect: "^food (.* ready""#)).unwrap();
+    let out = keepup()
+        .arg("pack")
+        .arg(&spec)
+        .arg("--out")
+        .arg(dir.path().join("dist"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = good.lines().position(|l| l.contains(from)).unwrap() + 1;
+    assert!(
+        err.contains(&format!("foo.yaml:{line}:"))
+            && err.contains("field `checks[0].tcp.expect`")
+            && err.contains("the agent could not run this probe")
+            && err.contains("unclosed group"),
+        "{err}"
+    );
+    assert!(!dir.path().join("dist").exists());
+}

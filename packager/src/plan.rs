@@ -53,7 +53,8 @@ pub struct Info {
 
 impl Info {
     /// A service package's fields, from its spec. The .deb depends on `procps` (the
-    /// maintainer scripts' `pgrep`) and pre-depends on `passwd` (`useradd` in `preinst`).
+    /// maintainer scripts' `pgrep` and `ps`; their `awk` is required on every Debian system)
+    /// and pre-depends on `passwd` (`useradd` in `preinst`).
     pub fn from_spec(spec: &Spec) -> Info {
         let mut deb_depends = vec!["procps".to_string()];
         deb_depends.extend(spec.depends.common.iter().cloned());

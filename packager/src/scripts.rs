@@ -27,6 +27,62 @@ fn quote_argv(argv: &[String]) -> String {
     argv.iter().map(|a| quote(a)).collect::<Vec<_>>().join(" ")
 }
 
+/// Shell function of the launch script that creates or fixes one `launch.dirs` entry without
+/// ever following a link: the role owns some of these directories and could plant one.
+const LAUNCH_DIR_FN: &str = r#"# launch_dir PATH OWNER GROUP MODE: walk PATH from / one component at a time and never
+# follow a symbolic link. A symlinked component is refused; a missing one is created (root,
+# 0755); each is entered with `cd -P` and its physical path compared with the expected one,
+# so a link swapped in between the check and the cd is caught. Owner and mode are then set on
+# `.`, the directory entered (an inode, not a name the role could bend). Not root: check only.
+# Prints why and fails when PATH is not safe. The body is a subshell: the cwd is restored.
+launch_dir() (
+    target=$1
+    cd / || exit 1
+    rest=${target#/}
+    sofar=
+    while [ -n "$rest" ]; do
+        comp=${rest%%/*}
+        case $rest in
+        */*) rest=${rest#*/} ;;
+        *) rest= ;;
+        esac
+        sofar=$sofar/$comp
+        if [ -L "./$comp" ]; then
+            printf 'launch directory %s: %s is a symbolic link, and launch directories never follow links (one could hand a system directory to the role); remove the link, or write the real path in the spec if it is a system link' "$target" "$sofar"
+            exit 1
+        fi
+        if [ ! -e "./$comp" ]; then
+            if [ "$uid" != 0 ]; then
+                printf 'directory %s is missing and only root can create it' "$target"
+                exit 1
+            fi
+            if ! mkdir -m 0755 "./$comp"; then
+                printf 'launch directory %s: cannot create %s' "$target" "$sofar"
+                exit 1
+            fi
+        fi
+        if [ ! -d "./$comp" ]; then
+            printf 'launch directory %s: %s is not a directory; move it away' "$target" "$sofar"
+            exit 1
+        fi
+        if ! cd -P "./$comp"; then
+            printf 'launch directory %s: cannot enter %s' "$target" "$sofar"
+            exit 1
+        fi
+        here=$(pwd -P) || exit 1
+        if [ "$here" != "$sofar" ]; then
+            printf 'launch directory %s: %s turned into %s while being entered (a link was swapped in); remove the link' "$target" "$sofar" "$here"
+            exit 1
+        fi
+    done
+    [ "$uid" = 0 ] || exit 0
+    if ! chown -h "$2:$3" . || ! chmod "$4" .; then
+        printf 'launch directory %s: cannot set owner %s:%s and mode %s' "$target" "$2" "$3" "$4"
+        exit 1
+    fi
+)
+"#;
+
 /// The launch script: make the environment sane without assuming any prior state, then
 /// `exec` the daemon in the foreground as the role user. If not sane: say why on stdout,
 /// sleep `not_sane_sleep`, exit non-zero.
@@ -84,6 +140,7 @@ home=$(printf '%s\n' "$entry" | cut -d: -f6)
         s.push_str(
             "\n# Directories the daemon needs, with their owner and mode (created or fixed).\n",
         );
+        s.push_str(LAUNCH_DIR_FN);
     }
     for d in &l.dirs {
         let (p, o, g, m) = (
@@ -94,7 +151,7 @@ home=$(printf '%s\n' "$entry" | cut -d: -f6)
         );
         let _ = writeln!(
             s,
-            "if [ \"$uid\" = 0 ]; then\n    install -d -o {o} -g {g} -m {m} {p} || not_sane 'cannot create directory %s' {p}\nelse\n    [ -d {p} ] || not_sane 'directory %s is missing and only root can create it' {p}\nfi"
+            "if ! why=$(launch_dir {p} {o} {g} {m}); then\n    not_sane '%s' \"$why\"\nfi"
         );
     }
     if !l.require.is_empty() {
@@ -128,9 +185,15 @@ home=$(printf '%s\n' "$entry" | cut -d: -f6)
     }
     for (flag, value, what) in limits {
         if let Some(v) = value {
+            // dash (Debian's sh) calls the process limit -p; bash (RPM's sh) calls it -u.
+            let set = if flag == "-u" {
+                format!("{{ ulimit -u {v} 2>/dev/null || ulimit -p {v}; }}")
+            } else {
+                format!("ulimit {flag} {v}")
+            };
             let _ = writeln!(
                 s,
-                "ulimit {flag} {v} || not_sane 'cannot set the {what} limit to %s' {v}"
+                "{set} || not_sane 'cannot set the {what} limit to %s' {v}"
             );
         }
     }
@@ -164,43 +227,191 @@ exec as_role_exec
     s.replace("exec as_role_exec\n", &exec_line)
 }
 
-/// Shell function shared by the maintainer scripts: TERM every process of the role now, and
-/// KILL the survivors of that same set after the grace, from a detached background process,
-/// so the script itself never waits. Processes started later (the new version, brought up by
-/// the supervisor) are not in the set and are left alone.
-fn kill_role_fn(spec: &Spec) -> String {
+/// Where the role registry lives on a host (see [`role_fns`]).
+pub const ROLE_REGISTRY_DIR: &str = "/var/lib/keepup/roles";
+
+/// Shell functions shared by the maintainer scripts: who owns the role (the role registry),
+/// and a role kill that a forking service cannot outrun.
+///
+/// `keepup_role_ours` is the shared contract: the role belongs to this package's service when
+/// `/var/lib/keepup/roles/<role>` is a root-owned regular file (not a link, not writable by
+/// group or others) whose first line is the service name; with no registry file, an account
+/// whose GECOS is `<name> service (keepup)` (made by keepup before the registry) belongs to it.
+/// No script ever signals an account that is not ours.
+///
+/// `keepup_kill_role [all]` TERMs the role's processes now, and never waits: after the grace a
+/// detached process freezes (SIGSTOP) every process of the role's uid that is in that set, in a
+/// process group or session led by one of them (or whose leader is gone), or a child of one of
+/// them; it rescans until nothing new appears and every victim is stopped (a stopped process
+/// cannot fork), then SIGKILLs them. A new version started by a supervisor after the old one
+/// died is in none of these and is left alone. With `all` (removal), every process of the
+/// role's uid is a victim. uid 0 is never signalled.
+fn role_fns(spec: &Spec) -> String {
     let grace = spec.supervisor.stop_grace.as_secs().max(1);
-    format!(
-        r#"# keepup_kill_role: `pkill -u ROLE` semantics without ever blocking.
-keepup_kill_role() {{
-    getent passwd {role} >/dev/null 2>&1 || return 0
-    pids=$(pgrep -u {role} 2>/dev/null | tr '\n' ' ') || true
-    [ -n "$pids" ] || return 0
-    kill -TERM $pids 2>/dev/null || true
-    setsid sh -c 'sleep "$1"; role=$2; shift 2; for p in $(pgrep -u "$role"); do case " $* " in *" $p "*) kill -KILL "$p" ;; esac; done' \
-        keepup-kill {grace} {role} $pids </dev/null >/dev/null 2>&1 &
-    return 0
-}}
-"#,
-        role = quote(&spec.role),
-    )
+    ROLE_FNS
+        .replace("@ROLE@", &quote(&spec.role))
+        .replace("@REG@", &quote(&registry_file(spec)))
+        .replace("@NAME@", &quote(&spec.name))
+        .replace("@MARK@", &quote(&legacy_mark(spec)))
+        .replace("@GRACE@", &grace.to_string())
 }
 
-fn create_role(spec: &Spec) -> String {
-    let role = quote(&spec.role);
-    let comment = quote(&format!("{} service (keepup)", spec.name));
-    format!(
-        r#"# Create the role user if missing; never assume an earlier package's scripts ran.
-if ! getent group {role} >/dev/null; then
-    groupadd --system {role}
-fi
-if ! getent passwd {role} >/dev/null; then
-    useradd --system --gid {role} --home-dir /nonexistent --no-create-home \
-        --shell /usr/sbin/nologin --comment {comment} {role}
-fi
-"#
-    )
+/// The role's registry file.
+fn registry_file(spec: &Spec) -> String {
+    format!("{ROLE_REGISTRY_DIR}/{}", spec.role)
 }
+
+/// The GECOS of accounts made by keepup before the role registry (still written, for people).
+fn legacy_mark(spec: &Spec) -> String {
+    format!("{} service (keepup)", spec.name)
+}
+
+const ROLE_FNS: &str = r#"# keepup_registry_ok FILE: a root-owned regular file (not a link) only root can write.
+keepup_registry_ok() {
+    [ ! -L "$1" ] && [ -f "$1" ] || return 1
+    ro_meta=$(stat -c '%u %a' "$1") || return 1
+    [ "${ro_meta%% *}" = 0 ] && [ $(( 0${ro_meta#* } & 18 )) -eq 0 ]
+}
+
+# keepup_role_ours: the role belongs to this service (its registry file, or the legacy mark).
+keepup_role_ours() {
+    if [ -L @REG@ ] || [ -e @REG@ ]; then
+        keepup_registry_ok @REG@ && [ "$(head -n 1 @REG@)" = @NAME@ ]
+        return
+    fi
+    [ "$(getent passwd @ROLE@ | cut -d: -f5)" = @MARK@ ]
+}
+
+# The detached killer: sh -c "$keepup_killer" keepup-kill GRACE UID all|set LEADERS PID...
+# After the grace, freeze every victim (SIGSTOP), rescan until nothing new appears and every
+# victim is stopped, then SIGKILL them all. Victims: processes of UID (never 0) that are in
+# the PIDs, in a group (G) or session (S) of LEADERS, or children of a victim; with `all`,
+# every process of UID.
+keepup_killer=$(cat <<'KEEPUP_KILLER'
+sleep "$1"
+uid=$2 mode=$3 lead=$4
+shift 4
+victims=$*
+round=0
+while :; do
+    round=$((round + 1))
+    scan=$({
+        for p in $victims; do echo "V $p"; done
+        printf '%s\n' "$lead"
+        echo END
+        ps -e -o pid=,uid=,pgid=,sid=,ppid=,stat=
+    } | awk -v U="$uid" -v M="$mode" '
+        $1 == "V" { v[$2] = 1; next }
+        $1 == "G" { g[$2] = 1; next }
+        $1 == "S" { s[$2] = 1; next }
+        $1 == "END" { ps = 1; next }
+        ps && $2 == U && U != 0 && $6 !~ /^Z/ &&
+            (M == "all" || ($1 in v) || ($3 in g) || ($4 in s) || ($5 in v)) {
+            if (!($1 in v)) print "new", $1
+            else if ($6 !~ /^T/) print "running", $1
+            else print "stopped", $1
+        }')
+    victims=$(printf '%s\n' "$scan" | awk '{ print $2 }')
+    moving=$(printf '%s\n' "$scan" | awk '$1 != "stopped" { print $2 }')
+    [ -n "$moving" ] && [ "$round" -lt 1000 ] || break
+    kill -STOP $moving 2>/dev/null
+done
+[ -z "$victims" ] || kill -KILL $victims 2>/dev/null
+exit 0
+KEEPUP_KILLER
+)
+
+# keepup_kill_role [all]: TERM now; freeze, rescan and KILL after the grace, detached.
+keepup_kill_role() {
+    keepup_role_ours || return 0
+    kr_uid=$(id -u @ROLE@ 2>/dev/null) || return 0
+    [ -n "$kr_uid" ] && [ "$kr_uid" != 0 ] || return 0
+    kr_pids=$(pgrep -u "$kr_uid" 2>/dev/null | tr '\n' ' ') || true
+    if [ -z "$kr_pids" ] && [ "${1:-set}" != all ]; then
+        return 0
+    fi
+    # Groups and sessions led by the set (or whose leader is gone): their later members are
+    # the set's forks. A group led by anyone else (the supervisor's) is not.
+    kr_lead=$(ps -e -o pid=,pgid=,sid= | awk -v P="$kr_pids" '
+        BEGIN { n = split(P, a, " "); for (i = 1; i <= n; i++) p[a[i]] = 1 }
+        { alive[$1] = 1; pg[$1] = $2; sd[$1] = $3 }
+        END {
+            for (x in p) if (x in alive) {
+                if (!(pg[x] in alive) || pg[x] in p) print "G", pg[x]
+                if (!(sd[x] in alive) || sd[x] in p) print "S", sd[x]
+            }
+        }') || true
+    [ -z "$kr_pids" ] || kill -TERM $kr_pids 2>/dev/null || true
+    setsid sh -c "$keepup_killer" keepup-kill @GRACE@ "$kr_uid" "${1:-set}" "$kr_lead" $kr_pids \
+        </dev/null >/dev/null 2>&1 &
+    return 0
+}
+"#;
+
+/// Pre-install: claim the role (refuse, before anything changes, an account that is not ours),
+/// create it if missing, and record it in the role registry. Needs [`role_fns`] first.
+fn create_role(spec: &Spec) -> String {
+    CREATE_ROLE
+        .replace("@ROLE@", &quote(&spec.role))
+        .replace("@REG@", &quote(&registry_file(spec)))
+        .replace("@DIR@", &quote(ROLE_REGISTRY_DIR))
+        .replace("@NAME@", &quote(&spec.name))
+        .replace("@MARK@", &quote(&legacy_mark(spec)))
+        .replace("@ADOPT@", if spec.role_adopt { "true" } else { "false" })
+}
+
+const CREATE_ROLE: &str = r#"# The role must be an account keepup made for this service (the role registry, or the mark
+# of older keepup versions), or one the spec adopts (role_adopt: true). Anything else is some
+# other daemon's account: refuse before anything is changed or killed.
+keepup_refuse() {
+    printf '%s: ' @NAME@ >&2
+    printf "$@" >&2
+    printf '\n' >&2
+    exit 1
+}
+if [ -L @REG@ ] || [ -e @REG@ ]; then
+    keepup_registry_ok @REG@ || keepup_refuse 'the role registry file %s is not a root-owned regular file that only root can write; check who made it, remove it, and install again' @REG@
+    role_owner=$(head -n 1 @REG@)
+    [ "$role_owner" = @NAME@ ] || keepup_refuse 'the role account %s belongs to the keepup service %s (%s), so package %s cannot use it: choose a role of its own in the spec' @ROLE@ "$role_owner" @REG@ @NAME@
+    role_state=registered
+elif getent passwd @ROLE@ >/dev/null || getent group @ROLE@ >/dev/null; then
+    if [ "$(getent passwd @ROLE@ | cut -d: -f5)" = @MARK@ ]; then
+        role_state=legacy
+    elif @ADOPT@; then
+        role_state=adopted
+    else
+        keepup_refuse 'the account %s already exists and keepup did not create it for package %s (no %s), and keepup kills every process of a role on stop, health kill and upgrade. Choose a role of its own in the spec, or set role_adopt: true if the operator really hands this account to the service' @ROLE@ @NAME@ @REG@
+    fi
+else
+    role_state=new
+fi
+
+# Create the role user if missing; never assume an earlier package's scripts ran.
+if ! getent group @ROLE@ >/dev/null; then
+    groupadd --system @ROLE@
+fi
+if ! getent passwd @ROLE@ >/dev/null; then
+    useradd --system --gid @ROLE@ --home-dir /nonexistent --no-create-home \
+        --shell /usr/sbin/nologin --comment @MARK@ @ROLE@
+fi
+
+# Record the role in the registry (a root:root 0755 directory; the file 0644, written whole
+# and renamed into place).
+if [ "$role_state" != registered ]; then
+    [ ! -L @DIR@ ] || keepup_refuse '%s is a symbolic link; it must be a directory only root can write' @DIR@
+    mkdir -p @DIR@
+    chown root:root @DIR@
+    chmod 0755 @DIR@
+    role_tmp=$(mktemp @DIR@/.registering.XXXXXX)
+    if [ "$role_state" = adopted ]; then
+        printf '%s\nadopted\n' @NAME@ >"$role_tmp"
+    else
+        printf '%s\n' @NAME@ >"$role_tmp"
+    fi
+    chmod 0644 "$role_tmp"
+    mv -f "$role_tmp" @REG@
+fi
+"#;
 
 /// systemd actions after install or upgrade: reload, enable, (re)start without waiting.
 fn systemd_start(spec: &Spec) -> String {
@@ -243,22 +454,73 @@ fn header(spec: &Spec, which: &str, what: &str) -> String {
 
 /// The maintainer scripts of a .deb. `prerm` is deliberately absent (ideally empty).
 pub struct DebScripts {
-    /// Creates the role; kills any running version just in case.
+    /// Claims or creates the role; registers ownership overrides; kills any running version
+    /// just in case.
     pub preinst: String,
-    /// Applies ownership overrides; makes sure the old version is gone.
+    /// Gives payload files their owners safely; makes sure the old version is gone.
     pub postinst: String,
     /// Kills this version after its files are gone; never blocks.
     pub postrm: String,
 }
 
+/// Post-install shell function: give one payload file the owner and mode its ownership
+/// override says, without following a link the role could have planted. dpkg applies an
+/// override itself when it unpacks a file, but reads the override list before `preinst`
+/// registers a new one, so a first install needs this.
+const OWN_FILE_FN: &str = r#"# keepup_own_file PATH: give PATH the owner, group and mode of its dpkg-statoverride entry
+# (the operator's, if changed since). Only safe when no one but root can rename entries on
+# the way, so every directory above PATH must be root's alone (root-owned, not writable by
+# group or others, entered with `cd -P` and checked with `pwd -P`: no symbolic link), and the
+# file a regular file with a single link (a hard link the role made would be another file).
+keepup_own_file() (
+    set -- "$1" $(dpkg-statoverride --list "$1")
+    [ "$#" -ge 5 ] || exit 0
+    path=$1 owner=$2 group=$3 mode=$4
+    unsafe() {
+        printf '%s: cannot give %s its owner %s:%s safely: %s; install it into a directory only root can write\n' \
+            @NAME@ "$path" "$owner" "$group" "$1" >&2
+        exit 1
+    }
+    # Already right (dpkg applied the override as it unpacked): nothing to change.
+    if [ ! -L "$path" ] && [ -f "$path" ]; then
+        set -- $(stat -c '%U %G %a %h' "$path")
+        if [ "$1:$2" = "$owner:$group" ] && [ $((0$3)) -eq $((0$mode)) ] && [ "$4" = 1 ]; then
+            exit 0
+        fi
+    fi
+    cd / || exit 1
+    dir=${path%/*} sofar=
+    rest=${dir#/}
+    while :; do
+        meta=$(stat -c '%u %a' .) || exit 1
+        [ "${meta%% *}" = 0 ] && [ $(( 0${meta#* } & 18 )) -eq 0 ] ||
+            unsafe "${sofar:-/} is not root's alone (owner uid and mode: $meta)"
+        [ -n "$rest" ] || break
+        comp=${rest%%/*}
+        case $rest in
+        */*) rest=${rest#*/} ;;
+        *) rest= ;;
+        esac
+        sofar=$sofar/$comp
+        [ ! -L "./$comp" ] || unsafe "$sofar is a symbolic link"
+        cd -P "./$comp" || exit 1
+        [ "$(pwd -P)" = "$sofar" ] || unsafe "$sofar changed while being entered"
+    done
+    name=./${path##*/}
+    [ ! -L "$name" ] && [ -f "$name" ] || unsafe "it is not a regular file"
+    [ "$(stat -c %h "$name")" = 1 ] || unsafe "it has more than one hard link"
+    chown -h "$owner:$group" "$name" && chmod "$mode" "$name"
+)
+"#;
+
 /// Build the .deb maintainer scripts.
 pub fn deb_scripts(spec: &Spec) -> DebScripts {
-    let kill = kill_role_fn(spec);
-    let preinst = format!(
-        "{}{kill}\ncase \"$1\" in\ninstall|upgrade)\n{}    keepup_kill_role\n    ;;\nesac\n\nexit 0\n",
-        header(spec, "preinst", "Upgrade flow: create the role, kill any running version just in case."),
-        indent(&create_role(spec)),
-    );
+    let fns = role_fns(spec);
+    // Ownership overrides are registered before unpacking: from then on dpkg itself gives the
+    // files their owner and mode as it writes them (a new file, renamed into place: no link
+    // the role planted is followed). dpkg read the list before this preinst ran, so on a first
+    // install postinst applies it (`keepup_own_file`). `--update` (a chown by path, which
+    // follows links) is never used.
     let mut overrides = String::new();
     for f in spec
         .files
@@ -267,15 +529,41 @@ pub fn deb_scripts(spec: &Spec) -> DebScripts {
     {
         let _ = writeln!(
             overrides,
-            "    if ! dpkg-statoverride --list {p} >/dev/null 2>&1; then\n        dpkg-statoverride --update --add {o} {g} {m} {p}\n    fi",
+            "if ! dpkg-statoverride --list {p} >/dev/null 2>&1; then\n    dpkg-statoverride --add {o} {g} {m} {p}\nfi",
             p = quote(&f.dst),
             o = quote(&f.owner),
             g = quote(&f.group),
             m = quote(&format!("{:04o}", f.mode.unwrap_or(0o644))),
         );
     }
+    if !overrides.is_empty() {
+        overrides.insert_str(
+            0,
+            "\n# Owners and modes of payload files, applied by dpkg as it unpacks them.\n",
+        );
+    }
+    let preinst = format!(
+        "{}{fns}\ncase \"$1\" in\ninstall|upgrade)\n{}{}    keepup_kill_role\n    ;;\nesac\n\nexit 0\n",
+        header(spec, "preinst", "Upgrade flow: claim or create the role, kill any running version just in case."),
+        indent(&create_role(spec)),
+        indent(&overrides),
+    );
+    let mut own = String::new();
+    for f in spec
+        .files
+        .iter()
+        .filter(|f| f.owner != "root" || f.group != "root")
+    {
+        let _ = writeln!(own, "    keepup_own_file {}", quote(&f.dst));
+    }
+    let own_fn = if own.is_empty() {
+        String::new()
+    } else {
+        own.insert_str(0, "    # Owners and modes of payload files (dpkg applies them itself from the next unpack on).\n");
+        format!("\n{}", OWN_FILE_FN.replace("@NAME@", &quote(&spec.name)))
+    };
     let postinst = format!(
-        "{}{kill}\ncase \"$1\" in\nconfigure)\n{overrides}    # Make sure the old version is gone; the supervisor brings up the new bits.\n    keepup_kill_role\n{}    ;;\nesac\n\nexit 0\n",
+        "{}{fns}{own_fn}\ncase \"$1\" in\nconfigure)\n{own}    # Make sure the old version is gone; the supervisor brings up the new bits.\n    keepup_kill_role\n{}    ;;\nesac\n\nexit 0\n",
         header(spec, "postinst", "Upgrade flow: make sure the old version is gone (kill the role); the supervisor starts the new one."),
         indent(&systemd_start(spec)),
     );
@@ -292,7 +580,7 @@ pub fn deb_scripts(spec: &Spec) -> DebScripts {
         );
     }
     let postrm = format!(
-        "{}{kill}\ncase \"$1\" in\nremove|purge|upgrade|disappear|abort-install|abort-upgrade)\n{}    # This version's files are gone, so nothing restarts it: kill what still runs.\n    keepup_kill_role\n    ;;\nesac\n{}\nexit 0\n",
+        "{}{fns}\ncase \"$1\" in\nremove|purge)\n{}    # The service is gone: every process of its role goes too.\n    keepup_kill_role all\n    ;;\nupgrade|disappear|abort-install|abort-upgrade)\n    # This version's files are gone, so nothing restarts it: kill what still runs.\n    keepup_kill_role\n    ;;\nesac\n{}\nexit 0\n",
         header(spec, "postrm", "Upgrade flow: this version's files are gone; shut it down by killing the role, asynchronously."),
         indent(&systemd_stop(spec)),
         if purge.is_empty() { String::new() } else { format!("if [ \"$1\" = purge ]; then\n{purge}fi\n") },
@@ -329,19 +617,19 @@ pub struct RpmScripts {
 
 /// Build the .rpm scriptlets (bodies without the shebang; the interpreter is /bin/sh).
 pub fn rpm_scripts(spec: &Spec) -> RpmScripts {
-    let kill = kill_role_fn(spec);
+    let kill = role_fns(spec);
     let strip = |s: String| s.replacen("#!/bin/sh\n", "", 1);
     let pre = strip(format!(
-        "{}{}{kill}\nkeepup_kill_role\nexit 0\n",
+        "{}{kill}\n{}\nkeepup_kill_role\nexit 0\n",
         header(
             spec,
             "%pre",
-            "Upgrade flow: create the role, kill any running version just in case."
+            "Upgrade flow: claim or create the role, kill any running version just in case."
         ),
         create_role(spec),
     ));
     let postun = strip(format!(
-        "{}{kill}\n# $1 = 0 on erase; on upgrade the new package's %posttrans does the kill.\nif [ \"$1\" -eq 0 ]; then\n{}    keepup_kill_role\nfi\nexit 0\n",
+        "{}{kill}\n# $1 = 0 on erase; on upgrade the new package's %posttrans does the kill.\nif [ \"$1\" -eq 0 ]; then\n{}    keepup_kill_role all\nfi\nexit 0\n",
         header(spec, "%postun", "Upgrade flow: after erase, kill what still runs, asynchronously."),
         indent(&systemd_stop(spec)),
     ));
@@ -385,6 +673,24 @@ pub(crate) fn indent(block: &str) -> String {
         .collect()
 }
 
+/// A value as systemd reads it back from a unit file: every `%` doubled (no specifier is
+/// expanded), trailing whitespace dropped (systemd drops it too) and a final unpaired
+/// backslash paired (it would continue the line into the next key). Control characters never
+/// get here: the spec refuses them.
+fn unit_value(v: &str) -> String {
+    // systemd strips trailing whitespace, then scans the line left to right, a backslash
+    // escaping the next character; a line that ends inside an escape is continued.
+    let mut out = v.trim_end().replace('%', "%%");
+    let mut escaped = false;
+    for ch in out.chars() {
+        escaped = !escaped && ch == '\\';
+    }
+    if escaped {
+        out.push('\\');
+    }
+    out
+}
+
 /// The systemd unit for `supervisor.kind: systemd`: `Restart=always` around the launch script.
 pub fn systemd_unit(spec: &Spec) -> String {
     let s = &spec.supervisor;
@@ -392,17 +698,17 @@ pub fn systemd_unit(spec: &Spec) -> String {
     let _ = write!(
         unit,
         "[Unit]\nDescription={summary}\n",
-        summary = spec.summary.replace('%', "%%")
+        summary = unit_value(&spec.summary)
     );
     if let Some(h) = &spec.homepage {
-        let _ = writeln!(unit, "Documentation={}", h.replace('%', "%%"));
+        let _ = writeln!(unit, "Documentation={}", unit_value(h));
     }
     let _ = write!(
         unit,
         "After=network.target\nStartLimitIntervalSec={within}\nStartLimitBurst={count}\n\n[Service]\nType=exec\nExecStart={launch}\nRestart=always\nRestartSec=1\nKillMode=control-group\nTimeoutStopSec={grace}\n\n[Install]\nWantedBy=multi-user.target\n",
         within = s.within.as_secs().max(1),
         count = s.count,
-        launch = spec.launch_path(),
+        launch = unit_value(&spec.launch_path()),
         grace = s.stop_grace.as_secs().max(1),
     );
     unit
@@ -427,5 +733,152 @@ mod tests {
             .output()
             .unwrap();
         assert_eq!(String::from_utf8(out.stdout).unwrap(), nasty);
+    }
+
+    #[test]
+    fn unit_values_expand_no_specifier_and_continue_no_line() {
+        assert_eq!(unit_value("50% of %n"), "50%% of %%n");
+        // A final unpaired backslash would continue the line into the next key.
+        assert_eq!(unit_value("ends with \\"), "ends with \\\\");
+        assert_eq!(unit_value("paired \\\\"), "paired \\\\");
+        assert_eq!(unit_value("a\\b"), "a\\b");
+        // systemd strips trailing whitespace before it looks for the backslash.
+        assert_eq!(unit_value("x\\  "), "x\\\\");
+        assert_eq!(unit_value("x \\\\\\"), "x \\\\\\\\");
+    }
+
+    /// Runs `launch_dir` from the launch script with `sh`, as the current user (`uid` is what
+    /// the launch script sets), and returns (success, what it printed).
+    fn launch_dir(path: &std::path::Path, mode: &str) -> (bool, String) {
+        let script = format!(
+            "uid=$(id -u)\n{LAUNCH_DIR_FN}\nlaunch_dir {} \"$(id -un)\" \"$(id -gn)\" {}",
+            quote(&path.to_string_lossy()),
+            quote(mode)
+        );
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    }
+
+    #[test]
+    fn launch_dirs_are_made_and_never_followed_through_a_link() {
+        use std::os::unix::fs::PermissionsExt;
+        // Canonical: the walk compares physical paths, and /tmp may be a link.
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().canonicalize().unwrap();
+        let data = root.join("state/data");
+        if nix_uid_is_root() {
+            let (ok, out) = launch_dir(&data, "0750");
+            assert!(ok, "{out}");
+            let mode = std::fs::metadata(&data).unwrap().permissions().mode() & 0o7777;
+            assert_eq!(mode, 0o750, "{}", data.display());
+        } else {
+            std::fs::create_dir_all(&data).unwrap();
+            let (ok, out) = launch_dir(&data, "0750");
+            assert!(ok, "{out}");
+        }
+
+        // The role swaps `data` for a link to a directory it must not get.
+        let victim = root.join("victim");
+        std::fs::create_dir(&victim).unwrap();
+        std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::remove_dir(&data).unwrap();
+        std::os::unix::fs::symlink(&victim, &data).unwrap();
+        let (ok, out) = launch_dir(&data, "0700");
+        assert!(!ok, "a symlinked launch directory must be refused: {out}");
+        assert!(
+            out.contains(&format!("{} is a symbolic link", data.display())),
+            "{out}"
+        );
+        let mode = std::fs::metadata(&victim).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o755, "the link's target must be left alone");
+
+        // A link higher up is refused too, naming the component.
+        std::fs::remove_file(&data).unwrap();
+        let real = root.join("real");
+        std::fs::create_dir(&real).unwrap();
+        std::os::unix::fs::symlink(&real, root.join("alias")).unwrap();
+        let (ok, out) = launch_dir(&root.join("alias/data"), "0700");
+        assert!(!ok, "{out}");
+        assert!(
+            out.contains(&format!(
+                "{} is a symbolic link",
+                root.join("alias").display()
+            )),
+            "{out}"
+        );
+        assert!(
+            !real.join("data").exists(),
+            "nothing is created through a link"
+        );
+
+        // A file where a directory should be.
+        std::fs::write(root.join("state/file"), b"").unwrap();
+        let (ok, out) = launch_dir(&root.join("state/file"), "0700");
+        assert!(!ok && out.contains("is not a directory"), "{out}");
+    }
+
+    /// A spec with a role-owned payload file, nested launch dirs and a systemd unit.
+    fn sample_spec(dir: &std::path::Path) -> Spec {
+        std::fs::write(dir.join("food"), b"#!/bin/sh\n").unwrap();
+        let text = "name: foo\nversion: 1.0.0\nsummary: Example daemon\nmaintainer: Ops <ops@example.org>\nlicense: Apache-2.0\nrole: foo\nfiles:\n  - src: food\n    dst: /etc/foo/secret.conf\n    owner: foo\n    mode: \"0640\"\nlaunch:\n  dirs:\n    - path: /var/lib/foo\n    - path: /var/lib/foo/data\n  exec: [/usr/bin/food]\nsupervisor:\n  kind: systemd\n";
+        Spec::parse(&dir.join("foo.yaml"), text).unwrap()
+    }
+
+    #[test]
+    fn every_generated_script_is_valid_sh() {
+        let tmp = tempfile::tempdir().unwrap();
+        let spec = sample_spec(tmp.path());
+        let deb = deb_scripts(&spec);
+        let rpm = rpm_scripts(&spec);
+        for (what, body) in [
+            ("run-foo", launch_script(&spec)),
+            ("preinst", deb.preinst),
+            ("postinst", deb.postinst),
+            ("postrm", deb.postrm),
+            ("%pre", rpm.pre),
+            ("%postun", rpm.postun),
+            ("%posttrans", rpm.posttrans),
+        ] {
+            let out = std::process::Command::new("sh")
+                .arg("-n")
+                .arg("-c")
+                .arg(&body)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{what} is not valid sh: {}\n{body}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
+    #[test]
+    fn ownership_overrides_are_registered_before_unpacking_and_never_chown_by_path() {
+        let tmp = tempfile::tempdir().unwrap();
+        let deb = deb_scripts(&sample_spec(tmp.path()));
+        let add = "dpkg-statoverride --add 'foo' 'root' '0640' '/etc/foo/secret.conf'";
+        assert!(deb.preinst.contains(add), "{}", deb.preinst);
+        // After the role exists, before the kill.
+        let created = deb.preinst.find("useradd --system").unwrap();
+        let added = deb.preinst.find(add).unwrap();
+        assert!(created < added, "{}", deb.preinst);
+        for script in [&deb.preinst, &deb.postinst, &deb.postrm] {
+            assert!(!script.contains("--update"), "{script}");
+        }
+    }
+
+    fn nix_uid_is_root() -> bool {
+        std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| o.stdout.starts_with(b"0\n"))
+            .unwrap_or(false)
     }
 }

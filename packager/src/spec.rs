@@ -88,8 +88,13 @@ pub struct Spec {
     pub homepage: Option<String>,
     /// Dependencies for both formats, then per-format extras.
     pub depends: Depends,
-    /// The role user the service runs as (never `root`).
+    /// The role user the service runs as (never `root` or another system account).
     pub role: String,
+    /// The operator hands an existing account to this service (`role_adopt: true`).
+    /// Dangerous: keepup then kills every process of that account on every stop, health kill
+    /// and upgrade. Without it, the install refuses an account keepup did not create for
+    /// this service (the role registry, `/var/lib/keepup/roles/<role>`).
+    pub role_adopt: bool,
     /// Payload files.
     pub files: Vec<FileSpec>,
     /// What the launch script does.
@@ -321,6 +326,8 @@ struct RawSpec {
     rpm: Option<RawFormat>,
     role: S<String>,
     #[serde(default)]
+    role_adopt: Option<S<bool>>,
+    #[serde(default)]
     files: Vec<RawFile>,
     launch: S<RawLaunch>,
     #[serde(default)]
@@ -480,8 +487,23 @@ pub fn is_reserved_role(name: &str) -> bool {
     RESERVED_ROLES.contains(&name)
 }
 
-/// Accounts a service must never run as: their processes are not the service's to kill.
+/// Accounts a service must never run as: the base-system users and groups of Debian, Ubuntu,
+/// Fedora and RHEL. Their processes are not a service's to kill, and a role's group of the same
+/// name would hand the service that group's files (`shadow`, `disk`, `adm`, ...). Daemons'
+/// own accounts (`postgres`, `redis`, ...) are not listed: the role registry refuses them at
+/// install time, because keepup did not create them (see `docs/spec.md`, "The role").
+///
+/// Sources: Debian base-passwd 3.6 `passwd.master` and `group.master` (the static users and
+/// groups of every Debian and Ubuntu system); the accounts that Debian 12 and Ubuntu 22.04/24.04
+/// packages of priority important/standard create (systemd `sysusers.d/basic.conf` and
+/// `systemd.conf`, dbus, apt, openssh, chrony, rsyslog, polkit, tpm2-tss, uuid-runtime,
+/// tcpdump, avahi, dnsmasq, rtkit, colord, geoclue, usbmuxd, pipewire, landscape, lxd,
+/// fwupd, pollinate); Fedora/RHEL `setup` (`/usr/share/doc/setup/uidgid`) and the accounts of
+/// the Fedora 39+/RHEL 9 base and workstation package sets (systemd, dbus-broker, polkit, sssd,
+/// chrony, unbound, rpcbind, nfs-utils, cyrus-sasl, libstoragemgmt, setroubleshoot, cockpit,
+/// clevis, abrt, gdm, gnome-initial-setup, flatpak).
 const RESERVED_ROLES: &[&str] = &[
+    // Debian base-passwd: passwd.master.
     "root",
     "daemon",
     "bin",
@@ -500,13 +522,110 @@ const RESERVED_ROLES: &[&str] = &[
     "irc",
     "gnats",
     "nobody",
+    // Debian base-passwd: group.master (a role's group has the role's name).
+    "adm",
+    "tty",
+    "disk",
+    "kmem",
+    "dialout",
+    "fax",
+    "voice",
+    "cdrom",
+    "floppy",
+    "tape",
+    "sudo",
+    "audio",
+    "dip",
+    "operator",
+    "src",
+    "shadow",
+    "utmp",
+    "video",
+    "sasl",
+    "plugdev",
+    "staff",
+    "users",
+    "nogroup",
+    // Debian 12 / Ubuntu: accounts of standard packages.
     "_apt",
     "messagebus",
     "sshd",
+    "_chrony",
     "systemd-network",
     "systemd-resolve",
     "systemd-timesync",
+    "systemd-coredump",
+    "systemd-journal",
+    "systemd-oom",
+    "input",
+    "kvm",
+    "render",
+    "sgx",
+    "netdev",
+    "crontab",
+    "_ssh",
+    "ssh",
+    "syslog",
+    "uuidd",
+    "tcpdump",
+    "tss",
+    "avahi",
+    "avahi-autoipd",
+    "dnsmasq",
+    "rtkit",
+    "pulse",
+    "pulse-access",
+    "saned",
+    "colord",
+    "geoclue",
+    "usbmux",
+    "pipewire",
+    "lightdm",
+    "landscape",
+    "lxd",
+    "pollinate",
+    "fwupd-refresh",
     "polkitd",
+    "whoopsie",
+    "kernoops",
+    "speech-dispatcher",
+    "cups-pk-helper",
+    "lpadmin",
+    "statd",
+    "_rpc",
+    "docker",
+    // Fedora/RHEL setup (uidgid) and base packages.
+    "shutdown",
+    "halt",
+    "ftp",
+    "wheel",
+    "mem",
+    "lock",
+    "dbus",
+    "rpc",
+    "rpcuser",
+    "nfsnobody",
+    "chrony",
+    "unbound",
+    "sssd",
+    "saslauth",
+    "libstoragemgmt",
+    "setroubleshoot",
+    "cockpit-ws",
+    "cockpit-wsinstance",
+    "clevis",
+    "abrt",
+    "gdm",
+    "gnome-initial-setup",
+    "flatpak",
+    "printadmin",
+    "ssh_keys",
+    "utempter",
+    "systemd-journal-remote",
+    "pesign",
+    "qemu",
+    "radvd",
+    // keepup's own.
     "keepup",
 ];
 
@@ -595,6 +714,38 @@ impl Checker<'_> {
         }
         s
     }
+}
+
+/// Every name under a `src` directory (walked recursively, links not followed) becomes part of
+/// a destination path, so it must be as clean as a `dst`: UTF-8, no control characters (a
+/// newline would split an md5sums or conffiles line). The first bad name is the error.
+fn check_tree_names(src: &Path) -> Result<(), String> {
+    let meta = std::fs::symlink_metadata(src).map_err(|e| format!("{}: {e}", src.display()))?;
+    if !meta.is_dir() {
+        return Ok(());
+    }
+    let entries = std::fs::read_dir(src).map_err(|e| format!("{}: {e}", src.display()))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| format!("{}: {e}", src.display()))?;
+        let path = entry.path();
+        let name = entry.file_name();
+        let bad = match name.to_str() {
+            None => Some("is not valid UTF-8"),
+            Some(n) if n.chars().any(char::is_control) => {
+                Some("contains a control character (a newline would break the package's md5sums and conffiles)")
+            }
+            Some(_) => None,
+        };
+        if let Some(why) = bad {
+            return Err(format!(
+                "the file name {:?} in {} {why}; rename the file (names under a `src` directory become destination paths)",
+                name,
+                src.display()
+            ));
+        }
+        check_tree_names(&path)?;
+    }
+    Ok(())
 }
 
 /// True for `/a/b` style paths: absolute, no `.`/`..` components, no empty components, not `/`.
@@ -900,7 +1051,7 @@ fn validate(c: &mut Checker<'_>, path: &Path, raw: RawSpec) -> Spec {
     let role = c.text(&raw.role, "role", false);
     if RESERVED_ROLES.contains(&role.as_str()) {
         c.err(Some(raw.role.referenced), "role", format!(
-            "{role:?} is a system account; a service needs its own role user, because stopping it kills every process of that user (use e.g. the service name)"
+            "{role:?} is a system account; a service needs its own role user, because stopping it kills every process of that user (use e.g. the service name; `role_adopt` does not lift this)"
         ));
     } else if !is_account_name(&role) {
         c.err(
@@ -926,6 +1077,8 @@ fn validate(c: &mut Checker<'_>, path: &Path, raw: RawSpec) -> Spec {
                     src.display()
                 ),
             );
+        } else if let Err(msg) = check_tree_names(&src) {
+            c.err(Some(f.src.referenced), format!("{field}.src"), msg);
         }
         let dst = c.abs_path(&f.dst, &format!("{field}.dst"));
         let mode = f.mode.as_ref().map(|m| c.mode(m, &format!("{field}.mode")));
@@ -1001,6 +1154,7 @@ fn validate(c: &mut Checker<'_>, path: &Path, raw: RawSpec) -> Spec {
         homepage,
         depends,
         role,
+        role_adopt: raw.role_adopt.as_ref().is_some_and(|a| a.value),
         files,
         launch,
         supervisor,
@@ -1041,7 +1195,10 @@ fn validate_launch(c: &mut Checker<'_>, raw: &S<RawLaunch>, role: &str) -> Launc
         .collect();
     let mut check = Vec::new();
     for (i, argv) in l.check.iter().enumerate() {
-        check.push(argv_of(c, argv, &format!("launch.check[{i}]")));
+        let field = format!("launch.check[{i}]");
+        let argv_v = argv_of(c, argv, &field);
+        no_assignment(c, argv, &field, &argv_v);
+        check.push(argv_v);
     }
     let mut env = BTreeMap::new();
     for (k, v) in &l.env {
@@ -1079,6 +1236,7 @@ fn validate_launch(c: &mut Checker<'_>, raw: &S<RawLaunch>, role: &str) -> Launc
             ));
         }
     }
+    no_assignment(c, &l.exec, "launch.exec", &exec);
     let not_sane_sleep = c.duration(
         l.not_sane_sleep.as_ref(),
         "launch.not_sane_sleep",
@@ -1114,6 +1272,18 @@ fn argv_of(c: &mut Checker<'_>, v: &S<Vec<String>>, field: &str) -> Vec<String> 
         }
     }
     v.value.clone()
+}
+
+/// The launch script runs the program through `env -i VAR=value ... PROGRAM`: a program path
+/// with `=` would be taken as one more variable, and the next argument run instead.
+fn no_assignment(c: &mut Checker<'_>, v: &S<Vec<String>>, field: &str, argv: &[String]) {
+    if let Some(first) = argv.first().filter(|p| p.contains('=')) {
+        c.err(
+            Some(v.referenced),
+            format!("{field}[0]"),
+            format!("the program {first:?} contains `=`, which `env` would take for a variable assignment; rename or link the program to a path without `=`"),
+        );
+    }
 }
 
 fn validate_supervisor(c: &mut Checker<'_>, raw: Option<&RawSupervisor>) -> Supervisor {
@@ -1167,6 +1337,7 @@ fn validate_check(c: &mut Checker<'_>, raw: &S<RawCheck>, field: &str) -> Option
         );
         return None;
     }
+    let errors_before = c.errors.len();
     let probe = if let Some(t) = &r.tcp {
         let port = match u16::try_from(t.port.value) {
             Ok(p) if p > 0 => p,
@@ -1199,6 +1370,13 @@ fn validate_check(c: &mut Checker<'_>, raw: &S<RawCheck>, field: &str) -> Option
                 Some(h.url.referenced),
                 format!("{field}.http.url"),
                 format!("{url:?} must be an http:// URL (TLS is not supported by probes)"),
+            );
+        } else if let Some(port) = url_port(&url).filter(|p| !is_port(p)) {
+            // The URL parser the agent uses drops a port it cannot read and probes port 80.
+            c.err(
+                Some(h.url.referenced),
+                format!("{field}.http.url"),
+                format!("{url:?} has the port {port:?}; a port is a number between 1 and 65535"),
             );
         }
         let status = match &h.status {
@@ -1245,6 +1423,9 @@ fn validate_check(c: &mut Checker<'_>, raw: &S<RawCheck>, field: &str) -> Option
         }
         ProbeSpec::Exec { argv: argv_v }
     };
+    if c.errors.len() == errors_before {
+        agent_can_build(c, raw, field, &probe);
+    }
     let every = c.duration(
         r.every.as_ref(),
         &format!("{field}.every"),
@@ -1295,6 +1476,124 @@ fn validate_check(c: &mut Checker<'_>, raw: &S<RawCheck>, field: &str) -> Option
         failures,
         grace,
     })
+}
+
+/// Build the probe with the same `keepup_checks` constructors the agent uses (`build_probe` in
+/// agent/src/service.rs), so "the agent could not run it" means exactly the same thing at pack
+/// time as on the host. Errors point at the field the constructor refused.
+fn agent_can_build(c: &mut Checker<'_>, raw: &S<RawCheck>, field: &str, probe: &ProbeSpec) {
+    use keepup_checks::{
+        ExecProbe, ExecSpec, HttpProbe, HttpSpec, ProbeError, StatusRange, TcpProbe, TcpSpec,
+    };
+    let r = &raw.value;
+    let at = |v: Option<Location>| Some(v.unwrap_or(raw.referenced));
+    let result = match probe {
+        ProbeSpec::Tcp {
+            host,
+            port,
+            send,
+            expect,
+        } => {
+            // The agent's address format for a host and a port (IPv6 literals bracketed).
+            let addr = if host.contains(':') && !host.starts_with('[') {
+                format!("[{host}]:{port}")
+            } else {
+                format!("{host}:{port}")
+            };
+            TcpProbe::new(TcpSpec {
+                addr,
+                send: send.as_ref().map(|s| s.as_bytes().to_vec()),
+                expect: expect.clone(),
+            })
+            .map(drop)
+        }
+        ProbeSpec::Http {
+            url,
+            method,
+            status,
+            body,
+            host_header,
+        } => StatusRange::new(status.0, status.1).and_then(|status| {
+            HttpProbe::new(HttpSpec {
+                url: url.clone(),
+                method: Some(method.clone()),
+                status,
+                body: body.clone(),
+                host: host_header.clone(),
+            })
+            .map(drop)
+        }),
+        ProbeSpec::Exec { argv } => ExecProbe::new(ExecSpec {
+            argv: argv.clone(),
+            run_as: None,
+        })
+        .map(drop),
+    };
+    let Err(e) = result else { return };
+    let tcp = r.tcp.as_ref();
+    let http = r.http.as_ref();
+    let (loc, sub) = match &e {
+        ProbeError::InvalidAddress { .. } => (
+            tcp.and_then(|t| t.host.as_ref().map(|h| h.referenced))
+                .or(tcp.map(|t| t.port.referenced)),
+            "tcp.host",
+        ),
+        ProbeError::InvalidRegex { .. } if tcp.is_some() => (
+            tcp.and_then(|t| t.expect.as_ref().map(|e| e.referenced)),
+            "tcp.expect",
+        ),
+        ProbeError::InvalidRegex { .. } => (
+            http.and_then(|h| h.body.as_ref().map(|b| b.referenced)),
+            "http.body",
+        ),
+        ProbeError::InvalidUrl { .. } | ProbeError::UnsupportedScheme { .. } => {
+            (http.map(|h| h.url.referenced), "http.url")
+        }
+        ProbeError::InvalidMethod(_) => (
+            http.and_then(|h| h.method.as_ref().map(|m| m.referenced)),
+            "http.method",
+        ),
+        ProbeError::InvalidStatus { .. } => (
+            http.and_then(|h| h.status.as_ref().map(|s| s.referenced)),
+            "http.status",
+        ),
+        ProbeError::InvalidHost(_) => (None, "http.host"),
+        ProbeError::EmptyCommand => (r.exec.as_ref().map(|e| e.referenced), "exec"),
+    };
+    // The regex compiler's message draws a caret under the pattern over several lines; its
+    // last line says what is wrong, which is what fits on one error line.
+    let why = match &e {
+        ProbeError::InvalidRegex {
+            what,
+            pattern,
+            reason,
+        } => format!(
+            "invalid {what} regex /{pattern}/: {}",
+            reason.lines().last().unwrap_or_default().trim()
+        ),
+        other => other.to_string(),
+    };
+    c.err(
+        at(loc),
+        format!("{field}.{sub}"),
+        format!("the agent could not run this probe: {why}; fix it so the health check can run"),
+    );
+}
+
+/// The port written in an `http://` URL's authority, if any (`[v6]:port` or `host:port`).
+fn url_port(url: &str) -> Option<&str> {
+    let rest = url.strip_prefix("http://")?;
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or(rest);
+    let host_port = authority.rsplit('@').next().unwrap_or(authority);
+    let after_host = match host_port.rfind(']') {
+        Some(i) => &host_port[i + 1..],
+        None => host_port,
+    };
+    after_host.rsplit_once(':').map(|(_, p)| p)
+}
+
+fn is_port(p: &str) -> bool {
+    matches!(p.parse::<u16>(), Ok(n) if n > 0)
 }
 
 fn parse_status(raw: &RawStatus) -> Result<(u16, u16), String> {

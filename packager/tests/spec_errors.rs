@@ -215,3 +215,159 @@ fn config_outside_etc_and_summary_starting_with_name_are_refused() {
     let (e, shown) = one_error(&GOOD.replace("summary: Example daemon", "summary: foo daemon"));
     assert_eq!(e.field, "summary", "{shown}");
 }
+
+#[test]
+fn probes_the_agent_could_not_build_are_refused_with_their_place() {
+    // A banner regex that does not compile: the checks library's own message, at the value.
+    let (e, shown) = one_error(&format!(
+        "{GOOD}checks:\n  - tcp: {{ port: 7070, expect: \"ready (\" }}\n"
+    ));
+    assert_eq!(
+        (e.line, e.column, e.field.as_str()),
+        (13, 32, "checks[0].tcp.expect"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("the agent could not run this probe"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("regex /ready (/: error: unclosed group"),
+        "{shown}"
+    );
+    assert!(!shown.contains('\n'), "one line per error: {shown}");
+
+    let (e, shown) = one_error(&format!(
+        "{GOOD}checks:\n  - http:\n      url: \"http://127.0.0.1:7071/\"\n      body: \"[a-\"\n"
+    ));
+    assert_eq!(
+        (e.line, e.field.as_str()),
+        (15, "checks[0].http.body"),
+        "{shown}"
+    );
+
+    // URLs: a space in the authority, and a port out of range.
+    for url in ["http://exa mple/healthz", "http://127.0.0.1:99999/"] {
+        let (e, shown) = one_error(&format!("{GOOD}checks:\n  - http:\n      url: \"{url}\"\n"));
+        assert_eq!(
+            (e.line, e.field.as_str()),
+            (14, "checks[0].http.url"),
+            "{shown}"
+        );
+    }
+
+    // A TCP host the agent cannot make an address of.
+    let (e, shown) = one_error(&format!(
+        "{GOOD}checks:\n  - tcp: {{ host: \"db host\", port: 5432 }}\n"
+    ));
+    assert_eq!(
+        (e.line, e.field.as_str()),
+        (13, "checks[0].tcp.host"),
+        "{shown}"
+    );
+    assert!(shown.contains("whitespace"), "{shown}");
+
+    // A Host header the agent could not send.
+    let (e, shown) = one_error(&format!(
+        "{GOOD}checks:\n  - http:\n      url: \"http://127.0.0.1/\"\n      host: \"a\\u007fb\"\n"
+    ));
+    assert_eq!(e.field, "checks[0].http.host", "{shown}");
+
+    // A good probe still parses.
+    let d = dir();
+    parse(
+        d.path(),
+        &format!("{GOOD}checks:\n  - tcp: {{ port: 7070, expect: \"^food .* ready\" }}\n"),
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_program_with_an_equals_sign_is_refused() {
+    // `env -i A=b /opt/x=y/food` would take the program for one more assignment.
+    let (e, shown) = one_error(&GOOD.replace(
+        "  exec: [/usr/bin/food]",
+        "  exec: [/opt/x=y/food, --flag=1]",
+    ));
+    assert_eq!(
+        (e.line, e.field.as_str()),
+        (11, "launch.exec[0]"),
+        "{shown}"
+    );
+    assert!(shown.contains("contains `=`"), "{shown}");
+    let (e, shown) = one_error(&GOOD.replace(
+        "  exec: [/usr/bin/food]",
+        "  check:\n    - [/usr/bin/a=b]\n  exec: [/usr/bin/food]",
+    ));
+    assert_eq!(e.field, "launch.check[0][0]", "{shown}");
+}
+
+#[test]
+fn file_names_under_a_src_directory_are_checked_like_dst() {
+    let d = dir();
+    let tree = d.path().join("static");
+    std::fs::create_dir_all(tree.join("ok/deeper")).unwrap();
+    std::fs::write(tree.join("ok/fine.css"), b"").unwrap();
+    // A newline in a name would split the md5sums and conffiles lines.
+    std::fs::write(tree.join("ok/deeper/evil\nname"), b"").unwrap();
+    let text = GOOD.replace(
+        "    dst: /usr/bin/food\n",
+        "    dst: /usr/bin/food\n  - src: static\n    dst: /usr/share/foo\n",
+    );
+    let errs = parse(d.path(), &text).expect_err("a newline in a src name must be refused");
+    assert_eq!(errs.0.len(), 1, "{errs}");
+    let e = &errs.0[0];
+    assert_eq!((e.line, e.field.as_str()), (10, "files[1].src"), "{errs}");
+    assert!(e.message.contains("evil\\nname"), "{errs}");
+    assert!(e.message.contains("rename the file"), "{errs}");
+    std::fs::remove_file(tree.join("ok/deeper/evil\nname")).unwrap();
+    parse(d.path(), &text).unwrap();
+}
+
+#[test]
+fn system_accounts_are_reserved_even_when_adopted() {
+    for role in [
+        "dbus",
+        "_chrony",
+        "syslog",
+        "systemd-oom",
+        "shadow",
+        "rpcuser",
+        "tss",
+    ] {
+        let (e, shown) =
+            one_error(&GOOD.replace("role: foo", &format!("role: {role}\nrole_adopt: true")));
+        assert_eq!((e.line, e.field.as_str()), (6, "role"), "{shown}");
+        assert!(shown.contains("system account"), "{shown}");
+        assert!(shown.contains("`role_adopt` does not lift this"), "{shown}");
+    }
+    // A daemon's account is not reserved by name: the role registry refuses it at install
+    // unless the operator adopts it.
+    let d = dir();
+    let s = parse(d.path(), &GOOD.replace("role: foo", "role: postgres")).unwrap();
+    assert!(!s.role_adopt);
+    let s = parse(
+        d.path(),
+        &GOOD.replace("role: foo", "role: postgres\nrole_adopt: true"),
+    )
+    .unwrap();
+    assert!(s.role_adopt);
+}
+
+#[test]
+fn control_characters_in_unit_values_are_refused_where_they_are() {
+    let (e, shown) = one_error(&GOOD.replace(
+        "license: Apache-2.0",
+        "license: Apache-2.0\nhomepage: \"https://example.org/\\nExecStartPre=/bin/sh\"",
+    ));
+    assert_eq!(
+        (e.line, e.column, e.field.as_str()),
+        (6, 11, "homepage"),
+        "{shown}"
+    );
+    let (e, shown) = one_error(&GOOD.replace(
+        "summary: Example daemon",
+        "summary: \"Example daemon\\u0085\"",
+    ));
+    assert_eq!((e.line, e.field.as_str()), (3, "summary"), "{shown}");
+}
