@@ -451,9 +451,23 @@ async fn answer(
     Ok(())
 }
 
-/// Whether an agent answers on `socket` (something accepts connections there).
-pub async fn agent_answers(socket: &Path) -> bool {
-    UnixStream::connect(socket).await.is_ok()
+/// Whether an agent answers on `socket` (something accepts connections there); an error when
+/// one may run but this user may not reach it (not root, not in `status_group`).
+pub async fn agent_answers(socket: &Path) -> Result<bool> {
+    match UnixStream::connect(socket).await {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Err(denied(socket, &e)),
+        Err(_) => Ok(false),
+    }
+}
+
+/// The client's error when the socket (or its directory) is closed to it.
+fn denied(socket: &Path, e: &std::io::Error) -> anyhow::Error {
+    anyhow::anyhow!(
+        "permission denied: cannot reach keepup-agent's control socket {} ({e}): only root may \
+         talk to the agent (and members of its status_group, for `status`)",
+        socket.display()
+    )
 }
 
 /// Sends one request to the agent at `socket` and returns its answer (waiting at most
@@ -475,12 +489,7 @@ async fn request_within(socket: &Path, req: &Request, limit: Duration) -> Result
     let run = async {
         let stream = UnixStream::connect(socket).await.map_err(|e| {
             if e.kind() == std::io::ErrorKind::PermissionDenied {
-                anyhow::anyhow!(
-                    "permission denied: cannot reach keepup-agent's control socket {} ({e}): \
-                     only root may talk to the agent (and members of its status_group, for \
-                     `status`)",
-                    socket.display()
-                )
+                denied(socket, &e)
             } else {
                 anyhow::anyhow!(
                     "cannot reach keepup-agent at {} ({e}): is it running (`keepup-agent \

@@ -119,7 +119,8 @@ async fn update_now(cfg: Config, now: bool, json: bool) -> Result<ExitCode> {
             "`keepup-agent update` needs --now (passes otherwise run on the agent's schedule)"
         );
     }
-    let result = if control::agent_answers(&cfg.socket).await {
+    // A user who may not reach the agent runs no pass of their own either.
+    let result = if control::agent_answers(&cfg.socket).await? {
         let resp = control::request(&cfg.socket, &Request::Update).await?;
         match resp.update {
             Some(r) => *r,

@@ -169,7 +169,7 @@ impl ManifestError {
     }
 }
 
-/// Whether `s` is a systemd unit name keepup may pass to `systemctl`: `[A-Za-z0-9:_.\-@]`,
+/// Whether `s` is a systemd unit name keepup may pass to `systemctl`: `[A-Za-z0-9:_.\@-]`,
 /// not starting with `-` or `.` (so never an option), at most 255 bytes, ending in `.service`
 /// with something before it.
 pub fn is_unit_name(s: &str) -> bool {

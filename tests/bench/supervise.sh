@@ -208,7 +208,11 @@ for sup in "${SUPS[@]}"; do
         u="bench${LETTER[$sup]}$n"
         ROLES+=("$u")
         if ! id -u "$u" >/dev/null 2>&1; then
-            useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin "$u"
+            # keepup's roles carry the mark keepup-agent checks (docs/agent.md, "A role is an
+            # account keepup owns"): the GECOS of an account keepup made for service bench$n.
+            mark=()
+            [ "$sup" != keepup ] || mark=(--comment "bench$n service (keepup)")
+            useradd --system "${mark[@]}" --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin "$u"
             CREATED_USERS+=("$u")
         fi
     done

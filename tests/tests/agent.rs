@@ -1187,7 +1187,11 @@ async fn control_socket_checks_who_is_asking() -> Result<()> {
 
     let as_user = |user: &str, cmd: &str| format!("su {user} -s /bin/sh -c '{cmd}'");
     // Not in the group: the directory keeps them out.
-    for cmd in ["keepup-agent down foo", "keepup-agent status"] {
+    for cmd in [
+        "keepup-agent down foo",
+        "keepup-agent status",
+        "keepup-agent update --now",
+    ] {
         let out = h.exec(&as_user("mallory", cmd)).await?;
         ensure!(
             out.code != 0 && out.stderr.contains("permission denied"),
