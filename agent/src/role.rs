@@ -458,7 +458,8 @@ pub async fn kill_role(t: &Target, grace: Duration) -> KillReport {
     if term.left > 0 {
         let deadline = Instant::now() + AFTER_KILL;
         let mut in_cgroup = None;
-        if let Some(cg) = &t.cgroup {
+        // (A cgroup that does not exist or is empty, e.g. of a systemd unit, is skipped.)
+        if let Some(cg) = t.cgroup.as_ref().filter(|cg| cg.populated() == Some(true)) {
             let before = cg.pids().len();
             match cg.kill() {
                 Ok(()) => {
