@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::libc;
-use nix::sys::signal::{kill, Signal};
+use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 
 use crate::cgroup::ServiceCgroup;
@@ -458,7 +458,8 @@ pub async fn kill_role(t: &Target, grace: Duration) -> KillReport {
     if term.left > 0 {
         let deadline = Instant::now() + AFTER_KILL;
         let mut in_cgroup = None;
-        if let Some(cg) = &t.cgroup {
+        // (A cgroup that does not exist or is empty, e.g. of a systemd unit, is skipped.)
+        if let Some(cg) = t.cgroup.as_ref().filter(|cg| cg.populated() == Some(true)) {
             let before = cg.pids().len();
             match cg.kill() {
                 Ok(()) => {
@@ -541,8 +542,15 @@ struct Frozen {
     settled: bool,
 }
 
-/// Freeze-then-kill (see [`Freezer`]), bounded by `deadline` and [`MAX_FREEZE_ROUNDS`].
+/// Freeze-then-kill (see [`Freezer`]), bounded by `deadline` and [`MAX_FREEZE_ROUNDS`]. The
+/// launch script's process group, while its leader is unreaped (see [`Target::group`]), is
+/// first stopped as a whole (one `killpg`, which a fork cannot race) and killed as a whole at
+/// the end.
 async fn freeze_then_kill(t: &Target, deadline: Instant) -> Frozen {
+    let group = t.group.filter(|&g| g > 1).map(Pid::from_raw);
+    if let Some(g) = group {
+        let _ = killpg(g, Signal::SIGSTOP);
+    }
     let mut freezer = Freezer::default();
     loop {
         let found = victims_async(t).await;
@@ -557,6 +565,9 @@ async fn freeze_then_kill(t: &Target, deadline: Instant) -> Frozen {
                     .iter()
                     .filter(|p| signal_exact(p.pid, p.start, Signal::SIGKILL) == Sent::Delivered)
                     .count();
+                if let Some(g) = group {
+                    let _ = killpg(g, Signal::SIGKILL);
+                }
                 return Frozen {
                     killed,
                     rounds: freezer.rounds,

@@ -20,6 +20,16 @@
 #     supervisors (kills at least PACE_MS apart; a supervisor's next kill waits until its
 #     previous restart was seen), so background load falls on all alike.
 #   * floor: the same launch script spawned directly (no supervisor): spawn -> stamp.
+#   * keepup-agent only: `keepup-agent down` of a fork-loop service (bash `trap "" TERM;
+#     while :; do sleep 1000 & done`, up to 200 processes of its role, all ignoring SIGTERM),
+#     FORK_DOWNS times: the time `down` takes (stop_grace 1 s, then the kill) and how many
+#     processes of the role are left after it (must be 0).
+#
+# keepup-agent runs in a cgroup of its own when the host has a writable cgroup2 tree with
+# cgroup.kill (AGENT_CGROUP=auto, the default; as under systemd with Delegate=yes): it then
+# spawns each service into its own cgroup and stops with cgroup.kill. AGENT_CGROUP=0 runs it
+# where the script runs (on a host's root cgroup: the freeze-then-kill path). The report
+# says which path the agent took.
 #
 # The service is copy NN's launch script: stamp, then
 #   exec setpriv --reuid=<role> --regid=<role> --init-groups -- nc -dlk 127.0.0.1 <port>
@@ -39,6 +49,8 @@
 #   STRICT=1    exit 1 if a target is missed (default: report only)
 #   KEEP=1      keep the temporary directory (logs, stamps, configs, JSON results)
 #   KEEP_USERS=1  keep the role users this run created
+#   AGENT_CGROUP  auto (default) or 0, see above
+#   FORK_DOWNS  downs of the fork-loop service (default 5)
 #
 # Everything runs from a temporary directory (manifests, state, socket, logs, runit service
 # dirs, supervisord config and socket); nothing under /usr/lib/keepup or /run/keepup is used,
@@ -57,8 +69,10 @@ STRICT=${STRICT:-0}
 KEEP=${KEEP:-0}
 KEEP_USERS=${KEEP_USERS:-0}
 SETTLE_SECS=${SETTLE_SECS:-5}
+AGENT_CGROUP=${AGENT_CGROUP:-auto}
+FORK_DOWNS=${FORK_DOWNS:-5}
 
-for v in KILLS IDLE_SECS COPIES PACE_MS MIN_RUN_MS BASE_PORT; do
+for v in KILLS IDLE_SECS COPIES PACE_MS MIN_RUN_MS BASE_PORT FORK_DOWNS; do
     case ${!v} in '' | *[!0-9]* | 0) echo "$v must be a positive integer" >&2; exit 2 ;; esac
 done
 [ "$COPIES" -le 99 ] || { echo "COPIES must be at most 99" >&2; exit 2; }
@@ -123,6 +137,20 @@ AGENT="$T/bin/keepup-agent"
 CREATED_USERS=()
 AGENT_PID="" AGENT_TIME_PID="" RUNSVDIR_PID="" SUPD_PID=""
 
+# The agent's own cgroup (AGENT_CGROUP=auto): a new cgroup under the first writable cgroup2
+# mount, if its cgroups have cgroup.kill.
+AGENT_CG=""
+if [ "$AGENT_CGROUP" = auto ]; then
+    cg2=$(awk '$3 == "cgroup2" {print $2; exit}' /proc/self/mounts)
+    if [ -n "$cg2" ] && mkdir "$cg2/keepup-supervise-bench.$$" 2>/dev/null; then
+        if [ -e "$cg2/keepup-supervise-bench.$$/cgroup.kill" ]; then
+            AGENT_CG="$cg2/keepup-supervise-bench.$$"
+        else
+            rmdir "$cg2/keepup-supervise-bench.$$"
+        fi
+    fi
+fi
+
 alive() { [ -n "$1" ] && kill -0 "$1" 2>/dev/null; }
 wait_gone() { # pid secs
     local i
@@ -137,6 +165,13 @@ stop_agent() {
     fi
     if [ -n "$AGENT_TIME_PID" ]; then wait "$AGENT_TIME_PID" 2>/dev/null || true; fi
     AGENT_PID="" AGENT_TIME_PID=""
+}
+remove_agent_cgroup() { # the services' cgroups (the agent removes them when empty), then its own
+    [ -n "$AGENT_CG" ] || return 0
+    local d
+    for d in "$AGENT_CG"/services/* "$AGENT_CG"/services "$AGENT_CG"/agent "$AGENT_CG"; do
+        if [ -d "$d" ]; then rmdir "$d" 2>/dev/null || log "could not remove cgroup $d"; fi
+    done
 }
 stop_runit() {
     if alive "$RUNSVDIR_PID"; then
@@ -180,6 +215,7 @@ cleanup() {
     stop_runit
     stop_supervisord
     [ ${#ROLES[@]} -eq 0 ] || kill_leftovers
+    remove_agent_cgroup
     if [ "$KEEP_USERS" != 1 ] && [ ${#CREATED_USERS[@]} -gt 0 ]; then
         sleep 0.5
         for u in "${CREATED_USERS[@]}"; do userdel "$u" 2>/dev/null || log "could not remove user $u"; done
@@ -205,19 +241,24 @@ done
 for sup in "${SUPS[@]}"; do
     for ((i = 1; i <= COPIES; i++)); do
         n=$(printf %02d "$i")
-        u="bench${LETTER[$sup]}$n"
-        ROLES+=("$u")
-        if ! id -u "$u" >/dev/null 2>&1; then
-            # keepup's roles carry the mark keepup-agent checks (docs/agent.md, "A role is an
-            # account keepup owns"): the GECOS of an account keepup made for service bench$n.
-            mark=()
-            [ "$sup" != keepup ] || mark=(--comment "bench$n service (keepup)")
-            useradd --system "${mark[@]}" --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin "$u"
-            CREATED_USERS+=("$u")
-        fi
+        ROLES+=("bench${LETTER[$sup]}$n")
     done
 done
-[ ${#CREATED_USERS[@]} -eq 0 ] || log "created ${#CREATED_USERS[@]} role users (bench[krs]01..$(printf %02d "$COPIES"))"
+ROLES+=(benchkfork)
+for u in "${ROLES[@]}"; do
+    if ! id -u "$u" >/dev/null 2>&1; then
+        # keepup's roles carry the mark keepup-agent checks (docs/agent.md, "A role is an
+        # account keepup owns"): the GECOS of an account keepup made for that service.
+        mark=()
+        case "$u" in
+            benchkfork) mark=(--comment "benchfork service (keepup)") ;;
+            benchk*) mark=(--comment "bench${u#benchk} service (keepup)") ;;
+        esac
+        useradd --system "${mark[@]}" --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin "$u"
+        CREATED_USERS+=("$u")
+    fi
+done
+[ ${#CREATED_USERS[@]} -eq 0 ] || log "created ${#CREATED_USERS[@]} role users (bench[krs]01..$(printf %02d "$COPIES"), benchkfork)"
 # Nothing may run as these roles yet (keepup would kill it, and it would skew the numbers).
 for u in "${ROLES[@]}"; do
     if pgrep -u "$u" >/dev/null 2>&1; then die "processes of role $u are already running"; fi
@@ -317,7 +358,10 @@ EOF
 # 4. Start / measure
 # ---------------------------------------------------------------------------------------
 start_agent() {
-    /usr/bin/time -f '%M' -o "$RES/agent-maxrss-$1.txt" \
+    local in_cg=()
+    # Into its own cgroup first (time(1) stays there; the agent moves itself to a leaf).
+    [ -z "$AGENT_CG" ] || in_cg=(sh -c 'echo $$ >"$0/cgroup.procs" && exec "$@"' "$AGENT_CG")
+    "${in_cg[@]}" /usr/bin/time -f '%M' -o "$RES/agent-maxrss-$1.txt" \
         "$AGENT" run --config "$T/keepup/agent.yaml" </dev/null 2>>"$T/keepup/agent.stderr" &
     AGENT_TIME_PID=$!
     local i c
@@ -385,6 +429,45 @@ for probe in tcp exec; do
     stop_agent
 done
 
+# keepup-agent only: `down` of a fork-loop service whose processes ignore SIGTERM.
+cat >"$T/keepup/launch/run-fork" <<EOF
+#!/bin/sh
+exec $SETPRIV --reuid=benchkfork --regid=benchkfork --init-groups -- /bin/bash -c 'ulimit -u 200 || exit 1; trap "" TERM; while :; do sleep 1000 & done'
+EOF
+chmod 755 "$T/keepup/launch/run-fork"
+rm -f "$T"/keepup/services/*.yaml
+cat >"$T/keepup/services/benchfork.yaml" <<EOF
+format: 1
+name: benchfork
+version: 1.0.0-1
+role: benchkfork
+launch: $T/keepup/launch/run-fork
+supervisor:
+  kind: agent
+  count: 100
+  within: 1m
+  stop_grace: 1s
+checks: []
+EOF
+fork_procs() { ps -u benchkfork -o stat= 2>/dev/null | grep -vc '^Z' || true; }
+ctl() { "$AGENT" --config "$T/keepup/agent.yaml" "$@" >/dev/null; }
+log "keepup-agent: down of a fork-loop service (~200 processes ignoring SIGTERM, stop_grace 1s), $FORK_DOWNS times"
+start_agent fork
+FORK_MS=() FORK_LEFT=()
+for ((k = 0; k < FORK_DOWNS; k++)); do
+    for ((i = 0; i < 200; i++)); do [ "$(fork_procs)" -ge 150 ] && break; sleep 0.1; done
+    [ "$(fork_procs)" -ge 150 ] || die "the fork loop did not reach 150 processes: $(fork_procs)"
+    t0=$(date +%s%N)
+    ctl down benchfork || die "keepup-agent down benchfork failed"
+    t1=$(date +%s%N)
+    FORK_LEFT+=("$(fork_procs)")
+    FORK_MS+=("$(((t1 - t0) / 1000000))")
+    ctl up benchfork || die "keepup-agent up benchfork failed"
+done
+FORK_PATH=$(grep -o 'stopping services [a-z. ]*' "$T/keepup/agent.stderr" | tail -1)
+FORK_NOTE=$(grep 'stopped (admin-down)' "$T/keepup/log/benchfork.log" | tail -1 | sed 's/.*: SIGTERM/SIGTERM/')
+stop_agent
+
 LOAD_AFTER=$(loadavg)
 log "load average after: $LOAD_AFTER"
 
@@ -394,9 +477,15 @@ log "load average after: $LOAD_AFTER"
 echo "supervise bench: $COPIES services per supervisor, $KILLS kills each, ${IDLE_SECS}s idle windows"
 echo "load average before: $LOAD_BEFORE, after: $LOAD_AFTER ($(nproc) cores)"
 echo "peak RSS of keepup-agent per phase (GNU time %M, KiB): none=$(cat "$RES/agent-maxrss-none.txt" 2>/dev/null | tail -1) tcp=$(cat "$RES/agent-maxrss-tcp.txt" 2>/dev/null | tail -1) exec=$(cat "$RES/agent-maxrss-exec.txt" 2>/dev/null | tail -1)"
+sorted=$(printf '%s\n' "${FORK_MS[@]}" | sort -n)
+echo "keepup-agent path: ${FORK_PATH:-unknown}${AGENT_CG:+ (agent cgroup $AGENT_CG)}"
+echo "fork-loop down (stop_grace 1s, ~200 processes ignoring SIGTERM), $FORK_DOWNS runs: median $(sed -n "$(((FORK_DOWNS + 1) / 2))p" <<<"$sorted") ms, max $(tail -1 <<<"$sorted") ms (all: ${FORK_MS[*]}); processes left after down: ${FORK_LEFT[*]}; last: $FORK_NOTE"
 echo
 rc=0
 $PY "$HELPER" report "$RES" || rc=$?
+for left in "${FORK_LEFT[@]}"; do
+    if [ "$left" != 0 ]; then log "MISS: $left fork-loop processes left after down"; rc=3; fi
+done
 if [ "$rc" = 3 ]; then
     [ "$STRICT" = 1 ] && exit 1
 elif [ "$rc" != 0 ]; then

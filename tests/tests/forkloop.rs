@@ -6,7 +6,7 @@
 //! with `Delegate=yes`). Each test also checks which way the agent took.
 //!
 //! The loop is bounded by `ulimit -u` (bash keeps looping when a fork fails; the machine's
-//! pid space is shared with other tests): it refills whatever the agent's SIGTERM kills.
+//! pid space is shared with other tests); the hopper has a higher limit, so it never stops.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -20,9 +20,16 @@ use keepup_tests::testkit::quick;
 const AGENT_OUT: &str = "/var/log/keepup-agent.out";
 /// The service log.
 const LOG: &str = "/var/log/keepup/foo.log";
-/// The fork loop: each run's sleeps carry the loop's pid (`sleep 100<pid>`), so a run's
-/// processes can be told from the next run's.
-const LOOP: &str = r#"exec: [/bin/bash, -c, 'ulimit -u 150 || exit 1; trap "" TERM; while :; do sleep "100$$" & done']"#;
+/// The daemon: a fork loop (`while :; do sleep … & done`, up to 100 processes of the role),
+/// ignoring SIGTERM. Each run's processes carry the loop's pid (`sleep 100<pid>`), so they can
+/// be told from the next run's.
+const LOOP: &str = r#"exec: [/bin/bash, -c, 'trap "" TERM; ulimit -u 100 || exit 1; while :; do sleep "100$$" & done']"#;
+/// The cgroup path's daemon: the fork loop plus a pid hopper (a shell that starts its
+/// successor in a new session and exits, so killing the launch script's process group does
+/// not reach it and a scan finds a different pid each time), `… hop<pid>`. The freeze path
+/// can miss such a hopper (it escaped one run in five there: docs/agent.md, "Stopping a
+/// service"); `cgroup.kill` cannot.
+const LOOP_AND_HOPPER: &str = r#"exec: [/bin/bash, -c, 'trap "" TERM; h=''setsid sh -c "$0" "$0" "$1" & exit''; (ulimit -u 150 || exit 1; exec setsid sh -c "$h" "$h" "hop$$") & ulimit -u 100 || exit 1; while :; do sleep "100$$" & done']"#;
 /// A probe that passes until `/tmp/fail-probe` exists.
 const PROBE: &str = "checks:
   - name: alive
@@ -50,11 +57,11 @@ fn must_replace(text: &str, from: &str, to: &str) -> String {
 }
 
 /// The example spec with the fork loop as its daemon and the file-controlled probe.
-fn fork_loop_spec(text: String) -> String {
+fn fork_loop_spec(text: String, daemon: &str) -> String {
     let text = must_replace(
         &quick(text),
         "exec: [/usr/bin/food, --config, /etc/foo/foo.conf]",
-        LOOP,
+        daemon,
     );
     let start = text.find("checks:\n").expect("the example has checks");
     let end = text.find("changes:").expect("the example has changes");
@@ -71,12 +78,24 @@ struct Setup {
     _dir: tempfile::TempDir,
 }
 
-async fn setup(name: &str, path: Path) -> Result<Setup> {
+/// Builds the fork-loop package, starts a host (with a writable cgroup2 for `Path::Cgroup`),
+/// copies the package and the agent in, and creates the role `foo` with uid `uid` the way
+/// keepup's preinst does (GECOS `foo service (keepup)`): `ulimit -u` counts the processes of a
+/// uid across every container on the machine, so each test's role needs its own uid.
+async fn setup(name: &str, path: Path, uid: u32) -> Result<Setup> {
     let dir = tempfile::tempdir()?;
-    let deb: PathBuf = example::build_example(dir.path(), "1.0.0", fork_loop_spec)?
-        .into_iter()
-        .find(|f| f.extension().is_some_and(|e| e == "deb"))
-        .context("no .deb built")?;
+    let deb: PathBuf = example::build_example(dir.path(), "1.0.0", |t| {
+        fork_loop_spec(
+            t,
+            match path {
+                Path::Freeze => LOOP,
+                Path::Cgroup => LOOP_AND_HOPPER,
+            },
+        )
+    })?
+    .into_iter()
+    .find(|f| f.extension().is_some_and(|e| e == "deb"))
+    .context("no .deb built")?;
     let net = TestNet::new()?;
     let host = match path {
         Path::Freeze => Host::start(&net, name).await?,
@@ -87,6 +106,12 @@ async fn setup(name: &str, path: Path) -> Result<Setup> {
         &example::built_bin("keepup-agent")?,
         "/usr/sbin/keepup-agent",
     )
+    .await?;
+    host.ok(&format!(
+        "groupadd --system --gid {uid} foo && useradd --system --uid {uid} --gid foo \
+         --home-dir /nonexistent --no-create-home --shell /usr/sbin/nologin \
+         --comment 'foo service (keepup)' foo"
+    ))
     .await?;
     if path == Path::Cgroup {
         // The container's own cgroup subtree (its private namespace's root), writable, where
@@ -135,8 +160,9 @@ async fn evidence(h: &Host) -> String {
     .unwrap_or_else(|e| e.to_string())
 }
 
-/// Waits until a fork loop other than `not` runs with at least 50 processes; its pid.
-async fn wait_loop(h: &Host, uid: u32, not: Option<u32>) -> Result<u32> {
+/// Waits until a fork loop other than `not` runs with at least 50 processes (and, with
+/// `hopper`, its hopper); its pid.
+async fn wait_loop(h: &Host, uid: u32, not: Option<u32>, hopper: bool) -> Result<u32> {
     let start = Instant::now();
     loop {
         let procs = h.ok(&role_procs(uid)).await?;
@@ -146,7 +172,8 @@ async fn wait_loop(h: &Host, uid: u32, not: Option<u32>) -> Result<u32> {
             .filter_map(|l| l.split_whitespace().next()?.parse().ok())
             .collect();
         if let [pid] = bash[..] {
-            if Some(pid) != not && procs.lines().count() >= 50 {
+            let hopping = !hopper || procs.lines().any(|l| l.ends_with(&format!(" hop{pid}")));
+            if Some(pid) != not && hopping && procs.lines().count() >= 50 {
                 return Ok(pid);
             }
         }
@@ -157,12 +184,12 @@ async fn wait_loop(h: &Host, uid: u32, not: Option<u32>) -> Result<u32> {
     }
 }
 
-/// Fails (showing `ps`) if anything of the run whose loop was `pid` is alive: the loop itself
-/// or one of its `sleep 100<pid>`.
+/// Fails (showing `ps`) if anything of the run whose loop was `pid` is alive: the loop itself,
+/// one of its `sleep 100<pid>` or its hopper.
 async fn none_of_run(h: &Host, uid: u32, pid: u32) -> Result<()> {
     let left = h
         .ok(&format!(
-            "{} | awk '$1 == {pid} || $NF == \"100{pid}\"'",
+            "{} | awk '$1 == {pid} || $NF == \"100{pid}\" || $NF == \"hop{pid}\"'",
             role_procs(uid)
         ))
         .await?;
@@ -207,8 +234,9 @@ fn ended_by(line: &str, path: Path) -> Result<()> {
     Ok(())
 }
 
-async fn fork_loop_leaves_nothing(name: &str, path: Path) -> Result<()> {
-    let s = setup(name, path).await?;
+async fn fork_loop_leaves_nothing(name: &str, path: Path, uid: u32) -> Result<()> {
+    let s = setup(name, path, uid).await?;
+    let hopper = path == Path::Cgroup;
     let h = &s.host;
     start_agent(h).await?;
     let said = h.ok(&format!("cat {AGENT_OUT}")).await?;
@@ -220,8 +248,7 @@ async fn fork_loop_leaves_nothing(name: &str, path: Path) -> Result<()> {
     };
     ensure!(said.contains(way), "the agent did not say {way:?}:\n{said}");
     h.ok("dpkg -i /pkgs/foo.deb").await?;
-    let uid: u32 = h.ok("id -u foo").await?.trim().parse()?;
-    let first = wait_loop(h, uid, None).await?;
+    let first = wait_loop(h, uid, None, hopper).await?;
     if path == Path::Cgroup {
         // The whole run is in the service's cgroup, the agent in its own leaf.
         let members = h.ok("cat /sys/fs/cgroup/services/foo/cgroup.procs").await?;
@@ -242,7 +269,7 @@ async fn fork_loop_leaves_nothing(name: &str, path: Path) -> Result<()> {
     eprintln!("{line}");
     ended_by(&line, path)?;
     h.ok("rm /tmp/fail-probe").await?;
-    let second = wait_loop(h, uid, Some(first)).await?;
+    let second = wait_loop(h, uid, Some(first), hopper).await?;
 
     // Admin-down: `down` answers once the stop is done; nothing of the role is left.
     h.ok("keepup-agent down foo").await?;
@@ -263,7 +290,7 @@ async fn fork_loop_leaves_nothing(name: &str, path: Path) -> Result<()> {
 
     // Removal while the agent runs: the manifest goes, the agent stops the service.
     h.ok("keepup-agent up foo").await?;
-    let third = wait_loop(h, uid, Some(second)).await?;
+    let third = wait_loop(h, uid, Some(second), hopper).await?;
     h.ok("dpkg -r foo").await?;
     let line = wait_log(h, "stopped (manifest removed)", Duration::from_secs(15)).await?;
     eprintln!("{line}");
@@ -291,7 +318,7 @@ async fn fork_loop_is_stopped_by_freezing_without_cgroups() -> Result<()> {
     if !docker_or_skip() {
         return Ok(());
     }
-    fork_loop_leaves_nothing("forkloop-freeze", Path::Freeze).await
+    fork_loop_leaves_nothing("forkloop-freeze", Path::Freeze, 731).await
 }
 
 /// A writable cgroup2 tree: the launch script starts in `services/foo`, and what outlives the
@@ -301,5 +328,5 @@ async fn fork_loop_is_stopped_by_cgroup_kill() -> Result<()> {
     if !docker_or_skip() {
         return Ok(());
     }
-    fork_loop_leaves_nothing("forkloop-cgroup", Path::Cgroup).await
+    fork_loop_leaves_nothing("forkloop-cgroup", Path::Cgroup, 732).await
 }
