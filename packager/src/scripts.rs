@@ -750,8 +750,13 @@ mod tests {
     /// Runs `launch_dir` from the launch script with `sh`, as the current user (`uid` is what
     /// the launch script sets), and returns (success, what it printed).
     fn launch_dir(path: &std::path::Path, mode: &str) -> (bool, String) {
+        launch_dir_with(path, mode, "")
+    }
+
+    /// [`launch_dir`] with `prelude` run first in the same shell (e.g. to wrap `cd`).
+    fn launch_dir_with(path: &std::path::Path, mode: &str, prelude: &str) -> (bool, String) {
         let script = format!(
-            "uid=$(id -u)\n{LAUNCH_DIR_FN}\nlaunch_dir {} \"$(id -un)\" \"$(id -gn)\" {}",
+            "uid=$(id -u)\n{prelude}\n{LAUNCH_DIR_FN}\nlaunch_dir {} \"$(id -un)\" \"$(id -gn)\" {}",
             quote(&path.to_string_lossy()),
             quote(mode)
         );
@@ -872,6 +877,43 @@ mod tests {
         for script in [&deb.preinst, &deb.postinst, &deb.postrm] {
             assert!(!script.contains("--update"), "{script}");
         }
+    }
+
+    #[test]
+    fn a_link_swapped_in_between_the_check_and_the_cd_is_caught() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().canonicalize().unwrap();
+        let data = root.join("state/data");
+        std::fs::create_dir_all(&data).unwrap();
+        let victim = root.join("victim");
+        std::fs::create_dir(&victim).unwrap();
+        std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // The race, made deterministic: `data` is a real directory when it is checked, and
+        // the role swaps in a link to `victim` just before the script enters it.
+        let swap = format!(
+            "cd() {{ if [ \"$2\" = ./data ]; then rmdir ./data && ln -s {} ./data; fi; command cd \"$@\"; }}",
+            quote(&victim.to_string_lossy())
+        );
+        let (ok, out) = launch_dir_with(&data, "0700", &swap);
+        assert!(!ok, "the swap must be caught: {out}");
+        assert!(
+            out.contains(&format!(
+                "{} turned into {} while being entered",
+                data.display(),
+                victim.display()
+            )),
+            "{out}"
+        );
+        assert!(
+            std::fs::symlink_metadata(&data)
+                .unwrap()
+                .file_type()
+                .is_symlink(),
+            "the swap did happen"
+        );
+        let mode = std::fs::metadata(&victim).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o755, "the link's target must be left alone");
     }
 
     fn nix_uid_is_root() -> bool {

@@ -98,7 +98,8 @@ async fn a_symlink_planted_by_the_role_never_hands_it_a_system_directory() -> Re
     host.until_empty(&procs_of("foo"), Duration::from_secs(10))
         .await?;
     let start = Instant::now();
-    let run = host.exec("/usr/sbin/run-foo").await?;
+    // Bounded: a launch script that follows the link starts the daemon in the foreground.
+    let run = host.exec("timeout 30 /usr/sbin/run-foo").await?;
     let took = start.elapsed();
 
     let cron = host.ok("stat -c '%U:%G %a' /etc/cron.d").await?;
@@ -264,10 +265,12 @@ async fn a_package_cannot_take_over_another_daemons_account() -> Result<()> {
     Ok(())
 }
 
-/// A fork loop as the role that ignores TERM (children inherit the ignored TERM). It forks
-/// as fast as it can, up to 400 processes (RLIMIT_NPROC, `ulimit -p` in dash, so that the
-/// shared test machine stays usable): a killed child's slot is taken again at once.
-const FORK_LOOP: &str = "setsid setpriv --reuid=foo --regid=foo --init-groups sh -c 'ulimit -p 400; trap \"\" TERM; while :; do sleep 100 & done' >/dev/null 2>&1 </dev/null &";
+/// A fork loop as the role that ignores TERM (children inherit the ignored TERM). It forks a
+/// new long-lived child every 10 ms, so processes keep appearing after any snapshot of the
+/// role's processes; RLIMIT_NPROC (`ulimit -p` in dash) caps it at 1000 processes so that the
+/// shared test machine stays usable (an uncapped loop exhausts the kernel's limits, and a
+/// capped loop that never pauses stops forking once full, which no longer tests anything).
+const FORK_LOOP: &str = "setsid setpriv --reuid=foo --regid=foo --init-groups sh -c 'ulimit -p 1000; trap \"\" TERM; while :; do sleep 100 & sleep 0.01; done' >/dev/null 2>&1 </dev/null &";
 
 /// Start the fork loop and wait until it has forked (a few processes of the role).
 async fn start_fork_loop(host: &Host) -> Result<()> {
