@@ -526,7 +526,11 @@ pub fn fleet(cmd: FleetCommand) -> Result<()> {
 /// `keepup serve`
 pub fn serve(a: ServeArgs) -> Result<()> {
     Repo::read_only(&a.repo.dir)?;
-    crate::serve::serve(&a.repo.dir, a.listen, a.state.as_deref())
+    crate::serve::serve(crate::serve::ServeOptions {
+        root: a.repo.dir,
+        listen: a.listen,
+        state: a.state,
+    })
 }
 
 /// `keepup host`

@@ -246,13 +246,29 @@ async fn serve_file(root: &Path, req: Request<hyper::body::Incoming>) -> Respons
     r
 }
 
-/// Serve `root` on `listen` until interrupted; with `state`, also the fleet state server
+/// What `keepup serve` was asked to do. Each option of `keepup serve` is one field here.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// The repository directory.
+    pub root: PathBuf,
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// The fleet state database, when the server also takes reports and shows the fleet.
+    pub state: Option<PathBuf>,
+}
+
+/// Serve the repository until interrupted; with `state`, also the fleet state server
 /// (reports, `/api/v1/fleet`, the page at `/`) over that database.
-pub fn serve(root: &Path, listen: SocketAddr, state: Option<&Path>) -> Result<()> {
+pub fn serve(opts: ServeOptions) -> Result<()> {
+    let ServeOptions {
+        root,
+        listen,
+        state,
+    } = opts;
     let root = root
         .canonicalize()
         .with_context(|| format!("{} does not exist", root.display()))?;
-    let state = state.map(|s| Server::open(&root, s)).transpose()?;
+    let state = state.map(|s| Server::open(&root, &s)).transpose()?;
     let site = Arc::new(Site { root, state });
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
