@@ -9,12 +9,26 @@
 //! Which way the host stops services is decided once, at agent start ([`init`]); without a
 //! writable cgroup2 (cgroup v1, a read-only `/sys/fs/cgroup`, a kernel without `cgroup.kill`)
 //! `role.rs` stops services by freezing their processes and then killing them.
+//!
+//! A launch script is created directly in its cgroup with `clone3(CLONE_INTO_CGROUP)`
+//! ([`ServiceCgroup::spawn`], Linux 5.7): moving a process into a cgroup (a `cgroup.procs`
+//! write) takes the kernel's cgroup thread-group lock for writing and waits for an RCU grace
+//! period, several milliseconds on every restart. Where `clone3` is refused (an older kernel,
+//! a seccomp filter that answers ENOSYS, as Docker's default one does without CAP_SYS_ADMIN)
+//! the launch script writes itself into `cgroup.procs` between fork and exec ([`Joiner`]).
 
+use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
+
+use nix::libc;
+
+use crate::reaper::PidfdChild;
 
 /// The leaf the agent moves itself into, under its own cgroup.
 pub const AGENT_LEAF: &str = "agent";
@@ -232,6 +246,114 @@ impl ServiceCgroup {
         Ok(Joiner { file })
     }
 
+    /// Runs `launch` as a new process created inside this cgroup (`clone3` with
+    /// `CLONE_INTO_CGROUP | CLONE_PIDFD`), in a process group of its own, with `/` as its
+    /// directory, stdin on `/dev/null`, an empty signal mask and default signal dispositions.
+    /// Everything the child needs is prepared before the clone; the child only calls
+    /// async-signal-safe functions and reports an `execve` failure over a close-on-exec pipe,
+    /// as std's `Command` does. [`SpawnError::Unsupported`] means: use [`Joiner`] instead.
+    pub fn spawn(&self, launch: &Launch) -> Result<PidfdChild, SpawnError> {
+        if !CLONE3_WORKS.load(Ordering::Relaxed) {
+            return Err(SpawnError::Unsupported("clone3 was refused before".into()));
+        }
+        mkdir(&self.dir).map_err(SpawnError::Failed)?;
+        let dir = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY)
+            .open(&self.dir)
+            .map_err(|e| SpawnError::Failed(format!("cannot open {}: {e}", self.dir.display())))?;
+        let null = File::open("/dev/null")
+            .map_err(|e| SpawnError::Failed(format!("cannot open /dev/null: {e}")))?;
+        let (err_read, err_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| SpawnError::Failed(format!("cannot create a pipe: {e}")))?;
+        let argv = [launch.program.as_ptr(), std::ptr::null()];
+        let mut envp: Vec<*const libc::c_char> = launch.env.iter().map(|e| e.as_ptr()).collect();
+        envp.push(std::ptr::null());
+        let fds = ChildFds {
+            stdin: null.as_raw_fd(),
+            stdout: launch.stdout.as_raw_fd(),
+            stderr: launch.stderr.as_raw_fd(),
+            exec_error: err_write.as_raw_fd(),
+        };
+        let mut pidfd: libc::c_int = -1;
+        let args = CloneArgs {
+            flags: CLONE_PIDFD | CLONE_INTO_CGROUP,
+            pidfd: std::ptr::addr_of_mut!(pidfd) as u64,
+            exit_signal: libc::SIGCHLD as u64,
+            cgroup: dir.as_raw_fd() as u64,
+            ..CloneArgs::default()
+        };
+        // SAFETY: clone3 without CLONE_VM (and without a new stack) is a fork: the child gets
+        // a copy of this address space and returns here with 0. It then runs only
+        // `exec_child`, which calls async-signal-safe functions on memory prepared above.
+        let pid = unsafe {
+            libc::syscall(
+                libc::SYS_clone3,
+                std::ptr::addr_of!(args),
+                std::mem::size_of::<CloneArgs>(),
+            )
+        };
+        if pid == 0 {
+            // SAFETY: in the child; see above.
+            unsafe { exec_child(&fds, launch.program.as_ptr(), &argv, &envp) }
+        }
+        if pid < 0 {
+            let e = std::io::Error::last_os_error();
+            let errno = e.raw_os_error().unwrap_or(0);
+            let why = format!("clone3 into {}: {e}", self.dir.display());
+            if matches!(
+                errno,
+                libc::ENOSYS | libc::EINVAL | libc::EPERM | libc::E2BIG | libc::EOPNOTSUPP
+            ) && CLONE3_WORKS.swap(false, Ordering::Relaxed)
+            {
+                eprintln!(
+                    "keepup-agent: {why}; launch scripts join their cgroup between fork and \
+                     exec instead (restarts take a few ms longer)"
+                );
+            }
+            return Err(SpawnError::Unsupported(why));
+        }
+        let pid = pid as i32;
+        // SAFETY: CLONE_PIDFD stored a new descriptor (close-on-exec) that only we own.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+        drop(err_write);
+        let mut buf = [0u8; 4];
+        let n = loop {
+            match nix::unistd::read(&err_read, &mut buf) {
+                Err(nix::errno::Errno::EINTR) => continue,
+                r => break r,
+            }
+        };
+        match n {
+            Ok(4) => {
+                // The child reported why execve failed and exited: reap it.
+                let mut status = 0;
+                // SAFETY: waitpid on our own child.
+                unsafe { libc::waitpid(pid, &mut status, 0) };
+                let e = std::io::Error::from_raw_os_error(i32::from_ne_bytes(buf));
+                Err(SpawnError::Failed(format!(
+                    "cannot run {}: {e}",
+                    launch.program.to_string_lossy()
+                )))
+            }
+            _ => {
+                if !ANNOUNCED.swap(true, Ordering::Relaxed) {
+                    eprintln!("keepup-agent: launch scripts are created in their cgroups (clone3)");
+                }
+                PidfdChild::new(pid, pidfd).map_err(|e| {
+                    // Not watched, it must not run: kill and reap it (our unreaped child, so
+                    // the pid cannot have been recycled).
+                    // SAFETY: kill and waitpid on our own child.
+                    unsafe {
+                        libc::kill(pid, libc::SIGKILL);
+                        libc::waitpid(pid, std::ptr::null_mut(), 0);
+                    }
+                    SpawnError::Failed(format!("cannot watch the launch script's pidfd: {e}"))
+                })
+            }
+        }
+    }
+
     /// Whether any process is in the cgroup (`populated` of `cgroup.events`); `false` when
     /// the cgroup does not exist, `None` if it cannot be read.
     pub fn populated(&self) -> Option<bool> {
@@ -263,6 +385,109 @@ impl ServiceCgroup {
     pub fn remove(&self) {
         let _ = std::fs::remove_dir(&self.dir);
     }
+}
+
+/// Whether `clone3(CLONE_INTO_CGROUP)` may work here; cleared when the kernel (or a seccomp
+/// filter) refuses it, so later starts go straight to [`Joiner`].
+static CLONE3_WORKS: AtomicBool = AtomicBool::new(true);
+/// Whether the first launch script created by `clone3` was announced.
+static ANNOUNCED: AtomicBool = AtomicBool::new(false);
+
+const CLONE_PIDFD: u64 = 0x1000;
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// `struct clone_args` of `clone3(2)` (the kernel's layout, size 88 since Linux 5.7).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+/// A launch script to run: the program (run with itself as its only argument), its whole
+/// environment (`NAME=value`), and where its stdout and stderr go.
+#[derive(Debug)]
+pub struct Launch {
+    /// The launch script's path.
+    pub program: CString,
+    /// The environment, `NAME=value` each.
+    pub env: Vec<CString>,
+    /// Its stdout (the log pipe's write end).
+    pub stdout: OwnedFd,
+    /// Its stderr (the log pipe's write end).
+    pub stderr: OwnedFd,
+}
+
+/// Why [`ServiceCgroup::spawn`] did not start the launch script.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SpawnError {
+    /// `clone3` into the cgroup is not available here: spawn another way.
+    Unsupported(String),
+    /// The launch script could not be run (says why).
+    Failed(String),
+}
+
+/// The descriptors the child puts on 0, 1, 2, and its exec-error pipe.
+struct ChildFds {
+    stdin: RawFd,
+    stdout: RawFd,
+    stderr: RawFd,
+    exec_error: RawFd,
+}
+
+/// The child's side of [`ServiceCgroup::spawn`]: async-signal-safe calls only, no
+/// allocation. Never returns: `execve`, or `_exit(127)` after writing errno to the pipe.
+unsafe fn exec_child(
+    fds: &ChildFds,
+    program: *const libc::c_char,
+    argv: &[*const libc::c_char],
+    envp: &[*const libc::c_char],
+) -> ! {
+    let fail = |fd: RawFd| -> ! {
+        let errno = *libc::__errno_location();
+        let bytes = errno.to_ne_bytes();
+        libc::write(fd, bytes.as_ptr().cast(), bytes.len());
+        libc::_exit(127)
+    };
+    // Signals: the agent's mask and ignored signals (Rust ignores SIGPIPE) are not the
+    // launch script's; caught ones are reset by execve anyway.
+    let mut set: libc::sigset_t = std::mem::zeroed();
+    libc::sigemptyset(&mut set);
+    if libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) != 0 {
+        fail(fds.exec_error);
+    }
+    let mut dfl: libc::sigaction = std::mem::zeroed();
+    dfl.sa_sigaction = libc::SIG_DFL;
+    for sig in 1..32 {
+        if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+            libc::sigaction(sig, &dfl, std::ptr::null_mut());
+        }
+    }
+    for (from, to) in [(fds.stdin, 0), (fds.stdout, 1), (fds.stderr, 2)] {
+        let ok = if from == to {
+            // Already in place (the agent's own 0..2 were closed): only drop close-on-exec.
+            libc::fcntl(to, libc::F_SETFD, 0) == 0
+        } else {
+            libc::dup2(from, to) == to
+        };
+        if !ok {
+            fail(fds.exec_error);
+        }
+    }
+    if libc::setpgid(0, 0) != 0 || libc::chdir(c"/".as_ptr()) != 0 {
+        fail(fds.exec_error);
+    }
+    libc::execve(program, argv.as_ptr(), envp.as_ptr());
+    fail(fds.exec_error)
 }
 
 /// `populated 0|1` from `cgroup.events`.

@@ -12,11 +12,17 @@
 //! child nobody waits for any more; an exec probe's child is always waited for).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::os::fd::OwnedFd;
+use std::os::unix::process::ExitStatusExt;
+use std::process::ExitStatus;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use nix::libc;
 use nix::sys::wait::{waitpid, WaitPidFlag};
 use nix::unistd::Pid;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 use tokio::signal::unix::{signal, SignalKind};
 
 /// How long a zombie child must have been seen before the reaper takes it.
@@ -77,6 +83,67 @@ impl Spawned {
     pub fn stopping(&self) -> bool {
         self.lock().stopping
     }
+}
+
+/// A child the agent spawned itself (not through tokio's `Command`) and waits for through
+/// its pidfd: the pidfd becomes readable when the child exits, then `waitpid` reaps it. Its
+/// owner keeps the pid in [`Spawned`] until it has the exit status, so the subreaper leaves
+/// it alone; a dropped, unreaped one is reaped by the subreaper once its pid is removed.
+#[derive(Debug)]
+pub struct PidfdChild {
+    pid: i32,
+    pidfd: AsyncFd<OwnedFd>,
+    status: Option<ExitStatus>,
+}
+
+impl PidfdChild {
+    /// Watches `pidfd` (of child `pid`) on the current tokio runtime.
+    pub fn new(pid: i32, pidfd: OwnedFd) -> std::io::Result<PidfdChild> {
+        // SAFETY: an `OwnedFd` is open until dropped, and always returns the same descriptor.
+        let pidfd = unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE)? };
+        Ok(PidfdChild {
+            pid,
+            pidfd,
+            status: None,
+        })
+    }
+
+    /// The child's pid.
+    pub fn id(&self) -> i32 {
+        self.pid
+    }
+
+    /// Reaps the child if it has exited (never blocks).
+    pub fn try_wait(&mut self) -> std::io::Result<Option<ExitStatus>> {
+        reap(self.pid, &mut self.status)
+    }
+
+    /// Waits for the child to exit and reaps it.
+    pub async fn wait(&mut self) -> std::io::Result<ExitStatus> {
+        loop {
+            if let Some(status) = reap(self.pid, &mut self.status)? {
+                return Ok(status);
+            }
+            let mut ready = self.pidfd.readable().await?;
+            if reap(self.pid, &mut self.status)?.is_none() {
+                ready.clear_ready();
+            }
+        }
+    }
+}
+
+/// `waitpid(pid, WNOHANG)` once, keeping the status in `status`.
+fn reap(pid: i32, status: &mut Option<ExitStatus>) -> std::io::Result<Option<ExitStatus>> {
+    if status.is_none() {
+        let mut raw = 0;
+        // SAFETY: waitpid on our own child, which nobody else reaps (see `Spawned`).
+        match unsafe { libc::waitpid(pid, &mut raw, libc::WNOHANG) } {
+            0 => {}
+            p if p == pid => *status = Some(ExitStatus::from_raw(raw)),
+            _ => return Err(std::io::Error::last_os_error()),
+        }
+    }
+    Ok(*status)
 }
 
 /// Makes the agent the child subreaper for everything it starts.
@@ -148,6 +215,39 @@ fn zombies(me: i32, spawned: &Spawned) -> Vec<i32> {
                 .is_some_and(|p| p.ppid == me && p.is_dead())
         })
         .collect()
+}
+
+/// Dead children of the agent (zombies it has not reaped yet) whose real uid is `uid`.
+fn dead_children_of(uid: u32) -> usize {
+    let me = std::process::id() as i32;
+    children(me)
+        .into_iter()
+        .filter(|&pid| {
+            crate::role::read_stat(pid).is_some_and(|p| p.ppid == me && p.is_dead())
+                && std::fs::read_to_string(format!("/proc/{pid}/status"))
+                    .ok()
+                    .and_then(|s| crate::role::parse_status(pid, &s))
+                    .and_then(|p| p.ruid)
+                    == Some(uid)
+        })
+        .count()
+}
+
+/// Waits until no dead child of the agent has real uid `uid`, or `within` has passed; the
+/// number still unreaped. A killed run's processes become the agent's zombies (orphans
+/// reparented to the subreaper), which [`run`] reaps after [`SETTLE`]. Until then they count
+/// against the role's process limit (`RLIMIT_NPROC`, a spec's `limits.nproc`), so a run started
+/// earlier could not fork as many processes as its spec allows. Costs one small read per
+/// agent thread when there is nothing to wait for.
+pub async fn orphans_reaped(uid: u32, within: Duration) -> usize {
+    let start = Instant::now();
+    loop {
+        let left = dead_children_of(uid);
+        if left == 0 || start.elapsed() >= within {
+            return left;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// Runs forever: reaps orphaned zombies as described in the module documentation. Idle costs

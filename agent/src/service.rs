@@ -10,10 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use keepup_checks::{
-    ExecProbe, ExecSpec, HttpProbe, HttpSpec, Probe, ProbeResult, RunAs, StatusRange, TcpProbe,
-    TcpSpec,
-};
+use keepup_checks::{Probe, ProbeResult, RunAs};
 use keepup_packager::manifest::{Manifest, ManifestCheck, ManifestProbe, Supervised};
 use keepup_packager::spec::format_duration;
 use tokio::io::AsyncReadExt;
@@ -181,10 +178,18 @@ pub struct Handle {
 /// Starts the task for `manifest`, read from `path`.
 pub fn spawn(ctx: Ctx, manifest: Manifest, path: PathBuf) -> Handle {
     let (tx, rx) = mpsc::channel(16);
+    // The agent said at start if the group is missing (`control::status_gid`).
+    let log_gid = ctx
+        .cfg
+        .status_group
+        .as_deref()
+        .and_then(|g| nix::unistd::Group::from_name(g).ok().flatten())
+        .map(|g| g.gid.as_raw());
     let log = LogFile::open(
         ctx.cfg.log_dir.join(format!("{}.log", manifest.name)),
         ctx.cfg.log_max_bytes,
         ctx.cfg.log_keep,
+        log_gid,
     )
     .shared();
     let shared = Arc::new(Mutex::new(Shared {
@@ -248,10 +253,41 @@ fn settle(m: &Manifest, fast_crash: Duration) -> Duration {
         .fold(fast_crash, Duration::max)
 }
 
+/// A launch script the agent waits for: spawned into its cgroup with `clone3`, or by tokio
+/// (no cgroups, or `clone3` refused).
+#[derive(Debug)]
+enum Launched {
+    Tokio(Child),
+    Pidfd(crate::reaper::PidfdChild),
+}
+
+impl Launched {
+    fn id(&self) -> i32 {
+        match self {
+            Launched::Tokio(c) => c.id().map_or(0, |p| p as i32),
+            Launched::Pidfd(c) => c.id(),
+        }
+    }
+
+    fn try_wait(&mut self) -> std::io::Result<Option<ExitStatus>> {
+        match self {
+            Launched::Tokio(c) => c.try_wait(),
+            Launched::Pidfd(c) => c.try_wait(),
+        }
+    }
+
+    async fn wait(&mut self) -> std::io::Result<ExitStatus> {
+        match self {
+            Launched::Tokio(c) => c.wait().await,
+            Launched::Pidfd(c) => c.wait().await,
+        }
+    }
+}
+
 /// The current run of the launch script.
 #[derive(Debug)]
 struct Run {
-    child: Child,
+    child: Launched,
     pid: i32,
     started: Instant,
     not_sane: Arc<AtomicBool>,
@@ -612,13 +648,21 @@ impl Service {
                 leftovers.termed, self.m.role, leftovers.killed
             ));
         }
+        // The killed run's zombies still count against the role's process limit.
+        let unreaped = crate::reaper::orphans_reaped(uid, 4 * crate::reaper::SETTLE).await;
+        if unreaped > 0 {
+            self.note(&format!(
+                "{unreaped} exited process(es) of role {} not reaped yet; starting anyway",
+                self.m.role
+            ));
+        }
         self.rebuild_checks();
         let (child, not_sane) = match self.spawn_launch() {
             Ok(c) => c,
             Err(why) => return self.failed_start(Instant::now(), why),
         };
         let now = Instant::now();
-        let pid = child.id().map_or(0, |p| p as i32);
+        let pid = child.id();
         self.ctx.spawned.insert(pid);
         self.history.record(now);
         self.starts += 1;
@@ -643,12 +687,71 @@ impl Service {
         });
     }
 
-    fn spawn_launch(&self) -> Result<(Child, Arc<AtomicBool>), String> {
+    fn spawn_launch(&self) -> Result<(Launched, Arc<AtomicBool>), String> {
         let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
             .map_err(|e| format!("cannot create a pipe for the log: {e}"))?;
         let write2 = write
             .try_clone()
             .map_err(|e| format!("cannot create a pipe for the log: {e}"))?;
+        let cgroup = crate::cgroup::for_service(&self.m.name);
+        let child = match &cgroup {
+            // With cgroups, the launch script is created in its service's cgroup.
+            Some(cg) => self.spawn_into(cg, write, write2)?,
+            None => Launched::Tokio(self.spawn_command(None, write, write2)?),
+        };
+        let not_sane = Arc::new(AtomicBool::new(false));
+        let watch = policy::SaneWatch::new(&self.m.name);
+        tokio::spawn(pump(read, self.log.clone(), not_sane.clone(), watch));
+        Ok((child, not_sane))
+    }
+
+    /// Spawns the launch script inside `cg` with `clone3`, or, where that is refused, with
+    /// tokio and a `cgroup.procs` write between fork and exec.
+    fn spawn_into(
+        &self,
+        cg: &crate::cgroup::ServiceCgroup,
+        write: OwnedFd,
+        write2: OwnedFd,
+    ) -> Result<Launched, String> {
+        use std::os::unix::ffi::OsStrExt;
+        let cstring = |b: &[u8]| {
+            std::ffi::CString::new(b).map_err(|_| {
+                format!(
+                    "cannot run {}: a NUL byte in its path or environment",
+                    self.m.launch
+                )
+            })
+        };
+        let launch = crate::cgroup::Launch {
+            program: cstring(std::path::Path::new(&self.m.launch).as_os_str().as_bytes())?,
+            env: vec![
+                cstring(format!("PATH={PATH}").as_bytes())?,
+                cstring(format!("KEEPUP_SERVICE={}", self.m.name).as_bytes())?,
+            ],
+            stdout: write,
+            stderr: write2,
+        };
+        match cg.spawn(&launch) {
+            Ok(child) => Ok(Launched::Pidfd(child)),
+            Err(crate::cgroup::SpawnError::Failed(why)) => Err(why),
+            Err(crate::cgroup::SpawnError::Unsupported(_)) => {
+                let joiner = cg
+                    .joiner()
+                    .map_err(|e| format!("cannot put {} into its cgroup: {e}", self.m.launch))?;
+                let child = self.spawn_command(Some(&joiner), launch.stdout, launch.stderr)?;
+                Ok(Launched::Tokio(child))
+            }
+        }
+    }
+
+    /// Spawns the launch script with tokio; with `joiner`, it joins its cgroup between fork
+    /// and exec.
+    fn spawn_command(
+        &self,
+        joiner: Option<&crate::cgroup::Joiner>,
+        write: OwnedFd,
+        write2: OwnedFd,
+    ) -> Result<Child, String> {
         let mut cmd = Command::new(&self.m.launch);
         cmd.env_clear()
             .env("PATH", PATH)
@@ -658,15 +761,7 @@ impl Service {
             .stdout(Stdio::from(write))
             .stderr(Stdio::from(write2))
             .process_group(0);
-        // With cgroups, the launch script joins its service's cgroup between fork and exec.
-        let joiner = match crate::cgroup::for_service(&self.m.name) {
-            Some(cg) => Some(
-                cg.joiner()
-                    .map_err(|e| format!("cannot put {} into its cgroup: {e}", self.m.launch))?,
-            ),
-            None => None,
-        };
-        if let Some(fd) = joiner.as_ref().map(crate::cgroup::Joiner::fd) {
+        if let Some(fd) = joiner.map(crate::cgroup::Joiner::fd) {
             // SAFETY: the closure only calls write(2), which is async-signal-safe.
             unsafe {
                 cmd.pre_exec(move || crate::cgroup::Joiner::join(fd));
@@ -677,10 +772,7 @@ impl Service {
             .map_err(|e| format!("cannot run {}: {e}", self.m.launch))?;
         // The child has the write ends now; ours close with `cmd`.
         drop(cmd);
-        let not_sane = Arc::new(AtomicBool::new(false));
-        let watch = policy::SaneWatch::new(&self.m.name);
-        tokio::spawn(pump(read, self.log.clone(), not_sane.clone(), watch));
-        Ok((child, not_sane))
+        Ok(child)
     }
 
     /// A start that could not even spawn: counts as a start and a fast crash.
@@ -1311,67 +1403,20 @@ fn broken_reason(service: &str, why: &str) -> String {
 
 /// Builds the probe a manifest describes; exec probes run as the role (`run_as`).
 pub fn build_probe(p: &ManifestProbe, run_as: Option<RunAs>) -> Result<Probe, ProbeProblem> {
-    // One line: a regex error spans several, and this is shown in the status table.
-    let invalid = |e: keepup_checks::ProbeError| {
+    let exec = matches!(p, ManifestProbe::Exec { .. });
+    // A broken probe is broken whoever would run it: that is checked first.
+    let probe = keepup_packager::manifest::build_probe(p, run_as).map_err(|e| {
+        // One line: a regex error spans several, and this is shown in the status table.
         ProbeProblem::Invalid(
             e.to_string()
                 .split_whitespace()
                 .collect::<Vec<_>>()
                 .join(" "),
         )
-    };
-    let probe: Probe = match p {
-        ManifestProbe::Tcp {
-            host,
-            port,
-            send,
-            expect,
-        } => {
-            let addr = if host.contains(':') && !host.starts_with('[') {
-                format!("[{host}]:{port}")
-            } else {
-                format!("{host}:{port}")
-            };
-            TcpProbe::new(TcpSpec {
-                addr,
-                send: send.as_ref().map(|s| s.as_bytes().to_vec()),
-                expect: expect.clone(),
-            })
-            .map_err(invalid)?
-            .into()
-        }
-        ManifestProbe::Http {
-            url,
-            method,
-            status_min,
-            status_max,
-            body,
-            host_header,
-        } => HttpProbe::new(HttpSpec {
-            url: url.clone(),
-            method: Some(method.clone()),
-            status: StatusRange::new(*status_min, *status_max).map_err(invalid)?,
-            body: body.clone(),
-            host: host_header.clone(),
-        })
-        .map_err(invalid)?
-        .into(),
-        ManifestProbe::Exec { argv } => {
-            let Some(run_as) = run_as else {
-                // A broken argv is broken whoever would run it.
-                if argv.first().is_none_or(|a| a.is_empty()) {
-                    return Err(invalid(keepup_checks::ProbeError::EmptyCommand));
-                }
-                return Err(ProbeProblem::RoleUnknown);
-            };
-            ExecProbe::new(ExecSpec {
-                argv: argv.clone(),
-                run_as: Some(run_as),
-            })
-            .map_err(invalid)?
-            .into()
-        }
-    };
+    })?;
+    if exec && run_as.is_none() {
+        return Err(ProbeProblem::RoleUnknown);
+    }
     Ok(probe)
 }
 

@@ -28,8 +28,10 @@ const LOOP: &str = r#"exec: [/bin/bash, -c, 'trap "" TERM; ulimit -u 100 || exit
 /// successor in a new session and exits, so killing the launch script's process group does
 /// not reach it and a scan finds a different pid each time), `… hop<pid>`. The freeze path
 /// can miss such a hopper (it escaped one run in five there: docs/agent.md, "Stopping a
-/// service"); `cgroup.kill` cannot.
-const LOOP_AND_HOPPER: &str = r#"exec: [/bin/bash, -c, 'trap "" TERM; h=''setsid sh -c "$0" "$0" "$1" & exit''; (ulimit -u 150 || exit 1; exec setsid sh -c "$h" "$h" "hop$$") & ulimit -u 100 || exit 1; while :; do sleep "100$$" & done']"#;
+/// service"); `cgroup.kill` cannot. It hops every 20 ms: each hop leaves a zombie (an orphan
+/// the agent reaps after `reaper::SETTLE`) that counts against the uid's `ulimit -u`, and at
+/// fork speed those zombies would use up the hopper's own headroom and end it.
+const LOOP_AND_HOPPER: &str = r#"exec: [/bin/bash, -c, 'trap "" TERM; h=''sleep 0.02; setsid sh -c "$0" "$0" "$1" & exit''; (ulimit -u 150 || exit 1; exec setsid sh -c "$h" "$h" "hop$$") & ulimit -u 100 || exit 1; while :; do sleep "100$$" & done']"#;
 /// A probe that passes until `/tmp/fail-probe` exists.
 const PROBE: &str = "checks:
   - name: alive
@@ -250,6 +252,13 @@ async fn fork_loop_leaves_nothing(name: &str, path: Path, uid: u32) -> Result<()
     h.ok("dpkg -i /pkgs/foo.deb").await?;
     let first = wait_loop(h, uid, None, hopper).await?;
     if path == Path::Cgroup {
+        // Created in the cgroup by clone3 (no migration), not moved there after a fork.
+        let said = h.ok(&format!("cat {AGENT_OUT}")).await?;
+        ensure!(
+            said.contains("launch scripts are created in their cgroups (clone3)")
+                && !said.contains("join their cgroup between fork and exec"),
+            "the agent did not spawn with clone3(CLONE_INTO_CGROUP):\n{said}"
+        );
         // The whole run is in the service's cgroup, the agent in its own leaf.
         let members = h.ok("cat /sys/fs/cgroup/services/foo/cgroup.procs").await?;
         ensure!(
