@@ -1,6 +1,8 @@
 //! `keepup report`: fetches the fleet view from a `keepup serve --state` server and prints
 //! summary counts and a table of hosts x services (or the JSON), optionally only the rows
-//! that are behind, unhealthy or stale.
+//! that are behind, unhealthy or stale. Every string in the table came from some host: control
+//! characters (escape sequences, carriage returns, newlines, C1 controls, bidi overrides) are
+//! shown as `\u{..}` escapes, never sent to the terminal; `--json` prints the JSON as received.
 
 use std::borrow::Cow;
 use std::io::Write as _;
@@ -10,21 +12,27 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use http_body_util::{BodyExt as _, Empty};
 use hyper::body::Bytes;
 use hyper::{Request, StatusCode};
+use keepup_deploy::https::{self, Target, Trust};
 use keepup_deploy::wire::report::FLEET_PATH;
+use rustls::pki_types::ServerName;
 use serde::Deserialize;
 
 use crate::state::view::{age, Filter, FleetView, Status, Summary};
 
 /// What `keepup report` was asked for.
 pub struct ReportOptions {
-    /// Server base URL (`http://HOST:PORT`).
+    /// Server base URL (`http[s]://HOST:PORT`).
     pub server: String,
+    /// The CAs trusted for an `https://` server.
+    pub trust: Trust,
     /// Print the JSON instead of the table.
     pub json: bool,
     /// Which rows to keep.
     pub filter: Filter,
     /// Seconds of silence after which a host is stale.
     pub stale_after: u64,
+    /// The server's read token (`keepup serve --read-token-file`), if it has one.
+    pub read_token: Option<String>,
 }
 
 /// Parse `600`, `600s`, `10m`, `2h`, `1d` into seconds.
@@ -42,78 +50,128 @@ pub fn parse_duration(s: &str) -> Result<u64, String> {
         .map_err(|_| format!("{s:?} is not a duration (examples: 90s, 10m, 2h, 1d)"))
 }
 
-/// Split `http://host:port/prefix` into the address to connect to, the Host header and the
-/// path prefix.
-fn split_url(url: &str) -> Result<(String, String, String)> {
-    let rest = match url.split_once("://") {
-        Some(("http", rest)) => rest,
-        Some((scheme, _)) => bail!(
-            "{url}: only http:// is supported (got {scheme}://); put a TLS proxy in front of \
-             keepup serve and use http:// on the inside"
-        ),
-        None => url,
-    };
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
-        None => (rest, ""),
-    };
-    if authority.is_empty() {
-        bail!("{url}: no host in the server URL");
-    }
-    let addr = if authority
-        .rsplit_once(':')
-        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-        && !authority.ends_with(']')
-    {
-        authority.to_string()
-    } else {
-        format!("{authority}:80")
-    };
-    Ok((addr, authority.to_string(), path.to_string()))
-}
+/// How `keepup report` names a CA file, for messages.
+const FIX: &str = "pass --ca-file with";
 
-/// GET `url` over plain HTTP/1; returns the status and body.
-async fn get(addr: &str, host: &str, path: &str) -> Result<(StatusCode, Bytes)> {
+/// GET `path` from `to` over HTTP/1, plain or TLS (trusting `trust`), with the read token as
+/// a bearer token; returns the status and body.
+async fn get(
+    to: &Target,
+    path: &str,
+    trust: &Trust,
+    token: Option<&str>,
+) -> Result<(StatusCode, Bytes)> {
+    // The TLS settings are checked before connecting: a bad CA file is not a network problem.
+    let tls = match to.tls {
+        true => Some(https::client_config(trust, FIX).map_err(|e| anyhow!("TLS: {e}"))?),
+        false => None,
+    };
     let stream = tokio::time::timeout(
         Duration::from_secs(10),
-        tokio::net::TcpStream::connect(addr),
+        tokio::net::TcpStream::connect(&to.connect),
     )
     .await
-    .map_err(|_| anyhow!("timed out connecting"))??;
-    let (mut send, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
-    let req = Request::get(path)
-        .header(hyper::header::HOST, host)
-        .body(Empty::<Bytes>::new())?;
+    .map_err(|_| anyhow!("timed out connecting to {}", to.connect))??;
+    let mut req = Request::get(path).header(hyper::header::HOST, &to.host);
+    if let Some(t) = token {
+        req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    let req = req.body(Empty::<Bytes>::new())?;
     let work = async {
-        let resp = send.send_request(req).await?;
-        let status = resp.status();
-        let body = resp.into_body().collect().await?.to_bytes();
-        Ok::<_, anyhow::Error>((status, body))
+        let resp = match tls {
+            None => send(stream, req).await?,
+            Some(config) => {
+                let name = ServerName::try_from(to.server_name.clone())
+                    .map_err(|_| anyhow!("{:?} is not a host name", to.server_name))?;
+                let stream = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    tokio_rustls::TlsConnector::from(config).connect(name, stream),
+                )
+                .await
+                .map_err(|_| anyhow!("no TLS handshake within 10 s"))?
+                .map_err(|e| {
+                    anyhow!(
+                        "TLS: {}",
+                        https::explain_failure(&to.server_name, trust, FIX, &e)
+                    )
+                })?;
+                send(stream, req).await?
+            }
+        };
+        Ok::<_, anyhow::Error>(resp)
     };
     tokio::time::timeout(Duration::from_secs(120), work)
         .await
         .map_err(|_| anyhow!("no complete answer within 120 s"))?
 }
 
-/// Fetch the fleet view's JSON from the server.
-pub fn fetch(server: &str, stale_after: u64, events: bool) -> Result<Bytes> {
-    let (addr, host, prefix) = split_url(server)?;
+/// Sends `req` on a new HTTP/1 connection over `io`; the status and the whole body.
+async fn send<I>(io: I, req: Request<Empty<Bytes>>) -> Result<(StatusCode, Bytes)>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io)).await?;
+    let conn = tokio::spawn(conn);
+    let resp = send.send_request(req).await?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await?.to_bytes();
+    conn.abort();
+    Ok((status, body))
+}
+
+/// Where `--server` points: `http[s]://HOST[:PORT][/PREFIX]`, or `HOST:PORT` for plain HTTP.
+fn server_target(server: &str) -> Result<Target> {
+    let url = match server.contains("://") {
+        true => server.to_string(),
+        false => format!("http://{server}"),
+    };
+    Target::parse(&url).map_err(|e| {
+        anyhow!("--server {e} (examples: http://127.0.0.1:8080, https://fleet.example:8443)")
+    })
+}
+
+/// Fetch the fleet view's JSON from the server at `server` (`http[s]://HOST[:PORT][/PREFIX]`),
+/// trusting `trust` for `https://`.
+pub fn fetch(
+    server: &str,
+    trust: &Trust,
+    stale_after: u64,
+    events: bool,
+    read_token: Option<&str>,
+) -> Result<Bytes> {
+    let to = server_target(server)?;
+    let prefix = to.path.trim_end_matches('/');
     let path = format!(
         "{prefix}{FLEET_PATH}?stale_after={stale_after}{}",
         if events { "" } else { "&events=0" }
     );
-    let url = format!("http://{host}{path}");
+    let url = format!(
+        "{}://{}{path}",
+        if to.tls { "https" } else { "http" },
+        to.host
+    );
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let (status, body) = rt.block_on(get(&addr, &host, &path)).with_context(|| {
-        format!(
+    let (status, body) = rt
+        .block_on(get(&to, &path, trust, read_token))
+        .with_context(|| {
+            format!(
             "cannot reach the keepup server at {url}: is `keepup serve --repo DIR --state FILE` \
              running there and reachable from here? (choose another server with --server URL)"
         )
-    })?;
+        })?;
+    if status == StatusCode::UNAUTHORIZED {
+        bail!(
+            "{url} answered 401: {}; pass the server's read token with --read-token-file FILE",
+            if read_token.is_some() {
+                "the read token is wrong"
+            } else {
+                "that server requires a read token"
+            }
+        );
+    }
     if status == StatusCode::NOT_FOUND {
         bail!(
             "{url} answered 404: that server keeps no fleet state; start it with \
@@ -123,7 +181,11 @@ pub fn fetch(server: &str, stale_after: u64, events: bool) -> Result<Bytes> {
     if !status.is_success() {
         bail!(
             "{url} answered {status}: {}",
-            String::from_utf8_lossy(&body[..body.len().min(300)]).trim()
+            printable(
+                String::from_utf8_lossy(&body[..body.len().min(300)])
+                    .trim()
+                    .into()
+            )
         );
     }
     Ok(body)
@@ -132,7 +194,13 @@ pub fn fetch(server: &str, stale_after: u64, events: bool) -> Result<Bytes> {
 /// `keepup report`.
 pub fn run(o: &ReportOptions) -> Result<()> {
     let want_events = o.json;
-    let body = fetch(&o.server, o.stale_after, want_events)?;
+    let body = fetch(
+        &o.server,
+        &o.trust,
+        o.stale_after,
+        want_events,
+        o.read_token.as_deref(),
+    )?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
     if o.json && o.filter.is_empty() {
@@ -265,7 +333,32 @@ fn clip(s: &str, n: usize) -> String {
     }
 }
 
-/// The cells of one row.
+/// Whether a character must not reach a terminal as is: C0 and C1 controls, DEL (escape
+/// sequences, carriage returns, newlines, bells) and the bidirectional overrides and isolates
+/// that reorder what is shown.
+fn is_unsafe_char(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// `s` with every character [`is_unsafe_char`] rejects written as a `\u{..}` escape (borrowed
+/// when there is none, the usual case).
+pub fn printable(s: Cow<'_, str>) -> Cow<'_, str> {
+    if !s.chars().any(is_unsafe_char) {
+        return s;
+    }
+    let mut out = String::with_capacity(s.len() + 16);
+    for c in s.chars() {
+        if is_unsafe_char(c) {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// The cells of one row, printable.
 fn cells<'v>(
     h: &'v TableHost<'v>,
     svc: Option<&'v TableService<'v>>,
@@ -274,7 +367,7 @@ fn cells<'v>(
 ) -> [Cow<'v, str>; 11] {
     let d = || Cow::Borrowed("-");
     let track = h.track.as_deref().map_or_else(d, Cow::Borrowed);
-    match svc {
+    let row = match svc {
         Some(x) => [
             Cow::Borrowed(&*h.host),
             track,
@@ -312,7 +405,8 @@ fn cells<'v>(
             Cow::Borrowed(seen),
             Cow::Borrowed(update),
         ],
-    }
+    };
+    row.map(printable)
 }
 
 /// The summary line and the table, as printed.
@@ -448,21 +542,33 @@ mod tests {
     }
 
     #[test]
+    fn control_characters_never_reach_the_terminal() {
+        let hostile = "web\u{1b}]0;owned\u{7}\u{1b}[2J\r\nfake\u{9b}31m\u{202e}gnp.exe\u{7f}";
+        let shown = printable(Cow::Borrowed(hostile));
+        assert!(!shown.chars().any(is_unsafe_char), "{shown:?}");
+        assert_eq!(
+            shown,
+            "web\\u{1b}]0;owned\\u{7}\\u{1b}[2J\\u{d}\\u{a}fake\\u{9b}31m\\u{202e}gnp.exe\\u{7f}"
+        );
+        assert!(matches!(
+            printable(Cow::Borrowed("web1 ok – ü")),
+            Cow::Borrowed(_)
+        ));
+    }
+
+    #[test]
     fn durations_and_urls() {
         assert_eq!(parse_duration("10m"), Ok(600));
         assert_eq!(parse_duration("90"), Ok(90));
         assert_eq!(parse_duration("2h"), Ok(7200));
         assert!(parse_duration("soon").is_err());
-        let (addr, host, prefix) = split_url("http://127.0.0.1:8080").unwrap();
+        let t = server_target("127.0.0.1:8080").unwrap();
+        assert_eq!((t.tls, t.connect.as_str()), (false, "127.0.0.1:8080"));
+        let t = server_target("https://fleet.example/keepup/").unwrap();
         assert_eq!(
-            (addr.as_str(), host.as_str(), prefix.as_str()),
-            ("127.0.0.1:8080", "127.0.0.1:8080", "")
+            (t.tls, t.connect.as_str(), t.path.as_str()),
+            (true, "fleet.example:443", "/keepup/")
         );
-        let (addr, _, prefix) = split_url("http://fleet.example/keepup/").unwrap();
-        assert_eq!(
-            (addr.as_str(), prefix.as_str()),
-            ("fleet.example:80", "/keepup")
-        );
-        assert!(split_url("https://x").is_err());
+        assert!(server_target("ftp://x").is_err());
     }
 }

@@ -4,6 +4,9 @@
 # and state database, registers HOSTS hosts (`keepup host add --bulk`), posts ROUNDS realistic
 # reports per host from CONNECTIONS keep-alive connections (tests/src/bin/reportload.rs), times
 # `keepup report` (table and --json) against it, and reads the server's peak RSS (VmHWM).
+# Then the same ingestion over TLS (issue 10): a CA and a certificate for 127.0.0.1 made with
+# openssl, `keepup serve --tls-cert/--tls-key` on the same database, the same reportload with
+# --cacert (one handshake per connection), and the TLS/plain ratio.
 #
 #   bash tests/bench/report.sh                    # 100,000 hosts, 2 rounds
 #   HOSTS=10000 ROUNDS=1 bash tests/bench/report.sh
@@ -20,11 +23,15 @@ LOAD=${CARGO_TARGET_DIR:-$PWD/target}/release/reportload
 
 tmp=$(mktemp -d)
 pid=""
-cleanup() {
+stop_server() {
     if [ -n "$pid" ]; then
         kill "$pid" 2>/dev/null || true
         wait "$pid" 2>/dev/null || true
+        pid=""
     fi
+}
+cleanup() {
+    stop_server
     rm -rf "$tmp"
 }
 trap cleanup EXIT
@@ -54,7 +61,7 @@ for _ in $(seq 100); do
 done
 
 echo "server after start: $(grep VmRSS "/proc/$pid/status")"
-"$LOAD" --server "$url" --tokens "$tmp/tokens" --connections "$CONNECTIONS" --rounds "$ROUNDS"
+"$LOAD" --server "$url" --tokens "$tmp/tokens" --connections "$CONNECTIONS" --rounds "$ROUNDS" | tee "$tmp/plain.out"
 echo "server after the load: $(grep VmRSS "/proc/$pid/status")"
 
 # Wall times depend on what else runs on the machine; CPU times (server: utime+stime of the
@@ -79,3 +86,30 @@ t=$(curl -s -o /dev/null -w '%{time_total}' "$url/")
 echo "the page at /: $t s"
 grep -E 'VmHWM|VmRSS' "/proc/$pid/status" | sed 's/^/server /'
 echo "state database: $(du -m "$tmp/state.db" | cut -f1) MiB (+ WAL $(du -m "$tmp/state.db-wal" 2>/dev/null | cut -f1) MiB)"
+
+# --- The same ingestion over TLS (issue 10), on the same database, right after.
+stop_server
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj /CN=bench-ca \
+    -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign \
+    -keyout "$tmp/ca.key" -out "$tmp/ca.pem" 2>/dev/null
+openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=127.0.0.1 \
+    -keyout "$tmp/server.key" -out "$tmp/server.csr" 2>/dev/null
+printf 'subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' >"$tmp/server.ext"
+openssl x509 -req -in "$tmp/server.csr" -CA "$tmp/ca.pem" -CAkey "$tmp/ca.key" -CAcreateserial \
+    -days 1 -extfile "$tmp/server.ext" -out "$tmp/server.pem" 2>/dev/null
+"$K" serve --repo "$tmp/repo" --listen "127.0.0.1:$port" --state "$tmp/state.db" \
+    --tls-cert "$tmp/server.pem" --tls-key "$tmp/server.key" 2>"$tmp/serve-tls.log" &
+pid=$!
+for _ in $(seq 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+    sleep 0.1
+done
+echo
+echo "TLS (ECDSA P-256 certificate, TLS 1.3, one handshake per connection):"
+"$LOAD" --server "https://127.0.0.1:$port" --cacert "$tmp/ca.pem" --tokens "$tmp/tokens" \
+    --connections "$CONNECTIONS" --rounds "$ROUNDS" | tee "$tmp/tls.out"
+grep -E 'VmHWM|VmRSS' "/proc/$pid/status" | sed 's/^/TLS server /'
+rate() { sed -n 's/^total: .*: \([0-9]*\) reports\/s$/\1/p' "$1"; }
+plain=$(rate "$tmp/plain.out")
+tls=$(rate "$tmp/tls.out")
+echo "ingestion: plain $plain reports/s, TLS $tls reports/s: TLS/plain = $(echo "scale=2; $tls / $plain" | bc) (target: TLS >= 5000/s)"

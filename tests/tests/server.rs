@@ -1,7 +1,9 @@
 //! The fleet state server (`keepup serve --state`), `keepup host` and `keepup report`, driven
 //! through the real `keepup` binary on loopback (no containers): authentication and request
 //! checks, the fleet view as JSON, table and page, events, restarts, and range requests on the
-//! repository files.
+//! repository files; and the attacks of a host token holder and of the network: markup and
+//! terminal escapes in reports, event floods and a clock ten years ahead, reads without the
+//! read token, floods of unknown tokens.
 
 use std::io::{Read as _, Write as _};
 use std::net::{TcpListener, TcpStream};
@@ -83,6 +85,16 @@ struct Server {
 
 impl Server {
     fn start(repo: &Path, state: Option<&Path>, port: Option<u16>) -> Result<Server> {
+        Self::start_with(repo, state, port, None)
+    }
+
+    /// With `read_token`: `--read-token-file` and the test hook that counts database reads.
+    fn start_with(
+        repo: &Path,
+        state: Option<&Path>,
+        port: Option<u16>,
+        read_token: Option<&Path>,
+    ) -> Result<Server> {
         let port = match port {
             Some(p) => p,
             None => TcpListener::bind("127.0.0.1:0")?.local_addr()?.port(),
@@ -95,6 +107,11 @@ impl Server {
             .stderr(Stdio::null());
         if let Some(s) = state {
             cmd.arg("--state").arg(s);
+        }
+        if let Some(t) = read_token {
+            cmd.arg("--read-token-file")
+                .arg(t)
+                .env("KEEPUP_SERVE_TEST_HOOKS", "1");
         }
         let mut child = cmd.spawn()?;
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -206,6 +223,29 @@ fn fleet(port: u16) -> Result<Value> {
     Ok(serde_json::from_slice(&a.body)?)
 }
 
+/// Calls `check` until it returns true; fails after `within` with `what`.
+fn wait_until(what: &str, within: Duration, mut check: impl FnMut() -> Result<bool>) -> Result<()> {
+    let deadline = Instant::now() + within;
+    loop {
+        if check()? {
+            return Ok(());
+        }
+        ensure!(Instant::now() < deadline, "{what}: not within {within:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The fleet view once `check` holds for it (the server serves a built view for up to 1 s).
+fn fleet_when(port: u16, what: &str, check: impl Fn(&Value) -> bool) -> Result<Value> {
+    let mut last = Value::Null;
+    wait_until(what, Duration::from_secs(10), || {
+        last = fleet(port)?;
+        Ok(check(&last))
+    })
+    .with_context(|| format!("last view: {last}"))?;
+    Ok(last)
+}
+
 fn host_view<'a>(fleet: &'a Value, host: &str) -> &'a Value {
     fleet["hosts"]
         .as_array()
@@ -298,15 +338,26 @@ fn reports_are_authenticated_and_checked() -> Result<()> {
 
     let a = post_report(p, Some(&web1), &good)?;
     ensure!(a.status == 204, "good report: {} {}", a.status, a.text());
-    let f = fleet(p)?;
+    let f = fleet_when(p, "web1's report in the view", |f| {
+        f["summary"]["reporting"] == 1
+    })?;
     let h = host_view(&f, "web1");
     ensure!(h["last_seen"].as_u64().is_some());
     ensure!(service(h, "foo")["installed"] == "1.2-1", "{h}");
     ensure!(f["summary"]["reporting"] == 1);
 
-    // A host added while the server runs can report at once; a removed one cannot.
+    // A host added while the server runs can report within seconds (the server checks the
+    // host list every second; unknown tokens never reach the database); a removed one cannot.
     let web5 = add_host(&state, "web5")?;
-    ensure!(post_report(p, Some(&web5), &report("web5", &[]))?.status == 204);
+    wait_until(
+        "the new host's token accepted",
+        Duration::from_secs(10),
+        || {
+            let st = post_report(p, Some(&web5), &report("web5", &[]))?.status;
+            ensure!(st == 204 || st == 401, "new host: {st}");
+            Ok(st == 204)
+        },
+    )?;
     keepup(&["host", "remove", "web2", "--state", state.to_str().unwrap()])?;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -322,7 +373,15 @@ fn reports_are_authenticated_and_checked() -> Result<()> {
     }
     // Re-adding replaces the token.
     let web1b = add_host(&state, "web1")?;
-    ensure!(post_report(p, Some(&web1b), &good)?.status == 204);
+    wait_until(
+        "the replaced token accepted",
+        Duration::from_secs(10),
+        || Ok(post_report(p, Some(&web1b), &good)?.status == 204),
+    )?;
+    ensure!(
+        post_report(p, Some(&web1), &good)?.status == 401,
+        "the old token"
+    );
     let list = keepup(&["host", "list", "--state", state.to_str().unwrap()])?;
     ensure!(
         list.contains("web1") && list.contains("web5") && !list.contains("web2"),
@@ -555,8 +614,9 @@ fn state_survives_a_restart_and_events_are_logged_once() -> Result<()> {
         .map(|e| e["kind"].as_str().unwrap())
         .collect();
     ensure!(kinds == ["health-kill", "started", "install"], "{events}");
-    let f = fleet(port)?;
-    ensure!(service(host_view(&f, "web1"), "foo")["status"] == "newer");
+    let f = fleet_when(port, "the second report in the view", |f| {
+        service(host_view(f, "web1"), "foo")["status"] == "newer"
+    })?;
     ensure!(host_view(&f, "web1")["events"].as_array().unwrap().len() == 3);
     server.stop();
     Ok(())
@@ -595,5 +655,381 @@ fn range_requests() -> Result<()> {
         ensure!(http(p, "GET", "/fleet.yaml", &[], b"")?.status == 200);
         server.stop();
     }
+    Ok(())
+}
+
+/// A registered host's token, once the running server accepts it.
+fn accepted(port: u16, state: &Path, host: &str) -> Result<String> {
+    let token = add_host(state, host)?;
+    wait_until(
+        &format!("{host}'s token accepted"),
+        Duration::from_secs(10),
+        || Ok(post_report(port, Some(&token), &report(host, &[]))?.status == 204),
+    )?;
+    Ok(token)
+}
+
+/// Markup a host token holder plants in free text (probe reasons, update errors, log tails,
+/// event messages) reaches the page escaped; in names, the report is refused with 400 naming
+/// the field; in the query (`filter`, `host`), it is escaped or mapped onto the fixed filters.
+#[test]
+fn markup_from_hosts_and_queries_never_reaches_the_page_raw() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let repo = new_repo(tmp.path())?;
+    let state = tmp.path().join("state.db");
+    let token = add_host(&state, "web1")?;
+    let server = Server::start(&repo, Some(&state), None)?;
+    let p = server.port;
+    let x = |what: &str| format!("<script>alert('{what}')</script>");
+    let escaped = |what: &str| format!("&lt;script&gt;alert(&#39;{what}&#39;)&lt;/script&gt;");
+
+    // Names: refused, and the answer names the field.
+    type Plant = fn(&mut Value, &str);
+    let refused: [(&str, Plant); 5] = [
+        ("services[0].name", |r, v| {
+            r["services"][0]["name"] = json!(v)
+        }),
+        ("services[0].probes[0].name", |r, v| {
+            r["services"][0]["probes"] = json!([{"name": v, "ok": false}])
+        }),
+        ("installed[", |r, v| r["installed"][v] = json!("1.0-1")),
+        ("quarantined[0]", |r, v| r["quarantined"] = json!([v])),
+        (
+            "events[0].service",
+            |r, v| r["events"] = json!([{"at": 1, "service": v, "kind": "x", "message": "m"}]),
+        ),
+    ];
+    for (field, plant) in refused {
+        let mut r = report("web1", &[("foo", "1.2-1", "running")]);
+        plant(&mut r, &x(field));
+        let a = post_report(p, Some(&token), &r)?;
+        ensure!(
+            a.status == 400 && a.text().contains(field),
+            "{field}: {} {}",
+            a.status,
+            a.text()
+        );
+    }
+    let mut r = report("web1", &[]);
+    r["host"] = json!(x("host"));
+    let a = post_report(p, Some(&token), &r)?;
+    ensure!(
+        a.status == 400 && a.text().contains("host: "),
+        "host: {}",
+        a.text()
+    );
+
+    // Free text: stored, shown escaped.
+    let mut r = report(
+        "web1",
+        &[("foo", "1.2-1", "running"), ("bar", "2.1-1", "backoff")],
+    );
+    r["services"][0]["probes"] =
+        json!([{"name": "port", "ok": false, "reason": x("reason"), "failures": 3}]);
+    r["services"][1]["start"] = json!({"version": "2.1-1", "started": false,
+        "detail": x("detail"), "log_tail": ["ok", x("tail")], "at": now()});
+    r["update"] = json!({"at": now(), "ok": false, "error": x("update")});
+    r["events"] =
+        json!([{"at": now(), "service": "foo", "kind": x("kind"), "message": x("message")}]);
+    let a = post_report(p, Some(&token), &r)?;
+    ensure!(a.status == 204, "free text: {} {}", a.status, a.text());
+
+    let get = |path: &str| -> Result<Answer> {
+        let a = http(p, "GET", path, &[], b"")?;
+        ensure!(a.status == 200, "{path}: {}", a.status);
+        Ok(a)
+    };
+    let mut page = String::new();
+    wait_until("the report on the page", Duration::from_secs(10), || {
+        page = get("/")?.text();
+        Ok(page.contains(&escaped("reason")))
+    })?;
+    for what in ["reason", "detail", "tail", "update", "kind", "message"] {
+        ensure!(
+            page.contains(&escaped(what)),
+            "{what} not escaped on the page"
+        );
+    }
+    let no_markup = |html: &str| {
+        let lower = html.to_ascii_lowercase();
+        !lower.contains("<script") && !lower.contains("<img")
+    };
+    ensure!(no_markup(&page), "{page}");
+    let a = get("/")?;
+    ensure!(
+        a.header("content-security-policy")
+            .is_some_and(|c| c.contains("default-src 'none'")),
+        "{}",
+        a.headers
+    );
+
+    // The query: `filter` is one of a fixed set, `host` is escaped wherever it appears.
+    let page = get("/?filter=%3Cscript%3Ealert(1)%3C%2Fscript%3E")?.text();
+    ensure!(
+        no_markup(&page) && page.contains("unknown filter; showing all."),
+        "{page}"
+    );
+    ensure!(
+        !page.contains("alert(1)"),
+        "the unknown filter is echoed: {page}"
+    );
+    let page = get("/?filter=behind")?.text();
+    ensure!(page.contains("matching rows (behind)"), "{page}");
+    let page = get("/?host=%22%3E%3Cimg%20src%3Dx%20onerror%3Dalert(1)%3E&filter=stale")?.text();
+    ensure!(no_markup(&page), "{page}");
+    ensure!(
+        page.contains("keepup fleet: &quot;&gt;&lt;img src=x onerror=alert(1)&gt;"),
+        "{page}"
+    );
+    ensure!(
+        page.contains(
+            "href=\"/?filter=all&amp;host=%22%3E%3Cimg%20src%3Dx%20onerror%3Dalert%281%29%3E\""
+        ),
+        "the host in links: {page}"
+    );
+    server.stop();
+    Ok(())
+}
+
+/// Escape sequences, carriage returns, newlines, bells, C1 controls and bidi overrides in a
+/// report reach `keepup report`'s table as visible `\u{..}` text, never as bytes; `--json`
+/// stays the exact JSON.
+#[test]
+fn report_table_sends_no_control_characters_to_the_terminal() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let repo = new_repo(tmp.path())?;
+    let state = tmp.path().join("state.db");
+    let token = add_host(&state, "web1")?;
+    let server = Server::start(&repo, Some(&state), None)?;
+    let p = server.port;
+    let nasty = "\u{1b}]0;owned\u{7}\u{1b}[2J\u{1b}[31mred\r\nweb9  stable  fake\u{9b}1m\u{202e}txt.exe\u{7f}";
+    let mut r = report("web1", &[("foo", "1.2-1", nasty)]);
+    r["track"] = json!(nasty);
+    r["services"][0]["probes"] = json!([{"name": "port", "ok": false, "reason": nasty}]);
+    r["services"][0]["start"] =
+        json!({"version": nasty, "started": false, "detail": nasty, "log_tail": [nasty]});
+    r["update"] = json!({"at": now(), "ok": false, "error": nasty});
+    let a = post_report(p, Some(&token), &r)?;
+    ensure!(a.status == 204, "{} {}", a.status, a.text());
+    fleet_when(p, "the report in the view", |f| {
+        f["summary"]["reporting"] == 1
+    })?;
+
+    let (ok, out, err) = keepup_output(&["report", "--server", &server.url()])?;
+    ensure!(ok, "{err}");
+    let bad: Vec<char> = out
+        .chars()
+        .filter(|c| (c.is_control() && *c != '\n') || ('\u{202a}'..='\u{202e}').contains(c))
+        .collect();
+    ensure!(bad.is_empty(), "control characters {bad:?} in\n{out}");
+    ensure!(!out.as_bytes().contains(&0x1b), "an ESC byte in\n{out}");
+    // The summary, a blank line, the header and web1's three services (foo, bar, baz from
+    // the policy): no line was injected.
+    let lines: Vec<&str> = out.lines().collect();
+    ensure!(lines.len() == 6, "{out}");
+    ensure!(lines[3..].iter().all(|l| l.starts_with("web1  ")), "{out}");
+    ensure!(
+        out.contains("\\u{1b}[2J") && out.contains("\\u{202e}"),
+        "{out}"
+    );
+    let (ok, json, _) = keepup_output(&["report", "--server", &server.url(), "--json"])?;
+    ensure!(ok);
+    let v: Value = serde_json::from_str(&json)?;
+    ensure!(
+        service(host_view(&v, "web1"), "foo")["state"] == nasty,
+        "{json}"
+    );
+    server.stop();
+    Ok(())
+}
+
+/// The events of the host `host`, newest first.
+fn events_of(port: u16, host: &str, headers: &[(&str, &str)]) -> Result<Vec<Value>> {
+    let a = http(
+        port,
+        "GET",
+        &format!("/api/v1/events?host={host}&limit=1000"),
+        headers,
+        b"",
+    )?;
+    ensure!(a.status == 200, "events: {} {}", a.status, a.text());
+    Ok(serde_json::from_slice::<Vec<Value>>(&a.body)?)
+}
+
+/// One host flooding 20,000 events keeps only its own newest ones and evicts nobody else's;
+/// a host whose clock jumped ten years ahead hides none of its later events.
+#[test]
+fn events_cannot_be_flooded_or_hidden_by_a_clock() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let repo = new_repo(tmp.path())?;
+    let state = tmp.path().join("state.db");
+    let server = Server::start(&repo, Some(&state), None)?;
+    let p = server.port;
+    let quiet = accepted(p, &state, "web1")?;
+    let flood = accepted(p, &state, "web2")?;
+    let skewed = accepted(p, &state, "web3")?;
+    let t = now();
+    let ev = |at: u64, kind: &str, i: u64| json!({"at": at, "service": "foo", "kind": kind, "message": format!("{kind} {i}")});
+
+    let mut r = report("web1", &[]);
+    r["events"] = json!([ev(t - 3600, "install", 0)]);
+    ensure!(post_report(p, Some(&quiet), &r)?.status == 204);
+
+    // 400 reports of 50 new events each, as fast as the server takes them.
+    let mut last = String::new();
+    for round in 0..400u64 {
+        let events: Vec<Value> = (0..50)
+            .map(|i| ev(t, "health-kill", round * 50 + i))
+            .collect();
+        last = events[49]["message"].as_str().unwrap().to_string();
+        let mut r = report("web2", &[]);
+        r["events"] = json!(events);
+        let a = post_report(p, Some(&flood), &r)?;
+        ensure!(a.status == 204, "flood round {round}: {}", a.status);
+    }
+    let kept = events_of(p, "web2", &[])?;
+    ensure!(
+        (500..=600).contains(&kept.len()),
+        "the flooding host keeps its quota of newest events, not {}",
+        kept.len()
+    );
+    ensure!(
+        kept[0]["message"] == last.as_str(),
+        "newest first: {}",
+        kept[0]
+    );
+    let web1 = events_of(p, "web1", &[])?;
+    ensure!(
+        web1.len() == 1 && web1[0]["message"] == "install 0",
+        "another host's history survives the flood: {web1:?}"
+    );
+
+    // Ten years ahead, then the clock is fixed: the later events are all logged.
+    let ahead = t + 10 * 365 * 86_400;
+    let mut window = vec![ev(ahead, "started", 1)];
+    let mut r = report("web3", &[]);
+    r["sent_at"] = json!(ahead);
+    r["events"] = json!(window);
+    ensure!(post_report(p, Some(&skewed), &r)?.status == 204);
+    for i in 2..=4 {
+        window.push(ev(t + i, "health-kill", i));
+        let mut r = report("web3", &[]);
+        r["events"] = json!(window);
+        ensure!(post_report(p, Some(&skewed), &r)?.status == 204);
+    }
+    let got: Vec<String> = events_of(p, "web3", &[])?
+        .iter()
+        .map(|e| e["message"].as_str().unwrap().to_string())
+        .collect();
+    ensure!(
+        got == [
+            "health-kill 4",
+            "health-kill 3",
+            "health-kill 2",
+            "started 1"
+        ],
+        "{got:?}"
+    );
+    server.stop();
+    Ok(())
+}
+
+/// With `--read-token-file`, the page, the fleet view and the events need the read token
+/// (bearer, or as a browser's Basic password); reports still use host tokens; `keepup report`
+/// presents it. Tokens the server does not know, host or read, cost no database read: the test
+/// hook counts the reads request handling makes.
+#[test]
+fn read_token_closes_the_views_and_unknown_tokens_cost_no_query() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let repo = new_repo(tmp.path())?;
+    let state = tmp.path().join("state.db");
+    let token_file = tmp.path().join("read-token");
+    let read = "read-token-0123456789abcdef";
+    std::fs::write(&token_file, format!("{read}\n"))?;
+    let server = Server::start_with(&repo, Some(&state), None, Some(&token_file))?;
+    let p = server.port;
+    let web1 = accepted(p, &state, "web1")?;
+
+    let bearer = format!("Bearer {read}");
+    // base64("ops:read-token-0123456789abcdef"): what a browser sends after the login prompt.
+    let basic = "Basic b3BzOnJlYWQtdG9rZW4tMDEyMzQ1Njc4OWFiY2RlZg==";
+    let wrong = "Bearer read-token-0123456789abcdeX".to_string();
+    for path in ["/", "/api/v1/fleet", "/api/v1/events?host=web1"] {
+        let a = http(p, "GET", path, &[], b"")?;
+        ensure!(a.status == 401, "{path} without the token: {}", a.status);
+        ensure!(
+            a.headers.contains("Basic realm=\"keepup fleet\""),
+            "{path}: a browser is asked to log in: {}",
+            a.headers
+        );
+        ensure!(!a.text().contains("web1"), "{path}: {}", a.text());
+        for bad in [wrong.as_str(), &format!("Bearer {web1}")] {
+            let a = http(p, "GET", path, &[("Authorization", bad)], b"")?;
+            ensure!(a.status == 401, "{path} with {bad}: {}", a.status);
+        }
+        for good in [bearer.as_str(), basic] {
+            let a = http(p, "GET", path, &[("Authorization", good)], b"")?;
+            ensure!(a.status == 200, "{path} with {good}: {}", a.status);
+        }
+    }
+    // Reports still take host tokens, and only those.
+    ensure!(post_report(p, Some(&web1), &report("web1", &[]))?.status == 204);
+    ensure!(post_report(p, Some(read), &report("web1", &[]))?.status == 401);
+
+    let url = server.url();
+    let (ok, _, err) = keepup_output(&["report", "--server", &url])?;
+    ensure!(!ok && err.contains("--read-token-file"), "{err}");
+    let table = keepup(&[
+        "report",
+        "--server",
+        &url,
+        "--read-token-file",
+        token_file.to_str().unwrap(),
+    ])?;
+    ensure!(
+        table.starts_with("5 hosts:") || table.contains("web1"),
+        "{table}"
+    );
+
+    // Unknown tokens: the count of database reads does not move.
+    let queries = |a: &Answer| -> Result<u64> {
+        Ok(a.header("x-keepup-db-queries")
+            .context("the test hook's header is missing")?
+            .parse()?)
+    };
+    let before = queries(&post_report(p, Some("unknown-0"), &report("web1", &[]))?)?;
+    for i in 1..=300 {
+        let a = post_report(p, Some(&format!("unknown-{i}")), &report("web1", &[]))?;
+        ensure!(a.status == 401, "unknown token {i}: {}", a.status);
+        ensure!(
+            queries(&a)? == before,
+            "an unknown host token made the server read its database"
+        );
+        let a = http(
+            p,
+            "GET",
+            "/api/v1/events?host=web1",
+            &[("Authorization", &format!("Bearer guess-{i}"))],
+            b"",
+        )?;
+        ensure!(
+            a.status == 401 && queries(&a)? == before,
+            "an unknown read token"
+        );
+    }
+    // The hook does count: an authorised events read is one.
+    let a = http(
+        p,
+        "GET",
+        "/api/v1/events?host=web1",
+        &[("Authorization", &bearer)],
+        b"",
+    )?;
+    ensure!(
+        queries(&a)? > before,
+        "the hook counts nothing: {}",
+        a.headers
+    );
+    server.stop();
     Ok(())
 }

@@ -1,14 +1,16 @@
 //! The fleet state database (SQLite, one file): registered hosts with the SHA-256 of their
-//! token, the latest report of each host, and the event log with its retention. `keepup host`
-//! edits hosts from the command line while `keepup serve --state` runs; a counter in `meta`
-//! tells the server that the host list changed.
+//! token, the latest report of each host, and the event log with its retention (by the
+//! server's receive time, and a quota per host so no host can evict another's history).
+//! `keepup host` edits hosts from the command line while `keepup serve --state` runs; a
+//! counter in `meta` tells the server that the host list changed.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
-use rusqlite::{params, Connection, OptionalExtension as _};
+use rusqlite::{params, Connection};
 use sha2::{Digest as _, Sha256};
 
 use keepup_deploy::wire::Event;
@@ -40,8 +42,8 @@ pub struct HostRow {
     pub last_report: Option<u64>,
 }
 
-/// A report the writer stores: the host, when it arrived, its send time, the body as received
-/// and the events not stored before.
+/// A report the writer stores: the host, when it arrived, its send time, the body as received,
+/// the events not stored before, and whether to apply the host's event quota after them.
 pub struct StoredReport<'a> {
     /// Host name (already checked against the token).
     pub host: &'a str,
@@ -53,11 +55,15 @@ pub struct StoredReport<'a> {
     pub body: &'a [u8],
     /// Events to append to the log.
     pub new_events: &'a [Event],
+    /// Drop the host's oldest events beyond the quota ([`Db::store`]'s `keep_per_host`).
+    pub apply_quota: bool,
 }
 
 /// An open state database.
 pub struct Db {
     conn: Connection,
+    /// Statements run through [`Db::conn`] (a test hook shows that unknown tokens cost none).
+    queries: Cell<u64>,
 }
 
 const SCHEMA: &str = "
@@ -78,13 +84,38 @@ CREATE TABLE IF NOT EXISTS events (
     at INTEGER NOT NULL,
     service TEXT,
     kind TEXT NOT NULL,
-    message TEXT NOT NULL
+    message TEXT NOT NULL,
+    received_at INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS events_host_at ON events(host, at);
-CREATE INDEX IF NOT EXISTS events_at ON events(at);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta(key, value) VALUES ('hosts_version', 0);
 ";
+
+/// Indexes, made after [`migrate`] added the columns they use: a host's events in the order
+/// received (the events API, the per-host quota) and all events by receive time (retention).
+const INDEXES: &str = "
+DROP INDEX IF EXISTS events_host_at;
+DROP INDEX IF EXISTS events_at;
+CREATE INDEX IF NOT EXISTS events_host_id ON events(host, id);
+CREATE INDEX IF NOT EXISTS events_received ON events(received_at);
+";
+
+/// Databases made before events had `received_at` get the column, filled with the host's
+/// event time (the best known).
+fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let has: bool = tx
+        .prepare("SELECT 1 FROM pragma_table_info('events') WHERE name = 'received_at'")?
+        .exists([])?;
+    if !has {
+        tx.execute_batch(
+            "ALTER TABLE events ADD COLUMN received_at INTEGER NOT NULL DEFAULT 0;
+             UPDATE events SET received_at = at;",
+        )?;
+    }
+    tx.execute_batch(INDEXES)?;
+    tx.commit()
+}
 
 /// Seconds since the epoch.
 pub fn now() -> u64 {
@@ -103,13 +134,30 @@ impl Db {
         conn.busy_timeout(Duration::from_secs(10))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.execute_batch(SCHEMA).with_context(|| {
-            format!(
-                "{} is not a keepup state database (or is damaged)",
-                path.display()
-            )
-        })?;
-        Ok(Db { conn })
+        let mut conn = conn;
+        conn.execute_batch(SCHEMA)
+            .and_then(|()| migrate(&mut conn))
+            .with_context(|| {
+                format!(
+                    "{} is not a keepup state database (or is damaged)",
+                    path.display()
+                )
+            })?;
+        Ok(Db {
+            conn,
+            queries: Cell::new(0),
+        })
+    }
+
+    /// The connection, counted: every read of the database goes through here.
+    fn conn(&self) -> &Connection {
+        self.queries.set(self.queries.get() + 1);
+        &self.conn
+    }
+
+    /// How many times this handle read the database (see [`Db::conn`]).
+    pub fn queries(&self) -> u64 {
+        self.queries.get()
     }
 
     fn bump_hosts_version(tx: &rusqlite::Transaction<'_>) -> Result<()> {
@@ -158,7 +206,7 @@ impl Db {
 
     /// Every registered host, by name.
     pub fn hosts(&self) -> Result<Vec<HostRow>> {
-        let mut st = self.conn.prepare(
+        let mut st = self.conn().prepare(
             "SELECT h.name, h.added_at, r.received_at FROM hosts h
              LEFT JOIN reports r ON r.host = h.name ORDER BY h.name",
         )?;
@@ -174,7 +222,9 @@ impl Db {
 
     /// Token hash -> host name, for every registered host.
     pub fn tokens(&self) -> Result<HashMap<TokenHash, String>> {
-        let mut st = self.conn.prepare("SELECT token_sha256, name FROM hosts")?;
+        let mut st = self
+            .conn()
+            .prepare("SELECT token_sha256, name FROM hosts")?;
         let rows = st.query_map([], |r| {
             let h: Vec<u8> = r.get(0)?;
             Ok((h, r.get::<_, String>(1)?))
@@ -189,19 +239,10 @@ impl Db {
         Ok(map)
     }
 
-    /// The host a token hash belongs to, straight from the database.
-    pub fn token_host(&self, hash: &TokenHash) -> Result<Option<String>> {
-        Ok(self
-            .conn
-            .prepare_cached("SELECT name FROM hosts WHERE token_sha256 = ?1")?
-            .query_row([&hash[..]], |r| r.get(0))
-            .optional()?)
-    }
-
     /// Changes whenever hosts are added or removed.
     pub fn hosts_version(&self) -> Result<i64> {
         Ok(self
-            .conn
+            .conn()
             .prepare_cached("SELECT value FROM meta WHERE key = 'hosts_version'")?
             .query_row([], |r| r.get(0))?)
     }
@@ -209,7 +250,7 @@ impl Db {
     /// The latest report of every host: (host, received_at, JSON body).
     pub fn latest_reports(&self) -> Result<Vec<(String, u64, Vec<u8>)>> {
         let mut st = self
-            .conn
+            .conn()
             .prepare("SELECT host, received_at, report FROM reports")?;
         let rows = st.query_map([], |r| {
             Ok((
@@ -222,8 +263,10 @@ impl Db {
     }
 
     /// Store a batch of reports in one transaction: each replaces its host's latest report
-    /// and appends its new events. A report of a host removed meanwhile is dropped.
-    pub fn store(&mut self, batch: &[StoredReport<'_>]) -> Result<()> {
+    /// and appends its new events (stamped with the receive time); a report with
+    /// `apply_quota` then drops its host's oldest events beyond `keep_per_host`. A report of
+    /// a host removed meanwhile is dropped.
+    pub fn store(&mut self, batch: &[StoredReport<'_>], keep_per_host: u64) -> Result<()> {
         let tx = self.conn.transaction()?;
         {
             let mut upsert = tx.prepare_cached(
@@ -233,7 +276,12 @@ impl Db {
                  sent_at = excluded.sent_at, report = excluded.report",
             )?;
             let mut event = tx.prepare_cached(
-                "INSERT INTO events(host, at, service, kind, message) VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT INTO events(host, at, service, kind, message, received_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
+            let mut quota = tx.prepare_cached(
+                "DELETE FROM events WHERE host = ?1 AND id <= (SELECT id FROM events
+                 WHERE host = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
             )?;
             for r in batch {
                 let body = std::str::from_utf8(r.body).unwrap_or_default();
@@ -247,7 +295,17 @@ impl Db {
                     continue;
                 }
                 for e in r.new_events {
-                    event.execute(params![r.host, e.at as i64, e.service, e.kind, e.message])?;
+                    event.execute(params![
+                        r.host,
+                        e.at as i64,
+                        e.service,
+                        e.kind,
+                        e.message,
+                        r.received_at as i64
+                    ])?;
+                }
+                if r.apply_quota {
+                    quota.execute(params![r.host, keep_per_host as i64])?;
                 }
             }
         }
@@ -255,25 +313,21 @@ impl Db {
         Ok(())
     }
 
-    /// Apply the event retention: drop events older than `max_age_secs` and all but the
-    /// newest `max_count`. Returns how many were dropped.
-    pub fn prune(&mut self, now: u64, max_age_secs: u64, max_count: u64) -> Result<usize> {
-        let old = self.conn.execute(
-            "DELETE FROM events WHERE at < ?1",
+    /// Apply the age retention: drop events received more than `max_age_secs` before `now`
+    /// (server time: a host's clock cannot keep its events forever or age them out early).
+    /// Returns how many were dropped.
+    pub fn prune(&mut self, now: u64, max_age_secs: u64) -> Result<usize> {
+        Ok(self.conn.execute(
+            "DELETE FROM events WHERE received_at < ?1",
             [now.saturating_sub(max_age_secs) as i64],
-        )?;
-        let over = self.conn.execute(
-            "DELETE FROM events WHERE id <= (SELECT max(id) FROM events) - ?1",
-            [max_count as i64],
-        )?;
-        Ok(old + over)
+        )?)
     }
 
-    /// A host's latest `limit` events, newest first.
+    /// A host's latest `limit` events, newest (last received) first.
     pub fn events(&self, host: &str, limit: usize) -> Result<Vec<Event>> {
-        let mut st = self.conn.prepare_cached(
+        let mut st = self.conn().prepare_cached(
             "SELECT at, service, kind, message FROM events WHERE host = ?1
-             ORDER BY at DESC, id DESC LIMIT ?2",
+             ORDER BY id DESC LIMIT ?2",
         )?;
         let rows = st.query_map(params![host, limit as i64], |r| {
             Ok(Event {
@@ -290,7 +344,7 @@ impl Db {
     #[cfg(test)]
     pub fn event_count(&self) -> Result<u64> {
         Ok(self
-            .conn
+            .conn()
             .query_row("SELECT count(*) FROM events", [], |r| r.get::<_, i64>(0))?
             as u64)
     }
@@ -310,6 +364,28 @@ mod tests {
     }
 
     #[test]
+    fn events_of_older_databases_get_a_receive_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let old = Connection::open(&path).unwrap();
+        old.execute_batch(
+            "CREATE TABLE events (id INTEGER PRIMARY KEY, host TEXT NOT NULL, at INTEGER NOT NULL,
+             service TEXT, kind TEXT NOT NULL, message TEXT NOT NULL);
+             CREATE INDEX events_at ON events(at);
+             INSERT INTO events(host, at, kind, message) VALUES ('web1', 500, 'install', 'm');",
+        )
+        .unwrap();
+        drop(old);
+        let mut db = Db::open(&path).unwrap();
+        assert_eq!(db.events("web1", 10).unwrap()[0].at, 500);
+        // Its receive time is taken from its own time (500).
+        assert_eq!(db.prune(600, 200).unwrap(), 0);
+        assert_eq!(db.prune(800, 200).unwrap(), 1);
+        drop(db);
+        Db::open(&path).unwrap();
+    }
+
+    #[test]
     fn hosts_tokens_reports_and_retention() {
         let dir = tempfile::tempdir().unwrap();
         let mut db = Db::open(&dir.path().join("state.db")).unwrap();
@@ -322,11 +398,9 @@ mod tests {
         // Re-adding replaces the token.
         let again = db.add_hosts(&["web1".into()]).unwrap();
         assert!(again[0].2);
-        assert!(db.token_host(&token_hash(&added[0].1)).unwrap().is_none());
-        assert_eq!(
-            db.token_host(&token_hash(&again[0].1)).unwrap().as_deref(),
-            Some("web1")
-        );
+        let tokens = db.tokens().unwrap();
+        assert!(!tokens.contains_key(&token_hash(&added[0].1)));
+        assert_eq!(tokens[&token_hash(&again[0].1)], "web1");
 
         let events = [ev(100, "install"), ev(200, "started")];
         let batch = [
@@ -336,6 +410,7 @@ mod tests {
                 sent_at: 299,
                 body: b"{\"host\":\"web1\",\"sent_at\":299}",
                 new_events: &events,
+                apply_quota: false,
             },
             StoredReport {
                 host: "ghost",
@@ -343,15 +418,41 @@ mod tests {
                 sent_at: 299,
                 body: b"{}",
                 new_events: &events,
+                apply_quota: false,
             },
         ];
-        db.store(&batch).unwrap();
+        db.store(&batch, 100).unwrap();
         let latest = db.latest_reports().unwrap();
         assert_eq!(latest.len(), 1, "reports of unregistered hosts are dropped");
         assert_eq!(db.events("web1", 10).unwrap()[0].kind, "started");
         assert_eq!(db.event_count().unwrap(), 2);
-        assert_eq!(db.prune(1000, 850, 100).unwrap(), 1);
-        assert_eq!(db.prune(1000, 10_000, 0).unwrap(), 1);
+        // Retention goes by receive time (300), not the events' own times (100, 200).
+        assert_eq!(db.prune(1000, 750).unwrap(), 0);
+        assert_eq!(db.prune(1000, 650).unwrap(), 2);
+        // The quota keeps a host's newest events and leaves other hosts' alone.
+        db.add_hosts(&["web2".into()]).unwrap();
+        let many: Vec<Event> = (0..10).map(|i| ev(2000 + i, "x")).collect();
+        let store = |db: &mut Db, host: &str, ev: &[Event], quota: bool| {
+            db.store(
+                &[StoredReport {
+                    host,
+                    received_at: 2000,
+                    sent_at: 2000,
+                    body: b"{}",
+                    new_events: ev,
+                    apply_quota: quota,
+                }],
+                4,
+            )
+            .unwrap()
+        };
+        store(&mut db, "web2", &many[..2], false);
+        store(&mut db, "web1", &many, true);
+        let kept = db.events("web1", 100).unwrap();
+        assert_eq!(kept.len(), 4);
+        assert_eq!(kept[0].at, 2009);
+        assert_eq!(db.events("web2", 100).unwrap().len(), 2);
+        assert!(db.remove_host("web2").unwrap());
         assert!(db.remove_host("web1").unwrap());
         assert!(db.latest_reports().unwrap().is_empty());
         assert!(!db.remove_host("web1").unwrap());

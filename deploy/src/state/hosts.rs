@@ -6,18 +6,14 @@ use std::io::{BufRead as _, Write as _};
 use std::path::Path;
 
 use anyhow::{bail, Result};
+use keepup_deploy::wire::names::{is_host_name, HOST_NAME_RULE};
 
 use super::db::{now, Db};
 use super::view::age;
 
 fn check_name(name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 253
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-._".contains(c));
-    if !ok {
-        bail!("{name:?} is not a host name (letters, digits, - . _; at most 253 characters)");
+    if !is_host_name(name) {
+        bail!("{name:?} is not a host name ({HOST_NAME_RULE})");
     }
     Ok(())
 }

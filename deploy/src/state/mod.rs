@@ -3,14 +3,26 @@
 //! (`GET /api/v1/fleet`) or as a page (`GET /`).
 //!
 //! How a report travels: the request task checks the token against an in-memory map of token
-//! hashes (re-checking the database for tokens it does not know, so `keepup host add` works
-//! while the server runs), reads the body under [`MAX_REPORT_BYTES`], parses and validates it,
-//! and hands it over a bounded channel to the one writer thread. The writer takes whatever is
+//! hashes (reloaded when `keepup host add/remove` bumps the database's host counter, which a
+//! background task checks every second: a token the map does not know costs no database
+//! query), reads the body under [`MAX_REPORT_BYTES`], parses and validates it (names follow
+//! [`keepup_deploy::wire::names`]), and hands it over a bounded channel to the one writer
+//! thread. The writer takes whatever is
 //! queued (up to [`BATCH`] reports), stores it in one SQLite transaction, then updates the
 //! in-memory latest reports and answers each request: 204 means the report is in the database.
 //! A full channel makes request tasks wait (backpressure) instead of buffering without bound.
 //! Views are built from the in-memory reports, the repository's `fleet.yaml` and track indexes
-//! (re-read when they change), on a blocking thread so ingestion goes on meanwhile.
+//! (re-read when they change), on a blocking thread so ingestion goes on meanwhile, at most
+//! once per [`VIEW_TTL`] per query (a loop of GETs reads the cached copy).
+//!
+//! Events: agents resend their recent events (a sliding window, oldest first); the new ones
+//! are those after the overlap with the host's previous window, compared by content, so the
+//! host's clock plays no part. The log keeps each host's newest [`EVENTS_KEPT_PER_HOST`] for
+//! [`EVENT_MAX_AGE`] of server time: no host can evict another's history.
+//!
+//! Reads (`/`, `/api/v1/fleet`, `/api/v1/events`) carry log tails; with a read token
+//! (`--read-token-file`) they need it, as a bearer token or as the password of HTTP Basic
+//! credentials (what a browser asks for).
 
 pub mod db;
 pub mod hosts;
@@ -18,16 +30,19 @@ pub mod page;
 pub mod view;
 
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
 use std::hash::{Hash as _, Hasher as _};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use anyhow::{Context as _, Result};
+use anyhow::{bail, Context as _, Result};
 use http_body_util::{BodyExt as _, Full, Limited};
 use hyper::body::Bytes;
-use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, WWW_AUTHENTICATE};
+use hyper::header::{
+    HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, WWW_AUTHENTICATE,
+};
 use hyper::{Request, Response, StatusCode};
 use keepup_deploy::wire::report::MAX_REPORT_BYTES;
 use keepup_deploy::wire::{Event, Fleet, Index, Report};
@@ -42,14 +57,24 @@ pub const EVENTS_PATH: &str = "/api/v1/events";
 pub const BATCH: usize = 500;
 /// Reports waiting for the writer at most; more make request tasks wait.
 const QUEUE: usize = 4 * BATCH;
-/// Events older than this are dropped (7 days).
+/// Events received longer ago than this are dropped (7 days, server time).
 pub const EVENT_MAX_AGE: u64 = 7 * 86_400;
-/// The event log keeps at most this many events.
-pub const EVENT_MAX_COUNT: u64 = 1_000_000;
-/// How often the retention runs.
+/// Events kept per host (the newest); more than [`QUOTA_SLACK`] over it are never stored.
+pub const EVENTS_KEPT_PER_HOST: u64 = 500;
+/// New events of a host between two applications of its quota.
+const QUOTA_SLACK: usize = 100;
+/// How often the age retention runs.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// How often the server looks for hosts added or removed by `keepup host`.
-const HOSTS_POLL: Duration = Duration::from_secs(2);
+const HOSTS_POLL: Duration = Duration::from_secs(1);
+/// How long a built fleet view is served again.
+pub const VIEW_TTL: Duration = Duration::from_secs(1);
+/// With this environment variable set to 1, every answer of the state server carries
+/// [`QUERIES_HEADER`]: how many times request handling read the database (tests show that
+/// unknown tokens cost none).
+pub const TEST_HOOKS_ENV: &str = "KEEPUP_SERVE_TEST_HOOKS";
+/// See [`TEST_HOOKS_ENV`].
+pub const QUERIES_HEADER: &str = "x-keepup-db-queries";
 
 type Body = Full<Bytes>;
 
@@ -66,43 +91,29 @@ enum Msg {
     Prune,
 }
 
-/// The newest event time stored for a host, and the identities of the events at that time:
-/// agents resend their recent events, and only the ones after this mark are new.
-#[derive(Debug, Clone, Default, PartialEq)]
-struct Watermark {
-    at: u64,
-    keys: Vec<u64>,
-}
+/// The identities of the events of a host's last stored report, in order.
+type EventWindow = Vec<u32>;
 
-fn event_key(e: &Event) -> u64 {
+/// An event's identity: its content, the host's time included (two equal events at one
+/// second are told apart by their position in the window).
+fn event_id(e: &Event) -> u32 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    (&e.service, &e.kind, &e.message).hash(&mut h);
-    h.finish()
+    (e.at, &e.service, &e.kind, &e.message).hash(&mut h);
+    h.finish() as u32
 }
 
-/// The events of `events` not stored before (per `mark`), and the new mark.
-fn new_events(mark: Option<&Watermark>, events: &[Event]) -> (Vec<Event>, Option<Watermark>) {
-    let fresh: Vec<Event> = events
-        .iter()
-        .filter(|e| match mark {
-            None => true,
-            Some(m) => e.at > m.at || (e.at == m.at && !m.keys.contains(&event_key(e))),
-        })
-        .cloned()
-        .collect();
-    let Some(top) = fresh.iter().map(|e| e.at).max() else {
-        return (fresh, mark.cloned());
-    };
-    let mut next = match mark {
-        Some(m) if m.at == top => m.clone(),
-        _ => Watermark {
-            at: top,
-            keys: Vec::new(),
-        },
-    };
-    next.keys
-        .extend(fresh.iter().filter(|e| e.at == top).map(event_key));
-    (fresh, Some(next))
+/// How many of `events` were stored before, and the new window. Agents send a sliding window
+/// of their recent events, oldest first: the longest end of the previous window that starts
+/// this one is what was stored; what follows is new. Event times are not compared, so a host
+/// clock that jumped ahead hides nothing that comes after it.
+fn new_events(prev: &[u32], events: &[Event]) -> (usize, EventWindow) {
+    let ids: EventWindow = events.iter().map(event_id).collect();
+    let most = prev.len().min(ids.len());
+    let seen = (1..=most)
+        .rev()
+        .find(|&n| prev[prev.len() - n..] == ids[..n])
+        .unwrap_or(0);
+    (seen, ids)
 }
 
 /// What the server keeps in memory of a report: the last events only, no update actions,
@@ -174,26 +185,109 @@ struct RepoCache {
     tracks: HashMap<String, Cached<Index>>,
 }
 
+/// Values built at most once per [`VIEW_TTL`] per key; callers wait for one build instead of
+/// building side by side.
+struct TtlCache<K, V> {
+    entries: tokio::sync::Mutex<Vec<(K, Instant, V)>>,
+}
+
+impl<K: PartialEq, V: Clone> TtlCache<K, V> {
+    /// Keys kept at most (queries with other parameters evict the oldest).
+    const KEYS: usize = 8;
+
+    fn new() -> Self {
+        TtlCache {
+            entries: tokio::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    async fn get<F: Future<Output = V>>(&self, key: K, build: impl FnOnce() -> F) -> V {
+        let mut entries = self.entries.lock().await;
+        entries.retain(|(_, at, _)| at.elapsed() < VIEW_TTL);
+        if let Some((_, _, v)) = entries.iter().find(|(k, ..)| *k == key) {
+            return v.clone();
+        }
+        let v = build().await;
+        if entries.len() >= Self::KEYS {
+            entries.remove(0);
+        }
+        entries.push((key, Instant::now(), v.clone()));
+        v
+    }
+}
+
+/// Read the read token from `path`: one line, at least 16 characters.
+pub fn read_token(path: &Path) -> Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the read token from {}", path.display()))?;
+    let token = text.trim();
+    if token.len() < 16 || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        bail!(
+            "{}: a read token is one line of at least 16 characters without spaces \
+             (make one with: head -c 32 /dev/urandom | xxd -p -c 64 > {})",
+            path.display(),
+            path.display()
+        );
+    }
+    Ok(token.to_string())
+}
+
+/// Equal, in a time that does not depend on where they differ.
+fn same_hash(a: &TokenHash, b: &TokenHash) -> bool {
+    std::hint::black_box(a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y))) == 0
+}
+
+/// The token of an `Authorization` header: `Bearer TOKEN`, or the password of `Basic`
+/// credentials (a browser's login prompt; the user name is ignored).
+fn presented_token(headers: &HeaderMap) -> Option<String> {
+    use base64::Engine as _;
+    let v = headers.get(AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, rest) = v.split_once(' ')?;
+    let rest = rest.trim();
+    if scheme.eq_ignore_ascii_case("bearer") {
+        return Some(rest.to_string()).filter(|t| !t.is_empty());
+    }
+    if scheme.eq_ignore_ascii_case("basic") {
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(rest)
+            .ok()?;
+        let text = String::from_utf8(raw).ok()?;
+        return text.split_once(':').map(|(_, pw)| pw.to_string());
+    }
+    None
+}
+
 /// The fleet state server: shared by every connection.
 pub struct Server {
     repo: PathBuf,
     hosts: Arc<RwLock<HostMap>>,
     tokens: RwLock<HashMap<TokenHash, String>>,
+    /// The database as request handling reads it (the events API).
     reader: Arc<Mutex<Db>>,
+    /// The database as the background host reload reads it.
+    poller: Mutex<Db>,
     hosts_version: AtomicI64,
     tx: mpsc::Sender<Msg>,
     cache: Mutex<RepoCache>,
+    read_token: Option<TokenHash>,
+    json_views: TtlCache<(u64, bool), Bytes>,
+    page_views: TtlCache<u64, Arc<view::FleetView>>,
+    test_hooks: bool,
 }
 
 impl Server {
     /// Open (or create) the state database and load the latest reports; starts the writer
     /// thread. `repo` is the repository directory whose `fleet.yaml` and track indexes the
-    /// views use.
-    pub fn open(repo: &Path, state: &Path) -> Result<Arc<Server>> {
+    /// views use; with `read_token_file`, reads need the token it holds.
+    pub fn open(repo: &Path, state: &Path, read_token_file: Option<&Path>) -> Result<Arc<Server>> {
+        let read_token = read_token_file
+            .map(|p| read_token(p).map(|t| db::token_hash(&t)))
+            .transpose()?;
         let writer_db = Db::open(state)?;
         let reader = Db::open(state)?;
-        let tokens = reader.tokens()?;
-        let version = reader.hosts_version()?;
+        let poller = Db::open(state)?;
+        let tokens = poller.tokens()?;
+        let version = poller.hosts_version()?;
         let mut hosts: HostMap = tokens.values().map(|h| (h.clone(), None)).collect();
         let mut marks = HashMap::new();
         for (host, received_at, body) in writer_db.latest_reports()? {
@@ -201,10 +295,8 @@ impl Server {
                 eprintln!("keepup serve: the stored report of {host} does not parse; ignored");
                 continue;
             };
-            let (_, mark) = new_events(None, &report.events);
-            if let Some(m) = mark {
-                marks.insert(host.clone(), m);
-            }
+            let (_, window) = new_events(&[], &report.events);
+            marks.insert(host.clone(), window);
             if let Some(slot) = hosts.get_mut(&host) {
                 *slot = Some(Arc::new(HostEntry {
                     report: trim(report),
@@ -224,14 +316,19 @@ impl Server {
             hosts,
             tokens: RwLock::new(tokens),
             reader: Arc::new(Mutex::new(reader)),
+            poller: Mutex::new(poller),
             hosts_version: AtomicI64::new(version),
             tx,
             cache: Mutex::new(RepoCache::default()),
+            read_token,
+            json_views: TtlCache::new(),
+            page_views: TtlCache::new(),
+            test_hooks: std::env::var(TEST_HOOKS_ENV).is_ok_and(|v| v == "1"),
         }))
     }
 
     /// Background work on the current runtime: pick up hosts added or removed by
-    /// `keepup host` (every 2 s) and apply the event retention (every minute).
+    /// `keepup host` (every second) and apply the event retention (every minute).
     pub fn spawn_background(self: &Arc<Self>) {
         let me = self.clone();
         tokio::spawn(async move {
@@ -251,7 +348,7 @@ impl Server {
 
     /// Re-read the host list if `keepup host` changed it.
     fn reload_hosts(&self) -> Result<()> {
-        let db = self.reader.lock().unwrap();
+        let db = self.poller.lock().unwrap();
         let v = db.hosts_version()?;
         if v == self.hosts_version.load(Ordering::Relaxed) {
             return Ok(());
@@ -271,27 +368,55 @@ impl Server {
         Ok(())
     }
 
-    /// The host a bearer token belongs to: from memory, else from the database (a host
-    /// added since the last reload).
-    async fn authenticate(self: &Arc<Self>, token: &str) -> Option<String> {
-        let hash = db::token_hash(token);
-        if let Some(h) = self.tokens.read().unwrap().get(&hash) {
-            return Some(h.clone());
-        }
-        let me = self.clone();
-        let host = tokio::task::spawn_blocking(move || {
-            me.reader.lock().unwrap().token_host(&hash).ok().flatten()
-        })
-        .await
-        .ok()
-        .flatten()?;
-        self.tokens.write().unwrap().insert(hash, host.clone());
-        self.hosts
-            .write()
+    /// The host a bearer token belongs to, from the in-memory map only: an unknown token
+    /// costs a hash and a lookup, never a database query. (The map is keyed by the token's
+    /// SHA-256, which an attacker cannot steer, so the lookup's timing tells nothing about
+    /// valid tokens.)
+    fn authenticate(&self, token: &str) -> Option<String> {
+        self.tokens
+            .read()
             .unwrap()
-            .entry(host.clone())
-            .or_insert(None);
-        Some(host)
+            .get(&db::token_hash(token))
+            .cloned()
+    }
+
+    /// Whether a read request may see the fleet: always without a read token, else only
+    /// with it.
+    fn may_read(&self, headers: &HeaderMap) -> bool {
+        let Some(want) = &self.read_token else {
+            return true;
+        };
+        presented_token(headers).is_some_and(|t| same_hash(&db::token_hash(&t), want))
+    }
+
+    /// The answer to a read without the read token: 401 with both challenges (a browser
+    /// prompts for Basic credentials; programs send a bearer token).
+    fn read_refused(&self) -> Response<Body> {
+        let mut r = text(
+            StatusCode::UNAUTHORIZED,
+            "this server's fleet views need its read token: send Authorization: Bearer TOKEN \
+             (keepup report --read-token-file FILE), or log in with any user name and the token \
+             as password",
+        );
+        let h = r.headers_mut();
+        h.insert(
+            WWW_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"keepup fleet\", charset=\"UTF-8\""),
+        );
+        h.append(
+            WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"keepup fleet\""),
+        );
+        r
+    }
+
+    /// The answer, with the test hook's header when [`TEST_HOOKS_ENV`] is set.
+    fn finish(&self, mut r: Response<Body>) -> Response<Body> {
+        if self.test_hooks {
+            let n = self.reader.lock().unwrap().queries();
+            r.headers_mut().insert(QUERIES_HEADER, HeaderValue::from(n));
+        }
+        r
     }
 
     /// `POST /api/v1/report`.
@@ -299,6 +424,11 @@ impl Server {
         self: &Arc<Self>,
         req: Request<hyper::body::Incoming>,
     ) -> Response<Body> {
+        let r = self.take_report(req).await;
+        self.finish(r)
+    }
+
+    async fn take_report(self: &Arc<Self>, req: Request<hyper::body::Incoming>) -> Response<Body> {
         let token = req
             .headers()
             .get(AUTHORIZATION)
@@ -312,7 +442,7 @@ impl Server {
         let Some(token) = token else {
             return unauthorized("a host token is required: Authorization: Bearer <token> (keepup host add NAME issues one)");
         };
-        let Some(token_host) = self.authenticate(&token).await else {
+        let Some(token_host) = self.authenticate(&token) else {
             return unauthorized("unknown host token; issue one with `keepup host add NAME`");
         };
         let declared = req
@@ -336,7 +466,10 @@ impl Server {
             Err(e) => return text(StatusCode::BAD_REQUEST, &format!("not a report: {e}")),
         };
         if let Err(e) = report.validate() {
-            return text(StatusCode::BAD_REQUEST, &format!("invalid report: {e}"));
+            return text(
+                StatusCode::BAD_REQUEST,
+                &format!("invalid report: {e}; the report is refused"),
+            );
         }
         if report.host != token_host {
             return text(
@@ -370,12 +503,18 @@ impl Server {
         }
     }
 
-    /// Build the fleet view (on a blocking thread).
-    async fn view(self: &Arc<Self>, stale_after: u64, with_events: bool) -> view::FleetView {
-        let me = self.clone();
-        tokio::task::spawn_blocking(move || me.build_view(stale_after, with_events))
+    /// The fleet view (built on a blocking thread, at most once per [`VIEW_TTL`]).
+    async fn view(self: &Arc<Self>, stale_after: u64) -> Arc<view::FleetView> {
+        self.page_views
+            .get(stale_after, || async {
+                let me = self.clone();
+                Arc::new(
+                    tokio::task::spawn_blocking(move || me.build_view(stale_after, true))
+                        .await
+                        .unwrap_or_default(),
+                )
+            })
             .await
-            .unwrap_or_default()
     }
 
     fn snapshot(&self) -> Vec<(String, Option<Arc<HostEntry>>)> {
@@ -490,21 +629,46 @@ impl Server {
     }
 
     /// `GET /api/v1/fleet[?stale_after=SECS&events=0]`.
-    pub async fn fleet_json(self: &Arc<Self>, query: Option<&str>) -> Response<Body> {
+    pub async fn fleet_json(
+        self: &Arc<Self>,
+        query: Option<&str>,
+        headers: &HeaderMap,
+    ) -> Response<Body> {
+        if !self.may_read(headers) {
+            return self.finish(self.read_refused());
+        }
         let q = Query::parse(query);
-        let me = self.clone();
-        let body = tokio::task::spawn_blocking(move || me.view_json(q.stale_after, q.events))
-            .await
-            .unwrap_or_default();
-        let mut r = Response::new(Body::new(Bytes::from(body)));
+        let body = self
+            .json_views
+            .get((q.stale_after, q.events), || async {
+                let me = self.clone();
+                let b = tokio::task::spawn_blocking(move || me.view_json(q.stale_after, q.events))
+                    .await
+                    .unwrap_or_default();
+                Bytes::from(b)
+            })
+            .await;
+        let mut r = Response::new(Body::new(body));
         r.headers_mut()
             .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        r
+        self.finish(r)
     }
 
     /// `GET /api/v1/events?host=NAME[&limit=N]`: a host's logged events, newest first
     /// (default 100, at most 1000).
-    pub async fn events_json(self: &Arc<Self>, query: Option<&str>) -> Response<Body> {
+    pub async fn events_json(
+        self: &Arc<Self>,
+        query: Option<&str>,
+        headers: &HeaderMap,
+    ) -> Response<Body> {
+        if !self.may_read(headers) {
+            return self.finish(self.read_refused());
+        }
+        let r = self.events_answer(query).await;
+        self.finish(r)
+    }
+
+    async fn events_answer(self: &Arc<Self>, query: Option<&str>) -> Response<Body> {
         let q = Query::parse(query);
         let Some(host) = q.page.host else {
             return text(
@@ -533,17 +697,38 @@ impl Server {
         }
     }
 
-    /// `GET /[?filter=...&host=...]`: the page.
-    pub async fn page(self: &Arc<Self>, query: Option<&str>) -> Response<Body> {
+    /// `GET /[?filter=...&host=...]`: the page. It runs no script and loads nothing: the
+    /// content security policy says so to the browser too.
+    pub async fn page(
+        self: &Arc<Self>,
+        query: Option<&str>,
+        headers: &HeaderMap,
+    ) -> Response<Body> {
+        if !self.may_read(headers) {
+            return self.finish(self.read_refused());
+        }
         let q = Query::parse(query);
-        let v = self.view(q.stale_after, true).await;
+        let v = self.view(q.stale_after).await;
         let html = page::render(&v, &q.page);
         let mut r = Response::new(Body::new(Bytes::from(html)));
-        r.headers_mut().insert(
+        let h = r.headers_mut();
+        h.insert(
             CONTENT_TYPE,
             HeaderValue::from_static("text/html; charset=utf-8"),
         );
-        r
+        h.insert(
+            "content-security-policy",
+            HeaderValue::from_static(
+                "default-src 'none'; style-src 'unsafe-inline'; form-action 'none'; \
+                 frame-ancestors 'none'",
+            ),
+        );
+        h.insert(
+            "x-content-type-options",
+            HeaderValue::from_static("nosniff"),
+        );
+        h.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
+        self.finish(r)
     }
 }
 
@@ -572,7 +757,10 @@ impl Query {
                 "stale_after" => q.stale_after = v.parse().unwrap_or(q.stale_after),
                 "events" => q.events = v != "0",
                 "limit" => q.limit = v.parse().unwrap_or(q.limit),
-                "filter" => q.page.filter = Some(v),
+                "filter" => {
+                    q.page.filter = page::PageFilter::parse(&v);
+                    q.page.unknown_filter = q.page.filter.is_none();
+                }
                 "host" => q.page.host = Some(v).filter(|h| !h.is_empty()),
                 _ => {}
             }
@@ -582,13 +770,15 @@ impl Query {
 }
 
 /// The writer thread: batches queued reports into one transaction each, then publishes them
-/// in memory and answers their requests.
+/// in memory and answers their requests. It keeps each host's last event window (what is
+/// new in the next report) and how many events it stored since its quota was last applied.
 fn writer(
     mut db: Db,
     mut rx: mpsc::Receiver<Msg>,
     hosts: Arc<RwLock<HostMap>>,
-    mut marks: HashMap<String, Watermark>,
+    mut windows: HashMap<String, EventWindow>,
 ) {
+    let mut since_quota: HashMap<String, usize> = HashMap::new();
     let mut batch = Vec::with_capacity(BATCH);
     while let Some(first) = rx.blocking_recv() {
         let mut prune = false;
@@ -609,32 +799,41 @@ fn writer(
             }
         }
         if !batch.is_empty() {
-            let mut fresh = Vec::with_capacity(batch.len());
-            let mut next_marks = Vec::with_capacity(batch.len());
+            // Per report: where its new events start, and whether its host's quota applies.
+            let mut plan: Vec<(usize, bool)> = Vec::with_capacity(batch.len());
+            let mut next_windows: HashMap<&str, EventWindow> = HashMap::new();
+            let mut next_counts: HashMap<&str, usize> = HashMap::new();
             for (report, ..) in &batch {
-                // Two reports of one host in a batch: the second sees the first's mark.
-                let prev = next_marks
-                    .iter()
-                    .rev()
-                    .find(|(h, _): &&(String, Option<Watermark>)| *h == report.host)
-                    .map(|(_, m)| m.clone())
-                    .unwrap_or_else(|| marks.get(&report.host).cloned());
-                let (events, mark) = new_events(prev.as_ref(), &report.events);
-                fresh.push(events);
-                next_marks.push((report.host.clone(), mark));
+                let host = report.host.as_str();
+                // Two reports of one host in a batch: the second sees the first's window.
+                let prev = next_windows
+                    .get(host)
+                    .or_else(|| windows.get(host))
+                    .map_or(&[][..], Vec::as_slice);
+                let (seen, window) = new_events(prev, &report.events);
+                let count = next_counts
+                    .get(host)
+                    .copied()
+                    .unwrap_or_else(|| since_quota.get(host).copied().unwrap_or(0))
+                    + (report.events.len() - seen);
+                let quota = count >= QUOTA_SLACK;
+                next_counts.insert(host, if quota { 0 } else { count });
+                next_windows.insert(host, window);
+                plan.push((seen, quota));
             }
             let rows: Vec<StoredReport<'_>> = batch
                 .iter()
-                .zip(&fresh)
-                .map(|((r, body, at, _), ev)| StoredReport {
+                .zip(&plan)
+                .map(|((r, body, at, _), (seen, quota))| StoredReport {
                     host: &r.host,
                     received_at: *at,
                     sent_at: r.sent_at,
                     body,
-                    new_events: ev,
+                    new_events: &r.events[*seen..],
+                    apply_quota: *quota,
                 })
                 .collect();
-            let ok = match db.store(&rows) {
+            let ok = match db.store(&rows, EVENTS_KEPT_PER_HOST) {
                 Ok(()) => true,
                 Err(e) => {
                     eprintln!("keepup serve: storing {} report(s): {e:#}", rows.len());
@@ -643,10 +842,11 @@ fn writer(
             };
             drop(rows);
             if ok {
-                for (h, m) in next_marks {
-                    if let Some(m) = m {
-                        marks.insert(h, m);
-                    }
+                for (h, w) in next_windows {
+                    windows.insert(h.to_string(), w);
+                }
+                for (h, n) in next_counts {
+                    since_quota.insert(h.to_string(), n);
                 }
                 let mut map = hosts.write().unwrap();
                 for (report, _, at, _) in batch.iter_mut() {
@@ -664,9 +864,13 @@ fn writer(
             }
         }
         if prune {
-            if let Err(e) = db.prune(db::now(), EVENT_MAX_AGE, EVENT_MAX_COUNT) {
+            if let Err(e) = db.prune(db::now(), EVENT_MAX_AGE) {
                 eprintln!("keepup serve: event retention: {e:#}");
             }
+            // Forget hosts that are gone.
+            let map = hosts.read().unwrap();
+            windows.retain(|h, _| map.contains_key(h));
+            since_quota.retain(|h, _| map.contains_key(h));
         }
     }
 }
@@ -708,21 +912,78 @@ mod tests {
         }
     }
 
+    /// The kinds of the events `new_events` finds new after `prev`, and the new window.
+    fn fresh(prev: &[u32], events: &[Event]) -> (Vec<String>, EventWindow) {
+        let (seen, w) = new_events(prev, events);
+        (events[seen..].iter().map(|e| e.kind.clone()).collect(), w)
+    }
+
     #[test]
     fn resent_events_are_not_new() {
-        let (a, mark) = new_events(None, &[ev(1, "a"), ev(2, "b")]);
-        assert_eq!(a.len(), 2);
-        assert_eq!(mark.as_ref().unwrap().at, 2);
+        let (a, w) = fresh(&[], &[ev(1, "a"), ev(2, "b")]);
+        assert_eq!(a, ["a", "b"]);
         // Resent with one more at the same second and one later.
-        let (b, mark) = new_events(
-            mark.as_ref(),
-            &[ev(1, "a"), ev(2, "b"), ev(2, "c"), ev(3, "d")],
-        );
-        let kinds: Vec<_> = b.iter().map(|e| e.kind.as_str()).collect();
-        assert_eq!(kinds, ["c", "d"]);
-        let (c, mark2) = new_events(mark.as_ref(), &[ev(2, "c"), ev(3, "d")]);
+        let (b, w) = fresh(&w, &[ev(1, "a"), ev(2, "b"), ev(2, "c"), ev(3, "d")]);
+        assert_eq!(b, ["c", "d"]);
+        // The window slid: the oldest fell out, nothing new.
+        let (c, w2) = fresh(&w, &[ev(2, "b"), ev(2, "c"), ev(3, "d")]);
         assert!(c.is_empty());
-        assert_eq!(mark2, mark);
+        // The same event twice is two events.
+        let (d, _) = fresh(&w2, &[ev(2, "c"), ev(3, "d"), ev(3, "d")]);
+        assert_eq!(d, ["d"]);
+    }
+
+    #[test]
+    fn a_clock_that_jumped_ahead_hides_nothing() {
+        let future = 4_000_000_000;
+        let (a, w) = fresh(&[], &[ev(100, "a"), ev(future, "jump")]);
+        assert_eq!(a, ["a", "jump"]);
+        // The clock is fixed: later events carry earlier times, and are new all the same.
+        let (b, w) = fresh(&w, &[ev(100, "a"), ev(future, "jump"), ev(101, "b")]);
+        assert_eq!(b, ["b"]);
+        // An agent that lost its window starts over: everything it sends is new.
+        let (c, _) = fresh(&w, &[ev(102, "c")]);
+        assert_eq!(c, ["c"]);
+    }
+
+    #[test]
+    fn views_are_built_once_per_ttl_and_key() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let cache = TtlCache::<u64, u64>::new();
+        let builds = std::cell::Cell::new(0);
+        let build = |v: u64| {
+            builds.set(builds.get() + 1);
+            async move { v }
+        };
+        rt.block_on(async {
+            assert_eq!(cache.get(1, || build(10)).await, 10);
+            assert_eq!(cache.get(1, || build(11)).await, 10, "served again");
+            assert_eq!(cache.get(2, || build(20)).await, 20, "another key");
+            cache.entries.lock().await[0].1 -= VIEW_TTL;
+            assert_eq!(cache.get(1, || build(12)).await, 12, "expired");
+        });
+        assert_eq!(builds.get(), 3);
+    }
+
+    #[test]
+    fn read_tokens_as_bearer_or_basic_password() {
+        let mut h = HeaderMap::new();
+        assert_eq!(presented_token(&h), None);
+        h.insert(AUTHORIZATION, HeaderValue::from_static("Bearer abc"));
+        assert_eq!(presented_token(&h).as_deref(), Some("abc"));
+        // base64("ops:s3cret:x")
+        h.insert(
+            AUTHORIZATION,
+            HeaderValue::from_static("Basic b3BzOnMzY3JldDp4"),
+        );
+        assert_eq!(presented_token(&h).as_deref(), Some("s3cret:x"));
+        h.insert(AUTHORIZATION, HeaderValue::from_static("Basic !!"));
+        assert_eq!(presented_token(&h), None);
+        let a = db::token_hash("abc");
+        assert!(same_hash(&a, &db::token_hash("abc")) && !same_hash(&a, &db::token_hash("abd")));
     }
 
     #[test]

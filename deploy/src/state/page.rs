@@ -17,13 +17,83 @@ const EVENTS_SHOWN: usize = 30;
 /// What the page's query selects.
 #[derive(Debug, Clone, Default)]
 pub struct PageQuery {
-    /// `all`, `problems`, `behind`, `unhealthy`, `stale`, `quarantined`.
-    pub filter: Option<String>,
+    /// `?filter=`: one of the fixed set, or none given.
+    pub filter: Option<PageFilter>,
+    /// `?filter=` named no filter of the set (the page says so and shows the default).
+    pub unknown_filter: bool,
     /// Only this host.
     pub host: Option<String>,
 }
 
-/// Escape text for HTML content and attribute values.
+/// The rows the page can show: the fixed set `?filter=` chooses from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageFilter {
+    /// Every row.
+    All,
+    /// Behind, unhealthy, stale or quarantined rows.
+    Problems,
+    /// Services behind their track.
+    Behind,
+    /// Unhealthy services and failed updates.
+    Unhealthy,
+    /// Hosts not heard from.
+    Stale,
+    /// Quarantined services.
+    Quarantined,
+}
+
+impl PageFilter {
+    /// Every filter, in the order the page lists them.
+    pub const ALL: [PageFilter; 6] = [
+        PageFilter::All,
+        PageFilter::Problems,
+        PageFilter::Behind,
+        PageFilter::Unhealthy,
+        PageFilter::Stale,
+        PageFilter::Quarantined,
+    ];
+
+    /// The filter called `name` in a query, if there is one.
+    pub fn parse(name: &str) -> Option<PageFilter> {
+        Self::ALL.into_iter().find(|f| f.name() == name)
+    }
+
+    /// Its name in queries and on the page.
+    pub fn name(self) -> &'static str {
+        match self {
+            PageFilter::All => "all",
+            PageFilter::Problems => "problems",
+            PageFilter::Behind => "behind",
+            PageFilter::Unhealthy => "unhealthy",
+            PageFilter::Stale => "stale",
+            PageFilter::Quarantined => "quarantined",
+        }
+    }
+
+    fn rows(self) -> Filter {
+        let only = |f: fn(&mut Filter)| {
+            let mut x = Filter::default();
+            f(&mut x);
+            x
+        };
+        match self {
+            PageFilter::All => Filter::default(),
+            PageFilter::Problems => Filter {
+                behind: true,
+                unhealthy: true,
+                stale: true,
+                quarantined: true,
+            },
+            PageFilter::Behind => only(|f| f.behind = true),
+            PageFilter::Unhealthy => only(|f| f.unhealthy = true),
+            PageFilter::Stale => only(|f| f.stale = true),
+            PageFilter::Quarantined => only(|f| f.quarantined = true),
+        }
+    }
+}
+
+/// Escape text for HTML content and attribute values (quoted with `"` or `'`): the one
+/// function every value on the page goes through.
 pub fn escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
@@ -37,34 +107,6 @@ pub fn escape(s: &str) -> String {
         }
     }
     out
-}
-
-fn filter_for(name: &str) -> Filter {
-    match name {
-        "behind" => Filter {
-            behind: true,
-            ..Filter::default()
-        },
-        "unhealthy" => Filter {
-            unhealthy: true,
-            ..Filter::default()
-        },
-        "stale" => Filter {
-            stale: true,
-            ..Filter::default()
-        },
-        "quarantined" => Filter {
-            quarantined: true,
-            ..Filter::default()
-        },
-        "problems" => Filter {
-            behind: true,
-            unhealthy: true,
-            stale: true,
-            quarantined: true,
-        },
-        _ => Filter::default(),
-    }
 }
 
 const STYLE: &str = "
@@ -81,6 +123,7 @@ th{background:#eee;position:sticky;top:0}
 tr.bad td{background:#fde8e8}
 tr.warn td{background:#fff6d6}
 td.err{color:#b00}
+td[data-l=state]{white-space:pre-line}
 .note{color:#555;font-size:.85rem}
 ul.events{padding-left:1.2rem;font-size:.9rem}
 @media (max-width:700px){
@@ -109,14 +152,13 @@ const COLUMNS: [&str; 11] = [
 /// Render the page for `view` and the query.
 pub fn render(view: &FleetView, q: &PageQuery) -> String {
     let total_rows: usize = view.hosts.iter().map(|h| h.services.len().max(1)).sum();
-    let filter_name = q.filter.clone().unwrap_or_else(|| {
-        if total_rows > ALL_ROWS_UP_TO {
-            "problems".into()
-        } else {
-            "all".into()
-        }
+    let chosen = q.filter.unwrap_or(if total_rows > ALL_ROWS_UP_TO {
+        PageFilter::Problems
+    } else {
+        PageFilter::All
     });
-    let filter = filter_for(&filter_name);
+    let filter_name = chosen.name();
+    let filter = chosen.rows();
     let host_q = q
         .host
         .as_ref()
@@ -135,16 +177,22 @@ pub fn render(view: &FleetView, q: &PageQuery) -> String {
         let _ = write!(o, ": {}", escape(h));
     }
     o.push_str("</h1>\n<div class=\"counts\">");
-    let counts: [(&str, usize, &str, bool); 7] = [
-        ("hosts", s.hosts, "all", false),
-        ("reporting", s.reporting, "all", false),
-        ("stale", s.stale, "stale", true),
-        ("behind", s.behind, "behind", true),
-        ("unhealthy", s.unhealthy, "unhealthy", true),
-        ("quarantined", s.quarantined, "quarantined", false),
-        ("failed updates", s.failed_updates, "unhealthy", true),
+    let counts: [(&str, usize, PageFilter, bool); 7] = [
+        ("hosts", s.hosts, PageFilter::All, false),
+        ("reporting", s.reporting, PageFilter::All, false),
+        ("stale", s.stale, PageFilter::Stale, true),
+        ("behind", s.behind, PageFilter::Behind, true),
+        ("unhealthy", s.unhealthy, PageFilter::Unhealthy, true),
+        ("quarantined", s.quarantined, PageFilter::Quarantined, false),
+        (
+            "failed updates",
+            s.failed_updates,
+            PageFilter::Unhealthy,
+            true,
+        ),
     ];
     for (label, n, f, alarm) in counts {
+        let f = f.name();
         let class = match (f == filter_name && label != "reporting", alarm && n > 0) {
             (true, true) => " class=\"on bad\"",
             (true, false) => " class=\"on\"",
@@ -166,6 +214,15 @@ pub fn render(view: &FleetView, q: &PageQuery) -> String {
         }
     );
 
+    if q.unknown_filter {
+        let names: Vec<&str> = PageFilter::ALL.iter().map(|f| f.name()).collect();
+        let _ = writeln!(
+            o,
+            "<p class=\"note err\">unknown filter; showing {}. Filters: {}.</p>",
+            escape(filter_name),
+            escape(&names.join(", "))
+        );
+    }
     o.push_str("<table><thead><tr>");
     for c in COLUMNS {
         let _ = write!(o, "<th>{c}</th>");
@@ -196,10 +253,12 @@ pub fn render(view: &FleetView, q: &PageQuery) -> String {
     o.push_str("</tbody></table>\n");
     let _ = writeln!(
         o,
-        "<p class=\"note\">{shown} of {matched} matching rows ({filter_name}); {total_rows} rows in all. \
+        "<p class=\"note\">{shown} of {matched} matching rows ({}); {total_rows} rows in all. \
          Full list: <code>keepup report</code> or <a href=\"/api/v1/fleet\">/api/v1/fleet</a>. \
          Generated at {} (unix), stale after {} s.</p>",
-        view.generated_at, view.stale_after
+        escape(filter_name),
+        view.generated_at,
+        view.stale_after
     );
 
     // Recent events: the host's, or the fleet's newest.
@@ -278,16 +337,29 @@ fn row(o: &mut String, now: u64, h: &HostView, svc: Option<&ServiceView>) {
             cell(o, "status", &s.status_text(), s.behind);
             let state = match &s.failed_start {
                 Some(f) => format!(
-                    "{} (failed to start {}: {})",
+                    "{} (failed to start {}: {}){}{}",
                     s.state.as_deref().unwrap_or("-"),
                     f.version,
-                    f.detail
+                    f.detail,
+                    if f.log_tail.is_empty() { "" } else { "\n" },
+                    f.log_tail.join("\n")
                 ),
                 None => s.state.as_deref().unwrap_or("-").to_string(),
             };
             cell(o, "state", &state, s.unhealthy);
             cell(o, "restarts", &s.restarts.to_string(), false);
-            cell(o, "failing probes", &s.failing_probes.join(", "), true);
+            let probes: Vec<String> = s
+                .failing_probes
+                .iter()
+                .enumerate()
+                .map(
+                    |(i, name)| match s.probe_reasons.get(i).filter(|r| !r.is_empty()) {
+                        Some(r) => format!("{name} ({r})"),
+                        None => name.clone(),
+                    },
+                )
+                .collect();
+            cell(o, "failing probes", &probes.join(", "), true);
         }
         None => {
             for l in &COLUMNS[2..9] {
@@ -338,9 +410,15 @@ mod tests {
                         rolled_back_to: None,
                         state: Some("running".into()),
                         restarts: 0,
-                        failing_probes: vec![],
+                        failing_probes: vec!["port".into()],
+                        probe_reasons: vec!["<img src=x onerror=alert(2)>".into()],
                         quarantined: false,
-                        failed_start: None,
+                        failed_start: Some(keepup_deploy::wire::StartReport {
+                            version: "1.0-1".into(),
+                            detail: "exited 1".into(),
+                            log_tail: vec!["</td><script>alert(3)</script>".into()],
+                            ..Default::default()
+                        }),
                         behind: true,
                         unhealthy: false,
                     }],
@@ -362,11 +440,24 @@ mod tests {
         let behind = render(
             &v,
             &PageQuery {
-                filter: Some("behind".into()),
-                host: None,
+                filter: PageFilter::parse("behind"),
+                ..PageQuery::default()
             },
         );
         assert!(!behind.contains(">db1<"));
         assert!(behind.contains("1 of 1 matching rows"));
+        assert!(all.contains("port (&lt;img src=x onerror=alert(2)&gt;)"));
+        assert!(all.contains("&lt;/td&gt;&lt;script&gt;alert(3)&lt;/script&gt;"));
+        assert!(!all.contains("<script") && !all.contains("<img"));
+        // An unknown filter is named nowhere: the page says so and shows the default.
+        let unknown = render(
+            &v,
+            &PageQuery {
+                unknown_filter: true,
+                ..PageQuery::default()
+            },
+        );
+        assert!(unknown.contains("unknown filter; showing all."));
+        assert!(unknown.contains("2 of 2 matching rows (all)"));
     }
 }

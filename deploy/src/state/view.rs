@@ -196,6 +196,9 @@ pub struct ServiceView {
     /// Probes whose latest result failed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub failing_probes: Vec<String>,
+    /// Why each of `failing_probes` failed, in the same order (empty when not said).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub probe_reasons: Vec<String>,
     /// Quarantined on this host.
     #[serde(default, skip_serializing_if = "is_false")]
     pub quarantined: bool,
@@ -324,15 +327,15 @@ pub fn build(
                     },
                 },
             };
-            let failing_probes: Vec<String> = sr
-                .map(|s| {
-                    s.probes
-                        .iter()
-                        .filter(|p| p.ok == Some(false))
-                        .map(|p| p.name.clone())
-                        .collect()
-                })
-                .unwrap_or_default();
+            let failing = || {
+                sr.into_iter()
+                    .flat_map(|s| &s.probes)
+                    .filter(|p| p.ok == Some(false))
+            };
+            let failing_probes: Vec<String> = failing().map(|p| p.name.clone()).collect();
+            let probe_reasons: Vec<String> = failing()
+                .map(|p| p.reason.clone().unwrap_or_default())
+                .collect();
             let failed_start = sr
                 .and_then(|s| s.start.as_ref())
                 .filter(|s| !s.started)
@@ -352,6 +355,7 @@ pub fn build(
                 state,
                 restarts: sr.map_or(0, |s| s.restarts),
                 failing_probes,
+                probe_reasons,
                 quarantined: is_quarantined,
                 failed_start,
                 unhealthy,
@@ -509,6 +513,7 @@ mod tests {
             track: "stable".into(),
             serial: 4,
             generated: 0,
+            expires: None,
             packages: vec![
                 pool("foo", "1.2-1", None),
                 pool("bar", "2.1-1", Some("2.0-1")),

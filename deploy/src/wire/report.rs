@@ -146,27 +146,91 @@ pub struct Event {
     pub message: String,
 }
 
+/// Why a server refuses a report: the field (`host`, `services[2].probes[0].name`, `events`)
+/// and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidReport {
+    /// The offending field, as a path into the report.
+    pub field: String,
+    /// What is wrong and what is expected.
+    pub message: String,
+}
+
+impl std::fmt::Display for InvalidReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+impl std::error::Error for InvalidReport {}
+
 impl Report {
-    /// Checks what a server must not accept: an empty or overlong host name, too many
-    /// events, absurd sizes. The body size itself is limited by [`MAX_REPORT_BYTES`].
-    pub fn validate(&self) -> Result<(), String> {
-        let name_ok = |s: &str| {
-            !s.is_empty()
-                && s.len() <= 253
-                && s.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-._".contains(c))
+    /// Checks what a server must not accept: names that break the rules of
+    /// [`names`](super::names) (host, services, probes, quarantines, installed packages, event
+    /// services), too many events, absurd sizes. The body size itself is limited by
+    /// [`MAX_REPORT_BYTES`]. Free text (probe reasons, errors, log tails, messages) is not
+    /// checked here: whoever shows it escapes it.
+    pub fn validate(&self) -> Result<(), InvalidReport> {
+        use super::names::{
+            is_check_name, is_host_name, is_service_name, CHECK_NAME_RULE, HOST_NAME_RULE,
+            SERVICE_NAME_RULE,
         };
-        if !name_ok(&self.host) {
-            return Err(format!("host {:?} is not a host name", self.host));
+        let bad = |field: String, message: String| Err(InvalidReport { field, message });
+        let service = |field: String, name: &str| {
+            if is_service_name(name) {
+                Ok(())
+            } else {
+                bad(
+                    field,
+                    format!("{name:?} is not a service name ({SERVICE_NAME_RULE})"),
+                )
+            }
+        };
+        if !is_host_name(&self.host) {
+            return bad(
+                "host".into(),
+                format!("{:?} is not a host name ({HOST_NAME_RULE})", self.host),
+            );
         }
         if self.events.len() > MAX_EVENTS {
-            return Err(format!(
-                "{} events; at most {MAX_EVENTS} per report",
-                self.events.len()
-            ));
+            return bad(
+                "events".into(),
+                format!(
+                    "{} events; at most {MAX_EVENTS} per report",
+                    self.events.len()
+                ),
+            );
         }
         if self.services.len() > 1000 || self.installed.len() > 1000 {
-            return Err("more than 1000 services".into());
+            return bad("services".into(), "more than 1000 services".into());
+        }
+        for (i, s) in self.services.iter().enumerate() {
+            service(format!("services[{i}].name"), &s.name)?;
+            if s.probes.len() > 100 {
+                return bad(
+                    format!("services[{i}].probes"),
+                    "more than 100 probes".into(),
+                );
+            }
+            for (j, p) in s.probes.iter().enumerate() {
+                if !is_check_name(&p.name) {
+                    return bad(
+                        format!("services[{i}].probes[{j}].name"),
+                        format!("{:?} is not a probe name ({CHECK_NAME_RULE})", p.name),
+                    );
+                }
+            }
+        }
+        for name in self.installed.keys() {
+            service(format!("installed[{name:?}]"), name)?;
+        }
+        for (i, name) in self.quarantined.iter().enumerate() {
+            service(format!("quarantined[{i}]"), name)?;
+        }
+        for (i, e) in self.events.iter().enumerate() {
+            if let Some(name) = &e.service {
+                service(format!("events[{i}].service"), name)?;
+            }
         }
         Ok(())
     }
@@ -182,7 +246,45 @@ mod tests {
         assert_eq!(r.host, "web1");
         r.validate().unwrap();
         let bad: Report = serde_json::from_str(r#"{"host":"../x","sent_at":5}"#).unwrap();
-        assert!(bad.validate().unwrap_err().contains("not a host name"));
+        let e = bad.validate().unwrap_err();
+        assert_eq!(e.field, "host");
+        assert!(e.message.contains("not a host name"), "{e}");
+    }
+
+    #[test]
+    fn names_in_reports_follow_the_rules() {
+        let svc = |name: &str, probe: &str| ServiceReport {
+            name: name.into(),
+            state: "running".into(),
+            probes: vec![ProbeReport {
+                name: probe.into(),
+                reason: Some("<script>free text is not checked</script>".into()),
+                ..ProbeReport::default()
+            }],
+            ..ServiceReport::default()
+        };
+        let mut r = Report {
+            host: "web1".into(),
+            services: vec![svc("foo", "port")],
+            ..Report::default()
+        };
+        r.validate().unwrap();
+        r.services.push(svc("<script>", "port"));
+        assert_eq!(r.validate().unwrap_err().field, "services[1].name");
+        r.services[1] = svc("bar", "x\u{1b}[2J");
+        assert_eq!(
+            r.validate().unwrap_err().field,
+            "services[1].probes[0].name"
+        );
+        r.services.pop();
+        r.installed.insert("<b>".into(), "1".into());
+        assert_eq!(r.validate().unwrap_err().field, "installed[\"<b>\"]");
+        r.installed.clear();
+        r.events.push(Event {
+            service: Some("a b".into()),
+            ..Event::default()
+        });
+        assert_eq!(r.validate().unwrap_err().field, "events[0].service");
     }
 
     #[test]

@@ -4,7 +4,12 @@
 //!
 //! ```text
 //! reportload --server http://127.0.0.1:8080 --tokens tokens.txt [--connections 32] [--rounds 1]
+//! reportload --server https://127.0.0.1:8443 --cacert ca.pem --tokens tokens.txt
 //! ```
+//!
+//! With an `https://` server, each connection makes one TLS handshake (checked against
+//! `--cacert`, for the name in the URL) and keeps it for all its reports, as agents'
+//! reports through a keep-alive client would.
 //!
 //! Each round posts one report per host; a later round resends the host's events plus one new
 //! one, as agents do. Used by tests/bench/report.sh.
@@ -13,11 +18,12 @@ use std::fmt::Write as _;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, ensure, Context, Result};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
 struct Options {
     server: String,
+    cacert: Option<String>,
     tokens: String,
     connections: usize,
     rounds: u64,
@@ -26,6 +32,7 @@ struct Options {
 fn options() -> Result<Options> {
     let mut o = Options {
         server: "http://127.0.0.1:8080".into(),
+        cacert: None,
         tokens: String::new(),
         connections: 32,
         rounds: 1,
@@ -35,11 +42,12 @@ fn options() -> Result<Options> {
         let mut val = || args.next().with_context(|| format!("{a} needs a value"));
         match a.as_str() {
             "--server" => o.server = val()?,
+            "--cacert" => o.cacert = Some(val()?),
             "--tokens" => o.tokens = val()?,
             "--connections" => o.connections = val()?.parse()?,
             "--rounds" => o.rounds = val()?.parse()?,
             _ => {
-                bail!("usage: reportload --server URL --tokens FILE [--connections N] [--rounds N]")
+                bail!("usage: reportload --server URL [--cacert FILE] --tokens FILE [--connections N] [--rounds N]")
             }
         }
     }
@@ -114,18 +122,54 @@ fn report(host: &str, i: usize, round: u64) -> String {
     s
 }
 
+/// A connection, plain or TLS.
+trait Conn: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Conn for T {}
+
+/// TLS settings for an `https://` server: the client configuration and the server's name.
+type Tls = Option<(std::sync::Arc<rustls::ClientConfig>, String)>;
+
+fn tls_config(cacert: &str) -> Result<std::sync::Arc<rustls::ClientConfig>> {
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(cacert)
+        .with_context(|| format!("reading {cacert}"))?
+    {
+        roots.add(c.with_context(|| format!("{cacert}: not PEM"))?)?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(std::sync::Arc::new(config))
+}
+
 /// Post each of `jobs` (host, token, index) on one keep-alive connection; returns
 /// (accepted, rejected).
 async fn worker(
     addr: String,
     authority: String,
+    tls: Tls,
     jobs: Vec<(String, String, usize)>,
     round: u64,
 ) -> Result<(u64, u64)> {
-    let mut stream = TcpStream::connect(&addr)
+    let tcp = TcpStream::connect(&addr)
         .await
         .with_context(|| format!("connecting to {addr}"))?;
-    stream.set_nodelay(true)?;
+    tcp.set_nodelay(true)?;
+    let mut stream: Box<dyn Conn> = match tls {
+        None => Box::new(tcp),
+        Some((config, name)) => {
+            let name = rustls::pki_types::ServerName::try_from(name)?;
+            Box::new(
+                tokio_rustls::TlsConnector::from(config)
+                    .connect(name, tcp)
+                    .await
+                    .with_context(|| format!("TLS handshake with {addr}"))?,
+            )
+        }
+    };
     let mut buf = vec![0u8; 16 * 1024];
     let (mut ok, mut bad) = (0, 0);
     let mut req = Vec::with_capacity(4096);
@@ -194,12 +238,28 @@ fn main() -> Result<()> {
         .map(|(h, t)| (h.to_string(), t.trim().to_string()))
         .collect();
     ensure!(!hosts.is_empty(), "{}: no `NAME TOKEN` lines", o.tokens);
-    let authority = o
-        .server
-        .strip_prefix("http://")
-        .context("--server must be http://HOST:PORT")?
-        .trim_end_matches('/')
-        .to_string();
+    let (authority, tls) = match o.server.strip_prefix("https://") {
+        Some(rest) => {
+            let cacert = o
+                .cacert
+                .as_deref()
+                .context("an https:// --server needs --cacert FILE")?;
+            let authority = rest.trim_end_matches('/').to_string();
+            let name = authority
+                .rsplit_once(':')
+                .map_or(authority.as_str(), |(h, _)| h)
+                .to_string();
+            (authority, Some((tls_config(cacert)?, name)))
+        }
+        None => (
+            o.server
+                .strip_prefix("http://")
+                .context("--server must be http://HOST:PORT or https://HOST:PORT")?
+                .trim_end_matches('/')
+                .to_string(),
+            None,
+        ),
+    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -221,7 +281,15 @@ fn main() -> Result<()> {
         let (ok, bad) = rt.block_on(async {
             let tasks: Vec<_> = parts
                 .into_iter()
-                .map(|jobs| tokio::spawn(worker(authority.clone(), authority.clone(), jobs, round)))
+                .map(|jobs| {
+                    tokio::spawn(worker(
+                        authority.clone(),
+                        authority.clone(),
+                        tls.clone(),
+                        jobs,
+                        round,
+                    ))
+                })
                 .collect();
             let (mut ok, mut bad) = (0, 0);
             for t in tasks {
