@@ -49,6 +49,12 @@ pub struct Config {
     pub updater: Option<UpdaterConfig>,
     /// The reporter; `None` (no `report` key) turns it off.
     pub report: Option<ReportConfig>,
+    /// PEM bundle of the CAs that `https://` repo and report URLs are checked against
+    /// (`None`: the system's CA bundle).
+    pub ca_file: Option<PathBuf>,
+    /// Allow a plain `http://` report URL to a host other than loopback (the host token then
+    /// travels in clear text).
+    pub allow_plain_http: bool,
 }
 
 /// The updater's settings (the `repo` key and its companions).
@@ -74,6 +80,9 @@ pub struct UpdaterConfig {
     pub start_timeout: Duration,
     /// rpm's database directory when it is not rpm's default (`rpm --dbpath`).
     pub rpm_dbpath: Option<PathBuf>,
+    /// First contact: the lowest serials this host accepts even with no `serials.json`
+    /// (`min_serials: {fleet: N, tracks: {stable: M}}`; issue 11).
+    pub min_serials: crate::update::serials::Serials,
 }
 
 /// The reporter's settings (the `report` key and its companions).
@@ -91,7 +100,8 @@ pub struct ReportConfig {
 const KEYS: &str = "manifest_dir, state_dir, log_dir, log_max_bytes, log_keep, socket, \
                     status_group, rekick_every, scan_every, fast_crash, max_backoff, host, repo, trusted_key, \
                     schedule, stagger, package_timeout, package_format, arch, cache_dir, \
-                    start_timeout, rpm_dbpath, report, report_token_file, report_every";
+                    start_timeout, rpm_dbpath, min_serials, report, report_token_file, report_every, \
+                    ca_file, allow_plain_http";
 
 impl Default for Config {
     fn default() -> Config {
@@ -109,6 +119,8 @@ impl Default for Config {
             host: None,
             updater: None,
             report: None,
+            ca_file: None,
+            allow_plain_http: false,
         }
     }
 }
@@ -139,18 +151,23 @@ struct RawConfig {
     cache_dir: Option<PathBuf>,
     start_timeout: Option<String>,
     rpm_dbpath: Option<PathBuf>,
+    min_serials: Option<crate::update::serials::Serials>,
     report: Option<String>,
     report_token_file: Option<PathBuf>,
     report_every: Option<String>,
+    ca_file: Option<PathBuf>,
+    allow_plain_http: Option<bool>,
 }
 
-/// A base URL: `http://host[:port][/path]`, returned with a trailing `/`.
+/// A base URL: `http[s]://host[:port][/path]`, returned with a trailing `/`.
 fn base_url(path: &Path, key: &str, url: &str) -> Result<String> {
     let url = url.trim();
-    let Some(rest) = url.strip_prefix("http://") else {
+    let Some(rest) = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+    else {
         bail!(
-            "{}: {key}: {url:?} is not an http:// URL (plain http: what the agent trusts is \
-             the signatures and sha256 sums, not the transport)",
+            "{}: {key}: {url:?} is not an http:// or https:// URL",
             path.display()
         );
     };
@@ -162,6 +179,24 @@ fn base_url(path: &Path, key: &str, url: &str) -> Result<String> {
     } else {
         format!("{url}/")
     })
+}
+
+/// Is `url` plain `http://` to a host other than this one (`localhost`, `127.0.0.0/8`,
+/// `[::1]`)? Such a URL would carry the host token in clear text over a network.
+pub fn plain_http_off_host(url: &str) -> bool {
+    let Some(rest) = url.strip_prefix("http://") else {
+        return false;
+    };
+    let authority = rest.split('/').next().unwrap_or_default();
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    !loopback
 }
 
 impl Config {
@@ -219,6 +254,7 @@ impl Config {
             ("cache_dir", raw.cache_dir.is_some()),
             ("start_timeout", raw.start_timeout.is_some()),
             ("rpm_dbpath", raw.rpm_dbpath.is_some()),
+            ("min_serials", raw.min_serials.is_some()),
         ];
         let updater = match &raw.repo {
             None => {
@@ -282,6 +318,7 @@ impl Config {
                         Duration::from_secs(30),
                     )?,
                     rpm_dbpath: raw.rpm_dbpath.clone(),
+                    min_serials: raw.min_serials.clone().unwrap_or_default(),
                 })
             }
         };
@@ -315,10 +352,21 @@ impl Config {
                 if every.is_zero() {
                     bail!("{}: report_every: must be more than 0", path.display());
                 }
+                let url = base_url(path, "report", url)?
+                    .trim_end_matches('/')
+                    .to_string();
+                if plain_http_off_host(&url) && raw.allow_plain_http != Some(true) {
+                    bail!(
+                        "{}: report: {url:?} is plain http to another host: this host's report \
+                         token would travel in clear text, readable by anyone on the network \
+                         path. Serve reports over TLS (`keepup serve --tls-cert ... --tls-key \
+                         ...`) and use an https:// URL (with ca_file for a private CA), or set \
+                         `allow_plain_http: true` to accept the risk (docs/tls.md)",
+                        path.display()
+                    );
+                }
                 Some(ReportConfig {
-                    url: base_url(path, "report", url)?
-                        .trim_end_matches('/')
-                        .to_string(),
+                    url,
                     token_file: raw
                         .report_token_file
                         .clone()
@@ -344,6 +392,8 @@ impl Config {
             host: raw.host,
             updater,
             report,
+            ca_file: raw.ca_file,
+            allow_plain_http: raw.allow_plain_http.unwrap_or(false),
         };
         let mut paths = vec![
             ("manifest_dir", &cfg.manifest_dir),
@@ -360,6 +410,9 @@ impl Config {
         }
         if let Some(r) = &cfg.report {
             paths.push(("report_token_file", &r.token_file));
+        }
+        if let Some(ca) = &cfg.ca_file {
+            paths.push(("ca_file", ca));
         }
         for (key, p) in paths {
             if !p.is_absolute() {
@@ -381,7 +434,20 @@ impl Config {
             None => (Path::new(DEFAULT_CONFIG), false),
         };
         match std::fs::read_to_string(path) {
-            Ok(text) => Config::parse(path, &text),
+            Ok(text) => {
+                let cfg = Config::parse(path, &text)?;
+                if let Some(ca) = &cfg.ca_file {
+                    crate::update::fetch::read_ca_bundle(ca).map_err(|e| {
+                        anyhow::anyhow!(
+                            "{}: ca_file: {e} (name a PEM file with the CA certificate(s) that \
+                             signed the server's certificate)",
+                            path.display()
+                        )
+                    })?;
+                    crate::update::fetch::trust_ca_file(ca);
+                }
+                Ok(cfg)
+            }
             Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => {
                 Ok(Config::default())
             }
@@ -467,7 +533,7 @@ mod tests {
         let c = Config::parse(
             Path::new("a.yaml"),
             "repo: http://repo:8080\ntrusted_key: /etc/keepup/repository.asc\n\
-             report: http://server:8080/\n",
+             report: http://server:8080/\nallow_plain_http: true\n",
         )
         .unwrap();
         let u = c.updater.unwrap();
@@ -492,7 +558,9 @@ mod tests {
             "host: web1\nstate_dir: /s\nrepo: http://repo/r/\ntrusted_key: /k.asc\n\
              schedule: '*/10 * * * * *'\nstagger: 3s\npackage_timeout: 20s\n\
              package_format: rpm\narch: x86_64\nstart_timeout: 5s\nrpm_dbpath: /r\n\
-             report: http://s:1\nreport_token_file: /t\nreport_every: 10s\n",
+             min_serials: {fleet: 3, tracks: {stable: 9}}\n\
+             report: http://s:1\nreport_token_file: /t\nreport_every: 10s\n\
+             allow_plain_http: true\n",
         )
         .unwrap();
         assert_eq!(c.host_name(), "web1");
@@ -503,6 +571,10 @@ mod tests {
         assert_eq!(u.cache_dir, PathBuf::from("/s/cache"));
         assert_eq!(u.stagger, Duration::from_secs(3));
         assert_eq!(u.rpm_dbpath, Some(PathBuf::from("/r")));
+        assert_eq!(
+            (u.min_serials.fleet, u.min_serials.tracks["stable"]),
+            (3, 9)
+        );
         assert_eq!(c.report.unwrap().every, Duration::from_secs(10));
     }
 
@@ -511,11 +583,13 @@ mod tests {
         let err = |t: &str| format!("{:#}", Config::parse(Path::new("a.yaml"), t).unwrap_err());
         let e = err("repo: http://repo/\n");
         assert!(e.contains("trusted_key: required"), "{e}");
-        let e = err("repo: https://repo/\ntrusted_key: /k\n");
+        let e = err("repo: ftp://repo/\ntrusted_key: /k\n");
         assert!(
-            e.contains("repo:") && e.contains("not an http:// URL"),
+            e.contains("repo:") && e.contains("not an http:// or https:// URL"),
             "{e}"
         );
+        let e = err("ca_file: ca.pem\n");
+        assert!(e.contains("ca_file") && e.contains("absolute"), "{e}");
         let e = err("repo: http://r/\ntrusted_key: /k\nschedule: '0 25 * * *'\n");
         assert!(e.contains("schedule:") && e.contains("(hour)"), "{e}");
         let e = err("repo: http://r/\ntrusted_key: /k\npackage_format: pacman\n");
@@ -535,5 +609,57 @@ mod tests {
         assert!(e.contains("host:"), "{e}");
         let e = err("repo_url: x\n");
         assert!(e.contains("known keys") && e.contains("trusted_key"), "{e}");
+    }
+
+    #[test]
+    fn https_urls_and_plain_http_reports() {
+        let c = Config::parse(
+            Path::new("a.yaml"),
+            "repo: https://repo.example/r\ntrusted_key: /k.asc\n\
+             report: https://state.example:8443/\nca_file: /etc/keepup/ca.pem\n",
+        )
+        .unwrap();
+        assert_eq!(c.updater.unwrap().repo, "https://repo.example/r/");
+        assert_eq!(c.report.unwrap().url, "https://state.example:8443");
+        assert_eq!(c.ca_file, Some(PathBuf::from("/etc/keepup/ca.pem")));
+        // Plain http to another host: refused, saying why and what to do.
+        let e = Config::parse(Path::new("a.yaml"), "report: http://10.0.0.5:8080\n").unwrap_err();
+        let e = format!("{e:#}");
+        assert!(
+            e.contains("a.yaml: report:") && e.contains("clear text"),
+            "{e}"
+        );
+        assert!(
+            e.contains("https://") && e.contains("allow_plain_http: true"),
+            "{e}"
+        );
+        // ... unless allowed, and always on loopback; a plain http repo is fine (signed).
+        let c = Config::parse(
+            Path::new("a.yaml"),
+            "report: http://10.0.0.5:8080\nallow_plain_http: true\n",
+        )
+        .unwrap();
+        assert!(c.allow_plain_http && c.report.is_some());
+        for ok in [
+            "http://127.0.0.1:9000",
+            "http://localhost",
+            "http://[::1]:80/",
+            "https://10.0.0.5",
+        ] {
+            assert!(!plain_http_off_host(ok), "{ok}");
+            Config::parse(Path::new("a.yaml"), &format!("report: {ok}\n")).unwrap();
+        }
+        for off in [
+            "http://127.0.0.1.example",
+            "http://[::2]:1",
+            "http://repo:8080",
+        ] {
+            assert!(plain_http_off_host(off), "{off}");
+        }
+        Config::parse(
+            Path::new("a.yaml"),
+            "repo: http://10.0.0.5/\ntrusted_key: /k.asc\n",
+        )
+        .unwrap();
     }
 }

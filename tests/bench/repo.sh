@@ -108,8 +108,9 @@ if [ -f "$PKGS/done-$N" ] && [ -f "$KEY" ]; then
 else
     log "generating $N packages (deb + rpm) in $PKGS"
     rm -rf "$PKGS" && mkdir -p "$PKGS"
-    "$K" repo init "$WORK/keyrepo" >/dev/null
-    cp "$WORK/keyrepo/.keepup/signing-key.asc" "$KEY"
+    rm -rf "$WORK/keyrepo" "$WORK/keyrepo-keys"
+    "$K" repo init "$WORK/keyrepo" --key-dir "$WORK/keyrepo-keys" >/dev/null
+    cp "$WORK"/keyrepo-keys/*.asc "$KEY"
     gen "$N" "$PKGS/big"
     touch "$PKGS/done-$N"
 fi
@@ -127,7 +128,7 @@ log "$(ls "$BIG" | wc -l) files, $(du -sh "$BIG" | cut -f1)"
 # ---------------------------------------------------------------------------------------
 # 1. Full index build from the files in place
 # ---------------------------------------------------------------------------------------
-"$K" repo init "$WORK/R" --key "$KEY" >/dev/null
+"$K" repo init "$WORK/R" --key "$KEY" --key-dir "$WORK/keys" >/dev/null
 "$K" publish --repo "$WORK/R" "$BIG"/* >/dev/null
 "$K" repo verify --repo "$WORK/R" >/dev/null
 
@@ -157,10 +158,10 @@ PR=$((RUNS < 3 ? RUNS : 3))
 pub_t=() pubcp_t=() peerpub_t=() peerpubl_t=()
 for r in $(seq "$PR"); do
     log "publish of $((2 * N)) new files, round $r/$PR"
-    "$K" repo init "$WORK/PUB$r" --key "$KEY" >/dev/null
+    "$K" repo init "$WORK/PUB$r" --key "$KEY" --key-dir "$WORK/keys" >/dev/null
     pub_t+=("$(ms "$K" publish --repo "$WORK/PUB$r" "$BIG"/*)")
     if [ -n "$OTHER" ]; then
-        "$K" repo init "$WORK/PUBCP$r" --key "$KEY" >/dev/null
+        "$K" repo init "$WORK/PUBCP$r" --key "$KEY" --key-dir "$WORK/keys" >/dev/null
         pubcp_t+=("$(ms "$K" publish --repo "$WORK/PUBCP$r" "$OTHER"/*)")
     fi
     for flag in "" -l; do
@@ -198,7 +199,7 @@ for case in $cases; do
     *) src=$BIG testing=$WORK/rest ;;
     esac
     log "promotion, setting up $case"
-    "$K" repo init "$WORK/P-$case" --key "$KEY" >/dev/null
+    "$K" repo init "$WORK/P-$case" --key "$KEY" --key-dir "$WORK/keys" >/dev/null
     "$K" publish --repo "$WORK/P-$case" "$src"/* >/dev/null
     if [ -n "$testing" ]; then
         "$K" publish --repo "$WORK/P-$case" --track testing "$testing"/* >/dev/null

@@ -10,7 +10,7 @@ use anyhow::{bail, ensure, Context, Result};
 use keepup_tests::example::built_bin;
 use keepup_tests::fleet::{keepup, keepup_output};
 use keepup_tests::host::{docker_or_skip, Host, TestNet};
-use keepup_tests::testkit::{keepup_pack_example, shared_signing_key};
+use keepup_tests::testkit::{keepup_pack_example, key_in, shared_signing_key};
 
 /// Run `keepup ARGS` and require failure; returns stderr.
 fn keepup_fails(args: &[&str]) -> Result<String> {
@@ -19,7 +19,7 @@ fn keepup_fails(args: &[&str]) -> Result<String> {
     Ok(err)
 }
 
-/// A fresh repository in `dir/repo` signed with the shared key.
+/// A fresh repository in `dir/repo` signed with the shared key (kept in `dir/keys`).
 fn new_repo(dir: &Path) -> Result<PathBuf> {
     let repo = dir.join("repo");
     let key = shared_signing_key()?;
@@ -29,10 +29,16 @@ fn new_repo(dir: &Path) -> Result<PathBuf> {
         repo.to_str().unwrap(),
         "--key",
         key.to_str().unwrap(),
+        "--key-dir",
+        dir.join("keys").to_str().unwrap(),
     ])?;
     ensure!(
         out.contains("signed-by="),
         "init prints the apt line:\n{out}"
+    );
+    ensure!(
+        out.contains(&format!("secret key (kept outside the repository, mode 0600; back it up offline; sign rpms with `keepup pack --sign-key`): {}", key_in(&dir.join("keys"))?.display())),
+        "init says where the secret key is:\n{out}"
     );
     Ok(repo)
 }
@@ -80,7 +86,7 @@ fn publish_promote_rollback_and_refusals() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let repo = new_repo(tmp.path())?;
     let r = repo.to_str().unwrap();
-    let key = repo.join(".keepup/signing-key.asc");
+    let key = shared_signing_key()?;
     let (deb1, rpm1) = build(tmp.path(), "1.0.0", Some(&key), "")?;
     let (deb2, rpm2) = build(tmp.path(), "1.1.0", Some(&key), "")?;
     keepup(&[
@@ -223,9 +229,10 @@ fn publish_promote_rollback_and_refusals() -> Result<()> {
     ensure!(entry(&repo, "testing", "rpm")?["version"] == "1.1.0+rb2-1");
     keepup(&["repo", "verify", "--repo", r])?;
 
-    // testing has had five different contents (empty, 1.0.0, 1.1.0, rb1, rb2): only the current
-    // generation and the three before it are kept (by-hash: Packages + Packages.gz; repodata:
-    // primary, filelists, other), and verify found every file the current indexes name.
+    // testing has had five different contents (empty, 1.0.0, 1.1.0, rb1, rb2): files of old
+    // generations stay for the grace period (an hour) even beyond the three generations kept
+    // (by-hash: Packages + Packages.gz; repodata: primary, filelists, other), so all five are
+    // here; the pruning itself is the unit test in deploy/src/repo/views.rs.
     let count = |dir: &str| -> Result<usize> {
         Ok(std::fs::read_dir(repo.join(dir))?
             .filter(|f| {
@@ -236,13 +243,13 @@ fn publish_promote_rollback_and_refusals() -> Result<()> {
     };
     let by_hash = count("dists/testing/main/binary-amd64/by-hash/SHA256")?;
     ensure!(
-        by_hash == 8,
-        "{by_hash} by-hash files, expected 4 generations x 2"
+        by_hash == 10,
+        "{by_hash} by-hash files, expected 5 generations x 2 (all inside the grace period)"
     );
     let repodata = count("rpm/testing/repodata")?;
     ensure!(
-        repodata == 12,
-        "{repodata} repodata files, expected 4 generations x 3"
+        repodata == 15,
+        "{repodata} repodata files, expected 5 generations x 3 (all inside the grace period)"
     );
 
     // Tampering is found by verify.
@@ -304,7 +311,7 @@ fn fleet_policy_is_signed_and_shown() -> Result<()> {
 async fn served_repo(net: &TestNet, tmp: &Path) -> Result<(Host, Host)> {
     let repo = new_repo(tmp)?;
     let r = repo.to_str().unwrap();
-    let key = repo.join(".keepup/signing-key.asc");
+    let key = shared_signing_key()?;
     let (deb, rpm) = build(tmp, "1.0.0", Some(&key), "")?;
     keepup(&[
         "publish",
@@ -320,6 +327,9 @@ async fn served_repo(net: &TestNet, tmp: &Path) -> Result<(Host, Host)> {
         .copy_in(&built_bin("keepup")?, "/usr/local/bin/keepup")
         .await?;
     server.copy_in(&repo, "/srv/repo").await?;
+    // The repository records where its secret key is: the same path on the server.
+    let secret = key_in(&tmp.join("keys"))?;
+    server.copy_in(&secret, secret.to_str().unwrap()).await?;
     server
         .ok("setsid keepup serve --repo /srv/repo --listen 0.0.0.0:8080 >/tmp/serve.log 2>&1 </dev/null &")
         .await?;
@@ -605,7 +615,7 @@ fn views_match_apt_ftparchive_and_createrepo_c_field_by_field() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let repo = new_repo(tmp.path())?;
     let r = repo.to_str().unwrap();
-    let key = repo.join(".keepup/signing-key.asc");
+    let key = shared_signing_key()?;
     let (deb, rpm) = build(tmp.path(), "1.0.0", Some(&key), "")?;
     keepup(&[
         "publish",
@@ -669,7 +679,7 @@ fn concurrent_commands_are_serialized() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let repo = new_repo(tmp.path())?;
     let r = repo.to_str().unwrap().to_string();
-    let key = repo.join(".keepup/signing-key.asc");
+    let key = shared_signing_key()?;
     let versions = ["2.0.0", "2.1.0", "2.2.0", "2.3.0"];
     let mut files = Vec::new();
     for v in versions {
@@ -717,7 +727,7 @@ fn old_single_file_state_is_converted_on_open() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let repo = new_repo(tmp.path())?;
     let r = repo.to_str().unwrap();
-    let key = repo.join(".keepup/signing-key.asc");
+    let key = shared_signing_key()?;
     let (deb, rpm) = build(tmp.path(), "1.0.0", Some(&key), "")?;
     // A name's first metadata file left half-written by a crash is written again.
     std::fs::create_dir_all(repo.join(".keepup/pool"))?;
@@ -783,6 +793,9 @@ fn old_single_file_state_is_converted_on_open() -> Result<()> {
         std::fs::remove_dir_all(private.join(d))?;
     }
 
+    // Old repositories kept the secret key inside the tree, and recorded nothing.
+    std::fs::copy(&key, private.join("signing-key.asc"))?;
+
     // A read-only command converts it (under the lock) and sees the same repository.
     ensure!(
         list_json(&repo)? == before,
@@ -795,5 +808,91 @@ fn old_single_file_state_is_converted_on_open() -> Result<()> {
     ensure!(entry(&repo, "testing", "rpm")?["version"] == "1.0.0-1");
     ensure!(std::fs::read_to_string(repo.join("fleet.yaml"))?.contains("web*"));
     keepup(&["repo", "verify", "--repo", r])?;
+
+    // The key inside the tree keeps working, with a warning that says how to move it.
+    let (ok, _, err) = keepup_output(&["repo", "verify", "--repo", r])?;
+    ensure!(
+        ok && err.contains(".keepup/signing-key.asc is inside the repository tree")
+            && err.contains(&format!("keepup repo move-key --repo {r}")),
+        "no warning about the key inside the tree:\n{err}"
+    );
+    let moved = tmp.path().join("moved-keys");
+    let inside = keepup_fails(&[
+        "repo",
+        "move-key",
+        "--repo",
+        r,
+        "--key-dir",
+        &format!("{r}/keys-here"),
+    ])?;
+    ensure!(inside.contains("is inside the repository"), "{inside}");
+    keepup(&[
+        "repo",
+        "move-key",
+        "--repo",
+        r,
+        "--key-dir",
+        moved.to_str().unwrap(),
+    ])?;
+    ensure!(!private.join("signing-key.asc").exists() && key_in(&moved)?.exists());
+    keepup(&["promote", "--repo", r, "foo", "--to", "stable"])?;
+    let (ok, _, err) = keepup_output(&["repo", "verify", "--repo", r])?;
+    ensure!(ok && !err.contains("warning"), "{err}");
     Ok(())
+}
+
+/// `keepup serve` re-signs the signed metadata before it expires when it can read the secret
+/// key (issue 11): with `--valid-for 4s`, the repository still verifies after the first
+/// signatures have expired, and the server's log says each refresh.
+#[test]
+fn serve_refreshes_the_signed_metadata_before_it_expires() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let repo = new_repo(tmp.path())?;
+    let r = repo.to_str().context("UTF-8 path")?;
+    keepup(&["repo", "config", "--repo", r, "--valid-for", "4s"])?;
+    keepup(&["repo", "refresh", "--repo", r])?;
+    let first_expiry = std::time::SystemTime::now() + std::time::Duration::from_secs(4);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let log = tmp.path().join("serve.log");
+    let mut serve = Command::new(built_bin("keepup")?)
+        .args([
+            "serve",
+            "--repo",
+            r,
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()?;
+    let result = (|| -> Result<()> {
+        let start = std::time::Instant::now();
+        // Two refreshes: the second comes after the first signatures' expiry.
+        loop {
+            let text = std::fs::read_to_string(&log)?;
+            if text
+                .matches("signed metadata refreshed; valid until")
+                .count()
+                >= 2
+                && std::time::SystemTime::now() > first_expiry
+            {
+                break;
+            }
+            if let Some(st) = serve.try_wait()? {
+                bail!("keepup serve exited ({st}):\n{text}");
+            }
+            ensure!(
+                start.elapsed() < std::time::Duration::from_secs(30),
+                "keepup serve did not refresh twice within 30 s:\n{text}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        let out = keepup(&["repo", "verify", "--repo", r])?;
+        ensure!(!out.contains("expired"), "{out}");
+        Ok(())
+    })();
+    let _ = serve.kill();
+    let _ = serve.wait();
+    result
 }

@@ -770,7 +770,7 @@ async fn reports_survive_an_outage_and_a_failed_start_comes_with_the_log_tail() 
     let repo = &s.repo;
     repo.ok(FAKE_SERVER).await?;
     let config = format!(
-        "schedule: '{YEARLY}'\nreport: http://repo:9000\nreport_every: 2s\n\
+        "schedule: '{YEARLY}'\nreport: http://repo:9000\nallow_plain_http: true\nreport_every: 2s\n\
          report_token_file: /etc/keepup/token"
     );
     let web1 = s.agent_host("web1", Format::Deb, &config).await?;
@@ -906,5 +906,98 @@ async fn reports_survive_an_outage_and_a_failed_start_comes_with_the_log_tail() 
             && kinds.iter().filter(|k| **k == "agent-start").count() == 2,
         "{r:#}"
     );
+    Ok(())
+}
+
+/// A repository nobody re-signs (frozen, or an attacker replaying today's metadata forever):
+/// once its metadata has expired, the agent refuses it with the time and keeps what is
+/// installed, and stock apt refuses the Release too; `keepup repo refresh` makes both accept
+/// it again.
+#[tokio::test]
+async fn expired_metadata_is_refused_by_the_agent_and_apt_until_refreshed() -> Result<()> {
+    let Some(s) = Setup::start(Upgrade::Unpublished, &["'*' --track stable"]).await? else {
+        return Ok(());
+    };
+    let repo = &s.repo;
+    // 20 seconds of validity from now on: set, and everything signed again.
+    s.keepup("repo config", "--valid-for 20s").await?;
+    s.keepup("repo refresh", "").await?;
+    let web1 = s
+        .agent_host("web1", Format::Deb, &format!("schedule: '{YEARLY}'"))
+        .await?;
+    web1.host
+        .ok("mkdir -p /etc/apt/keyrings && cp /etc/keepup/repository.asc /etc/apt/keyrings/keepup.asc \
+             && rm -f /etc/apt/sources.list /etc/apt/sources.list.d/* \
+             && echo 'deb [signed-by=/etc/apt/keyrings/keepup.asc] http://repo:8080/ stable main' > /etc/apt/sources.list.d/keepup.list")
+        .await?;
+    let apt_update = || {
+        web1.host
+            .exec("rm -rf /var/lib/apt/lists/* && apt-get update 2>&1")
+    };
+    let out = apt_update().await?;
+    ensure!(
+        out.code == 0 && !out.stdout.contains("E:"),
+        "{}",
+        out.stdout
+    );
+    update_ok(&web1).await?;
+    ensure!(dpkg_status(&web1).await? == "install ok installed|1.0.0-1");
+
+    // Frozen: wait (with a deadline) until the repository itself says its policy (signed
+    // with everything else) has expired.
+    wait_for(
+        "the metadata to expire",
+        Duration::from_secs(90),
+        || async {
+            let e = repo
+                .exec(&format!("keepup repo verify --repo {REPO}"))
+                .await?;
+            Ok(e.code != 0
+                && e.stderr
+                    .contains("fleet.yaml: repository metadata expired at"))
+        },
+    )
+    .await?;
+    let (code, v) = update_now(&web1).await?;
+    let err = v["error"].as_str().unwrap_or_default();
+    ensure!(
+        code == 1
+            && err.starts_with("refused fleet.yaml: repository metadata expired at ")
+            && err.ends_with("(frozen or unmaintained repository?)"),
+        "{v:#}"
+    );
+    ensure!(
+        dpkg_status(&web1).await? == "install ok installed|1.0.0-1",
+        "the installed package must stay"
+    );
+    // apt compares whole seconds with `<` (keepup with `<=`): it refuses within a second.
+    wait_for(
+        "apt to refuse the expired Release",
+        Duration::from_secs(30),
+        || async {
+            let out = apt_update().await?;
+            Ok(out.stdout.contains("is expired (invalid since"))
+        },
+    )
+    .await?;
+    ensure!(
+        web1.host
+            .exec("apt-cache policy foo | grep -c repo:8080")
+            .await?
+            .stdout
+            .trim()
+            == "0",
+        "apt still lists foo from the expired Release"
+    );
+
+    // Signed again: both accept it.
+    s.keepup("repo refresh", "").await?;
+    let out = apt_update().await?;
+    ensure!(
+        out.code == 0 && !out.stdout.contains("E:"),
+        "{}",
+        out.stdout
+    );
+    update_ok(&web1).await?;
     Ok(())
 }

@@ -1,14 +1,20 @@
-//! Downloading a package into the cache and checking it: plain HTTP/1 (hyper, no TLS: what
-//! makes a package trustworthy is its sha256 in the signed index, not the transport), bounded
+//! Downloading a package into the cache and checking it: HTTP/1 (hyper), plain or over TLS
+//! (rustls, for `https://` URLs: what makes a package trustworthy is its sha256 in the signed
+//! index, not the transport; TLS is what keeps the report token secret), bounded
 //! in time and in size (never more bytes than the index declares), written to a temporary file
 //! in the cache directory and renamed into place only when its size and sha256 match. A file
 //! already in the cache with the right sha256 is used without downloading again.
 //!
 //! The same small client fetches the signed index and policy ([`get`], bounded in size) and
 //! posts reports ([`post`]).
+//!
+//! `https://` URLs are verified against the CAs of the agent's `ca_file` (set once at start
+//! with [`trust_ca_file`]) or else the system's CA bundle, and the certificate must be valid
+//! for the URL's host.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Full};
@@ -16,14 +22,18 @@ use hyper::body::Bytes;
 use hyper::header::{AUTHORIZATION, CONNECTION, CONTENT_TYPE, HOST, USER_AGENT};
 use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
+pub use keepup_deploy::https::read_ca_bundle;
+use keepup_deploy::https::{self, Target, Trust};
+use rustls::pki_types::ServerName;
+use rustls::ClientConfig;
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// What to fetch and what it must be.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Wanted<'a> {
-    /// `http://host[:port]/path`.
+    /// `http[s]://host[:port]/path`.
     pub url: &'a str,
     /// Exact size in bytes (from the index).
     pub size: u64,
@@ -38,6 +48,9 @@ pub enum FetchError {
     BadUrl(String),
     /// Connecting, sending or receiving failed.
     Http(String),
+    /// The TLS handshake failed: the server's certificate is not trusted, or TLS is not set
+    /// up (what is wrong and what to do).
+    Tls(String),
     /// The server answered something other than 200.
     Status(StatusCode),
     /// The whole download took longer than the timeout.
@@ -67,6 +80,7 @@ impl fmt::Display for FetchError {
         match self {
             FetchError::BadUrl(why) => f.write_str(why),
             FetchError::Http(why) => write!(f, "download failed: {why}"),
+            FetchError::Tls(why) => write!(f, "TLS: {why}"),
             FetchError::Status(s) => write!(f, "download failed: the server answered {s}"),
             FetchError::Timeout(t) => write!(
                 f,
@@ -99,35 +113,47 @@ impl From<std::io::Error> for FetchError {
     }
 }
 
-/// `http://host[:port]/path` -> (`host:port` to connect to, Host header, request target).
-fn split_url(url: &str) -> Result<(String, String, String), FetchError> {
-    let rest = match url.split_once("://") {
-        Some(("http", rest)) => rest,
-        Some(("https", _)) => {
-            return Err(FetchError::BadUrl(format!(
-                "{url}: https is not supported: serve the repository over plain http (every \
-                 package is checked against the signed index's sha256)"
-            )))
-        }
-        _ => return Err(FetchError::BadUrl(format!("{url}: not an http:// URL"))),
-    };
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    if authority.is_empty() || authority.contains('@') {
-        return Err(FetchError::BadUrl(format!(
-            "{url}: no host (or a user part)"
-        )));
+/// `http[s]://host[:port]/path` -> where to connect and what to ask.
+fn split_url(url: &str) -> Result<Target, FetchError> {
+    Target::parse(url).map_err(FetchError::BadUrl)
+}
+
+/// The `ca_file` of the agent's configuration, when set.
+static CA_FILE: OnceLock<PathBuf> = OnceLock::new();
+
+/// The TLS client configuration, built at the first `https://` request (and again after a
+/// failure to build it, e.g. a CA bundle that was missing).
+static CLIENT: Mutex<Option<Arc<ClientConfig>>> = Mutex::new(None);
+
+/// How the agent's configuration names a CA file, for messages.
+const FIX: &str = "set ca_file to";
+
+/// Makes `https://` requests trust only the CAs in `path` (PEM) instead of the system's. The
+/// first call wins (the configuration is read once per process).
+pub fn trust_ca_file(path: &Path) {
+    let _ = CA_FILE.set(path.to_path_buf());
+}
+
+/// The CAs `https://` requests trust: `ca_file`, else the system's bundle.
+fn trust() -> Trust {
+    CA_FILE
+        .get()
+        .map_or(Trust::System, |p| Trust::CaFile(p.clone()))
+}
+
+fn client_config() -> Result<Arc<ClientConfig>, FetchError> {
+    let mut slot = CLIENT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(c) = &*slot {
+        return Ok(c.clone());
     }
-    let connect = if authority.rsplit_once(':').is_some_and(|(_, p)| {
-        !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()) && !authority.ends_with(']')
-    }) {
-        authority.to_string()
-    } else {
-        format!("{authority}:80")
-    };
-    Ok((connect, authority.to_string(), path.to_string()))
+    let config = https::client_config(&trust(), FIX).map_err(FetchError::Tls)?;
+    *slot = Some(config.clone());
+    Ok(config)
+}
+
+/// What a failed handshake with `host` means, and what to do about it.
+fn tls_failure(host: &str, e: &std::io::Error) -> FetchError {
+    FetchError::Tls(https::explain_failure(host, &trust(), FIX, e))
 }
 
 /// SHA-256 of a file, hex, or None if it cannot be read.
@@ -199,6 +225,22 @@ fn http(what: &str, e: &dyn fmt::Display) -> FetchError {
     FetchError::Http(format!("{what}: {e}"))
 }
 
+type Connection = (
+    hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+);
+
+/// HTTP/1 on a connected stream (plain or TLS); the connection runs as its own task.
+async fn handshake<I>(io: I) -> Result<Connection, FetchError>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| http("handshake", &e))?;
+    Ok((sender, tokio::spawn(conn)))
+}
+
 /// Sends one request (a GET, or a POST with a JSON body) on a new connection; returns the
 /// response and the connection task (aborted by the caller when done).
 async fn send(
@@ -211,19 +253,31 @@ async fn send(
     ),
     FetchError,
 > {
-    let (connect, host, target) = split_url(url)?;
-    let stream = TcpStream::connect(&connect)
+    let to = split_url(url)?;
+    // The TLS settings are checked before connecting: a missing CA bundle is not a network
+    // problem.
+    let tls = if to.tls { Some(client_config()?) } else { None };
+    let stream = TcpStream::connect(&to.connect)
         .await
-        .map_err(|e| http(&format!("connecting to {connect}"), &e))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| http("handshake", &e))?;
-    let conn = tokio::spawn(conn);
+        .map_err(|e| http(&format!("connecting to {}", to.connect), &e))?;
+    let (mut sender, conn) = match tls {
+        None => handshake(stream).await?,
+        Some(config) => {
+            let name = ServerName::try_from(to.server_name.clone()).map_err(|_| {
+                FetchError::BadUrl(format!("{url}: {:?} is not a host name", to.server_name))
+            })?;
+            let stream = tokio_rustls::TlsConnector::from(config)
+                .connect(name, stream)
+                .await
+                .map_err(|e| tls_failure(&to.server_name, &e))?;
+            handshake(stream).await?
+        }
+    };
     let builder = |method: &str| {
         Request::builder()
             .method(method)
-            .uri(target.as_str())
-            .header(HOST, host.as_str())
+            .uri(to.path.as_str())
+            .header(HOST, to.host.as_str())
             .header(USER_AGENT, "keepup-agent")
             .header(CONNECTION, "close")
     };
@@ -522,22 +576,12 @@ mod tests {
         assert!(body.contains("content-type: application/json"), "{body}");
     }
 
-    #[test]
-    fn urls() {
-        assert_eq!(
-            split_url("http://repo.example:8080/pool/a.deb").unwrap(),
-            (
-                "repo.example:8080".into(),
-                "repo.example:8080".into(),
-                "/pool/a.deb".into()
-            )
-        );
-        assert_eq!(split_url("http://repo").unwrap().0, "repo:80");
-        assert_eq!(split_url("http://[::1]").unwrap().0, "[::1]:80");
-        assert_eq!(split_url("http://[::1]:81/x").unwrap().0, "[::1]:81");
-        let e = split_url("https://repo/x").unwrap_err().to_string();
-        assert!(e.contains("https is not supported"), "{e}");
-        assert!(split_url("ftp://repo/x").is_err());
-        assert!(split_url("http:///x").is_err());
+    #[tokio::test]
+    async fn https_to_a_plain_http_server_says_so() {
+        let url = server(ok_reply(b"x"), Duration::ZERO).await;
+        let url = url.replacen("http://", "https://", 1);
+        // Any root will do: the server never gets as far as a certificate.
+        let e = get(&url, 100, T).await.unwrap_err();
+        assert!(matches!(e, FetchError::Tls(_)), "{e}");
     }
 }

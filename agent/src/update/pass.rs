@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use keepup_deploy::wire::report::StartReport;
-use keepup_deploy::wire::verify::TrustedKey;
+use keepup_deploy::wire::verify::{check_expiry, TrustedKey};
 use keepup_deploy::wire::{Fleet, Index, AGENT_PACKAGE};
 use keepup_packager::manifest::Manifest;
 use nix::fcntl::{Flock, FlockArg};
@@ -26,7 +26,7 @@ use super::fetch::{self, FetchError, Wanted};
 use super::pkg::{PackageManager, PassMarker, System};
 use super::plan::{self, Action, Format, PackageEntry, PlanInput};
 use super::run::{run, Outcome};
-use super::serials::SerialStore;
+use super::serials::{check_min, SerialStore};
 use super::start::{self, Verdict};
 use crate::config::{Config, UpdaterConfig};
 use crate::control::Incoming;
@@ -381,6 +381,11 @@ impl Updater {
             .map_err(|e| format!("refused fleet.yaml: {e}"))
             .inspect_err(|e| self.refused(None, e))?;
         seen.check_fleet(fleet.serial)
+            .and_then(|_| check_min("fleet.yaml", fleet.serial, self.up.min_serials.fleet))
+            .and_then(|_| {
+                check_expiry(fleet.expires, unix_now())
+                    .map_err(|e| format!("refused fleet.yaml: {e}"))
+            })
             .inspect_err(|e| self.refused(None, e))?;
         let (assignment, quarantined) = fleet.for_host(&self.host);
         r.fleet_serial = Some(fleet.serial);
@@ -404,6 +409,13 @@ impl Updater {
                     return Err(e);
                 }
                 seen.check_track(&a.track, index.serial)
+                    .and_then(|_| {
+                        check_min(&path, index.serial, self.up.min_serials.track(&a.track))
+                    })
+                    .and_then(|_| {
+                        check_expiry(index.expires, unix_now())
+                            .map_err(|e| format!("refused {path}: {e}"))
+                    })
                     .inspect_err(|e| self.refused(None, e))?;
                 r.index_serial = Some(index.serial);
                 Some(index)
@@ -759,6 +771,13 @@ struct ActFailed {
 }
 
 /// The last `n` non-empty lines of `text`, joined with " | ".
+/// Unix time now (expiry checks).
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 fn last_lines(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text
         .lines()
@@ -970,6 +989,45 @@ mod tests {
         );
         assert!(r.plan.is_empty());
 
+        // A newer index that expired (a frozen repository): refused with the time.
+        let expired = index(7).replace(
+            r#""generated":0,"#,
+            r#""generated":0,"expires":1700000000,"#,
+        );
+        assert!(expired.contains("expires"), "the index fixture changed");
+        put("tracks/stable/index.json", expired.as_bytes(), true);
+        let r = u.pass().await;
+        assert_eq!(
+            r.error.as_deref(),
+            Some(
+                "refused tracks/stable/index.json: repository metadata expired at \
+                 2023-11-14T22:13:20Z (frozen or unmaintained repository?)"
+            )
+        );
+        assert!(r.plan.is_empty() && !r.ok);
+        let serials = std::fs::read_to_string(dir.path().join("state/serials.json")).unwrap();
+        assert!(serials.contains("\"stable\": 5"), "{serials}");
+
+        // A new host (no serials.json) whose configuration carries a minimum serial: the
+        // older snapshot is refused on first contact, and nothing is recorded.
+        let fresh = tempfile::tempdir().unwrap();
+        let old_state = format!("state_dir: {d}/state\n");
+        assert!(text.contains(&old_state), "the config fixture changed");
+        let pinned = text.replace(
+            &old_state,
+            &format!("state_dir: {}/state\n", fresh.path().display()),
+        ) + "min_serials: {tracks: {stable: 9}}\n";
+        let cfg_pinned = Config::parse(Path::new("agent.yaml"), &pinned).unwrap();
+        let r = updater(cfg_pinned).await.pass().await;
+        assert_eq!(
+            r.error.as_deref(),
+            Some(
+                "refused tracks/stable/index.json: serial 7 is lower than the minimum 9 of \
+                 this host's configuration (min_serials; an old snapshot served to a new host?)"
+            )
+        );
+        assert!(r.plan.is_empty() && !fresh.path().join("state/serials.json").exists());
+
         // A host no assignment matches: nothing to do, track none, and that is fine.
         let mut other = cfg.clone();
         other.host = Some("db1".into());
@@ -994,6 +1052,19 @@ mod tests {
             "{e}"
         );
         assert_eq!(r.fleet_serial, None);
+
+        // An expired policy, properly signed.
+        let expired = fleet.replace("serial: 2\n", "serial: 3\nexpires: 1700000000\n");
+        assert!(expired.contains("expires"), "the policy fixture changed");
+        put("fleet.yaml", expired.as_bytes(), true);
+        let r = u.pass().await;
+        assert_eq!(
+            r.error.as_deref(),
+            Some(
+                "refused fleet.yaml: repository metadata expired at 2023-11-14T22:13:20Z \
+                 (frozen or unmaintained repository?)"
+            )
+        );
     }
 
     #[test]

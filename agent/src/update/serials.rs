@@ -2,7 +2,9 @@
 //! kept in `state_dir/serials.json` (written to a temporary file and renamed, so a crash leaves
 //! the old or the new file, never half of one). A signed file with a lower serial than one
 //! already seen is an old copy served again (a replay, or a repository restored from backup)
-//! and is refused; the same serial is fine.
+//! and is refused; the same serial is fine. A host that has seen nothing yet (new, reimaged,
+//! or with a wiped `/var/lib`) checks against the minimum serials of its configuration
+//! (`min_serials`, [`check_min`]) instead of accepting the oldest signed metadata.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -82,7 +84,24 @@ pub fn check(what: &str, serial: u64, seen: u64) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks `serial` of the file at `what` against the minimum the agent's configuration pins
+/// (`min_serials`): what protects first contact.
+pub fn check_min(what: &str, serial: u64, min: u64) -> Result<(), String> {
+    if serial < min {
+        return Err(format!(
+            "refused {what}: serial {serial} is lower than the minimum {min} of this host's \
+             configuration (min_serials; an old snapshot served to a new host?)"
+        ));
+    }
+    Ok(())
+}
+
 impl Serials {
+    /// The minimum serial of `track`'s index (0: none).
+    pub fn track(&self, track: &str) -> u64 {
+        self.tracks.get(track).copied().unwrap_or(0)
+    }
+
     /// Checks the fleet policy's serial.
     pub fn check_fleet(&self, serial: u64) -> Result<(), String> {
         check("fleet.yaml", serial, self.fleet)
@@ -140,6 +159,17 @@ mod tests {
         // Never goes down.
         assert!(!s.record(1, Some(("stable", 2))));
         assert_eq!((s.fleet, s.tracks["stable"]), (4, 5));
+    }
+
+    #[test]
+    fn below_the_configured_minimum_is_refused() {
+        check_min("fleet.yaml", 4, 4).unwrap();
+        check_min("fleet.yaml", 5, 0).unwrap();
+        assert_eq!(
+            check_min("tracks/stable/index.json", 3, 9).unwrap_err(),
+            "refused tracks/stable/index.json: serial 3 is lower than the minimum 9 of this \
+             host's configuration (min_serials; an old snapshot served to a new host?)"
+        );
     }
 
     #[test]

@@ -21,7 +21,7 @@ pub struct Inspected {
     pub version: String,
     /// Architecture as the format spells it (`amd64`, `x86_64`, `all`, `noarch`).
     pub arch: String,
-    /// For a .deb: the control stanza (no trailing blank line).
+    /// For a .deb: its control stanza, rebuilt from the parsed fields (no trailing newline).
     pub control: Option<String>,
     /// For an .rpm: its parsed headers (the createrepo entries are made from them).
     pub rpm: Option<rpm::PackageMetadata>,
@@ -93,7 +93,7 @@ pub fn inspect_deb(path: &Path, bytes: &[u8]) -> Result<Inspected> {
         )));
     }
     let control = control.ok_or_else(|| bad("no control file in control.tar".into()))?;
-    let control = control.trim_end().to_string();
+    let control = rebuild_control(&control).map_err(|why| bad(format!("control: {why}")))?;
     let field = |k: &str| {
         control_field(&control, k).ok_or_else(|| bad(format!("control has no {k} field")))
     };
@@ -111,6 +111,71 @@ pub fn inspect_deb(path: &Path, bytes: &[u8]) -> Result<Inspected> {
         control: Some(control),
         rpm: None,
     })
+}
+
+/// Fields the repository writes into a Packages stanza itself: a control file that carries
+/// one could point apt at another file or digest.
+const REPOSITORY_FIELDS: [&str; 6] = ["Filename", "Size", "MD5sum", "SHA1", "SHA256", "SHA512"];
+
+/// Parse a control file into its fields and write them again, one `Name: value` line each
+/// (continuation lines kept): the only text of the package that reaches the signed Packages.
+/// Refuses blank lines (a second stanza), comments, malformed or repeated field names, control
+/// characters, and the fields the repository adds ([`REPOSITORY_FIELDS`]).
+pub fn rebuild_control(control: &str) -> Result<String, String> {
+    let body = control.strip_suffix('\n').unwrap_or(control);
+    let mut fields: Vec<(String, String)> = Vec::new();
+    for (i, line) in body.split('\n').enumerate() {
+        let n = i + 1;
+        if line.chars().any(|c| c.is_control() && c != '\t') {
+            return Err(format!("line {n} has a control character"));
+        }
+        if line.trim().is_empty() {
+            return Err(format!(
+                "line {n} is blank: a control file is one stanza (a blank line would start another in Packages)"
+            ));
+        }
+        if line.starts_with([' ', '\t']) {
+            let Some((_, value)) = fields.last_mut() else {
+                return Err(format!(
+                    "line {n} continues a field, but no field comes before it"
+                ));
+            };
+            value.push('\n');
+            value.push_str(line);
+            continue;
+        }
+        let Some((name, value)) = line.split_once(':') else {
+            return Err(format!("line {n} is not `Field: value`: {line:?}"));
+        };
+        if name.is_empty()
+            || name.starts_with(['#', '-'])
+            || !name.chars().all(|c| c.is_ascii_graphic())
+        {
+            return Err(format!("line {n}: {name:?} is not a field name"));
+        }
+        if let Some(f) = REPOSITORY_FIELDS
+            .iter()
+            .find(|f| f.eq_ignore_ascii_case(name))
+        {
+            return Err(format!(
+                "line {n}: the package sets {f}, which only the repository may write (it says where the file is and what it hashes to); rebuild it without that field"
+            ));
+        }
+        if fields.iter().any(|(k, _)| k.eq_ignore_ascii_case(name)) {
+            return Err(format!("line {n}: {name} is given twice"));
+        }
+        fields.push((name.to_string(), value.trim().to_string()));
+    }
+    let mut out = String::new();
+    for (k, v) in &fields {
+        if !out.is_empty() {
+            out.push('\n');
+        }
+        out.push_str(k);
+        out.push_str(": ");
+        out.push_str(v.trim_end());
+    }
+    Ok(out)
 }
 
 /// Names, versions and arches end up in file names and URLs: allow only what dpkg and rpm do.
@@ -154,7 +219,7 @@ pub fn inspect_rpm(
         .map_err(|e| anyhow!("{} is corrupt (digest check failed: {e})", path.display()))?;
     if pkg.verify_signature(verifier).is_err() {
         bail!(
-            "{} is not signed by this repository's key; build it with `keepup pack --sign-key <repo>/.keepup/signing-key.asc` (or `rpmsign --addsign`) and publish again",
+            "{} is not signed by this repository's key; build it with `keepup pack --sign-key KEY` (KEY: the secret key `keepup repo init` stored, in /etc/keepup/keys/ by default) or `rpmsign --addsign`, and publish again",
             path.display()
         );
     }
@@ -234,4 +299,38 @@ pub fn rpm_fragments(
         out[i] = format!("  {}\n", &text[start..end]);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_is_rebuilt_from_its_fields() {
+        let c = "Package: foo\nVersion:  1.0-1 \nDescription: x\n more\n .\n end\n";
+        assert_eq!(
+            rebuild_control(c).unwrap(),
+            "Package: foo\nVersion: 1.0-1\nDescription: x\n more\n .\n end"
+        );
+    }
+
+    #[test]
+    fn control_that_could_steer_packages_is_refused() {
+        for (c, why) in [
+            ("Package: foo\n\nPackage: evil\n", "line 2 is blank"),
+            ("Package: foo\n \n", "line 2 is blank"),
+            ("Package: foo\nFilename: pool/x.deb\n", "sets Filename"),
+            ("Package: foo\nsha256: 00\n", "sets SHA256"),
+            ("Package: foo\nSize: 1\n", "sets Size"),
+            ("Package: foo\nMD5sum: 00\n", "sets MD5sum"),
+            ("Package: foo\npackage: bar\n", "given twice"),
+            (" Package: foo\n", "no field comes before"),
+            ("Package foo\n", "not `Field: value`"),
+            ("#Package: foo\n", "not a field name"),
+            ("Package: foo\rbar\n", "control character"),
+        ] {
+            let err = rebuild_control(c).unwrap_err();
+            assert!(err.contains(why), "{c:?}: {err}");
+        }
+    }
 }

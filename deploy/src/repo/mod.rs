@@ -7,8 +7,13 @@
 //! tracks/<track>/index.json   the agent's index (+ index.json.sig)
 //! fleet.yaml (+ .sig)         fleet policy
 //! keys/repository.asc         public key for agents and apt (also keys/repository.gpg, binary)
-//! .keepup/                    private: signing-key.asc, lock, and the state (see `state`)
+//! .keepup/                    private: lock, incoming/ (copies being checked), the state (see `state`)
 //! ```
+//!
+//! The secret key lives outside the tree (`--key-dir`; `.keepup/repo.json` says where), is
+//! named by its fingerprint, and a key found inside the tree is warned about. Every file is
+//! fsync'ed before its rename and its directory after; pool files are the repository's own
+//! copies of what was offered.
 //!
 //! The state is split per track and per package name (`.keepup/tracks/<track>.json`,
 //! `.keepup/pool/<name>.json`), so a command reads and rewrites only the track it
@@ -19,6 +24,7 @@
 //! which is the commit. A command that fails puts the track's views back as its unchanged
 //! track file describes them and removes the pool files it added.
 
+pub mod crash;
 pub mod inspect;
 mod state;
 pub mod version;
@@ -27,7 +33,6 @@ mod views;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{Read as _, Write as _};
-use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context as _, Result};
@@ -37,7 +42,9 @@ use crate::sign::{self, Signer};
 pub use inspect::Format;
 pub use keepup_deploy::wire::PoolEntry;
 pub use state::Track;
+pub use state::DEFAULT_VALID_FOR;
 use state::{Layout, PoolMeta, Settings};
+pub use views::now;
 
 /// The default tracks, lowest first: packages enter at the first and are promoted upwards.
 pub const DEFAULT_TRACKS: [&str; 3] = ["unstable", "testing", "stable"];
@@ -73,19 +80,13 @@ impl State {
     }
 }
 
-/// A package file offered for publication, when the pool may share its inode (hard link).
-struct Source {
-    path: PathBuf,
-    dev: u64,
-    ino: u64,
-}
-
 /// A package checked and ready to be stored: its metadata (entry + fragments) and bytes.
 struct Staged {
     meta: PoolMeta,
     bytes: Vec<u8>,
-    /// Where the bytes came from, if the pool file may be a hard link to it.
-    source: Option<Source>,
+    /// The repository's own copy of the offered file (in `.keepup/incoming/`), whose bytes
+    /// are `bytes`: renamed into the pool. None: write `bytes` (a rollback's new package).
+    copy: Option<tempfile::NamedTempFile>,
     /// Not in the pool yet (false: the identical file is there already).
     new: bool,
 }
@@ -116,7 +117,59 @@ pub struct Repo {
     /// Track names and fleet policy.
     pub state: State,
     layout: Layout,
+    /// The secret signing key's file.
+    secret_key: PathBuf,
+    /// How long signed metadata stays valid (seconds).
+    valid_for: u64,
+    /// When what this command signs expires: one time for all it signs, so the views of a
+    /// command expire together.
+    expires: std::sync::OnceLock<u64>,
     _lock: Option<nix::fcntl::Flock<File>>,
+}
+
+/// Where `repo init` puts a new repository's secret key unless told (`--key-dir`): root's
+/// `/etc/keepup/keys/`, or the user's `~/.config/keepup/`; never inside the served tree.
+pub fn default_key_dir() -> Result<PathBuf> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { nix::libc::geteuid() } == 0 {
+        return Ok(PathBuf::from("/etc/keepup/keys"));
+    }
+    let config = match std::env::var_os("XDG_CONFIG_HOME").filter(|v| !v.is_empty()) {
+        Some(c) => PathBuf::from(c),
+        None => PathBuf::from(std::env::var_os("HOME").ok_or_else(|| {
+            anyhow!("HOME is not set; say where the secret key goes with --key-dir DIR")
+        })?)
+        .join(".config"),
+    };
+    Ok(config.join("keepup"))
+}
+
+/// Store the armored secret key in `dir` (made 0700; outside the tree at `root`) as
+/// `<FINGERPRINT>.asc` (0600); returns its absolute path. A key already stored there under
+/// that name is kept.
+fn store_key(dir: &Path, root: &Path, secret: &pgp::composed::SignedSecretKey) -> Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::path::absolute(dir)?;
+    let root = std::path::absolute(root)?;
+    if dir.starts_with(&root)
+        || std::fs::canonicalize(&dir)
+            .is_ok_and(|d| std::fs::canonicalize(&root).is_ok_and(|r| d.starts_with(r)))
+    {
+        bail!(
+            "the key directory {} is inside the repository {}, which is served; choose a --key-dir outside it",
+            dir.display(),
+            root.display()
+        );
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("making {} private (0700)", dir.display()))?;
+    let path = dir.join(format!("{}.asc", sign::fingerprint(secret)));
+    match sign::load_secret(&path) {
+        Ok(k) if sign::fingerprint(&k) == sign::fingerprint(secret) => {}
+        _ => write_new(&path, sign::armor_secret(secret)?.as_bytes(), 0o600)?,
+    }
+    Ok(path)
 }
 
 /// SHA-256 of bytes, hex.
@@ -154,9 +207,20 @@ fn write_new(path: &Path, data: &[u8], mode: u32) -> Result<()> {
         tmp.as_file()
             .set_permissions(std::fs::Permissions::from_mode(mode))?;
     }
+    // The data reaches the disk before the name does, and the name before we go on.
+    tmp.as_file()
+        .sync_all()
+        .with_context(|| format!("writing {} to disk", path.display()))?;
     tmp.persist(path)
         .map_err(|e| anyhow!("renaming into {}: {}", path.display(), e.error))?;
-    Ok(())
+    sync_dir(dir)
+}
+
+/// fsync a directory, so that the names just created or renamed in it survive a crash.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("writing the directory {} to disk", dir.display()))
 }
 
 /// Write a file that no index names yet (a new pool file, its metadata) straight to its final
@@ -184,29 +248,75 @@ fn write_unreferenced(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     .with_context(|| format!("creating {}", path.display()))?;
     f.write_all(data)
         .with_context(|| format!("writing {}", path.display()))?;
+    f.sync_all()
+        .with_context(|| format!("writing {} to disk", path.display()))?;
     Ok(())
 }
 
-/// Make `dest` a hard link to the offered file if it is still the file that was checked (same
-/// inode); false if it cannot be (another filesystem, no permission), and nothing is left.
-fn link_source(src: &Source, dest: &Path) -> bool {
-    let link = || std::fs::hard_link(&src.path, dest);
-    let linked = match link() {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => dest
-            .parent()
-            .is_some_and(|d| std::fs::create_dir_all(d).is_ok() && link().is_ok()),
-        r => r.is_ok(),
+/// The repository's own copy of an offered package file, in `incoming` (a directory on the
+/// pool's filesystem): a reflink where the filesystem can make one (btrfs, XFS), else a byte
+/// copy. Returns the copy and its bytes, read back from the copy: what is checked, hashed and
+/// stored is the copy, which the operator cannot change afterwards (a later `cp` over their
+/// file changes nothing in the pool).
+fn copy_in(src: &Path, incoming: &Path) -> Result<(tempfile::NamedTempFile, Vec<u8>)> {
+    use std::io::Seek as _;
+    let mut from = File::open(src).with_context(|| format!("reading {}", src.display()))?;
+    if !from.metadata()?.is_file() {
+        bail!("{} is not a regular file", src.display());
+    }
+    let temp = || {
+        tempfile::Builder::new()
+            .prefix(".tmp-")
+            .tempfile_in(incoming)
     };
-    if !linked {
+    let mut copy = match temp() {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(incoming)
+                .with_context(|| format!("creating {}", incoming.display()))?;
+            temp()
+        }
+        r => r,
+    }
+    .with_context(|| format!("creating a file in {}", incoming.display()))?;
+    if !reflink(&from, copy.as_file()) {
+        std::io::copy(&mut from, copy.as_file_mut())
+            .with_context(|| format!("copying {} into the repository", src.display()))?;
+    }
+    let mut bytes = Vec::new();
+    copy.as_file_mut().rewind()?;
+    copy.as_file_mut()
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("reading the copy of {}", src.display()))?;
+    Ok((copy, bytes))
+}
+
+/// Make `to` (empty) a copy-on-write clone of `from` (`FICLONE`); false where the filesystem
+/// cannot (ext4, tmpfs, another filesystem), and `to` is left empty.
+fn reflink(from: &File, to: &File) -> bool {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: both descriptors are open for the duration of the call; FICLONE takes the
+    // source descriptor as its argument and touches no memory of ours.
+    let r = unsafe { nix::libc::ioctl(to.as_raw_fd(), nix::libc::FICLONE, from.as_raw_fd()) };
+    r == 0
+}
+
+/// Move the repository's copy of an offered file to its pool path, on disk; false if it
+/// cannot be renamed there (`.keepup/` on another filesystem): then write the bytes.
+fn place_copy(copy: &tempfile::NamedTempFile, dest: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let f = copy.as_file();
+    if f.set_permissions(std::fs::Permissions::from_mode(0o644))
+        .and_then(|_| f.sync_all())
+        .is_err()
+    {
         return false;
     }
-    match std::fs::metadata(dest) {
-        Ok(m) if m.dev() == src.dev && m.ino() == src.ino => true,
-        // Replaced since it was checked: copy the checked bytes instead.
-        _ => {
-            let _ = std::fs::remove_file(dest);
-            false
-        }
+    let rename = || std::fs::rename(copy.path(), dest);
+    match rename() {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => dest
+            .parent()
+            .is_some_and(|d| std::fs::create_dir_all(d).is_ok() && rename().is_ok()),
+        r => r.is_ok(),
     }
 }
 
@@ -261,7 +371,62 @@ fn lock(private: &Path) -> Result<nix::fcntl::Flock<File>> {
 impl Repo {
     /// Path of the private signing key.
     pub fn secret_key_path(&self) -> PathBuf {
+        self.secret_key.clone()
+    }
+
+    /// Where repositories made before `--key-dir` kept the secret key: inside the tree.
+    fn key_in_tree(&self) -> PathBuf {
         self.layout.private.join("signing-key.asc")
+    }
+
+    /// A warning if a secret key lies inside the served tree (anything that copies the tree,
+    /// `rsync`, `aws s3 sync`, a web server's root, publishes it), with the command that moves
+    /// it out.
+    pub fn key_warning(&self) -> Option<String> {
+        let found = [self.key_in_tree(), self.secret_key.clone()]
+            .into_iter()
+            .find(|p| self.inside_tree(p))?;
+        Some(format!(
+            "warning: the secret signing key {} is inside the repository tree, where copying or serving the tree publishes it; move it out with `keepup repo move-key --repo {}` (to {}, or --key-dir DIR)",
+            found.display(),
+            self.root.display(),
+            default_key_dir().map_or_else(|_| "DIR".into(), |d| d.display().to_string())
+        ))
+    }
+
+    /// Move the secret key out of the tree into `key_dir`, and record where it is.
+    pub fn move_key(&mut self, key_dir: &Path) -> Result<PathBuf> {
+        let secret = sign::load_secret(&self.secret_key)?;
+        let path = store_key(key_dir, &self.root, &secret)?;
+        let mut settings = self.settings()?;
+        settings.key = Some(path.clone());
+        write_new(
+            &self.layout.settings(),
+            &serde_json::to_vec_pretty(&settings)?,
+            0o600,
+        )?;
+        let old = self.key_in_tree();
+        if old.exists() && old != path {
+            std::fs::remove_file(&old).with_context(|| format!("removing {}", old.display()))?;
+            sync_dir(&self.layout.private)?;
+        }
+        self.secret_key = path.clone();
+        Ok(path)
+    }
+
+    /// Does `p` exist inside the repository tree?
+    fn inside_tree(&self, p: &Path) -> bool {
+        let root = std::fs::canonicalize(&self.root).unwrap_or_else(|_| self.root.clone());
+        std::fs::canonicalize(p).is_ok_and(|p| p.starts_with(root))
+    }
+
+    fn settings(&self) -> Result<Settings> {
+        state::read_json::<Settings>(&self.layout.settings())?.ok_or_else(|| {
+            anyhow!(
+                "{} is missing; restore .keepup/ from a backup",
+                self.layout.settings().display()
+            )
+        })
     }
 
     /// Path of the public key (armored).
@@ -269,8 +434,15 @@ impl Repo {
         self.root.join("keys/repository.asc")
     }
 
-    /// Create a repository at `root` with a new key, or with the armored secret key `key`.
-    pub fn init(root: &Path, key: Option<&Path>, tracks: &[String]) -> Result<Repo> {
+    /// Create a repository at `root` with a new key, or with the armored secret key `key`;
+    /// the secret key is stored in `key_dir` (None: [`default_key_dir`]).
+    pub fn init(
+        root: &Path,
+        key: Option<&Path>,
+        key_dir: Option<&Path>,
+        tracks: &[String],
+        valid_for: u64,
+    ) -> Result<Repo> {
         let layout = Layout::new(root);
         if layout.settings().exists() || layout.old_state().exists() {
             bail!(
@@ -289,6 +461,10 @@ impl Repo {
             Some(k) => sign::load_secret(k)?,
             None => sign::generate("keepup repository <keepup@localhost>")?,
         };
+        let key_dir = match key_dir {
+            Some(d) => d.to_path_buf(),
+            None => default_key_dir()?,
+        };
         let repo = Repo {
             root: root.to_path_buf(),
             state: State {
@@ -296,13 +472,11 @@ impl Repo {
                 fleet: Default::default(),
             },
             _lock: Some(lock(&layout.private)?),
+            secret_key: store_key(&key_dir, root, &secret)?,
+            valid_for,
+            expires: Default::default(),
             layout,
         };
-        write_new(
-            &repo.secret_key_path(),
-            sign::armor_secret(&secret)?.as_bytes(),
-            0o600,
-        )?;
         let public = sign::armor_public(&secret)?;
         write_atomic(&repo.public_key_path(), public.as_bytes())?;
         let binary = {
@@ -324,6 +498,8 @@ impl Repo {
         let settings = Settings {
             layout: state::LAYOUT,
             tracks: tracks.to_vec(),
+            key: Some(repo.secret_key.clone()),
+            valid_for: Some(valid_for),
         };
         write_new(
             &repo.layout.settings(),
@@ -345,6 +521,13 @@ impl Repo {
             );
         }
         let lock = lock(&layout.private)?;
+        // Copies left in incoming/ by a command that died: we hold the lock, so no command
+        // is using them.
+        if let Ok(dir) = std::fs::read_dir(layout.incoming()) {
+            for f in dir.flatten() {
+                let _ = std::fs::remove_file(f.path());
+            }
+        }
         // Read the state only now that we hold the lock.
         let mut repo = Repo::load(root, true)?;
         repo._lock = Some(lock);
@@ -360,10 +543,14 @@ impl Repo {
     /// Load repo.json and fleet.json. A repository of the old layout is converted first
     /// (under the lock: taken here unless `locked`).
     fn load(root: &Path, locked: bool) -> Result<Repo> {
+        let layout = Layout::new(root);
         let mut repo = Repo {
             root: root.to_path_buf(),
             state: State::default(),
-            layout: Layout::new(root),
+            secret_key: layout.private.join("signing-key.asc"),
+            valid_for: DEFAULT_VALID_FOR,
+            expires: Default::default(),
+            layout,
             _lock: None,
         };
         let layout = &repo.layout;
@@ -396,6 +583,13 @@ impl Repo {
             tracks: settings.tracks,
             fleet: state::read_json(&layout.fleet())?.unwrap_or_default(),
         };
+        if let Some(k) = settings.key {
+            repo.secret_key = k;
+        }
+        repo.valid_for = settings.valid_for.unwrap_or(DEFAULT_VALID_FOR);
+        if let Some(w) = repo.key_warning() {
+            eprintln!("{w}");
+        }
         Ok(repo)
     }
 
@@ -437,6 +631,15 @@ impl Repo {
         state::lookup(&bytes, name).with_context(|| format!("{} is damaged", path.display()))
     }
 
+    /// The serial of the index `track` publishes now (0: none, or unreadable).
+    fn published_serial(&self, track: &str) -> u64 {
+        let path = self.root.join("tracks").join(track).join("index.json");
+        std::fs::read(path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<views::Index>(&b).ok())
+            .map_or(0, |i| i.serial)
+    }
+
     /// Every pool file's metadata.
     pub fn pool(&self) -> Result<Vec<PoolEntry>> {
         Ok(state::all_meta(&self.layout)?
@@ -463,7 +666,9 @@ impl Repo {
                 return Err(e);
             }
         };
-        new.serial = old.serial + 1;
+        // A command that died after writing the views but before its commit published a
+        // serial the track file does not know: never sign other contents under it.
+        new.serial = old.serial.max(self.published_serial(name)) + 1;
         let write = |t: &Track, known: &[&PoolMeta]| -> Result<()> {
             let mut by_path: HashMap<&str, &PoolMeta> =
                 known.iter().map(|m| (m.entry.path.as_str(), *m)).collect();
@@ -488,10 +693,18 @@ impl Repo {
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
-            views::write_track(&self.root, &signer, name, t.serial, &members)
+            views::write_track(
+                &self.root,
+                &signer,
+                name,
+                t.serial,
+                self.expires(),
+                &members,
+            )
         };
         let save = |t: &Track| write_new(&self.layout.track(name), &state::track_json(t)?, 0o600);
         let Err(err) = write(&new, known).and_then(|_| save(&new)) else {
+            crash::point(crash::Step::TrackCommit);
             return Ok(());
         };
         let back = Track {
@@ -514,10 +727,9 @@ impl Repo {
     pub fn publish(&mut self, files: &[PathBuf], track: &str) -> Result<Vec<PoolEntry>> {
         self.state.track_index(track)?;
         let key = inspect::rpm_verifier(&std::fs::read(self.public_key_path())?)?;
-        let owner = std::fs::metadata(&self.layout.private)?.uid();
         // Checking packages and computing their index fragments is the expensive part: spread
         // it over the cores. Nothing is written until every file has passed.
-        let mut staged = par_map(files, |f| self.check_file(f, &key, owner))?;
+        let mut staged = par_map(files, |f| self.check_file(f, &key))?;
         // The same file given twice is stored once; two different files for one pool path
         // are refused.
         let mut seen: HashMap<String, String> = HashMap::new();
@@ -541,19 +753,10 @@ impl Repo {
         self.add_to_track(track, staged)
     }
 
-    /// Read and check one file offered for publication. The pool may hard-link it if it is a
-    /// plain file of the repository's owner that only the owner can change.
-    fn check_file(
-        &self,
-        f: &Path,
-        key: &rpm::signature::pgp::Verifier,
-        owner: u32,
-    ) -> Result<Staged> {
-        let mut file = File::open(f).with_context(|| format!("reading {}", f.display()))?;
-        let m = file.metadata()?;
-        let mut bytes = Vec::with_capacity(m.len() as usize);
-        file.read_to_end(&mut bytes)
-            .with_context(|| format!("reading {}", f.display()))?;
+    /// Copy one file offered for publication into the repository, then read and check the
+    /// copy (the operator's file is never linked, and never read again).
+    fn check_file(&self, f: &Path, key: &rpm::signature::pgp::Verifier) -> Result<Staged> {
+        let (copy, bytes) = copy_in(f, &self.layout.incoming())?;
         let info = if bytes.starts_with(b"!<arch>\n") {
             inspect::inspect_deb(f, &bytes)?
         } else if bytes.starts_with(&[0xed, 0xab, 0xee, 0xdb]) {
@@ -565,13 +768,7 @@ impl Repo {
             );
         };
         let mut s = self.stage(info, bytes, None)?;
-        if m.is_file() && m.uid() == owner && m.mode() & 0o7022 == 0 && m.mode() & 0o444 == 0o444 {
-            s.source = Some(Source {
-                path: f.to_path_buf(),
-                dev: m.dev(),
-                ino: m.ino(),
-            });
-        }
+        s.copy = Some(copy);
         Ok(s)
     }
 
@@ -629,7 +826,7 @@ impl Repo {
                 return Ok(Staged {
                     meta: existing,
                     bytes,
-                    source: None,
+                    copy: None,
                     new: false,
                 });
             }
@@ -644,7 +841,7 @@ impl Repo {
         Ok(Staged {
             meta,
             bytes,
-            source: None,
+            copy: None,
             new: true,
         })
     }
@@ -695,8 +892,7 @@ impl Repo {
             let dest = self.root.join(&e.path);
             if s.new {
                 let _ = std::fs::remove_file(&dest);
-                let linked = s.source.as_ref().is_some_and(|src| link_source(src, &dest));
-                if !linked {
+                if !s.copy.as_ref().is_some_and(|c| place_copy(c, &dest)) {
                     write_unreferenced(&dest, &s.bytes, 0o644)?;
                 }
             } else if !dest.exists() {
@@ -704,8 +900,23 @@ impl Repo {
             } else {
                 return Ok(());
             }
+            crash::point(crash::Step::PoolFile);
             undo_.lock().expect("not poisoned").remove.push(dest);
             Ok(())
+        });
+        // Every new pool file's name is on disk before any metadata or view names it.
+        let files = files.and_then(|_| {
+            let dirs: std::collections::BTreeSet<PathBuf> = staged
+                .iter()
+                .filter_map(|s| {
+                    self.root
+                        .join(&s.meta.entry.path)
+                        .parent()
+                        .map(Path::to_path_buf)
+                })
+                .collect();
+            let dirs: Vec<PathBuf> = dirs.into_iter().collect();
+            par_map(&dirs, |d| sync_dir(d))
         });
         let mut by_name: BTreeMap<&str, Vec<&PoolMeta>> = BTreeMap::new();
         for s in staged.iter().filter(|s| s.new) {
@@ -743,9 +954,11 @@ impl Repo {
                         undo_.lock().expect("not poisoned").remove.push(path);
                     }
                 }
+                crash::point(crash::Step::PoolMeta);
                 Ok(())
             })
         });
+        let metas = metas.and_then(|_| sync_dir(&self.layout.private.join("pool")));
         let undo = undo.into_inner().expect("not poisoned");
         if let Err(err) = metas {
             undo.run();
@@ -910,7 +1123,12 @@ impl Repo {
     /// Save a changed fleet policy (`self.state.fleet`; views of tracks unchanged).
     pub fn commit_fleet(&mut self) -> Result<()> {
         let old: crate::fleet::Fleet = state::read_json(&self.layout.fleet())?.unwrap_or_default();
-        self.state.fleet.serial = old.serial + 1;
+        // As for tracks: past any serial published by a command that died before its commit.
+        let published = std::fs::read_to_string(self.root.join("fleet.yaml"))
+            .ok()
+            .and_then(|y| crate::fleet::Fleet::from_yaml(&y).ok())
+            .map_or(0, |f| f.serial);
+        self.state.fleet.serial = old.serial.max(published) + 1;
         self.commit_fleet_from(&old)
     }
 
@@ -918,7 +1136,7 @@ impl Repo {
     fn commit_fleet_from(&self, old: &crate::fleet::Fleet) -> Result<()> {
         let signer = self.signer()?;
         let save = |f: &crate::fleet::Fleet| {
-            crate::fleet::write(&self.root, &signer, f)?;
+            crate::fleet::write(&self.root, &signer, f, self.expires())?;
             write_new(&self.layout.fleet(), &serde_json::to_vec_pretty(f)?, 0o600)
         };
         if let Err(e) = save(&self.state.fleet) {
@@ -930,18 +1148,78 @@ impl Repo {
         Ok(())
     }
 
-    /// Rebuild every view from the state (after a restore, or to time a full index build).
+    /// Rebuild every view from the state, signed again with a new expiry and new serials
+    /// and no other change (`repo reindex` after a restore, `repo refresh` before expiry).
     pub fn reindex(&mut self) -> Result<()> {
         for t in self.state.tracks.clone() {
             let old = self.track(&t)?;
             self.commit_track(&t, &old, old.clone(), &Undo::default(), &[])?;
         }
-        crate::fleet::write(&self.root, &self.signer()?, &self.state.fleet)
+        // The policy's new expiry is a new content: a new serial.
+        self.commit_fleet()
+    }
+
+    /// When the metadata this command signs expires (Unix time; fixed at the first call).
+    pub fn expires(&self) -> u64 {
+        *self.expires.get_or_init(|| views::now() + self.valid_for)
+    }
+
+    /// How long signed metadata stays valid (seconds).
+    pub fn valid_for(&self) -> u64 {
+        self.valid_for
+    }
+
+    /// Change how long signed metadata stays valid; takes effect at the next command that
+    /// signs (`repo refresh` re-signs everything).
+    pub fn set_valid_for(&mut self, secs: u64) -> Result<()> {
+        if secs == 0 {
+            bail!("--valid-for must be longer than 0s");
+        }
+        let mut settings = self.settings()?;
+        settings.valid_for = Some(secs);
+        write_new(
+            &self.layout.settings(),
+            &serde_json::to_vec_pretty(&settings)?,
+            0o600,
+        )?;
+        self.valid_for = secs;
+        Ok(())
     }
 
     /// Check every signature and hash; returns the problems found.
     pub fn verify(&self) -> Result<Vec<String>> {
         views::verify(self)
+    }
+
+    /// When the first of the published signed documents (each track's `index.json`,
+    /// `fleet.yaml`) expires, as they say (unsigned reads: for scheduling a refresh, not for
+    /// trust); `None` if none carries an expiry.
+    pub fn signed_until(&self) -> Result<Option<u64>> {
+        let mut first: Option<u64> = None;
+        let mut note = |t: Option<u64>| {
+            if let Some(t) = t {
+                first = Some(first.map_or(t, |f| f.min(t)));
+            }
+        };
+        for t in &self.state.tracks {
+            let path = self.root.join("tracks").join(t).join("index.json");
+            match std::fs::read(&path) {
+                Ok(b) => {
+                    let index: keepup_deploy::wire::index::Index = serde_json::from_slice(&b)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    note(index.expires);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+            }
+        }
+        let path = self.root.join("fleet.yaml");
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            let fleet = keepup_deploy::wire::fleet::Fleet::from_yaml(&text)
+                .map_err(|e| anyhow!("reading {}: {e}", path.display()))?;
+            note(fleet.expires);
+        }
+        Ok(first)
     }
 }
 

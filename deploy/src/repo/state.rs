@@ -27,14 +27,24 @@ use crate::fleet::Fleet;
 /// The layout version `repo.json` records.
 pub const LAYOUT: u32 = 2;
 
-/// `.keepup/repo.json`: what never changes after `repo init`.
+/// `.keepup/repo.json`: the repository's settings.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Settings {
     /// State layout version ([`LAYOUT`]).
     pub layout: u32,
     /// Track names, lowest first.
     pub tracks: Vec<String>,
+    /// Where the secret signing key is (outside the served tree, named by its fingerprint).
+    /// None: `.keepup/signing-key.asc`, where repositories made before kept it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+    /// How long signed metadata stays valid, in seconds (None: [`DEFAULT_VALID_FOR`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub valid_for: Option<u64>,
 }
+
+/// How long signed metadata stays valid unless the repository says otherwise: 7 days.
+pub const DEFAULT_VALID_FOR: u64 = 7 * 86_400;
 
 /// One track: its index serial and its members, grouped by package name.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -171,6 +181,12 @@ impl Layout {
     /// `.keepup/repo.json`.
     pub fn settings(&self) -> PathBuf {
         self.private.join("repo.json")
+    }
+
+    /// `.keepup/incoming/`: copies of offered package files while they are checked (renamed
+    /// into the pool, or removed).
+    pub fn incoming(&self) -> PathBuf {
+        self.private.join("incoming")
     }
 
     /// `.keepup/fleet.json`.
@@ -315,6 +331,8 @@ pub fn migrate(
     let settings = Settings {
         layout: LAYOUT,
         tracks: old.tracks,
+        key: None,
+        valid_for: None,
     };
     write(&layout.settings(), &serde_json::to_vec_pretty(&settings)?)?;
     let _ = std::fs::remove_file(&old_path);

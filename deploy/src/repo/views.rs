@@ -45,7 +45,8 @@ pub fn rfc2822(secs: u64) -> String {
     keepup_packager::plan::rfc2822(secs).replace("+0000", "UTC")
 }
 
-fn now() -> u64 {
+/// Unix time now.
+pub fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -62,6 +63,7 @@ pub fn write_track(
     signer: &Signer,
     track: &str,
     serial: u64,
+    expires: u64,
     members: &[&PoolMeta],
 ) -> Result<()> {
     let mut members = members.to_vec();
@@ -72,16 +74,27 @@ pub fn write_track(
             .then(a.version_cmp(&b.version))
             .then(a.path.cmp(&b.path))
     });
+    if super::crash::armed() {
+        return write_apt(root, signer, track, expires, &members)
+            .and_then(|_| write_rpm(root, signer, track, &members))
+            .and_then(|_| write_index(root, signer, track, serial, expires, &members));
+    }
     // Four signatures and two compressions: the APT view on one core, the rest on the other.
     std::thread::scope(|s| {
-        let apt = s.spawn(|| write_apt(root, signer, track, &members));
+        let apt = s.spawn(|| write_apt(root, signer, track, expires, &members));
         let rest = write_rpm(root, signer, track, &members)
-            .and_then(|_| write_index(root, signer, track, serial, &members));
+            .and_then(|_| write_index(root, signer, track, serial, expires, &members));
         apt.join().expect("APT view thread panicked").and(rest)
     })
 }
 
-fn write_apt(root: &Path, signer: &Signer, track: &str, members: &[&PoolMeta]) -> Result<()> {
+fn write_apt(
+    root: &Path,
+    signer: &Signer,
+    track: &str,
+    expires: u64,
+    members: &[&PoolMeta],
+) -> Result<()> {
     let dist = root.join("dists").join(track);
     let debs: Vec<&PoolMeta> = members
         .iter()
@@ -117,6 +130,7 @@ fn write_apt(root: &Path, signer: &Signer, track: &str, members: &[&PoolMeta]) -
             // by-hash first: a client holding the new Release finds every file it names.
             write_atomic(&hash_dir.join(&hash), data)?;
             write_atomic(&dist.join(&dir).join(name), data)?;
+            super::crash::point(super::crash::Step::AptPackages);
             sums.push((
                 format!("{dir}/{name}"),
                 data.len(),
@@ -128,8 +142,9 @@ fn write_apt(root: &Path, signer: &Signer, track: &str, members: &[&PoolMeta]) -
         by_hash.push((hash_dir, current));
     }
     let mut release = format!(
-        "Origin: keepup\nLabel: keepup\nSuite: {track}\nCodename: {track}\nDate: {}\nArchitectures: {}\nComponents: main\nDescription: keepup track {track}\nAcquire-By-Hash: yes\nMD5Sum:\n",
+        "Origin: keepup\nLabel: keepup\nSuite: {track}\nCodename: {track}\nDate: {}\nValid-Until: {}\nArchitectures: {}\nComponents: main\nDescription: keepup track {track}\nAcquire-By-Hash: yes\nMD5Sum:\n",
         rfc2822(now()),
+        rfc2822(expires),
         arches.join(" ")
     );
     for (p, size, _, md5) in &sums {
@@ -141,13 +156,15 @@ fn write_apt(root: &Path, signer: &Signer, track: &str, members: &[&PoolMeta]) -
     }
     let gpg = signer.detached(release.as_bytes())?;
     let inrelease = signer.cleartext(&release)?;
+    // InRelease first: it carries its own signature, and it is what apt fetches.
+    write_atomic(&dist.join("InRelease"), inrelease.as_bytes())?;
     write_atomic(&dist.join("Release"), release.as_bytes())?;
     write_atomic(&dist.join("Release.gpg"), gpg.as_bytes())?;
-    write_atomic(&dist.join("InRelease"), inrelease.as_bytes())?;
+    super::crash::point(super::crash::Step::AptRelease);
     // Only now that the new Release is in place: the generations no Release names any more,
     // but for the last few (apt clients mid-update may hold them).
     for (dir, current) in by_hash {
-        prune_generations(&dir, &current, 2, |_| false)?;
+        prune_generations(&dir, &current, 2, GRACE, |_| false)?;
     }
     Ok(())
 }
@@ -229,13 +246,14 @@ fn write_rpm(root: &Path, signer: &Signer, track: &str, members: &[&PoolMeta]) -
     let asc = signer.detached(repomd.as_bytes())?;
     write_atomic(&base.join("repodata/repomd.xml.asc"), asc.as_bytes())?;
     write_atomic(&base.join("repodata/repomd.xml"), repomd.as_bytes())?;
+    super::crash::point(super::crash::Step::RpmView);
     // Metadata that no repomd.xml names any more: keep the last few generations for clients
     // mid-download, remove the rest.
     let current: Vec<String> = records
         .iter()
         .map(|r| file_name(&r.3).to_string())
         .collect();
-    prune_generations(&base.join("repodata"), &current, 3, |name| {
+    prune_generations(&base.join("repodata"), &current, 3, GRACE, |name| {
         name.starts_with("repomd.xml")
     })?;
     // Links of packages that left the track.
@@ -245,16 +263,22 @@ fn write_rpm(root: &Path, signer: &Signer, track: &str, members: &[&PoolMeta]) -
     Ok(())
 }
 
-/// Remove the files of `dir` that are not `current` and not among the newest
+/// How long a by-hash file or DNF metadata file stays after no `Release`/`repomd.xml` names
+/// it: a client that fetched the index just before a publish still finds what it names.
+pub const GRACE: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Remove the files of `dir` that are not `current`, not among the newest
 /// [`PREVIOUS_GENERATIONS`] generations of `per_generation` files before it (by modification
-/// time: each generation is written after the one before). Files for which `skip` is true are
-/// left alone, and so are temporary files of a write in progress.
+/// time: each generation is written after the one before), and older than `grace`. Files for
+/// which `skip` is true are left alone, and so are temporary files of a write in progress.
 fn prune_generations(
     dir: &Path,
     current: &[String],
     per_generation: usize,
+    grace: std::time::Duration,
     skip: impl Fn(&str) -> bool,
 ) -> Result<()> {
+    let cutoff = std::time::SystemTime::now() - grace;
     let mut old: Vec<(std::time::SystemTime, String)> = Vec::new();
     for f in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let f = f?;
@@ -266,7 +290,11 @@ fn prune_generations(
     }
     // Newest first.
     old.sort_by(|a, b| b.cmp(a));
-    for (_, name) in old.into_iter().skip(PREVIOUS_GENERATIONS * per_generation) {
+    for (_, name) in old
+        .into_iter()
+        .skip(PREVIOUS_GENERATIONS * per_generation)
+        .filter(|(t, _)| *t < cutoff)
+    {
         let _ = std::fs::remove_file(dir.join(name));
     }
     Ok(())
@@ -279,12 +307,14 @@ fn write_index(
     signer: &Signer,
     track: &str,
     serial: u64,
+    expires: u64,
     members: &[&PoolMeta],
 ) -> Result<()> {
     let index = Index {
         track: track.to_string(),
         serial,
         generated: now(),
+        expires: Some(expires),
         packages: current_of(members.iter().map(|m| &m.entry))
             .into_values()
             .cloned()
@@ -296,6 +326,7 @@ fn write_index(
     let dir = root.join("tracks").join(track);
     write_atomic(&dir.join("index.json.sig"), sig.as_bytes())?;
     write_atomic(&dir.join("index.json"), &json)?;
+    super::crash::point(super::crash::Step::Index);
     Ok(())
 }
 
@@ -342,6 +373,20 @@ pub fn verify(repo: &Repo) -> Result<Vec<String>> {
                 if signed.trim_end() != release.trim_end() {
                     return Err(anyhow!("InRelease and Release differ"));
                 }
+                let until =
+                    super::inspect::control_field(&release, "Valid-Until").ok_or_else(|| {
+                        anyhow!(
+                            "Release has no Valid-Until; run `keepup repo refresh --repo {}`",
+                            root.display()
+                        )
+                    })?;
+                let until = parse_rfc2822(&until)?;
+                keepup_deploy::wire::verify::check_expiry(Some(until), now()).map_err(|e| {
+                    anyhow!(
+                        "{e}; re-sign with `keepup repo refresh --repo {}`",
+                        root.display()
+                    )
+                })?;
                 let mut in_sha = false;
                 for line in release.lines() {
                     if !line.starts_with(' ') {
@@ -353,12 +398,29 @@ pub fn verify(repo: &Repo) -> Result<Vec<String>> {
                     }
                     let f: Vec<&str> = line.split_whitespace().collect();
                     if let [sum, size, path] = f[..] {
-                        let b = read(&format!("{d}/{path}"))?;
+                        // The signed Release says `Acquire-By-Hash: yes`: clients fetch the
+                        // by-hash file, which must match.
+                        let (dir, _) = path.rsplit_once('/').unwrap_or((".", path));
+                        let b = read(&format!("{d}/{dir}/by-hash/SHA256/{sum}"))?;
                         if sha256_hex(&b) != sum || b.len().to_string() != size {
                             return Err(anyhow!("{path} does not match its SHA256 line"));
                         }
                         if path.ends_with("/Packages") {
                             check_packages(root, &String::from_utf8(b)?)?;
+                        }
+                        // The plain name, for old clients, is replaced before the Release
+                        // that names it: one of another generation is what a command that
+                        // was interrupted there leaves (the next command or `repo reindex`
+                        // rewrites it).
+                        let plain = read(&format!("{d}/{path}"))?;
+                        if sha256_hex(&plain) != sum {
+                            let other = format!("{d}/{dir}/by-hash/SHA256/{}", sha256_hex(&plain));
+                            if !root.join(&other).exists() {
+                                return Err(anyhow!("{path} does not match its SHA256 line"));
+                            }
+                            eprintln!(
+                                "note: {d}/{path} is of another generation than the Release (an interrupted command; clients fetch by hash); `keepup repo reindex` rewrites it"
+                            );
                         }
                     }
                 }
@@ -390,6 +452,12 @@ pub fn verify(repo: &Repo) -> Result<Vec<String>> {
             (|| {
                 let json = read_signed(&format!("{t}/index.json"), &format!("{t}/index.json.sig"))?;
                 let index: Index = serde_json::from_slice(&json)?;
+                keepup_deploy::wire::verify::check_expiry(index.expires, now()).map_err(|e| {
+                    anyhow!(
+                        "{e}; re-sign with `keepup repo refresh --repo {}`",
+                        root.display()
+                    )
+                })?;
                 for e in &index.packages {
                     let b = read(&e.path)?;
                     if sha256_hex(&b) != e.sha256 {
@@ -404,6 +472,39 @@ pub fn verify(repo: &Repo) -> Result<Vec<String>> {
         problems.push(format!("fleet.yaml: {e:#}"));
     }
     Ok(problems)
+}
+
+/// The Unix time of a Release date as [`rfc2822`] writes it (`Thu, 01 Jan 1970 00:00:00 UTC`).
+fn parse_rfc2822(s: &str) -> Result<u64> {
+    let bad = || anyhow!("{s:?} is not a Release date");
+    let f: Vec<&str> = s.split_whitespace().collect();
+    let [_, day, month, year, time, _] = f[..] else {
+        return Err(bad());
+    };
+    let month = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ]
+    .iter()
+    .position(|m| *m == month)
+    .ok_or_else(bad)? as i64
+        + 1;
+    let (day, year): (i64, i64) = (day.parse()?, year.parse()?);
+    let hms: Vec<u64> = time
+        .split(':')
+        .map(|x| x.parse::<u64>().map_err(|_| bad()))
+        .collect::<Result<_>>()?;
+    let [h, m, sec] = hms[..] else {
+        return Err(bad());
+    };
+    // Days since 1970-01-01 of a civil date (Howard Hinnant's algorithm).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Ok(days as u64 * 86_400 + h * 3600 + m * 60 + sec)
 }
 
 fn between<'a>(s: &'a str, start: &str, end: &str) -> Option<&'a str> {
@@ -433,48 +534,54 @@ mod tests {
 
     #[test]
     fn release_dates_are_rfc2822_utc() {
+        for t in [0, 1_700_000_000, 951_782_400, 4_102_444_799] {
+            assert_eq!(parse_rfc2822(&rfc2822(t)).unwrap(), t);
+        }
         assert_eq!(rfc2822(0), "Thu, 01 Jan 1970 00:00:00 UTC");
         assert_eq!(rfc2822(1_700_000_000), "Tue, 14 Nov 2023 22:13:20 UTC");
         assert_eq!(rfc2822(951_782_400), "Tue, 29 Feb 2000 00:00:00 UTC");
     }
 
     #[test]
-    fn prune_keeps_current_and_the_last_generations() {
+    fn prune_keeps_current_the_last_generations_and_young_files() {
         let dir = tempfile::tempdir().unwrap();
-        let t0 = std::time::SystemTime::now() - std::time::Duration::from_secs(100);
-        // Generations 0..6 of two files each, oldest first; generation 6 is current.
-        for g in 0..7u64 {
+        let t0 = std::time::SystemTime::now() - std::time::Duration::from_secs(1000);
+        // Generations 0..7 of two files each, 10s apart, oldest first; 7 is current.
+        for g in 0..8u64 {
             for kind in ["a", "b"] {
                 let p = dir.path().join(format!("{g}{kind}"));
                 std::fs::write(&p, b"x").unwrap();
                 let f = std::fs::File::options().write(true).open(&p).unwrap();
-                f.set_modified(t0 + std::time::Duration::from_secs(g))
+                f.set_modified(t0 + std::time::Duration::from_secs(10 * g))
                     .unwrap();
             }
         }
         // The current generation may reuse an old file (same contents, same hash).
-        let current = vec!["6a".to_string(), "0b".to_string()];
+        let current = vec!["7a".to_string(), "0b".to_string()];
         std::fs::write(dir.path().join("repomd.xml"), b"x").unwrap();
         std::fs::write(dir.path().join(".tmp-123"), b"x").unwrap();
-        prune_generations(dir.path(), &current, 2, |n| n == "repomd.xml").unwrap();
+        // Generation 4 is 960s old, inside the grace; generation 3 (970s) is past it.
+        let grace = std::time::Duration::from_secs(965);
+        prune_generations(dir.path(), &current, 2, grace, |n| n == "repomd.xml").unwrap();
         let mut left: Vec<String> = std::fs::read_dir(dir.path())
             .unwrap()
             .map(|f| f.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         left.sort();
-        // current (6a, 0b) + the newest 3 x 2 others (6b, 5a, 5b, 4a, 4b, 3b... by time).
+        // current (7a, 0b), the newest 3 x 2 others (7b, 6a, 6b, 5a, 5b, 4a), and 4b (young).
         assert_eq!(
             left,
             [
                 ".tmp-123",
                 "0b",
-                "3b",
                 "4a",
                 "4b",
                 "5a",
                 "5b",
                 "6a",
                 "6b",
+                "7a",
+                "7b",
                 "repomd.xml"
             ]
         );

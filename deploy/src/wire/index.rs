@@ -91,6 +91,11 @@ pub struct Index {
     pub serial: u64,
     /// Unix time of generation.
     pub generated: u64,
+    /// Unix time after which agents refuse this index (a frozen or unmaintained repository);
+    /// `keepup repo refresh` signs it again with a later one. None: from a repository made
+    /// before expiry existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<u64>,
     /// The current version of each package (per name, format and arch).
     pub packages: Vec<PoolEntry>,
 }

@@ -1,10 +1,11 @@
 //! Wire types shared by the agent and the operator side: the agent's track index
-//! ([`index`]), the fleet policy ([`fleet`]), what an agent reports ([`report`]) and the
-//! OpenPGP signature check both sides apply ([`verify`]). Everything here is plain data plus
-//! pure functions: no files, no network.
+//! ([`index`]), the fleet policy ([`fleet`]), what an agent reports ([`report`]), the name
+//! rules reports are checked with ([`names`]) and the OpenPGP signature check both sides apply
+//! ([`verify`]). Everything here is plain data plus pure functions: no files, no network.
 
 pub mod fleet;
 pub mod index;
+pub mod names;
 pub mod report;
 pub mod verify;
 

@@ -1,6 +1,7 @@
 //! Checking the repository's detached OpenPGP signatures (`index.json.sig`, `fleet.yaml.sig`,
 //! `Release.gpg`, `repomd.xml.asc`) against a public key: what `keepup repo verify` does on
-//! the operator side and what every agent does with the key pinned in its configuration.
+//! the operator side and what every agent does with the key pinned in its configuration. Also
+//! the expiry check of signed metadata ([`check_expiry`]).
 
 use pgp::composed::{Deserializable, DetachedSignature, SignedPublicKey};
 use pgp::types::KeyDetails as _;
@@ -45,4 +46,60 @@ pub fn verify_detached(
         .map_err(|e| format!("not an armored signature: {e}"))?;
     sig.verify(&key.primary_key, data)
         .map_err(|e| format!("bad signature: {e}"))
+}
+
+/// Refuse signed metadata whose `expires` (Unix time) is not after `now`: a repository that
+/// nobody re-signs, or an attacker serving yesterday's metadata forever (a freeze). Metadata
+/// without `expires` comes from a repository made before expiry existed and is accepted.
+pub fn check_expiry(expires: Option<u64>, now: u64) -> Result<(), String> {
+    match expires {
+        Some(t) if t <= now => Err(format!(
+            "repository metadata expired at {} (frozen or unmaintained repository?)",
+            utc(t)
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Unix time as `YYYY-MM-DDTHH:MM:SSZ`.
+pub fn utc(t: u64) -> String {
+    let (days, secs) = ((t / 86_400) as i64, t % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+#[cfg(test)]
+mod expiry_tests {
+    use super::*;
+
+    #[test]
+    fn utc_dates() {
+        assert_eq!(utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(utc(1_700_000_000), "2023-11-14T22:13:20Z");
+    }
+
+    #[test]
+    fn expired_metadata_is_refused_with_the_time() {
+        assert_eq!(check_expiry(None, 5), Ok(()));
+        assert_eq!(check_expiry(Some(6), 5), Ok(()));
+        assert_eq!(
+            check_expiry(Some(1_700_000_000), 1_700_000_000),
+            Err("repository metadata expired at 2023-11-14T22:13:20Z (frozen or unmaintained repository?)".into())
+        );
+    }
 }
