@@ -19,9 +19,32 @@ pub enum RepoCommand {
         /// Armored OpenPGP secret key to sign with, instead of generating one.
         #[arg(long)]
         key: Option<PathBuf>,
+        /// Where to keep the secret key, outside the served tree (default: /etc/keepup/keys
+        /// for root, ~/.config/keepup otherwise). It is stored as <FINGERPRINT>.asc, mode 0600.
+        #[arg(long)]
+        key_dir: Option<PathBuf>,
         /// Track names, lowest first.
         #[arg(long, value_delimiter = ',', default_values_t = DEFAULT_TRACKS.map(String::from))]
         tracks: Vec<String>,
+        /// How long signed metadata stays valid (Release's Valid-Until, the indexes' and
+        /// fleet.yaml's `expires`); re-sign before that with `keepup repo refresh`.
+        #[arg(long, default_value = "7d", value_parser = crate::report::parse_duration)]
+        valid_for: u64,
+    },
+    /// Re-sign every view and fleet.yaml with a new expiry (new serials, no other change):
+    /// run it from a timer well within `--valid-for`.
+    Refresh {
+        #[command(flatten)]
+        repo: RepoArg,
+    },
+    /// Show or change the repository's settings.
+    Config {
+        #[command(flatten)]
+        repo: RepoArg,
+        /// How long signed metadata stays valid from now on (takes effect at the next
+        /// command that signs; `keepup repo refresh` re-signs everything).
+        #[arg(long, value_parser = crate::report::parse_duration)]
+        valid_for: Option<u64>,
     },
     /// Show the versions in each track.
     List {
@@ -44,6 +67,18 @@ pub enum RepoCommand {
         #[command(flatten)]
         repo: RepoArg,
     },
+    /// Move a secret key kept inside the repository tree (`.keepup/signing-key.asc`, where
+    /// older versions put it) out of the tree.
+    MoveKey {
+        #[command(flatten)]
+        repo: RepoArg,
+        /// Where to keep it (default: /etc/keepup/keys for root, ~/.config/keepup otherwise).
+        #[arg(long)]
+        key_dir: Option<PathBuf>,
+    },
+    /// The steps `KEEPUP_CRASH_AT` can crash a command at (for crash tests).
+    #[command(hide = true)]
+    CrashSteps,
 }
 
 /// `--repo DIR`.
@@ -151,6 +186,45 @@ pub struct ServeArgs {
     /// serve the fleet view (`/`, `/api/v1/fleet`). See docs/reports.md.
     #[arg(long)]
     state: Option<PathBuf>,
+    /// File holding a read token: `/`, `/api/v1/fleet` and `/api/v1/events` then answer only
+    /// requests that present it (`Authorization: Bearer TOKEN`, or a browser's login with the
+    /// token as password). Reports still use host tokens. See docs/reports.md.
+    #[arg(long, requires = "state")]
+    read_token_file: Option<PathBuf>,
+    /// Connections served at once; past it, new ones get `503` with `Retry-After`. Default:
+    /// what the open file limit allows (half of it, at most 16384). See docs/operations.md.
+    #[arg(long, value_name = "N")]
+    max_connections: Option<usize>,
+    /// Time a client has to send a request's headers, from its connection or the end of the
+    /// previous response (also the keep-alive idle limit).
+    #[arg(long, default_value = "10s", value_parser = parse_timeout)]
+    header_read_timeout: std::time::Duration,
+    /// A connection on which no byte moves either way for this long is closed.
+    #[arg(long, default_value = "60s", value_parser = parse_timeout)]
+    idle_timeout: std::time::Duration,
+    /// A report must be received and stored within this (bounds a slowly sent body).
+    #[arg(long, default_value = "30s", value_parser = parse_timeout)]
+    request_timeout: std::time::Duration,
+    /// Serve HTTPS: PEM certificate chain (server certificate first). Needs --tls-key;
+    /// both files are read again on SIGHUP. See docs/tls.md.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert (PKCS#8, RSA or SEC1).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Do not re-sign the signed metadata before it expires. By default, when this process
+    /// can read the secret key, it runs `keepup repo refresh` once less than half of
+    /// `--valid-for` is left.
+    #[arg(long)]
+    no_refresh: bool,
+}
+
+/// A timeout of `keepup serve`: a duration of at least one second.
+fn parse_timeout(s: &str) -> Result<std::time::Duration, String> {
+    match crate::report::parse_duration(s)? {
+        0 => Err(format!("{s:?}: a timeout must be at least 1s")),
+        n => Ok(std::time::Duration::from_secs(n)),
+    }
 }
 
 /// `--state FILE` of `keepup host`.
@@ -192,9 +266,13 @@ pub enum HostCommand {
 /// `keepup report`
 #[derive(clap::Args)]
 pub struct ReportArgs {
-    /// The `keepup serve --state` server.
+    /// The `keepup serve --state` server: `http://` or `https://HOST[:PORT]`.
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     server: String,
+    /// For an `https://` server: trust only the CA certificates in this PEM file (default:
+    /// the system's CA bundle).
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
     /// Print the fleet view as JSON.
     #[arg(long)]
     json: bool,
@@ -214,6 +292,9 @@ pub struct ReportArgs {
     /// Silence after which a host is stale (3 x the agents' report interval).
     #[arg(long, default_value = "10m", value_parser = crate::report::parse_duration)]
     stale_after: u64,
+    /// File holding the server's read token (`keepup serve --read-token-file`).
+    #[arg(long)]
+    read_token_file: Option<PathBuf>,
 }
 
 fn table(rows: &[Vec<String>]) -> String {
@@ -243,7 +324,13 @@ fn table(rows: &[Vec<String>]) -> String {
 /// `keepup repo ...`
 pub fn repo(cmd: RepoCommand) -> Result<()> {
     match cmd {
-        RepoCommand::Init { dir, key, tracks } => {
+        RepoCommand::Init {
+            dir,
+            key,
+            key_dir,
+            tracks,
+            valid_for,
+        } => {
             if tracks.is_empty()
                 || tracks.iter().any(|t| {
                     t.is_empty()
@@ -254,7 +341,10 @@ pub fn repo(cmd: RepoCommand) -> Result<()> {
             {
                 bail!("track names are letters, digits, - and _ (got {tracks:?})");
             }
-            let repo = Repo::init(&dir, key.as_deref(), &tracks)?;
+            if valid_for == 0 {
+                bail!("--valid-for must be longer than 0s");
+            }
+            let repo = Repo::init(&dir, key.as_deref(), key_dir.as_deref(), &tracks, valid_for)?;
             let key = repo.public_key_path();
             let fpr = crate::sign::fingerprint(&crate::sign::load_secret(&repo.secret_key_path())?);
             println!("repository: {}", dir.display());
@@ -266,7 +356,7 @@ pub fn repo(cmd: RepoCommand) -> Result<()> {
                 dir.join("keys/repository.gpg").display()
             );
             println!(
-                "secret key (keep private; sign rpms with `keepup pack --sign-key`): {}",
+                "secret key (kept outside the repository, mode 0600; back it up offline; sign rpms with `keepup pack --sign-key`): {}",
                 repo.secret_key_path().display()
             );
             println!();
@@ -361,6 +451,40 @@ pub fn repo(cmd: RepoCommand) -> Result<()> {
                 }
                 bail!("{} problem(s); `keepup repo reindex --repo {}` rewrites the views from the state (pool files that changed must be restored from a backup)", problems.len(), repo.dir.display())
             }
+        }
+        RepoCommand::Refresh { repo } => {
+            let mut r = Repo::open(&repo.dir)?;
+            r.reindex()?;
+            println!(
+                "signed again; valid until {}",
+                keepup_deploy::wire::verify::utc(r.expires())
+            );
+            Ok(())
+        }
+        RepoCommand::Config { repo, valid_for } => {
+            let mut r = Repo::open(&repo.dir)?;
+            if let Some(v) = valid_for {
+                r.set_valid_for(v)?;
+            }
+            println!("valid-for:  {}s", r.valid_for());
+            println!("secret key: {}", r.secret_key_path().display());
+            Ok(())
+        }
+        RepoCommand::MoveKey { repo, key_dir } => {
+            let mut r = Repo::open(&repo.dir)?;
+            let dir = match key_dir {
+                Some(d) => d,
+                None => crate::repo::default_key_dir()?,
+            };
+            let path = r.move_key(&dir)?;
+            println!("secret key: {}", path.display());
+            Ok(())
+        }
+        RepoCommand::CrashSteps => {
+            for s in crate::repo::crash::STEPS {
+                println!("{}", s.name());
+            }
+            Ok(())
         }
         RepoCommand::Reindex { repo } => {
             let mut r = Repo::open(&repo.dir)?;
@@ -526,10 +650,24 @@ pub fn fleet(cmd: FleetCommand) -> Result<()> {
 /// `keepup serve`
 pub fn serve(a: ServeArgs) -> Result<()> {
     Repo::read_only(&a.repo.dir)?;
+    if !a.no_refresh {
+        crate::refresh::start(&a.repo.dir)?;
+    }
     crate::serve::serve(crate::serve::ServeOptions {
         root: a.repo.dir,
         listen: a.listen,
         state: a.state,
+        read_token_file: a.read_token_file,
+        limits: crate::serve::Limits {
+            max_connections: a.max_connections,
+            header_read: a.header_read_timeout,
+            idle: a.idle_timeout,
+            request_timeout: a.request_timeout,
+        },
+        tls: a
+            .tls_cert
+            .zip(a.tls_key)
+            .map(|(cert, key)| crate::tls::TlsFiles { cert, key }),
     })
 }
 
@@ -546,8 +684,17 @@ pub fn host(c: HostCommand) -> Result<()> {
 
 /// `keepup report`
 pub fn report(a: ReportArgs) -> Result<()> {
+    let read_token = a
+        .read_token_file
+        .as_deref()
+        .map(crate::state::read_token)
+        .transpose()?;
     crate::report::run(&crate::report::ReportOptions {
         server: a.server,
+        trust: a.ca_file.map_or(
+            keepup_deploy::https::Trust::System,
+            keepup_deploy::https::Trust::CaFile,
+        ),
         json: a.json,
         filter: crate::state::view::Filter {
             behind: a.behind,
@@ -556,5 +703,6 @@ pub fn report(a: ReportArgs) -> Result<()> {
             quarantined: a.quarantined,
         },
         stale_after: a.stale_after,
+        read_token,
     })
 }

@@ -5,11 +5,13 @@
 mod cli;
 mod fleet;
 mod pack_agent;
+mod refresh;
 mod repo;
 mod report;
 mod serve;
 mod sign;
 mod state;
+mod tls;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -76,6 +78,15 @@ struct PackArgs {
     /// With --agent: the packages' maintainer, `Name <email>`.
     #[arg(long, requires = "agent")]
     maintainer: Option<String>,
+    /// With --agent: a PEM file of CA certificates to ship as /etc/keepup/ca.pem (the agent's
+    /// `ca_file` for https:// repo and report URLs signed by a private CA).
+    #[arg(long, requires = "agent", value_name = "FILE")]
+    ca_file: Option<PathBuf>,
+    /// With --agent: write this repository's current serials (policy and every track) as
+    /// `min_serials` into the shipped /etc/keepup/agent.yaml, so a new host refuses older
+    /// signed metadata on first contact.
+    #[arg(long, requires = "agent", value_name = "REPO")]
+    min_serials_from: Option<PathBuf>,
     /// Output directory.
     #[arg(long, default_value = "dist")]
     out: PathBuf,

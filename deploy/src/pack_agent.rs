@@ -6,7 +6,7 @@ use std::io::Read as _;
 use std::path::Path;
 
 use anyhow::{bail, Context as _};
-use keepup_packager::agent::{AgentPackage, DEFAULT_MAINTAINER};
+use keepup_packager::agent::{AgentPackage, MinSerials, DEFAULT_MAINTAINER};
 use keepup_packager::spec::Arch;
 use keepup_packager::{pack_agent, PackOptions};
 
@@ -40,7 +40,16 @@ pub(crate) fn run(args: &PackArgs) -> anyhow::Result<()> {
             .maintainer
             .clone()
             .unwrap_or_else(|| DEFAULT_MAINTAINER.to_string()),
+        ca_file: args.ca_file.clone(),
+        min_serials: args
+            .min_serials_from
+            .as_deref()
+            .map(min_serials)
+            .transpose()?,
     };
+    if let Some(ca) = &pkg.ca_file {
+        check_ca_bundle(ca)?;
+    }
     let opts = PackOptions {
         formats: crate::formats(&args.format),
         compression,
@@ -57,6 +66,51 @@ pub(crate) fn run(args: &PackArgs) -> anyhow::Result<()> {
         .with_context(|| format!("packing the agent {}", binary.display()))?;
     for f in files {
         println!("{}", f.display());
+    }
+    Ok(())
+}
+
+/// The serials the repository at `root` has committed: its policy's and each track's.
+fn min_serials(root: &Path) -> anyhow::Result<MinSerials> {
+    let repo = crate::repo::Repo::read_only(root).context("--min-serials-from")?;
+    let mut m = MinSerials {
+        fleet: repo.state.fleet.serial,
+        ..MinSerials::default()
+    };
+    for t in &repo.state.tracks {
+        m.tracks.insert(t.clone(), repo.track(t)?.serial);
+    }
+    Ok(m)
+}
+
+/// A CA bundle to ship must hold at least one PEM certificate and no private key (the CA's
+/// key passed by mistake would be installed world-readable on every host).
+fn check_ca_bundle(path: &Path) -> anyhow::Result<()> {
+    use rustls::pki_types::pem::{PemObject as _, SectionKind};
+    let text = std::fs::read(path).with_context(|| format!("--ca-file {}", path.display()))?;
+    let mut certs = 0;
+    for section in <(SectionKind, Vec<u8>)>::pem_slice_iter(&text) {
+        let (kind, _) = section.map_err(|e| {
+            anyhow::anyhow!("--ca-file {}: not a valid PEM file: {e}", path.display())
+        })?;
+        match kind {
+            SectionKind::Certificate => certs += 1,
+            SectionKind::RsaPrivateKey | SectionKind::PrivateKey | SectionKind::EcPrivateKey => {
+                bail!(
+                    "--ca-file {}: holds a private key: ship only the CA certificate(s), never \
+                     a key",
+                    path.display()
+                )
+            }
+            _ => {}
+        }
+    }
+    if certs == 0 {
+        bail!(
+            "--ca-file {}: no certificate in it (expected PEM \"-----BEGIN CERTIFICATE-----\" \
+             blocks: the CA that signed the server's certificate)",
+            path.display()
+        );
     }
     Ok(())
 }
@@ -139,6 +193,25 @@ fn has_symbols(binary: &Path) -> anyhow::Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ca_bundles_need_a_certificate_and_no_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ca.pem");
+        let e = check_ca_bundle(&p).unwrap_err();
+        assert!(format!("{e:#}").contains("--ca-file"), "{e:#}");
+        std::fs::write(&p, "nothing\n").unwrap();
+        let e = check_ca_bundle(&p).unwrap_err().to_string();
+        assert!(e.contains("no certificate in it"), "{e}");
+        // Any base64 will do for the PEM layer.
+        let cert = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        std::fs::write(&p, cert).unwrap();
+        check_ca_bundle(&p).unwrap();
+        let key = "-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----\n";
+        std::fs::write(&p, format!("{cert}{key}")).unwrap();
+        let e = check_ca_bundle(&p).unwrap_err().to_string();
+        assert!(e.contains("holds a private key"), "{e}");
+    }
 
     #[test]
     fn the_running_test_binary_is_an_elf_of_this_host() {

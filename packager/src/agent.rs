@@ -42,7 +42,26 @@ pub struct AgentPackage {
     pub arch: Arch,
     /// `Name <email>`.
     pub maintainer: String,
+    /// A PEM bundle of CA certificates to ship as [`CA_PATH`] (a conffile), for `https://`
+    /// URLs signed by a private CA.
+    pub ca_file: Option<PathBuf>,
+    /// Serials to write as `min_serials` into the shipped configuration: a new host then
+    /// refuses older signed metadata on first contact (`keepup pack --agent
+    /// --min-serials-from REPO`).
+    pub min_serials: Option<MinSerials>,
 }
+
+/// The lowest serials an agent accepts on first contact (its `min_serials` setting).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MinSerials {
+    /// `fleet.yaml`'s serial.
+    pub fleet: u64,
+    /// Each track's index serial.
+    pub tracks: std::collections::BTreeMap<String, u64>,
+}
+
+/// Where a CA bundle given to `keepup pack --agent --ca-file` is installed.
+pub const CA_PATH: &str = "/etc/keepup/ca.pem";
 
 /// Where each format installs systemd units (Debian 12 policy: `/lib`; RPM: `/usr/lib`).
 pub fn unit_dir(format: Format) -> &'static str {
@@ -123,7 +142,7 @@ pub fn agent_plan(pkg: &AgentPackage, format: Format, epoch: u64) -> Result<Plan
             kind: Kind::File(Source::Disk(pkg.binary.clone())),
             ..Entry::generated(BINARY_PATH, 0o755, Vec::new())
         },
-        config(CONFIG_PATH, default_config().into_bytes()),
+        config(CONFIG_PATH, shipped_config(pkg).into_bytes()),
         config(CRON_PATH, cron_file().into_bytes()),
         Entry::generated(
             format!("{}/{UNIT}", unit_dir(format)),
@@ -138,6 +157,13 @@ pub fn agent_plan(pkg: &AgentPackage, format: Format, epoch: u64) -> Result<Plan
         dir(STATE_DIR),
         dir(LOG_DIR),
     ];
+    if let Some(ca) = &pkg.ca_file {
+        entries.push(Entry {
+            config: true,
+            kind: Kind::File(Source::Disk(ca.clone())),
+            ..Entry::generated(CA_PATH, 0o644, Vec::new())
+        });
+    }
     match format {
         Format::Deb => entries.push(Entry::generated(
             format!("{doc}/changelog.Debian.gz"),
@@ -228,6 +254,26 @@ PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
     )
 }
 
+/// The `/etc/keepup/agent.yaml` this package ships: [`default_config`], plus `min_serials`
+/// when the package carries them (track names follow the repository's rules: plain YAML keys).
+pub fn shipped_config(pkg: &AgentPackage) -> String {
+    let mut text = default_config();
+    if let Some(m) = &pkg.min_serials {
+        text.push_str(
+            "\n# First contact: with no serials.json yet, refuse signed metadata older than the\n\
+             # repository's when this package was built (keepup pack --agent --min-serials-from).\n",
+        );
+        text.push_str(&format!("min_serials:\n  fleet: {}\n", m.fleet));
+        if !m.tracks.is_empty() {
+            text.push_str("  tracks:\n");
+            for (track, serial) in &m.tracks {
+                text.push_str(&format!("    {track}: {serial}\n"));
+            }
+        }
+    }
+    text
+}
+
 /// The shipped `/etc/keepup/agent.yaml`: every key commented out, with its default or an
 /// example, so the agent runs with its defaults until an operator edits it.
 pub fn default_config() -> String {
@@ -271,9 +317,17 @@ pub fn default_config() -> String {
 #package_format: deb
 
 # Reports to `keepup serve`: off unless report is set.
-#report: http://keepup.example.org:8080
+#report: https://keepup.example.org:8080
 #report_token_file: /etc/keepup/token
 #report_every: 2m
+
+# TLS: https:// repo and report URLs are checked against the CA certificates in ca_file (PEM),
+# else the system's bundle (/etc/ssl/certs/ca-certificates.crt). A package built with
+# `keepup pack --agent --ca-file FILE` ships FILE as /etc/keepup/ca.pem.
+#ca_file: /etc/keepup/ca.pem
+# A plain http:// report URL to another host is refused (this host's token would travel in
+# clear text) unless this is true. Plain http:// for repo is fine (everything is signed).
+#allow_plain_http: false
 "#
     .to_string()
 }
@@ -471,6 +525,8 @@ mod tests {
             release: "1".into(),
             arch: Arch::Amd64,
             maintainer: DEFAULT_MAINTAINER.into(),
+            ca_file: None,
+            min_serials: None,
         }
     }
 
@@ -486,6 +542,45 @@ mod tests {
             Kind::File(Source::Bytes(b)) => String::from_utf8(b.clone()).unwrap(),
             other => panic!("{} is not generated text: {other:?}", e.path),
         }
+    }
+
+    #[test]
+    fn a_ca_file_is_shipped_as_a_conffile_only_when_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let plan = agent_plan(&pkg(dir.path()), Format::Deb, 0).unwrap();
+        assert!(!plan.entries.iter().any(|e| e.path == CA_PATH));
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\n").unwrap();
+        let with = AgentPackage {
+            ca_file: Some(ca.clone()),
+            ..pkg(dir.path())
+        };
+        for format in [Format::Deb, Format::Rpm] {
+            let plan = agent_plan(&with, format, 0).unwrap();
+            let e = find(&plan, CA_PATH);
+            assert!(e.config && e.mode == 0o644, "{format:?}");
+            assert!(matches!(&e.kind, Kind::File(Source::Disk(p)) if *p == ca));
+        }
+    }
+
+    #[test]
+    fn min_serials_are_written_into_the_shipped_config() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(shipped_config(&pkg(dir.path())), default_config());
+        let with = AgentPackage {
+            min_serials: Some(MinSerials {
+                fleet: 7,
+                tracks: [("stable".to_string(), 12), ("testing".to_string(), 3)].into(),
+            }),
+            ..pkg(dir.path())
+        };
+        let cfg = shipped_config(&with);
+        assert!(
+            cfg.ends_with("min_serials:\n  fleet: 7\n  tracks:\n    stable: 12\n    testing: 3\n"),
+            "{cfg}"
+        );
+        let plan = agent_plan(&with, Format::Deb, 0).unwrap();
+        assert_eq!(text(find(&plan, CONFIG_PATH)), cfg);
     }
 
     #[test]

@@ -126,6 +126,92 @@ pub enum ManifestProbe {
     },
 }
 
+impl ManifestProbe {
+    /// The manifest form of a spec's probe.
+    pub fn from_spec(probe: &ProbeSpec) -> ManifestProbe {
+        match probe {
+            ProbeSpec::Tcp {
+                host,
+                port,
+                send,
+                expect,
+            } => ManifestProbe::Tcp {
+                host: host.clone(),
+                port: *port,
+                send: send.clone(),
+                expect: expect.clone(),
+            },
+            ProbeSpec::Http {
+                url,
+                method,
+                status,
+                body,
+                host_header,
+            } => ManifestProbe::Http {
+                url: url.clone(),
+                method: method.clone(),
+                status_min: status.0,
+                status_max: status.1,
+                body: body.clone(),
+                host_header: host_header.clone(),
+            },
+            ProbeSpec::Exec { argv } => ManifestProbe::Exec { argv: argv.clone() },
+        }
+    }
+}
+
+/// Builds the probe a manifest describes with `keepup_checks`' constructors; exec probes run
+/// as `run_as` (`None`: as whoever runs them). The agent runs what this returns, and `keepup
+/// pack` calls it on every probe of a spec, so "the agent could not run this probe" means the
+/// same at pack time as on the host.
+pub fn build_probe(
+    probe: &ManifestProbe,
+    run_as: Option<keepup_checks::RunAs>,
+) -> Result<keepup_checks::Probe, keepup_checks::ProbeError> {
+    use keepup_checks::{ExecProbe, ExecSpec, HttpProbe, HttpSpec, StatusRange, TcpProbe, TcpSpec};
+    Ok(match probe {
+        ManifestProbe::Tcp {
+            host,
+            port,
+            send,
+            expect,
+        } => {
+            // IPv6 literals are bracketed.
+            let addr = if host.contains(':') && !host.starts_with('[') {
+                format!("[{host}]:{port}")
+            } else {
+                format!("{host}:{port}")
+            };
+            TcpProbe::new(TcpSpec {
+                addr,
+                send: send.as_ref().map(|s| s.as_bytes().to_vec()),
+                expect: expect.clone(),
+            })?
+            .into()
+        }
+        ManifestProbe::Http {
+            url,
+            method,
+            status_min,
+            status_max,
+            body,
+            host_header,
+        } => HttpProbe::new(HttpSpec {
+            url: url.clone(),
+            method: Some(method.clone()),
+            status: StatusRange::new(*status_min, *status_max)?,
+            body: body.clone(),
+            host: host_header.clone(),
+        })?
+        .into(),
+        ManifestProbe::Exec { argv } => ExecProbe::new(ExecSpec {
+            argv: argv.clone(),
+            run_as,
+        })?
+        .into(),
+    })
+}
+
 /// Errors reading a manifest.
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
@@ -206,34 +292,7 @@ impl Manifest {
                 .iter()
                 .map(|c| ManifestCheck {
                     name: c.name.clone(),
-                    probe: match &c.probe {
-                        ProbeSpec::Tcp {
-                            host,
-                            port,
-                            send,
-                            expect,
-                        } => ManifestProbe::Tcp {
-                            host: host.clone(),
-                            port: *port,
-                            send: send.clone(),
-                            expect: expect.clone(),
-                        },
-                        ProbeSpec::Http {
-                            url,
-                            method,
-                            status,
-                            body,
-                            host_header,
-                        } => ManifestProbe::Http {
-                            url: url.clone(),
-                            method: method.clone(),
-                            status_min: status.0,
-                            status_max: status.1,
-                            body: body.clone(),
-                            host_header: host_header.clone(),
-                        },
-                        ProbeSpec::Exec { argv } => ManifestProbe::Exec { argv: argv.clone() },
-                    },
+                    probe: ManifestProbe::from_spec(&c.probe),
                     every: c.every,
                     timeout: c.timeout,
                     failures: c.failures,
@@ -329,6 +388,18 @@ impl Manifest {
                 format!(
                     "{:?} is not a clean absolute path (no . or .. or empty components)",
                     self.launch
+                ),
+            ));
+        }
+        // The report server refuses reports with probe names that break this rule: a manifest
+        // with one is refused here (and reported as such) instead of silencing the host.
+        if let Some(c) = self.checks.iter().find(|c| !spec::is_check_name(&c.name)) {
+            return Err(invalid(
+                "checks.name",
+                format!(
+                    "{:?} is not a check name (1-128 printable ASCII characters without space, \
+                     quotes, backslash or < >)",
+                    c.name
                 ),
             ));
         }

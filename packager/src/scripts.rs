@@ -208,10 +208,18 @@ home=$(printf '%s\n' "$entry" | cut -d: -f6)
     for (k, v) in &l.env {
         env_args.push(quote(&format!("{k}={v}")));
     }
+    // The working directory is entered as root, without following links: its physical path
+    // must be the one the spec names (a role could swap a component for a link).
     let workdir = quote(&l.workdir);
+    let physical = match l.workdir.trim_end_matches('/') {
+        "" => quote("/"),
+        w => quote(w),
+    };
     let _ = write!(
         s,
-        r#"cd {workdir} || not_sane 'cannot change to directory %s' {workdir}
+        r#"cd -P {workdir} || not_sane 'cannot change to directory %s' {workdir}
+here=$(pwd -P) || not_sane 'cannot read the physical path of %s' {workdir}
+[ "$here" = {physical} ] || not_sane 'working directory %s: a component is a symbolic link (it leads to %s), and the launch script never follows links (one could move the daemon somewhere else); remove the link, or write the real path in the spec' {workdir} "$here"
 
 printf 'run-{name}: environment sane; exec %s as %s\n' {prog} "$role"
 exec as_role_exec

@@ -765,12 +765,24 @@ pub(crate) fn is_account_name(s: &str) -> bool {
         && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_' | '-'))
 }
 
-/// Package names valid for both dpkg and rpm.
-pub(crate) fn is_package_name(s: &str) -> bool {
+/// Package names valid for both dpkg and rpm: 2+ characters of `a-z 0-9 + . -`, starting with a
+/// letter or digit. Service names are package names; the report server applies the same rule
+/// (`keepup_deploy::wire::names`).
+pub fn is_package_name(s: &str) -> bool {
     let mut chars = s.chars();
     s.len() >= 2
         && matches!(chars.next(), Some('a'..='z' | '0'..='9'))
         && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '+' | '.' | '-'))
+}
+
+/// Check (probe) names: 1 to 128 printable ASCII characters, no space, quote, backquote,
+/// backslash or angle bracket (`tcp-8080`, `http/healthz?full=1`, `port`). The default names
+/// keepup gives checks follow it; the report server refuses probe names that do not.
+pub fn is_check_name(s: &str) -> bool {
+    (1..=128).contains(&s.len())
+        && s.bytes().all(|b| {
+            b.is_ascii_graphic() && !matches!(b, b'"' | b'\'' | b'`' | b'\\' | b'<' | b'>')
+        })
 }
 
 /// Versions valid for both dpkg (upstream part) and rpm: start with a digit, `[A-Za-z0-9.+~]`.
@@ -1468,6 +1480,19 @@ fn validate_check(c: &mut Checker<'_>, raw: &S<RawCheck>, field: &str) -> Option
         Some(n) => c.nonempty(n, &format!("{field}.name")),
         None => default_check_name(&probe),
     };
+    if !name.is_empty() && !is_check_name(&name) {
+        c.err(
+            r.name
+                .as_ref()
+                .map(|n| n.referenced)
+                .or(Some(raw.referenced)),
+            format!("{field}.name"),
+            format!(
+                "{name:?} is not a check name (1-128 printable ASCII characters without space, \
+                 quotes, backslash or < >); give the check a `name:` like \"health\""
+            ),
+        );
+    }
     Some(Check {
         name,
         probe,
@@ -1478,57 +1503,15 @@ fn validate_check(c: &mut Checker<'_>, raw: &S<RawCheck>, field: &str) -> Option
     })
 }
 
-/// Build the probe with the same `keepup_checks` constructors the agent uses (`build_probe` in
-/// agent/src/service.rs), so "the agent could not run it" means exactly the same thing at pack
-/// time as on the host. Errors point at the field the constructor refused.
+/// Build the probe with the agent's own [`manifest::build_probe`](crate::manifest::build_probe),
+/// so "the agent could not run it" means exactly the same thing at pack time as on the host.
+/// Errors point at the field the constructor refused.
 fn agent_can_build(c: &mut Checker<'_>, raw: &S<RawCheck>, field: &str, probe: &ProbeSpec) {
-    use keepup_checks::{
-        ExecProbe, ExecSpec, HttpProbe, HttpSpec, ProbeError, StatusRange, TcpProbe, TcpSpec,
-    };
+    use crate::manifest::{build_probe, ManifestProbe};
+    use keepup_checks::ProbeError;
     let r = &raw.value;
     let at = |v: Option<Location>| Some(v.unwrap_or(raw.referenced));
-    let result = match probe {
-        ProbeSpec::Tcp {
-            host,
-            port,
-            send,
-            expect,
-        } => {
-            // The agent's address format for a host and a port (IPv6 literals bracketed).
-            let addr = if host.contains(':') && !host.starts_with('[') {
-                format!("[{host}]:{port}")
-            } else {
-                format!("{host}:{port}")
-            };
-            TcpProbe::new(TcpSpec {
-                addr,
-                send: send.as_ref().map(|s| s.as_bytes().to_vec()),
-                expect: expect.clone(),
-            })
-            .map(drop)
-        }
-        ProbeSpec::Http {
-            url,
-            method,
-            status,
-            body,
-            host_header,
-        } => StatusRange::new(status.0, status.1).and_then(|status| {
-            HttpProbe::new(HttpSpec {
-                url: url.clone(),
-                method: Some(method.clone()),
-                status,
-                body: body.clone(),
-                host: host_header.clone(),
-            })
-            .map(drop)
-        }),
-        ProbeSpec::Exec { argv } => ExecProbe::new(ExecSpec {
-            argv: argv.clone(),
-            run_as: None,
-        })
-        .map(drop),
-    };
+    let result = build_probe(&ManifestProbe::from_spec(probe), None);
     let Err(e) = result else { return };
     let tcp = r.tcp.as_ref();
     let http = r.http.as_ref();

@@ -141,6 +141,13 @@ fn bad_durations_modes_and_probes_are_refused() {
     let (e, shown) = one_error(&format!("{GOOD}checks:\n  - tcp: {{ port: 70000 }}\n"));
     assert_eq!(e.field, "checks[0].tcp.port", "{shown}");
 
+    // Check names follow the rule the report server applies to probe names.
+    let (e, shown) = one_error(&format!(
+        "{GOOD}checks:\n  - name: \"<b>port</b>\"\n    tcp: {{ port: 80 }}\n"
+    ));
+    assert_eq!(e.field, "checks[0].name", "{shown}");
+    assert!(shown.contains("not a check name"), "{shown}");
+
     let (e, shown) = one_error(&format!("{GOOD}checks:\n  - every: 10s\n"));
     assert_eq!(e.field, "checks[0]", "{shown}");
     assert!(shown.contains("exactly one of"), "{shown}");

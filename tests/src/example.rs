@@ -54,7 +54,7 @@ pub fn build_example(
 }
 
 /// [`build_example`] with the .rpm signed by the armored secret key `sign_key` (a repository
-/// accepts only rpms signed with its own key: `<repo>/.keepup/signing-key.asc`).
+/// accepts only rpms signed with its own key, see [`crate::testkit::key_in`]).
 pub fn build_example_signed(
     out: &Path,
     version: &str,

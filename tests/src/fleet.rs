@@ -2,7 +2,9 @@
 //! on the test machine (edited with the real `keepup` binary), a `repo` host that serves it
 //! with `keepup serve --state` (the directory is bind-mounted read-only, so it sees every
 //! change at once), and agent hosts that install keepup-agent from its own package, follow a
-//! track and report to the server with their own token.
+//! track and report to the server with their own token. With [`FleetTls`] the server speaks
+//! HTTPS with a certificate from a test CA ([`TestCa`], made with the openssl CLI) and the
+//! agents use `https://` URLs with that CA as their `ca_file`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -17,10 +19,148 @@ use crate::host::{Host, TestNet};
 
 /// Port `keepup serve` listens on in the `repo` host.
 pub const SERVE_PORT: u16 = 8080;
+
 /// Where the `repo` host sees the repository.
 const REMOTE_REPO: &str = "/srv/repo";
 /// The server's state database in the `repo` host.
 const REMOTE_STATE: &str = "/var/lib/keepup/fleet.db";
+/// The server's TLS certificate chain, key and CA in the `repo` host (with [`FleetTls`]).
+pub const REMOTE_TLS_CERT: &str = "/etc/keepup/tls/server.pem";
+/// See [`REMOTE_TLS_CERT`].
+pub const REMOTE_TLS_KEY: &str = "/etc/keepup/tls/server.key";
+/// See [`REMOTE_TLS_CERT`]: the CA the agents (and the checks on the server) trust.
+pub const REMOTE_TLS_CA: &str = "/etc/keepup/ca.pem";
+
+/// A private CA on the test machine, made with the openssl CLI (EC P-256).
+#[derive(Debug, Clone)]
+pub struct TestCa {
+    /// The CA certificate (PEM): what a client trusts.
+    pub cert: PathBuf,
+    /// The CA's private key (PEM).
+    pub key: PathBuf,
+}
+
+fn openssl(args: &[&str]) -> Result<()> {
+    let out = Command::new("openssl")
+        .args(args)
+        .output()
+        .context("running openssl (apt-get install openssl)")?;
+    ensure!(
+        out.status.success(),
+        "openssl {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+impl TestCa {
+    /// A new CA called `name`, its files `dir/<name>.pem` and `dir/<name>.key`.
+    pub fn new(dir: &Path, name: &str) -> Result<TestCa> {
+        std::fs::create_dir_all(dir)?;
+        let ca = TestCa {
+            cert: dir.join(format!("{name}.pem")),
+            key: dir.join(format!("{name}.key")),
+        };
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={name}"),
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+            "-keyout",
+            path_str(&ca.key)?,
+            "-out",
+            path_str(&ca.cert)?,
+        ])?;
+        Ok(ca)
+    }
+
+    /// A server certificate for DNS name `host` (and 127.0.0.1) signed by this CA: returns
+    /// (`dir/<stem>.pem`, `dir/<stem>.key`). The key is PKCS#8.
+    pub fn issue(&self, dir: &Path, stem: &str, host: &str) -> Result<(PathBuf, PathBuf)> {
+        let (cert, key, csr, ext) = (
+            dir.join(format!("{stem}.pem")),
+            dir.join(format!("{stem}.key")),
+            dir.join(format!("{stem}.csr")),
+            dir.join(format!("{stem}.ext")),
+        );
+        std::fs::write(
+            &ext,
+            format!(
+                "subjectAltName=DNS:{host},IP:127.0.0.1\nextendedKeyUsage=serverAuth\n\
+                 basicConstraints=CA:FALSE\n"
+            ),
+        )?;
+        openssl(&[
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-subj",
+            &format!("/CN={host}"),
+            "-keyout",
+            path_str(&key)?,
+            "-out",
+            path_str(&csr)?,
+        ])?;
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            path_str(&csr)?,
+            "-CA",
+            path_str(&self.cert)?,
+            "-CAkey",
+            path_str(&self.key)?,
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            path_str(&ext)?,
+            "-out",
+            path_str(&cert)?,
+        ])?;
+        Ok((cert, key))
+    }
+}
+
+/// HTTPS for the fleet's server: its certificate and key, and the CA the agents trust.
+#[derive(Debug, Clone)]
+pub struct FleetTls {
+    /// The CA certificate the agents get as `ca_file`.
+    pub ca: PathBuf,
+    /// The server's certificate chain (PEM), valid for the name `repo`.
+    pub cert: PathBuf,
+    /// The server's private key (PEM).
+    pub key: PathBuf,
+}
+
+impl FleetTls {
+    /// A CA (`ca`) and a server certificate for `repo` from it, under `dir`.
+    pub fn generate(dir: &Path) -> Result<FleetTls> {
+        let ca = TestCa::new(dir, "fleet-ca")?;
+        let (cert, key) = ca.issue(dir, "repo", "repo")?;
+        Ok(FleetTls {
+            ca: ca.cert,
+            cert,
+            key,
+        })
+    }
+}
 
 /// Runs the local `keepup` binary with `args`; returns (success, stdout, stderr).
 pub fn keepup_output(args: &[&str]) -> Result<(bool, String, String)> {
@@ -158,6 +298,8 @@ pub struct Fleet {
     pub server: Host,
     /// The agent hosts, in the order given.
     pub hosts: Vec<AgentHost>,
+    /// HTTPS on the server, when the fleet was started with it.
+    pub tls: Option<FleetTls>,
     /// The network (last: dropped after the hosts).
     pub net: TestNet,
 }
@@ -166,40 +308,58 @@ impl Fleet {
     /// Creates a repository in `dir/repo` (its own new key), starts the server and one agent
     /// host per spec with `timers`. No host is assigned a track yet.
     pub async fn start(dir: &Path, hosts: &[HostSpec<'_>], timers: &Timers) -> Result<Fleet> {
+        Fleet::start_with_tls(dir, hosts, timers, None).await
+    }
+
+    /// Like [`Fleet::start`]; with `tls`, the server serves HTTPS and the agents use
+    /// `https://repo:8080/` with the fleet's CA as `ca_file`.
+    pub async fn start_with_tls(
+        dir: &Path,
+        hosts: &[HostSpec<'_>],
+        timers: &Timers,
+        tls: Option<FleetTls>,
+    ) -> Result<Fleet> {
         let repo = dir.join("repo");
-        keepup(&["repo", "init", path_str(&repo)?])?;
+        keepup(&[
+            "repo",
+            "init",
+            path_str(&repo)?,
+            "--key-dir",
+            path_str(&dir.join("repo-keys"))?,
+        ])?;
         let net = TestNet::new()?;
         let server = Host::start_with(&net, "repo", &[(&repo, REMOTE_REPO)]).await?;
         server
             .copy_in(&built_bin("keepup")?, "/usr/local/bin/keepup")
             .await?;
+        let mut tls_args = String::new();
+        if let Some(t) = &tls {
+            server.copy_in(&t.cert, REMOTE_TLS_CERT).await?;
+            server.copy_in(&t.key, REMOTE_TLS_KEY).await?;
+            server.copy_in(&t.ca, REMOTE_TLS_CA).await?;
+            tls_args = format!(" --tls-cert {REMOTE_TLS_CERT} --tls-key {REMOTE_TLS_KEY}");
+        }
         server
             .ok(&format!(
                 "mkdir -p /var/lib/keepup && setsid keepup serve --repo {REMOTE_REPO} \
-                 --state {REMOTE_STATE} --listen 0.0.0.0:{SERVE_PORT} \
+                 --state {REMOTE_STATE} --listen 0.0.0.0:{SERVE_PORT}{tls_args} \
                  >>/var/log/keepup-serve.out 2>&1 </dev/null &"
             ))
             .await?;
-        wait_for(
-            "keepup serve to answer",
-            Duration::from_secs(30),
-            || async {
-                Ok(server
-                    .exec(&format!(
-                        "curl -fsS -o /dev/null http://127.0.0.1:{SERVE_PORT}/fleet.yaml"
-                    ))
-                    .await?
-                    .code
-                    == 0)
-            },
-        )
-        .await?;
         let mut fleet = Fleet {
             repo,
             server,
             hosts: Vec::new(),
+            tls,
             net,
         };
+        let answers = wait_for(
+            "keepup serve to answer",
+            Duration::from_secs(30),
+            || async { Ok(fleet.server_get("/fleet.yaml").await.is_ok()) },
+        )
+        .await;
+        fleet.explain(answers).await?;
         for spec in hosts {
             let host = fleet.add_host(dir, spec, timers).await?;
             fleet.hosts.push(host);
@@ -214,6 +374,20 @@ impl Fleet {
         dir: &Path,
         spec: &HostSpec<'_>,
         timers: &Timers,
+    ) -> Result<AgentHost> {
+        let ca = self.tls.as_ref().map(|t| t.ca.clone());
+        self.add_host_trusting(dir, spec, timers, ca.as_deref())
+            .await
+    }
+
+    /// Like [`Fleet::add_host`], with `ca` as the agent's `ca_file` (on a TLS fleet: a CA
+    /// other than the fleet's makes the agent refuse the server).
+    pub async fn add_host_trusting(
+        &self,
+        dir: &Path,
+        spec: &HostSpec<'_>,
+        timers: &Timers,
+        ca: Option<&Path>,
     ) -> Result<AgentHost> {
         let host = Host::start(&self.net, spec.name).await?;
         let pkg = tokio::task::spawn_blocking({
@@ -240,16 +414,26 @@ impl Fleet {
             Format::Deb => "deb",
             Format::Rpm => "rpm",
         };
+        // Plain http over the test network is the fleet's default: allowed explicitly.
+        let transport = match ca {
+            Some(ca) => {
+                host.copy_in(ca, REMOTE_TLS_CA).await?;
+                format!("ca_file: {REMOTE_TLS_CA}\n")
+            }
+            None => "allow_plain_http: true\n".to_string(),
+        };
+        let scheme = self.scheme();
         let config = format!(
-            "repo: http://repo:{SERVE_PORT}/\n\
+            "repo: {scheme}://repo:{SERVE_PORT}/\n\
              trusted_key: /etc/keepup/repo.asc\n\
              schedule: \"{}\"\n\
              stagger: {}ms\n\
              package_timeout: {}ms\n\
              package_format: {format}\n\
-             report: http://repo:{SERVE_PORT}/\n\
+             report: {scheme}://repo:{SERVE_PORT}/\n\
              report_token_file: /etc/keepup/token\n\
-             report_every: {}ms\n",
+             report_every: {}ms\n\
+             {transport}",
             timers.schedule,
             timers.stagger.as_millis(),
             timers.package_timeout.as_millis(),
@@ -266,6 +450,36 @@ impl Fleet {
         };
         agent.start_agent().await?;
         Ok(agent)
+    }
+
+    /// `https` on a TLS fleet, else `http`.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    /// GETs `path` from the server, on the server host (curl; on a TLS fleet with the
+    /// fleet's CA and the name `repo`); returns the body, or an error with curl's.
+    pub async fn server_get(&self, path: &str) -> Result<String> {
+        let tls = if self.tls.is_some() {
+            format!("--cacert {REMOTE_TLS_CA} --resolve repo:{SERVE_PORT}:127.0.0.1 ")
+        } else {
+            String::new()
+        };
+        let host = if self.tls.is_some() {
+            "repo"
+        } else {
+            "127.0.0.1"
+        };
+        self.server
+            .ok(&format!(
+                "curl -fsS {tls}{}://{host}:{SERVE_PORT}{path}",
+                self.scheme()
+            ))
+            .await
     }
 
     /// Issues a report token for `host` on the server.
@@ -306,7 +520,7 @@ impl Fleet {
         version: &str,
         edit: impl Fn(String) -> String,
     ) -> Result<String> {
-        let key = self.repo.join(".keepup/signing-key.asc");
+        let key = crate::testkit::key_in(&self.repo.with_file_name("repo-keys"))?;
         let out = dir.join(format!("build-{version}"));
         let files = build_example_signed(&out, version, Some(&key), edit)?;
         let names: Vec<String> = files
@@ -318,12 +532,15 @@ impl Fleet {
         self.op(&args)
     }
 
-    /// `keepup report ARGS` run on the server host against the local server.
+    /// `keepup report ARGS` run on the server host against the local server (on a TLS
+    /// fleet, over HTTPS, trusting the fleet's CA).
     pub async fn report(&self, args: &str) -> Result<String> {
+        let server = match &self.tls {
+            Some(_) => format!("https://127.0.0.1:{SERVE_PORT} --ca-file {REMOTE_TLS_CA}"),
+            None => format!("http://127.0.0.1:{SERVE_PORT}"),
+        };
         self.server
-            .ok(&format!(
-                "keepup report --server http://127.0.0.1:{SERVE_PORT} {args}"
-            ))
+            .ok(&format!("keepup report --server {server} {args}"))
             .await
     }
 

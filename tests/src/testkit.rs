@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 
 use crate::example::built_bin;
 use crate::fleet::keepup;
@@ -40,10 +40,36 @@ pub fn shared_signing_key() -> Result<PathBuf> {
     }
     let dir = std::env::temp_dir().join(format!("keepup-test-key-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    keepup(&["repo", "init", dir.join("r").to_str().unwrap()])?;
-    let path = dir.join("r/.keepup/signing-key.asc");
+    let keys = dir.join("keys");
+    keepup(&[
+        "repo",
+        "init",
+        dir.join("r").to_str().unwrap(),
+        "--key-dir",
+        keys.to_str().unwrap(),
+    ])?;
+    let path = key_in(&keys)?;
     *key = Some(path.clone());
     Ok(path)
+}
+
+/// The secret key `keepup repo init --key-dir DIR` stored in `DIR` (named by its fingerprint;
+/// DIR must hold just that one).
+pub fn key_in(dir: &Path) -> Result<PathBuf> {
+    let keys: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading the key directory {}", dir.display()))?
+        .map(|f| Ok(f?.path()))
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|x| x == "asc"))
+        .collect();
+    match &keys[..] {
+        [k] => Ok(k.clone()),
+        _ => anyhow::bail!(
+            "{} should hold one secret key, holds {keys:?}",
+            dir.display()
+        ),
+    }
 }
 
 /// Writes the example spec (docs/examples: foo.yaml and foo.conf) at `version`, with the real

@@ -1200,6 +1200,29 @@ async fn control_socket_checks_who_is_asking() -> Result<()> {
     }
     let ls = h.exec(&as_user("mallory", "ls /run/keepup")).await?;
     ensure!(ls.code != 0, "mallory can list /run/keepup: {ls:?}");
+    // Service logs (a daemon may print secrets): never world-readable, even under umask
+    // 000; the status group reads them.
+    let modes = h
+        .ok("stat -c '%a %U:%G' /var/log/keepup /var/log/keepup/foo.log")
+        .await?;
+    ensure!(
+        modes == "755 root:root\n640 root:keepupview\n",
+        "log directory and log: {modes}"
+    );
+    let cat = h
+        .exec(&as_user("mallory", "cat /var/log/keepup/foo.log"))
+        .await?;
+    ensure!(
+        cat.code != 0 && cat.stderr.contains("Permission denied"),
+        "mallory can read the service log: {cat:?}"
+    );
+    let cat = h
+        .exec(&as_user("viewer", "cat /var/log/keepup/foo.log"))
+        .await?;
+    ensure!(
+        cat.code == 0 && cat.stdout.contains("keepup-agent: started"),
+        "viewer: the service log: {cat:?}"
+    );
     // In the group: status yes, down no.
     let st = h.exec(&as_user("viewer", "keepup-agent status")).await?;
     ensure!(
@@ -1229,9 +1252,12 @@ async fn control_socket_checks_who_is_asking() -> Result<()> {
     h.ok("test ! -e /var/lib/keepup-agent/down/foo").await?;
     let now = wait_banner(h, Duration::from_secs(5)).await?;
     ensure!(now == food, "food {food} was replaced by {now}");
-    ensure!(status(h, "foo")
-        .await?
-        .is_some_and(|s| s.state == "running"));
+    // Still the first run (`starting` until it has run for the settle time, then `running`).
+    let st = wait_status(h, "foo running", Duration::from_secs(10), |s| {
+        s.as_ref().is_some_and(|s| s.state == "running")
+    })
+    .await?;
+    ensure!(st.is_some_and(|s| s.restarts == 0), "foo was restarted");
     let out = h.ok("keepup-agent down foo").await?;
     ensure!(out.contains("is down"), "{out}");
     Ok(())

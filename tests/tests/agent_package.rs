@@ -646,3 +646,93 @@ async fn rpm_scriptlets_call_systemctl_like_the_systemd_macros() -> Result<()> {
     );
     Ok(())
 }
+
+/// First contact (issue 11): `keepup pack --agent --min-serials-from REPO` writes the
+/// repository's serials into the shipped configuration. A new host served an older copy of
+/// the repository (a replay of an old, validly signed snapshot) refuses it on its first pass,
+/// says why, and installs nothing; served the current repository, it installs.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_host_pinned_by_its_package_refuses_an_old_snapshot() -> Result<()> {
+    if !docker_or_skip() {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let repo = dir.path().join("repo");
+    let r = repo.to_str().context("UTF-8 path")?;
+    let keepup = |args: &[&str]| output(Command::new(built_bin("keepup").unwrap()).args(args));
+    keepup(&[
+        "repo",
+        "init",
+        r,
+        "--key",
+        shared_signing_key()?.to_str().context("UTF-8 path")?,
+        "--key-dir",
+        dir.path().join("keys").to_str().context("UTF-8 path")?,
+    ])?;
+    keepup(&["assign", "--repo", r, "*", "--track", "stable"])?;
+    let built = example::build_example(&dir.path().join("foo"), "1.0.0", |s| s)?;
+    let mut publish = vec!["publish", "--repo", r];
+    publish.extend(built.iter().filter_map(|p| p.to_str()));
+    keepup(&publish)?;
+    keepup(&["promote", "--repo", r, "foo", "--to", "testing"])?;
+    keepup(&["promote", "--repo", r, "foo", "--to", "stable"])?;
+    // The old snapshot: foo in stable, signed and valid, but at lower serials than today's.
+    let old = dir.path().join("old");
+    output(Command::new("cp").arg("-a").arg(&repo).arg(&old))?;
+    keepup(&["repo", "refresh", "--repo", r])?;
+    let bin = stripped_agent(dir.path())?;
+    let pkgs = pack_agent(
+        &bin,
+        &dir.path().join("pkg"),
+        &["--format", "deb", "--min-serials-from", r],
+    )?;
+    let deb = pkgs.first().context("no .deb")?;
+
+    let net = TestNet::new()?;
+    let host = Host::start(&net, "agent-pinned").await?;
+    host.copy_in(&built_bin("keepup")?, "/usr/local/bin/keepup")
+        .await?;
+    host.copy_in(&old, "/srv/old").await?;
+    host.copy_in(&repo, "/srv/new").await?;
+    host.copy_in(deb, "/pkgs/keepup-agent.deb").await?;
+    host.ok("dpkg -i /pkgs/keepup-agent.deb").await?;
+    let config = host.ok("cat /etc/keepup/agent.yaml").await?;
+    ensure!(
+        config.contains("min_serials:\n  fleet: "),
+        "the shipped configuration has no min_serials:\n{config}"
+    );
+    host.ok(
+        "cp /srv/new/keys/repository.asc /etc/keepup/repository.asc && \
+         printf 'repo: http://127.0.0.1:8080/\\ntrusted_key: /etc/keepup/repository.asc\\n\
+         schedule: \"0 0 1 1 *\"\\n' >>/etc/keepup/agent.yaml",
+    )
+    .await?;
+    let serve = |tree: &str| {
+        format!(
+            "pkill -x keepup; while pgrep -x keepup >/dev/null; do sleep 0.1; done; \
+             setsid keepup serve --repo {tree} --listen 127.0.0.1:8080 --no-refresh \
+             >>/var/log/serve.out 2>&1 </dev/null & \
+             until curl -fsS -o /dev/null http://127.0.0.1:8080/fleet.yaml; do sleep 0.1; done"
+        )
+    };
+    host.ok(&serve("/srv/old")).await?;
+    start_agent_by_hand(&host).await?;
+    let pass = host.exec("keepup-agent update --now").await?;
+    ensure!(
+        pass.code != 0
+            && pass.stdout.contains("lower than the minimum")
+            && pass.stdout.contains("min_serials"),
+        "the old snapshot must be refused on first contact: {pass:?}"
+    );
+    ensure!(
+        host.exec("dpkg -s foo").await?.code != 0,
+        "nothing may be installed from the old snapshot"
+    );
+    host.ok(&serve("/srv/new")).await?;
+    let pass = host.exec("keepup-agent update --now").await?;
+    ensure!(
+        pass.code == 0 && host.exec("dpkg -s foo").await?.code == 0,
+        "the current repository must be accepted: {pass:?}"
+    );
+    Ok(())
+}

@@ -1,5 +1,5 @@
 //! Attacks on what the packages do as root, performed on real Debian 12 hosts: a role that
-//! plants a symlink among its launch directories, a package that names another daemon's
+//! plants a symlink among its launch directories or in its working directory, a package that names another daemon's
 //! account, and a role that forks in a loop to outrun the maintainer scripts' kill. Each test
 //! performs the attack and then checks the system, not our own output alone.
 
@@ -60,6 +60,31 @@ async fn start_launch_script(host: &Host) -> Result<()> {
     }
 }
 
+/// A new host `name` with the built `foo` 1.0.0 installed (the network lives as long as the
+/// host must).
+async fn host_with_foo(dist: &Path, name: &str) -> Result<(TestNet, Host)> {
+    let net = TestNet::new()?;
+    let host = Host::start(&net, name).await?;
+    host.copy_in(&dist.join("foo_1.0.0-1_amd64.deb"), "/pkgs/foo.deb")
+        .await?;
+    host.ok("dpkg -i /pkgs/foo.deb").await?;
+    Ok((net, host))
+}
+
+/// The role's move: as `foo`, swap its directory `dir` for a link to `target` (keeping the
+/// directory as `<dir>.old`), then crash the service (every process of the role killed) so
+/// that the launch script runs again.
+async fn swap_for_link_and_crash(host: &Host, dir: &str, target: &str) -> Result<()> {
+    host.ok(&format!(
+        "setpriv --reuid=foo --regid=foo --init-groups sh -c 'mv {dir} {dir}.old && ln -s {target} {dir}'"
+    ))
+    .await?;
+    host.ok(&format!("test -L {dir} && pkill -KILL -u foo"))
+        .await?;
+    host.until_empty(&procs_of("foo"), Duration::from_secs(10))
+        .await
+}
+
 /// Live (non-zombie) processes of `user`: `pid stat args`.
 fn procs_of(user: &str) -> String {
     format!("ps -u {user} -o pid=,stat=,args= | awk '$2 !~ /^Z/'")
@@ -78,11 +103,7 @@ async fn a_symlink_planted_by_the_role_never_hands_it_a_system_directory() -> Re
             "    - path: /var/lib/foo\n      mode: \"0750\"\n    - path: /var/lib/foo/data\n      mode: \"0700\"\n",
         )
     });
-    let net = TestNet::new()?;
-    let host = Host::start(&net, "symlink-host").await?;
-    host.copy_in(&dist.join("foo_1.0.0-1_amd64.deb"), "/pkgs/foo.deb")
-        .await?;
-    host.ok("dpkg -i /pkgs/foo.deb").await?;
+    let (_net, host) = host_with_foo(&dist, "symlink-host").await?;
     start_launch_script(&host).await?;
     let data = host.ok("stat -c '%U:%G %a' /var/lib/foo/data").await?;
     ensure!(data.trim() == "foo:foo 700", "launch dir: {data}");
@@ -91,12 +112,7 @@ async fn a_symlink_planted_by_the_role_never_hands_it_a_system_directory() -> Re
 
     // The attack: as the role, swap the inner directory for a link to /etc/cron.d, then
     // crash the service so that it is started again.
-    host.ok("setpriv --reuid=foo --regid=foo --init-groups sh -c 'mv /var/lib/foo/data /var/lib/foo/data.old && ln -s /etc/cron.d /var/lib/foo/data'")
-        .await?;
-    host.ok("test -L /var/lib/foo/data && pkill -KILL -u foo")
-        .await?;
-    host.until_empty(&procs_of("foo"), Duration::from_secs(10))
-        .await?;
+    swap_for_link_and_crash(&host, "/var/lib/foo/data", "/etc/cron.d").await?;
     let start = Instant::now();
     // Bounded: a launch script that follows the link starts the daemon in the foreground.
     let run = host.exec("timeout 30 /usr/sbin/run-foo").await?;
@@ -129,6 +145,63 @@ async fn a_symlink_planted_by_the_role_never_hands_it_a_system_directory() -> Re
     start_launch_script(&host).await?;
     let data = host.ok("stat -c '%U:%G %a' /var/lib/foo/data").await?;
     ensure!(data.trim() == "foo:foo 700", "after the repair: {data}");
+    Ok(())
+}
+
+/// The working directories of the role's `food` processes (with the processes if there is
+/// none), one line each distinct.
+const DAEMON_CWD: &str = "p=$(pgrep -u foo -x food) || { ps -eo pid,user,args; exit 1; }; for i in $p; do readlink -v /proc/$i/cwd; done | sort -u";
+
+/// `launch.workdir` is entered as root before the launch script drops to the role: a role
+/// that owns a component of it swaps that for a link (here to `/etc`), crashes its service,
+/// and would get its daemon started with a working directory of the link's choosing.
+#[tokio::test]
+async fn a_symlinked_workdir_is_refused() -> Result<()> {
+    if !docker_or_skip() {
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    let dist = build(tmp.path(), "1.0.0", |t| {
+        edit(
+            &t,
+            "workdir: /var/lib/foo\n",
+            "workdir: /var/lib/foo/work\n",
+        )
+    });
+    let (_net, host) = host_with_foo(&dist, "workdir-host").await?;
+    // The role's own directory, inside its launch directory /var/lib/foo (which the launch
+    // script makes on its first start: here by hand, as it would).
+    host.ok("install -d -o foo -g foo -m 0750 /var/lib/foo && setpriv --reuid=foo --regid=foo --init-groups mkdir /var/lib/foo/work")
+        .await?;
+    start_launch_script(&host).await?;
+    let cwd = host.ok(DAEMON_CWD).await?;
+    ensure!(cwd.trim() == "/var/lib/foo/work", "daemon's cwd: {cwd}");
+
+    // The attack: as the role, swap the directory for a link to /etc, then crash the service.
+    swap_for_link_and_crash(&host, "/var/lib/foo/work", "/etc").await?;
+    // Bounded: a launch script that follows the link starts the daemon in the foreground.
+    let run = host.exec("timeout 30 /usr/sbin/run-foo").await?;
+    ensure!(
+        run.code != 0 && run.code != 124,
+        "the launch script must refuse, not run the daemon: {run:?}"
+    );
+    ensure!(
+        run.stdout.contains(
+            "run-foo: not sane: working directory /var/lib/foo/work: a component is a symbolic link (it leads to /etc)"
+        ) && run.stdout.contains("remove the link"),
+        "the launch script must say why: {run:?}"
+    );
+    ensure!(
+        host.exec(&procs_of("foo")).await?.stdout.trim().is_empty(),
+        "the daemon must not start"
+    );
+
+    // Once the operator removes the link, the service starts again, in its directory.
+    host.ok("rm /var/lib/foo/work && mv /var/lib/foo/work.old /var/lib/foo/work")
+        .await?;
+    start_launch_script(&host).await?;
+    let cwd = host.ok(DAEMON_CWD).await?;
+    ensure!(cwd.trim() == "/var/lib/foo/work", "after the repair: {cwd}");
     Ok(())
 }
 

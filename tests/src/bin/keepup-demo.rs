@@ -1,8 +1,9 @@
 //! `keepup-demo`: the README's main command (`bash tests/demo.sh` runs it). Starts a small
 //! fleet of Debian host containers (two on `testing`, three on `stable`, one of them an RPM
-//! host), `keepup serve` with its embedded defaults, publishes the example service `foo` and
-//! promotes it, and shows the fleet converging in `keepup report`. The fleet page is on
-//! http://127.0.0.1:PORT/ (a loopback forwarder to the server container). Then it waits
+//! host), `keepup serve` over HTTPS with a certificate from a CA the demo makes (openssl; the
+//! agents trust it as `ca_file`), publishes the example service `foo` and promotes it, and
+//! shows the fleet converging in `keepup report`. The fleet page is on
+//! https://127.0.0.1:PORT/ (a loopback forwarder to the server container). Then it waits
 //! for the user to try things, and removes every container on Ctrl-C.
 //!
 //! `--once` stops after the fleet has converged (for CI).
@@ -11,7 +12,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use keepup_tests::fleet::{converged, Fleet, HostSpec, Timers, SERVE_PORT};
+use keepup_tests::fleet::{converged, Fleet, FleetTls, HostSpec, Timers, SERVE_PORT};
 use keepup_tests::host::workspace_root;
 use tokio::io::copy_bidirectional;
 use tokio::net::{TcpListener, TcpStream};
@@ -88,9 +89,19 @@ async fn run(dir: &Path, once: bool, port: u16) -> Result<()> {
         HostSpec::rpm("stable-3"),
     ];
     step("starting keepup serve and 5 hosts (the first run builds the Debian host image: a few minutes)");
-    let fleet = Fleet::start(dir, &hosts, &timers).await?;
+    let pki = dir.join("pki");
+    let tls = FleetTls::generate(&pki)?;
+    println!(
+        "    TLS: CA {} (the agents' ca_file), server certificate {} for `repo` and 127.0.0.1",
+        tls.ca.display(),
+        tls.cert.display()
+    );
+    let fleet = Fleet::start_with_tls(dir, &hosts, &timers, Some(tls.clone())).await?;
     let page = forward(port, &fleet).await?;
-    println!("    fleet page: {page}  (refreshes itself)");
+    println!(
+        "    fleet page: {page}  (refreshes itself; `curl --cacert {} {page}`)",
+        tls.ca.display()
+    );
 
     step("assigning testing-* to the testing track and stable-* to stable");
     fleet.op(&["assign", "testing-*", "--track", "testing"])?;
@@ -112,7 +123,8 @@ async fn run(dir: &Path, once: bool, port: u16) -> Result<()> {
     let k = keepup.display();
     println!(
         "\nThe fleet has converged: testing runs foo 1.1.0, stable runs 1.0.0.\n\
-         \nTry next (in another terminal), and watch {page} or `{k} report --server {base}`:\n\
+         \nTry next (in another terminal), and watch {page} or\n\
+         `{k} report --server {report} --ca-file {ca}`:\n\
          \x20 {k} promote --repo {repo} foo --to stable                 # stable follows, host by host\n\
          \x20 {k} quarantine --repo {repo} foo --hosts stable-1         # stable-1 removes foo\n\
          \x20 {k} unquarantine --repo {repo} foo                        # and gets it back\n\
@@ -120,7 +132,8 @@ async fn run(dir: &Path, once: bool, port: u16) -> Result<()> {
          \x20 docker exec {net}-testing-1 pkill -KILL -u foo            # the agent restarts foo\n\
          \nPress Ctrl-C to remove the fleet.",
         net = fleet.net.name(),
-        base = page.trim_end_matches('/'),
+        report = page.trim_end_matches('/'),
+        ca = tls.ca.display(),
     );
     if once {
         return Ok(());
@@ -175,7 +188,7 @@ async fn forward(port: u16, fleet: &Fleet) -> Result<String> {
         }
     }
     let listener = listener.with_context(|| format!("no free port on 127.0.0.1 from {port}"))?;
-    let url = format!("http://{}/", listener.local_addr()?);
+    let url = format!("{}://{}/", fleet.scheme(), listener.local_addr()?);
     let target = format!("{ip}:{SERVE_PORT}");
     tokio::spawn(async move {
         while let Ok((mut conn, _)) = listener.accept().await {
