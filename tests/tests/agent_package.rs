@@ -14,7 +14,7 @@ use keepup_tests::agent_pkg::{agent_package, agent_package_version};
 use keepup_tests::example::{self, built_bin};
 use keepup_tests::host::{docker_or_skip, Host, TestNet};
 use keepup_tests::systemd::SystemdHost;
-use keepup_tests::testkit::shared_signing_key;
+use keepup_tests::testkit::{keepup_pack_example, shared_signing_key};
 
 /// Live (non-zombie) agent processes; a container whose PID 1 is `sleep` never reaps them.
 const LIVE_AGENT: &str = "ps -eo stat=,comm= | awk '$1 !~ /^Z/ && $2 == \"keepup-agent\"'";
@@ -670,9 +670,15 @@ async fn a_new_host_pinned_by_its_package_refuses_an_old_snapshot() -> Result<()
         dir.path().join("keys").to_str().context("UTF-8 path")?,
     ])?;
     keepup(&["assign", "--repo", r, "*", "--track", "stable"])?;
-    let built = example::build_example(&dir.path().join("foo"), "1.0.0", |s| s)?;
+    // The .rpm is signed with the repository's key, as `keepup publish` requires.
+    let (deb, rpm) = keepup_pack_example(
+        &dir.path().join("foo"),
+        "1.0.0",
+        Some(&shared_signing_key()?),
+        |s| s,
+    )?;
     let mut publish = vec!["publish", "--repo", r];
-    publish.extend(built.iter().filter_map(|p| p.to_str()));
+    publish.extend([&deb, &rpm].iter().filter_map(|p| p.to_str()));
     keepup(&publish)?;
     keepup(&["promote", "--repo", r, "foo", "--to", "testing"])?;
     keepup(&["promote", "--repo", r, "foo", "--to", "stable"])?;
@@ -707,12 +713,16 @@ async fn a_new_host_pinned_by_its_package_refuses_an_old_snapshot() -> Result<()
          schedule: \"0 0 1 1 *\"\\n' >>/etc/keepup/agent.yaml",
     )
     .await?;
+    // The container's PID 1 (`sleep infinity`) reaps nothing: a killed server stays a
+    // zombie, so wait for no *live* keepup.
     let serve = |tree: &str| {
         format!(
-            "pkill -x keepup; while pgrep -x keepup >/dev/null; do sleep 0.1; done; \
+            "pkill -x keepup; while ps -o stat= -C keepup | grep -qv Z; do sleep 0.1; done; \
              setsid keepup serve --repo {tree} --listen 127.0.0.1:8080 --no-refresh \
              >>/var/log/serve.out 2>&1 </dev/null & \
-             until curl -fsS -o /dev/null http://127.0.0.1:8080/fleet.yaml; do sleep 0.1; done"
+             for i in $(seq 100); do \
+               curl -fsS -o /dev/null http://127.0.0.1:8080/fleet.yaml && exit 0; sleep 0.1; \
+             done; echo 'keepup serve did not answer:' >&2; cat /var/log/serve.out >&2; exit 1"
         )
     };
     host.ok(&serve("/srv/old")).await?;
