@@ -1,46 +1,171 @@
 //! Fleet policy: which hosts follow which track and run which services, and which services are
 //! quarantined where. Kept in the repository state (`.keepup/fleet.json`) and published as
-//! `fleet.yaml` with a detached signature `fleet.yaml.sig`; agents check the signature and the
-//! serial.
+//! `fleet.yaml.asc`: inline-signed (one file, so an agent never reads a policy and a signature
+//! from two different publishes), with the `tracks:` binding that names the serial and sha256
+//! of the index each track publishes now. `fleet.yaml` with its detached `fleet.yaml.sig` is
+//! the same policy without the binding, kept for agents older than the binding and for the
+//! state server.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, bail, Context as _, Result};
 
-use crate::repo::{write_atomic, Repo};
+use crate::repo::{sha256_hex, write_atomic, Repo};
 use crate::sign::{self, Signer};
 pub use keepup_deploy::wire::fleet::Fleet;
+pub use keepup_deploy::wire::fleet::SIGNED_POLICY;
+use keepup_deploy::wire::fleet::{index_by_hash, Binding};
+use keepup_deploy::wire::verify::check_expiry;
+use keepup_deploy::wire::Index;
 
-/// Write `fleet.yaml` for `fleet`, valid until `expires` (Unix time), and its signature
-/// (signature first) in the repository at `root`.
-pub fn write(root: &Path, signer: &Signer, fleet: &Fleet, expires: u64) -> Result<()> {
-    let y = Fleet {
-        expires: Some(expires),
-        ..fleet.clone()
+/// The binding of each of `tracks` to the index it publishes now (`tracks/<t>/index.json`),
+/// making sure that index is also served by its hash. A track with no index yet is left out.
+fn bindings(root: &Path, tracks: &[String]) -> Result<BTreeMap<String, Binding>> {
+    let mut out = BTreeMap::new();
+    for t in tracks {
+        let path = root.join("tracks").join(t).join("index.json");
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        let index = Index::from_json(&bytes)
+            .map_err(|e| anyhow!("{}: {e}; run `keepup repo reindex`", path.display()))?;
+        let sha256 = sha256_hex(&bytes);
+        // Written with the index; a repository from before the binding lacks it.
+        let by_hash = root.join(index_by_hash(t, &sha256));
+        if !by_hash.exists() {
+            write_atomic(&by_hash, &bytes)?;
+        }
+        out.insert(
+            t.clone(),
+            Binding {
+                serial: index.serial,
+                sha256,
+            },
+        );
     }
-    .to_yaml();
+    Ok(out)
+}
+
+/// Write the policy `fleet`, valid until `expires` (Unix time), bound to the indexes `tracks`
+/// publish now, in the repository at `root`: `fleet.yaml.sig` and `fleet.yaml` (legacy), then
+/// `fleet.yaml.asc`.
+pub fn write(
+    root: &Path,
+    signer: &Signer,
+    fleet: &Fleet,
+    tracks: &[String],
+    expires: u64,
+) -> Result<()> {
+    let legacy = Fleet {
+        expires: Some(expires),
+        tracks: BTreeMap::new(),
+        ..fleet.clone()
+    };
+    let y = legacy.to_yaml();
     let sig = signer.detached(y.as_bytes())?;
     write_atomic(&root.join("fleet.yaml.sig"), sig.as_bytes())?;
     write_atomic(&root.join("fleet.yaml"), y.as_bytes())?;
+    let bound = Fleet {
+        tracks: bindings(root, tracks)?,
+        ..legacy
+    };
+    let signed = signer.cleartext(&bound.to_yaml())?;
+    write_atomic(&root.join(SIGNED_POLICY), signed.as_bytes())?;
     Ok(())
 }
 
-/// Check `fleet.yaml` against its signature and the state.
-pub fn verify(repo: &Repo, key: &pgp::composed::SignedPublicKey) -> Result<()> {
-    let y = std::fs::read(repo.root.join("fleet.yaml"))?;
-    let sig = std::fs::read_to_string(repo.root.join("fleet.yaml.sig"))?;
-    sign::verify_detached(key, &y, &sig)?;
-    let mut parsed = Fleet::from_yaml(std::str::from_utf8(&y)?).map_err(anyhow::Error::msg)?;
-    keepup_deploy::wire::verify::check_expiry(parsed.expires, crate::repo::now()).map_err(|e| {
-        anyhow!(
-            "{e}; re-sign with `keepup repo refresh --repo {}`",
-            repo.root.display()
+/// The highest policy serial published at `root` (0: none), read without checking signatures:
+/// for choosing the next serial, never for trust.
+pub fn published_serial(root: &Path) -> u64 {
+    let legacy = std::fs::read_to_string(root.join("fleet.yaml"))
+        .ok()
+        .and_then(|y| Fleet::from_yaml(&y).ok())
+        .map_or(0, |f| f.serial);
+    let signed = std::fs::read_to_string(root.join(SIGNED_POLICY))
+        .ok()
+        .and_then(|a| {
+            use pgp::composed::CleartextSignedMessage;
+            CleartextSignedMessage::from_string(&a).ok()
+        })
+        .and_then(|(m, _)| Fleet::from_yaml(&m.signed_text()).ok())
+        .map_or(0, |f| f.serial);
+    legacy.max(signed)
+}
+
+/// The policy as published in `fleet.yaml.asc`, its signature checked against `key`.
+pub fn read_signed(root: &Path, key: &pgp::composed::SignedPublicKey) -> Result<Fleet> {
+    let path = root.join(SIGNED_POLICY);
+    let armored = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "reading {} (a repository from before the binding: run `keepup repo refresh --repo {}`)",
+            path.display(),
+            root.display()
         )
     })?;
-    // The state does not keep the expiry: it is set when the policy is signed.
-    parsed.expires = repo.state.fleet.expires;
-    if parsed != repo.state.fleet {
+    let text = sign::verify_cleartext(key, &armored)?;
+    Fleet::from_yaml(&text).map_err(anyhow::Error::msg)
+}
+
+/// Check `fleet.yaml` and `fleet.yaml.asc` against their signatures, each other, the state
+/// and the indexes they bind.
+pub fn verify(repo: &Repo, key: &pgp::composed::SignedPublicKey) -> Result<()> {
+    let root = &repo.root;
+    let refresh = |e: String| {
+        anyhow!(
+            "{e}; re-sign with `keepup repo refresh --repo {}`",
+            root.display()
+        )
+    };
+    let y = std::fs::read(root.join("fleet.yaml"))?;
+    let sig = std::fs::read_to_string(root.join("fleet.yaml.sig"))?;
+    sign::verify_detached(key, &y, &sig)?;
+    let legacy = Fleet::from_yaml(std::str::from_utf8(&y)?).map_err(anyhow::Error::msg)?;
+    check_expiry(legacy.expires, crate::repo::now()).map_err(refresh)?;
+    let state = &repo.state.fleet;
+    // A command killed after publishing and before saving the state leaves a higher
+    // published serial; the policy itself must be the state's.
+    let same_policy =
+        |f: &Fleet| f.assignments == state.assignments && f.quarantine == state.quarantine;
+    if !same_policy(&legacy) || legacy.serial < state.serial {
         bail!("fleet.yaml does not match the repository state");
+    }
+    let signed = read_signed(root, key).context(SIGNED_POLICY)?;
+    check_expiry(signed.expires, crate::repo::now())
+        .map_err(refresh)
+        .context(SIGNED_POLICY)?;
+    if !same_policy(&signed) || signed.serial != legacy.serial {
+        bail!("{SIGNED_POLICY} and fleet.yaml differ (serial {} and {}); run `keepup repo refresh --repo {}`", signed.serial, legacy.serial, root.display());
+    }
+    for (t, b) in &signed.tracks {
+        let path = b.path(t);
+        let bytes = std::fs::read(root.join(&path))
+            .with_context(|| format!("{SIGNED_POLICY} binds {path}, which is missing"))?;
+        if sha256_hex(&bytes) != b.sha256 {
+            bail!("{path} does not match its hash in {SIGNED_POLICY}");
+        }
+        let index = Index::from_json(&bytes).map_err(anyhow::Error::msg)?;
+        if index.track != *t || index.serial != b.serial {
+            bail!(
+                "{path} is the index of track {} serial {}, {SIGNED_POLICY} binds track {t} serial {}",
+                index.track,
+                index.serial,
+                b.serial
+            );
+        }
+    }
+    // A command killed between publishing a track's index and re-signing the policy leaves
+    // the binding one snapshot behind: consistent, and caught up by the next command.
+    for t in &repo.state.tracks {
+        if root.join("tracks").join(t).join("index.json").exists() && !signed.tracks.contains_key(t)
+        {
+            bail!(
+                "{SIGNED_POLICY} binds no index for track {t}; run `keepup repo refresh --repo {}`",
+                root.display()
+            );
+        }
     }
     Ok(())
 }

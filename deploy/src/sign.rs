@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use anyhow::{anyhow, bail, Context as _, Result};
+use anyhow::{anyhow, Context as _, Result};
 use pgp::composed::{
     CleartextSignedMessage, Deserializable, DetachedSignature, KeyType, SecretKeyParamsBuilder,
     SignedPublicKey, SignedSecretKey,
@@ -116,10 +116,5 @@ pub fn verify_detached(key: &SignedPublicKey, data: &[u8], armored_sig: &str) ->
 
 /// Check a cleartext-signed message against `key`; returns the signed text.
 pub fn verify_cleartext(key: &SignedPublicKey, armored: &str) -> Result<String> {
-    let (msg, _) = CleartextSignedMessage::from_string(armored)
-        .map_err(|e| anyhow!("not a cleartext-signed message: {e}"))?;
-    if msg.verify(&key.primary_key).is_err() {
-        bail!("bad signature");
-    }
-    Ok(msg.signed_text().replace("\r\n", "\n"))
+    keepup_deploy::wire::verify::verify_cleartext(key, armored).map_err(anyhow::Error::msg)
 }

@@ -436,35 +436,64 @@ async fn tampered_wrongly_signed_replayed_and_corrupt_are_refused() -> Result<()
     let web1 = s
         .agent_host("web1", Format::Deb, &format!("schedule: '{YEARLY}'"))
         .await?;
-    let idx = format!("{REPO}/tracks/stable/index.json");
+    let policy = format!("{REPO}/fleet.yaml.asc");
+    // The index the signed policy binds: tracks/stable/by-hash/SHA256/<sha256>.
+    let bound = || async {
+        let sha = repo
+            .ok(&format!(
+                "sed -n 's/.*\"stable\": {{serial: [0-9]*, sha256: \"\\([0-9a-f]*\\)\"}}.*/\\1/p' {policy}"
+            ))
+            .await?;
+        ensure!(
+            sha.trim().len() == 64,
+            "no binding for stable in {policy}: {sha:?}"
+        );
+        Ok::<_, anyhow::Error>(format!(
+            "{REPO}/tracks/stable/by-hash/SHA256/{}",
+            sha.trim()
+        ))
+    };
+    let idx = bound().await?;
     repo.ok(&format!(
-        "mkdir -p /root/old && cp {idx} {idx}.sig /root/old/"
+        "mkdir -p /root/old && cp {idx} /root/old/index.json && cp {policy} /root/old/"
     ))
     .await?;
     let nothing_installed = |v: &Value| v["installed"].as_object().is_none_or(|m| m.is_empty());
 
-    // A tampered index (its signature no longer matches).
+    // A tampered index: it no longer hashes to what the signed policy binds.
     repo.ok(&format!("sed -i 's/1.0.0-1/1.0.9-1/g' {idx}"))
         .await?;
     let (code, v) = update_now(&web1).await?;
     let err = v["error"].as_str().unwrap_or_default().to_string();
     ensure!(
         code == 1
-            && err.starts_with(
-                "refused tracks/stable/index.json: bad signature (not signed by the pinned key"
-            ),
+            && err.starts_with("refused tracks/stable/index.json: it hashes to ")
+            && err.ends_with("a mixed or tampered snapshot"),
         "{v:#}"
     );
     ensure!(
         dpkg_status(&web1).await?.is_empty() && nothing_installed(&v),
         "{v:#}"
     );
+    repo.ok(&format!("cp /root/old/index.json {idx}")).await?;
 
-    // Signed, but by another key.
+    // A tampered policy (a host moved to another track).
+    repo.ok(&format!("sed -i 's/stable/unstable/' {policy}"))
+        .await?;
+    let (code, v) = update_now(&web1).await?;
+    let err = v["error"].as_str().unwrap_or_default();
+    ensure!(
+        code == 1
+            && err
+                .starts_with("refused fleet.yaml.asc: bad signature (not signed by the pinned key"),
+        "{v:#}"
+    );
+
+    // A policy signed, but by another key.
     repo.ok(&format!(
-        "cp /root/old/index.json {idx} && export GNUPGHOME=$(mktemp -d) && \
+        "export GNUPGHOME=$(mktemp -d) && \
          gpg --batch --quiet --pinentry-mode loopback --passphrase '' --quick-gen-key mallory@example.org ed25519 sign never && \
-         gpg --batch --yes --armor --detach-sign -o {idx}.sig {idx}"
+         gpg --batch --yes --clearsign -o {policy} {REPO}/fleet.yaml"
     ))
     .await?;
     let (code, v) = update_now(&web1).await?;
@@ -474,7 +503,7 @@ async fn tampered_wrongly_signed_replayed_and_corrupt_are_refused() -> Result<()
         "{v:#}"
     );
     ensure!(dpkg_status(&web1).await?.is_empty());
-    repo.ok(&format!("cp /root/old/index.json.sig {idx}.sig"))
+    repo.ok(&format!("cp /root/old/fleet.yaml.asc {policy}"))
         .await?;
 
     // A package whose bytes are not what the signed index says (same size).
@@ -522,13 +551,47 @@ async fn tampered_wrongly_signed_replayed_and_corrupt_are_refused() -> Result<()
     let v = update_ok(&web1).await?;
     let second = v["index_serial"].as_u64().context("index serial")?;
     ensure!(second > first && web1.installed("foo").await?.as_deref() == Some("1.1.0-1"));
+    let new_idx = bound().await?;
+    ensure!(
+        new_idx != idx,
+        "the promotion did not change the bound index"
+    );
     repo.ok(&format!(
-        "cp /root/old/index.json /root/old/index.json.sig {REPO}/tracks/stable/"
+        "mkdir -p /root/new && cp {new_idx} {policy} /root/new/"
+    ))
+    .await?;
+
+    // The old index served in place of the new one the policy binds (mix and match).
+    repo.ok(&format!("cp /root/old/index.json {new_idx}"))
+        .await?;
+    let (code, v) = update_now(&web1).await?;
+    let err = v["error"].as_str().unwrap_or_default();
+    ensure!(
+        code == 1 && err.ends_with("a mixed or tampered snapshot"),
+        "{v:#}"
+    );
+    repo.ok(&format!("cp /root/new/$(basename {new_idx}) {new_idx}"))
+        .await?;
+
+    // The old policy served again, with the new index in place of the old one it binds: a
+    // replay of the policy, refused by its serial before the index is looked at.
+    repo.ok(&format!(
+        "cp /root/old/fleet.yaml.asc {policy} && cp {new_idx} {idx}"
     ))
     .await?;
     let (code, v) = update_now(&web1).await?;
+    let policy_serial = |asc: &str| -> Result<u64> {
+        asc.lines()
+            .find_map(|l| l.strip_prefix("serial: "))
+            .context("no serial in the policy")?
+            .trim()
+            .parse()
+            .context("serial")
+    };
+    let old_serial = policy_serial(&repo.ok("cat /root/old/fleet.yaml.asc").await?)?;
+    let new_serial = policy_serial(&repo.ok("cat /root/new/fleet.yaml.asc").await?)?;
     let want = format!(
-        "refused tracks/stable/index.json: serial {first} is lower than {second} already seen \
+        "refused fleet.yaml.asc: serial {old_serial} is lower than {new_serial} already seen \
          (replayed or rolled-back repository?)"
     );
     ensure!(code == 1 && v["error"] == want.as_str(), "{v:#}");
@@ -540,6 +603,107 @@ async fn tampered_wrongly_signed_replayed_and_corrupt_are_refused() -> Result<()
     ensure!(
         serials.contains(&format!("\"stable\": {second}")),
         "{serials}"
+    );
+    Ok(())
+}
+
+/// `versions` small .debs of foo (a 1 KiB payload instead of the daemon, stored
+/// uncompressed: the test is about the repository's metadata, not the packages).
+fn small_debs(dir: &Path, versions: &[String]) -> Result<Vec<PathBuf>> {
+    let src = keepup_tests::host::workspace_root().join("docs/examples");
+    let spec_dir = dir.join("small");
+    std::fs::create_dir_all(&spec_dir)?;
+    std::fs::copy(src.join("foo.conf"), spec_dir.join("foo.conf"))?;
+    std::fs::write(spec_dir.join("payload"), vec![b'x'; 1024])?;
+    let text = std::fs::read_to_string(src.join("foo.yaml"))?
+        .replace("../../target/release/food", "payload");
+    let mut out = Vec::new();
+    for v in versions {
+        let path = spec_dir.join(format!("foo-{v}.yaml"));
+        std::fs::write(
+            &path,
+            text.replace("version: 1.0.0", &format!("version: {v}")),
+        )?;
+        let spec = keepup_packager::spec::Spec::load(&path).map_err(|e| anyhow!("{e}"))?;
+        let opts = keepup_packager::PackOptions {
+            formats: vec![Format::Deb],
+            compression: Some(keepup_packager::Compression::None),
+            epoch: 1_700_000_000,
+            sign_key: None,
+        };
+        out.extend(keepup_packager::pack(&spec, &opts, &dir.join("debs"))?);
+    }
+    Ok(out)
+}
+
+/// Issue 11, consistent fetch: an agent polls (`update --now` in a loop) while 200 promotes
+/// rewrite the track it follows and the policy. Every pass must check out: the policy is one
+/// inline-signed file and the index it binds is fetched by hash, so no pass can read a
+/// signature from one publish and data from another. foo is quarantined on the host, so each
+/// pass fetches and checks the metadata and installs nothing (hundreds of passes, not a few).
+#[tokio::test]
+async fn agents_polling_during_200_promotes_see_no_signature_failure() -> Result<()> {
+    let Some(s) = Setup::start(Upgrade::Unpublished, &["web1 --track testing"]).await? else {
+        return Ok(());
+    };
+    s.keepup("quarantine", "foo --hosts web1").await?;
+    let versions: Vec<String> = (1..=100).map(|i| format!("2.0.{i}")).collect();
+    let debs = small_debs(s._tmp.path(), &versions)?;
+    ensure!(debs.len() == versions.len(), "packed {} debs", debs.len());
+    s.repo
+        .copy_in(&s._tmp.path().join("debs"), "/pkgs/small")
+        .await?;
+    s.keepup("publish", "/pkgs/small/*.deb").await?;
+    let web1 = s
+        .agent_host("web1", Format::Deb, &format!("schedule: '{YEARLY}'"))
+        .await?;
+    update_ok(&web1).await?;
+
+    // Poll until /tmp/stop exists, one JSON line per pass.
+    web1.host
+        .ok("setsid sh -c 'while [ ! -e /tmp/stop ]; do \
+               keepup-agent update --now --json | tr -d \"\\n\" >>/tmp/passes; echo >>/tmp/passes; \
+             done; touch /tmp/stopped' >/dev/null 2>&1 </dev/null &")
+        .await?;
+    let promotes: Vec<String> = versions
+        .iter()
+        .map(|v| {
+            format!(
+                "keepup promote --repo {REPO} foo {v} --to testing >/dev/null && \
+                 keepup promote --repo {REPO} foo {v} --to stable >/dev/null"
+            )
+        })
+        .collect();
+    s.repo.ok(&promotes.join(" && ")).await?;
+    web1.host.ok("touch /tmp/stop").await?;
+    wait_for(
+        "the polling loop to stop",
+        Duration::from_secs(60),
+        || async { Ok(web1.host.exec("test -e /tmp/stopped").await?.code == 0) },
+    )
+    .await?;
+
+    let passes = web1.host.ok("cat /tmp/passes").await?;
+    let mut serials = std::collections::BTreeSet::new();
+    let mut count = 0;
+    for line in passes.lines().filter(|l| !l.trim().is_empty()) {
+        let v: Value = serde_json::from_str(line).with_context(|| format!("a pass: {line}"))?;
+        ensure!(
+            v["ok"] == true,
+            "a pass failed while the repository changed: {v:#}"
+        );
+        serials.insert(v["index_serial"].as_u64().context("index serial")?);
+        count += 1;
+    }
+    // The loop really ran across the promotes: it saw many different snapshots.
+    ensure!(
+        serials.len() >= 20,
+        "{count} passes saw only {} index serials: {serials:?}",
+        serials.len()
+    );
+    eprintln!(
+        "{count} passes, {} distinct index serials, none refused",
+        serials.len()
     );
     Ok(())
 }
@@ -962,7 +1126,7 @@ async fn expired_metadata_is_refused_by_the_agent_and_apt_until_refreshed() -> R
     let err = v["error"].as_str().unwrap_or_default();
     ensure!(
         code == 1
-            && err.starts_with("refused fleet.yaml: repository metadata expired at ")
+            && err.starts_with("refused fleet.yaml.asc: repository metadata expired at ")
             && err.ends_with("(frozen or unmaintained repository?)"),
         "{v:#}"
     );

@@ -156,6 +156,11 @@ fn tls_failure(host: &str, e: &std::io::Error) -> FetchError {
     FetchError::Tls(https::explain_failure(host, &trust(), FIX, e))
 }
 
+/// SHA-256 of bytes, hex.
+pub fn sha256_bytes(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
 /// SHA-256 of a file, hex, or None if it cannot be read.
 pub fn sha256_file(path: &Path) -> Option<String> {
     use std::io::Read;

@@ -14,6 +14,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use keepup_deploy::wire::fleet::SIGNED_POLICY;
 use keepup_deploy::wire::report::StartReport;
 use keepup_deploy::wire::verify::{check_expiry, TrustedKey};
 use keepup_deploy::wire::{Fleet, Index, AGENT_PACKAGE};
@@ -26,7 +27,7 @@ use super::fetch::{self, FetchError, Wanted};
 use super::pkg::{PackageManager, PassMarker, System};
 use super::plan::{self, Action, Format, PackageEntry, PlanInput};
 use super::run::{run, Outcome};
-use super::serials::{check_min, SerialStore};
+use super::serials::{check_min, SerialStore, Serials};
 use super::start::{self, Verdict};
 use crate::config::{Config, UpdaterConfig};
 use crate::control::Incoming;
@@ -37,8 +38,6 @@ use crate::report::{self, now_unix, Events, SharedHost};
 const META_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest index or policy accepted.
 const MAX_META: u64 = 16 * 1024 * 1024;
-/// Largest signature accepted.
-const MAX_SIG: u64 = 64 * 1024;
 /// Log lines kept in a "failed to start" report.
 const LOG_TAIL_LINES: usize = 20;
 /// How often a starting service's status is looked at.
@@ -176,21 +175,18 @@ fn pass_lock(state_dir: &Path) -> Result<Flock<File>, String> {
     })
 }
 
-/// Checks a detached signature against the pinned key; the refusal names the file and key.
-pub fn check_signature(
-    key: &TrustedKey,
-    what: &str,
-    data: &[u8],
-    sig: &[u8],
-) -> Result<(), String> {
+/// Checks an inline-signed document against the pinned key and returns the signed text; the
+/// refusal names the file and the key.
+pub fn check_signature(key: &TrustedKey, what: &str, armored: &[u8]) -> Result<String, String> {
     let refused = |e: String| {
         format!(
             "refused {what}: bad signature (not signed by the pinned key {}): {e}",
             key.fingerprint()
         )
     };
-    let sig = std::str::from_utf8(sig).map_err(|_| refused("the signature is not text".into()))?;
-    key.verify(data, sig).map_err(refused)
+    let armored =
+        std::str::from_utf8(armored).map_err(|_| refused("the document is not text".into()))?;
+    key.verify_inline(armored).map_err(refused)
 }
 
 /// Runs passes for one host.
@@ -341,21 +337,76 @@ impl Updater {
         r
     }
 
-    /// Fetches `path` and `path.sig` from the repository and checks the signature.
-    async fn fetch_signed(&self, path: &str, key: &TrustedKey) -> Result<Vec<u8>, String> {
+    /// GETs `path` from the repository (a small metadata file).
+    async fn fetch_meta(&self, path: &str) -> Result<Vec<u8>, String> {
         let url = format!("{}{path}", self.up.repo);
-        let unreachable = |e: FetchError| {
+        fetch::get(&url, MAX_META, META_TIMEOUT).await.map_err(|e| {
             format!("cannot fetch {url}: {e} (repository unreachable? installed services keep running; retried next pass)")
+        })
+    }
+
+    /// The fleet policy: `fleet.yaml.asc`, its inline signature checked against the pinned
+    /// key, then its serial (against the highest seen and the configured minimum) and expiry.
+    async fn fetch_policy(&self, key: &TrustedKey, seen: &Serials) -> Result<Fleet, String> {
+        let bytes = self.fetch_meta(SIGNED_POLICY).await?;
+        let refused = |e: String| format!("refused {SIGNED_POLICY}: {e}");
+        let text =
+            check_signature(key, SIGNED_POLICY, &bytes).inspect_err(|e| self.refused(None, e))?;
+        let fleet = Fleet::from_yaml(&text)
+            .map_err(refused)
+            .inspect_err(|e| self.refused(None, e))?;
+        seen.check_fleet(fleet.serial)
+            .and_then(|_| check_min(SIGNED_POLICY, fleet.serial, self.up.min_serials.fleet))
+            .and_then(|_| check_expiry(fleet.expires, unix_now()).map_err(refused))
+            .inspect_err(|e| self.refused(None, e))?;
+        Ok(fleet)
+    }
+
+    /// The index of `track` that `fleet` binds: fetched by its hash, which must match, then
+    /// its track and serial (against the binding, the highest seen and the configured
+    /// minimum) and expiry. A policy and an index from different publishes never mix.
+    async fn fetch_index(
+        &self,
+        fleet: &Fleet,
+        track: &str,
+        seen: &Serials,
+    ) -> Result<Index, String> {
+        let label = format!("tracks/{track}/index.json");
+        let refused = |e: String| format!("refused {label}: {e}");
+        let Some(binding) = fleet.tracks.get(track) else {
+            let e = refused(format!(
+                "{SIGNED_POLICY} (serial {}) binds no index for track {track:?} (a repository \
+                 from before the binding, or a track with nothing published: run `keepup repo \
+                 refresh` on the repository)",
+                fleet.serial
+            ));
+            self.refused(None, &e);
+            return Err(e);
         };
-        let data = fetch::get(&url, MAX_META, META_TIMEOUT)
-            .await
-            .map_err(unreachable)?;
-        let sig_url = format!("{url}.sig");
-        let sig = fetch::get(&sig_url, MAX_SIG, META_TIMEOUT)
-            .await
-            .map_err(|e| format!("cannot fetch {sig_url}: {e}"))?;
-        check_signature(key, path, &data, &sig).inspect_err(|e| self.refused(None, e))?;
-        Ok(data)
+        let bytes = self.fetch_meta(&binding.path(track)).await?;
+        let check = || -> Result<Index, String> {
+            let got = fetch::sha256_bytes(&bytes);
+            if got != binding.sha256 {
+                return Err(refused(format!(
+                    "it hashes to {got}, but {SIGNED_POLICY} (serial {}) binds sha256 {} \
+                     (serial {}): a mixed or tampered snapshot",
+                    fleet.serial, binding.sha256, binding.serial
+                )));
+            }
+            let index = Index::from_json(&bytes).map_err(refused)?;
+            if index.track != track || index.serial != binding.serial {
+                return Err(refused(format!(
+                    "it is the index of track {:?} serial {}, {SIGNED_POLICY} binds track \
+                     {track:?} serial {}",
+                    index.track, index.serial, binding.serial
+                )));
+            }
+            seen.check_track(track, index.serial)
+                .and_then(|_| check_min(&label, index.serial, self.up.min_serials.track(track)))
+                .and_then(|_| check_expiry(index.expires, unix_now()).map_err(refused))?;
+            Ok(index)
+        };
+        check().inspect_err(|e| self.refused(None, e))
     }
 
     fn refused(&self, service: Option<&str>, why: &str) {
@@ -374,19 +425,12 @@ impl Updater {
             .map_err(|e| format!("trusted_key {}: {e}", key_path.display()))?;
         let mut seen = self.serials.load()?;
 
-        let fleet_bytes = self.fetch_signed("fleet.yaml", &key).await?;
-        let fleet = std::str::from_utf8(&fleet_bytes)
-            .map_err(|e| e.to_string())
-            .and_then(Fleet::from_yaml)
-            .map_err(|e| format!("refused fleet.yaml: {e}"))
-            .inspect_err(|e| self.refused(None, e))?;
-        seen.check_fleet(fleet.serial)
-            .and_then(|_| check_min("fleet.yaml", fleet.serial, self.up.min_serials.fleet))
-            .and_then(|_| {
-                check_expiry(fleet.expires, unix_now())
-                    .map_err(|e| format!("refused fleet.yaml: {e}"))
-            })
-            .inspect_err(|e| self.refused(None, e))?;
+        let fleet = self.fetch_policy(&key, &seen).await?;
+        // A policy that checks out is recorded at once: an older one is a replay even if
+        // this pass goes no further (its index refused, the repository unreachable).
+        if seen.record(fleet.serial, None) {
+            self.serials.save(&seen)?;
+        }
         let (assignment, quarantined) = fleet.for_host(&self.host);
         r.fleet_serial = Some(fleet.serial);
         r.quarantined = quarantined.iter().map(|s| s.to_string()).collect();
@@ -395,28 +439,7 @@ impl Updater {
         let index = match assignment {
             None => None,
             Some(a) => {
-                let path = format!("tracks/{}/index.json", a.track);
-                let bytes = self.fetch_signed(&path, &key).await?;
-                let index = Index::from_json(&bytes)
-                    .map_err(|e| format!("refused {path}: {e}"))
-                    .inspect_err(|e| self.refused(None, e))?;
-                if index.track != a.track {
-                    let e = format!(
-                        "refused {path}: it is the index of track {:?}, not {:?}",
-                        index.track, a.track
-                    );
-                    self.refused(None, &e);
-                    return Err(e);
-                }
-                seen.check_track(&a.track, index.serial)
-                    .and_then(|_| {
-                        check_min(&path, index.serial, self.up.min_serials.track(&a.track))
-                    })
-                    .and_then(|_| {
-                        check_expiry(index.expires, unix_now())
-                            .map_err(|e| format!("refused {path}: {e}"))
-                    })
-                    .inspect_err(|e| self.refused(None, e))?;
+                let index = self.fetch_index(&fleet, &a.track, &seen).await?;
                 r.index_serial = Some(index.serial);
                 Some(index)
             }
@@ -821,20 +844,14 @@ mod tests {
         String::from_utf8(out.stdout).ok()
     }
 
-    fn gpg_sign(home: &Path, uid: &str, data: &[u8]) -> Vec<u8> {
+    /// `data` inline-signed (cleartext) by `uid`, as `fleet.yaml.asc` is.
+    fn gpg_clearsign(home: &Path, uid: &str, data: &[u8]) -> Vec<u8> {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("data");
         std::fs::write(&f, data).unwrap();
         let st = Command::new("gpg")
             .env("GNUPGHOME", home)
-            .args([
-                "--batch",
-                "--yes",
-                "--local-user",
-                uid,
-                "--armor",
-                "--detach-sign",
-            ])
+            .args(["--batch", "--yes", "--local-user", uid, "--clearsign"])
             .arg(&f)
             .status()
             .unwrap();
@@ -854,22 +871,28 @@ mod tests {
         let pinned = gpg_key(home.path(), "repo@example.org").expect("gpg key");
         gpg_key(home.path(), "mallory@example.org").expect("gpg key");
         let key = TrustedKey::from_armored(&pinned).unwrap();
-        let data = br#"{"track":"stable","serial":5,"generated":0,"packages":[]}"#;
-        let good = gpg_sign(home.path(), "repo@example.org", data);
-        check_signature(&key, "tracks/stable/index.json", data, &good).unwrap();
-        // Tampered data, another key's signature, garbage: all refused, naming file and key.
-        let tampered = br#"{"track":"stable","serial":9,"generated":0,"packages":[]}"#;
-        let e = check_signature(&key, "tracks/stable/index.json", tampered, &good).unwrap_err();
+        let data = "serial: 5\nassignments: []\nquarantine: []\n";
+        let good = gpg_clearsign(home.path(), "repo@example.org", data.as_bytes());
+        // The line end before the signature is not part of the signed text.
+        assert_eq!(
+            check_signature(&key, SIGNED_POLICY, &good).unwrap(),
+            data.trim_end()
+        );
+        // Tampered text, another key's signature, garbage: all refused, naming file and key.
+        let tampered = String::from_utf8(good.clone())
+            .unwrap()
+            .replace("serial: 5", "serial: 9");
+        let e = check_signature(&key, SIGNED_POLICY, tampered.as_bytes()).unwrap_err();
         let prefix = format!(
-            "refused tracks/stable/index.json: bad signature (not signed by the pinned key {})",
+            "refused fleet.yaml.asc: bad signature (not signed by the pinned key {})",
             key.fingerprint()
         );
         assert!(e.starts_with(&prefix), "{e}");
-        let other = gpg_sign(home.path(), "mallory@example.org", data);
-        let e = check_signature(&key, "tracks/stable/index.json", data, &other).unwrap_err();
+        let other = gpg_clearsign(home.path(), "mallory@example.org", data.as_bytes());
+        let e = check_signature(&key, SIGNED_POLICY, &other).unwrap_err();
         assert!(e.starts_with(&prefix), "{e}");
-        let e = check_signature(&key, "fleet.yaml", data, b"not a signature").unwrap_err();
-        assert!(e.starts_with("refused fleet.yaml: bad signature"), "{e}");
+        let e = check_signature(&key, SIGNED_POLICY, b"not a signature").unwrap_err();
+        assert!(e.starts_with(&prefix), "{e}");
     }
 
     /// A repository over HTTP on 127.0.0.1: path -> bytes (404 otherwise), changeable while
@@ -920,17 +943,15 @@ mod tests {
         let uid = "repo@example.org";
         let public = gpg_key(home.path(), uid).expect("gpg key");
         let files: Files = Arc::default();
-        let put = |path: &str, data: &[u8], sign: bool| {
-            let mut f = files.lock().unwrap();
-            f.insert(format!("/{path}"), data.to_vec());
-            if sign {
-                f.insert(format!("/{path}.sig"), gpg_sign(home.path(), uid, data));
-            }
+        let put = |path: &str, data: &[u8]| {
+            files
+                .lock()
+                .unwrap()
+                .insert(format!("/{path}"), data.to_vec());
         };
-        let fleet =
-            "serial: 2\nassignments:\n  - hosts: web1\n    track: stable\n    services: []\n\
-                     quarantine: []\n";
-        put("fleet.yaml", fleet.as_bytes(), true);
+        let sha = |b: &[u8]| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b));
+        let by_hash =
+            |index: &str| format!("tracks/stable/by-hash/SHA256/{}", sha(index.as_bytes()));
         let real = b"the real package".to_vec();
         let index = |serial: u64| {
             format!(
@@ -938,11 +959,37 @@ mod tests {
                 "keepup-unit-test-no-such-pkg","version":"1.0-1","arch":"amd64","format":"deb",
                 "path":"pool/k.deb","size":{},"sha256":"{}"}}]}}"#,
                 real.len(),
-                hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&real))
+                sha(&real)
             )
         };
-        put("tracks/stable/index.json", index(5).as_bytes(), true);
-        put("pool/k.deb", b"the fake package", false);
+        // The policy text, serial `serial`, binding `index` (None: no binding).
+        let policy = |serial: u64, index: Option<&str>| {
+            let mut y = format!(
+                "serial: {serial}\nassignments:\n  - hosts: web1\n    track: stable\n    \
+                 services: []\nquarantine: []\n"
+            );
+            if let Some(i) = index {
+                let i_serial = Index::from_json(i.as_bytes()).unwrap().serial;
+                y += &format!(
+                    "tracks:\n  stable: {{serial: {i_serial}, sha256: {}}}\n",
+                    sha(i.as_bytes())
+                );
+            }
+            y
+        };
+        // Publish as the repository does: the index by hash, then the signed policy.
+        let publish = |text: &str, index: Option<&str>| {
+            if let Some(i) = index {
+                put(&by_hash(i), i.as_bytes());
+            }
+            put(
+                SIGNED_POLICY,
+                &gpg_clearsign(home.path(), uid, text.as_bytes()),
+            );
+        };
+        let (i5, i6) = (index(5), index(6));
+        publish(&policy(2, Some(&i5)), Some(&i5));
+        put("pool/k.deb", b"the fake package");
         let repo = serve(files.clone()).await;
 
         let dir = tempfile::tempdir().unwrap();
@@ -977,8 +1024,43 @@ mod tests {
         let serials = std::fs::read_to_string(dir.path().join("state/serials.json")).unwrap();
         assert!(serials.contains("\"stable\": 5"), "{serials}");
 
-        // An older index, properly signed, served again: a replay.
-        put("tracks/stable/index.json", index(3).as_bytes(), true);
+        // Mixed snapshots. The old policy (binding index 5) with index 6 served in its place:
+        let i5_path = by_hash(&i5);
+        put(&i5_path, i6.as_bytes());
+        let mixed = format!(
+            "refused tracks/stable/index.json: it hashes to {}, but fleet.yaml.asc (serial 2) \
+             binds sha256 {} (serial 5): a mixed or tampered snapshot",
+            sha(i6.as_bytes()),
+            sha(i5.as_bytes())
+        );
+        assert_eq!(u.pass().await.error.as_deref(), Some(mixed.as_str()));
+        // A new policy (binding index 6) with the old index 5 served in its place:
+        publish(&policy(3, Some(&i6)), None);
+        put(&by_hash(&i6), i5.as_bytes());
+        let mixed = format!(
+            "refused tracks/stable/index.json: it hashes to {}, but fleet.yaml.asc (serial 3) \
+             binds sha256 {} (serial 6): a mixed or tampered snapshot",
+            sha(i5.as_bytes()),
+            sha(i6.as_bytes())
+        );
+        let r = u.pass().await;
+        assert_eq!(r.error.as_deref(), Some(mixed.as_str()));
+        assert!(r.plan.is_empty());
+
+        // An older policy, properly signed, served again: a replay.
+        put(&i5_path, i5.as_bytes());
+        publish(&policy(2, Some(&i5)), None);
+        let r = u.pass().await;
+        assert_eq!(
+            r.error.as_deref(),
+            Some(
+                "refused fleet.yaml.asc: serial 2 is lower than 3 already seen \
+                 (replayed or rolled-back repository?)"
+            )
+        );
+        // A newer policy that binds an older index (a repository restored from a backup).
+        let i3 = index(3);
+        publish(&policy(4, Some(&i3)), Some(&i3));
         let r = u.pass().await;
         assert_eq!(
             r.error.as_deref(),
@@ -995,7 +1077,7 @@ mod tests {
             r#""generated":0,"expires":1700000000,"#,
         );
         assert!(expired.contains("expires"), "the index fixture changed");
-        put("tracks/stable/index.json", expired.as_bytes(), true);
+        publish(&policy(5, Some(&expired)), Some(&expired));
         let r = u.pass().await;
         assert_eq!(
             r.error.as_deref(),
@@ -1009,7 +1091,7 @@ mod tests {
         assert!(serials.contains("\"stable\": 5"), "{serials}");
 
         // A new host (no serials.json) whose configuration carries a minimum serial: the
-        // older snapshot is refused on first contact, and nothing is recorded.
+        // older snapshot is refused on first contact, and its index serial is not recorded.
         let fresh = tempfile::tempdir().unwrap();
         let old_state = format!("state_dir: {d}/state\n");
         assert!(text.contains(&old_state), "the config fixture changed");
@@ -1026,7 +1108,12 @@ mod tests {
                  this host's configuration (min_serials; an old snapshot served to a new host?)"
             )
         );
-        assert!(r.plan.is_empty() && !fresh.path().join("state/serials.json").exists());
+        // Only the policy, which checked out, is recorded.
+        let serials = std::fs::read_to_string(fresh.path().join("state/serials.json")).unwrap();
+        assert!(
+            r.plan.is_empty() && !serials.contains("stable"),
+            "{serials}"
+        );
 
         // A host no assignment matches: nothing to do, track none, and that is fine.
         let mut other = cfg.clone();
@@ -1039,29 +1126,39 @@ mod tests {
             r.render()
         );
 
-        // A policy edited after signing.
-        put(
-            "fleet.yaml",
-            fleet.replace("web1", "web*").as_bytes(),
-            false,
+        // A policy that binds no index for the host's track.
+        publish(&policy(6, None), None);
+        let e = u.pass().await.error.unwrap();
+        assert!(
+            e.starts_with(
+                "refused tracks/stable/index.json: fleet.yaml.asc (serial 6) binds no index \
+                 for track \"stable\""
+            ),
+            "{e}"
         );
+
+        // A policy edited after signing.
+        let signed = gpg_clearsign(home.path(), uid, policy(7, Some(&i6)).as_bytes());
+        let edited = String::from_utf8(signed).unwrap().replace("web1", "web*");
+        put(SIGNED_POLICY, edited.as_bytes());
         let r = u.pass().await;
         let e = r.error.unwrap();
         assert!(
-            e.starts_with("refused fleet.yaml: bad signature (not signed by the pinned key"),
+            e.starts_with("refused fleet.yaml.asc: bad signature (not signed by the pinned key"),
             "{e}"
         );
         assert_eq!(r.fleet_serial, None);
 
         // An expired policy, properly signed.
-        let expired = fleet.replace("serial: 2\n", "serial: 3\nexpires: 1700000000\n");
+        let expired =
+            policy(8, Some(&i6)).replace("serial: 8\n", "serial: 8\nexpires: 1700000000\n");
         assert!(expired.contains("expires"), "the policy fixture changed");
-        put("fleet.yaml", expired.as_bytes(), true);
+        publish(&expired, Some(&i6));
         let r = u.pass().await;
         assert_eq!(
             r.error.as_deref(),
             Some(
-                "refused fleet.yaml: repository metadata expired at 2023-11-14T22:13:20Z \
+                "refused fleet.yaml.asc: repository metadata expired at 2023-11-14T22:13:20Z \
                  (frozen or unmaintained repository?)"
             )
         );

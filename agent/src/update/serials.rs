@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 /// What has been seen.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Serials {
-    /// Highest `fleet.yaml` serial.
+    /// Highest fleet policy serial (`fleet.yaml.asc`).
     #[serde(default)]
     pub fleet: u64,
     /// Highest index serial per track.
@@ -104,7 +104,11 @@ impl Serials {
 
     /// Checks the fleet policy's serial.
     pub fn check_fleet(&self, serial: u64) -> Result<(), String> {
-        check("fleet.yaml", serial, self.fleet)
+        check(
+            keepup_deploy::wire::fleet::SIGNED_POLICY,
+            serial,
+            self.fleet,
+        )
     }
 
     /// Checks a track index's serial.
@@ -155,7 +159,7 @@ mod tests {
         assert!(s
             .check_fleet(2)
             .unwrap_err()
-            .starts_with("refused fleet.yaml: serial 2"));
+            .starts_with("refused fleet.yaml.asc: serial 2"));
         // Never goes down.
         assert!(!s.record(1, Some(("stable", 2))));
         assert_eq!((s.fleet, s.tracks["stable"]), (4, 5));

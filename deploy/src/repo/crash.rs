@@ -22,10 +22,12 @@ pub enum Step {
     Index,
     /// The track file (the commit) is written.
     TrackCommit,
+    /// The policy binding the new index is published, the policy state not yet saved.
+    Binding,
 }
 
 /// Every step, in the order a publish reaches them.
-pub const STEPS: [Step; 7] = [
+pub const STEPS: [Step; 8] = [
     Step::PoolFile,
     Step::PoolMeta,
     Step::AptPackages,
@@ -33,6 +35,7 @@ pub const STEPS: [Step; 7] = [
     Step::RpmView,
     Step::Index,
     Step::TrackCommit,
+    Step::Binding,
 ];
 
 impl Step {
@@ -46,6 +49,7 @@ impl Step {
             Step::RpmView => "rpm-view",
             Step::Index => "index",
             Step::TrackCommit => "track-commit",
+            Step::Binding => "binding",
         }
     }
 }
@@ -59,8 +63,7 @@ fn at() -> Option<&'static str> {
 
 /// Is a crash step set? Views that are written in parallel are then written one after the
 /// other, so that each step is a boundary of the whole command, not a point in one thread
-/// while another is between a detached signature and its data (that tear is still open:
-/// issue 11, consistent fetch).
+/// while another is halfway through its view.
 pub fn armed() -> bool {
     at().is_some()
 }

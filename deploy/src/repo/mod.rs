@@ -4,8 +4,9 @@
 //! pool/                       immutable package files (deb: pool/main/<l>/<name>/, rpm: pool/rpm/<l>/<name>/)
 //! dists/<track>/              APT view: InRelease, Release, Release.gpg, main/binary-<arch>/Packages{,.gz} + by-hash
 //! rpm/<track>/                DNF view: repodata/ (repomd.xml + .asc, primary/filelists/other), packages/ (hard links into pool/)
-//! tracks/<track>/index.json   the agent's index (+ index.json.sig)
-//! fleet.yaml (+ .sig)         fleet policy
+//! tracks/<track>/index.json   the agent's index (+ index.json.sig; by-hash/SHA256/ keeps recent ones by hash)
+//! fleet.yaml.asc              fleet policy, inline-signed, binding each track's index
+//! fleet.yaml (+ .sig)         the same policy without the binding (older agents)
 //! keys/repository.asc         public key for agents and apt (also keys/repository.gpg, binary)
 //! .keepup/                    private: lock, incoming/ (copies being checked), the state (see `state`)
 //! ```
@@ -493,7 +494,7 @@ impl Repo {
                 &[],
             )?;
         }
-        repo.commit_fleet_from(&Default::default())?;
+        repo.commit_fleet_from(&repo.state.fleet, &Default::default())?;
         // Last: a repository exists once repo.json does.
         let settings = Settings {
             layout: state::LAYOUT,
@@ -531,6 +532,10 @@ impl Repo {
         // Read the state only now that we hold the lock.
         let mut repo = Repo::load(root, true)?;
         repo._lock = Some(lock);
+        // A repository from before the binding: publish the bound policy agents now read.
+        if !repo.root.join(crate::fleet::SIGNED_POLICY).exists() {
+            repo.rebind()?;
+        }
         Ok(repo)
     }
 
@@ -705,13 +710,16 @@ impl Repo {
         let save = |t: &Track| write_new(&self.layout.track(name), &state::track_json(t)?, 0o600);
         let Err(err) = write(&new, known).and_then(|_| save(&new)) else {
             crash::point(crash::Step::TrackCommit);
-            return Ok(());
+            return self.rebind();
         };
         let back = Track {
             serial: new.serial + 1,
             packages: old.packages.clone(),
         };
-        match save(&back).and_then(|_| write(&back, &[])) {
+        match save(&back)
+            .and_then(|_| write(&back, &[]))
+            .and_then(|_| self.rebind())
+        {
             Ok(()) => {
                 undo.run();
                 Err(err)
@@ -1122,26 +1130,53 @@ impl Repo {
 
     /// Save a changed fleet policy (`self.state.fleet`; views of tracks unchanged).
     pub fn commit_fleet(&mut self) -> Result<()> {
-        let old: crate::fleet::Fleet = state::read_json(&self.layout.fleet())?.unwrap_or_default();
-        // As for tracks: past any serial published by a command that died before its commit.
-        let published = std::fs::read_to_string(self.root.join("fleet.yaml"))
-            .ok()
-            .and_then(|y| crate::fleet::Fleet::from_yaml(&y).ok())
-            .map_or(0, |f| f.serial);
-        self.state.fleet.serial = old.serial.max(published) + 1;
-        self.commit_fleet_from(&old)
+        let (old, serial) = self.next_fleet_serial()?;
+        self.state.fleet.serial = serial;
+        self.commit_fleet_from(&self.state.fleet, &old)
     }
 
-    /// Write fleet.yaml for `self.state.fleet`, then fleet.json; on failure put `old` back.
-    fn commit_fleet_from(&self, old: &crate::fleet::Fleet) -> Result<()> {
+    /// The committed policy and the serial its next version takes: as for tracks, past any
+    /// serial published by a command that died before its commit.
+    fn next_fleet_serial(&self) -> Result<(crate::fleet::Fleet, u64)> {
+        let old: crate::fleet::Fleet = state::read_json(&self.layout.fleet())?.unwrap_or_default();
+        let serial = old.serial.max(crate::fleet::published_serial(&self.root)) + 1;
+        Ok((old, serial))
+    }
+
+    /// Sign the policy again, bound to the indexes the tracks publish now: after every
+    /// change of a track, so that agents see the change (they fetch the index the policy
+    /// binds). The state's policy is unchanged but for its serial.
+    fn rebind(&self) -> Result<()> {
+        let (old, serial) = self.next_fleet_serial()?;
+        let fleet = crate::fleet::Fleet {
+            serial,
+            ..self.state.fleet.clone()
+        };
+        self.commit_fleet_from(&fleet, &old).with_context(|| {
+            format!(
+                "the track changed, but {} could not be signed again, so agents still see the \
+                 previous snapshot; run `keepup repo refresh --repo {}` once the cause is fixed",
+                crate::fleet::SIGNED_POLICY,
+                self.root.display()
+            )
+        })
+    }
+
+    /// Write the policy files for `fleet`, then fleet.json; on failure put `old` back.
+    fn commit_fleet_from(
+        &self,
+        fleet: &crate::fleet::Fleet,
+        old: &crate::fleet::Fleet,
+    ) -> Result<()> {
         let signer = self.signer()?;
         let save = |f: &crate::fleet::Fleet| {
-            crate::fleet::write(&self.root, &signer, f, self.expires())?;
+            crate::fleet::write(&self.root, &signer, f, &self.state.tracks, self.expires())?;
+            crash::point(crash::Step::Binding);
             write_new(&self.layout.fleet(), &serde_json::to_vec_pretty(f)?, 0o600)
         };
-        if let Err(e) = save(&self.state.fleet) {
+        if let Err(e) = save(fleet) {
             let mut back = old.clone();
-            back.serial = self.state.fleet.serial + 1;
+            back.serial = fleet.serial + 1;
             let _ = save(&back);
             return Err(e);
         }

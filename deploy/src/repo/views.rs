@@ -14,6 +14,7 @@ use md5::Digest as _;
 use super::state::{current_of, PoolMeta};
 use super::{file_name, sha256_hex, write_atomic, Format, PoolEntry, Repo};
 use crate::sign::{self, Signer};
+use keepup_deploy::wire::fleet::index_by_hash;
 
 /// Architectures every APT view lists, so stock apt on these hosts finds an index even when
 /// the track is empty.
@@ -324,10 +325,15 @@ fn write_index(
     json.push(b'\n');
     let sig = signer.detached(&json)?;
     let dir = root.join("tracks").join(track);
+    // By hash first: what agents fetch, once the policy binds it. index.json and its
+    // detached signature are for older agents and for people.
+    let sha256 = sha256_hex(&json);
+    write_atomic(&root.join(index_by_hash(track, &sha256)), &json)?;
     write_atomic(&dir.join("index.json.sig"), sig.as_bytes())?;
     write_atomic(&dir.join("index.json"), &json)?;
     super::crash::point(super::crash::Step::Index);
-    Ok(())
+    // An agent that read the previous policy still finds the index it binds.
+    prune_generations(&dir.join("by-hash/SHA256"), &[sha256], 1, GRACE, |_| false)
 }
 
 /// Check every signature and every hash the views carry, and the pool against the state.

@@ -1,7 +1,12 @@
-//! The fleet policy (`fleet.yaml`, signed by `fleet.yaml.sig`): which hosts follow which
-//! track and run which services, and which services are quarantined where. The operator side
+//! The fleet policy: which hosts follow which track and run which services, and which
+//! services are quarantined where, and (its `tracks:` binding) the serial and sha256 of the
+//! index each track publishes now. Published inline-signed as `fleet.yaml.asc`, the one
+//! document an agent trusts first: it names everything else it fetches. The operator side
 //! edits it (`keepup assign`, `quarantine`); agents read their part with [`Fleet::for_host`].
+//!
+//! Unknown fields are tolerated (the document is signed, so they come from a newer keepup).
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
@@ -12,7 +17,6 @@ pub const AGENT_PACKAGE: &str = "keepup-agent";
 
 /// Hosts matching a glob follow a track (and run the listed services; empty = all).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
 pub struct Assignment {
     /// Host name or glob (`*`, `?`).
     pub hosts: String,
@@ -25,7 +29,6 @@ pub struct Assignment {
 
 /// A service quarantined on hosts matching a glob: agents remove its package there.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
 pub struct Quarantine {
     /// Service (package) name.
     pub service: String,
@@ -33,9 +36,33 @@ pub struct Quarantine {
     pub hosts: String,
 }
 
+/// What the policy says a track publishes now: the index an agent following it must get.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Binding {
+    /// The index's serial.
+    pub serial: u64,
+    /// SHA-256 of the index's bytes, hex; the index is served at [`Binding::path`].
+    pub sha256: String,
+}
+
+impl Binding {
+    /// Where the bound index of `track` is served: content-addressed, so a publish never
+    /// changes what an agent that read the previous policy fetches.
+    pub fn path(&self, track: &str) -> String {
+        index_by_hash(track, &self.sha256)
+    }
+}
+
+/// The inline-signed policy document agents fetch first.
+pub const SIGNED_POLICY: &str = "fleet.yaml.asc";
+
+/// `tracks/<track>/by-hash/SHA256/<sha256>`: an index by its hash.
+pub fn index_by_hash(track: &str, sha256: &str) -> String {
+    format!("tracks/{track}/by-hash/SHA256/{sha256}")
+}
+
 /// The whole policy.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
 pub struct Fleet {
     /// Only increases.
     #[serde(default)]
@@ -49,6 +76,10 @@ pub struct Fleet {
     /// Quarantines.
     #[serde(default)]
     pub quarantine: Vec<Quarantine>,
+    /// The index each track publishes now (empty in the repository state and in the legacy
+    /// `fleet.yaml`; set in `fleet.yaml.asc`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tracks: BTreeMap<String, Binding>,
 }
 
 /// Shell-style glob match with `*` and `?`.
@@ -193,6 +224,18 @@ impl Fleet {
                 yaml_str(&q.hosts)
             );
         }
+        if !self.tracks.is_empty() {
+            y.push_str("tracks:\n");
+        }
+        for (t, b) in &self.tracks {
+            let _ = writeln!(
+                y,
+                "  {}: {{serial: {}, sha256: {}}}",
+                yaml_str(t),
+                b.serial,
+                yaml_str(&b.sha256)
+            );
+        }
         y
     }
 
@@ -230,6 +273,26 @@ mod tests {
         assert_eq!(a.unwrap().track, "stable");
         assert_eq!(q, vec!["foo"]);
         assert_eq!(f.unquarantine("foo", None), 1);
+        f.tracks.insert(
+            "stable".into(),
+            Binding {
+                serial: 7,
+                sha256: "ab".repeat(32),
+            },
+        );
+        assert_eq!(Fleet::from_yaml(&f.to_yaml()).unwrap(), f);
+        assert_eq!(
+            f.tracks["stable"].path("stable"),
+            format!("tracks/stable/by-hash/SHA256/{}", "ab".repeat(32))
+        );
+    }
+
+    #[test]
+    fn unknown_fields_from_a_newer_keepup_are_tolerated() {
+        let y = "serial: 3\nassignments:\n  - hosts: web1\n    track: stable\n    canary: 2\n\
+                 quarantine: []\nrollout: {waves: 3}\n";
+        let f = Fleet::from_yaml(y).unwrap();
+        assert_eq!((f.serial, f.assignments[0].track.as_str()), (3, "stable"));
     }
 
     #[test]

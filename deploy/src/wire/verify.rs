@@ -1,9 +1,9 @@
-//! Checking the repository's detached OpenPGP signatures (`index.json.sig`, `fleet.yaml.sig`,
-//! `Release.gpg`, `repomd.xml.asc`) against a public key: what `keepup repo verify` does on
-//! the operator side and what every agent does with the key pinned in its configuration. Also
-//! the expiry check of signed metadata ([`check_expiry`]).
+//! Checking the repository's OpenPGP signatures (detached: `index.json.sig`, `Release.gpg`,
+//! `repomd.xml.asc`; inline: `fleet.yaml.asc`, `InRelease`) against a public key: what
+//! `keepup repo verify` does on the operator side and what every agent does with the key
+//! pinned in its configuration. Also the expiry check of signed metadata ([`check_expiry`]).
 
-use pgp::composed::{Deserializable, DetachedSignature, SignedPublicKey};
+use pgp::composed::{CleartextSignedMessage, Deserializable, DetachedSignature, SignedPublicKey};
 use pgp::types::KeyDetails as _;
 
 /// A public key that signatures are checked against.
@@ -34,6 +34,21 @@ impl TrustedKey {
     pub fn verify(&self, data: &[u8], armored_sig: &str) -> Result<(), String> {
         verify_detached(&self.key, data, armored_sig)
     }
+
+    /// Checks an inline (cleartext) signed message; returns the signed text.
+    pub fn verify_inline(&self, armored: &str) -> Result<String, String> {
+        verify_cleartext(&self.key, armored)
+    }
+}
+
+/// Checks a cleartext-signed message (`fleet.yaml.asc`, `InRelease`) against `key`; returns
+/// the signed text, with line ends as signed (`\n`).
+pub fn verify_cleartext(key: &SignedPublicKey, armored: &str) -> Result<String, String> {
+    let (msg, _) = CleartextSignedMessage::from_string(armored)
+        .map_err(|e| format!("not a cleartext-signed message: {e}"))?;
+    msg.verify(&key.primary_key)
+        .map_err(|e| format!("bad signature: {e}"))?;
+    Ok(msg.signed_text().replace("\r\n", "\n"))
 }
 
 /// Checks an armored detached signature of `data` against `key`.
