@@ -2,8 +2,10 @@
 //! over a repository made with the real `keepup` binary (publish, promote, assign, quarantine,
 //! rollback); agent hosts run the real `keepup-agent` (copied in) with the repository's key
 //! pinned. Covered: each host installs its track's version in its stagger slot, quarantine
-//! removes, rollback upgrades; tampered, wrongly signed and replayed indexes and a package
-//! whose sha256 does not match are refused with nothing installed; a hung postinst is killed
+//! removes, rollback upgrades; tampered, wrongly signed and replayed policies, mixed snapshots
+//! (an index from another publish than the policy that binds it) and a package whose sha256
+//! does not match are refused with nothing installed; an agent polling through 200 promotes
+//! sees no refusal; a hung postinst is killed
 //! after `package_timeout` and the next pass repairs; an agent SIGKILLed mid-install (with its
 //! package manager) recovers on restart; the RPM path (install, upgrade, quarantine) on a
 //! Debian host with its own rpm database; an upgrade whose daemon fails its probes is "failed to
