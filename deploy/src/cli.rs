@@ -76,6 +76,31 @@ pub enum RepoCommand {
         #[arg(long)]
         key_dir: Option<PathBuf>,
     },
+    /// Change the signing key without touching hosts: the old key signs beside the new one
+    /// for the overlap and vouches for it in keys/rotation.asc, from which agents learn it.
+    RotateKey {
+        #[command(flatten)]
+        repo: RepoArg,
+        /// Armored OpenPGP secret key to rotate to, instead of generating one.
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// Where to keep the new secret key (default: beside the current one).
+        #[arg(long)]
+        key_dir: Option<PathBuf>,
+        /// How long the old key keeps signing, and agents keep trusting it.
+        #[arg(long, default_value = "14d", value_parser = crate::report::parse_duration)]
+        overlap: u64,
+    },
+    /// Publish the repository's keyring package, `<NAME>-archive-keyring` (deb and rpm, the
+    /// public keys for apt's Signed-By and dnf's gpgkey), into every track; each key rotation
+    /// then publishes a new version of it.
+    Keyring {
+        #[command(flatten)]
+        repo: RepoArg,
+        /// The repository's name: lower-case letters, digits and `-`.
+        #[arg(long)]
+        name: String,
+    },
     /// The steps `KEEPUP_CRASH_AT` can crash a command at (for crash tests).
     #[command(hide = true)]
     CrashSteps,
@@ -478,6 +503,39 @@ pub fn repo(cmd: RepoCommand) -> Result<()> {
             };
             let path = r.move_key(&dir)?;
             println!("secret key: {}", path.display());
+            Ok(())
+        }
+        RepoCommand::RotateKey {
+            repo,
+            key,
+            key_dir,
+            overlap,
+        } => {
+            let mut r = Repo::open(&repo.dir)?;
+            let rot = r.rotate_key(key.as_deref(), key_dir.as_deref(), overlap)?;
+            println!(
+                "new key:    {} ({})",
+                rot.new,
+                r.secret_key_path().display()
+            );
+            println!(
+                "old key:    {} signs too, and agents trust it, until {}",
+                rot.old,
+                keepup_deploy::wire::verify::utc(rot.old_until)
+            );
+            println!(
+                "statement:  {}/{} (agents learn the new key from it)",
+                repo.dir.display(),
+                keepup_deploy::wire::rotation::ROTATION
+            );
+            Ok(())
+        }
+        RepoCommand::Keyring { repo, name } => {
+            let mut r = Repo::open(&repo.dir)?;
+            let entries = r.publish_keyring(&name)?;
+            for t in r.state.tracks.clone() {
+                print_entries("published", &t, &entries);
+            }
             Ok(())
         }
         RepoCommand::CrashSteps => {

@@ -8,6 +8,8 @@
 
 #[cfg(feature = "build")]
 pub mod agent;
+#[cfg(feature = "build")]
+pub mod keyring;
 pub mod manifest;
 pub mod spec;
 pub mod version;
@@ -196,6 +198,18 @@ mod build {
     ) -> Result<Vec<PathBuf>, PackError> {
         write_all(opts, out_dir, |format| {
             crate::agent::agent_plan(pkg, format, opts.epoch)
+        })
+    }
+
+    /// Build every requested format of the repository's keyring package into `out_dir`;
+    /// returns the files written.
+    pub fn pack_keyring(
+        k: &crate::keyring::Keyring,
+        opts: &PackOptions,
+        out_dir: &Path,
+    ) -> Result<Vec<PathBuf>, PackError> {
+        write_all(opts, out_dir, |format| {
+            crate::keyring::keyring_plan(k, format, opts.epoch)
         })
     }
 

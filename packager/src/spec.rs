@@ -765,6 +765,13 @@ pub(crate) fn is_account_name(s: &str) -> bool {
         && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_' | '-'))
 }
 
+/// Is `name` a repository keyring package's name (`<repo>-archive-keyring`, see `keyring`)?
+/// Service specs may not take such a name, so an agent that installs one knows it carries no
+/// service.
+pub fn is_keyring_name(name: &str) -> bool {
+    name.ends_with("-archive-keyring")
+}
+
 /// Package names valid for both dpkg and rpm: 2+ characters of `a-z 0-9 + . -`, starting with a
 /// letter or digit. Service names are package names; the report server applies the same rule
 /// (`keepup_deploy::wire::names`).
@@ -952,6 +959,10 @@ fn validate(c: &mut Checker<'_>, path: &Path, raw: RawSpec) -> Spec {
     if !is_package_name(&name) {
         c.err(Some(raw.name.referenced), "name", format!(
             "{name:?} is not a valid package name (lower case letters, digits, `+`, `-`, `.`; at least 2 characters, starting with a letter or digit)"
+        ));
+    } else if is_keyring_name(&name) {
+        c.err(Some(raw.name.referenced), "name", format!(
+            "{name:?} ends in `-archive-keyring`, which keepup keeps for repository keyring packages (`keepup repo keyring`); choose another name"
         ));
     }
     let version = c.text(&raw.version, "version", false);

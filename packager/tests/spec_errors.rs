@@ -94,6 +94,13 @@ fn bad_version_names_field_and_rule() {
 }
 
 #[test]
+fn keyring_package_names_are_kept_for_the_repository() {
+    let (e, shown) = one_error(&GOOD.replace("name: foo\n", "name: foo-archive-keyring\n"));
+    assert_eq!((e.line, e.field.as_str()), (1, "name"), "{shown}");
+    assert!(shown.contains("keepup repo keyring"), "{shown}");
+}
+
+#[test]
 fn root_role_is_refused() {
     let (e, shown) = one_error(&GOOD.replace("role: foo", "role: root"));
     assert_eq!((e.line, e.field.as_str()), (6, "role"), "{shown}");

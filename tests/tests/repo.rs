@@ -430,6 +430,77 @@ async fn stock_apt_installs_from_keepup_serve_and_refuses_tampering() -> Result<
     Ok(())
 }
 
+/// Issue 11, key rotation for hosts on stock apt: they trust the key in the repository's
+/// keyring package (`keepup repo keyring`). `rotate-key` publishes a new version holding both
+/// keys; during the overlap apt accepts the doubly signed InRelease whichever key it has. A
+/// host that upgrades the package keeps updating after the overlap, when only the new key
+/// signs; one that did not is refused.
+#[tokio::test]
+async fn apt_hosts_follow_a_key_rotation_by_upgrading_the_keyring_package() -> Result<()> {
+    if !docker_or_skip() {
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    let net = TestNet::new()?;
+    let (server, client) = served_repo(&net, tmp.path()).await?;
+    let late = Host::start(&net, "late").await?;
+    server
+        .ok("keepup repo keyring --repo /srv/repo --name kp")
+        .await?;
+    let keyring = "/usr/share/keyrings/kp-archive-keyring.gpg";
+    let update = "rm -rf /var/lib/apt/lists/* && apt-get update 2>&1";
+    for h in [&client, &late] {
+        h.ok(&format!(
+            "curl -fsS -o {keyring} http://repo:8080/keys/repository.gpg \
+             && rm -f /etc/apt/sources.list /etc/apt/sources.list.d/* \
+             && echo 'deb [signed-by={keyring}] http://repo:8080/ stable main' \
+                > /etc/apt/sources.list.d/kp.list \
+             && {update} && apt-get install -y kp-archive-keyring 2>&1"
+        ))
+        .await?;
+    }
+
+    server
+        .ok("keepup repo rotate-key --repo /srv/repo --overlap 20s")
+        .await?;
+    let rotated = std::time::Instant::now();
+    // During the overlap: both hosts accept the doubly signed InRelease; `client` upgrades
+    // the keyring package, which now holds both keys.
+    for h in [&client, &late] {
+        let out = h.ok(update).await?;
+        ensure!(!out.contains("W:") && !out.contains("E:"), "{out}");
+    }
+    client
+        .ok("apt-get install -y --only-upgrade kp-archive-keyring 2>&1")
+        .await?;
+    let sha = |path: &str| format!("sha256sum {path} | cut -d' ' -f1");
+    ensure!(
+        client.ok(&sha(keyring)).await? == server.ok(&sha("/srv/repo/keys/repository.gpg")).await?,
+        "the upgraded keyring package does not hold the repository's two keys"
+    );
+
+    // After the overlap the repository signs with the new key alone.
+    tokio::time::sleep(std::time::Duration::from_secs(21).saturating_sub(rotated.elapsed())).await;
+    server
+        .ok("keepup repo refresh --repo /srv/repo && keepup repo verify --repo /srv/repo")
+        .await?;
+    let release = server.ok("cat /srv/repo/dists/stable/InRelease").await?;
+    ensure!(
+        release.matches("BEGIN PGP SIGNATURE").count() == 1,
+        "{release}"
+    );
+    let out = client.ok(update).await?;
+    ensure!(!out.contains("W:") && !out.contains("E:"), "{out}");
+    client.ok("apt-get install -y --reinstall foo 2>&1").await?;
+    let out = late.exec(update).await?;
+    ensure!(
+        out.stdout.contains("NO_PUBKEY") || out.stdout.contains("not signed"),
+        "a host with only the old key accepted the new signature:\n{}",
+        out.stdout
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn stock_dnf_lists_the_signed_rpm_track() -> Result<()> {
     if !docker_or_skip() {

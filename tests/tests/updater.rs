@@ -1075,6 +1075,76 @@ async fn reports_survive_an_outage_and_a_failed_start_comes_with_the_log_tail() 
     Ok(())
 }
 
+/// Issue 11, key rotation: `keepup repo rotate-key --overlap 20s`. A host pinned to the old
+/// key that passes during the overlap learns the new key from `keys/rotation.asc` and goes on
+/// updating after the overlap, when the repository signs with the new key only, with no
+/// change on the host. A host that did not pass during the overlap is refused afterwards, and
+/// told which key to install.
+#[tokio::test]
+async fn a_key_rotation_reaches_hosts_pinned_to_the_old_key() -> Result<()> {
+    let Some(s) = Setup::start(Upgrade::Published, &["'*' --track stable"]).await? else {
+        return Ok(());
+    };
+    let config = format!("schedule: '{YEARLY}'");
+    let web1 = s.agent_host("web1", Format::Deb, &config).await?;
+    let web2 = s.agent_host("web2", Format::Deb, &config).await?;
+    update_ok(&web1).await?;
+    update_ok(&web2).await?;
+    let pinned = web1.host.ok("cat /etc/keepup/repository.asc").await?;
+
+    let out = s.keepup("repo rotate-key", "--overlap 20s").await?;
+    let fpr = |label: &str| -> Result<String> {
+        out.lines()
+            .find_map(|l| l.strip_prefix(label))
+            .and_then(|l| l.split_whitespace().next())
+            .map(str::to_string)
+            .with_context(|| format!("no {label:?} in rotate-key's output:\n{out}"))
+    };
+    let (new, old) = (fpr("new key:")?, fpr("old key:")?);
+    let rotated_at = Instant::now();
+    s.repo
+        .ok(&format!("keepup repo verify --repo {REPO}"))
+        .await?;
+
+    // During the overlap: web1 passes and learns the new key.
+    let v = update_ok(&web1).await?;
+    let learned = web1.host.ok("cat /var/lib/keepup-agent/keys.json").await?;
+    ensure!(
+        learned.contains(&new),
+        "web1 did not learn {new}: {learned}\n{v:#}"
+    );
+
+    // After the overlap the repository signs with the new key only.
+    let left = Duration::from_secs(21).saturating_sub(rotated_at.elapsed());
+    tokio::time::sleep(left).await;
+    s.keepup("repo refresh", "").await?;
+    let policy = s.repo.ok(&format!("cat {REPO}/fleet.yaml.asc")).await?;
+    ensure!(
+        policy.matches("BEGIN PGP SIGNATURE").count() == 1,
+        "one signature after the overlap:\n{policy}"
+    );
+    s.promote_to_stable("1.1.0").await?;
+
+    // web1: nothing changed on the host (the same trusted_key), and it upgrades.
+    ensure!(web1.host.ok("cat /etc/keepup/repository.asc").await? == pinned);
+    update_ok(&web1).await?;
+    ensure!(web1.installed("foo").await?.as_deref() == Some("1.1.0-1"));
+
+    // web2 missed the overlap: refused, told what happened and what to install.
+    let (code, v) = update_now(&web2).await?;
+    let err = v["error"].as_str().unwrap_or_default();
+    ensure!(
+        code == 1
+            && err
+                .starts_with("refused fleet.yaml.asc: bad signature (not signed by the pinned key")
+            && err.contains(&format!("the repository's key changed from {old} to {new}"))
+            && err.contains("install the repository's current public key"),
+        "{v:#}"
+    );
+    ensure!(web2.installed("foo").await?.as_deref() == Some("1.0.0-1"));
+    Ok(())
+}
+
 /// A repository nobody re-signs (frozen, or an attacker replaying today's metadata forever):
 /// once its metadata has expired, the agent refuses it with the time and keeps what is
 /// installed, and stock apt refuses the Release too; `keepup repo refresh` makes both accept

@@ -7,6 +7,7 @@
 //! child processes, HTTP with timeouts.
 
 pub mod fetch;
+pub mod keys;
 pub mod pass;
 pub mod pkg;
 pub mod plan;

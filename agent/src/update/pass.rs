@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use keepup_deploy::wire::fleet::SIGNED_POLICY;
 use keepup_deploy::wire::report::StartReport;
+use keepup_deploy::wire::rotation::{Judgement, Rotation, ROTATION};
 use keepup_deploy::wire::verify::{check_expiry, TrustedKey};
 use keepup_deploy::wire::{Fleet, Index, AGENT_PACKAGE};
 use keepup_packager::manifest::Manifest;
@@ -24,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, Notify};
 
 use super::fetch::{self, FetchError, Wanted};
+use super::keys::{self, KeyStore};
 use super::pkg::{PackageManager, PassMarker, System};
 use super::plan::{self, Action, Format, PackageEntry, PlanInput};
 use super::run::{run, Outcome};
@@ -345,6 +347,44 @@ impl Updater {
         })
     }
 
+    /// The keys to check signatures with: `pinned` and what rotation statements taught (see
+    /// [`keys`](super::keys)), after reading the repository's current statement. Also, when
+    /// the statement's overlap ended before this host learned its new key, what to tell.
+    async fn keys(&self, pinned: TrustedKey) -> Result<(TrustedKey, Option<String>), String> {
+        let store = KeyStore::new(&self.cfg.state_dir);
+        let mut learned = store.load()?;
+        let now = unix_now();
+        let trusted = keys::trusted(pinned.clone(), &learned, now);
+        // No statement (none published, or the repository unreachable: the policy fetch
+        // says so) leaves the keys as they are.
+        let Ok(bytes) = self.fetch_meta(ROTATION).await else {
+            return Ok((trusted, None));
+        };
+        let armored = String::from_utf8_lossy(&bytes);
+        match Rotation::judge(&armored, &trusted, now) {
+            Ok(Judgement::Known) => Ok((trusted, None)),
+            Ok(Judgement::TooLate(r)) => Ok((trusted, Some(r.too_late()))),
+            Ok(Judgement::Learn { rotation, .. }) => {
+                let note = format!(
+                    "learned the repository's new key {} from {ROTATION} (signed by {}, \
+                     trusted until {})",
+                    rotation.new,
+                    rotation.old,
+                    keepup_deploy::wire::verify::utc(rotation.old_until)
+                );
+                learned.rotations.push(rotation);
+                store.save(&learned)?;
+                eprintln!("keepup-agent: update: {note}");
+                self.events.push("key-learned", None, note);
+                Ok((keys::trusted(pinned, &learned, now), None))
+            }
+            Err(e) => {
+                self.refused(None, &e);
+                Ok((trusted, None))
+            }
+        }
+    }
+
     /// The fleet policy: `fleet.yaml.asc`, its inline signature checked against the pinned
     /// key, then its serial (against the highest seen and the configured minimum) and expiry.
     async fn fetch_policy(&self, key: &TrustedKey, seen: &Serials) -> Result<Fleet, String> {
@@ -421,11 +461,18 @@ impl Updater {
         let key_path = &self.up.trusted_key;
         let key_text = std::fs::read_to_string(key_path)
             .map_err(|e| format!("cannot read trusted_key {}: {e}", key_path.display()))?;
-        let key = TrustedKey::from_armored(&key_text)
+        let pinned = TrustedKey::from_armored(&key_text)
             .map_err(|e| format!("trusted_key {}: {e}", key_path.display()))?;
+        let (key, too_late) = self.keys(pinned).await?;
         let mut seen = self.serials.load()?;
 
-        let fleet = self.fetch_policy(&key, &seen).await?;
+        let fleet = self
+            .fetch_policy(&key, &seen)
+            .await
+            .map_err(|e| match &too_late {
+                Some(why) if e.contains("bad signature") => format!("{e}; {why}"),
+                _ => e,
+            })?;
         // A policy that checks out is recorded at once: an older one is a replay even if
         // this pass goes no further (its index refused, the repository unreachable).
         if seen.record(fleet.serial, None) {
@@ -723,6 +770,12 @@ impl Updater {
             log_tail: Vec::new(),
             at: 0,
         };
+        if keepup_packager::spec::is_keyring_name(&p.name) {
+            rep.started = true;
+            rep.detail = "installed (the repository's keyring: no service to start)".into();
+            rep.at = now_unix();
+            return rep;
+        }
         let Some(to_agent) = &self.to_agent else {
             rep.detail = "installed; no agent running to start it".into();
             rep.at = now_unix();
@@ -893,6 +946,46 @@ mod tests {
         assert!(e.starts_with(&prefix), "{e}");
         let e = check_signature(&key, SIGNED_POLICY, b"not a signature").unwrap_err();
         assert!(e.starts_with(&prefix), "{e}");
+    }
+
+    /// What rotations taught is trusted beside the pinned key, and each old key is dropped
+    /// when its overlap ends (never the last key).
+    #[test]
+    fn learned_keys_are_trusted_and_old_ones_dropped_after_their_overlap() {
+        if Command::new("gpg").arg("--version").output().is_err() {
+            eprintln!("skipping: no gpg (tests/run.sh installs gnupg)");
+            return;
+        }
+        let home = tempfile::tempdir().unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(home.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let old_text = gpg_key(home.path(), "old@example.org").expect("gpg key");
+        let new_text = gpg_key(home.path(), "new@example.org").expect("gpg key");
+        let (old, new) = (
+            TrustedKey::from_armored(&old_text).unwrap(),
+            TrustedKey::from_armored(&new_text).unwrap(),
+        );
+        let learned = keys::Learned {
+            rotations: vec![Rotation {
+                old: old.fingerprint(),
+                new: new.fingerprint(),
+                old_until: 100,
+                new_key: new_text.clone(),
+            }],
+        };
+        let during = keys::trusted(old.clone(), &learned, 99);
+        assert!(during.has(&old.fingerprint()) && during.has(&new.fingerprint()));
+        let after = keys::trusted(old.clone(), &learned, 100);
+        assert!(!after.has(&old.fingerprint()) && after.has(&new.fingerprint()));
+        // Nothing learned: the pinned key stays, whatever the time.
+        let alone = keys::trusted(old.clone(), &keys::Learned::default(), u64::MAX);
+        assert_eq!(alone.fingerprint(), old.fingerprint());
+        // The store round-trips.
+        let dir = tempfile::tempdir().unwrap();
+        let store = KeyStore::new(dir.path());
+        assert_eq!(store.load().unwrap(), keys::Learned::default());
+        store.save(&learned).unwrap();
+        assert_eq!(store.load().unwrap(), learned);
     }
 
     /// A repository over HTTP on 127.0.0.1: path -> bytes (404 otherwise), changeable while

@@ -120,6 +120,8 @@ pub struct Repo {
     layout: Layout,
     /// The secret signing key's file.
     secret_key: PathBuf,
+    /// The key a rotation retires (it signs too until its overlap ends).
+    retiring: Option<state::Retiring>,
     /// How long signed metadata stays valid (seconds).
     valid_for: u64,
     /// When what this command signs expires: one time for all it signs, so the views of a
@@ -474,6 +476,7 @@ impl Repo {
             },
             _lock: Some(lock(&layout.private)?),
             secret_key: store_key(&key_dir, root, &secret)?,
+            retiring: None,
             valid_for,
             expires: Default::default(),
             layout,
@@ -501,6 +504,8 @@ impl Repo {
             tracks: tracks.to_vec(),
             key: Some(repo.secret_key.clone()),
             valid_for: Some(valid_for),
+            retiring: None,
+            keyring: None,
         };
         write_new(
             &repo.layout.settings(),
@@ -553,6 +558,7 @@ impl Repo {
             root: root.to_path_buf(),
             state: State::default(),
             secret_key: layout.private.join("signing-key.asc"),
+            retiring: None,
             valid_for: DEFAULT_VALID_FOR,
             expires: Default::default(),
             layout,
@@ -592,6 +598,7 @@ impl Repo {
             repo.secret_key = k;
         }
         repo.valid_for = settings.valid_for.unwrap_or(DEFAULT_VALID_FOR);
+        repo.retiring = settings.retiring;
         if let Some(w) = repo.key_warning() {
             eprintln!("{w}");
         }
@@ -612,9 +619,149 @@ impl Repo {
         })
     }
 
-    /// The loaded signer.
+    /// The loaded signer: the current key, and the retiring one during a rotation's overlap.
     pub fn signer(&self) -> Result<Signer> {
-        Signer::load(&self.secret_key_path())
+        let current = self.secret_key_path();
+        let mut keys = vec![current.as_path()];
+        if let Some(r) = self.retiring_key() {
+            keys.push(r.key.as_path());
+        }
+        Signer::load_all(&keys)
+    }
+
+    /// The key a rotation retires, while its overlap lasts.
+    fn retiring_key(&self) -> Option<&state::Retiring> {
+        self.retiring.as_ref().filter(|r| views::now() < r.until)
+    }
+
+    /// Write the public keys (`keys/repository.asc`, `keys/repository.gpg`): the current key
+    /// first, then the retiring one during a rotation's overlap.
+    fn write_public_keys(&self) -> Result<()> {
+        use pgp::ser::Serialize as _;
+        let mut keys = vec![sign::load_secret(&self.secret_key)?];
+        if let Some(r) = self.retiring_key() {
+            keys.push(sign::load_secret(&r.key)?);
+        }
+        let mut armored = String::new();
+        let mut binary = Vec::new();
+        for k in &keys {
+            armored.push_str(&sign::armor_public(k)?);
+            binary.extend(k.to_public_key().to_bytes()?);
+        }
+        write_atomic(&self.root.join("keys/repository.gpg"), &binary)?;
+        write_atomic(&self.public_key_path(), armored.as_bytes())
+    }
+
+    /// Rotate the signing key: to the armored secret key `new`, or a new one, stored in
+    /// `key_dir` (default: beside the current key). The old key signs beside it for
+    /// `overlap` seconds and vouches for it in `keys/rotation.asc`; everything is signed again.
+    pub fn rotate_key(
+        &mut self,
+        new: Option<&Path>,
+        key_dir: Option<&Path>,
+        overlap: u64,
+    ) -> Result<keepup_deploy::wire::rotation::Rotation> {
+        let now = views::now();
+        if let Some(r) = self.retiring_key() {
+            bail!(
+                "the last key rotation is still in its overlap, until {}; rotate again after it",
+                keepup_deploy::wire::verify::utc(r.until)
+            );
+        }
+        let old = sign::load_secret(&self.secret_key)?;
+        let secret = match new {
+            Some(k) => sign::load_secret(k)?,
+            None => sign::generate("keepup repository <keepup@localhost>")?,
+        };
+        if sign::fingerprint(&secret) == sign::fingerprint(&old) {
+            bail!(
+                "the new key is the current key ({})",
+                sign::fingerprint(&old)
+            );
+        }
+        let dir = match key_dir {
+            Some(d) => d.to_path_buf(),
+            None => match self.secret_key.parent() {
+                Some(d) if !self.inside_tree(d) => d.to_path_buf(),
+                _ => default_key_dir()?,
+            },
+        };
+        let path = store_key(&dir, &self.root, &secret)?;
+        let rotation = keepup_deploy::wire::rotation::Rotation {
+            old: sign::fingerprint(&old),
+            new: sign::fingerprint(&secret),
+            old_until: now + overlap,
+            new_key: sign::armor_public(&secret)?,
+        };
+        // Signed by the old key alone: it is what hosts trust now.
+        let statement = Signer::from_keys(vec![old]).cleartext(&rotation.to_json())?;
+        // The commit: from here on the repository signs with both keys.
+        let mut settings = self.settings()?;
+        let retiring = state::Retiring {
+            key: self.secret_key.clone(),
+            until: rotation.old_until,
+        };
+        settings.retiring = Some(retiring.clone());
+        settings.key = Some(path.clone());
+        write_new(
+            &self.layout.settings(),
+            &serde_json::to_vec_pretty(&settings)?,
+            0o600,
+        )?;
+        self.retiring = Some(retiring);
+        self.secret_key = path;
+        write_atomic(
+            &self.root.join(keepup_deploy::wire::rotation::ROTATION),
+            statement.as_bytes(),
+        )?;
+        self.write_public_keys()?;
+        self.reindex()?;
+        if let Some(name) = self.settings()?.keyring {
+            self.publish_keyring(&name)?;
+        }
+        Ok(rotation)
+    }
+
+    /// Build the keyring package `<name>-archive-keyring` (deb and rpm) holding the public
+    /// keys published now, versioned by the time, and publish it into every track, so that
+    /// apt and dnf hosts get a rotated key by upgrading it. Later rotations publish a new
+    /// version by themselves.
+    pub fn publish_keyring(&mut self, name: &str) -> Result<Vec<PoolEntry>> {
+        let keyring = keepup_packager::keyring::Keyring {
+            name: name.to_string(),
+            version: views::now().to_string(),
+            binary: std::fs::read(self.root.join("keys/repository.gpg"))?,
+            armored: std::fs::read_to_string(self.public_key_path())?,
+            maintainer: "keepup repository <keepup@localhost>".into(),
+        };
+        let out = tempfile::Builder::new()
+            .prefix(".keyring-")
+            .tempdir_in(&self.layout.private)?;
+        let opts = keepup_packager::PackOptions {
+            formats: vec![
+                keepup_packager::plan::Format::Deb,
+                keepup_packager::plan::Format::Rpm,
+            ],
+            compression: None,
+            epoch: views::now(),
+            sign_key: Some(self.secret_key_path()),
+        };
+        let files = keepup_packager::pack_keyring(&keyring, &opts, out.path())
+            .map_err(|e| anyhow!("building the keyring package: {e}"))?;
+        let mut settings = self.settings()?;
+        if settings.keyring.as_deref() != Some(name) {
+            settings.keyring = Some(name.to_string());
+            write_new(
+                &self.layout.settings(),
+                &serde_json::to_vec_pretty(&settings)?,
+                0o600,
+            )?;
+        }
+        let mut published = Vec::new();
+        for t in self.state.tracks.clone() {
+            published = self.publish(&files, &t)?;
+        }
+        Ok(published)
     }
 
     /// A track's serial and members.
@@ -1186,6 +1333,8 @@ impl Repo {
     /// Rebuild every view from the state, signed again with a new expiry and new serials
     /// and no other change (`repo reindex` after a restore, `repo refresh` before expiry).
     pub fn reindex(&mut self) -> Result<()> {
+        // After a rotation's overlap, the retiring key leaves the published keyring too.
+        self.write_public_keys()?;
         for t in self.state.tracks.clone() {
             let old = self.track(&t)?;
             self.commit_track(&t, &old, old.clone(), &Undo::default(), &[])?;

@@ -41,6 +41,23 @@ pub struct Settings {
     /// How long signed metadata stays valid, in seconds (None: [`DEFAULT_VALID_FOR`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub valid_for: Option<u64>,
+    /// The key of the last rotation (`keepup repo rotate-key`): it signs beside `key` until
+    /// its overlap ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retiring: Option<Retiring>,
+    /// The repository's name for its keyring package (`<name>-archive-keyring`), once one
+    /// was published (`keepup repo keyring`); each rotation then publishes a new version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keyring: Option<String>,
+}
+
+/// A key being retired by a rotation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Retiring {
+    /// Its secret key file.
+    pub key: PathBuf,
+    /// Unix time at which it stops signing (and agents stop trusting it).
+    pub until: u64,
 }
 
 /// How long signed metadata stays valid unless the repository says otherwise: 7 days.
@@ -329,6 +346,8 @@ pub fn migrate(
     }
     write(&layout.fleet(), &serde_json::to_vec_pretty(&old.fleet)?)?;
     let settings = Settings {
+        retiring: None,
+        keyring: None,
         layout: LAYOUT,
         tracks: old.tracks,
         key: None,

@@ -477,7 +477,42 @@ pub fn verify(repo: &Repo) -> Result<Vec<String>> {
     if let Err(e) = crate::fleet::verify(repo, &key) {
         problems.push(format!("fleet.yaml: {e:#}"));
     }
+    if let Err(e) = verify_rotation(repo) {
+        problems.push(format!(
+            "{}: {e:#}",
+            keepup_deploy::wire::rotation::ROTATION
+        ));
+    }
     Ok(problems)
+}
+
+/// The key rotation chain: the statement (if any) is signed by the key the last rotation
+/// retired, and names the current key as the new one.
+fn verify_rotation(repo: &Repo) -> Result<()> {
+    use keepup_deploy::wire::rotation::{Rotation, ROTATION};
+    let path = repo.root.join(ROTATION);
+    let armored = match std::fs::read_to_string(&path) {
+        Ok(a) => a,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let Some(retiring) = &repo.retiring else {
+        return Err(anyhow!(
+            "published, but the repository's settings name no retired key"
+        ));
+    };
+    let old = sign::load_secret(&retiring.key)?.to_public_key();
+    let text = sign::verify_cleartext(&old, &armored)
+        .context("not signed by the key the last rotation retired")?;
+    let r: Rotation = serde_json::from_str(&text)?;
+    let current = sign::fingerprint(&sign::load_secret(&repo.secret_key)?);
+    if r.new != current {
+        return Err(anyhow!(
+            "it names {} as the new key, but the repository signs with {current}",
+            r.new
+        ));
+    }
+    Ok(())
 }
 
 /// The Unix time of a Release date as [`rfc2822`] writes it (`Thu, 01 Jan 1970 00:00:00 UTC`).

@@ -7,6 +7,7 @@ pub mod fleet;
 pub mod index;
 pub mod names;
 pub mod report;
+pub mod rotation;
 pub mod verify;
 
 pub use fleet::{glob_match, Assignment, Fleet, Quarantine, AGENT_PACKAGE};

@@ -6,39 +6,109 @@
 use pgp::composed::{CleartextSignedMessage, Deserializable, DetachedSignature, SignedPublicKey};
 use pgp::types::KeyDetails as _;
 
-/// A public key that signatures are checked against.
+/// The public keys that signatures are checked against: one, or during a key rotation's
+/// overlap two (an armored keyring may hold several). A signature by any of them is accepted.
 #[derive(Debug, Clone)]
 pub struct TrustedKey {
-    key: SignedPublicKey,
+    keys: Vec<SignedPublicKey>,
 }
 
 impl TrustedKey {
-    /// Parses an armored OpenPGP public key (`keepup repo init` prints where it is).
+    /// Parses armored OpenPGP public keys, one or several (`keepup repo init` prints where
+    /// the repository's is).
     pub fn from_armored(text: &str) -> Result<TrustedKey, String> {
-        let (key, _) = SignedPublicKey::from_string(text)
-            .map_err(|e| format!("not an armored OpenPGP public key: {e}"))?;
-        Ok(TrustedKey { key })
+        let bad = |e: String| format!("not an armored OpenPGP public key: {e}");
+        // Each armored block (a keyring file may hold several), each block's keys.
+        const BEGIN: &str = "-----BEGIN PGP PUBLIC KEY BLOCK-----";
+        let mut keys = Vec::new();
+        for block in text.split(BEGIN).skip(1) {
+            let armored = format!("{BEGIN}{block}");
+            let (parsed, _) =
+                SignedPublicKey::from_string_many(&armored).map_err(|e| bad(e.to_string()))?;
+            for k in parsed {
+                keys.push(k.map_err(|e| bad(e.to_string()))?);
+            }
+        }
+        if keys.is_empty() {
+            return Err(bad("no key in it".into()));
+        }
+        Ok(TrustedKey { keys })
     }
 
-    /// The parsed key.
-    pub fn key(&self) -> &SignedPublicKey {
-        &self.key
+    /// The parsed keys.
+    pub fn keys(&self) -> &[SignedPublicKey] {
+        &self.keys
     }
 
-    /// Hex fingerprint, upper case.
+    /// Adds `other`'s keys (those not already here).
+    pub fn extend(&mut self, other: TrustedKey) {
+        for k in other.keys {
+            if !self.keys.iter().any(|h| h.fingerprint() == k.fingerprint()) {
+                self.keys.push(k);
+            }
+        }
+    }
+
+    /// Drops the keys for which `retired` is true (by fingerprint); never the last one.
+    pub fn retain(&mut self, retired: impl Fn(&str) -> bool) {
+        let keep: Vec<SignedPublicKey> = self
+            .keys
+            .iter()
+            .filter(|k| !retired(&fingerprint(k)))
+            .cloned()
+            .collect();
+        if !keep.is_empty() {
+            self.keys = keep;
+        }
+    }
+
+    /// Hex fingerprints, upper case, comma-separated.
     pub fn fingerprint(&self) -> String {
-        hex::encode_upper(self.key.fingerprint().as_bytes())
+        self.keys
+            .iter()
+            .map(fingerprint)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Is a key with this fingerprint (upper-case hex) among these?
+    pub fn has(&self, fpr: &str) -> bool {
+        self.keys.iter().any(|k| fingerprint(k) == fpr)
     }
 
     /// Checks an armored detached signature of `data`.
     pub fn verify(&self, data: &[u8], armored_sig: &str) -> Result<(), String> {
-        verify_detached(&self.key, data, armored_sig)
+        let mut last = String::new();
+        for k in &self.keys {
+            match verify_detached(k, data, armored_sig) {
+                Ok(()) => return Ok(()),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
     }
 
     /// Checks an inline (cleartext) signed message; returns the signed text.
     pub fn verify_inline(&self, armored: &str) -> Result<String, String> {
-        verify_cleartext(&self.key, armored)
+        self.verify_inline_by(armored).map(|(text, _)| text)
     }
+
+    /// [`Self::verify_inline`], also returning the fingerprint of the key that signed.
+    pub fn verify_inline_by(&self, armored: &str) -> Result<(String, String), String> {
+        let mut last = String::new();
+        for k in &self.keys {
+            match verify_cleartext(k, armored) {
+                Ok(text) => return Ok((text, fingerprint(k))),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+}
+
+/// A key's fingerprint, upper-case hex.
+pub fn fingerprint(key: &SignedPublicKey) -> String {
+    hex::encode_upper(key.fingerprint().as_bytes())
 }
 
 /// Checks a cleartext-signed message (`fleet.yaml.asc`, `InRelease`) against `key`; returns
@@ -57,10 +127,20 @@ pub fn verify_detached(
     data: &[u8],
     armored_sig: &str,
 ) -> Result<(), String> {
-    let (sig, _) = DetachedSignature::from_string(armored_sig)
+    // During a key rotation a file carries one signature per key: one by `key` suffices.
+    let (sigs, _) = DetachedSignature::from_string_many(armored_sig)
         .map_err(|e| format!("not an armored signature: {e}"))?;
-    sig.verify(&key.primary_key, data)
-        .map_err(|e| format!("bad signature: {e}"))
+    let mut last = String::from("no signature in it");
+    for sig in sigs {
+        match sig
+            .map_err(|e| e.to_string())
+            .and_then(|s| s.verify(&key.primary_key, data).map_err(|e| e.to_string()))
+        {
+            Ok(()) => return Ok(()),
+            Err(e) => last = e,
+        }
+    }
+    Err(format!("bad signature: {last}"))
 }
 
 /// Refuse signed metadata whose `expires` (Unix time) is not after `now`: a repository that
