@@ -13,9 +13,9 @@
 #        peers:   `apt-ftparchive packages` + `createrepo_c --no-database` on the same files.
 #   2. publishing the 2N new files into an empty repository:
 #        keepup:  `keepup publish` (checks every package: each .deb member decompressed to the
-#                 end, each rpm's digests and signature; stores them in the pool, as hard
-#                 links when the files are on the repository's filesystem; fragments; views),
-#                 and the same from another filesystem (/dev/shm: the pool gets copies);
+#                 end, each rpm's digests and signature; stores its own copy in the pool, a
+#                 reflink where the filesystem can; fragments; views), and the same from
+#                 another filesystem (/dev/shm);
 #        peers:   `cp` (and `cp -l`) of the files into a pool directory + apt-ftparchive +
 #                 createrepo_c.
 #   3. one promotion of one package from unstable to testing:
@@ -24,6 +24,9 @@
 #                 N-RUNS already in testing (the target track's views are rewritten whole);
 #        peer:    `reprepro copy testing unstable pkgXXXX` in the same three repositories
 #                 (deb only, unsigned).
+#   4. with both keys of a key rotation signing (`keepup repo rotate-key`), every file
+#      fsync'ed: a promotion into a track of N-RUNS packages, and `keepup repo refresh` of three
+#      tracks of about N packages each.
 #
 # Environment: N, SMALL, RUNS (default 5), KEEP=1 keeps the work directory, PKGS=DIR keeps the
 # generated packages (and their signing key) in DIR and reuses them on the next run with the
@@ -222,6 +225,26 @@ for case in $cases; do
     reprepro_ms[$case]=$(med ${rt[$case]})
 done
 
+# ---------------------------------------------------------------------------------------
+# 4. Signing with both keys of a rotation (issue 11): a promotion into a track of N-RUNS, and
+#    `repo refresh` of 3 tracks (N, N-RUNS and N packages), every file fsync'ed
+# ---------------------------------------------------------------------------------------
+log "rotation: setting up 3 tracks and a rotated key"
+"$K" repo init "$WORK/ROT" --key "$KEY" --key-dir "$WORK/keys" >/dev/null
+"$K" publish --repo "$WORK/ROT" "$BIG"/* >/dev/null
+"$K" publish --repo "$WORK/ROT" --track testing "$WORK/rest"/* >/dev/null
+"$K" publish --repo "$WORK/ROT" --track stable "$BIG"/* >/dev/null
+"$K" repo rotate-key --repo "$WORK/ROT" --key-dir "$WORK/keys" --overlap 30d >/dev/null
+grep -c 'BEGIN PGP SIGNATURE' "$WORK/ROT/fleet.yaml.asc" | grep -qx 2 ||
+    { log "the rotated repository does not sign with two keys"; exit 1; }
+rot_promote_t=() rot_refresh_t=()
+for r in $(seq "$RUNS"); do
+    log "rotation, round $r/$RUNS"
+    p=pkg$(printf "%0${#N}d" "$r")
+    rot_promote_t+=("$(ms "$K" promote --repo "$WORK/ROT" "$p" --to testing)")
+    rot_refresh_t+=("$(ms "$K" repo refresh --repo "$WORK/ROT")")
+done
+
 cpus=$(nproc)
 load=$(cut -d' ' -f1-3 /proc/loadavg)
 cat <<EOF
@@ -244,4 +267,6 @@ cat <<EOF
 | reprepro copy, $SMALL packages in unstable, testing small | ${reprepro_ms[small]} |
 | reprepro copy, $N packages in unstable, testing small | ${reprepro_ms[big]} |
 | reprepro copy, $N packages in unstable, $((N - RUNS)) in testing | ${reprepro_ms[big-testing]} |
+| **keepup promote, two keys signing** ($N in unstable, $((N - RUNS)) in testing) | **$(med "${rot_promote_t[@]}")** |
+| **keepup repo refresh, two keys signing** (3 tracks: $N, $((N - RUNS)), $N packages) | **$(med "${rot_refresh_t[@]}")** |
 EOF
