@@ -1,13 +1,15 @@
 //! The keys an agent trusts: the one pinned in its configuration (`trusted_key`), plus the keys
 //! it learned from the repository's rotation statements (`keys/rotation.asc`, see
 //! [`keepup_deploy::wire::rotation`]), minus each old key once its overlap is over. What was
-//! learned is kept in `state_dir/keys.json` (written to a temporary file and renamed).
+//! learned is kept in `state_dir/keys.json` (a [`StateFile`]).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use keepup_deploy::wire::rotation::Rotation;
 use keepup_deploy::wire::verify::TrustedKey;
 use serde::{Deserialize, Serialize};
+
+use super::statefile::StateFile;
 
 /// What was learned.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -18,48 +20,15 @@ pub struct Learned {
 }
 
 /// The store in `state_dir/keys.json`.
-#[derive(Debug, Clone)]
-pub struct KeyStore {
-    path: PathBuf,
-}
+pub type KeyStore = StateFile<Learned>;
 
-impl KeyStore {
-    /// The store under `state_dir`.
-    pub fn new(state_dir: &Path) -> KeyStore {
-        KeyStore {
-            path: state_dir.join("keys.json"),
-        }
-    }
-
-    /// What was learned so far (nothing if the file does not exist).
-    pub fn load(&self) -> Result<Learned, String> {
-        match std::fs::read(&self.path) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| {
-                format!(
-                    "{}: {e} (fix or remove it; removing it forgets the keys learned from \
-                     rotations, and the host then trusts only its trusted_key)",
-                    self.path.display()
-                )
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Learned::default()),
-            Err(e) => Err(format!("reading {}: {e}", self.path.display())),
-        }
-    }
-
-    /// Writes `l` atomically.
-    pub fn save(&self, l: &Learned) -> Result<(), String> {
-        let write = || -> std::io::Result<()> {
-            if let Some(dir) = self.path.parent() {
-                std::fs::create_dir_all(dir)?;
-            }
-            let tmp = self.path.with_extension("json.tmp");
-            let data = serde_json::to_vec_pretty(l).map_err(std::io::Error::other)?;
-            std::fs::write(&tmp, data)?;
-            std::fs::File::open(&tmp)?.sync_all()?;
-            std::fs::rename(&tmp, &self.path)
-        };
-        write().map_err(|e| format!("writing {}: {e}", self.path.display()))
-    }
+/// The learned-keys store of `state_dir`.
+pub fn key_store(state_dir: &Path) -> KeyStore {
+    StateFile::new(
+        state_dir,
+        "keys.json",
+        "the keys learned from rotations, and the host then trusts only its trusted_key",
+    )
 }
 
 /// The keys trusted at `now`: `pinned`, plus every key learned, minus each old key whose

@@ -16,6 +16,7 @@ pub mod schedule;
 pub mod serials;
 pub mod stagger;
 pub mod start;
+pub mod statefile;
 
 use std::sync::Arc;
 use std::time::Duration;

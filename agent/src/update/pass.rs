@@ -25,11 +25,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, Notify};
 
 use super::fetch::{self, FetchError, Wanted};
-use super::keys::{self, KeyStore};
+use super::keys::{self, key_store};
 use super::pkg::{PackageManager, PassMarker, System};
 use super::plan::{self, Action, Format, PackageEntry, PlanInput};
 use super::run::{run, Outcome};
-use super::serials::{check_min, SerialStore, Serials};
+use super::serials::{check_min, serial_store, SerialStore, Serials};
 use super::start::{self, Verdict};
 use crate::config::{Config, UpdaterConfig};
 use crate::control::Incoming;
@@ -233,7 +233,7 @@ impl Updater {
         pm.rpm_dbpath = up.rpm_dbpath.clone();
         Some(Updater {
             host: cfg.host_name(),
-            serials: SerialStore::new(&cfg.state_dir),
+            serials: serial_store(&cfg.state_dir),
             marker: PassMarker::new(&cfg.state_dir),
             cfg,
             up,
@@ -351,7 +351,7 @@ impl Updater {
     /// [`keys`](super::keys)), after reading the repository's current statement. Also, when
     /// the statement's overlap ended before this host learned its new key, what to tell.
     async fn keys(&self, pinned: TrustedKey) -> Result<(TrustedKey, Option<String>), String> {
-        let store = KeyStore::new(&self.cfg.state_dir);
+        let store = key_store(&self.cfg.state_dir);
         let mut learned = store.load()?;
         let now = unix_now();
         let trusted = keys::trusted(pinned.clone(), &learned, now);
@@ -982,7 +982,7 @@ mod tests {
         assert_eq!(alone.fingerprint(), old.fingerprint());
         // The store round-trips.
         let dir = tempfile::tempdir().unwrap();
-        let store = KeyStore::new(dir.path());
+        let store = keys::key_store(dir.path());
         assert_eq!(store.load().unwrap(), keys::Learned::default());
         store.save(&learned).unwrap();
         assert_eq!(store.load().unwrap(), learned);

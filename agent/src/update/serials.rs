@@ -7,9 +7,11 @@
 //! (`min_serials`, [`check_min`]) instead of accepting the oldest signed metadata.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
+
+use super::statefile::StateFile;
 
 /// What has been seen.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -23,53 +25,11 @@ pub struct Serials {
 }
 
 /// The store in `state_dir/serials.json`.
-#[derive(Debug, Clone)]
-pub struct SerialStore {
-    path: PathBuf,
-}
+pub type SerialStore = StateFile<Serials>;
 
-impl SerialStore {
-    /// The store under `state_dir`.
-    pub fn new(state_dir: &Path) -> SerialStore {
-        SerialStore {
-            path: state_dir.join("serials.json"),
-        }
-    }
-
-    /// What was seen so far (nothing if the file does not exist). An unreadable file is an
-    /// error: starting from zero would accept any replay.
-    pub fn load(&self) -> Result<Serials, String> {
-        match std::fs::read(&self.path) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| {
-                format!(
-                    "{}: {e} (fix or remove it; removing it forgets which serials were seen)",
-                    self.path.display()
-                )
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Serials::default()),
-            Err(e) => Err(format!("reading {}: {e}", self.path.display())),
-        }
-    }
-
-    /// Writes `s` atomically.
-    pub fn save(&self, s: &Serials) -> Result<(), String> {
-        let write = || -> std::io::Result<()> {
-            if let Some(dir) = self.path.parent() {
-                std::fs::create_dir_all(dir)?;
-            }
-            let tmp = self.path.with_extension("json.tmp");
-            let mut text = serde_json::to_vec_pretty(s).map_err(std::io::Error::other)?;
-            text.push(b'\n');
-            {
-                use std::io::Write;
-                let mut f = std::fs::File::create(&tmp)?;
-                f.write_all(&text)?;
-                f.sync_all()?;
-            }
-            std::fs::rename(&tmp, &self.path)
-        };
-        write().map_err(|e| format!("writing {}: {e}", self.path.display()))
-    }
+/// The serials store of `state_dir`.
+pub fn serial_store(state_dir: &Path) -> SerialStore {
+    StateFile::new(state_dir, "serials.json", "which serials were seen")
 }
 
 /// Checks `serial` of the file at `what` (e.g. `tracks/stable/index.json`) against the highest
@@ -179,14 +139,14 @@ mod tests {
     #[test]
     fn store_round_trip() {
         let d = tempfile::tempdir().unwrap();
-        let store = SerialStore::new(&d.path().join("state"));
+        let store = serial_store(&d.path().join("state"));
         assert_eq!(store.load().unwrap(), Serials::default());
         let mut s = Serials::default();
         s.record(2, Some(("stable", 7)));
         store.save(&s).unwrap();
         assert_eq!(store.load().unwrap(), s);
         assert!(!d.path().join("state/serials.json.tmp").exists());
-        std::fs::write(&store.path, "{not json").unwrap();
+        std::fs::write(d.path().join("state/serials.json"), "{not json").unwrap();
         assert!(store.load().unwrap_err().contains("serials.json"));
     }
 }

@@ -403,11 +403,7 @@ impl Repo {
         let path = store_key(key_dir, &self.root, &secret)?;
         let mut settings = self.settings()?;
         settings.key = Some(path.clone());
-        write_new(
-            &self.layout.settings(),
-            &serde_json::to_vec_pretty(&settings)?,
-            0o600,
-        )?;
+        self.save_settings(&settings)?;
         let old = self.key_in_tree();
         if old.exists() && old != path {
             std::fs::remove_file(&old).with_context(|| format!("removing {}", old.display()))?;
@@ -421,6 +417,15 @@ impl Repo {
     fn inside_tree(&self, p: &Path) -> bool {
         let root = std::fs::canonicalize(&self.root).unwrap_or_else(|_| self.root.clone());
         std::fs::canonicalize(p).is_ok_and(|p| p.starts_with(root))
+    }
+
+    /// Replace `.keepup/repo.json` (the commit of a settings change).
+    fn save_settings(&self, settings: &Settings) -> Result<()> {
+        write_new(
+            &self.layout.settings(),
+            &serde_json::to_vec_pretty(settings)?,
+            0o600,
+        )
     }
 
     fn settings(&self) -> Result<Settings> {
@@ -703,11 +708,7 @@ impl Repo {
         };
         settings.retiring = Some(retiring.clone());
         settings.key = Some(path.clone());
-        write_new(
-            &self.layout.settings(),
-            &serde_json::to_vec_pretty(&settings)?,
-            0o600,
-        )?;
+        self.save_settings(&settings)?;
         self.retiring = Some(retiring);
         self.secret_key = path;
         write_atomic(
@@ -751,11 +752,7 @@ impl Repo {
         let mut settings = self.settings()?;
         if settings.keyring.as_deref() != Some(name) {
             settings.keyring = Some(name.to_string());
-            write_new(
-                &self.layout.settings(),
-                &serde_json::to_vec_pretty(&settings)?,
-                0o600,
-            )?;
+            self.save_settings(&settings)?;
         }
         let mut published = Vec::new();
         for t in self.state.tracks.clone() {
@@ -1361,11 +1358,7 @@ impl Repo {
         }
         let mut settings = self.settings()?;
         settings.valid_for = Some(secs);
-        write_new(
-            &self.layout.settings(),
-            &serde_json::to_vec_pretty(&settings)?,
-            0o600,
-        )?;
+        self.save_settings(&settings)?;
         self.valid_for = secs;
         Ok(())
     }
