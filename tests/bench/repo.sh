@@ -235,7 +235,7 @@ log "rotation: setting up 3 tracks and a rotated key"
 "$K" publish --repo "$WORK/ROT" --track testing "$WORK/rest"/* >/dev/null
 "$K" publish --repo "$WORK/ROT" --track stable "$BIG"/* >/dev/null
 "$K" repo rotate-key --repo "$WORK/ROT" --key-dir "$WORK/keys" --overlap 30d >/dev/null
-grep -c 'BEGIN PGP SIGNATURE' "$WORK/ROT/fleet.yaml.asc" | grep -qx 2 ||
+gpg --verify "$WORK/ROT/fleet.yaml.asc" 2>&1 | grep -c 'Signature made' | grep -qx 2 ||
     { log "the rotated repository does not sign with two keys"; exit 1; }
 rot_promote_t=() rot_refresh_t=()
 for r in $(seq "$RUNS"); do
