@@ -235,7 +235,8 @@ log "rotation: setting up 3 tracks and a rotated key"
 "$K" publish --repo "$WORK/ROT" --track testing "$WORK/rest"/* >/dev/null
 "$K" publish --repo "$WORK/ROT" --track stable "$BIG"/* >/dev/null
 "$K" repo rotate-key --repo "$WORK/ROT" --key-dir "$WORK/keys" --overlap 30d >/dev/null
-gpg --verify "$WORK/ROT/fleet.yaml.asc" 2>&1 | grep -c 'Signature made' | grep -qx 2 ||
+# gpg lists each signature, even by a key it does not have (and then exits non-zero).
+{ gpg --verify "$WORK/ROT/fleet.yaml.asc" 2>&1 || true; } | grep -c 'Signature made' | grep -qx 2 ||
     { log "the rotated repository does not sign with two keys"; exit 1; }
 rot_promote_t=() rot_refresh_t=()
 for r in $(seq "$RUNS"); do
