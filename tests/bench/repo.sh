@@ -260,8 +260,8 @@ cat <<EOF
 | **keepup repo reindex** (3 tracks x APT + DNF + index, signed) | **$(med "${reindex_t[@]}")** |
 | cp into a pool + apt-ftparchive + createrepo_c ($((2 * N)) new files) | $(med "${peerpub_t[@]}") |
 | cp -l (hard links) into a pool + apt-ftparchive + createrepo_c | $(med "${peerpubl_t[@]}") |
-| **keepup publish** of $((2 * N)) new files into an empty repository (pool: hard links) | **$(med "${pub_t[@]}")** |
-| keepup publish of the same from another filesystem (pool: copies) | $publish_copy_ms |
+| **keepup publish** of $((2 * N)) new files into an empty repository (pool: its own copies) | **$(med "${pub_t[@]}")** |
+| keepup publish of the same from another filesystem | $publish_copy_ms |
 | keepup promote, $SMALL packages in unstable, testing small | ${promote_ms[small]} |
 | keepup promote, $N packages in unstable, testing small | ${promote_ms[big]} |
 | keepup promote, $N packages in unstable, $((N - RUNS)) in testing | ${promote_ms[big-testing]} |
