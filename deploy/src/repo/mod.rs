@@ -494,7 +494,7 @@ impl Repo {
         };
         write_atomic(&root.join("keys/repository.gpg"), &binary)?;
         for t in tracks {
-            repo.commit_track(
+            repo.commit_track_views(
                 t,
                 &Track::default(),
                 Track::default(),
@@ -797,10 +797,25 @@ impl Repo {
             .collect())
     }
 
-    /// Write the views of `name` for `new` and save it; on failure, put back the views of
-    /// `old` (under a higher serial: serials never go down) and undo the pool changes.
-    /// `known`: metadata already in memory (of the packages just stored), not read again.
+    /// [`Self::commit_track_views`], then sign the policy again, bound to the new index.
     fn commit_track(
+        &self,
+        name: &str,
+        old: &Track,
+        new: Track,
+        undo: &Undo,
+        known: &[&PoolMeta],
+    ) -> Result<()> {
+        self.commit_track_views(name, old, new, undo, known)?;
+        self.rebind()
+    }
+
+    /// Write the views of `name` for `new` and save it; on failure, put back the views of
+    /// `old` (under a higher serial: serials never go down, and the policy is bound to them)
+    /// and undo the pool changes. On success the policy still binds the previous index: the
+    /// caller signs it again, once for all the tracks it changes.
+    /// `known`: metadata already in memory (of the packages just stored), not read again.
+    fn commit_track_views(
         &self,
         name: &str,
         old: &Track,
@@ -854,7 +869,7 @@ impl Repo {
         let save = |t: &Track| write_new(&self.layout.track(name), &state::track_json(t)?, 0o600);
         let Err(err) = write(&new, known).and_then(|_| save(&new)) else {
             crash::point(crash::Step::TrackCommit);
-            return self.rebind();
+            return Ok(());
         };
         let back = Track {
             serial: new.serial + 1,
@@ -1334,9 +1349,9 @@ impl Repo {
         self.write_public_keys()?;
         for t in self.state.tracks.clone() {
             let old = self.track(&t)?;
-            self.commit_track(&t, &old, old.clone(), &Undo::default(), &[])?;
+            self.commit_track_views(&t, &old, old.clone(), &Undo::default(), &[])?;
         }
-        // The policy's new expiry is a new content: a new serial.
+        // Signed once for all the tracks: bound to their new indexes, with a new expiry.
         self.commit_fleet()
     }
 
