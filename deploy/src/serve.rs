@@ -136,10 +136,19 @@ pub fn resolve(root: &Root, raw_path: &str) -> Result<std::fs::File, StatusCode>
         }
         rel.push(seg);
     }
-    let how = OpenHow::new()
-        .flags(OFlag::O_RDONLY | OFlag::O_CLOEXEC)
-        .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS);
-    let file = match openat2(&root.dir, &rel, how) {
+    let how = |more| {
+        OpenHow::new()
+            .flags(OFlag::O_RDONLY | OFlag::O_CLOEXEC)
+            .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS | more)
+    };
+    // The common case first: no symlink on the way, so the lookup landed on the path asked
+    // for, whose segments were checked above. One system call.
+    match openat2(&root.dir, &rel, how(ResolveFlag::RESOLVE_NO_SYMLINKS)) {
+        Ok(fd) => return Ok(std::fs::File::from(fd)),
+        Err(nix::errno::Errno::ELOOP | nix::errno::Errno::ENOSYS) => {}
+        Err(_) => return Err(StatusCode::NOT_FOUND),
+    }
+    let file = match openat2(&root.dir, &rel, how(ResolveFlag::empty())) {
         Ok(fd) => std::fs::File::from(fd),
         // Before Linux 5.6: resolve in user space; the check below keeps it inside the root.
         Err(nix::errno::Errno::ENOSYS) => root
@@ -522,11 +531,12 @@ struct Opened {
 fn open(root: &Root, path: &str) -> Result<Opened, StatusCode> {
     let mut f = resolve(root, path)?;
     let mut name = path;
-    if f.metadata().map_err(|_| StatusCode::NOT_FOUND)?.is_dir() {
+    let mut meta = f.metadata().map_err(|_| StatusCode::NOT_FOUND)?;
+    if meta.is_dir() {
         f = resolve(root, &format!("{}/index.html", path.trim_end_matches('/')))?;
         name = "index.html";
+        meta = f.metadata().map_err(|_| StatusCode::NOT_FOUND)?;
     }
-    let meta = f.metadata().map_err(|_| StatusCode::NOT_FOUND)?;
     if !meta.is_file() {
         return Err(StatusCode::NOT_FOUND);
     }
@@ -874,8 +884,65 @@ impl AcceptLog {
     }
 }
 
+/// The serving threads: each runs a single-threaded runtime, and a connection is served on
+/// one of them from accept to close.
+struct Workers {
+    threads: Vec<Worker>,
+}
+
+/// One serving thread: its runtime and how many connections it serves now.
+struct Worker {
+    handle: tokio::runtime::Handle,
+    live: Arc<AtomicU64>,
+}
+
+impl Workers {
+    /// The worker serving the fewest connections (the first of equals).
+    fn least_loaded(&self) -> usize {
+        (0..self.threads.len())
+            .min_by_key(|&i| self.threads[i].live.load(Ordering::Relaxed))
+            .unwrap_or(0)
+    }
+}
+
+/// Counts a connection on its worker while it lives.
+struct Live(Arc<AtomicU64>);
+
+impl Live {
+    fn new(count: &Arc<AtomicU64>) -> Live {
+        count.fetch_add(1, Ordering::Relaxed);
+        Live(count.clone())
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Serve one accepted connection under its slot: TLS wraps `stream` inside the task and the
+/// slot; the acceptor bounds the handshake, and a failed one ends only this connection.
+async fn serve_accepted(site: Arc<Site>, stream: tokio::net::TcpStream) {
+    match site.tls.clone() {
+        None => serve_connection(site, stream).await,
+        Some(tls) => {
+            if let Ok(stream) = tls.accept(stream).await {
+                serve_connection(site, stream).await;
+            }
+        }
+    }
+}
+
 /// Accept connections until interrupted; each one takes a slot under the cap or is refused.
-async fn accept_loop(site: Arc<Site>, listener: tokio::net::TcpListener, max: usize) {
+/// A served connection goes to the least loaded worker (`workers.threads[0]` runs this loop):
+/// connections are spread evenly, whatever order they come in, and each stays on one thread.
+async fn accept_loop(
+    site: Arc<Site>,
+    listener: tokio::net::TcpListener,
+    max: usize,
+    workers: Workers,
+) {
     let slots = Arc::new(Semaphore::new(max));
     let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
     let mut log = AcceptLog {
@@ -898,18 +965,26 @@ async fn accept_loop(site: Arc<Site>, listener: tokio::net::TcpListener, max: us
         match slots.clone().try_acquire_owned() {
             Ok(slot) => {
                 let site = site.clone();
-                // TLS wraps `stream` inside the task and the slot; the acceptor bounds the
-                // handshake, and a failed one ends only this connection.
-                tokio::spawn(async move {
-                    match site.tls.clone() {
-                        None => serve_connection(site, stream).await,
-                        Some(tls) => {
-                            if let Ok(stream) = tls.accept(stream).await {
-                                serve_connection(site, stream).await;
-                            }
-                        }
+                let i = workers.least_loaded();
+                let worker = &workers.threads[i];
+                let live = Live::new(&worker.live);
+                if i == 0 {
+                    tokio::spawn(async move {
+                        serve_accepted(site, stream).await;
+                        drop((slot, live));
+                    });
+                    continue;
+                }
+                // Move the socket to the worker's own event loop, so that its wake-ups stay
+                // on that thread.
+                let Ok(stream) = stream.into_std() else {
+                    continue;
+                };
+                worker.handle.spawn(async move {
+                    if let Ok(stream) = tokio::net::TcpStream::from_std(stream) {
+                        serve_accepted(site, stream).await;
                     }
-                    drop(slot);
+                    drop((slot, live));
                 });
             }
             Err(_) => {
@@ -974,16 +1049,38 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         state,
         tls,
     });
+    // One single-threaded runtime per core (as nginx runs a worker per core), and each
+    // connection served on one of them from accept to close: no wake-ups cross threads and no
+    // tasks are stolen, which kept the latency tail at 2 to 3 times nginx's on the
+    // multi-threaded runtime (docs/benchmarks.md, "Serving"). Heavy work (fleet views, the
+    // database) runs on the blocking pools and the database writer, not on these threads.
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
-        .max_blocking_threads(64)
-        .enable_all()
-        .build()?;
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .max_blocking_threads((64 / threads).max(8))
+            .enable_all()
+            .build()
+    };
+    let rt = runtime()?;
+    let mut workers = Workers {
+        threads: vec![Worker {
+            handle: rt.handle().clone(),
+            live: Arc::default(),
+        }],
+    };
+    for i in 1..threads {
+        let worker = runtime()?;
+        workers.threads.push(Worker {
+            handle: worker.handle().clone(),
+            live: Arc::default(),
+        });
+        std::thread::Builder::new()
+            .name(format!("keepup-serve-{i}"))
+            .spawn(move || worker.block_on(std::future::pending::<()>()))
+            .context("starting a serving thread")?;
+    }
     rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .with_context(|| format!("listening on {listen}"))?;
+        let listener = bind(listen).with_context(|| format!("listening on {listen}"))?;
         if let Some(s) = &site.state {
             s.spawn_background();
         }
@@ -993,7 +1090,7 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         }
         eprintln!(
             "keepup: serving {} on {}://{}/{}; at most {max} connections (open file limit \
-             {nofile})",
+             {nofile}), {threads} threads",
             site.root.path.display(),
             if site.tls.is_some() { "https" } else { "http" },
             listener.local_addr()?,
@@ -1004,10 +1101,25 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
             }
         );
         tokio::select! {
-            _ = accept_loop(site, listener, max) => Ok(()),
+            _ = accept_loop(site, listener, max, workers) => Ok(()),
             _ = tokio::signal::ctrl_c() => Ok(()),
         }
     })
+}
+
+/// The listen backlog: connections past the cap wait here while the server is short of file
+/// descriptors.
+const BACKLOG: u32 = 4096;
+
+/// A listening socket on `addr`, on the current runtime.
+fn bind(addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
 }
 
 #[cfg(test)]
@@ -1051,6 +1163,12 @@ mod tests {
         // A link inside the root onto the private directory is still a dot-file.
         std::os::unix::fs::symlink(root.join(".keepup/signing-key.asc"), root.join("key")).unwrap();
         assert_eq!(resolve(&r, "/key").err(), Some(StatusCode::NOT_FOUND));
+        // So is a file reached through a directory link onto it.
+        std::os::unix::fs::symlink(".keepup", root.join("alias")).unwrap();
+        assert_eq!(
+            resolve(&r, "/alias/signing-key.asc").err(),
+            Some(StatusCode::NOT_FOUND)
+        );
         assert_eq!(
             resolve(&r, "/dists%5c..%5cx").err(),
             Some(StatusCode::BAD_REQUEST)
