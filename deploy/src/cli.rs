@@ -139,6 +139,12 @@ pub struct PromoteArgs {
     /// Track to promote into; the package comes from the track below it.
     #[arg(long)]
     to: String,
+    /// Roll out in waves (over the track's defaults, `keepup rollout defaults`).
+    #[command(flatten)]
+    rules: crate::rollout_cli::RuleArgs,
+    /// Reach every host at once, whatever the track's rollout defaults say.
+    #[arg(long, conflicts_with_all = ["waves", "soak", "max_failed", "on_failure"])]
+    at_once: bool,
 }
 
 /// `keepup rollback`
@@ -574,8 +580,22 @@ pub fn publish(a: PublishArgs) -> Result<()> {
 /// `keepup promote`
 pub fn promote(a: PromoteArgs) -> Result<()> {
     let mut r = Repo::open(&a.repo.dir)?;
-    let entries = r.promote(&a.name, a.version.as_deref(), &a.to)?;
+    let rules = match a.at_once {
+        true => None,
+        false => a.rules.over(r.rollout_defaults(&a.to)?)?,
+    };
+    let entries = match &rules {
+        Some(rules) => r.promote_in_waves(&a.name, a.version.as_deref(), &a.to, rules.clone())?,
+        None => r.promote(&a.name, a.version.as_deref(), &a.to)?,
+    };
     print_entries("promoted", &a.to, &entries);
+    if let Some(rules) = rules {
+        println!(
+            "rolling out {}; see `keepup rollout status --repo {}`",
+            crate::rollout_cli::describe(&rules),
+            a.repo.dir.display()
+        );
+    }
     Ok(())
 }
 

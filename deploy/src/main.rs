@@ -8,6 +8,7 @@ mod pack_agent;
 mod refresh;
 mod repo;
 mod report;
+mod rollout_cli;
 mod serve;
 mod sign;
 mod state;
@@ -46,6 +47,9 @@ enum Command {
     Promote(cli::PromoteArgs),
     /// Bring back an old version's contents under a version newer than the track's current one.
     Rollback(cli::RollbackArgs),
+    /// Health-gated rollouts: per-track defaults, status, pause, resume, abort, advance.
+    #[command(subcommand)]
+    Rollout(rollout_cli::RolloutCommand),
     /// Make hosts follow a track (and run some services).
     Assign(cli::AssignArgs),
     /// Remove a service from hosts (agents uninstall it there).
@@ -136,6 +140,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Publish(a) => cli::publish(a),
         Command::Promote(a) => cli::promote(a),
         Command::Rollback(a) => cli::rollback(a),
+        Command::Rollout(c) => rollout_cli::rollout(c),
         Command::Assign(a) => cli::assign(a),
         Command::Quarantine(a) => cli::quarantine(a),
         Command::Unquarantine(a) => cli::unquarantine(a),

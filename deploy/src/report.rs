@@ -50,6 +50,16 @@ pub fn parse_duration(s: &str) -> Result<u64, String> {
         .map_err(|_| format!("{s:?} is not a duration (examples: 90s, 10m, 2h, 1d)"))
 }
 
+/// Seconds as [`parse_duration`] reads them back: `90s`, `10m`, `2h`, `1d`.
+pub fn format_duration(secs: u64) -> String {
+    match secs {
+        s if s >= 86_400 && s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s if s >= 3600 && s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s >= 60 && s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
 /// How `keepup report` names a CA file, for messages.
 const FIX: &str = "pass --ca-file with";
 
@@ -560,6 +570,9 @@ mod tests {
     fn durations_and_urls() {
         assert_eq!(parse_duration("10m"), Ok(600));
         assert_eq!(parse_duration("90"), Ok(90));
+        for d in [0, 45, 90, 600, 3600, 5400, 86_400] {
+            assert_eq!(parse_duration(&format_duration(d)), Ok(d));
+        }
         assert_eq!(parse_duration("2h"), Ok(7200));
         assert!(parse_duration("soon").is_err());
         let t = server_target("127.0.0.1:8080").unwrap();

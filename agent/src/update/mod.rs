@@ -17,6 +17,7 @@ pub mod serials;
 pub mod stagger;
 pub mod start;
 pub mod statefile;
+pub mod waves;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -68,6 +69,7 @@ pub fn publish(state: &SharedHost, u: &Updater, r: &PassResult) {
         actions,
         index_serial: r.index_serial,
         fleet_serial: r.fleet_serial,
+        rollouts: r.rollouts.clone(),
     });
 }
 

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use keepup_deploy::wire::fleet::SIGNED_POLICY;
 use keepup_deploy::wire::report::StartReport;
+use keepup_deploy::wire::rollout::RolloutState;
 use keepup_deploy::wire::rotation::{Judgement, Rotation, ROTATION};
 use keepup_deploy::wire::verify::{check_expiry, TrustedKey};
 use keepup_deploy::wire::{Fleet, Index, AGENT_PACKAGE};
@@ -31,6 +32,7 @@ use super::plan::{self, Action, Format, PackageEntry, PlanInput};
 use super::run::{run, Outcome};
 use super::serials::{check_min, serial_store, SerialStore, Serials};
 use super::start::{self, Verdict};
+use super::waves;
 use crate::config::{Config, UpdaterConfig};
 use crate::control::Incoming;
 use crate::reaper::Spawned;
@@ -81,6 +83,9 @@ pub struct PassResult {
     /// Start judgements of the services installed or upgraded by this pass.
     #[serde(default)]
     pub starts: BTreeMap<String, StartReport>,
+    /// The track's rollouts in waves: this host's wave, and whether it is held back.
+    #[serde(default)]
+    pub rollouts: Vec<keepup_deploy::wire::RolloutReport>,
 }
 
 impl PassResult {
@@ -449,6 +454,42 @@ impl Updater {
         check().inspect_err(|e| self.refused(None, e))
     }
 
+    /// The track's rollout progress (`tracks/<t>/rollout.json.asc`), checked against the
+    /// rollout key `index` names and the serial seen (recorded when it checks out). None when
+    /// there is none yet or it is refused (a refusal is an event): every rollout is then
+    /// where it starts, its first wave open, which the repository key signed.
+    async fn fetch_progress(&self, index: &Index, seen: &mut Serials) -> Option<RolloutState> {
+        let track = &index.track;
+        let path = keepup_deploy::wire::rollout::state_path(track);
+        let url = format!("{}{path}", self.up.repo);
+        let bytes = match fetch::get(&url, MAX_META, META_TIMEOUT).await {
+            Ok(b) => b,
+            Err(FetchError::Status(code)) if code.as_u16() == 404 => return None,
+            Err(e) => {
+                self.refused(
+                    None,
+                    &format!("cannot fetch {url}: {e}; waves as first opened"),
+                );
+                return None;
+            }
+        };
+        let seen_serial = seen.rollouts.get(track).copied().unwrap_or(0);
+        let text = String::from_utf8_lossy(&bytes);
+        match waves::check_progress(&text, index, track, seen_serial, unix_now()) {
+            Ok(doc) => {
+                if doc.serial > seen_serial {
+                    seen.rollouts.insert(track.clone(), doc.serial);
+                    let _ = self.serials.save(seen);
+                }
+                Some(doc)
+            }
+            Err(e) => {
+                self.refused(None, &format!("{e}; waves as first opened"));
+                None
+            }
+        }
+    }
+
     fn refused(&self, service: Option<&str>, why: &str) {
         eprintln!("keepup-agent: update: {why}");
         self.events.push("refused", service, why);
@@ -500,10 +541,25 @@ impl Updater {
 
         // Only packages the repository or the manifest directory knows are looked at, so a
         // quarantine can never remove a package that is not one of keepup's services.
-        let packages: Vec<PackageEntry> = index.map(|i| i.packages).unwrap_or_default();
-        let mut names: BTreeSet<String> = packages.iter().map(|p| p.name.clone()).collect();
+        let mut names: BTreeSet<String> = index
+            .iter()
+            .flat_map(|i| i.packages.iter().map(|p| p.name.clone()))
+            .collect();
         names.extend(self.manifest_names());
         let installed = self.installed(&names).await?;
+        let applied = match &index {
+            None => waves::Applied::default(),
+            Some(i) if i.rollouts.is_empty() => waves::Applied {
+                packages: i.packages.clone(),
+                ..Default::default()
+            },
+            Some(i) => {
+                let progress = self.fetch_progress(i, &mut seen).await;
+                waves::apply(i, progress.as_ref(), &self.host, self.format, &installed)
+            }
+        };
+        r.rollouts = applied.report;
+        let packages = applied.packages;
         let services: Vec<String> = assignment.map(|a| a.services.clone()).unwrap_or_default();
         let actions = plan::plan(&PlanInput {
             format: self.format,
@@ -512,6 +568,7 @@ impl Updater {
             packages: &packages,
             quarantined: &r.quarantined,
             installed: &installed,
+            holds: &applied.holds,
         });
         r.plan = actions.iter().map(|a| a.to_string()).collect();
 

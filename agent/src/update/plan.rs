@@ -25,6 +25,18 @@ pub struct PlanInput<'a> {
     pub quarantined: &'a [String],
     /// Fully installed packages and their versions (half-installed ones are absent).
     pub installed: &'a BTreeMap<String, String>,
+    /// Packages rolling out in waves that this host is held back from: name -> the version
+    /// rolling out and why (`packages` then holds the previous version for them).
+    pub holds: &'a BTreeMap<String, Hold>,
+}
+
+/// A package rolling out that this host does not take yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hold {
+    /// The version rolling out.
+    pub to: String,
+    /// Why not here (`wave 3 not open`).
+    pub why: String,
 }
 
 /// One thing the pass does (or decides not to do).
@@ -70,6 +82,16 @@ pub enum Action {
         /// Service name.
         name: String,
     },
+    /// A new version rolls out in waves and this host does not take it yet: it keeps what
+    /// it has (or has nothing, when the track had no previous version).
+    Held {
+        /// Package name.
+        name: String,
+        /// The installed version, if any.
+        installed: Option<String>,
+        /// The version rolling out, and why not here.
+        hold: Hold,
+    },
 }
 
 impl Action {
@@ -108,6 +130,17 @@ impl fmt::Display for Action {
             Action::KeepAgent => write!(
                 f,
                 "keep {AGENT_PACKAGE}: quarantine ignored (the agent never removes itself)"
+            ),
+            Action::Held {
+                name,
+                installed,
+                hold,
+            } => write!(
+                f,
+                "keep {name} {}: {} is rolling out; held: {}",
+                installed.as_deref().unwrap_or("(not installed)"),
+                hold.to,
+                hold.why
             ),
             Action::NotInTrack { name } => {
                 write!(
@@ -154,8 +187,18 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
     wanted.sort();
     wanted.dedup();
     for name in wanted.into_iter().filter(|n| !quarantined(n)) {
+        let held = |installed: Option<&String>| {
+            input.holds.get(name).map(|hold| Action::Held {
+                name: name.into(),
+                installed: installed.cloned(),
+                hold: hold.clone(),
+            })
+        };
         let Some(p) = track.get(name) else {
-            actions.push(Action::NotInTrack { name: name.into() });
+            actions.push(
+                held(input.installed.get(name))
+                    .unwrap_or_else(|| Action::NotInTrack { name: name.into() }),
+            );
             continue;
         };
         let action = match input.installed.get(name) {
@@ -165,10 +208,12 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
                     from: v.clone(),
                     to: (*p).clone(),
                 },
-                Ordering::Equal => Action::Current {
+                Ordering::Equal => held(Some(v)).unwrap_or_else(|| Action::Current {
                     name: name.into(),
                     version: v.clone(),
-                },
+                }),
+                // Under a halted rollout, a host that took the new version keeps it.
+                Ordering::Less if input.holds.contains_key(name) => held(Some(v)).expect("a hold"),
                 Ordering::Less => Action::NewerInstalled {
                     name: name.into(),
                     installed: v.clone(),
@@ -229,6 +274,7 @@ mod tests {
             packages,
             quarantined: &q,
             installed: &i,
+            holds: &BTreeMap::new(),
         })
         .iter()
         .map(|a| a.to_string())
@@ -299,6 +345,46 @@ mod tests {
     }
 
     #[test]
+    fn held_hosts_keep_or_get_the_previous_version() {
+        let hold = |why: &str| Hold {
+            to: "2.0-1".into(),
+            why: why.into(),
+        };
+        let holds: BTreeMap<String, Hold> = [
+            ("foo".to_string(), hold("wave 3 not open")),
+            ("new".to_string(), hold("wave 2 not open")),
+            ("bar".to_string(), hold("rollout stable/bar/2.0-1 halted")),
+        ]
+        .into();
+        // `packages` holds the previous version of held packages (none for `new`).
+        let track = debs(&[("foo", "1.0-1"), ("bar", "1.0-1"), ("old", "1.0-1")]);
+        let q = strings(&[]);
+        let inst = installed(&[("foo", "1.0-1"), ("bar", "2.0-1"), ("old", "0.9-1")]);
+        let services = strings(&["bar", "foo", "new", "old"]);
+        let got: Vec<String> = plan(&PlanInput {
+            format: Format::Deb,
+            arch: "amd64",
+            services: &services,
+            packages: &track,
+            quarantined: &q,
+            installed: &inst,
+            holds: &holds,
+        })
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        assert_eq!(
+            got,
+            [
+                "keep bar 2.0-1: 2.0-1 is rolling out; held: rollout stable/bar/2.0-1 halted",
+                "keep foo 1.0-1: 2.0-1 is rolling out; held: wave 3 not open",
+                "keep new (not installed): 2.0-1 is rolling out; held: wave 2 not open",
+                "upgrade old 0.9-1 -> 1.0-1",
+            ]
+        );
+    }
+
+    #[test]
     fn rollback_is_an_upgrade() {
         let mut rb = pkg("foo", "1.0+rb1-1", Format::Deb, "amd64");
         rb.rollback_of = Some("0.9-1".into());
@@ -327,6 +413,7 @@ mod tests {
                 packages: &t,
                 quarantined: &q,
                 installed: &i,
+                holds: &BTreeMap::new(),
             })
         };
         assert!(!plan_actions[0].changes());
@@ -350,6 +437,7 @@ mod tests {
             packages: &track,
             quarantined: &q,
             installed: &i,
+            holds: &BTreeMap::new(),
         });
         assert_eq!(got.len(), 1);
         assert!(

@@ -22,6 +22,9 @@ pub struct Serials {
     /// Highest index serial per track.
     #[serde(default)]
     pub tracks: BTreeMap<String, u64>,
+    /// Highest rollout progress serial per track (`tracks/<t>/rollout.json.asc`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rollouts: BTreeMap<String, u64>,
 }
 
 /// The store in `state_dir/serials.json`.

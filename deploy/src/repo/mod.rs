@@ -27,6 +27,7 @@
 
 pub mod crash;
 pub mod inspect;
+pub mod rollouts;
 mod state;
 pub mod version;
 mod views;
@@ -511,6 +512,7 @@ impl Repo {
             valid_for: Some(valid_for),
             retiring: None,
             keyring: None,
+            rollout_defaults: Default::default(),
         };
         write_new(
             &repo.layout.settings(),
@@ -833,6 +835,15 @@ impl Repo {
         // A command that died after writing the views but before its commit published a
         // serial the track file does not know: never sign other contents under it.
         new.serial = old.serial.max(self.published_serial(name)) + 1;
+        // A rollout ends once its version is no longer the current one (a later publish,
+        // promotion or rollback of the name).
+        let current: std::collections::BTreeSet<(String, String)> = new
+            .current()
+            .into_values()
+            .map(|e| (e.name.clone(), e.version.clone()))
+            .collect();
+        new.rollouts
+            .retain(|n, r| current.contains(&(n.clone(), r.to.clone())));
         let write = |t: &Track, known: &[&PoolMeta]| -> Result<()> {
             let mut by_path: HashMap<&str, &PoolMeta> =
                 known.iter().map(|m| (m.entry.path.as_str(), *m)).collect();
@@ -857,6 +868,13 @@ impl Repo {
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
+            let rollouts = views::IndexRollouts {
+                list: t.rollouts.values().cloned().collect(),
+                key: match t.rollouts.is_empty() {
+                    true => None,
+                    false => Some(self.rollout_public_key()?),
+                },
+            };
             views::write_track(
                 &self.root,
                 &signer,
@@ -864,6 +882,7 @@ impl Repo {
                 t.serial,
                 self.expires(),
                 &members,
+                &rollouts,
             )
         };
         let save = |t: &Track| write_new(&self.layout.track(name), &state::track_json(t)?, 0o600);
@@ -873,7 +892,7 @@ impl Repo {
         };
         let back = Track {
             serial: new.serial + 1,
-            packages: old.packages.clone(),
+            ..old.clone()
         };
         match save(&back)
             .and_then(|_| write(&back, &[]))
@@ -1141,6 +1160,31 @@ impl Repo {
         version: Option<&str>,
         to: &str,
     ) -> Result<Vec<PoolEntry>> {
+        let chosen = self.choose_promotion(name, version, to)?;
+        let old = self.track(to)?;
+        let mut new = old.clone();
+        let mut added = false;
+        for e in &chosen {
+            added |= new.insert(e.clone());
+        }
+        if !added {
+            bail!(
+                "{to} already has {name} {}: nothing to promote",
+                chosen[0].version
+            );
+        }
+        self.commit_track(to, &old, new, &Undo::default(), &[])?;
+        Ok(chosen)
+    }
+
+    /// The entries a promotion of `name` (`version`, default the current one) into `to`
+    /// copies from the track below, checked: one version, and no downgrade.
+    fn choose_promotion(
+        &self,
+        name: &str,
+        version: Option<&str>,
+        to: &str,
+    ) -> Result<Vec<PoolEntry>> {
         let from = self.state.below(to)?.to_string();
         let candidates = self.track_entries(&from, name)?;
         let chosen: Vec<PoolEntry> = match version {
@@ -1170,7 +1214,6 @@ impl Repo {
             );
         }
         let old = self.track(to)?;
-        let mut new = old.clone();
         {
             let current = state::current_of(old.packages.get(name).into_iter().flatten());
             for e in &chosen {
@@ -1184,17 +1227,6 @@ impl Repo {
                 }
             }
         }
-        let mut added = false;
-        for e in &chosen {
-            added |= new.insert(e.clone());
-        }
-        if !added {
-            bail!(
-                "{to} already has {name} {}: nothing to promote",
-                chosen[0].version
-            );
-        }
-        self.commit_track(to, &old, new, &Undo::default(), &[])?;
         Ok(chosen)
     }
 
@@ -1221,10 +1253,27 @@ impl Repo {
                 self.root.display()
             );
         }
+        let staged = self.stage_rollbacks(name, &olds, &current, track)?;
+        if staged.is_empty() {
+            bail!("{track} has no {name}; a rollback replaces the current version of a track");
+        }
+        // The rollback is the current version now: a rollout of the name ends with it.
+        self.add_to_track(track, staged)
+    }
+
+    /// Rebuild each of `olds` (one version of `name`, per format and arch) under a version
+    /// above the `current` entry of its format and arch, signed; staged, not stored.
+    fn stage_rollbacks(
+        &self,
+        name: &str,
+        olds: &[PoolEntry],
+        current: &state::Current<'_>,
+        track: &str,
+    ) -> Result<Vec<Staged>> {
         let secret = self.secret_key_path();
         let key = inspect::rpm_verifier(&std::fs::read(self.public_key_path())?)?;
         let mut staged = Vec::new();
-        for old in &olds {
+        for old in olds {
             let Some(cur) = current.get(&(old.name.clone(), old.format, old.arch.clone())) else {
                 continue;
             };
@@ -1267,10 +1316,7 @@ impl Repo {
             }
             staged.push(self.stage(info, new_bytes, Some(old.version.clone()))?);
         }
-        if staged.is_empty() {
-            bail!("{track} has no {name}; a rollback replaces the current version of a track");
-        }
-        self.add_to_track(track, staged)
+        Ok(staged)
     }
 
     /// Store staged packages in the pool, add them to `track` and commit; on failure the

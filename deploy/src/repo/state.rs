@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Format, PoolEntry};
 use crate::fleet::Fleet;
+use keepup_deploy::wire::rollout::Rollout;
 
 /// The layout version `repo.json` records.
 pub const LAYOUT: u32 = 2;
@@ -49,6 +50,10 @@ pub struct Settings {
     /// was published (`keepup repo keyring`); each rotation then publishes a new version.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keyring: Option<String>,
+    /// How promotions into each track roll out unless told otherwise (`keepup rollout
+    /// defaults`); a track without is promoted to every host at once.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rollout_defaults: BTreeMap<String, keepup_deploy::wire::rollout::Rules>,
 }
 
 /// A key being retired by a rotation.
@@ -70,6 +75,9 @@ pub struct Track {
     pub serial: u64,
     /// Members by package name: every version, format and arch of that name in the track.
     pub packages: BTreeMap<String, Vec<PoolEntry>>,
+    /// Rollouts in waves by package name (signed into the index as they are).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rollouts: BTreeMap<String, Rollout>,
 }
 
 /// The current (highest) entry per (name, format, arch).
@@ -123,7 +131,13 @@ pub fn track_json(t: &Track) -> Result<Vec<u8>> {
         out.push(b':');
         serde_json::to_writer(&mut out, entries)?;
     }
-    out.extend_from_slice(b"\n}}\n");
+    out.extend_from_slice(b"\n}");
+    // After the packages, on a line of its own that no package name can start.
+    if !t.rollouts.is_empty() {
+        out.extend_from_slice(b",\"rollouts\":");
+        serde_json::to_writer(&mut out, &t.rollouts)?;
+    }
+    out.extend_from_slice(b"}\n");
     Ok(out)
 }
 
@@ -348,6 +362,7 @@ pub fn migrate(
     let settings = Settings {
         retiring: None,
         keyring: None,
+        rollout_defaults: Default::default(),
         layout: LAYOUT,
         tracks: old.tracks,
         key: None,

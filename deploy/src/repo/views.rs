@@ -58,7 +58,18 @@ pub fn now() -> u64 {
 /// that fetched an older `InRelease` or `repomd.xml` and have not yet fetched what it names.
 pub const PREVIOUS_GENERATIONS: usize = 3;
 
-/// Rewrite every view of `track`: its members' metadata (any order) and its new serial.
+/// The rollouts a track's index carries, and the public rollout key that signs their
+/// progress (set when there are rollouts).
+#[derive(Debug, Clone, Default)]
+pub struct IndexRollouts {
+    /// The rollouts.
+    pub list: Vec<keepup_deploy::wire::rollout::Rollout>,
+    /// The armored public rollout key.
+    pub key: Option<String>,
+}
+
+/// Rewrite every view of `track`: its members' metadata (any order), its new serial and,
+/// in the agents' index only, its rollouts (stock apt and dnf see the new version at once).
 pub fn write_track(
     root: &Path,
     signer: &Signer,
@@ -66,6 +77,7 @@ pub fn write_track(
     serial: u64,
     expires: u64,
     members: &[&PoolMeta],
+    rollouts: &IndexRollouts,
 ) -> Result<()> {
     let mut members = members.to_vec();
     members.sort_by(|a, b| {
@@ -78,13 +90,13 @@ pub fn write_track(
     if super::crash::armed() {
         return write_apt(root, signer, track, expires, &members)
             .and_then(|_| write_rpm(root, signer, track, &members))
-            .and_then(|_| write_index(root, signer, track, serial, expires, &members));
+            .and_then(|_| write_index(root, signer, track, serial, expires, &members, rollouts));
     }
     // Four signatures and two compressions: the APT view on one core, the rest on the other.
     std::thread::scope(|s| {
         let apt = s.spawn(|| write_apt(root, signer, track, expires, &members));
         let rest = write_rpm(root, signer, track, &members)
-            .and_then(|_| write_index(root, signer, track, serial, expires, &members));
+            .and_then(|_| write_index(root, signer, track, serial, expires, &members, rollouts));
         apt.join().expect("APT view thread panicked").and(rest)
     })
 }
@@ -310,6 +322,7 @@ fn write_index(
     serial: u64,
     expires: u64,
     members: &[&PoolMeta],
+    rollouts: &IndexRollouts,
 ) -> Result<()> {
     let index = Index {
         track: track.to_string(),
@@ -320,6 +333,8 @@ fn write_index(
             .into_values()
             .cloned()
             .collect(),
+        rollouts: rollouts.list.clone(),
+        rollout_key: rollouts.key.clone(),
     };
     let mut json = serde_json::to_vec_pretty(&index)?;
     json.push(b'\n');

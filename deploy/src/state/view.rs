@@ -519,6 +519,8 @@ mod tests {
                 pool("bar", "2.1-1", Some("2.0-1")),
                 pool("baz", "1.0-1", None),
             ],
+            rollouts: vec![],
+            rollout_key: None,
         };
         let mut policy = Policy {
             fleet: Some(&fleet),

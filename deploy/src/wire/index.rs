@@ -98,6 +98,14 @@ pub struct Index {
     pub expires: Option<u64>,
     /// The current version of each package (per name, format and arch).
     pub packages: Vec<PoolEntry>,
+    /// Packages whose current version is rolling out in waves: hosts outside the open waves
+    /// keep the previous version (see [`crate::wire::rollout::target`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rollouts: Vec<crate::wire::rollout::Rollout>,
+    /// The armored public rollout key: the only key whose signature agents accept over the
+    /// track's rollout progress (and over nothing else). Set when `rollouts` is not empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout_key: Option<String>,
 }
 
 impl Index {

@@ -129,6 +129,30 @@ pub struct UpdateReport {
     /// The serial of the fleet policy it used.
     #[serde(default)]
     pub fleet_serial: Option<u64>,
+    /// The track's rollouts in waves, as this host saw them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rollouts: Vec<RolloutReport>,
+}
+
+/// A rollout in waves, as one host saw it in its last pass.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutReport {
+    /// The rollout's id (`<track>/<name>/<to>`).
+    pub id: String,
+    /// The package.
+    pub name: String,
+    /// This host's wave (1-based); none: in no wave.
+    #[serde(default)]
+    pub wave: Option<u32>,
+    /// Waves open.
+    #[serde(default)]
+    pub open: u32,
+    /// The phase the host read (`rolling`, `halted`, ...).
+    #[serde(default)]
+    pub phase: String,
+    /// Why this host does not take the new version, when it does not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held: Option<String>,
 }
 
 /// Something that happened on the host.
