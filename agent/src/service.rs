@@ -487,8 +487,10 @@ impl Service {
             }
             ServiceCommand::Check(reply) => self.check_now(reply),
             ServiceCommand::Reload(m) => {
-                self.reload(*m);
-                if self.refused.is_some() && !self.down {
+                let new_version = self.reload(*m);
+                // An upgrade of a service that gave up starts the new bits (the talk's
+                // "restart on upgrade"); a refused one is tried again.
+                if (self.refused.is_some() || (new_version && self.given_up)) && !self.down {
                     self.kick().await;
                 }
             }
@@ -1095,9 +1097,10 @@ impl Service {
         self.unit_poll_at = Some(Instant::now() + SYSTEMD_POLL);
     }
 
-    fn reload(&mut self, m: Manifest) {
+    /// Take a changed manifest; true when its version changed.
+    fn reload(&mut self, m: Manifest) -> bool {
         if m == self.m {
-            return;
+            return false;
         }
         self.note(&format!(
             "manifest changed: {} {} -> {} (used from the next start)",
@@ -1122,6 +1125,7 @@ impl Service {
                 s.restarts = 0;
             }
         });
+        new_version
     }
 
     // ---- probes ----

@@ -328,7 +328,8 @@ impl Fleet {
             path_str(&dir.join("repo-keys"))?,
         ])?;
         let net = TestNet::new()?;
-        let server = Host::start_with(&net, "repo", &[(&repo, REMOTE_REPO)]).await?;
+        // Writable: the rollout gate signs each track's progress into the repository.
+        let server = Host::start_with_writable(&net, "repo", &[(&repo, REMOTE_REPO)]).await?;
         server
             .copy_in(&built_bin("keepup")?, "/usr/local/bin/keepup")
             .await?;

@@ -149,13 +149,23 @@ impl Host {
     /// Like [`Host::start`], with local directories bind-mounted read-only: `(local, remote)`.
     /// The host sees changes to them as they happen (e.g. a repository the test edits).
     pub async fn start_with(net: &TestNet, name: &str, mounts: &[(&Path, &str)]) -> Result<Host> {
-        Host::start_opts(net, name, mounts, false).await
+        Host::start_opts(net, name, mounts, false, AccessMode::ReadOnly).await
+    }
+
+    /// Like [`Host::start_with`], the directories mounted read-write (a server that writes
+    /// into the repository: the rollout gate signs progress there).
+    pub async fn start_with_writable(
+        net: &TestNet,
+        name: &str,
+        mounts: &[(&Path, &str)],
+    ) -> Result<Host> {
+        Host::start_opts(net, name, mounts, false, AccessMode::ReadWrite).await
     }
 
     /// Like [`Host::start`], in a private cgroup namespace with CAP_SYS_ADMIN, so a test can
     /// mount a writable cgroup2 tree (the container's own subtree) inside.
     pub async fn start_with_cgroups(net: &TestNet, name: &str) -> Result<Host> {
-        Host::start_opts(net, name, &[], true).await
+        Host::start_opts(net, name, &[], true, AccessMode::ReadOnly).await
     }
 
     async fn start_opts(
@@ -163,6 +173,7 @@ impl Host {
         name: &str,
         mounts: &[(&Path, &str)],
         cgroups: bool,
+        access: AccessMode,
     ) -> Result<Host> {
         let valid = !name.is_empty()
             && name.len() <= 63
@@ -182,8 +193,7 @@ impl Host {
                 .canonicalize()
                 .with_context(|| format!("mount source {}", local.display()))?;
             request = request.with_mount(
-                Mount::bind_mount(local.to_string_lossy(), *remote)
-                    .with_access_mode(AccessMode::ReadOnly),
+                Mount::bind_mount(local.to_string_lossy(), *remote).with_access_mode(access),
             );
         }
         request = request

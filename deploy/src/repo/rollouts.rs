@@ -133,6 +133,14 @@ pub fn apply(control: Control, progress: &mut Progress, waves: u32, now: u64) ->
         }
         _ => bail!("the rollout is {p}: nothing to {control:?}"),
     }
+    let what = match control {
+        Control::Advance if progress.phase == Phase::Done => {
+            "done: advanced by an operator".to_string()
+        }
+        Control::Advance => format!("wave {} opened by an operator", progress.open),
+        c => format!("{:?} by an operator: {}", c, progress.phase).to_lowercase(),
+    };
+    progress.log(now, what);
     Ok(())
 }
 

@@ -25,6 +25,7 @@
 //! credentials (what a browser asks for).
 
 pub mod db;
+pub mod gate;
 pub mod hosts;
 pub mod page;
 pub mod view;
@@ -273,6 +274,8 @@ pub struct Server {
     json_views: TtlCache<(u64, bool), Bytes>,
     page_views: TtlCache<u64, Arc<view::FleetView>>,
     test_hooks: bool,
+    /// The rollout gate's last look at each rollout: its hosts and decision.
+    gate_view: Mutex<BTreeMap<String, (Vec<gate::HostState>, gate::Decision)>>,
 }
 
 impl Server {
@@ -306,12 +309,13 @@ impl Server {
         }
         let hosts = Arc::new(RwLock::new(hosts));
         let (tx, rx) = mpsc::channel(QUEUE);
+        let (nudge, nudges) = std::sync::mpsc::sync_channel(1);
         let shared = hosts.clone();
         std::thread::Builder::new()
             .name("state-writer".into())
-            .spawn(move || writer(writer_db, rx, shared, marks))
+            .spawn(move || writer(writer_db, rx, nudge, shared, marks))
             .context("starting the state writer")?;
-        Ok(Arc::new(Server {
+        let server = Arc::new(Server {
             repo: repo.to_path_buf(),
             hosts,
             tokens: RwLock::new(tokens),
@@ -324,7 +328,14 @@ impl Server {
             json_views: TtlCache::new(),
             page_views: TtlCache::new(),
             test_hooks: std::env::var(TEST_HOOKS_ENV).is_ok_and(|v| v == "1"),
-        }))
+            gate_view: Mutex::default(),
+        });
+        let weak = Arc::downgrade(&server);
+        std::thread::Builder::new()
+            .name("rollout-gate".into())
+            .spawn(move || gate::run(weak, nudges, view::DEFAULT_STALE_AFTER))
+            .context("starting the rollout gate")?;
+        Ok(server)
     }
 
     /// Background work on the current runtime: pick up hosts added or removed by
@@ -775,6 +786,7 @@ impl Query {
 fn writer(
     mut db: Db,
     mut rx: mpsc::Receiver<Msg>,
+    nudge: std::sync::mpsc::SyncSender<()>,
     hosts: Arc<RwLock<HostMap>>,
     mut windows: HashMap<String, EventWindow>,
 ) {
@@ -862,6 +874,8 @@ fn writer(
             for (_, _, _, done) in batch.drain(..) {
                 let _ = done.send(ok);
             }
+            // The rollout gate looks at the new reports (a full channel: it will anyway).
+            let _ = nudge.try_send(());
         }
         if prune {
             if let Err(e) = db.prune(db::now(), EVENT_MAX_AGE) {

@@ -323,6 +323,21 @@ pub struct Progress {
     /// The failed hosts named by a halt.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub failed: Vec<String>,
+    /// Every transition, oldest first (the newest [`HISTORY_KEPT`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<Transition>,
+}
+
+/// Transitions a progress keeps.
+pub const HISTORY_KEPT: usize = 50;
+
+/// One transition of a rollout: a wave opened, paused, halted, rolled back, done.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transition {
+    /// Unix time.
+    pub at: u64,
+    /// What happened and why, for people (`wave 2 opened: 1 host healthy for 10s`).
+    pub what: String,
 }
 
 impl Progress {
@@ -335,7 +350,18 @@ impl Progress {
             opened_at: vec![at],
             note: String::new(),
             failed: Vec::new(),
+            history: Vec::new(),
         }
+    }
+
+    /// Record a transition.
+    pub fn log(&mut self, at: u64, what: impl Into<String>) {
+        self.history.push(Transition {
+            at,
+            what: what.into(),
+        });
+        let over = self.history.len().saturating_sub(HISTORY_KEPT);
+        self.history.drain(..over);
     }
 }
 

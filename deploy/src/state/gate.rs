@@ -1,0 +1,631 @@
+//! The rollout gate of `keepup serve --repo R --state DB`: from the hosts' latest reports,
+//! decide for each rollout whether its next wave opens, it halts (or rolls back), or it is
+//! done, and publish that in the track's progress document signed by the rollout key.
+//!
+//! [`judge`] and [`decide`] are pure; [`Gate::tick`] reads the repository and the reports and
+//! writes the progress. The gate thread runs a tick after reports arrive and every
+//! [`TICK`], so a halting report is acted on within about a second.
+//!
+//! The rules (docs/operations.md, "Rolling out safely"):
+//! * a host on the new version is **healthy** when its start result for that version is
+//!   `started`, the service is `running`, every probe passes and it has not restarted;
+//! * it is **failed** on `failed to start`, `given-up`, or a probe failing for longer than
+//!   [`PROBE_GRACE`];
+//! * the next wave opens when no reporting host of the open waves is anything but healthy,
+//!   at least half of the open waves' hosts (rounded up) are healthy, and that has held for the
+//!   soak (counted from the wave's opening, or from the last time a host was not healthy);
+//! * more failed hosts than `max_failed` halts.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use keepup_deploy::wire::rollout::{wave_of, OnFailure, Phase, Progress, Rollout};
+use keepup_deploy::wire::{Fleet, Index, Report};
+
+use super::view::HostEntry;
+
+/// How often the gate looks at every open rollout without being nudged.
+pub const TICK: Duration = Duration::from_secs(1);
+/// A probe failing for longer than this on the new version makes the host failed.
+pub const PROBE_GRACE: u64 = 60;
+
+/// What one host's latest report says about a rollout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    /// On the new version, started, running, probes passing, no restart.
+    Healthy,
+    /// The new version failed here (why).
+    Failed(String),
+    /// Not (yet) on the new version, or not settled (why).
+    Waiting(String),
+    /// No report, or none within the stale window.
+    NotReporting,
+}
+
+/// Judge `report` (received at `received_at`) for `rollout` at `now`. `failing_since` is when
+/// this host was first seen with a failing probe on the new version (the caller keeps it).
+pub fn judge(
+    rollout: &Rollout,
+    entry: Option<&HostEntry>,
+    now: u64,
+    stale_after: u64,
+    failing_since: Option<u64>,
+) -> Health {
+    let Some(e) = entry.filter(|e| now.saturating_sub(e.received_at) <= stale_after) else {
+        return Health::NotReporting;
+    };
+    let r: &Report = &e.report;
+    let name = &rollout.name;
+    let installed = r.installed.get(name);
+    let svc = r.services.iter().find(|s| &s.name == name);
+    if let Some(start) = svc.and_then(|s| s.start.as_ref()) {
+        if start.version == rollout.to && !start.started {
+            return Health::Failed(format!("failed to start: {}", start.detail));
+        }
+    }
+    if installed != Some(&rollout.to) {
+        return Health::Waiting(match installed {
+            Some(v) => format!("still on {v}"),
+            None => "not installed yet".into(),
+        });
+    }
+    let Some(svc) = svc else {
+        return Health::Waiting("installed, not supervised yet".into());
+    };
+    if svc.state == "given-up" {
+        return Health::Failed("given up: it kept exiting".into());
+    }
+    if svc.probes.iter().any(|p| p.ok == Some(false)) {
+        if failing_since.is_some_and(|t| now.saturating_sub(t) >= PROBE_GRACE) {
+            return Health::Failed(format!("probes failing for over {PROBE_GRACE}s"));
+        }
+        return Health::Waiting("a probe fails".into());
+    }
+    match &svc.start {
+        Some(s) if s.version == rollout.to && s.started => {}
+        _ => return Health::Waiting("start not judged yet".into()),
+    }
+    if svc.state != "running" {
+        return Health::Waiting(format!("service {}", svc.state));
+    }
+    if svc.restarts > 0 {
+        return Health::Waiting(format!("restarted {} time(s)", svc.restarts));
+    }
+    if svc.probes.iter().any(|p| p.ok.is_none()) {
+        return Health::Waiting("probes not run yet".into());
+    }
+    Health::Healthy
+}
+
+/// One host of a rollout's track: its wave and health.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostState {
+    /// Host name.
+    pub host: String,
+    /// Its wave (None: in no wave).
+    pub wave: Option<u32>,
+    /// What its report says.
+    pub health: Health,
+}
+
+/// What the gate decides for one rollout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Nothing changes (why, for status).
+    Wait(String),
+    /// Open the next wave.
+    Open(String),
+    /// Every wave passed.
+    Done(String),
+    /// Too many failed hosts: halt (or roll back), naming them.
+    Halt {
+        /// The failed hosts.
+        failed: Vec<String>,
+        /// Why.
+        why: String,
+    },
+}
+
+/// Decide a rollout at `progress` from its hosts, at `now`; `clean_since` is the last time a
+/// reporting host of the open waves was not healthy (or when the newest wave opened, if
+/// later).
+pub fn decide(
+    rollout: &Rollout,
+    progress: &Progress,
+    hosts: &[HostState],
+    clean_since: u64,
+    now: u64,
+) -> Decision {
+    if progress.phase != Phase::Rolling {
+        return Decision::Wait(format!("{}", progress.phase));
+    }
+    let open: Vec<&HostState> = hosts
+        .iter()
+        .filter(|h| h.wave.is_some_and(|w| w <= progress.open))
+        .collect();
+    let failed: Vec<&HostState> = open
+        .iter()
+        .copied()
+        .filter(|h| matches!(h.health, Health::Failed(_)))
+        .collect();
+    if rollout.rules.max_failed.exceeded(failed.len(), open.len()) {
+        let why = failed
+            .iter()
+            .map(|h| match &h.health {
+                Health::Failed(w) => format!("{}: {w}", h.host),
+                _ => h.host.clone(),
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        return Decision::Halt {
+            failed: failed.iter().map(|h| h.host.clone()).collect(),
+            why: format!(
+                "{} failed host(s), more than {}: {why}",
+                failed.len(),
+                rollout.rules.max_failed
+            ),
+        };
+    }
+    let healthy = open.iter().filter(|h| h.health == Health::Healthy).count();
+    if let Some(h) = open
+        .iter()
+        .find(|h| !matches!(h.health, Health::Healthy | Health::NotReporting))
+    {
+        return Decision::Wait(format!("{} is not healthy yet: {:?}", h.host, h.health));
+    }
+    let needed = open.len().div_ceil(2);
+    if healthy < needed {
+        return Decision::Wait(format!(
+            "{healthy} of {} hosts of the open waves healthy, {needed} needed",
+            open.len()
+        ));
+    }
+    let soaked = now.saturating_sub(clean_since);
+    if soaked < rollout.rules.soak {
+        return Decision::Wait(format!("soaking: {}s left", rollout.rules.soak - soaked));
+    }
+    let what = format!(
+        "{healthy} of {} host(s) healthy for {}s",
+        open.len(),
+        rollout.rules.soak
+    );
+    if progress.open as usize >= rollout.rules.waves.len() {
+        Decision::Done(what)
+    } else {
+        Decision::Open(what)
+    }
+}
+
+/// Apply a decision to `progress` at `now` (rolled back when it halts a rollout with a
+/// standby rollback and `--on-failure rollback`); false when nothing changes.
+pub fn apply(rollout: &Rollout, progress: &mut Progress, d: &Decision, now: u64) -> bool {
+    match d {
+        Decision::Wait(_) => return false,
+        Decision::Open(why) => {
+            progress.open += 1;
+            progress.opened_at.push(now);
+            progress.log(now, format!("wave {} opened: {why}", progress.open));
+        }
+        Decision::Done(why) => {
+            progress.phase = Phase::Done;
+            progress.log(now, format!("done: {why}"));
+        }
+        Decision::Halt { failed, why } => {
+            let rollback =
+                rollout.rules.on_failure == OnFailure::Rollback && !rollout.rollback.is_empty();
+            progress.phase = if rollback {
+                Phase::RolledBack
+            } else {
+                Phase::Halted
+            };
+            progress.failed = failed.clone();
+            progress.note = why.clone();
+            progress.log(now, format!("{}: {why}", progress.phase));
+        }
+    }
+    true
+}
+
+/// The hosts of `rollout`'s track among `snapshot`, by the policy: assigned to the track, to
+/// the package (or to every service), and not quarantined from it.
+pub fn track_hosts<'a>(
+    fleet: &Fleet,
+    track: &str,
+    name: &str,
+    snapshot: &'a [(String, Option<Arc<HostEntry>>)],
+) -> Vec<&'a (String, Option<Arc<HostEntry>>)> {
+    snapshot
+        .iter()
+        .filter(|(host, _)| {
+            let (a, q) = fleet.for_host(host);
+            a.is_some_and(|a| {
+                a.track == track && (a.services.is_empty() || a.services.iter().any(|s| s == name))
+            }) && !q.contains(&name)
+        })
+        .collect()
+}
+
+/// What the gate remembers between ticks (not persisted: after a restart, soaks count again
+/// from the restart, and failing probes from the first report after it).
+#[derive(Default)]
+pub struct Gate {
+    /// Per rollout id: the last time a reporting host of the open waves was not healthy.
+    clean_since: HashMap<String, u64>,
+    /// Per (rollout id, host): when a probe was first seen failing on the new version.
+    failing_since: HashMap<(String, String), u64>,
+    /// Per (rollout id): each host's wave, computed once.
+    waves: HashMap<String, HashMap<String, Option<u32>>>,
+    /// Per rollout id: the last decision, for `keepup rollout status` through the server.
+    pub last: BTreeMap<String, (Vec<HostState>, Decision)>,
+    /// How long the repository's signed metadata stays valid (read once).
+    valid_for: Option<u64>,
+    /// Per track: the error the last tick logged.
+    failing: HashMap<String, String>,
+}
+
+impl Gate {
+    /// Evaluate every rollout of `indexes` and publish what changes in the repository at
+    /// `root`. Errors are logged, not returned: the gate tries again next tick.
+    pub fn tick(
+        &mut self,
+        root: &Path,
+        fleet: &Fleet,
+        indexes: &[(String, Arc<Index>)],
+        snapshot: &[(String, Option<Arc<HostEntry>>)],
+        now: u64,
+        stale_after: u64,
+    ) {
+        let mut live = Vec::new();
+        for (track, index) in indexes {
+            if index.rollouts.is_empty() {
+                continue;
+            }
+            match self.track_tick(root, fleet, track, index, snapshot, now, stale_after) {
+                Ok(()) => {
+                    self.failing.remove(track);
+                }
+                // Said once per cause, not every tick.
+                Err(e) => {
+                    let e = format!("{e:#}");
+                    if self.failing.get(track) != Some(&e) {
+                        eprintln!(
+                            "keepup serve: rollout gate, track {track}: {e}; rollouts there stay \
+                             where they are until this is fixed (the server needs write access \
+                             to tracks/{track}/ and .keepup/, and .keepup/rollout-key.asc)"
+                        );
+                        self.failing.insert(track.clone(), e);
+                    }
+                }
+            }
+            live.extend(index.rollouts.iter().map(|r| r.id.clone()));
+        }
+        self.clean_since.retain(|id, _| live.contains(id));
+        self.waves.retain(|id, _| live.contains(id));
+        self.failing_since.retain(|(id, _), _| live.contains(id));
+        self.last.retain(|id, _| live.contains(id));
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn track_tick(
+        &mut self,
+        root: &Path,
+        fleet: &Fleet,
+        track: &str,
+        index: &Index,
+        snapshot: &[(String, Option<Arc<HostEntry>>)],
+        now: u64,
+        stale_after: u64,
+    ) -> anyhow::Result<()> {
+        let doc = crate::repo::rollouts::read_progress(root, track)?;
+        let mut changes: Vec<(String, Progress)> = Vec::new();
+        for rollout in &index.rollouts {
+            let progress = doc
+                .rollouts
+                .get(&rollout.id)
+                .cloned()
+                .unwrap_or_else(|| Progress::start(rollout.started));
+            let waves = self.waves.entry(rollout.id.clone()).or_default();
+            let mut hosts = Vec::new();
+            for (host, entry) in track_hosts(fleet, track, &rollout.name, snapshot) {
+                let wave = *waves
+                    .entry(host.clone())
+                    .or_insert_with(|| wave_of(&rollout.rules.waves, &rollout.name, host));
+                let key = (rollout.id.clone(), host.clone());
+                let failing = entry.as_ref().is_some_and(|e| {
+                    e.report.installed.get(&rollout.name) == Some(&rollout.to)
+                        && e.report.services.iter().any(|s| {
+                            s.name == rollout.name && s.probes.iter().any(|p| p.ok == Some(false))
+                        })
+                });
+                if failing {
+                    self.failing_since.entry(key.clone()).or_insert(now);
+                } else {
+                    self.failing_since.remove(&key);
+                }
+                let health = judge(
+                    rollout,
+                    entry.as_deref(),
+                    now,
+                    stale_after,
+                    self.failing_since.get(&key).copied(),
+                );
+                hosts.push(HostState {
+                    host: host.clone(),
+                    wave,
+                    health,
+                });
+            }
+            let newest_open = progress
+                .opened_at
+                .last()
+                .copied()
+                .unwrap_or(rollout.started);
+            let clean = self.clean_since.entry(rollout.id.clone()).or_insert(now);
+            *clean = (*clean).max(newest_open);
+            let unsettled = hosts.iter().any(|h| {
+                h.wave.is_some_and(|w| w <= progress.open)
+                    && !matches!(h.health, Health::Healthy | Health::NotReporting)
+            });
+            if unsettled {
+                *clean = now;
+            }
+            let decision = decide(rollout, &progress, &hosts, *clean, now);
+            let mut next = progress.clone();
+            if apply(rollout, &mut next, &decision, now) {
+                if matches!(decision, Decision::Open(_)) {
+                    self.clean_since.insert(rollout.id.clone(), now);
+                }
+                changes.push((rollout.id.clone(), next));
+            }
+            self.last.insert(rollout.id.clone(), (hosts, decision));
+        }
+        let valid_for = match self.valid_for {
+            Some(v) => v,
+            None => *self
+                .valid_for
+                .insert(crate::repo::Repo::read_only(root)?.valid_for()),
+        };
+        let stale = doc.serial == 0 || doc.expires.saturating_sub(now) < valid_for / 2;
+        if changes.is_empty() && !stale {
+            return Ok(());
+        }
+        let mut said = Vec::new();
+        crate::repo::rollouts::update_progress(root, track, valid_for, |d| {
+            for (id, p) in changes {
+                // An operator's command may have come in meanwhile: it wins.
+                if d.rollouts
+                    .get(&id)
+                    .is_none_or(|cur| cur.phase == Phase::Rolling)
+                {
+                    said.push(format!(
+                        "keepup serve: rollout {id}: {}",
+                        p.history.last().map_or("", |t| t.what.as_str())
+                    ));
+                    d.rollouts.insert(id, p);
+                }
+            }
+            Ok(())
+        })?;
+        for line in said {
+            eprintln!("{line}");
+        }
+        Ok(())
+    }
+}
+
+/// The gate thread: a tick after each nudge (reports stored) and every [`TICK`].
+pub fn run(
+    server: std::sync::Weak<super::Server>,
+    nudges: std::sync::mpsc::Receiver<()>,
+    stale_after: u64,
+) {
+    let mut gate = Gate::default();
+    loop {
+        match nudges.recv_timeout(TICK) {
+            Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+        }
+        while nudges.try_recv().is_ok() {}
+        let Some(s) = server.upgrade() else { return };
+        let (fleet, indexes) = s.policy_files();
+        let Some(fleet) = fleet else { continue };
+        if indexes.iter().all(|(_, i)| i.rollouts.is_empty()) {
+            continue;
+        }
+        let snapshot = s.snapshot();
+        let root: PathBuf = s.repo.clone();
+        gate.tick(
+            &root,
+            &fleet,
+            &indexes,
+            &snapshot,
+            super::db::now(),
+            stale_after,
+        );
+        *s.gate_view.lock().unwrap() = gate.last.clone();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keepup_deploy::wire::rollout::{parse_waves, MaxFailed, Rules};
+    use keepup_deploy::wire::{ProbeReport, ServiceReport, StartReport};
+
+    fn rollout(waves: &str, max_failed: MaxFailed) -> Rollout {
+        Rollout {
+            id: "stable/foo/2.0-1".into(),
+            name: "foo".into(),
+            to: "2.0-1".into(),
+            from: vec![],
+            rollback: vec![],
+            rules: Rules {
+                waves: parse_waves(waves).unwrap(),
+                soak: 10,
+                max_failed,
+                on_failure: OnFailure::Halt,
+            },
+            started: 100,
+        }
+    }
+
+    fn report(version: &str, state: &str, started: bool, probe: Option<bool>) -> HostEntry {
+        let mut r = Report {
+            host: "h".into(),
+            ..Report::default()
+        };
+        r.installed.insert("foo".into(), version.into());
+        r.services.push(ServiceReport {
+            name: "foo".into(),
+            version: version.into(),
+            state: state.into(),
+            restarts: 0,
+            probes: vec![ProbeReport {
+                name: "port".into(),
+                ok: probe,
+                ..ProbeReport::default()
+            }],
+            start: Some(StartReport {
+                version: version.into(),
+                started,
+                ..StartReport::default()
+            }),
+        });
+        HostEntry {
+            report: r,
+            received_at: 1000,
+        }
+    }
+
+    #[test]
+    fn health_from_reports() {
+        let r = rollout("canary-1,100%", MaxFailed::Count(0));
+        let j = |e: &HostEntry, failing| judge(&r, Some(e), 1000, 600, failing);
+        assert_eq!(
+            j(&report("2.0-1", "running", true, Some(true)), None),
+            Health::Healthy
+        );
+        assert!(matches!(
+            j(&report("2.0-1", "backoff", false, Some(false)), None),
+            Health::Failed(_)
+        ));
+        assert!(matches!(
+            j(&report("2.0-1", "given-up", true, None), None),
+            Health::Failed(_)
+        ));
+        assert!(matches!(
+            j(&report("1.0-1", "running", true, Some(true)), None),
+            Health::Waiting(_)
+        ));
+        assert!(matches!(
+            j(&report("2.0-1", "running", true, Some(false)), Some(990)),
+            Health::Waiting(_)
+        ));
+        assert!(matches!(
+            j(&report("2.0-1", "running", true, Some(false)), Some(900)),
+            Health::Failed(_)
+        ));
+        assert_eq!(judge(&r, None, 1000, 600, None), Health::NotReporting);
+        let old = report("2.0-1", "running", true, Some(true));
+        assert_eq!(judge(&r, Some(&old), 5000, 600, None), Health::NotReporting);
+    }
+
+    fn hs(host: &str, wave: u32, health: Health) -> HostState {
+        HostState {
+            host: host.into(),
+            wave: Some(wave),
+            health,
+        }
+    }
+
+    #[test]
+    fn waves_open_after_the_soak_and_halt_on_failure() {
+        let r = rollout("canary-1,50%,100%", MaxFailed::Count(0));
+        let p = Progress::start(100);
+        let hosts = vec![
+            hs("canary-1", 1, Health::Healthy),
+            hs("web-1", 2, Health::Waiting("still on 1.0-1".into())),
+        ];
+        assert!(matches!(
+            decide(&r, &p, &hosts, 100, 105),
+            Decision::Wait(_)
+        ));
+        assert!(matches!(
+            decide(&r, &p, &hosts, 100, 110),
+            Decision::Open(_)
+        ));
+        // A canary not healthy keeps the wave closed; one that failed halts.
+        let waiting = vec![hs("canary-1", 1, Health::Waiting("starting".into()))];
+        assert!(matches!(
+            decide(&r, &p, &waiting, 100, 200),
+            Decision::Wait(_)
+        ));
+        let failed = vec![hs("canary-1", 1, Health::Failed("failed to start".into()))];
+        match decide(&r, &p, &failed, 100, 101) {
+            Decision::Halt { failed, .. } => assert_eq!(failed, ["canary-1"]),
+            d => panic!("{d:?}"),
+        }
+        // A silent canary is not evidence: the wave stays closed.
+        let silent = vec![hs("canary-1", 1, Health::NotReporting)];
+        assert!(matches!(
+            decide(&r, &p, &silent, 100, 200),
+            Decision::Wait(_)
+        ));
+        // Paused: nothing opens; the last wave passing is done.
+        let mut paused = p.clone();
+        paused.phase = Phase::Paused;
+        assert!(matches!(
+            decide(&r, &paused, &hosts, 100, 200),
+            Decision::Wait(_)
+        ));
+        let mut last = p.clone();
+        last.open = 3;
+        assert!(matches!(
+            decide(&r, &last, &hosts[..1], 100, 200),
+            Decision::Done(_)
+        ));
+        // A share of failures is tolerated up to --max-failed.
+        let r = rollout("100%", MaxFailed::Percent(50));
+        let two = vec![
+            hs("a", 1, Health::Failed("x".into())),
+            hs("b", 1, Health::Healthy),
+        ];
+        assert!(!matches!(
+            decide(&r, &p, &two, 100, 200),
+            Decision::Halt { .. }
+        ));
+    }
+
+    #[test]
+    fn a_halt_rolls_back_only_with_a_standby() {
+        let mut r = rollout("100%", MaxFailed::Count(0));
+        r.rules.on_failure = OnFailure::Rollback;
+        let halt = Decision::Halt {
+            failed: vec!["a".into()],
+            why: "x".into(),
+        };
+        let mut p = Progress::start(0);
+        apply(&r, &mut p, &halt, 5);
+        assert_eq!(p.phase, Phase::Halted, "no standby package: halt only");
+        r.rollback = r.from.clone();
+        r.rollback.push(keepup_deploy::wire::PoolEntry {
+            name: "foo".into(),
+            version: "2.0+rb1-1".into(),
+            arch: "all".into(),
+            format: keepup_deploy::wire::Format::Deb,
+            path: "pool/x".into(),
+            size: 1,
+            sha256: "00".into(),
+            rollback_of: Some("1.0-1".into()),
+        });
+        let mut p = Progress::start(0);
+        apply(&r, &mut p, &halt, 5);
+        assert_eq!(
+            (p.phase, p.failed.clone()),
+            (Phase::RolledBack, vec!["a".to_string()])
+        );
+        assert_eq!(p.history.len(), 1);
+    }
+}

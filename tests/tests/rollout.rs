@@ -1,0 +1,233 @@
+//! Health-gated rollouts on a fleet of Debian host containers: `keepup promote --waves`
+//! publishes a rollout, real agents install the new version only in open waves, and the gate in
+//! `keepup serve` opens the next wave after the soak, or halts and rolls back when a host fails.
+//! Checked on the hosts themselves (dpkg's log says when each installed what) against the
+//! progress the gate signed (`keepup rollout status --json`).
+
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use keepup_deploy::wire::rollout::{parse_waves, wave_of};
+use keepup_tests::fleet::{wait_for, AgentHost, Fleet, HostSpec, Timers};
+use keepup_tests::host::docker_or_skip;
+use serde_json::Value;
+
+/// Short passes, so waves follow each other within seconds.
+fn timers() -> Timers {
+    Timers {
+        schedule: "*/5 * * * * *".into(),
+        stagger: Duration::from_secs(3),
+        package_timeout: Duration::from_secs(60),
+        report_every: Duration::from_secs(2),
+    }
+}
+
+/// Fast probes, so a start is judged (and a bad one fails) within seconds.
+fn quick(spec: String) -> String {
+    spec.replace("grace: 2s", "grace: 1s")
+        .replace("every: 10s", "every: 2s")
+}
+
+/// Unix time dpkg first logged `foo` `version` installed on `h`, if it did.
+async fn installed_at(h: &AgentHost, version: &str) -> Result<Option<u64>> {
+    let out = h
+        .host
+        .ok(&format!(
+            "line=$(grep -m1 ' status installed foo:[a-z0-9]* {version}$' /var/log/dpkg.log) \
+             && date -u -d \"$(echo \"$line\" | cut -c1-19)\" +%s || true"
+        ))
+        .await?;
+    Ok(out.trim().parse().ok())
+}
+
+/// The rollout of foo into stable, as `keepup rollout status --json` shows it.
+fn status(fleet: &Fleet) -> Result<Value> {
+    let out = fleet.op(&["rollout", "status", "--track", "stable", "--json"])?;
+    let rows: Value = serde_json::from_str(&out).context("rollout status --json")?;
+    rows.as_array()
+        .and_then(|a| a.iter().find(|r| r["rollout"]["name"] == "foo"))
+        .cloned()
+        .with_context(|| format!("no rollout of foo in {out}"))
+}
+
+/// Every host on foo `version`, running.
+async fn converge(fleet: &Fleet, hosts: &[&str], version: &str, within: Duration) -> Result<()> {
+    for name in hosts {
+        let h = fleet.host(name);
+        let res = wait_for(&format!("{name} to run foo {version}"), within, || async {
+            Ok(h.installed("foo").await?.as_deref() == Some(version)
+                && h.host
+                    .exec("keepup-agent status | grep -q '^foo .*running'")
+                    .await?
+                    .code
+                    == 0)
+        })
+        .await;
+        fleet.explain(res).await?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_good_version_rolls_through_its_waves_in_order() -> Result<()> {
+    if !docker_or_skip() {
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    let names = ["canary-1", "web-1", "web-2", "web-3"];
+    let specs: Vec<HostSpec> = names.iter().map(|n| HostSpec::deb(n)).collect();
+    let fleet = Fleet::start(tmp.path(), &specs, &timers()).await?;
+    fleet.op(&["assign", "*", "--track", "stable"])?;
+    fleet.publish_example(tmp.path(), "1.0.0", quick)?;
+    fleet.op(&["promote", "foo", "--to", "testing"])?;
+    fleet.op(&["promote", "foo", "--to", "stable"])?;
+    converge(&fleet, &names, "1.0.0-1", Duration::from_secs(90)).await?;
+
+    fleet.publish_example(tmp.path(), "2.0.0", quick)?;
+    fleet.op(&["promote", "foo", "--to", "testing"])?;
+    let spec = "canary-1,50%,100%";
+    let out = fleet.op(&[
+        "promote", "foo", "--to", "stable", "--waves", spec, "--soak", "4s",
+    ])?;
+    ensure!(out.contains("rolling out in waves"), "{out}");
+    let waves = parse_waves(spec).map_err(anyhow::Error::msg)?;
+
+    // While wave 1 soaks, nobody else may have it: a host outside the open waves is held.
+    let web = fleet.host("web-1");
+    let held = wait_for(
+        "web-1's plan to say it is held",
+        Duration::from_secs(30),
+        || async {
+            Ok(web
+                .host
+                .exec("keepup-agent update --now 2>&1 | grep -q 'held: wave [23] not open'")
+                .await?
+                .code
+                == 0
+                || status(&fleet)?["progress"]["open"].as_u64() != Some(1))
+        },
+    )
+    .await;
+    fleet.explain(held).await?;
+
+    converge(&fleet, &names, "2.0.0-1", Duration::from_secs(180)).await?;
+    let s = wait_for(
+        "the rollout to be done",
+        Duration::from_secs(60),
+        || async { Ok(status(&fleet)?["progress"]["phase"] == "done") },
+    )
+    .await;
+    fleet.explain(s).await?;
+    let s = status(&fleet)?;
+    let opened: Vec<u64> = s["progress"]["opened_at"]
+        .as_array()
+        .context("opened_at")?
+        .iter()
+        .filter_map(Value::as_u64)
+        .collect();
+    ensure!(opened.len() == 3, "three waves opened: {s}");
+    // Each host installed the new version only after its wave opened.
+    for name in names {
+        let w = wave_of(&waves, "foo", name).context("every host is in a wave")?;
+        let at = installed_at(fleet.host(name), "2.0.0-1")
+            .await?
+            .with_context(|| format!("dpkg on {name} never installed 2.0.0-1"))?;
+        ensure!(
+            at >= opened[w as usize - 1],
+            "{name} (wave {w}) installed 2.0.0-1 at {at}, before its wave opened at {}: {s}",
+            opened[w as usize - 1]
+        );
+    }
+    // The gate waited for the soak between waves.
+    for pair in opened.windows(2) {
+        ensure!(pair[1] >= pair[0] + 4, "waves opened {opened:?}, soak 4s");
+    }
+    let history = s["progress"]["history"].to_string();
+    ensure!(
+        history.contains("wave 2 opened") && history.contains("done"),
+        "{history}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bad_version_halts_at_the_canary_and_rolls_back() -> Result<()> {
+    if !docker_or_skip() {
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    let names = ["canary-1", "web-1", "web-2"];
+    let specs: Vec<HostSpec> = names.iter().map(|n| HostSpec::deb(n)).collect();
+    let fleet = Fleet::start(tmp.path(), &specs, &timers()).await?;
+    fleet.op(&["assign", "*", "--track", "stable"])?;
+    fleet.publish_example(tmp.path(), "1.0.0", quick)?;
+    fleet.op(&["promote", "foo", "--to", "testing"])?;
+    fleet.op(&["promote", "foo", "--to", "stable"])?;
+    converge(&fleet, &names, "1.0.0-1", Duration::from_secs(90)).await?;
+
+    // 2.0.0 fails its health probe.
+    fleet.publish_example(tmp.path(), "2.0.0", |s| {
+        quick(s).replace(
+            "exec: [/usr/bin/food, --config, /etc/foo/foo.conf]",
+            "exec: [/usr/bin/food, --config, /etc/foo/foo.conf, --fail-health]",
+        )
+    })?;
+    fleet.op(&["promote", "foo", "--to", "testing"])?;
+    fleet.op(&[
+        "promote",
+        "foo",
+        "--to",
+        "stable",
+        "--waves",
+        "canary-1,100%",
+        "--soak",
+        "3s",
+        "--on-failure",
+        "rollback",
+    ])?;
+    let halted = wait_for(
+        "the gate to roll the rollout back",
+        Duration::from_secs(120),
+        || async { Ok(status(&fleet)?["progress"]["phase"] == "rolled-back") },
+    )
+    .await;
+    fleet.explain(halted).await?;
+    let s = status(&fleet)?;
+    ensure!(
+        s["progress"]["failed"] == serde_json::json!(["canary-1"]),
+        "{s}"
+    );
+    ensure!(
+        s["progress"]["note"]
+            .as_str()
+            .is_some_and(|n| n.contains("canary-1") && n.contains("failed to start")),
+        "{s}"
+    );
+    // The canary upgrades to the standby rollback (the old payload, a newer version).
+    let rb = s["rollout"]["rollback"][0]["version"]
+        .as_str()
+        .context("a standby rollback")?
+        .to_string();
+    ensure!(rb.starts_with("2.0.0+rb1"), "{rb}");
+    converge(&fleet, &["canary-1"], &rb, Duration::from_secs(90)).await?;
+    let canary = fleet.host("canary-1");
+    let banner = canary.host.ok("ps -u foo -o args=").await?;
+    ensure!(
+        !banner.contains("--fail-health"),
+        "the canary runs the old payload: {banner}"
+    );
+    // The others never ran the bad version, and keep 1.0.0 (no rollback needed there).
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    for name in ["web-1", "web-2"] {
+        let h = fleet.host(name);
+        ensure!(
+            installed_at(h, "2.0.0-1").await?.is_none(),
+            "{name} installed the bad version"
+        );
+        ensure!(
+            h.installed("foo").await?.as_deref() == Some("1.0.0-1"),
+            "{name} keeps 1.0.0-1"
+        );
+    }
+    Ok(())
+}
