@@ -231,3 +231,114 @@ async fn a_bad_version_halts_at_the_canary_and_rolls_back() -> Result<()> {
     }
     Ok(())
 }
+
+/// Where the fleet's repository is on the server host.
+const REPO: &str = "/srv/repo";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pause_resume_and_a_restart_hold_and_the_rollout_key_signs_nothing_else() -> Result<()> {
+    if !docker_or_skip() {
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    let names = ["canary-1", "web-1"];
+    let specs: Vec<HostSpec> = names.iter().map(|n| HostSpec::deb(n)).collect();
+    let fleet = Fleet::start(tmp.path(), &specs, &timers()).await?;
+    fleet.op(&["assign", "*", "--track", "stable"])?;
+    fleet.publish_example(tmp.path(), "1.0.0", quick)?;
+    fleet.op(&["promote", "foo", "--to", "testing"])?;
+    fleet.op(&["promote", "foo", "--to", "stable"])?;
+    converge(&fleet, &names, "1.0.0-1", Duration::from_secs(90)).await?;
+
+    // Track defaults: a promotion without flags rolls out in waves.
+    fleet.op(&[
+        "rollout",
+        "defaults",
+        "--track",
+        "stable",
+        "--waves",
+        "canary-1,100%",
+        "--soak",
+        "3s",
+    ])?;
+    fleet.publish_example(tmp.path(), "2.0.0", quick)?;
+    fleet.op(&["promote", "foo", "--to", "testing"])?;
+    let out = fleet.op(&["promote", "foo", "--to", "stable"])?;
+    ensure!(out.contains("canary-1,100%"), "{out}");
+    fleet.op(&["rollout", "pause", "foo", "--track", "stable"])?;
+
+    // Paused: the open wave takes the version, the next stays closed past the soak, and a
+    // server restart changes nothing.
+    converge(&fleet, &["canary-1"], "2.0.0-1", Duration::from_secs(90)).await?;
+    fleet.server.ok("pkill -x keepup || true").await?;
+    fleet
+        .server
+        .ok(
+            "setsid keepup serve --repo /srv/repo --state /var/lib/keepup/fleet.db \
+             --listen 0.0.0.0:8080 >>/var/log/keepup-serve.out 2>&1 </dev/null &",
+        )
+        .await?;
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let s = status(&fleet)?;
+    ensure!(
+        s["progress"]["phase"] == "paused" && s["progress"]["open"] == 1,
+        "{s}"
+    );
+    let web = fleet.host("web-1");
+    ensure!(
+        web.installed("foo").await?.as_deref() == Some("1.0.0-1"),
+        "web-1 took 2.0.0-1 while its wave was closed"
+    );
+
+    // Resumed: the restarted server's gate opens the last wave after the soak.
+    fleet.op(&["rollout", "resume", "foo", "--track", "stable"])?;
+    converge(&fleet, &["web-1"], "2.0.0-1", Duration::from_secs(120)).await?;
+    let done = wait_for(
+        "the rollout to be done",
+        Duration::from_secs(60),
+        || async { Ok(status(&fleet)?["progress"]["phase"] == "done") },
+    )
+    .await;
+    fleet.explain(done).await?;
+
+    // Whoever steals the rollout key (it is on the server) signs a policy binding an index
+    // that changes foo's sha256 and adds a package: agents refuse it, as they refuse any
+    // signature but the repository key's over policy and indexes.
+    let policy = format!("{REPO}/fleet.yaml.asc");
+    fleet
+        .server
+        .ok(&format!(
+            "set -e; cp {policy} /root/policy.good; idx=$(mktemp); \
+             sed -e 's/\"sha256\": \"[0-9a-f]*\"/\"sha256\": \"{zero}\"/' \
+                 {REPO}/tracks/stable/index.json >$idx; \
+             sum=$(sha256sum $idx | cut -d' ' -f1); \
+             cp $idx {REPO}/tracks/stable/by-hash/SHA256/$sum; \
+             serial=$(sed -n 's/^serial: //p' {REPO}/fleet.yaml); \
+             iserial=$(sed -n 's/^  \"serial\": \\([0-9]*\\),/\\1/p' $idx | head -1); \
+             {{ sed \"s/^serial: .*/serial: $((serial + 100))/\" {REPO}/fleet.yaml; \
+                printf 'tracks:\\n  \"stable\": {{serial: %s, sha256: \"%s\"}}\\n' $iserial $sum; \
+             }} >/root/policy.yaml; \
+             export GNUPGHOME=$(mktemp -d); \
+             gpg --batch --quiet --import {REPO}/.keepup/rollout-key.asc; \
+             gpg --batch --yes --clearsign -o {policy} /root/policy.yaml; \
+             gpg --batch --verify {policy} 2>/dev/null",
+            zero = "0".repeat(64)
+        ))
+        .await?;
+    let (code, v) = {
+        let r = web.host.exec("keepup-agent update --now --json").await?;
+        let v: Value = serde_json::from_str(&r.stdout).unwrap_or(Value::Null);
+        (r.code, v)
+    };
+    let err = v["error"].as_str().unwrap_or_default();
+    ensure!(
+        code == 1 && err.contains("refused fleet.yaml.asc: bad signature"),
+        "{v:#}"
+    );
+    ensure!(web.installed("foo").await?.as_deref() == Some("2.0.0-1"));
+    fleet
+        .server
+        .ok(&format!("cp /root/policy.good {policy}"))
+        .await?;
+    Ok(())
+}
