@@ -17,6 +17,8 @@ pub mod serials;
 pub mod stagger;
 pub mod start;
 pub mod statefile;
+#[cfg(test)]
+pub mod testgpg;
 pub mod waves;
 
 use std::sync::Arc;

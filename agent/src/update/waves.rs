@@ -161,6 +161,49 @@ mod tests {
         }
     }
 
+    #[test]
+    fn progress_must_be_signed_by_the_indexed_rollout_key_fresh_and_new() {
+        use super::super::testgpg::{gpg_clearsign, gpg_key};
+        let home = tempfile::tempdir().unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(home.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let rollout_key = gpg_key(home.path(), "rollout@example.org").expect("gpg key");
+        gpg_key(home.path(), "mallory@example.org").expect("gpg key");
+        let mut i = index();
+        i.rollout_key = Some(rollout_key);
+        let doc = |track: &str, serial: u64, expires: u64| {
+            serde_json::to_string(&RolloutState {
+                track: track.into(),
+                serial,
+                expires,
+                rollouts: BTreeMap::new(),
+            })
+            .unwrap()
+        };
+        let sign = |uid: &str, text: String| {
+            String::from_utf8(gpg_clearsign(home.path(), uid, text.as_bytes())).unwrap()
+        };
+        let good = sign("rollout@example.org", doc("stable", 7, 2000));
+        assert_eq!(check_progress(&good, &i, "stable", 7, 1000).unwrap().serial, 7);
+        // A replay: older than the serial seen.
+        let e = check_progress(&good, &i, "stable", 8, 1000).unwrap_err();
+        assert!(e.contains("lower than 8 already seen"), "{e}");
+        // Expired.
+        let e = check_progress(&good, &i, "stable", 0, 3000).unwrap_err();
+        assert!(e.contains("expired"), "{e}");
+        // Another track's progress.
+        let other = sign("rollout@example.org", doc("testing", 9, 2000));
+        let e = check_progress(&other, &i, "stable", 0, 1000).unwrap_err();
+        assert!(e.contains("track \"testing\""), "{e}");
+        // Signed by a key the index does not name.
+        let forged = sign("mallory@example.org", doc("stable", 99, 2000));
+        let e = check_progress(&forged, &i, "stable", 0, 1000).unwrap_err();
+        assert!(e.contains("only the rollout key"), "{e}");
+        // An index naming no rollout key accepts none.
+        i.rollout_key = None;
+        assert!(check_progress(&good, &i, "stable", 0, 1000).is_err());
+    }
+
     fn versions(a: &Applied) -> Vec<&str> {
         a.packages.iter().map(|e| e.version.as_str()).collect()
     }
