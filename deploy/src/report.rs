@@ -150,12 +150,25 @@ pub fn fetch(
     events: bool,
     read_token: Option<&str>,
 ) -> Result<Bytes> {
-    let to = server_target(server)?;
-    let prefix = to.path.trim_end_matches('/');
     let path = format!(
-        "{prefix}{FLEET_PATH}?stale_after={stale_after}{}",
+        "{FLEET_PATH}?stale_after={stale_after}{}",
         if events { "" } else { "&events=0" }
     );
+    fetch_path(server, trust, &path, read_token)
+}
+
+/// GET `path` (with its query) from the fleet state server at `server`, trusting `trust` for
+/// `https://`, with the read token if any; the body of a 2xx answer, else an error that says
+/// what to do.
+pub fn fetch_path(
+    server: &str,
+    trust: &Trust,
+    path: &str,
+    read_token: Option<&str>,
+) -> Result<Bytes> {
+    let to = server_target(server)?;
+    let prefix = to.path.trim_end_matches('/');
+    let path = format!("{prefix}{path}");
     let url = format!(
         "{}://{}{path}",
         if to.tls { "https" } else { "http" },

@@ -89,10 +89,21 @@ pub enum RolloutCommand {
         #[arg(long, conflicts_with_all = ["waves", "soak", "max_failed", "on_failure"])]
         clear: bool,
     },
-    /// Show each track's rollouts: versions, waves, phase.
+    /// Show each track's rollouts: from the repository (versions, waves, phase, history), or
+    /// from the server's gate (also host counts per wave and the failing hosts).
     Status {
-        #[command(flatten)]
-        repo: RepoArg,
+        /// Repository directory.
+        #[arg(long, required_unless_present = "server")]
+        repo: Option<std::path::PathBuf>,
+        /// The `keepup serve --state` server: `http://` or `https://HOST[:PORT]`.
+        #[arg(long, conflicts_with = "repo")]
+        server: Option<String>,
+        /// For an `https://` server: trust only the CA certificates in this PEM file.
+        #[arg(long, requires = "server")]
+        ca_file: Option<std::path::PathBuf>,
+        /// File holding the server's read token (`keepup serve --read-token-file`).
+        #[arg(long, requires = "server")]
+        read_token_file: Option<std::path::PathBuf>,
         /// Only this track.
         #[arg(long)]
         track: Option<String>,
@@ -144,7 +155,34 @@ pub fn rollout(c: RolloutCommand) -> Result<()> {
             println!("{track}: promotions roll out {}", describe(&rules));
             r.set_rollout_defaults(&track, Some(rules))
         }
-        RolloutCommand::Status { repo, track, json } => status(&repo, track.as_deref(), json),
+        RolloutCommand::Status {
+            repo,
+            server,
+            ca_file,
+            read_token_file,
+            track,
+            json,
+        } => match (repo, server) {
+            (Some(dir), _) => status(&RepoArg { dir }, track.as_deref(), json),
+            (None, Some(server)) => {
+                let read_token = read_token_file
+                    .as_deref()
+                    .map(crate::state::read_token)
+                    .transpose()?;
+                let trust = ca_file.map_or(
+                    keepup_deploy::https::Trust::System,
+                    keepup_deploy::https::Trust::CaFile,
+                );
+                server_status(
+                    &server,
+                    &trust,
+                    read_token.as_deref(),
+                    track.as_deref(),
+                    json,
+                )
+            }
+            (None, None) => bail!("give --repo DIR or --server URL"),
+        },
         RolloutCommand::Pause(a) => control(a, Control::Pause),
         RolloutCommand::Resume(a) => control(a, Control::Resume),
         RolloutCommand::Abort(a) => control(a, Control::Abort),
@@ -262,6 +300,67 @@ fn status(repo: &RepoArg, only: Option<&str>, json: bool) -> Result<()> {
                 format!("  ({})", row.progress.note)
             }
         );
+    }
+    Ok(())
+}
+
+/// `keepup rollout status --server URL`: the gate's last look, with host counts per wave.
+fn server_status(
+    server: &str,
+    trust: &keepup_deploy::https::Trust,
+    read_token: Option<&str>,
+    track: Option<&str>,
+    json: bool,
+) -> Result<()> {
+    let body = crate::report::fetch_path(server, trust, crate::state::ROLLOUTS_PATH, read_token)?;
+    let mut list: Vec<crate::state::gate::RolloutStatus> =
+        serde_json::from_slice(&body).map_err(|e| {
+            anyhow::anyhow!("{server} answered something that is not a rollout list: {e}")
+        })?;
+    list.retain(|r| track.is_none_or(|t| r.track == t));
+    if json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(());
+    }
+    if list.is_empty() {
+        println!("no rollouts (or the server's gate has not looked yet)");
+        return Ok(());
+    }
+    let p = |s: &str| crate::report::printable(s.into()).into_owned();
+    for r in &list {
+        println!(
+            "{} {} {} -> {} in {}: {}{}",
+            p(&r.id),
+            p(&r.name),
+            p(r.from.as_deref().unwrap_or("(none)")),
+            p(&r.to),
+            p(&r.track),
+            p(&r.phase),
+            r.soak_left
+                .map(|s| format!(", soak {s}s left"))
+                .unwrap_or_default()
+        );
+        println!(
+            "  {:<16} {:<7} {:>6} {:>7} {:>8} {:>7} {:>8} {:>14}",
+            "WAVE", "OPEN", "HOSTS", "ON NEW", "HEALTHY", "FAILED", "WAITING", "NOT REPORTING"
+        );
+        for w in &r.waves {
+            println!(
+                "  {:<16} {:<7} {:>6} {:>7} {:>8} {:>7} {:>8} {:>14}",
+                p(&w.wave),
+                if w.open { "open" } else { "closed" },
+                w.hosts,
+                w.on_new,
+                w.healthy,
+                w.failed,
+                w.waiting,
+                w.not_reporting
+            );
+        }
+        if !r.failed.is_empty() {
+            println!("  failed: {}", p(&r.failed.join(", ")));
+        }
+        println!("  {}", p(&r.decision));
     }
     Ok(())
 }

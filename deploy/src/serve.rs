@@ -40,7 +40,7 @@ use keepup_deploy::wire::report::{FLEET_PATH, REPORT_PATH};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio::sync::Semaphore;
 
-use crate::state::{Server, EVENTS_PATH};
+use crate::state::{Server, EVENTS_PATH, ROLLOUTS_PATH};
 
 /// The body of every response: a file streamed from disk, or a small buffer.
 pub type Body = BoxBody<Bytes, io::Error>;
@@ -506,6 +506,7 @@ async fn handle(
         FLEET_PATH if get => state.fleet_json(query.as_deref(), req.headers()).await,
         "/" if get => state.page(query.as_deref(), req.headers()).await,
         EVENTS_PATH if get => state.events_json(query.as_deref(), req.headers()).await,
+        ROLLOUTS_PATH if get => state.rollouts_json(req.headers()).await,
         FLEET_PATH | "/" => return Ok(not_allowed("GET, HEAD")),
         _ => return Ok(serve_file(&site.root, req).await),
     };

@@ -68,6 +68,63 @@ async fn converge(fleet: &Fleet, hosts: &[&str], version: &str, within: Duration
     Ok(())
 }
 
+/// The page's rollout section: an SVG bar whose rectangles count `hosts` hosts, one of them
+/// healthy on the new version; rendered by headless Chromium into
+/// `target/test-artifacts/rollout-page.png` for people to look at.
+fn page_shows_the_spread(page: &str, hosts: usize) -> Result<()> {
+    ensure!(
+        page.contains("<h2>Rollouts</h2>"),
+        "no rollout section:\n{page}"
+    );
+    let svg_start = page
+        .find("<svg class=\"spread\"")
+        .context("no spread bar on the page")?;
+    let svg_len = page[svg_start..].find("</svg>").context("</svg>")?;
+    let svg = &page[svg_start..svg_start + svg_len];
+    ensure!(svg.contains("data-rollout=\"stable/foo/2.0.0-1\""), "{svg}");
+    let counted: usize = svg
+        .split("data-hosts=\"")
+        .skip(1)
+        .filter_map(|p| p.split('"').next()?.parse::<usize>().ok())
+        .sum();
+    ensure!(
+        counted == hosts,
+        "the bar counts {counted} hosts, not {hosts}: {svg}"
+    );
+    ensure!(svg.contains("healthy on the new version</title>"), "{svg}");
+
+    let dir = keepup_tests::host::workspace_root().join("target/test-artifacts");
+    std::fs::create_dir_all(&dir)?;
+    let html = dir.join("rollout-page.html");
+    let png = dir.join("rollout-page.png");
+    std::fs::write(&html, page)?;
+    let _ = std::fs::remove_file(&png);
+    let out = std::process::Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--window-size=1100,900",
+        ])
+        .arg(format!("--screenshot={}", png.display()))
+        .arg(format!("file://{}", html.display()))
+        .output()
+        .context("running chromium (tests/run.sh installs it: apt-get install chromium)")?;
+    let shot = std::fs::read(&png).with_context(|| {
+        format!(
+            "chromium made no screenshot: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    ensure!(
+        shot.starts_with(b"\x89PNG") && shot.len() > 10_000,
+        "{} is not a screenshot of the page",
+        png.display()
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_good_version_rolls_through_its_waves_in_order() -> Result<()> {
     if !docker_or_skip() {
@@ -109,6 +166,33 @@ async fn a_good_version_rolls_through_its_waves_in_order() -> Result<()> {
     )
     .await;
     fleet.explain(held).await?;
+
+    // The gate's view: host counts per wave from the server, and the page's version spread.
+    converge(&fleet, &["canary-1"], "2.0.0-1", Duration::from_secs(90)).await?;
+    let counted = wait_for(
+        "the gate to count a healthy canary",
+        Duration::from_secs(30),
+        || async {
+            let out = fleet
+                .server
+                .ok("keepup rollout status --server http://127.0.0.1:8080 --json")
+                .await?;
+            let list: Value = serde_json::from_str(&out)?;
+            Ok(list[0]["waves"][0]["healthy"] == 1)
+        },
+    )
+    .await;
+    fleet.explain(counted).await?;
+    let table = fleet
+        .server
+        .ok("keepup rollout status --server http://127.0.0.1:8080")
+        .await?;
+    ensure!(
+        table.contains("1: canary-1") && table.contains("NOT REPORTING"),
+        "{table}"
+    );
+    let page = fleet.server_get("/").await?;
+    page_shows_the_spread(&page, names.len())?;
 
     converge(&fleet, &names, "2.0.0-1", Duration::from_secs(180)).await?;
     let s = wait_for(

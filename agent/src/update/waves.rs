@@ -184,7 +184,10 @@ mod tests {
             String::from_utf8(gpg_clearsign(home.path(), uid, text.as_bytes())).unwrap()
         };
         let good = sign("rollout@example.org", doc("stable", 7, 2000));
-        assert_eq!(check_progress(&good, &i, "stable", 7, 1000).unwrap().serial, 7);
+        assert_eq!(
+            check_progress(&good, &i, "stable", 7, 1000).unwrap().serial,
+            7
+        );
         // A replay: older than the serial seen.
         let e = check_progress(&good, &i, "stable", 8, 1000).unwrap_err();
         assert!(e.contains("lower than 8 already seen"), "{e}");

@@ -247,6 +247,130 @@ pub fn track_hosts<'a>(
         .collect()
 }
 
+/// One wave of a rollout as the gate saw it last (or the hosts in no wave).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WaveStatus {
+    /// `1: canary-*`, `2: 50%`, or `no wave`.
+    pub wave: String,
+    /// Whether it is open.
+    pub open: bool,
+    /// Hosts in it.
+    pub hosts: usize,
+    /// Hosts on the new version.
+    pub on_new: usize,
+    /// Healthy on the new version.
+    pub healthy: usize,
+    /// Failed on the new version.
+    pub failed: usize,
+    /// Reporting, not healthy yet (or still on the previous version).
+    pub waiting: usize,
+    /// Silent for longer than the stale window.
+    pub not_reporting: usize,
+}
+
+/// A rollout as the gate saw it last: `GET /api/v1/rollouts`, `keepup rollout status
+/// --server`, the page.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RolloutStatus {
+    /// The rollout's id.
+    pub id: String,
+    /// Its track.
+    pub track: String,
+    /// The package.
+    pub name: String,
+    /// The previous version (none: the track had none).
+    pub from: Option<String>,
+    /// The new version.
+    pub to: String,
+    /// `rolling`, `paused`, `halted`, `rolled back`, `done`.
+    pub phase: String,
+    /// Waves open.
+    pub open: u32,
+    /// Per wave, then the hosts in no wave (if any).
+    pub waves: Vec<WaveStatus>,
+    /// Seconds left in the soak, while the open waves are healthy.
+    pub soak_left: Option<u64>,
+    /// Failed hosts, by name.
+    pub failed: Vec<String>,
+    /// What the gate waits for, or what it just did.
+    pub decision: String,
+}
+
+impl RolloutStatus {
+    fn of(
+        rollout: &Rollout,
+        track: &str,
+        progress: &Progress,
+        hosts: &[HostState],
+        decision: &Decision,
+        soak_left: Option<u64>,
+    ) -> RolloutStatus {
+        let mut waves: Vec<WaveStatus> = rollout
+            .rules
+            .waves
+            .iter()
+            .enumerate()
+            .map(|(i, w)| WaveStatus {
+                wave: format!("{}: {w}", i + 1),
+                open: progress.phase == Phase::Done || (i as u32) < progress.open,
+                ..WaveStatus::default()
+            })
+            .collect();
+        let mut outside = WaveStatus {
+            wave: "no wave".into(),
+            open: progress.phase == Phase::Done,
+            ..WaveStatus::default()
+        };
+        let mut failed = Vec::new();
+        for h in hosts {
+            let w = match h.wave {
+                Some(w) => &mut waves[w as usize - 1],
+                None => &mut outside,
+            };
+            w.hosts += 1;
+            match &h.health {
+                Health::Healthy => {
+                    w.healthy += 1;
+                    w.on_new += 1;
+                }
+                Health::Failed(_) => {
+                    w.failed += 1;
+                    w.on_new += 1;
+                    failed.push(h.host.clone());
+                }
+                Health::Waiting(why) => {
+                    w.waiting += 1;
+                    if !why.starts_with("still on") && !why.starts_with("not installed") {
+                        w.on_new += 1;
+                    }
+                }
+                Health::NotReporting => w.not_reporting += 1,
+            }
+        }
+        if outside.hosts > 0 {
+            waves.push(outside);
+        }
+        RolloutStatus {
+            id: rollout.id.clone(),
+            track: track.into(),
+            name: rollout.name.clone(),
+            from: rollout.from_version().map(str::to_string),
+            to: rollout.to.clone(),
+            phase: progress.phase.to_string(),
+            open: progress.open,
+            waves,
+            soak_left,
+            failed,
+            decision: match decision {
+                Decision::Wait(w) => format!("waiting: {w}"),
+                Decision::Open(w) => format!("opened the next wave: {w}"),
+                Decision::Done(w) => format!("done: {w}"),
+                Decision::Halt { why, .. } => format!("halted: {why}"),
+            },
+        }
+    }
+}
+
 /// What the gate remembers between ticks (not persisted: after a restart, soaks count again
 /// from the restart, and failing probes from the first report after it).
 #[derive(Default)]
@@ -257,8 +381,8 @@ pub struct Gate {
     failing_since: HashMap<(String, String), u64>,
     /// Per (rollout id): each host's wave, computed once.
     waves: HashMap<String, HashMap<String, Option<u32>>>,
-    /// Per rollout id: the last decision, for `keepup rollout status` through the server.
-    pub last: BTreeMap<String, (Vec<HostState>, Decision)>,
+    /// Per rollout id: how it looked at the last tick.
+    pub last: BTreeMap<String, RolloutStatus>,
     /// How long the repository's signed metadata stays valid (read once).
     valid_for: Option<u64>,
     /// Per track: the error the last tick logged.
@@ -372,14 +496,23 @@ impl Gate {
                 *clean = now;
             }
             let decision = decide(rollout, &progress, &hosts, *clean, now);
+            let soak_left = (progress.phase == Phase::Rolling && !unsettled).then(|| {
+                rollout
+                    .rules
+                    .soak
+                    .saturating_sub(now.saturating_sub(*clean))
+            });
             let mut next = progress.clone();
             if apply(rollout, &mut next, &decision, now) {
                 if matches!(decision, Decision::Open(_)) {
                     self.clean_since.insert(rollout.id.clone(), now);
                 }
-                changes.push((rollout.id.clone(), next));
+                changes.push((rollout.id.clone(), next.clone()));
             }
-            self.last.insert(rollout.id.clone(), (hosts, decision));
+            self.last.insert(
+                rollout.id.clone(),
+                RolloutStatus::of(rollout, track, &next, &hosts, &decision, soak_left),
+            );
         }
         let valid_for = match self.valid_for {
             Some(v) => v,
@@ -444,7 +577,7 @@ pub fn run(
             super::db::now(),
             stale_after,
         );
-        *s.gate_view.lock().unwrap() = gate.last.clone();
+        *s.gate_view.lock().unwrap() = gate.last.values().cloned().collect();
     }
 }
 

@@ -54,6 +54,8 @@ use view::{HostEntry, EVENTS_PER_HOST};
 
 /// A host's logged events as JSON.
 pub const EVENTS_PATH: &str = "/api/v1/events";
+/// Every rollout as the gate saw it last, as JSON.
+pub const ROLLOUTS_PATH: &str = "/api/v1/rollouts";
 /// Most reports stored in one transaction.
 pub const BATCH: usize = 500;
 /// Reports waiting for the writer at most; more make request tasks wait.
@@ -274,8 +276,8 @@ pub struct Server {
     json_views: TtlCache<(u64, bool), Bytes>,
     page_views: TtlCache<u64, Arc<view::FleetView>>,
     test_hooks: bool,
-    /// The rollout gate's last look at each rollout: its hosts and decision.
-    gate_view: Mutex<BTreeMap<String, (Vec<gate::HostState>, gate::Decision)>>,
+    /// The rollout gate's last look at each rollout.
+    gate_view: Mutex<Vec<gate::RolloutStatus>>,
 }
 
 impl Server {
@@ -665,6 +667,20 @@ impl Server {
         self.finish(r)
     }
 
+    /// `GET /api/v1/rollouts`: every rollout as the gate saw it last.
+    pub async fn rollouts_json(self: &Arc<Self>, headers: &HeaderMap) -> Response<Body> {
+        if !self.may_read(headers) {
+            return self.finish(self.read_refused());
+        }
+        let list = self.gate_view.lock().unwrap().clone();
+        let mut r = Response::new(Body::new(Bytes::from(
+            serde_json::to_vec(&list).unwrap_or_default(),
+        )));
+        r.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        self.finish(r)
+    }
+
     /// `GET /api/v1/events?host=NAME[&limit=N]`: a host's logged events, newest first
     /// (default 100, at most 1000).
     pub async fn events_json(
@@ -720,7 +736,8 @@ impl Server {
         }
         let q = Query::parse(query);
         let v = self.view(q.stale_after).await;
-        let html = page::render(&v, &q.page);
+        let rollouts = self.gate_view.lock().unwrap().clone();
+        let html = page::render(&v, &q.page, &rollouts);
         let mut r = Response::new(Body::new(Bytes::from(html)));
         let h = r.headers_mut();
         h.insert(

@@ -5,6 +5,7 @@
 
 use std::fmt::Write as _;
 
+use super::gate::{RolloutStatus, WaveStatus};
 use super::view::{age, Filter, FleetView, HostView, ServiceView};
 
 /// Rows rendered at most.
@@ -150,7 +151,7 @@ const COLUMNS: [&str; 11] = [
 ];
 
 /// Render the page for `view` and the query.
-pub fn render(view: &FleetView, q: &PageQuery) -> String {
+pub fn render(view: &FleetView, q: &PageQuery, rollouts: &[RolloutStatus]) -> String {
     let total_rows: usize = view.hosts.iter().map(|h| h.services.len().max(1)).sum();
     let chosen = q.filter.unwrap_or(if total_rows > ALL_ROWS_UP_TO {
         PageFilter::Problems
@@ -260,6 +261,10 @@ pub fn render(view: &FleetView, q: &PageQuery) -> String {
         view.generated_at,
         view.stale_after
     );
+
+    if !rollouts.is_empty() {
+        rollouts_section(&mut o, rollouts);
+    }
 
     // Recent events: the host's, or the fleet's newest.
     let mut events: Vec<(&str, &keepup_deploy::wire::Event)> = view
@@ -386,6 +391,126 @@ fn row(o: &mut String, now: u64, h: &HostView, svc: Option<&ServiceView>) {
     o.push_str("</tr>\n");
 }
 
+/// The colours of the version spread, in bar order: (what, fill).
+const SPREAD: [(&str, &str); 5] = [
+    ("healthy on the new version", "#2e7d32"),
+    ("on the new version, not settled", "#f9a825"),
+    ("failed on the new version", "#c62828"),
+    ("on the previous version", "#90a4ae"),
+    ("not reporting", "#e0e0e0"),
+];
+
+/// The hosts of a rollout per [`SPREAD`] category.
+pub fn spread(r: &RolloutStatus) -> [usize; 5] {
+    let sum = |f: fn(&WaveStatus) -> usize| r.waves.iter().map(f).sum::<usize>();
+    let (hosts, on_new, healthy, failed, silent) = (
+        sum(|w| w.hosts),
+        sum(|w| w.on_new),
+        sum(|w| w.healthy),
+        sum(|w| w.failed),
+        sum(|w| w.not_reporting),
+    );
+    let unsettled = on_new.saturating_sub(healthy + failed);
+    let previous = hosts.saturating_sub(on_new + silent);
+    [healthy, unsettled, failed, previous, silent]
+}
+
+/// A stacked bar of the rollout's hosts by version and health, as inline SVG (no script): one
+/// rectangle per category, each with a `<title>` a browser shows on hover.
+pub fn spread_svg(r: &RolloutStatus) -> String {
+    const W: f64 = 480.0;
+    let counts = spread(r);
+    let total: usize = counts.iter().sum();
+    let mut svg = format!(
+        "<svg class=\"spread\" role=\"img\" width=\"{W}\" height=\"22\" viewBox=\"0 0 {W} 22\" \
+         xmlns=\"http://www.w3.org/2000/svg\" data-rollout=\"{}\"><title>{} {}: {}</title>",
+        escape(&r.id),
+        escape(&r.name),
+        escape(&r.to),
+        SPREAD
+            .iter()
+            .zip(counts)
+            .map(|((what, _), n)| format!("{n} {what}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let mut x = 0.0;
+    for ((what, fill), n) in SPREAD.iter().zip(counts) {
+        if n == 0 || total == 0 {
+            continue;
+        }
+        let w = W * n as f64 / total as f64;
+        let _ = write!(
+            svg,
+            "<rect x=\"{x:.1}\" y=\"0\" width=\"{w:.1}\" height=\"22\" fill=\"{fill}\" \
+             data-hosts=\"{n}\"><title>{n} {what}</title></rect>"
+        );
+        x += w;
+    }
+    svg.push_str("</svg>");
+    svg
+}
+
+/// The rollouts: per rollout, its state, the version spread as a bar, and one row per wave.
+fn rollouts_section(o: &mut String, rollouts: &[RolloutStatus]) {
+    o.push_str("<h2>Rollouts</h2>\n<p class=\"note\">");
+    for (what, fill) in SPREAD {
+        let _ = write!(
+            o,
+            "<span style=\"display:inline-block;width:.8em;height:.8em;background:{fill}\"></span> {what} &nbsp; "
+        );
+    }
+    o.push_str("</p>\n");
+    for r in rollouts {
+        let _ = writeln!(
+            o,
+            "<h3>{} {} &rarr; {} in {}: {}{}</h3>\n{}",
+            escape(&r.name),
+            escape(r.from.as_deref().unwrap_or("(none)")),
+            escape(&r.to),
+            escape(&r.track),
+            escape(&r.phase),
+            r.soak_left
+                .map(|s| format!(", soak {s} s left"))
+                .unwrap_or_default(),
+            spread_svg(r)
+        );
+        o.push_str(
+            "<table><tr><th>wave</th><th>open</th><th>hosts</th><th>on new</th>\
+             <th>healthy</th><th>failed</th><th>waiting</th><th>not reporting</th></tr>\n",
+        );
+        for w in &r.waves {
+            let _ = writeln!(
+                o,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>\
+                 <td>{}</td><td>{}</td></tr>",
+                escape(&w.wave),
+                if w.open { "open" } else { "closed" },
+                w.hosts,
+                w.on_new,
+                w.healthy,
+                w.failed,
+                w.waiting,
+                w.not_reporting
+            );
+        }
+        o.push_str("</table>\n");
+        let failed = if r.failed.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " Failed: {}.",
+                r.failed
+                    .iter()
+                    .map(|h| escape(h))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        let _ = writeln!(o, "<p class=\"note\">{}.{failed}</p>", escape(&r.decision));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -431,7 +556,7 @@ mod tests {
                 },
             ],
         };
-        let all = render(&v, &PageQuery::default());
+        let all = render(&v, &PageQuery::default(), &[]);
         assert!(all.contains("web&lt;1&gt;"));
         assert!(all.contains("foo&quot;&amp;"));
         assert!(!all.contains("web<1>"));
@@ -443,6 +568,7 @@ mod tests {
                 filter: PageFilter::parse("behind"),
                 ..PageQuery::default()
             },
+            &[],
         );
         assert!(!behind.contains(">db1<"));
         assert!(behind.contains("1 of 1 matching rows"));
@@ -456,8 +582,56 @@ mod tests {
                 unknown_filter: true,
                 ..PageQuery::default()
             },
+            &[],
         );
         assert!(unknown.contains("unknown filter; showing all."));
         assert!(unknown.contains("2 of 2 matching rows (all)"));
+    }
+
+    #[test]
+    fn rollouts_show_a_spread_bar_with_escaped_names() {
+        let r = RolloutStatus {
+            id: "stable/foo/2.0-1".into(),
+            track: "stable".into(),
+            name: "foo".into(),
+            from: Some("1.0-1".into()),
+            to: "2.0-1<script>".into(),
+            phase: "rolling".into(),
+            open: 1,
+            waves: vec![
+                WaveStatus {
+                    wave: "1: canary-*".into(),
+                    open: true,
+                    hosts: 2,
+                    on_new: 2,
+                    healthy: 1,
+                    failed: 1,
+                    ..WaveStatus::default()
+                },
+                WaveStatus {
+                    wave: "2: 100%".into(),
+                    hosts: 5,
+                    waiting: 4,
+                    not_reporting: 1,
+                    ..WaveStatus::default()
+                },
+            ],
+            soak_left: Some(12),
+            failed: vec!["canary-2".into()],
+            decision: "waiting: canary-2 failed".into(),
+        };
+        assert_eq!(spread(&r), [1, 0, 1, 4, 1]);
+        let svg = spread_svg(&r);
+        assert!(svg.starts_with("<svg") && svg.ends_with("</svg>"), "{svg}");
+        assert_eq!(
+            svg.matches("<rect").count(),
+            4,
+            "one rectangle per non-empty category"
+        );
+        assert!(svg.contains("data-hosts=\"4\"><title>4 on the previous version</title>"));
+        let page = render(&FleetView::default(), &PageQuery::default(), &[r]);
+        assert!(page.contains("<h2>Rollouts</h2>") && page.contains("soak 12 s left"));
+        assert!(!page.contains("<script>") && page.contains("2.0-1&lt;script&gt;"));
+        assert!(page.contains("Failed: canary-2."));
     }
 }
