@@ -139,6 +139,10 @@ pub enum Status {
     /// Installed is older than the track's version.
     #[serde(rename = "behind")]
     Behind,
+    /// Older than the track's version, which rolls out in waves that do not include this
+    /// host yet (or halted): held back on purpose, not behind.
+    #[serde(rename = "held")]
+    Held,
     /// Installed is the track's version, which is a rollback.
     #[serde(rename = "rolled back")]
     RolledBack,
@@ -162,6 +166,7 @@ impl Status {
         match self {
             Status::Current => "current",
             Status::Behind => "behind",
+            Status::Held => "held",
             Status::RolledBack => "rolled back",
             Status::Newer => "newer",
             Status::Missing => "missing",
@@ -326,6 +331,14 @@ pub fn build(
                         None => (Status::Current, None),
                     },
                 },
+            };
+            // The host's last pass said a rollout holds it back from the track's version.
+            let held = report
+                .and_then(|r| r.update.as_ref())
+                .is_some_and(|u| u.rollouts.iter().any(|r| r.name == svc && r.held.is_some()));
+            let status = match status {
+                Status::Behind | Status::Missing if held => Status::Held,
+                s => s,
             };
             let failing = || {
                 sr.into_iter()
@@ -542,6 +555,28 @@ mod tests {
                 ..UpdateReport::default()
             });
         }
+        // web2's last pass was held back from foo 1.2-1 by a rollout in waves.
+        let mut web2 = host("web2", &[("foo", "1.1-1")], "running");
+        Arc::make_mut(web2.1.as_mut().unwrap()).report.update = Some(UpdateReport {
+            at: 999,
+            ok: true,
+            rollouts: vec![keepup_deploy::wire::RolloutReport {
+                id: "stable/foo/1.2-1".into(),
+                name: "foo".into(),
+                wave: Some(3),
+                open: 1,
+                phase: "rolling".into(),
+                held: Some("wave 3 not open".into()),
+            }],
+            ..UpdateReport::default()
+        });
+        let held = build(&[web2], &policy, 1100, 600, true);
+        let foo = held.hosts[0]
+            .services
+            .iter()
+            .find(|s| s.name == "foo")
+            .unwrap();
+        assert_eq!((foo.status, foo.behind), (Status::Held, false));
         let hosts = vec![
             host("db1", &[("bar", "2.1-1")], "running"),
             host("web1", &[("foo", "1.1-1")], "backoff"),
