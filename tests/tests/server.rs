@@ -954,7 +954,12 @@ fn read_token_closes_the_views_and_unknown_tokens_cost_no_query() -> Result<()> 
     // base64("ops:read-token-0123456789abcdef"): what a browser sends after the login prompt.
     let basic = "Basic b3BzOnJlYWQtdG9rZW4tMDEyMzQ1Njc4OWFiY2RlZg==";
     let wrong = "Bearer read-token-0123456789abcdeX".to_string();
-    for path in ["/", "/api/v1/fleet", "/api/v1/events?host=web1"] {
+    for path in [
+        "/",
+        "/api/v1/fleet",
+        "/api/v1/events?host=web1",
+        "/api/v1/rollouts",
+    ] {
         let a = http(p, "GET", path, &[], b"")?;
         ensure!(a.status == 401, "{path} without the token: {}", a.status);
         ensure!(
