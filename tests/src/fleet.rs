@@ -576,6 +576,30 @@ impl Fleet {
     }
 }
 
+/// Waits until every host in `hosts` has foo `version` fully installed and running (the
+/// agent says so); on timeout, the error carries every agent's and the server's log.
+pub async fn converge(
+    fleet: &Fleet,
+    hosts: &[&str],
+    version: &str,
+    within: Duration,
+) -> Result<()> {
+    for name in hosts {
+        let h = fleet.host(name);
+        let res = wait_for(&format!("{name} to run foo {version}"), within, || async {
+            Ok(h.installed("foo").await?.as_deref() == Some(version)
+                && h.host
+                    .exec("keepup-agent status | grep -q '^foo .*running'")
+                    .await?
+                    .code
+                    == 0)
+        })
+        .await;
+        fleet.explain(res).await?;
+    }
+    Ok(())
+}
+
 /// Polls `check` every 500 ms until it returns true; fails after `within` naming `what`.
 pub async fn wait_for<F, Fut>(what: &str, within: Duration, mut check: F) -> Result<()>
 where

@@ -9,7 +9,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{ensure, Context, Result};
 use keepup_tests::fleet::{
-    converged, host_view, service_view as row, stagger_offset, wait_for, Fleet, HostSpec, Timers,
+    converge, converged, host_view, service_view as row, stagger_offset, wait_for, Fleet, HostSpec,
+    Timers,
 };
 use keepup_tests::host::docker_or_skip;
 use serde_json::Value;
@@ -22,24 +23,6 @@ fn banner(tag: &str) -> impl Fn(String) -> String + '_ {
             &format!("exec: [/usr/bin/food, --config, /etc/foo/foo.conf, --banner, \"food {tag} ready\"]"),
         )
     }
-}
-
-/// Waits until every host in `hosts` has foo `version` fully installed and running.
-async fn converge(fleet: &Fleet, hosts: &[&str], version: &str, within: Duration) -> Result<()> {
-    for name in hosts {
-        let h = fleet.host(name);
-        let res = wait_for(&format!("{name} to run foo {version}"), within, || async {
-            Ok(h.installed("foo").await?.as_deref() == Some(version)
-                && h.host
-                    .exec("keepup-agent status | grep -q '^foo .*running'")
-                    .await?
-                    .code
-                    == 0)
-        })
-        .await;
-        fleet.explain(res).await?;
-    }
-    Ok(())
 }
 
 fn now() -> u64 {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use keepup_deploy::wire::rollout::{parse_waves, wave_of};
-use keepup_tests::fleet::{wait_for, AgentHost, Fleet, HostSpec, Timers};
+use keepup_tests::fleet::{converge, wait_for, AgentHost, Fleet, HostSpec, Timers};
 use keepup_tests::host::docker_or_skip;
 use serde_json::Value;
 
@@ -50,22 +50,17 @@ fn status(fleet: &Fleet) -> Result<Value> {
         .with_context(|| format!("no rollout of foo in {out}"))
 }
 
-/// Every host on foo `version`, running.
-async fn converge(fleet: &Fleet, hosts: &[&str], version: &str, within: Duration) -> Result<()> {
-    for name in hosts {
-        let h = fleet.host(name);
-        let res = wait_for(&format!("{name} to run foo {version}"), within, || async {
-            Ok(h.installed("foo").await?.as_deref() == Some(version)
-                && h.host
-                    .exec("keepup-agent status | grep -q '^foo .*running'")
-                    .await?
-                    .code
-                    == 0)
-        })
-        .await;
-        fleet.explain(res).await?;
-    }
-    Ok(())
+/// A fleet of `names` (dpkg hosts) following stable, all running foo 1.0.0 (promoted at
+/// once).
+async fn stable_on_1_0(dir: &std::path::Path, names: &[&str]) -> Result<Fleet> {
+    let specs: Vec<HostSpec> = names.iter().map(|n| HostSpec::deb(n)).collect();
+    let fleet = Fleet::start(dir, &specs, &timers()).await?;
+    fleet.op(&["assign", "*", "--track", "stable"])?;
+    fleet.publish_example(dir, "1.0.0", quick)?;
+    fleet.op(&["promote", "foo", "--to", "testing"])?;
+    fleet.op(&["promote", "foo", "--to", "stable"])?;
+    converge(&fleet, names, "1.0.0-1", Duration::from_secs(90)).await?;
+    Ok(fleet)
 }
 
 /// The page's rollout section: an SVG bar whose rectangles count `hosts` hosts, one of them
@@ -131,14 +126,8 @@ async fn a_good_version_rolls_through_its_waves_in_order() -> Result<()> {
         return Ok(());
     }
     let tmp = tempfile::tempdir()?;
-    let names = ["canary-1", "web-1", "web-2", "web-3"];
-    let specs: Vec<HostSpec> = names.iter().map(|n| HostSpec::deb(n)).collect();
-    let fleet = Fleet::start(tmp.path(), &specs, &timers()).await?;
-    fleet.op(&["assign", "*", "--track", "stable"])?;
-    fleet.publish_example(tmp.path(), "1.0.0", quick)?;
-    fleet.op(&["promote", "foo", "--to", "testing"])?;
-    fleet.op(&["promote", "foo", "--to", "stable"])?;
-    converge(&fleet, &names, "1.0.0-1", Duration::from_secs(90)).await?;
+    let names = ["canary-1", "web-1", "web-2", "web-3", "web-4", "web-5"];
+    let fleet = stable_on_1_0(tmp.path(), &names).await?;
 
     fleet.publish_example(tmp.path(), "2.0.0", quick)?;
     fleet.op(&["promote", "foo", "--to", "testing"])?;
@@ -240,14 +229,8 @@ async fn a_bad_version_halts_at_the_canary_and_rolls_back() -> Result<()> {
         return Ok(());
     }
     let tmp = tempfile::tempdir()?;
-    let names = ["canary-1", "web-1", "web-2"];
-    let specs: Vec<HostSpec> = names.iter().map(|n| HostSpec::deb(n)).collect();
-    let fleet = Fleet::start(tmp.path(), &specs, &timers()).await?;
-    fleet.op(&["assign", "*", "--track", "stable"])?;
-    fleet.publish_example(tmp.path(), "1.0.0", quick)?;
-    fleet.op(&["promote", "foo", "--to", "testing"])?;
-    fleet.op(&["promote", "foo", "--to", "stable"])?;
-    converge(&fleet, &names, "1.0.0-1", Duration::from_secs(90)).await?;
+    let names = ["canary-1", "web-1", "web-2", "web-3", "web-4", "web-5"];
+    let fleet = stable_on_1_0(tmp.path(), &names).await?;
 
     // 2.0.0 fails its health probe.
     fleet.publish_example(tmp.path(), "2.0.0", |s| {
@@ -302,7 +285,7 @@ async fn a_bad_version_halts_at_the_canary_and_rolls_back() -> Result<()> {
     );
     // The others never ran the bad version, and keep 1.0.0 (no rollback needed there).
     tokio::time::sleep(Duration::from_secs(8)).await;
-    for name in ["web-1", "web-2"] {
+    for name in &names[1..] {
         let h = fleet.host(name);
         ensure!(
             installed_at(h, "2.0.0-1").await?.is_none(),
@@ -326,13 +309,7 @@ async fn pause_resume_and_a_restart_hold_and_the_rollout_key_signs_nothing_else(
     }
     let tmp = tempfile::tempdir()?;
     let names = ["canary-1", "web-1"];
-    let specs: Vec<HostSpec> = names.iter().map(|n| HostSpec::deb(n)).collect();
-    let fleet = Fleet::start(tmp.path(), &specs, &timers()).await?;
-    fleet.op(&["assign", "*", "--track", "stable"])?;
-    fleet.publish_example(tmp.path(), "1.0.0", quick)?;
-    fleet.op(&["promote", "foo", "--to", "testing"])?;
-    fleet.op(&["promote", "foo", "--to", "stable"])?;
-    converge(&fleet, &names, "1.0.0-1", Duration::from_secs(90)).await?;
+    let fleet = stable_on_1_0(tmp.path(), &names).await?;
 
     // Track defaults: a promotion without flags rolls out in waves.
     fleet.op(&[

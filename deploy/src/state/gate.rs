@@ -10,7 +10,8 @@
 //!
 //! The rules (docs/operations.md, "Rolling out safely"):
 //! * a host on the new version is **healthy** when its start result for that version is
-//!   `started`, the service is `running`, every probe passes and it has not restarted;
+//!   `started`, the service is `running`, every probe passes and it has not restarted since
+//!   the gate last looked (a restart starts the soak again);
 //! * it is **failed** on `failed to start`, `given-up`, or a probe failing for longer than
 //!   [`PROBE_GRACE`];
 //! * the next wave opens when no reporting host of the open waves is anything but healthy,
@@ -50,13 +51,16 @@ pub enum Health {
 }
 
 /// Judge `report` (received at `received_at`) for `rollout` at `now`. `failing_since` is when
-/// this host was first seen with a failing probe on the new version (the caller keeps it).
+/// this host was first seen with a failing probe on the new version, and `restarted` whether
+/// its service's restart count grew since the gate last looked (the caller keeps both): a
+/// restart makes the host not healthy at that look, so the soak starts again.
 pub fn judge(
     rollout: &Rollout,
     entry: Option<&HostEntry>,
     now: u64,
     stale_after: u64,
     failing_since: Option<u64>,
+    restarted: bool,
 ) -> Health {
     let Some(e) = entry.filter(|e| now.saturating_sub(e.received_at) <= stale_after) else {
         return Health::NotReporting;
@@ -95,8 +99,8 @@ pub fn judge(
     if svc.state != "running" {
         return Health::Waiting(format!("service {}", svc.state).into());
     }
-    if svc.restarts > 0 {
-        return Health::Waiting(format!("restarted {} time(s)", svc.restarts).into());
+    if restarted {
+        return Health::Waiting(format!("restarted ({} since the start)", svc.restarts).into());
     }
     if svc.probes.iter().any(|p| p.ok.is_none()) {
         return Health::Waiting("probes not run yet".into());
@@ -384,6 +388,9 @@ pub struct Gate {
     clean_since: HashMap<String, u64>,
     /// Per rollout id, per host: when a probe was first seen failing on the new version.
     failing_since: HashMap<String, HashMap<String, u64>>,
+    /// Per rollout id, per host: the service's restart count on the new version at the last
+    /// look.
+    restarts_seen: HashMap<String, HashMap<String, u64>>,
     /// Per (rollout id): each host's wave, computed once.
     waves: HashMap<String, HashMap<String, Option<u32>>>,
     /// Per rollout id: how it looked at the last tick.
@@ -433,6 +440,7 @@ impl Gate {
         self.clean_since.retain(|id, _| live.contains(id));
         self.waves.retain(|id, _| live.contains(id));
         self.failing_since.retain(|id, _| live.contains(id));
+        self.restarts_seen.retain(|id, _| live.contains(id));
         self.last.retain(|id, _| live.contains(id));
     }
 
@@ -457,6 +465,7 @@ impl Gate {
                 .unwrap_or_else(|| Progress::start(rollout.started));
             let waves = self.waves.entry(rollout.id.clone()).or_default();
             let failing_since = self.failing_since.entry(rollout.id.clone()).or_default();
+            let restarts_seen = self.restarts_seen.entry(rollout.id.clone()).or_default();
             let mut hosts = Vec::new();
             for (host, entry) in track_hosts(fleet, track, &rollout.name, snapshot) {
                 let wave = match waves.get(host) {
@@ -480,12 +489,32 @@ impl Gate {
                 } else if !failing_since.is_empty() {
                     failing_since.remove(host);
                 }
+                // Restarts since the gate last looked (the first look sets the baseline).
+                let restarts = entry.as_ref().and_then(|e| {
+                    let s = e.report.services.iter().find(|s| s.name == rollout.name)?;
+                    (e.report.installed.get(&rollout.name) == Some(&rollout.to))
+                        .then_some(s.restarts)
+                });
+                let restarted = match (restarts, restarts_seen.get(host)) {
+                    (Some(now_r), Some(&before)) => {
+                        if now_r != before {
+                            restarts_seen.insert(host.clone(), now_r);
+                        }
+                        now_r > before
+                    }
+                    (Some(now_r), None) => {
+                        restarts_seen.insert(host.clone(), now_r);
+                        false
+                    }
+                    (None, _) => false,
+                };
                 let health = judge(
                     rollout,
                     entry.as_deref(),
                     now,
                     stale_after,
                     failing_since.get(host).copied(),
+                    restarted,
                 );
                 hosts.push(HostState {
                     host: host.clone(),
@@ -654,7 +683,7 @@ mod tests {
     #[test]
     fn health_from_reports() {
         let r = rollout("canary-1,100%", MaxFailed::Count(0));
-        let j = |e: &HostEntry, failing| judge(&r, Some(e), 1000, 600, failing);
+        let j = |e: &HostEntry, failing| judge(&r, Some(e), 1000, 600, failing, false);
         assert_eq!(
             j(&report("2.0-1", "running", true, Some(true)), None),
             Health::Healthy
@@ -679,9 +708,20 @@ mod tests {
             j(&report("2.0-1", "running", true, Some(false)), Some(900)),
             Health::Failed(_)
         ));
-        assert_eq!(judge(&r, None, 1000, 600, None), Health::NotReporting);
+        assert_eq!(
+            judge(&r, None, 1000, 600, None, false),
+            Health::NotReporting
+        );
         let old = report("2.0-1", "running", true, Some(true));
-        assert_eq!(judge(&r, Some(&old), 5000, 600, None), Health::NotReporting);
+        assert_eq!(
+            judge(&r, Some(&old), 5000, 600, None, false),
+            Health::NotReporting
+        );
+        // A restart since the last look: not healthy now (the soak starts again).
+        assert!(matches!(
+            judge(&r, Some(&old), 1000, 600, None, true),
+            Health::Waiting(_)
+        ));
     }
 
     fn hs(host: &str, wave: u32, health: Health) -> HostState {
