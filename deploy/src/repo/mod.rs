@@ -1398,7 +1398,16 @@ impl Repo {
             self.commit_track_views(&t, &old, old.clone(), &Undo::default(), &[])?;
         }
         // Signed once for all the tracks: bound to their new indexes, with a new expiry.
-        self.commit_fleet()
+        self.commit_fleet()?;
+        // Rollout progress too, so it outlives a gate that is not running (unchanged but for
+        // its serial and expiry).
+        for t in &self.state.tracks {
+            let published = self.root.join(keepup_deploy::wire::rollout::state_path(t));
+            if published.exists() {
+                rollouts::update_progress(&self.root, t, self.valid_for, |_| Ok(()))?;
+            }
+        }
+        Ok(())
     }
 
     /// When the metadata this command signs expires (Unix time; fixed at the first call).
