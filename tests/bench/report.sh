@@ -17,24 +17,7 @@ HOSTS=${HOSTS:-100000}
 ROUNDS=${ROUNDS:-2}
 CONNECTIONS=${CONNECTIONS:-32}
 
-cargo build --release -q -p keepup-deploy --bin keepup -p keepup-tests --bin reportload
-K=${CARGO_TARGET_DIR:-$PWD/target}/release/keepup
-LOAD=${CARGO_TARGET_DIR:-$PWD/target}/release/reportload
-
-tmp=$(mktemp -d)
-pid=""
-stop_server() {
-    if [ -n "$pid" ]; then
-        kill "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
-        pid=""
-    fi
-}
-cleanup() {
-    stop_server
-    rm -rf "$tmp"
-}
-trap cleanup EXIT
+. tests/bench/fleetload.sh
 
 "$K" repo init "$tmp/repo" >/dev/null 2>&1
 "$K" assign --repo "$tmp/repo" '*' --track stable >/dev/null 2>&1
@@ -51,14 +34,9 @@ start=$(date +%s.%N)
 seq -f "host-%06g" 1 "$HOSTS" | "$K" host add --bulk --state "$tmp/state.db" >"$tmp/tokens" 2>/dev/null
 echo "registered $HOSTS hosts in $(echo "$(date +%s.%N) - $start" | bc) s"
 
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-url="http://127.0.0.1:$port"
 "$K" serve --repo "$tmp/repo" --listen "127.0.0.1:$port" --state "$tmp/state.db" 2>"$tmp/serve.log" &
 pid=$!
-for _ in $(seq 100); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
-    sleep 0.1
-done
+wait_listening
 
 echo "server after start: $(grep VmRSS "/proc/$pid/status")"
 "$LOAD" --server "$url" --tokens "$tmp/tokens" --connections "$CONNECTIONS" --rounds "$ROUNDS" | tee "$tmp/plain.out"
@@ -100,10 +78,7 @@ openssl x509 -req -in "$tmp/server.csr" -CA "$tmp/ca.pem" -CAkey "$tmp/ca.key" -
 "$K" serve --repo "$tmp/repo" --listen "127.0.0.1:$port" --state "$tmp/state.db" \
     --tls-cert "$tmp/server.pem" --tls-key "$tmp/server.key" 2>"$tmp/serve-tls.log" &
 pid=$!
-for _ in $(seq 100); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
-    sleep 0.1
-done
+wait_listening
 echo
 echo "TLS (ECDSA P-256 certificate, TLS 1.3, one handshake per connection):"
 "$LOAD" --server "https://127.0.0.1:$port" --cacert "$tmp/ca.pem" --tokens "$tmp/tokens" \

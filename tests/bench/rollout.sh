@@ -18,24 +18,7 @@ HOSTS=${HOSTS:-100000}
 ROUNDS=${ROUNDS:-2}
 CONNECTIONS=${CONNECTIONS:-32}
 
-cargo build --release -q -p keepup-deploy --bin keepup -p keepup-tests --bin reportload
-K=${CARGO_TARGET_DIR:-$PWD/target}/release/keepup
-LOAD=${CARGO_TARGET_DIR:-$PWD/target}/release/reportload
-
-tmp=$(mktemp -d)
-pid=""
-stop_server() {
-    if [ -n "$pid" ]; then
-        kill "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
-        pid=""
-    fi
-}
-cleanup() {
-    stop_server
-    rm -rf "$tmp"
-}
-trap cleanup EXIT
+. tests/bench/fleetload.sh
 
 R=$tmp/repo
 "$K" repo init "$R" --key-dir "$tmp/keys" >/dev/null 2>&1
@@ -58,16 +41,11 @@ printf '{"track":"stable","serial":43,"generated":0,"packages":%s,"rollouts":[{"
 for mode in plain rollout; do
     seq -f "host-%06g" 1 "$HOSTS" | "$K" host add --bulk --state "$tmp/$mode.db" >"$tmp/$mode.tokens" 2>/dev/null
 done
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-url="http://127.0.0.1:$port"
 
 start_server() { # mode
     "$K" serve --repo "$R" --listen "127.0.0.1:$port" --state "$tmp/$1.db" 2>>"$tmp/serve.log" &
     pid=$!
-    for _ in $(seq 100); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
-        sleep 0.1
-    done
+    wait_listening
 }
 gate_ticks() { # the gate thread's CPU time in clock ticks
     local t
