@@ -10,6 +10,7 @@ use keepup_deploy::wire::rollout::{
 use crate::cli::RepoArg;
 use crate::repo::rollouts::{self, Control};
 use crate::repo::Repo;
+use crate::state::gate::WAVE_COLUMNS;
 
 /// The rollout flags of `keepup promote` and `keepup rollout defaults`.
 #[derive(clap::Args, Debug, Default, Clone)]
@@ -304,6 +305,9 @@ fn status(repo: &RepoArg, only: Option<&str>, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// Widths of the number columns of a wave's row (as wide as their headings).
+const WIDTHS: [usize; 6] = [6, 7, 8, 7, 8, 14];
+
 /// `keepup rollout status --server URL`: the gate's last look, with host counts per wave.
 fn server_status(
     server: &str,
@@ -340,22 +344,18 @@ fn server_status(
                 .map(|s| format!(", soak {s}s left"))
                 .unwrap_or_default()
         );
-        println!(
-            "  {:<16} {:<7} {:>6} {:>7} {:>8} {:>7} {:>8} {:>14}",
-            "WAVE", "OPEN", "HOSTS", "ON NEW", "HEALTHY", "FAILED", "WAITING", "NOT REPORTING"
-        );
+        let row = |cells: [String; 8]| {
+            let [wave, open, rest @ ..] = cells;
+            let rest: Vec<String> = rest
+                .iter()
+                .zip(WIDTHS)
+                .map(|(c, w)| format!("{c:>w$}"))
+                .collect();
+            println!("  {wave:<16} {open:<7} {}", rest.join(" "));
+        };
+        row(WAVE_COLUMNS.map(|c| c.to_uppercase()));
         for w in &r.waves {
-            println!(
-                "  {:<16} {:<7} {:>6} {:>7} {:>8} {:>7} {:>8} {:>14}",
-                p(&w.wave),
-                if w.open { "open" } else { "closed" },
-                w.hosts,
-                w.on_new,
-                w.healthy,
-                w.failed,
-                w.waiting,
-                w.not_reporting
-            );
+            row(w.cells().map(|c| p(&c)));
         }
         if !r.failed.is_empty() {
             println!("  failed: {}", p(&r.failed.join(", ")));

@@ -277,6 +277,34 @@ pub struct WaveStatus {
     pub not_reporting: usize,
 }
 
+/// The columns of a wave's row, as `keepup rollout status --server` and the page show them.
+pub const WAVE_COLUMNS: [&str; 8] = [
+    "wave",
+    "open",
+    "hosts",
+    "on new",
+    "healthy",
+    "failed",
+    "waiting",
+    "not reporting",
+];
+
+impl WaveStatus {
+    /// The row's cells, in [`WAVE_COLUMNS`] order (unescaped: the wave is an operator's text).
+    pub fn cells(&self) -> [String; 8] {
+        [
+            self.wave.clone(),
+            if self.open { "open" } else { "closed" }.to_string(),
+            self.hosts.to_string(),
+            self.on_new.to_string(),
+            self.healthy.to_string(),
+            self.failed.to_string(),
+            self.waiting.to_string(),
+            self.not_reporting.to_string(),
+        ]
+    }
+}
+
 /// A rollout as the gate saw it last: `GET /api/v1/rollouts`, `keepup rollout status
 /// --server`, the page.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

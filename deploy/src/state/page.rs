@@ -5,7 +5,7 @@
 
 use std::fmt::Write as _;
 
-use super::gate::{RolloutStatus, WaveStatus};
+use super::gate::{RolloutStatus, WaveStatus, WAVE_COLUMNS};
 use super::view::{age, Filter, FleetView, HostView, ServiceView};
 
 /// Rows rendered at most.
@@ -475,24 +475,17 @@ fn rollouts_section(o: &mut String, rollouts: &[RolloutStatus]) {
                 .unwrap_or_default(),
             spread_svg(r)
         );
-        o.push_str(
-            "<table><tr><th>wave</th><th>open</th><th>hosts</th><th>on new</th>\
-             <th>healthy</th><th>failed</th><th>waiting</th><th>not reporting</th></tr>\n",
-        );
+        o.push_str("<table><tr>");
+        for c in WAVE_COLUMNS {
+            let _ = write!(o, "<th>{c}</th>");
+        }
+        o.push_str("</tr>\n");
         for w in &r.waves {
-            let _ = writeln!(
-                o,
-                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>\
-                 <td>{}</td><td>{}</td></tr>",
-                escape(&w.wave),
-                if w.open { "open" } else { "closed" },
-                w.hosts,
-                w.on_new,
-                w.healthy,
-                w.failed,
-                w.waiting,
-                w.not_reporting
-            );
+            o.push_str("<tr>");
+            for c in w.cells() {
+                let _ = write!(o, "<td>{}</td>", escape(&c));
+            }
+            o.push_str("</tr>\n");
         }
         o.push_str("</table>\n");
         let failed = if r.failed.is_empty() {
