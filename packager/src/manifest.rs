@@ -53,6 +53,77 @@ pub struct ManifestSupervisor {
     /// The systemd unit name, for `kind: systemd`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unit: Option<String>,
+    /// When a run counts as ready; `None` (manifests written before readiness existed): see
+    /// [`Manifest::ready`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready: Option<Ready>,
+    /// A start not ready within this is a failed start; `None`: [`READY_TIMEOUT`] (see
+    /// [`Manifest::ready_timeout`]).
+    #[serde(
+        default,
+        with = "duration_text_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub ready_timeout: Option<Duration>,
+    /// With `ready: notify` only: the daemon sends `WATCHDOG=1` at least this often, or it is
+    /// killed and started again.
+    #[serde(
+        default,
+        with = "duration_text_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub watchdog: Option<Duration>,
+    /// Services this one starts after: it starts once they are ready, and stops before them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<String>,
+}
+
+/// How long a start may take to become ready when the manifest does not say (systemd's
+/// `TimeoutStartSec=` default).
+pub const READY_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// When a run of a service counts as ready: its dependants (`supervisor.after`) start only
+/// then, and a start that is not ready within the ready timeout counts as a failed start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Ready {
+    /// The daemon says so: `READY=1` on `$NOTIFY_SOCKET`, systemd's notify protocol
+    /// (`sd_notify`), so a daemon written for `Type=notify` works unchanged.
+    Notify,
+    /// Every check has passed once since the start.
+    Probes,
+    /// As soon as the launch script has `exec`ed the daemon (systemd's `Type=exec`).
+    Exec,
+}
+
+impl Ready {
+    /// Every value, in the order the docs and messages list them.
+    pub const ALL: [Ready; 3] = [Ready::Notify, Ready::Probes, Ready::Exec];
+
+    /// The name in specs and manifests (`notify`, `probes`, `exec`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Ready::Notify => "notify",
+            Ready::Probes => "probes",
+            Ready::Exec => "exec",
+        }
+    }
+
+    /// The value named `s`, if any.
+    pub fn parse(s: &str) -> Option<Ready> {
+        Ready::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+
+    /// The valid names for messages: `notify, probes, exec`.
+    pub fn names() -> String {
+        Ready::ALL.map(Ready::as_str).join(", ")
+    }
+}
+
+impl std::fmt::Display for Ready {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Who runs the launch script.
@@ -286,6 +357,11 @@ impl Manifest {
                 stop_grace: spec.supervisor.stop_grace,
                 unit: (spec.supervisor.kind == SupervisorKind::Systemd)
                     .then(|| format!("{}.service", spec.name)),
+                // Resolved: what the spec said or defaulted to, so the agent never guesses.
+                ready: Some(spec.supervisor.ready),
+                ready_timeout: Some(spec.supervisor.ready_timeout),
+                watchdog: spec.supervisor.watchdog,
+                after: spec.supervisor.after.clone(),
             },
             checks: spec
                 .checks
@@ -300,6 +376,22 @@ impl Manifest {
                 })
                 .collect(),
         }
+    }
+
+    /// When a run counts as ready: `supervisor.ready`, or for manifests that do not say,
+    /// `probes` when there are checks and `exec` when there are none.
+    pub fn ready(&self) -> Ready {
+        self.supervisor.ready.unwrap_or(if self.checks.is_empty() {
+            Ready::Exec
+        } else {
+            Ready::Probes
+        })
+    }
+
+    /// How long a start may take to become ready: `supervisor.ready_timeout`, else
+    /// [`READY_TIMEOUT`].
+    pub fn ready_timeout(&self) -> Duration {
+        self.supervisor.ready_timeout.unwrap_or(READY_TIMEOUT)
     }
 
     /// The YAML text written into the package.
@@ -326,9 +418,23 @@ impl Manifest {
                 });
             }
         }
-        let m: Manifest = serde_saphyr::from_str(text).map_err(|e| ManifestError::Parse {
-            path: path.into(),
-            message: e.without_snippet().to_string(),
+        // serde_path_to_error names the field being read when parsing failed.
+        let mut field = String::new();
+        let parsed = serde_saphyr::with_deserializer_from_str(text, |de| {
+            serde_path_to_error::deserialize(de).map_err(|e| {
+                field = e.path().to_string();
+                e.into_inner()
+            })
+        });
+        let m: Manifest = parsed.map_err(|e| {
+            let message = e.without_snippet().to_string();
+            ManifestError::Parse {
+                path: path.into(),
+                message: match field.as_str() {
+                    "" | "." => message,
+                    f => format!("{f}: {message}"),
+                },
+            }
         })?;
         m.validate(path)?;
         Ok(m)
@@ -403,6 +509,7 @@ impl Manifest {
                 ),
             ));
         }
+        self.validate_readiness(path)?;
         if let Some(unit) = &self.supervisor.unit {
             if !is_unit_name(unit) {
                 return Err(invalid(
@@ -411,6 +518,71 @@ impl Manifest {
                         "{unit:?} is not a systemd service name (A-Z a-z 0-9 : _ . - \\ @, not \
                          starting with - or ., ending in .service)"
                     ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Manifest {
+    /// Checks `supervisor.ready`, `ready_timeout`, `watchdog` and `after` the way `keepup
+    /// pack` validated them in the spec (see `docs/spec.md`, `supervisor`).
+    fn validate_readiness(&self, path: &str) -> Result<(), ManifestError> {
+        let invalid = |field: &'static str, message: String| ManifestError::Invalid {
+            path: path.into(),
+            field,
+            message,
+        };
+        let s = &self.supervisor;
+        for (field, d) in [
+            ("supervisor.ready_timeout", s.ready_timeout),
+            ("supervisor.watchdog", s.watchdog),
+        ] {
+            if d.is_some_and(|d| d.is_zero()) {
+                return Err(invalid(
+                    field,
+                    "is zero; give a positive duration like \"30s\"".into(),
+                ));
+            }
+        }
+        if s.ready == Some(Ready::Probes) && self.checks.is_empty() {
+            return Err(invalid(
+                "supervisor.ready",
+                "is probes, but there are no checks to pass; add a check or use `ready: exec`"
+                    .into(),
+            ));
+        }
+        if s.watchdog.is_some() && self.ready() != Ready::Notify {
+            return Err(invalid(
+                "supervisor.watchdog",
+                format!(
+                    "needs supervisor.ready: notify: only a notify service sends WATCHDOG=1 \
+                     (ready is {})",
+                    self.ready()
+                ),
+            ));
+        }
+        for (i, a) in s.after.iter().enumerate() {
+            if !spec::is_package_name(a) {
+                return Err(invalid(
+                    "supervisor.after",
+                    format!(
+                        "{a:?} is not a service name (2+ characters of a-z 0-9 + . -, starting \
+                         with a letter or digit)"
+                    ),
+                ));
+            }
+            if *a == self.name {
+                return Err(invalid(
+                    "supervisor.after",
+                    format!("names the service itself ({a}); a service cannot wait for itself"),
+                ));
+            }
+            if s.after[..i].contains(a) {
+                return Err(invalid(
+                    "supervisor.after",
+                    format!("names {a} twice; list each service once"),
                 ));
             }
         }
@@ -431,6 +603,29 @@ mod duration_text {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let text = String::deserialize(d)?;
         super::spec::parse_duration(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Optional durations as `30s` / `5m` text (absent: `None`).
+mod duration_text_opt {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => super::duration_text::serialize(d, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        match Option::<String>::deserialize(d)? {
+            Some(text) => super::spec::parse_duration(&text)
+                .map(Some)
+                .map_err(serde::de::Error::custom),
+            None => Ok(None),
+        }
     }
 }
 
@@ -517,6 +712,130 @@ mod tests {
             Manifest::parse_file(Path::new("/usr/lib/keepup/services/bar.yaml"), GOOD).unwrap_err();
         assert!(err.to_string().contains("must be named foo.yaml"), "{err}");
         assert_eq!(err.path(), "/usr/lib/keepup/services/bar.yaml");
+    }
+
+    /// GOOD with `lines` added to the supervisor section.
+    fn supervisor_with(lines: &str) -> String {
+        let out = GOOD.replace(
+            "  unit: foo.service\n",
+            &format!("  unit: foo.service\n{lines}"),
+        );
+        assert_ne!(out, GOOD, "the fixture has no unit line");
+        out
+    }
+
+    const CHECKS: &str =
+        "checks:\n  - name: banner\n    probe:\n      exec:\n        argv: [/bin/true]\n    \
+                          every: 10s\n    timeout: 2s\n    failures: 3\n    grace: 5s\n";
+
+    #[test]
+    fn older_manifests_resolve_readiness_from_their_checks() {
+        let m = Manifest::parse("foo.yaml", GOOD).unwrap();
+        assert_eq!(
+            (
+                m.supervisor.ready,
+                m.supervisor.ready_timeout,
+                m.supervisor.watchdog
+            ),
+            (None, None, None)
+        );
+        assert!(m.supervisor.after.is_empty());
+        assert_eq!(m.ready(), Ready::Exec);
+        assert_eq!(m.ready_timeout(), READY_TIMEOUT);
+        assert_eq!(READY_TIMEOUT, Duration::from_secs(90));
+        let m = Manifest::parse("foo.yaml", &format!("{GOOD}{CHECKS}")).unwrap();
+        assert_eq!(m.ready(), Ready::Probes);
+        // Nothing new is written when nothing is set: an older agent reads the same text.
+        assert!(!m.to_yaml().contains("ready"), "{}", m.to_yaml());
+        assert!(!m.to_yaml().contains("after"), "{}", m.to_yaml());
+    }
+
+    #[test]
+    fn readiness_round_trips() {
+        let text = supervisor_with(
+            "  ready: notify\n  ready_timeout: 2m\n  watchdog: 1500ms\n  after: [db, cache]\n",
+        );
+        let m = Manifest::parse("foo.yaml", &text).unwrap();
+        assert_eq!(m.ready(), Ready::Notify);
+        assert_eq!(m.ready_timeout(), Duration::from_secs(120));
+        assert_eq!(m.supervisor.watchdog, Some(Duration::from_millis(1500)));
+        assert_eq!(m.supervisor.after, ["db", "cache"]);
+        let yaml = m.to_yaml();
+        assert!(yaml.contains("ready: notify"), "{yaml}");
+        assert!(yaml.contains("watchdog: 1500ms"), "{yaml}");
+        assert_eq!(Manifest::parse("foo.yaml", &yaml).unwrap(), m);
+        for r in Ready::ALL {
+            assert_eq!(Ready::parse(r.as_str()), Some(r));
+            assert_eq!(r.to_string(), r.as_str());
+        }
+        assert_eq!(Ready::names(), "notify, probes, exec");
+    }
+
+    #[test]
+    fn bad_readiness_values_are_refused_naming_the_field() {
+        let cases = [
+            ("  ready: probes\n", "supervisor.ready", "no checks"),
+            (
+                "  watchdog: 10s\n",
+                "supervisor.watchdog",
+                "only a notify service sends WATCHDOG=1",
+            ),
+            (
+                "  ready: exec\n  watchdog: 10s\n",
+                "supervisor.watchdog",
+                "needs supervisor.ready: notify",
+            ),
+            ("  after: [foo]\n", "supervisor.after", "itself"),
+            ("  after: [db, db]\n", "supervisor.after", "twice"),
+            (
+                "  after: ['../db']\n",
+                "supervisor.after",
+                "not a service name",
+            ),
+            ("  after: [Db]\n", "supervisor.after", "not a service name"),
+        ];
+        for (lines, field, why) in cases {
+            let err = Manifest::parse("foo.yaml", &supervisor_with(lines)).unwrap_err();
+            let msg = err.to_string();
+            assert!(
+                matches!(&err, ManifestError::Invalid { field: f, .. } if *f == field)
+                    && msg.contains(why),
+                "{lines}: {msg}"
+            );
+        }
+        // Values the parser refuses: still a refusal that says what is wrong.
+        for (lines, why) in [
+            (
+                "  ready: soon\n",
+                "supervisor.ready: unknown variant `soon`, expected one of notify, probes, exec",
+            ),
+            (
+                "  ready_timeout: 0s\n",
+                "supervisor.ready_timeout: \"0s\" is zero",
+            ),
+            (
+                "  watchdog: 0s\n  ready: notify\n",
+                "supervisor.watchdog: \"0s\" is zero",
+            ),
+            (
+                "  ready_timeout: later\n",
+                "supervisor.ready_timeout: \"later\" is not a duration",
+            ),
+            ("  after: db\n", "supervisor.after: "),
+        ] {
+            let err = Manifest::parse("foo.yaml", &supervisor_with(lines)).unwrap_err();
+            let msg = err.to_string();
+            assert!(msg.contains(why), "{lines}: {msg}");
+        }
+        // A manifest built in code is validated the same way.
+        let mut m = Manifest::parse("foo.yaml", GOOD).unwrap();
+        m.supervisor.ready = Some(Ready::Notify);
+        m.supervisor.watchdog = Some(Duration::ZERO);
+        let err = m.validate("foo.yaml").unwrap_err();
+        assert!(
+            err.to_string().contains("supervisor.watchdog: is zero"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -13,6 +13,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_saphyr::{Location, Spanned};
 
+use crate::manifest::{Ready, READY_TIMEOUT};
+
 /// A spec error: where it is (file, line, column), which field, and what is expected.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SpecError {
@@ -246,6 +248,14 @@ pub struct Supervisor {
     pub within: Duration,
     /// How long a stop waits after TERM before KILL.
     pub stop_grace: Duration,
+    /// When a run counts as ready (default: `probes` with checks, else `exec`).
+    pub ready: Ready,
+    /// A start not ready within this is a failed start (default 90s).
+    pub ready_timeout: Duration,
+    /// With `ready: notify` only: the longest the daemon may go without `WATCHDOG=1`.
+    pub watchdog: Option<Duration>,
+    /// Services this one starts after (once they are ready) and stops before.
+    pub after: Vec<String>,
 }
 
 /// One active health probe and its schedule.
@@ -422,6 +432,14 @@ struct RawSupervisor {
     within: Option<S<String>>,
     #[serde(default)]
     stop_grace: Option<S<String>>,
+    #[serde(default)]
+    ready: Option<S<String>>,
+    #[serde(default)]
+    ready_timeout: Option<S<String>>,
+    #[serde(default)]
+    watchdog: Option<S<String>>,
+    #[serde(default)]
+    after: Vec<S<String>>,
 }
 
 #[derive(Deserialize)]
@@ -1150,7 +1168,8 @@ fn validate(c: &mut Checker<'_>, path: &Path, raw: RawSpec) -> Spec {
     }
 
     let launch = validate_launch(c, &raw.launch, &role);
-    let supervisor = validate_supervisor(c, raw.supervisor.as_ref());
+    // Checks written count for `ready: probes`, even one refused below for another reason.
+    let supervisor = validate_supervisor(c, raw.supervisor.as_ref(), &name, !raw.checks.is_empty());
     let mut checks = Vec::new();
     for (i, ch) in raw.checks.iter().enumerate() {
         if let Some(check) = validate_check(c, ch, &format!("checks[{i}]")) {
@@ -1234,6 +1253,12 @@ fn validate_launch(c: &mut Checker<'_>, raw: &S<RawLaunch>, role: &str) -> Launc
                 &field,
                 format!("{k:?} is not a valid environment variable name ([A-Za-z_][A-Za-z0-9_]*)"),
             );
+        } else if SUPERVISOR_ENV.contains(&k.as_str()) {
+            c.err(
+                Some(v.referenced),
+                &field,
+                format!("{k} is set by the supervisor for the notify protocol (`supervisor.ready: notify`) and passed through by the launch script; remove it from `launch.env`"),
+            );
         }
         env.insert(k.clone(), c.text(v, &field, false));
     }
@@ -1277,6 +1302,10 @@ fn validate_launch(c: &mut Checker<'_>, raw: &S<RawLaunch>, role: &str) -> Launc
     }
 }
 
+/// The notify protocol's variables: the supervisor (keepup-agent or systemd) sets them, and the
+/// launch script passes them through its clean environment when they are set.
+pub const SUPERVISOR_ENV: [&str; 3] = ["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"];
+
 fn argv_of(c: &mut Checker<'_>, v: &S<Vec<String>>, field: &str) -> Vec<String> {
     if v.value.is_empty() {
         c.err(
@@ -1309,12 +1338,27 @@ fn no_assignment(c: &mut Checker<'_>, v: &S<Vec<String>>, field: &str, argv: &[S
     }
 }
 
-fn validate_supervisor(c: &mut Checker<'_>, raw: Option<&RawSupervisor>) -> Supervisor {
+/// `name` is the service's own name (`after` may not list it); `has_checks`: the spec has
+/// checks, which makes `probes` the default `ready` and possible at all.
+fn validate_supervisor(
+    c: &mut Checker<'_>,
+    raw: Option<&RawSupervisor>,
+    name: &str,
+    has_checks: bool,
+) -> Supervisor {
     let mut s = Supervisor {
         kind: SupervisorKind::Agent,
         count: 10,
         within: Duration::from_secs(60),
         stop_grace: Duration::from_secs(10),
+        ready: if has_checks {
+            Ready::Probes
+        } else {
+            Ready::Exec
+        },
+        ready_timeout: READY_TIMEOUT,
+        watchdog: None,
+        after: Vec::new(),
     };
     let Some(raw) = raw else { return s };
     if let Some(k) = &raw.kind {
@@ -1343,7 +1387,92 @@ fn validate_supervisor(c: &mut Checker<'_>, raw: Option<&RawSupervisor>) -> Supe
         "supervisor.stop_grace",
         s.stop_grace,
     );
+    validate_readiness(c, raw, &mut s, name, has_checks);
     s
+}
+
+/// `ready`, `ready_timeout`, `watchdog` and `after` (the agent's manifest validation refuses
+/// the same things: `Manifest::validate`).
+fn validate_readiness(
+    c: &mut Checker<'_>,
+    raw: &RawSupervisor,
+    s: &mut Supervisor,
+    name: &str,
+    has_checks: bool,
+) {
+    if let Some(r) = &raw.ready {
+        match Ready::parse(&r.value) {
+            Some(Ready::Probes) if !has_checks => c.err(
+                Some(r.referenced),
+                "supervisor.ready",
+                "is probes, but the spec has no checks to pass; add a check under `checks`, or use `ready: exec`",
+            ),
+            Some(ready) => s.ready = ready,
+            None => c.err(
+                Some(r.referenced),
+                "supervisor.ready",
+                format!(
+                    "{:?} is not a readiness; expected one of {}",
+                    r.value,
+                    Ready::names()
+                ),
+            ),
+        }
+    }
+    s.ready_timeout = c.duration(
+        raw.ready_timeout.as_ref(),
+        "supervisor.ready_timeout",
+        s.ready_timeout,
+    );
+    if let Some(w) = &raw.watchdog {
+        let watchdog = c.duration(Some(w), "supervisor.watchdog", Duration::ZERO);
+        // A refused `ready` value already has its error; do not add a second one here.
+        let ready_refused = raw
+            .ready
+            .as_ref()
+            .is_some_and(|r| Ready::parse(&r.value).is_none());
+        if s.ready != Ready::Notify && !ready_refused {
+            c.err(
+                Some(w.referenced),
+                "supervisor.watchdog",
+                format!(
+                    "needs supervisor.ready: notify: only a notify service sends WATCHDOG=1 (ready is {}); set `ready: notify` or remove `watchdog`",
+                    s.ready
+                ),
+            );
+        }
+        if !watchdog.is_zero() {
+            s.watchdog = Some(watchdog);
+        }
+    }
+    for (i, a) in raw.after.iter().enumerate() {
+        let field = format!("supervisor.after[{i}]");
+        let svc = c.text(a, &field, false);
+        if !is_package_name(&svc) {
+            c.err(Some(a.referenced), &field, format!(
+                "{svc:?} is not a service name (lower case letters, digits, `+`, `-`, `.`; at least 2 characters, starting with a letter or digit)"
+            ));
+        } else if svc == name {
+            c.err(
+                Some(a.referenced),
+                &field,
+                format!("names this service ({svc}); a service cannot start after itself"),
+            );
+        } else if s.after.contains(&svc) {
+            c.err(
+                Some(a.referenced),
+                &field,
+                format!("names {svc} twice; list each service once"),
+            );
+        } else if s.kind == SupervisorKind::Systemd
+            && !crate::manifest::is_unit_name(&format!("{svc}.service"))
+        {
+            c.err(Some(a.referenced), &field, format!(
+                "{svc:?} cannot be a systemd unit name (`+` is not allowed in one), and a `kind: systemd` service starts after `<name>.service`"
+            ));
+        }
+        s.after.push(svc);
+    }
 }
 
 fn validate_check(c: &mut Checker<'_>, raw: &S<RawCheck>, field: &str) -> Option<Check> {

@@ -385,3 +385,174 @@ fn control_characters_in_unit_values_are_refused_where_they_are() {
     ));
     assert_eq!((e.line, e.field.as_str()), (3, "summary"), "{shown}");
 }
+
+/// GOOD with a `supervisor:` section of `lines` (each indented by the caller).
+fn with_supervisor(lines: &str) -> String {
+    format!("{GOOD}supervisor:\n{lines}")
+}
+
+const CHECK: &str = "checks:\n  - tcp: { port: 7070 }\n";
+
+#[test]
+fn readiness_defaults_follow_the_checks() {
+    use keepup_packager::manifest::Ready;
+    let d = dir();
+    let s = parse(d.path(), GOOD).unwrap();
+    assert_eq!(s.supervisor.ready, Ready::Exec);
+    assert_eq!(s.supervisor.ready_timeout.as_secs(), 90);
+    assert_eq!(s.supervisor.watchdog, None);
+    assert!(s.supervisor.after.is_empty());
+    let s = parse(d.path(), &format!("{GOOD}{CHECK}")).unwrap();
+    assert_eq!(s.supervisor.ready, Ready::Probes);
+}
+
+#[test]
+fn readiness_watchdog_and_start_order_parse() {
+    use keepup_packager::manifest::{Manifest, Ready};
+    use std::time::Duration;
+    let d = dir();
+    let s = parse(
+        d.path(),
+        &with_supervisor(
+            "  ready: notify\n  ready_timeout: 2m\n  watchdog: 30s\n  after: [db, cache.v2]\n",
+        ),
+    )
+    .unwrap();
+    let sv = &s.supervisor;
+    assert_eq!(sv.ready, Ready::Notify);
+    assert_eq!(sv.ready_timeout, Duration::from_secs(120));
+    assert_eq!(sv.watchdog, Some(Duration::from_secs(30)));
+    assert_eq!(sv.after, ["db", "cache.v2"]);
+    // `ready: exec` with checks: the checks still run, readiness does not wait for them.
+    let s = parse(
+        d.path(),
+        &format!("{}{CHECK}", with_supervisor("  ready: exec\n")),
+    )
+    .unwrap();
+    assert_eq!(s.supervisor.ready, Ready::Exec);
+
+    // The manifest carries the resolved values, and reads back the same.
+    for text in [
+        GOOD.to_string(),
+        format!("{GOOD}{CHECK}"),
+        with_supervisor("  ready: notify\n  watchdog: 1500ms\n  after: [db]\n"),
+    ] {
+        let s = parse(d.path(), &text).unwrap();
+        let m = Manifest::from_spec(&s);
+        assert_eq!(m.supervisor.ready, Some(s.supervisor.ready));
+        assert_eq!(m.ready(), s.supervisor.ready);
+        assert_eq!(m.supervisor.ready_timeout, Some(s.supervisor.ready_timeout));
+        assert_eq!(m.supervisor.watchdog, s.supervisor.watchdog);
+        assert_eq!(m.supervisor.after, s.supervisor.after);
+        let yaml = m.to_yaml();
+        assert!(
+            yaml.contains(&format!("ready: {}", s.supervisor.ready)),
+            "{yaml}"
+        );
+        assert_eq!(Manifest::parse("foo.yaml", &yaml).unwrap(), m, "{yaml}");
+    }
+}
+
+#[test]
+fn bad_readiness_watchdog_and_start_order_are_refused() {
+    // (supervisor lines, extra spec text, field, what the message says)
+    let cases = [
+        (
+            "  ready: soon\n",
+            "",
+            "supervisor.ready",
+            "\"soon\" is not a readiness; expected one of notify, probes, exec",
+        ),
+        (
+            "  ready: probes\n",
+            "",
+            "supervisor.ready",
+            "no checks to pass; add a check under `checks`, or use `ready: exec`",
+        ),
+        (
+            "  watchdog: 10s\n",
+            "",
+            "supervisor.watchdog",
+            "needs supervisor.ready: notify: only a notify service sends WATCHDOG=1 (ready is exec)",
+        ),
+        (
+            "  ready: probes\n  watchdog: 10s\n",
+            CHECK,
+            "supervisor.watchdog",
+            "(ready is probes)",
+        ),
+        (
+            "  ready: notify\n  watchdog: 0s\n",
+            "",
+            "supervisor.watchdog",
+            "is zero",
+        ),
+        (
+            "  ready_timeout: 0s\n",
+            "",
+            "supervisor.ready_timeout",
+            "is zero",
+        ),
+        (
+            "  ready_timeout: forever\n",
+            "",
+            "supervisor.ready_timeout",
+            "is not a duration",
+        ),
+        (
+            "  after: [db, foo]\n",
+            "",
+            "supervisor.after[1]",
+            "names this service (foo); a service cannot start after itself",
+        ),
+        (
+            "  after: [db, cache, db]\n",
+            "",
+            "supervisor.after[2]",
+            "names db twice",
+        ),
+        (
+            "  after: [\"../db\"]\n",
+            "",
+            "supervisor.after[0]",
+            "\"../db\" is not a service name",
+        ),
+        (
+            "  after: [x]\n",
+            "",
+            "supervisor.after[0]",
+            "is not a service name",
+        ),
+        (
+            "  kind: systemd\n  after: [c++d]\n",
+            "",
+            "supervisor.after[0]",
+            "cannot be a systemd unit name",
+        ),
+    ];
+    for (lines, extra, field, why) in cases {
+        let (e, shown) = one_error(&format!("{}{extra}", with_supervisor(lines)));
+        assert_eq!(e.field, field, "{lines}: {shown}");
+        assert!(e.line >= 13, "{lines}: {shown}");
+        assert!(shown.contains(why), "{lines}: {shown}");
+    }
+    // Not a list.
+    let (e, shown) = one_error(&with_supervisor("  after: db\n"));
+    assert_eq!(e.field, "supervisor.after", "{shown}");
+    assert!(shown.contains("write a list"), "{shown}");
+    // An agent-supervised service may start after a service whose name has a `+`.
+    let d = dir();
+    parse(d.path(), &with_supervisor("  after: [c++d]\n")).unwrap();
+}
+
+#[test]
+fn the_notify_variables_are_the_supervisors_not_the_specs() {
+    for var in ["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"] {
+        let (e, shown) = one_error(&GOOD.replace(
+            "  exec: [/usr/bin/food]",
+            &format!("  env:\n    {var}: /tmp/x\n  exec: [/usr/bin/food]"),
+        ));
+        assert_eq!(e.field, format!("launch.env.{var}"), "{shown}");
+        assert!(shown.contains("set by the supervisor"), "{shown}");
+    }
+}
