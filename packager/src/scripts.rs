@@ -6,7 +6,8 @@
 
 use std::fmt::Write as _;
 
-use crate::spec::{format_duration, Spec, SupervisorKind};
+use crate::manifest::Ready;
+use crate::spec::{format_duration, Spec, SupervisorKind, SUPERVISOR_ENV};
 
 /// Quote a value for POSIX sh: single quotes, with `'` written as `'\''`.
 pub fn quote(s: &str) -> String {
@@ -197,7 +198,13 @@ home=$(printf '%s\n' "$entry" | cut -d: -f6)
             );
         }
     }
-    s.push_str("\n# A clean environment: only what the spec sets, plus the role's identity.\n");
+    s.push_str(
+        "\n# A clean environment: only what the spec sets, plus the role's identity.\n\
+         # NOTIFY_SOCKET, WATCHDOG_USEC and WATCHDOG_PID pass through when set (and not empty):\n\
+         # the supervisor (keepup-agent, or systemd for Type=notify) sets them so the daemon can\n\
+         # say READY=1 and WATCHDOG=1 (sd_notify); exec keeps this script's pid, so the daemon\n\
+         # is the main process WATCHDOG_PID names. Values pass verbatim, never re-read as shell.\n",
+    );
     let mut env_args = vec![
         "\"PATH=$PATH\"".to_string(),
         "\"HOME=$home\"".to_string(),
@@ -205,6 +212,11 @@ home=$(printf '%s\n' "$entry" | cut -d: -f6)
         "\"LOGNAME=$role\"".to_string(),
         "LANG=C.UTF-8".to_string(),
     ];
+    // `${VAR:+"VAR=$VAR"}`: no word at all when unset or empty (also under `set -u`), else
+    // exactly one word, whatever the value holds.
+    for var in SUPERVISOR_ENV {
+        env_args.push(format!("${{{var}:+\"{var}=${var}\"}}"));
+    }
     for (k, v) in &l.env {
         env_args.push(quote(&format!("{k}={v}")));
     }
@@ -699,7 +711,20 @@ fn unit_value(v: &str) -> String {
     out
 }
 
+/// A duration as a systemd time span: whole seconds as `90s`, anything finer in `ms`.
+fn unit_span(d: std::time::Duration) -> String {
+    let ms = d.as_millis();
+    if ms % 1000 == 0 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
 /// The systemd unit for `supervisor.kind: systemd`: `Restart=always` around the launch script.
+/// `ready: notify` makes it `Type=notify` (with `TimeoutStartSec=` from `ready_timeout` and
+/// `WatchdogSec=` from `watchdog`); `after` orders it after each service's unit and pulls
+/// that unit in.
 pub fn systemd_unit(spec: &Spec) -> String {
     let s = &spec.supervisor;
     let mut unit = String::new();
@@ -711,11 +736,35 @@ pub fn systemd_unit(spec: &Spec) -> String {
     if let Some(h) = &spec.homepage {
         let _ = writeln!(unit, "Documentation={}", unit_value(h));
     }
+    unit.push_str("After=network.target\n");
+    // Names the spec checked: package names that are unit names too.
+    for svc in &s.after {
+        let _ = writeln!(unit, "After={svc}.service\nWants={svc}.service");
+    }
     let _ = write!(
         unit,
-        "After=network.target\nStartLimitIntervalSec={within}\nStartLimitBurst={count}\n\n[Service]\nType=exec\nExecStart={launch}\nRestart=always\nRestartSec=1\nKillMode=control-group\nTimeoutStopSec={grace}\n\n[Install]\nWantedBy=multi-user.target\n",
+        "StartLimitIntervalSec={within}\nStartLimitBurst={count}\n\n[Service]\n",
         within = s.within.as_secs().max(1),
         count = s.count,
+    );
+    if s.ready == Ready::Notify {
+        // The launch script `exec`s the daemon (through setpriv and env, which exec too), so
+        // the main process systemd watches is the daemon itself; nothing the script runs
+        // before the exec (checks) sends notifications.
+        let _ = writeln!(
+            unit,
+            "Type=notify\nNotifyAccess=main\nTimeoutStartSec={}",
+            unit_span(s.ready_timeout)
+        );
+        if let Some(w) = s.watchdog {
+            let _ = writeln!(unit, "WatchdogSec={}", unit_span(w));
+        }
+    } else {
+        unit.push_str("Type=exec\n");
+    }
+    let _ = write!(
+        unit,
+        "ExecStart={launch}\nRestart=always\nRestartSec=1\nKillMode=control-group\nTimeoutStopSec={grace}\n\n[Install]\nWantedBy=multi-user.target\n",
         launch = unit_value(&spec.launch_path()),
         grace = s.stop_grace.as_secs().max(1),
     );
@@ -841,6 +890,131 @@ mod tests {
         std::fs::write(dir.join("food"), b"#!/bin/sh\n").unwrap();
         let text = "name: foo\nversion: 1.0.0\nsummary: Example daemon\nmaintainer: Ops <ops@example.org>\nlicense: Apache-2.0\nrole: foo\nfiles:\n  - src: food\n    dst: /etc/foo/secret.conf\n    owner: foo\n    mode: \"0640\"\nlaunch:\n  dirs:\n    - path: /var/lib/foo\n    - path: /var/lib/foo/data\n  exec: [/usr/bin/food]\nsupervisor:\n  kind: systemd\n";
         Spec::parse(&dir.join("foo.yaml"), text).unwrap()
+    }
+
+    /// `sample_spec`'s text with `supervisor:` replaced by `supervisor` (fails loudly if the
+    /// fixture has none).
+    fn spec_with_supervisor(dir: &std::path::Path, supervisor: &str) -> Spec {
+        std::fs::write(dir.join("food"), b"#!/bin/sh\n").unwrap();
+        let text = format!("name: foo\nversion: 1.0.0\nsummary: Example daemon\nmaintainer: Ops <ops@example.org>\nlicense: Apache-2.0\nrole: foo\nlaunch:\n  exec: [/usr/bin/env]\n{supervisor}");
+        Spec::parse(&dir.join("foo.yaml"), &text).unwrap()
+    }
+
+    /// Runs the whole generated launch script with `sh`, as the current user (the spec's role
+    /// is changed to it), with a clean environment plus `env`; returns what the daemon
+    /// (`/usr/bin/env`) printed.
+    fn run_launch_script(env: &[(&str, &str)]) -> String {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut spec = spec_with_supervisor(tmp.path(), "");
+        let me = std::process::Command::new("id")
+            .arg("-un")
+            .output()
+            .unwrap();
+        spec.role = String::from_utf8(me.stdout).unwrap().trim().to_string();
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(launch_script(&spec))
+            .env_clear()
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    }
+
+    #[test]
+    fn the_notify_variables_reach_the_daemon_only_when_set() {
+        // What a supervisor might set, with shell in it: it must arrive as it was.
+        let socket = "/run/keepup/notify/foo it's $(touch /tmp/pwned) `id`.sock";
+        let out = run_launch_script(&[
+            ("NOTIFY_SOCKET", socket),
+            ("WATCHDOG_USEC", "30000000"),
+            ("WATCHDOG_PID", "4242"),
+            ("SECRET", "not for the daemon"),
+        ]);
+        let daemon_env: Vec<&str> = out
+            .lines()
+            .skip_while(|l| !l.starts_with("run-foo: environment sane"))
+            .skip(1)
+            .collect();
+        for want in [
+            format!("NOTIFY_SOCKET={socket}"),
+            "WATCHDOG_USEC=30000000".into(),
+            "WATCHDOG_PID=4242".into(),
+            "LANG=C.UTF-8".into(),
+        ] {
+            assert!(daemon_env.contains(&want.as_str()), "{want}: {out}");
+        }
+        assert!(!out.contains("SECRET"), "{out}");
+
+        // Unset, or set but empty: not there at all (not an empty NOTIFY_SOCKET=).
+        for env in [&[][..], &[("NOTIFY_SOCKET", ""), ("WATCHDOG_USEC", "")][..]] {
+            let out = run_launch_script(env);
+            assert!(out.contains("LANG=C.UTF-8"), "the daemon ran: {out}");
+            for var in SUPERVISOR_ENV {
+                assert!(!out.contains(var), "{var}: {out}");
+            }
+        }
+    }
+
+    #[test]
+    fn notify_units_are_type_notify_with_timeouts_watchdog_and_order() {
+        let tmp = tempfile::tempdir().unwrap();
+        let unit = systemd_unit(&spec_with_supervisor(
+            tmp.path(),
+            "supervisor:\n  kind: systemd\n  ready: notify\n  ready_timeout: 2m\n  watchdog: 1500ms\n  after: [db, cache]\n",
+        ));
+        let service = unit.split("[Service]\n").nth(1).unwrap();
+        assert!(
+            service.starts_with("Type=notify\nNotifyAccess=main\nTimeoutStartSec=120s\nWatchdogSec=1500ms\nExecStart=/usr/sbin/run-foo\n"),
+            "{unit}"
+        );
+        let head = unit.split("[Service]\n").next().unwrap();
+        assert!(
+            head.contains(
+                "After=network.target\nAfter=db.service\nWants=db.service\nAfter=cache.service\nWants=cache.service\nStartLimitIntervalSec=60\n"
+            ),
+            "{unit}"
+        );
+
+        // Without a watchdog: no WatchdogSec; the ready timeout defaults to 90s.
+        let unit = systemd_unit(&spec_with_supervisor(
+            tmp.path(),
+            "supervisor:\n  kind: systemd\n  ready: notify\n",
+        ));
+        assert!(
+            unit.contains("Type=notify\nNotifyAccess=main\nTimeoutStartSec=90s\nExecStart="),
+            "{unit}"
+        );
+        assert!(!unit.contains("Watchdog"), "{unit}");
+
+        // exec and probes keep Type=exec and systemd's start timeout.
+        for ready in ["exec", "probes"] {
+            let checks = if ready == "probes" {
+                "checks:\n  - tcp: { port: 7070 }\n"
+            } else {
+                ""
+            };
+            let unit = systemd_unit(&spec_with_supervisor(
+                tmp.path(),
+                &format!("supervisor:\n  kind: systemd\n  ready: {ready}\n{checks}"),
+            ));
+            assert!(unit.contains("\nType=exec\nExecStart="), "{unit}");
+            for absent in [
+                "notify",
+                "Notify",
+                "TimeoutStartSec",
+                "Wants=",
+                ".service\n",
+            ] {
+                assert!(!unit.contains(absent), "{absent}: {unit}");
+            }
+        }
     }
 
     #[test]
