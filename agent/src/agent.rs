@@ -18,12 +18,15 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::config::Config;
 use crate::control::{self, Incoming, Request, Response};
+use crate::events::Events;
+use crate::hoststate::{HostState, SharedHost};
 use crate::reaper::{self, Spawned};
 use crate::refuse::Roles;
-use crate::report::{Events, HostState, SharedHost};
 use crate::service::{self, Ctx, Handle, ServiceCommand};
+use crate::statefile::open_lock_file;
 use crate::update::{self, PassRequest};
 use crate::watch::DirWatch;
+use keepup_deploy::wire::{EventKind, ServiceState};
 
 /// Upper bound on the shutdown: every service's stop runs in parallel within its
 /// `stop_grace`; this covers the longest plus reaping.
@@ -37,19 +40,6 @@ const SHUTDOWN_SLACK: Duration = Duration::from_secs(10);
 /// socket it answers on.
 pub struct AgentLock {
     _lock: Flock<File>,
-}
-
-/// Opens (creating, mode 0600) a lock file, refusing to follow a symlink planted in its place.
-pub fn open_lock_file(path: &Path) -> std::io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .mode(0o600)
-        .custom_flags(nix::libc::O_NOFOLLOW)
-        .open(path)
 }
 
 /// Takes the agent lock or explains who has it.
@@ -136,12 +126,12 @@ pub async fn run(cfg: Config) -> Result<()> {
     );
     let events = Events::persistent(cfg.state_dir.join("events.json"));
     events.push(
-        "agent-start",
+        EventKind::AgentStart,
         None,
         format!("keepup-agent started (pid {})", std::process::id()),
     );
     let host_state: SharedHost = Arc::new(std::sync::Mutex::new(HostState::load(
-        &cfg.state_dir.join(crate::report::HOST_STATE_FILE),
+        &cfg.state_dir.join(crate::hoststate::HOST_STATE_FILE),
     )));
     let report_now = Arc::new(Notify::new());
     let updater = start_updater(&cfg, &to_agent, &spawned, &events, &host_state, &report_now);
@@ -278,7 +268,7 @@ impl Agent {
             if fresh {
                 let parsed = read_manifest(&path);
                 if let Err(why) = &parsed {
-                    self.ctx.events.push("refused", None, why.clone());
+                    self.ctx.events.push(EventKind::Refused, None, why.clone());
                 }
                 self.seen.insert(path.clone(), (key, parsed));
             }
@@ -409,7 +399,7 @@ impl Agent {
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
                             .snapshot(now);
-                        if s.state == crate::policy::State::GivenUp {
+                        if s.state == ServiceState::GivenUp {
                             let next = crate::policy::next_tick(
                                 self.ctx.epoch,
                                 self.ctx.cfg.rekick_every,
@@ -494,7 +484,7 @@ impl Agent {
     /// Adds the manifest files that are not used (unreadable, not a manifest, a refused
     /// value) to a status: as a `refused` entry named after the file, or, when a service of
     /// that name runs from an earlier version of the file, as a note on it.
-    fn show_refused_files(&self, services: &mut Vec<crate::control::ServiceStatus>) {
+    fn show_refused_files(&self, services: &mut Vec<crate::proto::ServiceStatus>) {
         let mut refused: Vec<(&PathBuf, &String)> = self
             .seen
             .iter()
@@ -516,11 +506,11 @@ impl Agent {
                 ));
                 continue;
             }
-            services.push(crate::control::ServiceStatus {
+            services.push(crate::proto::ServiceStatus {
                 name: stem,
                 version: String::new(),
                 supervisor: "-".into(),
-                state: crate::policy::State::Refused,
+                state: ServiceState::Refused,
                 pid: None,
                 uptime_secs: None,
                 restarts: 0,

@@ -11,8 +11,8 @@ use keepup_packager::spec::parse_duration;
 use serde::Deserialize;
 
 use crate::policy::Respawn;
-use crate::update::plan::Format;
 use crate::update::schedule::Schedule;
+use keepup_deploy::wire::Format;
 
 /// Where the agent looks for its configuration when `--config` is not given (optional).
 pub const DEFAULT_CONFIG: &str = "/etc/keepup/agent.yaml";

@@ -8,13 +8,17 @@ mod agent;
 mod cgroup;
 mod config;
 mod control;
+mod events;
+mod hoststate;
 mod logfile;
 mod policy;
+mod proto;
 mod reaper;
 mod refuse;
 mod report;
 mod role;
 mod service;
+mod statefile;
 mod systemd;
 mod update;
 mod watch;
@@ -138,7 +142,7 @@ async fn update_now(cfg: Config, now: bool, json: bool) -> Result<ExitCode> {
             );
         }
         let cfg = std::sync::Arc::new(cfg);
-        let events = crate::report::Events::default();
+        let events = crate::events::Events::default();
         let u = update::pass::Updater::new(cfg, None, None, events)
             .await
             .expect("the updater is configured");
@@ -189,13 +193,13 @@ async fn main_async(cli: Cli) -> Result<ExitCode> {
     if json {
         println!("{}", serde_json::to_string_pretty(&resp)?);
     } else if is_status {
-        print!("{}", control::render_status(&resp.services));
+        print!("{}", proto::render_status(&resp.services));
     } else {
         if let Some(m) = &resp.message {
             println!("{m}");
         }
         for c in &resp.checks {
-            println!("{}", control::render_probe(c));
+            println!("{}", proto::render_probe(c));
         }
         if let Some(e) = &resp.error {
             eprintln!("keepup-agent: {e}");

@@ -3,10 +3,9 @@
 //! acts on these decisions.
 
 use std::collections::VecDeque;
-use std::fmt;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
+use keepup_deploy::wire::ServiceState;
 
 /// Default fast-crash threshold: a run shorter than this is a *fast crash*, and only fast
 /// crashes make the respawn delay grow.
@@ -67,49 +66,6 @@ impl Respawn {
     }
 }
 
-/// What a service is doing, as `keepup-agent status` shows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum State {
-    /// Spawned less than the fast-crash time ago, or its probes are still in their grace period.
-    Starting,
-    /// Up and past its start.
-    Running,
-    /// Exited; waiting out the respawn delay.
-    Backoff,
-    /// Started `count` times within `within`: no more respawns until the next re-kick.
-    GivenUp,
-    /// Admin-down: stopped, and neither respawned nor re-kicked until `up`.
-    Down,
-    /// The launch script said the environment is not sane and exited; it will be respawned.
-    NotSane,
-    /// The manifest is not supervised at all: its role kill would hit processes that are not
-    /// the service's (a reserved or login account, a role of another service, uid 0), or its
-    /// limits are 0.
-    Refused,
-}
-
-impl State {
-    /// The state's name as shown and as written in JSON (`given-up`, `not-sane`, ...).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            State::Starting => "starting",
-            State::Running => "running",
-            State::Backoff => "backoff",
-            State::GivenUp => "given-up",
-            State::Down => "down",
-            State::NotSane => "not-sane",
-            State::Refused => "refused",
-        }
-    }
-}
-
-impl fmt::Display for State {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
 /// Start times inside the give-up window, like upstart's `respawn limit COUNT INTERVAL`.
 #[derive(Debug, Clone, Default)]
 pub struct StartHistory {
@@ -151,14 +107,14 @@ impl StartHistory {
 }
 
 /// What to do after the launch script exited.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AfterExit {
     /// Respawn after this delay; the state meanwhile is `backoff` or `not-sane`.
     Respawn {
         /// Delay before the next start.
         delay: Duration,
         /// The state to show while waiting.
-        state: State,
+        state: ServiceState,
     },
     /// Too many starts within the window: given up until a re-kick.
     GiveUp,
@@ -182,9 +138,9 @@ pub fn after_exit(
         return AfterExit::GiveUp;
     }
     let state = if not_sane {
-        State::NotSane
+        ServiceState::NotSane
     } else {
-        State::Backoff
+        ServiceState::Backoff
     };
     AfterExit::Respawn { delay, state }
 }
@@ -377,7 +333,7 @@ mod tests {
             d,
             AfterExit::Respawn {
                 delay: MS(100),
-                state: State::Backoff
+                state: ServiceState::Backoff
             }
         );
         h.record(t0 + MS(600));
@@ -411,7 +367,7 @@ mod tests {
             d,
             AfterExit::Respawn {
                 delay: Duration::ZERO,
-                state: State::NotSane
+                state: ServiceState::NotSane
             }
         );
     }
@@ -451,6 +407,6 @@ mod tests {
         assert_eq!(short_duration(Duration::from_secs(200)), "3m20s");
         assert_eq!(short_duration(Duration::from_secs(7500)), "2h5m");
         assert_eq!(short_duration(Duration::from_secs(90000)), "1d1h");
-        assert_eq!(State::GivenUp.to_string(), "given-up");
+        assert_eq!(ServiceState::GivenUp.to_string(), "given-up");
     }
 }

@@ -5,179 +5,20 @@
 //! ring of recent [`Events`]. Posting never blocks supervision: it runs in its own task with a
 //! timeout, a failure is logged once per outage and the next report simply tries again.
 
-use std::collections::{BTreeMap, VecDeque};
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
 
-use keepup_deploy::wire::report::{
-    Event, ProbeReport, Report, ServiceReport, StartReport, UpdateReport, MAX_EVENTS, REPORT_PATH,
-};
-use keepup_deploy::wire::Format;
+use keepup_deploy::wire::report::{ProbeReport, Report, ServiceReport, REPORT_PATH};
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::config::ReportConfig;
-use crate::control::{Incoming, Request, ServiceStatus};
-
-/// How many of the latest events a new one is compared with (see [`Events::push`]).
-const REPEAT_WINDOW: usize = 4;
+use crate::events::{now_unix, Events};
+use crate::hoststate::{HostState, SharedHost};
+use crate::proto::{Incoming, Request, ServiceStatus};
 
 /// How long one post may take.
 const POST_TIMEOUT: Duration = Duration::from_secs(20);
-
-/// Unix time now, in seconds.
-pub fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-/// The ring of recent events (the last [`MAX_EVENTS`]), shared by the services, the updater
-/// and the reporter; with a file, kept across agent restarts (an upgrade of the agent, a
-/// crash), so what led to the restart still reaches the server.
-#[derive(Debug, Clone, Default)]
-pub struct Events(Arc<Mutex<Ring>>);
-
-#[derive(Debug, Default)]
-struct Ring {
-    events: VecDeque<Event>,
-    file: Option<PathBuf>,
-}
-
-impl Events {
-    /// Events saved in `file` (JSON, replaced atomically on every new event), starting with
-    /// what it holds. A missing file is an empty ring; an unreadable one is logged and
-    /// replaced.
-    pub fn persistent(file: PathBuf) -> Events {
-        let events = match std::fs::read(&file) {
-            Ok(bytes) => match serde_json::from_slice::<VecDeque<Event>>(&bytes) {
-                Ok(mut q) => {
-                    while q.len() > MAX_EVENTS {
-                        q.pop_front();
-                    }
-                    q
-                }
-                Err(e) => {
-                    eprintln!(
-                        "keepup-agent: {}: not a list of events ({e}); starting a new one",
-                        file.display()
-                    );
-                    VecDeque::new()
-                }
-            },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => VecDeque::new(),
-            Err(e) => {
-                eprintln!(
-                    "keepup-agent: cannot read {} ({e}); starting a new list of events",
-                    file.display()
-                );
-                VecDeque::new()
-            }
-        };
-        Events(Arc::new(Mutex::new(Ring {
-            events,
-            file: Some(file),
-        })))
-    }
-
-    /// Records an event now, unless the same one (kind, service, message) is among the last
-    /// few: a failure that repeats every pass (an unreachable repository, a replayed index) is
-    /// recorded once, with the time it began, instead of pushing everything else out.
-    pub fn push(&self, kind: &str, service: Option<&str>, message: impl Into<String>) {
-        let message = message.into();
-        let mut ring = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let q = &mut ring.events;
-        let repeated = q
-            .iter()
-            .rev()
-            .take(REPEAT_WINDOW)
-            .any(|e| e.kind == kind && e.service.as_deref() == service && e.message == message);
-        if repeated {
-            return;
-        }
-        q.push_back(Event {
-            at: now_unix(),
-            service: service.map(String::from),
-            kind: kind.into(),
-            message,
-        });
-        while q.len() > MAX_EVENTS {
-            q.pop_front();
-        }
-        if let Some(file) = &ring.file {
-            if let Err(e) = save_json(file, &ring.events) {
-                eprintln!(
-                    "keepup-agent: cannot save events to {}: {e} (they are still reported)",
-                    file.display()
-                );
-            }
-        }
-    }
-
-    /// The events, oldest first.
-    pub fn list(&self) -> Vec<Event> {
-        let ring = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        ring.events.iter().cloned().collect()
-    }
-}
-
-/// Writes `value` as JSON to `file` through a temporary file and a rename.
-fn save_json(file: &Path, value: &impl serde::Serialize) -> std::io::Result<()> {
-    let tmp = file.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec(value)?)?;
-    std::fs::rename(&tmp, file)
-}
-
-/// What the updater last found and did, for reports. Saved in `state_dir` after each pass
-/// ([`HOST_STATE_FILE`]) and read back when the agent starts, so a restarted agent (its own
-/// upgrade, a reboot) reports what is installed before its next pass, not "missing".
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
-#[serde(default)]
-pub struct HostState {
-    /// The track from the fleet policy (`None`: not assigned, or not known yet).
-    pub track: Option<String>,
-    /// The host's package format.
-    pub format: Option<Format>,
-    /// The host's architecture.
-    pub arch: Option<String>,
-    /// Fully installed packages of the repository's services.
-    pub installed: BTreeMap<String, String>,
-    /// Services quarantined here.
-    pub quarantined: Vec<String>,
-    /// The last pass.
-    pub update: Option<UpdateReport>,
-    /// The last start judgement per service.
-    pub starts: BTreeMap<String, StartReport>,
-}
-
-/// Shared between the updater (writes) and the reporter (reads).
-pub type SharedHost = Arc<Mutex<HostState>>;
-
-/// The file in `state_dir` that keeps the [`HostState`] across agent restarts.
-pub const HOST_STATE_FILE: &str = "host-state.json";
-
-impl HostState {
-    /// The state saved in `file`; empty if there is none or it cannot be read (said on
-    /// stderr: the next pass finds it all again).
-    pub fn load(file: &Path) -> HostState {
-        match std::fs::read(file) {
-            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-                eprintln!(
-                    "keepup-agent: {}: unreadable ({e}); the next pass finds it again",
-                    file.display()
-                );
-                HostState::default()
-            }),
-            Err(_) => HostState::default(),
-        }
-    }
-
-    /// Saves the state in `file` (a temporary file, then a rename).
-    pub fn save(&self, file: &Path) -> std::io::Result<()> {
-        save_json(file, self)
-    }
-}
 
 /// Builds a report from the host state, the events and the supervisor's status.
 pub fn build(host: &str, state: &HostState, events: &Events, services: &[ServiceStatus]) -> Report {
@@ -195,7 +36,7 @@ pub fn build(host: &str, state: &HostState, events: &Events, services: &[Service
             .map(|s| ServiceReport {
                 name: s.name.clone(),
                 version: s.version.clone(),
-                state: s.state.as_str().to_string(),
+                state: s.state.clone(),
                 restarts: s.restarts,
                 probes: s
                     .probes
@@ -315,14 +156,16 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::ProbeStatus;
-    use crate::policy::State;
+    use crate::hoststate::HOST_STATE_FILE;
+    use crate::proto::ProbeStatus;
+    use keepup_deploy::wire::report::{StartReport, MAX_EVENTS};
+    use keepup_deploy::wire::{EventKind, Format, ServiceState};
 
     #[test]
     fn events_keep_the_last_ones() {
         let e = Events::default();
         for i in 0..MAX_EVENTS + 5 {
-            e.push("install", Some("foo"), format!("n{i}"));
+            e.push(EventKind::Install, Some("foo"), format!("n{i}"));
         }
         let l = e.list();
         assert_eq!(l.len(), MAX_EVENTS);
@@ -336,16 +179,20 @@ mod tests {
         let file = dir.path().join("events.json");
         let e = Events::persistent(file.clone());
         assert!(e.list().is_empty());
-        e.push("upgrade", Some("foo"), "upgraded foo 1 -> 2");
-        e.push("agent-start", None, "started");
+        e.push(EventKind::Upgrade, Some("foo"), "upgraded foo 1 -> 2");
+        e.push(EventKind::AgentStart, None, "started");
         let again = Events::persistent(file.clone());
-        let kinds: Vec<String> = again.list().into_iter().map(|e| e.kind).collect();
+        let kinds: Vec<String> = again
+            .list()
+            .into_iter()
+            .map(|e| e.kind.to_string())
+            .collect();
         assert_eq!(kinds, ["upgrade", "agent-start"]);
         // A damaged file is replaced, not fatal.
         std::fs::write(&file, "{not json").unwrap();
         let fresh = Events::persistent(file.clone());
         assert!(fresh.list().is_empty());
-        fresh.push("agent-start", None, "started");
+        fresh.push(EventKind::AgentStart, None, "started");
         assert_eq!(Events::persistent(file).list().len(), 1);
     }
 
@@ -376,30 +223,30 @@ mod tests {
         let e = Events::default();
         for _ in 0..10 {
             e.push(
-                "refused",
+                EventKind::Refused,
                 None,
                 "refused fleet.yaml: serial 1 is lower than 2",
             );
             e.push(
-                "update-failed",
+                EventKind::UpdateFailed,
                 None,
                 "refused fleet.yaml: serial 1 is lower than 2",
             );
         }
         assert_eq!(e.list().len(), 2);
-        e.push("started", Some("foo"), "foo 1.1-1: started");
+        e.push(EventKind::Started, Some("foo"), "foo 1.1-1: started");
         e.push(
-            "update-failed",
+            EventKind::UpdateFailed,
             None,
             "refused fleet.yaml: serial 1 is lower than 2",
         );
         assert_eq!(e.list().len(), 3);
         // Once other things have happened, it is news again.
         for i in 0..4 {
-            e.push("install", Some("foo"), format!("n{i}"));
+            e.push(EventKind::Install, Some("foo"), format!("n{i}"));
         }
         e.push(
-            "update-failed",
+            EventKind::UpdateFailed,
             None,
             "refused fleet.yaml: serial 1 is lower than 2",
         );
@@ -409,7 +256,7 @@ mod tests {
     #[test]
     fn report_from_status_and_state() {
         let events = Events::default();
-        events.push("given-up", Some("foo"), "given up after 10 starts");
+        events.push(EventKind::GivenUp, Some("foo"), "given up after 10 starts");
         let mut st = HostState {
             track: Some("stable".into()),
             format: Some(Format::Deb),
@@ -431,7 +278,7 @@ mod tests {
             name: "foo".into(),
             version: "1.0.0".into(),
             supervisor: "agent".into(),
-            state: State::GivenUp,
+            state: ServiceState::GivenUp,
             pid: None,
             uptime_secs: None,
             restarts: 9,
@@ -449,11 +296,11 @@ mod tests {
         let r = build("web1", &st, &events, &[svc]);
         r.validate().unwrap();
         assert_eq!(r.track.as_deref(), Some("stable"));
-        assert_eq!(r.services[0].state, "given-up");
+        assert_eq!(r.services[0].state, ServiceState::GivenUp);
         assert_eq!(r.services[0].restarts, 9);
         assert_eq!(r.services[0].probes[0].failures, 3);
         assert!(!r.services[0].start.as_ref().unwrap().started);
-        assert_eq!(r.events[0].kind, "given-up");
+        assert_eq!(r.events[0].kind, EventKind::GivenUp);
         assert_eq!(r.installed["foo"], "1.0.0-1");
     }
 

@@ -19,13 +19,14 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
 use crate::config::Config;
-use crate::control::{ProbeStatus, Response, ServiceStatus};
 use crate::logfile::{self, LogFile, SharedLog};
-use crate::policy::{self, AfterExit, StartHistory, State};
+use crate::policy::{self, AfterExit, StartHistory};
+use crate::proto::{ProbeStatus, Response, ServiceStatus};
 use crate::reaper::Spawned;
 use crate::refuse::{self, Roles};
 use crate::role;
 use crate::systemd::{self, UnitState};
+use keepup_deploy::wire::{EventKind, ServiceState};
 
 /// `PATH` for launch scripts (they set their own too).
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -53,7 +54,7 @@ pub struct Ctx {
     /// When the agent started: the re-kick timer ticks every `rekick_every` from here.
     pub epoch: Instant,
     /// Recent events, for reports (give-ups, health kills).
-    pub events: crate::report::Events,
+    pub events: crate::events::Events,
 }
 
 /// Requests from the agent to a service task.
@@ -92,13 +93,13 @@ impl ServiceCommand {
     }
 }
 
-/// State visible to `status`, updated by the service task.
+/// ServiceState visible to `status`, updated by the service task.
 #[derive(Debug, Clone)]
 pub struct Shared {
     name: String,
     version: String,
     supervisor: &'static str,
-    state: State,
+    state: ServiceState,
     pid: Option<u32>,
     started: Option<Instant>,
     /// A run counts as `starting` until it has run this long.
@@ -124,17 +125,17 @@ struct ProbeSlot {
 impl Shared {
     /// The status snapshot at `now`.
     pub fn snapshot(&self, now: Instant) -> ServiceStatus {
-        let mut state = self.state;
+        let mut state = self.state.clone();
         let uptime = self.started.map(|s| now.saturating_duration_since(s));
         let said_not_sane = self
             .not_sane
             .as_ref()
             .is_some_and(|f| f.load(Ordering::Relaxed));
-        if state == State::Running && said_not_sane {
+        if state == ServiceState::Running && said_not_sane {
             // The launch script is in its not-sane sleep, about to exit.
-            state = State::NotSane;
-        } else if state == State::Running && uptime.is_some_and(|u| u < self.settle) {
-            state = State::Starting;
+            state = ServiceState::NotSane;
+        } else if state == ServiceState::Running && uptime.is_some_and(|u| u < self.settle) {
+            state = ServiceState::Starting;
         }
         ServiceStatus {
             name: self.name.clone(),
@@ -196,7 +197,7 @@ pub fn spawn(ctx: Ctx, manifest: Manifest, path: PathBuf) -> Handle {
         name: manifest.name.clone(),
         version: manifest.version.clone(),
         supervisor: supervisor_name(&manifest),
-        state: State::Backoff,
+        state: ServiceState::Backoff,
         pid: None,
         started: None,
         settle: settle(&manifest, ctx.cfg.respawn.fast_crash),
@@ -389,7 +390,7 @@ impl Service {
         f(&mut self.shared.lock().unwrap_or_else(|e| e.into_inner()));
     }
 
-    fn set_state(&self, state: State, note: Option<String>) {
+    fn set_state(&self, state: ServiceState, note: Option<String>) {
         self.update(|s| {
             s.state = state;
             s.note = note;
@@ -400,7 +401,7 @@ impl Service {
         self.down = self.down_mark.exists();
         if self.down {
             self.note("admin-down mark present: not starting");
-            self.set_state(State::Down, Some(self.down_note()));
+            self.set_state(ServiceState::Down, Some(self.down_note()));
         } else if self.systemd() {
             self.systemd_begin(false).await;
         } else {
@@ -544,7 +545,7 @@ impl Service {
         // For the report: the state says `refused`, the event says why.
         self.ctx
             .events
-            .push("refused", Some(&self.m.name), why.clone());
+            .push(EventKind::Refused, Some(&self.m.name), why.clone());
         self.refused = Some(why.clone());
         self.ids = None;
         self.respawn_at = None;
@@ -553,7 +554,7 @@ impl Service {
             self.ctx.roles.release(&self.m.name);
         }
         self.update(|s| s.last_exit = Some(why.clone()));
-        self.set_state(State::Refused, Some(why));
+        self.set_state(ServiceState::Refused, Some(why));
     }
 
     /// A systemd unit at agent start, `up` or a re-kick: look up the role (or refuse), probe,
@@ -680,7 +681,7 @@ impl Service {
         self.schedule_checks(now);
         let restarts = self.starts.saturating_sub(1);
         self.update(|s| {
-            s.state = State::Running;
+            s.state = ServiceState::Running;
             s.note = None;
             s.pid = Some(pid as u32);
             s.started = Some(now);
@@ -803,7 +804,7 @@ impl Service {
             AfterExit::Respawn { delay, .. } => {
                 let delay = delay.max(SPAWN_RETRY);
                 self.respawn_at = Some(now + delay);
-                self.set_state(State::NotSane, Some(why));
+                self.set_state(ServiceState::NotSane, Some(why));
             }
         }
     }
@@ -879,8 +880,8 @@ impl Service {
         eprintln!("keepup-agent: {}: {why}", self.m.name);
         self.ctx
             .events
-            .push("given-up", Some(&self.m.name), why.clone());
-        self.set_state(State::GivenUp, Some(why));
+            .push(EventKind::GivenUp, Some(&self.m.name), why.clone());
+        self.set_state(ServiceState::GivenUp, Some(why));
     }
 
     /// The launch script's process group, while the launch script is the agent's unreaped
@@ -950,7 +951,7 @@ impl Service {
             }
         }
         self.stop("admin-down").await;
-        self.set_state(State::Down, Some(self.down_note()));
+        self.set_state(ServiceState::Down, Some(self.down_note()));
         Response::done(format!(
             "{} is down and stays down (mark {}) until `keepup-agent up {}`",
             self.m.name,
@@ -1050,11 +1051,11 @@ impl Service {
                             Err(_) => String::new(),
                         }
                     ));
-                    self.set_state(State::Starting, None);
+                    self.set_state(ServiceState::Starting, None);
                 }
                 Err(e) => {
                     self.note(&e);
-                    self.set_state(State::GivenUp, Some(e));
+                    self.set_state(ServiceState::GivenUp, Some(e));
                 }
             }
         }
@@ -1065,21 +1066,21 @@ impl Service {
     fn show_unit(&self, u: &UnitState) {
         let rekick = format_duration(self.ctx.cfg.rekick_every);
         self.update(|s| {
-            if s.state == State::Down {
+            if s.state == ServiceState::Down {
                 return;
             }
             s.state = u.state();
             s.pid = u.main_pid;
             s.restarts = u.restarts;
-            s.note = (u.state() == State::GivenUp).then(|| {
+            s.note = (u.state() == ServiceState::GivenUp).then(|| {
                 format!(
                     "unit {}/{} ({}); re-kicked every {rekick}",
                     u.active, u.sub, u.result
                 )
             });
             match (u.state(), s.started) {
-                (State::Running, None) => s.started = Some(Instant::now()),
-                (State::Running, Some(_)) => {}
+                (ServiceState::Running, None) => s.started = Some(Instant::now()),
+                (ServiceState::Running, Some(_)) => {}
                 _ => s.started = None,
             }
         });
@@ -1092,7 +1093,7 @@ impl Service {
         }
         match systemd::show(&self.unit(), &self.ctx.spawned).await {
             Ok(u) => self.show_unit(&u),
-            Err(e) => self.set_state(State::GivenUp, Some(e)),
+            Err(e) => self.set_state(ServiceState::GivenUp, Some(e)),
         }
         self.unit_poll_at = Some(Instant::now() + SYSTEMD_POLL);
     }
@@ -1186,8 +1187,13 @@ impl Service {
             return false;
         }
         if self.systemd() {
-            let state = self.shared.lock().unwrap_or_else(|e| e.into_inner()).state;
-            return state != State::GivenUp;
+            let state = self
+                .shared
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .state
+                .clone();
+            return state != ServiceState::GivenUp;
         }
         // A launch script that said it is not sane is waiting to exit: nothing to probe.
         self.run
@@ -1294,7 +1300,7 @@ impl Service {
         };
         self.note(&format!("{why}; killing role {}", self.m.role));
         self.ctx.events.push(
-            "health-kill",
+            EventKind::HealthKill,
             Some(&self.m.name),
             format!("{why}; killing role {}", self.m.role),
         );

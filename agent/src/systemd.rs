@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use tokio::process::Command;
 
-use crate::policy::State;
 use crate::reaper::Spawned;
+use keepup_deploy::wire::ServiceState;
 
 /// How long one `systemctl` call may take.
 const SYSTEMCTL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -53,20 +53,20 @@ impl UnitState {
     }
 
     /// The agent state this unit state corresponds to.
-    pub fn state(&self) -> State {
+    pub fn state(&self) -> ServiceState {
         match (self.active.as_str(), self.sub.as_str()) {
-            ("active", _) | ("reloading", _) => State::Running,
-            ("activating", "auto-restart") => State::Backoff,
-            ("activating", _) => State::Starting,
+            ("active", _) | ("reloading", _) => ServiceState::Running,
+            ("activating", "auto-restart") => ServiceState::Backoff,
+            ("activating", _) => ServiceState::Starting,
             // failed (start limit hit, or a plain failure), inactive, deactivating:
             // nothing will start it again but a re-kick.
-            _ => State::GivenUp,
+            _ => ServiceState::GivenUp,
         }
     }
 
     /// Whether a re-kick has something to do.
     pub fn needs_rekick(&self) -> bool {
-        self.state() == State::GivenUp
+        self.state() == ServiceState::GivenUp
     }
 }
 
@@ -149,16 +149,16 @@ mod tests {
         let s = UnitState::parse(
             "ActiveState=failed\nSubState=failed\nMainPID=0\nNRestarts=5\nResult=start-limit-hit\n",
         );
-        assert_eq!(s.state(), State::GivenUp);
+        assert_eq!(s.state(), ServiceState::GivenUp);
         assert!(s.needs_rekick());
         assert_eq!(s.main_pid, None);
         assert_eq!(s.restarts, 5);
         assert_eq!(s.result, "start-limit-hit");
         let s = UnitState::parse("ActiveState=active\nSubState=running\nMainPID=42\n");
-        assert_eq!((s.state(), s.main_pid), (State::Running, Some(42)));
+        assert_eq!((s.state(), s.main_pid), (ServiceState::Running, Some(42)));
         assert!(!s.needs_rekick());
         let s = UnitState::parse("ActiveState=activating\nSubState=auto-restart\n");
-        assert_eq!(s.state(), State::Backoff);
+        assert_eq!(s.state(), ServiceState::Backoff);
         let s = UnitState::parse("ActiveState=inactive\nSubState=dead\n");
         assert!(s.needs_rekick());
     }

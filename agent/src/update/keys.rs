@@ -9,7 +9,7 @@ use keepup_deploy::wire::rotation::Rotation;
 use keepup_deploy::wire::verify::TrustedKey;
 use serde::{Deserialize, Serialize};
 
-use super::statefile::StateFile;
+use crate::statefile::StateFile;
 
 /// What was learned.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

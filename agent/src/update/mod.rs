@@ -16,7 +16,6 @@ pub mod schedule;
 pub mod serials;
 pub mod stagger;
 pub mod start;
-pub mod statefile;
 #[cfg(test)]
 pub mod testgpg;
 pub mod waves;
@@ -27,8 +26,8 @@ use std::time::Duration;
 use keepup_deploy::wire::report::UpdateReport;
 use tokio::sync::{mpsc, oneshot, Notify};
 
-use crate::control::Response;
-use crate::report::SharedHost;
+use crate::hoststate::SharedHost;
+use crate::proto::Response;
 use pass::{PassResult, Updater};
 use schedule::Schedule;
 
@@ -138,7 +137,7 @@ pub async fn run_task(
         let result = updater.pass().await;
         publish(&state, &updater, &result);
         let saved = state.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let file = updater.state_dir().join(crate::report::HOST_STATE_FILE);
+        let file = updater.state_dir().join(crate::hoststate::HOST_STATE_FILE);
         if let Err(e) = saved.save(&file) {
             eprintln!(
                 "keepup-agent: cannot save {}: {e} (reports after a restart wait for a pass)",

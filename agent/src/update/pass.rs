@@ -19,10 +19,9 @@ use keepup_deploy::wire::report::StartReport;
 use keepup_deploy::wire::rollout::RolloutState;
 use keepup_deploy::wire::rotation::{Judgement, Rotation, ROTATION};
 use keepup_deploy::wire::verify::{check_expiry, TrustedKey};
-use keepup_deploy::wire::{Fleet, Index, AGENT_PACKAGE};
+use keepup_deploy::wire::{EventKind, Fleet, Index, AGENT_PACKAGE};
 use keepup_packager::manifest::Manifest;
 use nix::fcntl::{Flock, FlockArg};
-use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, Notify};
 
 use super::fetch::{self, FetchError, Wanted};
@@ -34,9 +33,12 @@ use super::serials::{check_min, serial_store, SerialStore, Serials};
 use super::start::{self, Verdict};
 use super::waves;
 use crate::config::{Config, UpdaterConfig};
-use crate::control::Incoming;
+use crate::events::{now_unix, Events};
+use crate::hoststate::SharedHost;
+use crate::proto::Incoming;
+pub use crate::proto::PassResult;
 use crate::reaper::Spawned;
-use crate::report::{self, now_unix, Events, SharedHost};
+use crate::report;
 
 /// Bound of one fetch of the index, the policy or a signature.
 const META_TIMEOUT: Duration = Duration::from_secs(30);
@@ -46,86 +48,6 @@ const MAX_META: u64 = 16 * 1024 * 1024;
 const LOG_TAIL_LINES: usize = 20;
 /// How often a starting service's status is looked at.
 const START_POLL: Duration = Duration::from_millis(250);
-
-/// What a pass found and did.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct PassResult {
-    /// This host's name.
-    pub host: String,
-    /// The track the policy assigns (`None`: not assigned, or the policy was not read).
-    pub track: Option<String>,
-    /// Unix time the pass ended.
-    pub at: u64,
-    /// Whether every step succeeded.
-    pub ok: bool,
-    /// The first failure.
-    #[serde(default)]
-    pub error: Option<String>,
-    /// The plan, one line per action (`install foo 1.1.0-1`, ...).
-    #[serde(default)]
-    pub plan: Vec<String>,
-    /// What happened, one line per step that did something.
-    #[serde(default)]
-    pub results: Vec<String>,
-    /// Serial of the index used.
-    #[serde(default)]
-    pub index_serial: Option<u64>,
-    /// Serial of the policy used.
-    #[serde(default)]
-    pub fleet_serial: Option<u64>,
-    /// Fully installed packages of the repository's services after the pass (`None`: not
-    /// looked at).
-    #[serde(default)]
-    pub installed: Option<BTreeMap<String, String>>,
-    /// Services quarantined here.
-    #[serde(default)]
-    pub quarantined: Vec<String>,
-    /// Start judgements of the services installed or upgraded by this pass.
-    #[serde(default)]
-    pub starts: BTreeMap<String, StartReport>,
-    /// The track's rollouts in waves: this host's wave, and whether it is held back.
-    #[serde(default)]
-    pub rollouts: Vec<keepup_deploy::wire::RolloutReport>,
-}
-
-impl PassResult {
-    /// Did the pass do (or try) anything beyond keeping what is installed?
-    fn plan_changed(&self) -> bool {
-        !self.results.is_empty()
-    }
-
-    fn fail(&mut self, why: impl Into<String>) {
-        self.ok = false;
-        if self.error.is_none() {
-            self.error = Some(why.into());
-        }
-    }
-
-    /// The human output of `update --now`: plan, results, verdict.
-    pub fn render(&self) -> String {
-        let mut out = String::new();
-        match &self.track {
-            Some(t) => out.push_str(&format!("host {} follows track {t}\n", self.host)),
-            None if self.fleet_serial.is_some() => out.push_str(&format!(
-                "host {} is not assigned to a track in fleet.yaml: nothing to install\n",
-                self.host
-            )),
-            None => {}
-        }
-        for l in &self.plan {
-            out.push_str(&format!("{l}\n"));
-        }
-        for l in &self.results {
-            out.push_str(&format!("  {l}\n"));
-        }
-        match (&self.ok, &self.error) {
-            (true, _) => out.push_str("update: ok\n"),
-            (false, Some(e)) => out.push_str(&format!("update: failed: {e}\n")),
-            (false, None) => out.push_str("update: failed\n"),
-        }
-        out
-    }
-}
 
 /// The package format and architecture of this host: from the configuration, else deb if
 /// `/usr/bin/dpkg` exists (rpm otherwise), and the architecture as the package manager says.
@@ -166,7 +88,7 @@ fn pass_lock(state_dir: &Path) -> Result<Flock<File>, String> {
     let path = state_dir.join("update.lock");
     let open = || -> std::io::Result<File> {
         std::fs::create_dir_all(state_dir)?;
-        crate::agent::open_lock_file(&path)
+        crate::statefile::open_lock_file(&path)
     };
     let file = open().map_err(|e| format!("opening {}: {e}", path.display()))?;
     Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
@@ -307,12 +229,12 @@ impl Updater {
             let _ = self.marker.clear();
             let line = format!("repaired: {cmd} (after: {})", what.join("; "));
             eprintln!("keepup-agent: update: {line}");
-            self.events.push("repair", None, line.clone());
+            self.events.push(EventKind::Repair, None, line.clone());
             Some(Ok(line))
         } else {
             let why = format!("repair ({cmd}) {o}: {}", last_lines(o.output_tail(), 5));
             eprintln!("keepup-agent: update: {why}");
-            self.events.push("repair-failed", None, why.clone());
+            self.events.push(EventKind::RepairFailed, None, why.clone());
             Some(Err(why))
         }
     }
@@ -339,7 +261,7 @@ impl Updater {
         }
         if let Some(e) = &r.error {
             eprintln!("keepup-agent: update: pass failed: {e}");
-            self.events.push("update-failed", None, e.clone());
+            self.events.push(EventKind::UpdateFailed, None, e.clone());
         }
         r
     }
@@ -380,7 +302,7 @@ impl Updater {
                 learned.rotations.push(rotation);
                 store.save(&learned)?;
                 eprintln!("keepup-agent: update: {note}");
-                self.events.push("key-learned", None, note);
+                self.events.push(EventKind::KeyLearned, None, note);
                 Ok((keys::trusted(pinned, &learned, now), None))
             }
             Err(e) => {
@@ -492,7 +414,7 @@ impl Updater {
 
     fn refused(&self, service: Option<&str>, why: &str) {
         eprintln!("keepup-agent: update: {why}");
-        self.events.push("refused", service, why);
+        self.events.push(EventKind::Refused, service, why);
     }
 
     async fn pass_locked(&self, r: &mut PassResult) -> Result<(), String> {
@@ -637,11 +559,12 @@ impl Updater {
                 r.results
                     .push(format!("{} {}: {}", p.name, p.version, s.detail));
             } else if s.started {
-                self.events.push("started", Some(&p.name), line.clone());
+                self.events
+                    .push(EventKind::Started, Some(&p.name), line.clone());
                 r.results.push(line);
             } else {
                 self.events
-                    .push("failed-to-start", Some(&p.name), line.clone());
+                    .push(EventKind::FailedToStart, Some(&p.name), line.clone());
                 eprintln!("keepup-agent: update: {line}");
                 r.results.push(line.clone());
                 r.fail(line);
@@ -704,15 +627,16 @@ impl Updater {
                     )));
                 }
                 let line = format!("removed {name} {version} (quarantined)");
-                self.events.push("remove", Some(name), line.clone());
+                self.events
+                    .push(EventKind::Remove, Some(name), line.clone());
                 r.results.push(line);
                 Ok(())
             }
             Action::Install(p) | Action::Upgrade { to: p, .. } => {
                 let kind = if matches!(a, Action::Install(_)) {
-                    "install"
+                    EventKind::Install
                 } else {
-                    "upgrade"
+                    EventKind::Upgrade
                 };
                 let url = format!("{}{}", self.up.repo, p.path.trim_start_matches('/'));
                 let file_name = p.path.rsplit('/').next().unwrap_or_default();

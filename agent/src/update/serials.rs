@@ -11,7 +11,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::statefile::StateFile;
+use crate::statefile::StateFile;
 
 /// What has been seen.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -13,8 +13,8 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crate::control::ServiceStatus;
-use crate::policy::State;
+use crate::proto::ServiceStatus;
+use keepup_deploy::wire::ServiceState;
 
 /// How long a service without probes must have run to count as started.
 pub const NO_PROBE_RUN: Duration = Duration::from_secs(1);
@@ -52,7 +52,7 @@ pub fn judge(
     let late = elapsed >= deadline;
     let fail = |why: String| Verdict::FailedToStart(why);
     match s.state {
-        State::GivenUp | State::Refused | State::Down => {
+        ServiceState::GivenUp | ServiceState::Refused | ServiceState::Down => {
             let extra = s
                 .note
                 .as_deref()
@@ -68,7 +68,7 @@ pub fn judge(
             "still version {} (waiting for {package_version})",
             s.version
         )
-    } else if !matches!(s.state, State::Starting | State::Running) {
+    } else if !matches!(s.state, ServiceState::Starting | ServiceState::Running) {
         let mut w = s.state.as_str().to_string();
         if let Some(e) = &s.last_exit {
             w.push_str(&format!(", last exit: {e}"));
@@ -119,7 +119,7 @@ pub fn judge_new_run(
     elapsed: Duration,
     deadline: Duration,
 ) -> Verdict {
-    let old_run = matches!(s.state, State::Starting | State::Running)
+    let old_run = matches!(s.state, ServiceState::Starting | ServiceState::Running)
         && s.uptime_secs
             .is_some_and(|u| u > since_command.as_secs_f64());
     if !old_run {
@@ -159,9 +159,14 @@ pub fn log_tail(log_dir: &Path, service: &str, max: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::ProbeStatus;
+    use crate::proto::ProbeStatus;
 
-    fn status(version: &str, state: State, uptime: f64, probes: Vec<ProbeStatus>) -> ServiceStatus {
+    fn status(
+        version: &str,
+        state: ServiceState,
+        uptime: f64,
+        probes: Vec<ProbeStatus>,
+    ) -> ServiceStatus {
         ServiceStatus {
             name: "hello".into(),
             version: version.into(),
@@ -201,9 +206,9 @@ mod tests {
 
     #[test]
     fn no_probes_means_one_second_of_running() {
-        let s = status("1.2", State::Starting, 0.4, vec![]);
+        let s = status("1.2", ServiceState::Starting, 0.4, vec![]);
         assert_eq!(judge(&s, "1.2-1", EARLY, D), Verdict::Waiting);
-        let s = status("1.2", State::Running, 1.5, vec![]);
+        let s = status("1.2", ServiceState::Running, 1.5, vec![]);
         assert_eq!(judge(&s, "1.2-1", EARLY, D), Verdict::Started);
     }
 
@@ -212,14 +217,14 @@ mod tests {
         // A pass from before the restart (older than the run) does not count.
         let s = status(
             "1.2",
-            State::Starting,
+            ServiceState::Starting,
             3.0,
             vec![probe(Some(true), 10.0, None)],
         );
         assert_eq!(judge(&s, "1.2-1", EARLY, D), Verdict::Waiting);
         let s = status(
             "1.2",
-            State::Running,
+            ServiceState::Running,
             3.0,
             vec![probe(Some(true), 0.5, None)],
         );
@@ -228,7 +233,7 @@ mod tests {
 
     #[test]
     fn old_version_waits_then_fails() {
-        let s = status("1.1", State::Running, 30.0, vec![]);
+        let s = status("1.1", ServiceState::Running, 30.0, vec![]);
         assert_eq!(judge(&s, "1.2-1", EARLY, D), Verdict::Waiting);
         let Verdict::FailedToStart(why) = judge(&s, "1.2-1", D, D) else {
             panic!()
@@ -240,7 +245,7 @@ mod tests {
     fn failing_probes_fail_at_the_deadline_with_the_reason() {
         let s = status(
             "1.2",
-            State::Running,
+            ServiceState::Running,
             8.0,
             vec![probe(Some(false), 1.0, Some("connection refused"))],
         );
@@ -255,13 +260,13 @@ mod tests {
 
     #[test]
     fn given_up_fails_at_once() {
-        let mut s = status("1.2", State::GivenUp, 0.0, vec![]);
+        let mut s = status("1.2", ServiceState::GivenUp, 0.0, vec![]);
         s.last_exit = Some("exit status 1 after 0.1s".into());
         assert_eq!(
             judge(&s, "1.2-1", EARLY, D),
             Verdict::FailedToStart("given-up (exit status 1 after 0.1s)".into())
         );
-        let s = status("1.2", State::Backoff, 0.0, vec![]);
+        let s = status("1.2", ServiceState::Backoff, 0.0, vec![]);
         assert_eq!(judge(&s, "1.2-1", EARLY, D), Verdict::Waiting);
         let Verdict::FailedToStart(why) = judge(&s, "1.2-1", D, D) else {
             panic!()
@@ -275,7 +280,7 @@ mod tests {
         // package command: the old daemon, not yet killed by the package's scripts.
         let s = status(
             "1.2",
-            State::Running,
+            ServiceState::Running,
             20.0,
             vec![probe(Some(true), 0.5, None)],
         );
@@ -287,12 +292,12 @@ mod tests {
         assert!(why.contains("the run from before the install"), "{why}");
         let s = status(
             "1.2",
-            State::Running,
+            ServiceState::Running,
             3.0,
             vec![probe(Some(true), 0.5, None)],
         );
         assert_eq!(judge_new_run(&s, "1.2-1", cmd, EARLY, D), Verdict::Started);
-        let s = status("1.2", State::GivenUp, 0.0, vec![]);
+        let s = status("1.2", ServiceState::GivenUp, 0.0, vec![]);
         assert!(matches!(
             judge_new_run(&s, "1.2-1", cmd, EARLY, D),
             Verdict::FailedToStart(_)

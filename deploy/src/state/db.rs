@@ -13,7 +13,7 @@ use anyhow::{Context as _, Result};
 use rusqlite::{params, Connection};
 use sha2::{Digest as _, Sha256};
 
-use keepup_deploy::wire::Event;
+use keepup_deploy::wire::{Event, EventKind};
 
 /// SHA-256 of a host token: what the database keeps instead of the token.
 pub type TokenHash = [u8; 32];
@@ -299,7 +299,7 @@ impl Db {
                         r.host,
                         e.at as i64,
                         e.service,
-                        e.kind,
+                        e.kind.as_str(),
                         e.message,
                         r.received_at as i64
                     ])?;
@@ -333,7 +333,7 @@ impl Db {
             Ok(Event {
                 at: r.get::<_, i64>(0)? as u64,
                 service: r.get(1)?,
-                kind: r.get(2)?,
+                kind: EventKind::parse(&r.get::<_, String>(2)?),
                 message: r.get(3)?,
             })
         })?;
@@ -424,7 +424,7 @@ mod tests {
         db.store(&batch, 100).unwrap();
         let latest = db.latest_reports().unwrap();
         assert_eq!(latest.len(), 1, "reports of unregistered hosts are dropped");
-        assert_eq!(db.events("web1", 10).unwrap()[0].kind, "started");
+        assert_eq!(db.events("web1", 10).unwrap()[0].kind, EventKind::Started);
         assert_eq!(db.event_count().unwrap(), 2);
         // Retention goes by receive time (300), not the events' own times (100, 200).
         assert_eq!(db.prune(1000, 750).unwrap(), 0);

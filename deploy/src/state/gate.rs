@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keepup_deploy::wire::rollout::{wave_of, OnFailure, Phase, Progress, Rollout};
-use keepup_deploy::wire::{Fleet, Index, Report};
+use keepup_deploy::wire::{Fleet, Index, Report, ServiceState};
 
 use super::view::HostEntry;
 
@@ -83,7 +83,7 @@ pub fn judge(
     let Some(svc) = svc else {
         return Health::Waiting("installed, not supervised yet".into());
     };
-    if svc.state == "given-up" {
+    if svc.state == ServiceState::GivenUp {
         return Health::Failed("given up: it kept exiting".into());
     }
     if svc.probes.iter().any(|p| p.ok == Some(false)) {
@@ -96,7 +96,7 @@ pub fn judge(
         Some(s) if s.version == rollout.to && s.started => {}
         _ => return Health::Waiting("start not judged yet".into()),
     }
-    if svc.state != "running" {
+    if !svc.state.is_ready() {
         return Health::Waiting(format!("service {}", svc.state).into());
     }
     if restarted {

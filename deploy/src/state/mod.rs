@@ -946,7 +946,10 @@ mod tests {
     /// The kinds of the events `new_events` finds new after `prev`, and the new window.
     fn fresh(prev: &[u32], events: &[Event]) -> (Vec<String>, EventWindow) {
         let (seen, w) = new_events(prev, events);
-        (events[seen..].iter().map(|e| e.kind.clone()).collect(), w)
+        (
+            events[seen..].iter().map(|e| e.kind.to_string()).collect(),
+            w,
+        )
     }
 
     #[test]

@@ -5,6 +5,8 @@
 
 use std::fmt::Write as _;
 
+use keepup_deploy::wire::ServiceState;
+
 use super::gate::{RolloutStatus, WaveStatus, WAVE_COLUMNS};
 use super::view::{age, Filter, FleetView, HostView, ServiceView};
 
@@ -287,7 +289,7 @@ pub fn render(view: &FleetView, q: &PageQuery, rollouts: &[RolloutStatus]) -> St
                 .as_deref()
                 .map(|s| format!("{} ", escape(s)))
                 .unwrap_or_default(),
-            escape(&e.kind),
+            escape(e.kind.as_str()),
             escape(&e.message)
         );
     }
@@ -343,13 +345,17 @@ fn row(o: &mut String, now: u64, h: &HostView, svc: Option<&ServiceView>) {
             let state = match &s.failed_start {
                 Some(f) => format!(
                     "{} (failed to start {}: {}){}{}",
-                    s.state.as_deref().unwrap_or("-"),
+                    s.state.as_ref().map_or("-", ServiceState::as_str),
                     f.version,
                     f.detail,
                     if f.log_tail.is_empty() { "" } else { "\n" },
                     f.log_tail.join("\n")
                 ),
-                None => s.state.as_deref().unwrap_or("-").to_string(),
+                None => s
+                    .state
+                    .as_ref()
+                    .map_or("-", ServiceState::as_str)
+                    .to_string(),
             };
             cell(o, "state", &state, s.unhealthy);
             cell(o, "restarts", &s.restarts.to_string(), false);

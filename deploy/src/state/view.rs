@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use keepup_deploy::wire::{
-    best_per_name, Event, Fleet, Format, Index, PoolEntry, Report, StartReport,
+    best_per_name, Event, Fleet, Format, Index, PoolEntry, Report, ServiceState, StartReport,
 };
 use serde::{Deserialize, Serialize};
 
@@ -194,7 +194,7 @@ pub struct ServiceView {
     pub rolled_back_to: Option<String>,
     /// Supervisor state (none: not supervised).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub state: Option<String>,
+    pub state: Option<ServiceState>,
     /// Restarts since the agent started.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub restarts: u64,
@@ -354,7 +354,7 @@ pub fn build(
                 .filter(|s| !s.started)
                 .cloned();
             let state = sr.map(|s| s.state.clone());
-            let unhealthy = state.as_deref().is_some_and(|s| s != "running")
+            let unhealthy = state.as_ref().is_some_and(|s| !s.is_ready())
                 || !failing_probes.is_empty()
                 || failed_start.is_some()
                 || update_failed;

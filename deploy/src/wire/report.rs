@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::index::Format;
+use super::state::{EventKind, ServiceState};
 
 /// Where agents post reports.
 pub const REPORT_PATH: &str = "/api/v1/report";
@@ -63,7 +64,7 @@ pub struct ServiceReport {
     #[serde(default)]
     pub version: String,
     /// The supervisor's state (`running`, `starting`, `backoff`, `given-up`, `down`, ...).
-    pub state: String,
+    pub state: ServiceState,
     /// Starts after the first one since the agent started or the version changed.
     #[serde(default)]
     pub restarts: u64,
@@ -163,9 +164,9 @@ pub struct Event {
     /// The service concerned, if any.
     #[serde(default)]
     pub service: Option<String>,
-    /// Short kind: `install`, `upgrade`, `remove`, `update-failed`, `health-kill`,
+    /// What happened: `install`, `upgrade`, `remove`, `update-failed`, `health-kill`,
     /// `given-up`, `started`, `failed-to-start`, `refused`, ...
-    pub kind: String,
+    pub kind: EventKind,
     /// For people.
     pub message: String,
 }
@@ -279,7 +280,7 @@ mod tests {
     fn names_in_reports_follow_the_rules() {
         let svc = |name: &str, probe: &str| ServiceReport {
             name: name.into(),
-            state: "running".into(),
+            state: ServiceState::Running,
             probes: vec![ProbeReport {
                 name: probe.into(),
                 reason: Some("<script>free text is not checked</script>".into()),
@@ -323,7 +324,7 @@ mod tests {
         r.installed.insert("foo".into(), "1.0-1".into());
         r.services.push(ServiceReport {
             name: "foo".into(),
-            state: "running".into(),
+            state: ServiceState::Running,
             probes: vec![ProbeReport {
                 name: "port".into(),
                 ok: Some(false),

@@ -1,7 +1,9 @@
-//! A small JSON file in the agent's state directory (`serials.json`, `keys.json`): read whole,
+//! Small JSON files in the agent's state directory (`serials.json`, `keys.json`, the events,
+//! the host state) and its lock files. A [`StateFile`] is read whole,
 //! and replaced by writing a temporary file, fsync'ing it and renaming it over the old one, so
 //! a crash leaves the old file or the new one, never half of one.
 
+use std::fs::File;
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 
@@ -62,4 +64,24 @@ impl<T: Serialize + DeserializeOwned + Default> StateFile<T> {
         };
         write().map_err(|e| format!("writing {}: {e}", self.path.display()))
     }
+}
+
+/// Writes `value` as JSON to `file` through a temporary file and a rename.
+pub fn save_json(file: &Path, value: &impl serde::Serialize) -> std::io::Result<()> {
+    let tmp = file.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec(value)?)?;
+    std::fs::rename(&tmp, file)
+}
+
+/// Opens (creating, mode 0600) a lock file, refusing to follow a symlink planted in its place.
+pub fn open_lock_file(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(path)
 }
