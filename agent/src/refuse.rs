@@ -272,6 +272,10 @@ mod tests {
                 within: Duration::from_secs(60),
                 stop_grace: Duration::from_secs(5),
                 unit: None,
+                ready: None,
+                ready_timeout: None,
+                watchdog: None,
+                after: Vec::new(),
             },
             checks: vec![ManifestCheck {
                 name: "banner".into(),
