@@ -2,12 +2,14 @@
 //!
 //! A package holds the payload (bins + configs), the generated `run-<name>` launch script, the
 //! agent manifest, an optional systemd unit, docs, and maintainer scripts that follow the
-//! upgrade flow of the OSCON 2013 "while (true) do" talk. [`spec`] and [`manifest`] are always
-//! available (the agent reads manifests); the writers need the `build` feature. The agent's
-//! own package (root, systemd, no spec) is planned by `agent` and written by the same writers.
+//! upgrade flow of the OSCON 2013 "while (true) do" talk. [`spec`], [`manifest`] and [`Format`]
+//! are always available (the agent reads manifests); the writers need the `build` feature. The
+//! agent's own package (root, systemd, no spec) is planned by `agent` and written by the same
+//! writers.
 
 #[cfg(feature = "build")]
 pub mod agent;
+pub mod format;
 #[cfg(feature = "build")]
 pub mod keyring;
 pub mod manifest;
@@ -24,6 +26,8 @@ pub mod reversion;
 mod rpm;
 #[cfg(feature = "build")]
 pub mod scripts;
+
+pub use format::Format;
 
 #[cfg(feature = "build")]
 pub use build::*;

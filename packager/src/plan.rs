@@ -10,6 +10,7 @@
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
+pub use crate::format::Format;
 use crate::manifest::Manifest;
 use crate::scripts;
 use crate::spec::{Arch, Spec, SupervisorKind};
@@ -129,15 +130,6 @@ pub fn service_plan(spec: &Spec, format: Format, epoch: u64) -> Result<Plan, Pac
             Format::Rpm => scripts::rpm_scripts(spec).into(),
         },
     })
-}
-
-/// Package format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    /// Debian package.
-    Deb,
-    /// RPM package.
-    Rpm,
 }
 
 /// Where an entry's bytes come from.

@@ -4,45 +4,11 @@
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
 
-use keepup_packager::version;
 use serde::{Deserialize, Serialize};
 
-/// Package format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Format {
-    /// Debian package (dpkg/apt).
-    Deb,
-    /// RPM package (rpm/dnf).
-    Rpm,
-}
-
-impl Format {
-    /// Compares two full versions the way this format's package manager does.
-    pub fn cmp_versions(self, a: &str, b: &str) -> Ordering {
-        match self {
-            Format::Deb => version::dpkg_cmp(a, b),
-            Format::Rpm => version::rpm_cmp(a, b),
-        }
-    }
-
-    /// The architecture name that installs on any machine (`all` / `noarch`).
-    pub fn any_arch(self) -> &'static str {
-        match self {
-            Format::Deb => "all",
-            Format::Rpm => "noarch",
-        }
-    }
-}
-
-impl std::fmt::Display for Format {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Format::Deb => "deb",
-            Format::Rpm => "rpm",
-        })
-    }
-}
+/// Package format: one type for the packager, the repository and the agent, defined in the
+/// packager (so `keepup_deploy::wire::Format` is `keepup_packager::Format`).
+pub use keepup_packager::Format;
 
 /// One package file in the pool, as the index lists it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
