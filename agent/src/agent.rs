@@ -154,6 +154,8 @@ pub async fn run(cfg: Config) -> Result<()> {
             role_registry: PathBuf::from(crate::refuse::ROLE_REGISTRY),
             epoch: Instant::now(),
             events,
+            registry: crate::order::Registry::default(),
+            runs: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         },
         updater,
         services: BTreeMap::new(),
@@ -390,31 +392,8 @@ impl Agent {
         match req {
             Request::Status => {
                 let now = Instant::now();
-                let mut services: Vec<_> = self
-                    .services
-                    .values()
-                    .map(|h| {
-                        let mut s = h
-                            .shared
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .snapshot(now);
-                        if s.state == ServiceState::GivenUp {
-                            let next = crate::policy::next_tick(
-                                self.ctx.epoch,
-                                self.ctx.cfg.rekick_every,
-                                now,
-                            )
-                            .saturating_duration_since(now);
-                            s.note = Some(format!(
-                                "{}; next re-kick in {}",
-                                s.note.unwrap_or_default(),
-                                crate::policy::short_duration(next)
-                            ));
-                        }
-                        s
-                    })
-                    .collect();
+                let services: Vec<_> = self.services.values().map(|h| h.status(now)).collect();
+                let mut services = services;
                 self.show_refused_files(&mut services);
                 let _ = reply.send(Response {
                     ok: true,
@@ -516,12 +495,16 @@ impl Agent {
                 restarts: 0,
                 last_exit: None,
                 note: Some(format!("{} {why}", crate::refuse::REFUSING)),
+                run: None,
+                ready_secs: None,
+                status_text: None,
                 probes: Vec::new(),
             });
         }
     }
 
-    /// Stops every service in parallel and waits (bounded) for them.
+    /// Stops every service and waits (bounded) for them: those that start after others
+    /// first, layer by layer ([`crate::order::stop_layers`]), each layer in parallel.
     async fn shutdown(&mut self) {
         let longest = self
             .services
@@ -529,31 +512,44 @@ impl Agent {
             .map(|h| h.manifest.supervisor.stop_grace)
             .max()
             .unwrap_or_default();
-        let mut waits = Vec::new();
-        for (_, h) in std::mem::take(&mut self.services) {
-            let (done, rx) = oneshot::channel();
-            if h.tx
-                .send(ServiceCommand::Stop {
-                    remove: false,
-                    done,
-                })
-                .await
-                .is_ok()
-            {
-                waits.push(rx);
-            }
-        }
+        let after: BTreeMap<String, Vec<String>> = self
+            .services
+            .iter()
+            .map(|(n, h)| (n.clone(), h.manifest.supervisor.after.clone()))
+            .collect();
+        let layers = crate::order::stop_layers(&after);
+        let rounds = layers.len() as u32 + 1;
+        let mut services = std::mem::take(&mut self.services);
         let stopping: Vec<_> = self.stopping.drain().map(|(_, t)| t).collect();
         let all = async {
-            for rx in waits {
-                let _ = rx.await;
+            for layer in layers {
+                let mut waits = Vec::new();
+                for name in layer {
+                    let Some(h) = services.remove(&name) else {
+                        continue;
+                    };
+                    let (done, rx) = oneshot::channel();
+                    if h.tx
+                        .send(ServiceCommand::Stop {
+                            remove: false,
+                            done,
+                        })
+                        .await
+                        .is_ok()
+                    {
+                        waits.push(rx);
+                    }
+                }
+                for rx in waits {
+                    let _ = rx.await;
+                }
             }
             // Services whose manifest was removed and that are still stopping.
             for task in stopping {
                 let _ = task.await;
             }
         };
-        if tokio::time::timeout(longest * 2 + SHUTDOWN_SLACK, all)
+        if tokio::time::timeout(longest * rounds + SHUTDOWN_SLACK, all)
             .await
             .is_err()
         {

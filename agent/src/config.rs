@@ -461,6 +461,18 @@ impl Config {
         self.state_dir.join("agent.lock")
     }
 
+    /// Where `ready: notify` services' sockets live: beside the control socket's directory,
+    /// `<dir>-notify` (`/run/keepup-notify` by default), mode 0711 so roles can reach their
+    /// own socket but not the control socket.
+    pub fn notify_dir(&self) -> PathBuf {
+        let dir = self.socket.parent().unwrap_or(Path::new("/run/keepup"));
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "keepup".into());
+        dir.with_file_name(format!("{name}-notify"))
+    }
+
     /// The directory of admin-down marks.
     pub fn down_dir(&self) -> PathBuf {
         self.state_dir.join("down")

@@ -505,6 +505,9 @@ mod tests {
             restarts: 9,
             last_exit: Some("exit status 3 after 1.0s".into()),
             note: Some("re-kick in 4m10s".into()),
+            run: None,
+            ready_secs: None,
+            status_text: None,
             probes: vec![ProbeStatus {
                 name: "banner".into(),
                 probe: "tcp 127.0.0.1:7070".into(),

@@ -133,6 +133,17 @@ pub struct ServiceStatus {
     /// Extra information, e.g. when a given-up service is re-kicked next.
     #[serde(default)]
     pub note: Option<String>,
+    /// The current run's id: unique across agent restarts, larger for a later run (agent-run
+    /// services, while running).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<u64>,
+    /// Seconds from the run's start to its readiness (`READY=1`, probes passed, or its first
+    /// second), once ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_secs: Option<f64>,
+    /// The daemon's own `STATUS=` text (`ready: notify`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_text: Option<String>,
     /// Latest result of each probe.
     #[serde(default)]
     pub probes: Vec<ProbeStatus>,

@@ -284,6 +284,9 @@ mod tests {
             restarts: 9,
             last_exit: None,
             note: None,
+            run: None,
+            ready_secs: None,
+            status_text: None,
             probes: vec![ProbeStatus {
                 name: "banner".into(),
                 probe: "tcp".into(),

@@ -1,42 +1,41 @@
-//! One supervised service: a task that owns its launch script's process, respawns it, gives
-//! up and gets re-kicked, runs its probes and kills its role when they fail, and answers the
-//! control commands that concern it. `policy.rs` makes the decisions; this is where they are
-//! carried out (spawn, log, kill, `systemctl`).
+//! The thin layer around one service's [`Machine`]: a task that turns the world into
+//! machine events (its launch script exited, a probe answered, a deadline passed, a client
+//! asked, the daemon wrote to its notify socket, a dependency became ready) and carries out
+//! the machine's effects (spawn into the service's cgroup, pump the output into the log, kill
+//! the role, `systemctl`, write the admin-down mark, record an event, answer). Every decision
+//! is the machine's (`machine.rs`); what `status` shows is derived from it.
 
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use keepup_checks::{Probe, ProbeResult, RunAs};
-use keepup_packager::manifest::{Manifest, ManifestCheck, ManifestProbe, Supervised};
-use keepup_packager::spec::format_duration;
+use keepup_deploy::wire::ServiceState;
+use keepup_packager::manifest::{Manifest, ManifestProbe, Ready};
 use tokio::io::AsyncReadExt;
 use tokio::process::{Child, Command};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
 use crate::config::Config;
+use crate::events::Events;
 use crate::logfile::{self, LogFile, SharedLog};
-use crate::policy::{self, AfterExit, StartHistory};
+use crate::machine::{Deps, Effect, Event, Machine, ProbeProblemKind, ReplyTo, Systemctl, Tuning};
+use crate::notify::{Message, NotifySocket};
+use crate::order::{self, Registry, Services};
 use crate::proto::{ProbeStatus, Response, ServiceStatus};
 use crate::reaper::Spawned;
 use crate::refuse::{self, Roles};
 use crate::role;
-use crate::systemd::{self, UnitState};
-use keepup_deploy::wire::{EventKind, ServiceState};
+use crate::systemd;
 
 /// `PATH` for launch scripts (they set their own too).
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-/// How often a systemd unit's state is looked at.
-const SYSTEMD_POLL: Duration = Duration::from_secs(5);
 /// How long to wait for a killed launch script to be reaped.
 const REAP_WAIT: Duration = Duration::from_secs(5);
-/// Delay before trying again when the role user does not exist or the launch script cannot
-/// be spawned (counts as a start, so the give-up limit applies).
-const SPAWN_RETRY: Duration = Duration::from_secs(5);
 
 /// What every service task shares with the agent.
 #[derive(Debug, Clone)]
@@ -54,7 +53,35 @@ pub struct Ctx {
     /// When the agent started: the re-kick timer ticks every `rekick_every` from here.
     pub epoch: Instant,
     /// Recent events, for reports (give-ups, health kills).
-    pub events: crate::events::Events,
+    pub events: Events,
+    /// Every service's state, for start order.
+    pub registry: Registry,
+    /// The last run id given out (see [`next_run_id`]).
+    pub runs: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// Microseconds since the Unix epoch.
+pub fn unix_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_micros() as u64)
+}
+
+/// A new run id: the spawn time in microseconds since the Unix epoch, made strictly larger
+/// than the last one, so a later run always has a larger id, across agent restarts too (as
+/// long as the clock does not go back). The updater compares it with when its package
+/// command began.
+fn next_run_id(last: &std::sync::atomic::AtomicU64) -> u64 {
+    use std::sync::atomic::Ordering;
+    let now = unix_micros();
+    let mut prev = last.load(Ordering::Relaxed);
+    loop {
+        let id = now.max(prev + 1);
+        match last.compare_exchange(prev, id, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return id,
+            Err(p) => prev = p,
+        }
+    }
 }
 
 /// Requests from the agent to a service task.
@@ -93,87 +120,28 @@ impl ServiceCommand {
     }
 }
 
-/// ServiceState visible to `status`, updated by the service task.
-#[derive(Debug, Clone)]
-pub struct Shared {
-    name: String,
-    version: String,
-    supervisor: &'static str,
-    state: ServiceState,
-    pid: Option<u32>,
-    started: Option<Instant>,
-    /// A run counts as `starting` until it has run this long.
-    settle: Duration,
-    restarts: u64,
-    last_exit: Option<String>,
-    note: Option<String>,
-    probes: Vec<ProbeSlot>,
-    /// Set by the output reader when the current run printed `not sane:`.
-    not_sane: Option<Arc<AtomicBool>>,
-}
-
-#[derive(Debug, Clone)]
-struct ProbeSlot {
-    name: String,
-    probe: String,
-    ok: Option<bool>,
-    reason: Option<String>,
-    failures: u32,
-    at: Option<Instant>,
-}
-
-impl Shared {
-    /// The status snapshot at `now`.
-    pub fn snapshot(&self, now: Instant) -> ServiceStatus {
-        let mut state = self.state.clone();
-        let uptime = self.started.map(|s| now.saturating_duration_since(s));
-        let said_not_sane = self
-            .not_sane
-            .as_ref()
-            .is_some_and(|f| f.load(Ordering::Relaxed));
-        if state == ServiceState::Running && said_not_sane {
-            // The launch script is in its not-sane sleep, about to exit.
-            state = ServiceState::NotSane;
-        } else if state == ServiceState::Running && uptime.is_some_and(|u| u < self.settle) {
-            state = ServiceState::Starting;
-        }
-        ServiceStatus {
-            name: self.name.clone(),
-            version: self.version.clone(),
-            supervisor: self.supervisor.into(),
-            state,
-            pid: self.pid,
-            uptime_secs: uptime.map(|u| u.as_secs_f64()),
-            restarts: self.restarts,
-            last_exit: self.last_exit.clone(),
-            note: self.note.clone(),
-            probes: self
-                .probes
-                .iter()
-                .map(|p| ProbeStatus {
-                    name: p.name.clone(),
-                    probe: p.probe.clone(),
-                    ok: p.ok,
-                    reason: p.reason.clone(),
-                    failures: p.failures,
-                    age_secs: p.at.map(|t| now.saturating_duration_since(t).as_secs_f64()),
-                })
-                .collect(),
-        }
-    }
-}
-
 /// The agent's handle on a running service task.
 #[derive(Debug)]
 pub struct Handle {
     /// Commands to the task.
     pub tx: mpsc::Sender<ServiceCommand>,
-    /// What `status` shows.
-    pub shared: Arc<Mutex<Shared>>,
+    /// The machine, for `status`.
+    pub machine: Arc<Mutex<Machine>>,
     /// The manifest the task was last given.
     pub manifest: Manifest,
     /// The task: finished once a `Stop` is done.
     pub task: tokio::task::JoinHandle<()>,
+}
+
+impl Handle {
+    /// The status snapshot at `now`.
+    pub fn status(&self, now: Instant) -> ServiceStatus {
+        lock(&self.machine).status(now)
+    }
+}
+
+fn lock(m: &Mutex<Machine>) -> std::sync::MutexGuard<'_, Machine> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Starts the task for `manifest`, read from `path`.
@@ -193,65 +161,40 @@ pub fn spawn(ctx: Ctx, manifest: Manifest, path: PathBuf) -> Handle {
         log_gid,
     )
     .shared();
-    let shared = Arc::new(Mutex::new(Shared {
-        name: manifest.name.clone(),
-        version: manifest.version.clone(),
-        supervisor: supervisor_name(&manifest),
-        state: ServiceState::Backoff,
-        pid: None,
-        started: None,
-        settle: settle(&manifest, ctx.cfg.respawn.fast_crash),
-        restarts: 0,
-        last_exit: None,
-        note: None,
-        probes: Vec::new(),
-        not_sane: None,
-    }));
-    let svc = Service {
+    let tuning = Tuning {
+        respawn: ctx.cfg.respawn,
+        rekick_every: ctx.cfg.rekick_every,
+        epoch: ctx.epoch,
+    };
+    let machine = Arc::new(Mutex::new(Machine::new(manifest.clone(), tuning)));
+    let (sane_tx, sane_rx) = mpsc::unbounded_channel();
+    let deps = ctx.registry.subscribe();
+    let exec = Exec {
         down_mark: ctx.cfg.down_dir().join(&manifest.name),
         ctx,
-        m: manifest.clone(),
-        shared: shared.clone(),
+        machine: machine.clone(),
         log,
-        history: StartHistory::new(),
-        fast_streak: 0,
-        run: None,
-        respawn_at: None,
-        down: false,
-        given_up: false,
-        refused: None,
-        ids: None,
         path,
-        checks: Vec::new(),
-        in_flight: JoinSet::new(),
-        generation: 0,
-        starts: 0,
-        unit_poll_at: None,
-        rekick_at: None,
         path_key: None,
+        run: None,
+        ids: None,
+        probes: Vec::new(),
+        in_flight: JoinSet::new(),
+        replies: HashMap::new(),
+        next_reply: 0,
+        sane_tx,
+        sane_rx,
+        notify: None,
+        deps,
+        published: None,
     };
-    let task = tokio::spawn(svc.main(rx));
+    let task = tokio::spawn(exec.main(rx));
     Handle {
         tx,
-        shared,
+        machine,
         manifest,
         task,
     }
-}
-
-fn supervisor_name(m: &Manifest) -> &'static str {
-    match m.supervisor.kind {
-        Supervised::Agent => "agent",
-        Supervised::Systemd => "systemd",
-    }
-}
-
-/// How long a run counts as `starting`: the fast-crash threshold or the longest probe grace.
-fn settle(m: &Manifest, fast_crash: Duration) -> Duration {
-    m.checks
-        .iter()
-        .map(|c| c.grace)
-        .fold(fast_crash, Duration::max)
 }
 
 /// A launch script the agent waits for: spawned into its cgroup with `clone3`, or by tokio
@@ -285,58 +228,34 @@ impl Launched {
     }
 }
 
-/// The current run of the launch script.
-#[derive(Debug)]
-struct Run {
-    child: Launched,
-    pid: i32,
-    started: Instant,
-    not_sane: Arc<AtomicBool>,
-    /// Why the agent killed this run, if it did.
-    killed_for: Option<String>,
-}
-
-/// One probe with its schedule and its streak.
-#[derive(Debug)]
-struct Check {
-    spec: ManifestCheck,
-    probe: Result<Probe, ProbeProblem>,
-    next: Option<Instant>,
-    running: bool,
-    failures: u32,
-}
-
-struct Service {
+/// The executor of one service's machine.
+struct Exec {
     ctx: Ctx,
-    m: Manifest,
-    shared: Arc<Mutex<Shared>>,
+    machine: Arc<Mutex<Machine>>,
     log: SharedLog,
     down_mark: PathBuf,
-    history: StartHistory,
-    fast_streak: u32,
-    run: Option<Run>,
-    respawn_at: Option<Instant>,
-    down: bool,
-    given_up: bool,
-    /// Why the manifest is not supervised at all (see `refuse.rs`); cleared by a re-kick, `up`
-    /// or a manifest change, which look again.
-    refused: Option<String>,
+    /// The manifest file, re-read before each start.
+    path: PathBuf,
+    /// The manifest file as last read before a start: re-parsed only when it changed.
+    path_key: Option<FileKey>,
+    /// The launch script, while it runs (and its pid).
+    run: Option<(Launched, i32)>,
     /// The role's uid and gid, from the last successful lookup (kept for stopping after the
     /// role user was deleted).
     ids: Option<(u32, u32)>,
-    /// The manifest file, re-read before each start.
-    path: PathBuf,
-    checks: Vec<Check>,
+    probes: Vec<Result<Probe, ProbeProblem>>,
     in_flight: JoinSet<(usize, u64, ProbeResult)>,
-    /// Bumped on each start and each health kill; older probe results are ignored.
-    generation: u64,
-    starts: u64,
-    unit_poll_at: Option<Instant>,
-    /// The next re-kick tick, while there is something to re-kick (given up, refused, or a
-    /// systemd unit); otherwise the service does not wake up for the timer.
-    rekick_at: Option<Instant>,
-    /// The manifest file as last read before a start: re-parsed only when it changed.
-    path_key: Option<FileKey>,
+    replies: HashMap<ReplyTo, oneshot::Sender<Response>>,
+    next_reply: ReplyTo,
+    /// What the output pumps saw (`not sane:` / `environment sane; exec` lines).
+    sane_tx: mpsc::UnboundedSender<bool>,
+    sane_rx: mpsc::UnboundedReceiver<bool>,
+    /// The notify socket (`ready: notify` services).
+    notify: Option<NotifySocket>,
+    /// Every service's state (start order).
+    deps: watch::Receiver<Services>,
+    /// What this service last published.
+    published: Option<order::Entry>,
 }
 
 /// Identity of a version of a file: (inode, size, mtime, ctime).
@@ -362,212 +281,289 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-async fn wait_run(run: &mut Option<Run>) -> std::io::Result<ExitStatus> {
+async fn wait_run(run: &mut Option<(Launched, i32)>) -> std::io::Result<ExitStatus> {
     match run {
-        Some(r) => r.child.wait().await,
+        Some((child, _)) => child.wait().await,
         None => std::future::pending().await,
     }
 }
 
-impl Service {
-    fn systemd(&self) -> bool {
-        self.m.supervisor.kind == Supervised::Systemd
+async fn notified(sock: &Option<NotifySocket>) -> Vec<Message> {
+    match sock {
+        Some(s) => s.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn describe_status(status: &std::io::Result<ExitStatus>) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match status {
+        Ok(st) => crate::policy::describe_exit(st.code(), st.signal()),
+        Err(e) => format!("lost track of it ({e})"),
+    }
+}
+
+impl Exec {
+    fn name(&self) -> String {
+        lock(&self.machine).manifest().name.clone()
     }
 
-    fn unit(&self) -> String {
-        self.m
-            .supervisor
-            .unit
-            .clone()
-            .unwrap_or_else(|| format!("{}.service", self.m.name))
+    fn manifest(&self) -> Manifest {
+        lock(&self.machine).manifest().clone()
     }
 
     fn note(&self, message: &str) {
         logfile::lock(&self.log).note(message);
     }
 
-    fn update(&self, f: impl FnOnce(&mut Shared)) {
-        f(&mut self.shared.lock().unwrap_or_else(|e| e.into_inner()));
-    }
-
-    fn set_state(&self, state: ServiceState, note: Option<String>) {
-        self.update(|s| {
-            s.state = state;
-            s.note = note;
-        });
-    }
-
     async fn main(mut self, mut rx: mpsc::Receiver<ServiceCommand>) {
-        self.down = self.down_mark.exists();
-        if self.down {
-            self.note("admin-down mark present: not starting");
-            self.set_state(ServiceState::Down, Some(self.down_note()));
-        } else if self.systemd() {
-            self.systemd_begin(false).await;
-        } else {
-            self.start().await;
-        }
+        let deps = self.current_deps();
+        self.feed(Event::Deps(deps)).await;
+        let down = self.down_mark.exists();
+        self.feed(Event::Begin { down }).await;
         loop {
-            let probe_due = self.next_probe_due();
-            if !self.wants_rekick() {
-                self.rekick_at = None;
-            } else if self.rekick_at.is_none() {
-                let (epoch, every) = (self.ctx.epoch, self.ctx.cfg.rekick_every);
-                self.rekick_at = Some(policy::next_tick(epoch, every, Instant::now()));
-            }
-            tokio::select! {
-                status = wait_run(&mut self.run) => self.on_exit(status).await,
-                _ = sleep_until(self.respawn_at) => {
-                    self.respawn_at = None;
-                    self.start().await;
-                }
-                _ = sleep_until(probe_due) => self.launch_probes(),
+            let deadline = lock(&self.machine).next_deadline();
+            let event = tokio::select! {
+                status = wait_run(&mut self.run) => self.exited(status),
+                _ = sleep_until(deadline) => Event::Timer,
                 Some(joined) = self.in_flight.join_next(), if !self.in_flight.is_empty() => {
-                    if let Ok((i, gen, result)) = joined {
-                        self.on_probe(i, gen, result).await;
+                    match joined {
+                        Ok((index, generation, result)) => Event::Probe { index, generation, result },
+                        Err(_) => continue,
                     }
                 }
-                _ = sleep_until(self.unit_poll_at) => self.poll_unit().await,
-                _ = sleep_until(self.rekick_at) => {
-                    self.rekick_at = None;
-                    self.rekick().await;
+                Some(said) = self.sane_rx.recv() => Event::SaneLine(said),
+                msgs = notified(&self.notify) => {
+                    for m in msgs {
+                        let ev = match m {
+                            Message::Ready => Event::Ready,
+                            Message::Stopping => Event::Stopping,
+                            Message::Watchdog => Event::Watchdog,
+                            Message::Status(s) => Event::StatusText(s),
+                            Message::MainPid(p) => Event::MainPid(p),
+                        };
+                        self.feed(ev).await;
+                    }
+                    continue;
                 }
+                Ok(()) = self.deps.changed() => Event::Deps(self.current_deps()),
                 cmd = rx.recv() => match cmd {
                     None => {
-                        self.stop("the agent is exiting").await;
+                        self.feed(Event::Stop { remove: false }).await;
                         return;
                     }
                     Some(ServiceCommand::Stop { remove, done }) => {
+                        self.feed(Event::Stop { remove }).await;
                         if remove {
-                            self.note("manifest removed: stopping and killing the role");
-                            if self.systemd() && self.refused.is_none() {
-                                let _ = systemd::stop(&self.unit(), &self.ctx.spawned).await;
-                            }
-                            self.stop("manifest removed").await;
-                            self.ctx.roles.release(&self.m.name);
-                        } else if !self.systemd() {
-                            self.stop("the agent is stopping").await;
+                            self.ctx.registry.remove(&self.name());
                         }
                         let _ = done.send(());
                         return;
                     }
-                    Some(c) => self.command(c).await,
+                    Some(ServiceCommand::Down(reply)) => Event::Down(self.reply_to(reply)),
+                    Some(ServiceCommand::Up(reply)) => Event::Up(self.reply_to(reply)),
+                    Some(ServiceCommand::Rekick(reply)) => {
+                        Event::Rekick(reply.map(|r| self.reply_to(r)))
+                    }
+                    Some(ServiceCommand::Check(reply)) => {
+                        self.check_now(reply);
+                        continue;
+                    }
+                    Some(ServiceCommand::Reload(m)) => Event::Reload(m),
                 },
+            };
+            self.feed(event).await;
+        }
+    }
+
+    fn reply_to(&mut self, reply: oneshot::Sender<Response>) -> ReplyTo {
+        self.next_reply += 1;
+        self.replies.insert(self.next_reply, reply);
+        self.next_reply
+    }
+
+    fn current_deps(&mut self) -> Deps {
+        let (name, after) = {
+            let m = lock(&self.machine);
+            (
+                m.manifest().name.clone(),
+                m.manifest().supervisor.after.clone(),
+            )
+        };
+        order::deps_of(&name, &after, &self.deps.borrow_and_update())
+    }
+
+    /// The launch script exited: reap its bookkeeping, and say how.
+    fn exited(&mut self, status: std::io::Result<ExitStatus>) -> Event {
+        if let Some((_, pid)) = self.run.take() {
+            self.ctx.spawned.remove(pid);
+        }
+        let mut not_sane = false;
+        while let Ok(said) = self.sane_rx.try_recv() {
+            not_sane = said;
+        }
+        Event::Exited {
+            how: describe_status(&status),
+            not_sane,
+        }
+    }
+
+    /// Hands `event` to the machine and carries out what it says, feeding back the events
+    /// the effects produce, in order.
+    async fn feed(&mut self, event: Event) {
+        let mut queue = VecDeque::from([event]);
+        while let Some(ev) = queue.pop_front() {
+            let effects = lock(&self.machine).on(ev, Instant::now());
+            for fx in effects {
+                if let Some(next) = self.act(fx).await {
+                    queue.push_back(next);
+                }
+            }
+        }
+        self.publish();
+    }
+
+    /// Publishes this service's state for the services that start after it.
+    fn publish(&mut self) {
+        let (name, entry) = {
+            let m = lock(&self.machine);
+            (
+                m.manifest().name.clone(),
+                order::Entry {
+                    state: m.state(),
+                    after: m.manifest().supervisor.after.clone(),
+                },
+            )
+        };
+        if self.published.as_ref() != Some(&entry) {
+            self.ctx.registry.publish(&name, entry.clone());
+            self.published = Some(entry);
+        }
+    }
+
+    async fn act(&mut self, fx: Effect) -> Option<Event> {
+        match fx {
+            Effect::Spawn { previous } => Some(self.start(previous.map(|p| p as i32)).await),
+            Effect::KillRole(why) => {
+                self.kill_role(&why).await;
+                Some(Event::Killed)
+            }
+            Effect::StopRun(why) => self.stop(&why).await,
+            Effect::Systemctl(op) => self.systemctl(op).await,
+            Effect::Mark { down, reply } => Some(Event::Marked {
+                down,
+                reply,
+                result: self.mark(down),
+            }),
+            Effect::RunProbes { which, generation } => {
+                for i in which {
+                    if let Some(Ok(probe)) = self.probes.get(i) {
+                        let probe = probe.clone();
+                        let timeout = lock(&self.machine)
+                            .manifest()
+                            .checks
+                            .get(i)
+                            .map_or(Duration::from_secs(1), |c| c.timeout);
+                        self.in_flight
+                            .spawn(async move { (i, generation, probe.run(timeout).await) });
+                    }
+                }
+                None
+            }
+            Effect::RebuildProbes => {
+                self.rebuild_probes();
+                None
+            }
+            Effect::ReleaseRole => {
+                self.ctx.roles.release(&self.name());
+                None
+            }
+            Effect::Record(kind, message) => {
+                let name = self.name();
+                eprintln!("keepup-agent: {name}: {message}");
+                self.ctx.events.push(kind, Some(&name), message);
+                None
+            }
+            Effect::Note(line) => {
+                self.note(&line);
+                None
+            }
+            Effect::Reply(to, response) => {
+                if let Some(reply) = self.replies.remove(&to) {
+                    let _ = reply.send(response);
+                }
+                None
             }
         }
     }
 
-    /// Whether the re-kick timer has anything to do here.
-    fn wants_rekick(&self) -> bool {
-        !self.down && (self.given_up || self.refused.is_some() || self.systemd())
-    }
-
-    fn down_note(&self) -> String {
-        format!(
-            "admin-down ({}); `keepup-agent up {}` starts it again",
-            self.down_mark.display(),
-            self.m.name
-        )
-    }
-
-    async fn command(&mut self, cmd: ServiceCommand) {
-        match cmd {
-            ServiceCommand::Down(reply) => {
-                let r = self.admin_down().await;
-                let _ = reply.send(r);
+    fn mark(&self, down: bool) -> Result<(), String> {
+        if down {
+            if let Some(dir) = self.down_mark.parent() {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
             }
-            ServiceCommand::Up(reply) => {
-                let r = self.admin_up().await;
-                let _ = reply.send(r);
+            std::fs::write(&self.down_mark, b"").map_err(|e| {
+                format!(
+                    "cannot write the admin-down mark {}: {e}",
+                    self.down_mark.display()
+                )
+            })
+        } else {
+            match std::fs::remove_file(&self.down_mark) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(format!(
+                    "cannot remove the admin-down mark {}: {e}",
+                    self.down_mark.display()
+                )),
             }
-            ServiceCommand::Rekick(reply) => {
-                let r = self.rekick().await;
-                if let Some(reply) = reply {
-                    let _ = reply.send(r);
-                }
-            }
-            ServiceCommand::Check(reply) => self.check_now(reply),
-            ServiceCommand::Reload(m) => {
-                let new_version = self.reload(*m);
-                // An upgrade of a service that gave up starts the new bits (the talk's
-                // "restart on upgrade"); a refused one is tried again.
-                if (self.refused.is_some() || (new_version && self.given_up)) && !self.down {
-                    self.kick().await;
-                }
-            }
-            ServiceCommand::Stop { .. } => unreachable!("handled by the main loop"),
         }
     }
 
     /// Checks the manifest, claims the role, looks it up (`getpwnam`, on a blocking thread:
     /// it may ask NSS over the network) and checks that it belongs to this service (the role
-    /// registry, see `refuse.rs`). Refusals start with [`refuse::REFUSING`]. The uid is
-    /// recorded (and so becomes killable) only once every check passed.
-    async fn lookup_role(&mut self) -> Result<(u32, u32), String> {
-        if let Some(why) = refuse::manifest_refusal(&self.m) {
-            return Err(why);
+    /// registry, see `refuse.rs`). The uid is recorded (and so becomes killable) only once
+    /// every check passed.
+    async fn lookup_role(&mut self) -> Result<(u32, u32), RoleError> {
+        let m = self.manifest();
+        if let Some(why) = refuse::manifest_refusal(&m) {
+            return Err(RoleError::Refused(why));
         }
-        self.ctx.roles.claim(&self.m.role, &self.m.name)?;
-        let role = self.m.role.clone();
+        self.ctx
+            .roles
+            .claim(&m.role, &m.name)
+            .map_err(RoleError::Refused)?;
+        let role = m.role.clone();
         let registry = self.ctx.role_registry.clone();
         let found = tokio::task::spawn_blocking(move || {
             nix::unistd::User::from_name(&role)
                 .map(|u| u.map(|u| (u, refuse::read_registry(&registry, &role))))
         })
         .await
-        .map_err(|e| format!("cannot look up role user {}: {e}", self.m.role))?;
+        .map_err(|e| RoleError::Failed(format!("cannot look up role user {}: {e}", m.role)))?;
         match found {
             Ok(Some((u, registry))) => {
                 let (uid, gid) = (u.uid.as_raw(), u.gid.as_raw());
-                if let Some(why) =
-                    refuse::uid_refusal(&self.m.name, &self.m.role, uid, self.ctx.uid_min)
-                {
-                    return Err(why);
+                if let Some(why) = refuse::uid_refusal(&m.name, &m.role, uid, self.ctx.uid_min) {
+                    return Err(RoleError::Refused(why));
                 }
                 let gecos = u.gecos.to_string_lossy();
-                refuse::role_belongs(&self.m.name, &self.m.role, &registry, &gecos)?;
+                refuse::role_belongs(&m.name, &m.role, &registry, &gecos)
+                    .map_err(RoleError::Refused)?;
                 self.ids = Some((uid, gid));
+                lock(&self.machine).set_role_known(true);
                 Ok((uid, gid))
             }
-            Ok(None) => Err(format!(
+            Ok(None) => Err(RoleError::Failed(format!(
                 "role user {} does not exist; reinstall the {} package",
-                self.m.role, self.m.name
-            )),
-            Err(e) => Err(format!("cannot look up role user {}: {e}", self.m.role)),
+                m.role, m.name
+            ))),
+            Err(e) => Err(RoleError::Failed(format!(
+                "cannot look up role user {}: {e}",
+                m.role
+            ))),
         }
-    }
-
-    /// Refuses to supervise the manifest: no start, no probes, no role kill, until a re-kick,
-    /// `up` or a manifest change looks again.
-    fn refuse(&mut self, why: String) {
-        self.note(&why);
-        eprintln!("keepup-agent: {}: {why}", self.m.name);
-        // For the report: the state says `refused`, the event says why.
-        self.ctx
-            .events
-            .push(EventKind::Refused, Some(&self.m.name), why.clone());
-        self.refused = Some(why.clone());
-        self.ids = None;
-        self.respawn_at = None;
-        self.rebuild_checks();
-        if !why.contains("already used by service") {
-            self.ctx.roles.release(&self.m.name);
-        }
-        self.update(|s| s.last_exit = Some(why.clone()));
-        self.set_state(ServiceState::Refused, Some(why));
-    }
-
-    /// A systemd unit at agent start, `up` or a re-kick: look up the role (or refuse), probe,
-    /// and re-kick the unit if it is not active.
-    async fn systemd_begin(&mut self, force: bool) {
-        match self.lookup_role().await {
-            Err(why) if why.starts_with(refuse::REFUSING) => return self.refuse(why),
-            Err(why) => self.note(&why),
-            Ok(_) => {}
-        }
-        self.rebuild_checks();
-        self.schedule_checks(Instant::now());
-        self.systemd_rekick(force).await;
     }
 
     /// Re-reads the manifest file, so a start right after an upgrade (whose maintainer
@@ -583,50 +579,46 @@ impl Service {
         };
         self.path_key = key;
         if let Ok(m) = Manifest::parse_file(&self.path, &text) {
-            if m.name == self.m.name && m != self.m {
-                self.reload(m);
+            let mut machine = lock(&self.machine);
+            if m.name == machine.manifest().name && m != *machine.manifest() {
+                // Taken synchronously: a reload during a start changes nothing but the
+                // manifest and the probes.
+                let fx = machine.on(Event::Reload(Box::new(m)), Instant::now());
+                drop(machine);
+                for f in fx {
+                    if let Effect::Note(line) = f {
+                        self.note(&line);
+                    }
+                }
             }
         }
     }
 
-    /// Starts the launch script (agent-supervised): kill leftovers of the role first ("kill to
-    /// gain control"), then spawn it in its own process group with its output to the log.
-    async fn start(&mut self) {
-        self.start_after(None).await;
-    }
-
-    /// [`Service::start`]; `previous` is the process group of the run that just exited, when
-    /// this is the immediate respawn after a run that lasted at least `fast_crash`. Then, if
-    /// nothing is left in that group, the launch script is spawned at once, without the
-    /// `/proc` scan for the role: the common restart (a crash or kill of a long-running
-    /// daemon) costs a fork/exec, not a walk over every process on the host. A daemon that
-    /// escaped the group (`setsid`) is caught by the next uid-based kill: the next start after
-    /// a fast crash (the new copy failing to bind, say), a re-kick, a health kill, `down`.
-    async fn start_after(&mut self, previous: Option<i32>) {
-        if self.down || self.given_up || self.run.is_some() || self.systemd() {
-            return;
-        }
+    /// Starts the launch script: kill leftovers of the role first ("kill to gain control"),
+    /// then spawn it in its own process group with its output to the log.
+    ///
+    /// `previous` is the process group of the run that just exited, when this is the
+    /// immediate respawn after a run that lasted at least `fast_crash`. Then, if nothing is
+    /// left in that group, the launch script is spawned at once, without the `/proc` scan for
+    /// the role: the common restart (a crash or kill of a long-running daemon) costs a
+    /// fork/exec, not a walk over every process on the host. A daemon that escaped the group
+    /// (`setsid`) is caught by the next uid-based kill: the next start after a fast crash, a
+    /// re-kick, a health kill, `down`.
+    async fn start(&mut self, previous: Option<i32>) -> Event {
         self.reread_manifest();
-        if self.refused.is_some() {
-            return;
-        }
-        let now = Instant::now();
-        if !self
-            .history
-            .may_start(now, self.m.supervisor.count, self.m.supervisor.within)
-        {
-            self.give_up();
-            return;
-        }
-        let (uid, _gid) = match self.lookup_role().await {
+        let (uid, gid) = match self.lookup_role().await {
             Ok(ids) => ids,
-            Err(why) if why.starts_with(refuse::REFUSING) => return self.refuse(why),
-            Err(why) => return self.failed_start(now, why),
+            Err(RoleError::Refused(why)) => return Event::Refused(why),
+            Err(RoleError::Failed(why)) => {
+                eprintln!("keepup-agent: {}: {why}", self.name());
+                return Event::SpawnFailed(why);
+            }
         };
+        let m = self.manifest();
         // The previous launch script is reaped: its group id may have been recycled, so the
         // group is only asked whether it has members (signal 0), never signalled or used to
         // pick victims; the service's cgroup, if any, answers exactly.
-        let cgroup = crate::cgroup::for_service(&self.m.name);
+        let cgroup = crate::cgroup::for_service(&m.name);
         let previous = previous.filter(|&g| g > 1);
         let group_left = previous.is_some_and(|g| match &cgroup {
             Some(cg) => cg.populated() != Some(false),
@@ -643,12 +635,12 @@ impl Service {
                 group: None,
                 cgroup,
             };
-            role::kill_role(&target, self.m.supervisor.stop_grace).await
+            role::kill_role(&target, m.supervisor.stop_grace).await
         };
         if leftovers.termed > 0 {
             self.note(&format!(
                 "killed {} leftover process(es) of role {} before starting ({} needed SIGKILL)",
-                leftovers.termed, self.m.role, leftovers.killed
+                leftovers.termed, m.role, leftovers.killed
             ));
         }
         // The killed run's zombies still count against the role's process limit.
@@ -656,62 +648,84 @@ impl Service {
         if unreaped > 0 {
             self.note(&format!(
                 "{unreaped} exited process(es) of role {} not reaped yet; starting anyway",
-                self.m.role
+                m.role
             ));
         }
-        self.rebuild_checks();
-        let (child, not_sane) = match self.spawn_launch() {
+        self.rebuild_probes();
+        let mut env = vec![
+            ("PATH".to_string(), PATH.to_string()),
+            ("KEEPUP_SERVICE".to_string(), m.name.clone()),
+        ];
+        if m.ready() == Ready::Notify {
+            match self.notify_socket(&m.name, uid, gid) {
+                Ok(path) => {
+                    env.push(("NOTIFY_SOCKET".into(), path));
+                    if let Some(dog) = m.supervisor.watchdog {
+                        env.push(("WATCHDOG_USEC".into(), dog.as_micros().to_string()));
+                    }
+                }
+                Err(why) => return Event::SpawnFailed(why),
+            }
+        }
+        // Output seen from a previous run's pump means nothing for this one.
+        while self.sane_rx.try_recv().is_ok() {}
+        let child = match self.spawn_launch(&m, &env) {
             Ok(c) => c,
-            Err(why) => return self.failed_start(Instant::now(), why),
+            Err(why) => {
+                eprintln!("keepup-agent: {}: {why}", m.name);
+                return Event::SpawnFailed(why);
+            }
         };
-        let now = Instant::now();
         let pid = child.id();
         self.ctx.spawned.insert(pid);
-        self.history.record(now);
-        self.starts += 1;
-        self.generation += 1;
-        self.note(&format!("started {} (pid {pid})", self.m.launch));
-        self.run = Some(Run {
-            child,
-            pid,
-            started: now,
-            not_sane: not_sane.clone(),
-            killed_for: None,
-        });
-        self.schedule_checks(now);
-        let restarts = self.starts.saturating_sub(1);
-        self.update(|s| {
-            s.state = ServiceState::Running;
-            s.note = None;
-            s.pid = Some(pid as u32);
-            s.started = Some(now);
-            s.restarts = restarts;
-            s.not_sane = Some(not_sane);
-        });
+        self.run = Some((child, pid));
+        let run = next_run_id(&self.ctx.runs);
+        Event::Spawned {
+            run,
+            pid: pid as u32,
+        }
     }
 
-    fn spawn_launch(&self) -> Result<(Launched, Arc<AtomicBool>), String> {
+    /// The notify socket's path, bound for `uid` (bound again when the role changed).
+    fn notify_socket(&mut self, name: &str, uid: u32, gid: u32) -> Result<String, String> {
+        if self.notify.as_ref().is_none_or(|s| s.uid() != uid) {
+            self.notify = None;
+            let dir = self.ctx.cfg.notify_dir();
+            let sock = NotifySocket::bind(&dir, name, uid, gid).map_err(|e| {
+                format!(
+                    "cannot create the notify socket {}: {e}",
+                    dir.join(name).display()
+                )
+            })?;
+            self.notify = Some(sock);
+        }
+        let path = self.notify.as_ref().map(|s| s.path().display().to_string());
+        Ok(path.unwrap_or_default())
+    }
+
+    fn spawn_launch(&self, m: &Manifest, env: &[(String, String)]) -> Result<Launched, String> {
         let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
             .map_err(|e| format!("cannot create a pipe for the log: {e}"))?;
         let write2 = write
             .try_clone()
             .map_err(|e| format!("cannot create a pipe for the log: {e}"))?;
-        let cgroup = crate::cgroup::for_service(&self.m.name);
+        let cgroup = crate::cgroup::for_service(&m.name);
         let child = match &cgroup {
             // With cgroups, the launch script is created in its service's cgroup.
-            Some(cg) => self.spawn_into(cg, write, write2)?,
-            None => Launched::Tokio(self.spawn_command(None, write, write2)?),
+            Some(cg) => self.spawn_into(m, env, cg, write, write2)?,
+            None => Launched::Tokio(self.spawn_command(m, env, None, write, write2)?),
         };
-        let not_sane = Arc::new(AtomicBool::new(false));
-        let watch = policy::SaneWatch::new(&self.m.name);
-        tokio::spawn(pump(read, self.log.clone(), not_sane.clone(), watch));
-        Ok((child, not_sane))
+        let watch = crate::policy::SaneWatch::new(&m.name);
+        tokio::spawn(pump(read, self.log.clone(), self.sane_tx.clone(), watch));
+        Ok(child)
     }
 
     /// Spawns the launch script inside `cg` with `clone3`, or, where that is refused, with
     /// tokio and a `cgroup.procs` write between fork and exec.
     fn spawn_into(
         &self,
+        m: &Manifest,
+        env: &[(String, String)],
         cg: &crate::cgroup::ServiceCgroup,
         write: OwnedFd,
         write2: OwnedFd,
@@ -721,16 +735,16 @@ impl Service {
             std::ffi::CString::new(b).map_err(|_| {
                 format!(
                     "cannot run {}: a NUL byte in its path or environment",
-                    self.m.launch
+                    m.launch
                 )
             })
         };
         let launch = crate::cgroup::Launch {
-            program: cstring(std::path::Path::new(&self.m.launch).as_os_str().as_bytes())?,
-            env: vec![
-                cstring(format!("PATH={PATH}").as_bytes())?,
-                cstring(format!("KEEPUP_SERVICE={}", self.m.name).as_bytes())?,
-            ],
+            program: cstring(std::path::Path::new(&m.launch).as_os_str().as_bytes())?,
+            env: env
+                .iter()
+                .map(|(k, v)| cstring(format!("{k}={v}").as_bytes()))
+                .collect::<Result<_, _>>()?,
             stdout: write,
             stderr: write2,
         };
@@ -740,8 +754,9 @@ impl Service {
             Err(crate::cgroup::SpawnError::Unsupported(_)) => {
                 let joiner = cg
                     .joiner()
-                    .map_err(|e| format!("cannot put {} into its cgroup: {e}", self.m.launch))?;
-                let child = self.spawn_command(Some(&joiner), launch.stdout, launch.stderr)?;
+                    .map_err(|e| format!("cannot put {} into its cgroup: {e}", m.launch))?;
+                let child =
+                    self.spawn_command(m, env, Some(&joiner), launch.stdout, launch.stderr)?;
                 Ok(Launched::Tokio(child))
             }
         }
@@ -751,14 +766,15 @@ impl Service {
     /// and exec.
     fn spawn_command(
         &self,
+        m: &Manifest,
+        env: &[(String, String)],
         joiner: Option<&crate::cgroup::Joiner>,
         write: OwnedFd,
         write2: OwnedFd,
     ) -> Result<Child, String> {
-        let mut cmd = Command::new(&self.m.launch);
+        let mut cmd = Command::new(&m.launch);
         cmd.env_clear()
-            .env("PATH", PATH)
-            .env("KEEPUP_SERVICE", &self.m.name)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .current_dir("/")
             .stdin(Stdio::null())
             .stdout(Stdio::from(write))
@@ -772,131 +788,43 @@ impl Service {
         }
         let child = cmd
             .spawn()
-            .map_err(|e| format!("cannot run {}: {e}", self.m.launch))?;
+            .map_err(|e| format!("cannot run {}: {e}", m.launch))?;
         // The child has the write ends now; ours close with `cmd`.
         drop(cmd);
         Ok(child)
-    }
-
-    /// A start that could not even spawn: counts as a start and a fast crash.
-    fn failed_start(&mut self, now: Instant, why: String) {
-        self.note(&why);
-        eprintln!("keepup-agent: {}: {why}", self.m.name);
-        self.history.record(now);
-        self.starts += 1;
-        self.update(|s| s.last_exit = Some(why.clone()));
-        self.fast_streak = self
-            .ctx
-            .cfg
-            .respawn
-            .next_streak(Duration::ZERO, self.fast_streak);
-        match policy::after_exit(
-            &self.ctx.cfg.respawn,
-            &mut self.history,
-            now,
-            Duration::ZERO,
-            self.fast_streak,
-            true,
-            self.m.supervisor.count,
-            self.m.supervisor.within,
-        ) {
-            AfterExit::GiveUp => self.give_up(),
-            AfterExit::Respawn { delay, .. } => {
-                let delay = delay.max(SPAWN_RETRY);
-                self.respawn_at = Some(now + delay);
-                self.set_state(ServiceState::NotSane, Some(why));
-            }
-        }
-    }
-
-    async fn on_exit(&mut self, status: std::io::Result<ExitStatus>) {
-        use std::os::unix::process::ExitStatusExt;
-        let Some(run) = self.run.take() else { return };
-        self.ctx.spawned.remove(run.pid);
-        let now = Instant::now();
-        let ran = now.saturating_duration_since(run.started);
-        let mut what = match &status {
-            Ok(st) => policy::describe_exit(st.code(), st.signal()),
-            Err(e) => format!("lost track of it ({e})"),
-        };
-        what.push_str(&format!(" after {}", policy::short_duration(ran)));
-        if let Some(why) = &run.killed_for {
-            what.push_str(&format!(" (killed: {why})"));
-        }
-        let not_sane = run.not_sane.load(Ordering::Relaxed);
-        if not_sane {
-            what.push_str(" (not sane)");
-        }
-        self.note(&format!("{} exited: {what}", self.m.launch));
-        self.generation += 1;
-        self.update(|s| {
-            s.pid = None;
-            s.started = None;
-            s.not_sane = None;
-            s.last_exit = Some(what.clone());
-        });
-        if self.down || self.given_up {
-            return;
-        }
-        self.fast_streak = self.ctx.cfg.respawn.next_streak(ran, self.fast_streak);
-        match policy::after_exit(
-            &self.ctx.cfg.respawn,
-            &mut self.history,
-            now,
-            ran,
-            self.fast_streak,
-            not_sane,
-            self.m.supervisor.count,
-            self.m.supervisor.within,
-        ) {
-            AfterExit::GiveUp => self.give_up(),
-            AfterExit::Respawn { delay, state } if delay.is_zero() => {
-                self.set_state(state, None);
-                // A run that lasted: respawn at once, with the cheap leftover check.
-                let previous = (ran >= self.ctx.cfg.respawn.fast_crash).then_some(run.pid);
-                self.start_after(previous).await;
-            }
-            AfterExit::Respawn { delay, state } => {
-                self.respawn_at = Some(now + delay);
-                self.set_state(
-                    state,
-                    Some(format!("respawn in {}", policy::short_duration(delay))),
-                );
-            }
-        }
-    }
-
-    fn give_up(&mut self) {
-        self.given_up = true;
-        self.respawn_at = None;
-        let why = format!(
-            "given up after {} starts within {}; re-kicked every {} or by `keepup-agent rekick {}`",
-            self.m.supervisor.count,
-            format_duration(self.m.supervisor.within),
-            format_duration(self.ctx.cfg.rekick_every),
-            self.m.name
-        );
-        self.note(&why);
-        eprintln!("keepup-agent: {}: {why}", self.m.name);
-        self.ctx
-            .events
-            .push(EventKind::GivenUp, Some(&self.m.name), why.clone());
-        self.set_state(ServiceState::GivenUp, Some(why));
     }
 
     /// The launch script's process group, while the launch script is the agent's unreaped
     /// child (its zombie holds the group id); `None` once it is reaped (`try_wait` reaps an
     /// exited one and keeps its status for `wait`).
     fn unreaped_group(&mut self) -> Option<i32> {
-        let run = self.run.as_mut()?;
-        matches!(run.child.try_wait(), Ok(None)).then_some(run.pid)
+        let (child, pid) = self.run.as_mut()?;
+        matches!(child.try_wait(), Ok(None)).then_some(*pid)
     }
 
-    /// Stops the service: role kill (with the launch script's process group), then reap.
-    async fn stop(&mut self, why: &str) {
-        self.respawn_at = None;
-        self.generation += 1;
-        if self.ids.is_none() && self.refused.is_none() {
+    /// Kills the role (a health, watchdog or readiness kill); the supervisor (the agent, or
+    /// systemd) then starts it again.
+    async fn kill_role(&mut self, why: &str) {
+        let Some((uid, _)) = self.ids else { return };
+        let m = self.manifest();
+        let target = role::Target {
+            uid,
+            group: self.unreaped_group(),
+            cgroup: crate::cgroup::for_service(&m.name),
+        };
+        let report = role::kill_role(&target, m.supervisor.stop_grace).await;
+        self.note(&format!("{why}: killed: {}", report.describe()));
+    }
+
+    /// Stops the service: role kill (with the launch script's process group), then reap;
+    /// says how the run ended.
+    async fn stop(&mut self, why: &str) -> Option<Event> {
+        let m = self.manifest();
+        let refused = matches!(
+            lock(&self.machine).phase(),
+            crate::machine::Phase::Refused(_)
+        );
+        if self.ids.is_none() && !refused {
             let _ = self.lookup_role().await;
         }
         // Without a (valid) role only the launch script's process group and the service's
@@ -904,434 +832,130 @@ impl Service {
         let target = role::Target {
             uid: self.ids.map_or(0, |(uid, _)| uid),
             group: self.unreaped_group(),
-            cgroup: crate::cgroup::for_service(&self.m.name),
+            cgroup: crate::cgroup::for_service(&m.name),
         };
-        let report = role::kill_role(&target, self.m.supervisor.stop_grace).await;
+        let report = role::kill_role(&target, m.supervisor.stop_grace).await;
         if report.termed > 0 {
             self.note(&format!(
                 "stopped ({why}), role {}: {}",
-                self.m.role,
+                m.role,
                 report.describe()
             ));
         }
-        if let Some(mut run) = self.run.take() {
-            let status = tokio::time::timeout(REAP_WAIT, run.child.wait()).await;
-            self.ctx.spawned.remove(run.pid);
-            if let Ok(Ok(st)) = status {
-                use std::os::unix::process::ExitStatusExt;
-                let what = policy::describe_exit(st.code(), st.signal());
-                self.update(|s| s.last_exit = Some(format!("{what} (stopped: {why})")));
-            }
-        }
-        self.update(|s| {
-            s.pid = None;
-            s.started = None;
-            s.not_sane = None;
-        });
-    }
-
-    async fn admin_down(&mut self) -> Response {
-        if let Some(dir) = self.down_mark.parent() {
-            if let Err(e) = std::fs::create_dir_all(dir) {
-                return Response::failed(format!("cannot create {}: {e}", dir.display()));
-            }
-        }
-        if let Err(e) = std::fs::write(&self.down_mark, b"") {
-            return Response::failed(format!(
-                "cannot write the admin-down mark {}: {e}",
-                self.down_mark.display()
-            ));
-        }
-        self.down = true;
-        self.given_up = false;
-        self.note("admin-down: stopping");
-        if self.systemd() {
-            if let Err(e) = systemd::stop(&self.unit(), &self.ctx.spawned).await {
-                self.note(&e);
-            }
-        }
-        self.stop("admin-down").await;
-        self.set_state(ServiceState::Down, Some(self.down_note()));
-        Response::done(format!(
-            "{} is down and stays down (mark {}) until `keepup-agent up {}`",
-            self.m.name,
-            self.down_mark.display(),
-            self.m.name
-        ))
-    }
-
-    async fn admin_up(&mut self) -> Response {
-        match std::fs::remove_file(&self.down_mark) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Response::failed(format!(
-                    "cannot remove the admin-down mark {}: {e}",
-                    self.down_mark.display()
-                ))
-            }
-        }
-        let was_down = std::mem::replace(&mut self.down, false);
-        self.note("admin-up");
-        self.kick().await;
-        Response::done(if was_down {
-            format!("{} is up again", self.m.name)
-        } else {
-            format!("{} was not down; re-kicked if it had given up", self.m.name)
+        let (mut child, pid) = self.run.take()?;
+        let status = tokio::time::timeout(REAP_WAIT, child.wait()).await;
+        self.ctx.spawned.remove(pid);
+        let status = status.ok()?;
+        Some(Event::Exited {
+            how: format!("{} (stopped: {why})", describe_status(&status)),
+            not_sane: false,
         })
     }
 
-    /// Clears the give-up window and starts the service if nothing runs it.
-    async fn kick(&mut self) {
-        self.given_up = false;
-        self.refused = None;
-        self.history.clear();
-        self.fast_streak = 0;
-        if self.systemd() {
-            self.systemd_begin(true).await;
-        } else if self.run.is_none() {
-            self.respawn_at = None;
-            self.start().await;
-        }
-    }
-
-    /// The re-kick (timer or `rekick`): only a given-up service is started again; for anything
-    /// else it is a no-op, like the talk's cron line when upstart still has the process.
-    async fn rekick(&mut self) -> Response {
-        if self.down {
-            return Response::done(format!(
-                "{} is admin-down: not re-kicked (use `keepup-agent up {}`)",
-                self.m.name, self.m.name
-            ));
-        }
-        if self.refused.is_some() {
-            self.note("re-kick: looking at the refused manifest again");
-            self.kick().await;
-            return Response::done(match &self.refused {
-                Some(why) => format!("{}: still refused: {why}", self.m.name),
-                None => format!("{}: re-kicked", self.m.name),
-            });
-        }
-        if self.systemd() {
-            return match self.systemd_rekick(false).await {
-                true => Response::done(format!("{}: re-kicked {}", self.m.name, self.unit())),
-                false => Response::done(format!("{}: {} is active", self.m.name, self.unit())),
-            };
-        }
-        if self.given_up {
-            self.note("re-kick: starting again");
-            self.kick().await;
-            return Response::done(format!("{}: re-kicked", self.m.name));
-        }
-        Response::done(format!("{}: not given up; nothing to do", self.m.name))
-    }
-
-    /// Re-kicks the unit if it is not active (or always, with `force`); true if it did.
-    async fn systemd_rekick(&mut self, force: bool) -> bool {
-        let unit = self.unit();
-        let state = systemd::show(&unit, &self.ctx.spawned).await;
-        let needs = match &state {
-            Ok(s) => s.needs_rekick(),
-            Err(_) => true,
-        };
-        if let Ok(s) = &state {
-            self.show_unit(s);
-        }
-        let mut did = false;
-        if needs || force {
-            let res = systemd::rekick(&unit, &self.ctx.spawned).await;
-            match res {
-                Ok(()) => {
-                    did = true;
-                    self.schedule_checks(Instant::now());
-                    self.note(&format!(
-                        "re-kicked {unit}: systemctl reset-failed + start{}",
-                        match &state {
-                            Ok(s) => format!(" (it was {}/{}, {})", s.active, s.sub, s.result),
-                            Err(_) => String::new(),
-                        }
-                    ));
-                    self.set_state(ServiceState::Starting, None);
-                }
-                Err(e) => {
+    /// A `systemctl` operation for a systemd-run service.
+    async fn systemctl(&mut self, op: Systemctl) -> Option<Event> {
+        let m = self.manifest();
+        let unit = m
+            .supervisor
+            .unit
+            .clone()
+            .unwrap_or_else(|| format!("{}.service", m.name));
+        let spawned = self.ctx.spawned.clone();
+        let force = match op {
+            Systemctl::Stop => {
+                if let Err(e) = systemd::stop(&unit, &spawned).await {
                     self.note(&e);
-                    self.set_state(ServiceState::GivenUp, Some(e));
                 }
+                return None;
             }
-        }
-        self.unit_poll_at = Some(Instant::now() + SYSTEMD_POLL.min(Duration::from_secs(1)));
-        did
-    }
-
-    fn show_unit(&self, u: &UnitState) {
-        let rekick = format_duration(self.ctx.cfg.rekick_every);
-        self.update(|s| {
-            if s.state == ServiceState::Down {
-                return;
+            Systemctl::Show => {
+                let shown = systemd::show(&unit, &spawned).await;
+                return Some(Event::Unit {
+                    shown: shown.map(|u| unit_view(&u)),
+                    rekicked: None,
+                });
             }
-            s.state = u.state();
-            s.pid = u.main_pid;
-            s.restarts = u.restarts;
-            s.note = (u.state() == ServiceState::GivenUp).then(|| {
-                format!(
-                    "unit {}/{} ({}); re-kicked every {rekick}",
-                    u.active, u.sub, u.result
-                )
-            });
-            match (u.state(), s.started) {
-                (ServiceState::Running, None) => s.started = Some(Instant::now()),
-                (ServiceState::Running, Some(_)) => {}
-                _ => s.started = None,
+            Systemctl::Begin { force } => {
+                match self.lookup_role().await {
+                    Err(RoleError::Refused(why)) => return Some(Event::Refused(why)),
+                    Err(RoleError::Failed(why)) => self.note(&why),
+                    Ok(_) => {}
+                }
+                self.rebuild_probes();
+                force
             }
-        });
-    }
-
-    async fn poll_unit(&mut self) {
-        self.unit_poll_at = None;
-        if !self.systemd() || self.down || self.refused.is_some() {
-            return;
-        }
-        match systemd::show(&self.unit(), &self.ctx.spawned).await {
-            Ok(u) => self.show_unit(&u),
-            Err(e) => self.set_state(ServiceState::GivenUp, Some(e)),
-        }
-        self.unit_poll_at = Some(Instant::now() + SYSTEMD_POLL);
-    }
-
-    /// Take a changed manifest; true when its version changed.
-    fn reload(&mut self, m: Manifest) -> bool {
-        if m == self.m {
-            return false;
-        }
-        self.note(&format!(
-            "manifest changed: {} {} -> {} (used from the next start)",
-            m.name, self.m.version, m.version
-        ));
-        let settle = settle(&m, self.ctx.cfg.respawn.fast_crash);
-        let version = m.version.clone();
-        // A new version starts counting afresh: the kills of an upgrade are not crashes.
-        let new_version = m.version != self.m.version;
-        if new_version {
-            self.starts = 0;
-        }
-        self.m = m;
-        self.rebuild_checks();
-        if self.run.is_some() || self.systemd() {
-            self.schedule_checks(Instant::now());
-        }
-        self.update(|s| {
-            s.version = version;
-            s.settle = settle;
-            if new_version {
-                s.restarts = 0;
+            Systemctl::Rekick => false,
+        };
+        let state = systemd::show(&unit, &spawned).await;
+        let needs = state.as_ref().map_or(true, |s| s.needs_rekick());
+        let rekicked = if needs || force {
+            let r = systemd::rekick(&unit, &spawned).await;
+            match &r {
+                Ok(()) => self.note(&format!(
+                    "re-kicked {unit}: systemctl reset-failed + start{}",
+                    match &state {
+                        Ok(s) => format!(" (it was {}/{}, {})", s.active, s.sub, s.result),
+                        Err(_) => String::new(),
+                    }
+                )),
+                Err(e) => self.note(e),
             }
-        });
-        new_version
+            Some(r)
+        } else {
+            None
+        };
+        Some(Event::Unit {
+            shown: state.map(|u| unit_view(&u)),
+            rekicked,
+        })
     }
 
     // ---- probes ----
 
-    fn rebuild_checks(&mut self) {
+    fn rebuild_probes(&mut self) {
         let run_as = self.ids.map(|(uid, gid)| RunAs { uid, gid });
-        self.checks = self
-            .m
+        let m = self.manifest();
+        self.probes = m
             .checks
             .iter()
-            .map(|c| Check {
-                spec: c.clone(),
-                probe: build_probe(&c.probe, run_as),
-                next: None,
-                running: false,
-                failures: 0,
-            })
+            .map(|c| build_probe(&c.probe, run_as))
             .collect();
-        self.generation += 1;
         // A probe that cannot be built is failing from the start, with the reason, and stays
         // so until the manifest is fixed: the service never looks healthy because of it. It
         // is not run, so it never counts toward a health kill (killing the service would not
         // fix its manifest, and would crash-loop it).
-        let now = Instant::now();
-        let slots = self
-            .checks
+        let built = self
+            .probes
             .iter()
-            .map(|c| {
-                let broken = match &c.probe {
-                    Err(ProbeProblem::Invalid(why)) => Some(why.clone()),
-                    _ => None,
+            .map(|p| {
+                let kind = match p {
+                    Ok(_) => None,
+                    Err(ProbeProblem::Invalid(why)) => {
+                        Some(ProbeProblemKind::Invalid(broken_reason(&m.name, why)))
+                    }
+                    Err(ProbeProblem::RoleUnknown) => Some(ProbeProblemKind::RoleUnknown),
                 };
-                ProbeSlot {
-                    name: c.spec.name.clone(),
-                    probe: describe(&c.probe),
-                    ok: broken.is_some().then_some(false),
-                    at: broken.is_some().then_some(now),
-                    reason: broken.map(|why| broken_reason(&self.m.name, &why)),
-                    failures: 0,
-                }
+                (describe(p), kind)
             })
             .collect();
-        self.update(|s| s.probes = slots);
-    }
-
-    /// Probes start `grace` after `from` (a start, or a health kill of a systemd service).
-    fn schedule_checks(&mut self, from: Instant) {
-        for c in &mut self.checks {
-            c.failures = 0;
-            c.next = Some(from + c.spec.grace);
-        }
-    }
-
-    /// Whether probes run now: while the launch script runs, or while a systemd unit is not
-    /// given up (failed units have nothing to probe until the re-kick).
-    fn probing(&self) -> bool {
-        if self.down || self.refused.is_some() {
-            return false;
-        }
-        if self.systemd() {
-            let state = self
-                .shared
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .state
-                .clone();
-            return state != ServiceState::GivenUp;
-        }
-        // A launch script that said it is not sane is waiting to exit: nothing to probe.
-        self.run
-            .as_ref()
-            .is_some_and(|r| !r.not_sane.load(Ordering::Relaxed))
-    }
-
-    fn next_probe_due(&self) -> Option<Instant> {
-        if !self.probing() {
-            return None;
-        }
-        self.checks
-            .iter()
-            .filter(|c| !c.running && c.probe.is_ok())
-            .filter_map(|c| c.next)
-            .min()
-    }
-
-    fn launch_probes(&mut self) {
-        let now = Instant::now();
-        let generation = self.generation;
-        for (i, c) in self.checks.iter_mut().enumerate() {
-            let (Some(next), Ok(probe)) = (c.next, &c.probe) else {
-                continue;
-            };
-            if c.running || next > now {
-                continue;
-            }
-            let mut following = next + c.spec.every;
-            if following <= now {
-                following = now + c.spec.every;
-            }
-            c.next = Some(following);
-            c.running = true;
-            let probe = probe.clone();
-            let timeout = c.spec.timeout;
-            self.in_flight
-                .spawn(async move { (i, generation, probe.run(timeout).await) });
-        }
-    }
-
-    async fn on_probe(&mut self, i: usize, generation: u64, result: ProbeResult) {
-        if result.ok && generation == self.generation {
-            // The service answers: whatever the output said, it is not in a not-sane sleep.
-            if let Some(run) = &self.run {
-                run.not_sane.store(false, Ordering::Relaxed);
-            }
-        }
-        let current = generation == self.generation && self.probing();
-        let Some(c) = self.checks.get_mut(i) else {
-            return;
-        };
-        c.running = false;
-        if !current {
-            return;
-        }
-        let was_failing = c.failures > 0;
-        if result.ok {
-            c.failures = 0;
-        } else {
-            c.failures += 1;
-        }
-        let (name, failures, limit) = (c.spec.name.clone(), c.failures, c.spec.failures);
-        let now = Instant::now();
-        self.update(|s| {
-            if let Some(slot) = s.probes.get_mut(i) {
-                slot.ok = Some(result.ok);
-                slot.reason = Some(result.reason.clone());
-                slot.failures = failures;
-                slot.at = Some(now);
-            }
-        });
-        if !result.ok {
-            self.note(&format!(
-                "probe {name} failed ({failures}/{limit}): {}",
-                result.reason
-            ));
-        } else if was_failing {
-            self.note(&format!("probe {name} passes again: {}", result.reason));
-        }
-        if failures >= limit {
-            self.health_kill(format!(
-                "probe {name} failed {failures} times in a row: {}",
-                result.reason
-            ))
-            .await;
-        }
-    }
-
-    /// Kills the role because a probe kept failing; the supervisor (the agent, or systemd)
-    /// then starts it again.
-    async fn health_kill(&mut self, why: String) {
-        self.generation += 1;
-        let Some((uid, _)) = self.ids else {
-            // A systemd unit whose role could not be looked up: there is nothing to kill by.
-            let msg = format!(
-                "{why}; cannot kill: role {} is unknown (probes start again)",
-                self.m.role
-            );
-            self.note(&msg);
-            eprintln!("keepup-agent: {}: {msg}", self.m.name);
-            self.schedule_checks(Instant::now());
-            return;
-        };
-        self.note(&format!("{why}; killing role {}", self.m.role));
-        self.ctx.events.push(
-            EventKind::HealthKill,
-            Some(&self.m.name),
-            format!("{why}; killing role {}", self.m.role),
-        );
-        eprintln!(
-            "keepup-agent: {}: {why}; killing role {}",
-            self.m.name, self.m.role
-        );
-        let target = role::Target {
-            uid,
-            group: self.unreaped_group(),
-            cgroup: crate::cgroup::for_service(&self.m.name),
-        };
-        if let Some(run) = self.run.as_mut() {
-            run.killed_for = Some(why);
-        }
-        let report = role::kill_role(&target, self.m.supervisor.stop_grace).await;
-        self.note(&format!("health kill: {}", report.describe()));
-        // Probes start again `grace` from now. Agent-supervised, the launch script's exit is
-        // normally noticed first and the start reschedules them; if something survived the
-        // kill (or the launch script did), they keep watching it.
-        self.schedule_checks(Instant::now());
+        lock(&self.machine).set_probes(built, Instant::now());
     }
 
     /// `check`: runs every probe now, without counting towards the failure streaks.
     fn check_now(&self, reply: oneshot::Sender<Response>) {
-        let probes: Vec<(String, Result<Probe, ProbeProblem>, Duration)> = self
+        let m = self.manifest();
+        let probes: Vec<(String, Result<Probe, ProbeProblem>, Duration)> = m
             .checks
             .iter()
-            .map(|c| (c.spec.name.clone(), c.probe.clone(), c.spec.timeout))
+            .zip(
+                self.probes
+                    .iter()
+                    .cloned()
+                    .chain(std::iter::repeat(Err(ProbeProblem::RoleUnknown))),
+            )
+            .map(|(c, p)| (c.name.clone(), p, c.timeout))
             .collect();
-        let name = self.m.name.clone();
+        let name = m.name.clone();
         tokio::spawn(async move {
             let mut set = JoinSet::new();
             for (i, (_, probe, timeout)) in probes.iter().enumerate() {
@@ -1374,6 +998,26 @@ impl Service {
             });
         });
     }
+}
+
+/// Why the role could not be used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum RoleError {
+    /// The manifest is refused (see `refuse.rs`): no start until it is looked at again.
+    Refused(String),
+    /// A lookup failed (no such user, NSS down): counts as a failed start.
+    Failed(String),
+}
+
+/// What the machine needs of a unit's state: its agent state, main pid, restarts, and
+/// `active/sub (result)` for notes.
+fn unit_view(u: &systemd::UnitState) -> (ServiceState, Option<u32>, u64, String) {
+    (
+        u.state(),
+        u.main_pid,
+        u.restarts,
+        format!("{}/{} ({})", u.active, u.sub, u.result),
+    )
 }
 
 /// Why a manifest's probe cannot run.
@@ -1431,13 +1075,13 @@ pub fn build_probe(p: &ManifestProbe, run_as: Option<RunAs>) -> Result<Probe, Pr
 }
 
 /// Copies a run's output into the service log and watches for the launch script's
-/// `run-<name>: not sane:` line (set) and its `environment sane; exec` line (cleared). Ends
-/// when every writer (the launch script and anything that inherited its output) is gone.
+/// `run-<name>: not sane:` line (sends true) and its `environment sane; exec` line (false).
+/// Ends when every writer (the launch script and anything that inherited its output) is gone.
 async fn pump(
     read: OwnedFd,
     log: SharedLog,
-    not_sane: Arc<AtomicBool>,
-    mut watch: policy::SaneWatch,
+    said: mpsc::UnboundedSender<bool>,
+    mut watch: crate::policy::SaneWatch,
 ) {
     let Ok(mut rx) = tokio::net::unix::pipe::Receiver::from_owned_fd(read) else {
         return;
@@ -1449,8 +1093,8 @@ async fn pump(
             Ok(n) => n,
         };
         logfile::lock(&log).write(&buf[..n]);
-        if let Some(said) = watch.feed(&buf[..n]) {
-            not_sane.store(said, Ordering::Relaxed);
+        if let Some(s) = watch.feed(&buf[..n]) {
+            let _ = said.send(s);
         }
     }
 }

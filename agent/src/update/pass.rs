@@ -786,7 +786,13 @@ impl Updater {
                         Some(old) if start::version_matches(&s.version, old) => old.as_str(),
                         _ => p.version.as_str(),
                     };
-                    start::judge_new_run(s, want, began.elapsed(), elapsed, deadline)
+                    start::judge_new_run(
+                        s,
+                        want,
+                        start::Began::ago(began.elapsed()),
+                        elapsed,
+                        deadline,
+                    )
                 }
                 None if elapsed >= deadline => Verdict::FailedToStart(format!(
                     "the agent does not supervise {} (no manifest picked up)",

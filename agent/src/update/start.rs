@@ -42,6 +42,28 @@ pub fn version_matches(manifest: &str, package: &str) -> bool {
             .is_some_and(|(upstream, _)| upstream == m)
 }
 
+/// When the package command began: as a run id ([`ServiceStatus::run`]) and how long ago.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Began {
+    /// Microseconds since the Unix epoch.
+    pub unix_micros: u64,
+    /// How long ago.
+    pub ago: Duration,
+}
+
+impl Began {
+    /// `ago` before now.
+    pub fn ago(ago: Duration) -> Began {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Began {
+            unix_micros: now.saturating_sub(ago).as_micros() as u64,
+            ago,
+        }
+    }
+}
+
 /// Judges one snapshot, `elapsed` after the install finished, against `deadline`.
 pub fn judge(
     s: &ServiceStatus,
@@ -68,7 +90,12 @@ pub fn judge(
             "still version {} (waiting for {package_version})",
             s.version
         )
-    } else if !matches!(s.state, ServiceState::Starting | ServiceState::Running) {
+    } else if s.state == ServiceState::Starting {
+        match &s.note {
+            Some(n) => format!("starting: {n}"),
+            None => "starting".into(),
+        }
+    } else if !s.state.is_ready() {
         let mut w = s.state.as_str().to_string();
         if let Some(e) = &s.last_exit {
             w.push_str(&format!(", last exit: {e}"));
@@ -76,8 +103,10 @@ pub fn judge(
         w
     } else {
         let uptime = s.uptime_secs.unwrap_or(0.0);
+        // Ready (`READY=1`, its probes passed, or its first second survived, by its
+        // `supervisor.ready`); a systemd unit is ready once active and past NO_PROBE_RUN.
         if s.probes.is_empty() {
-            if uptime >= NO_PROBE_RUN.as_secs_f64() {
+            if s.run.is_some() || uptime >= NO_PROBE_RUN.as_secs_f64() {
                 return Verdict::Started;
             }
             format!("running for {uptime:.1}s only")
@@ -115,13 +144,20 @@ pub fn judge(
 pub fn judge_new_run(
     s: &ServiceStatus,
     package_version: &str,
-    since_command: Duration,
+    began: Began,
     elapsed: Duration,
     deadline: Duration,
 ) -> Verdict {
-    let old_run = matches!(s.state, ServiceState::Starting | ServiceState::Running)
-        && s.uptime_secs
-            .is_some_and(|u| u > since_command.as_secs_f64());
+    // Agent-run services carry the run's id, which is the spawn time in microseconds since
+    // the Unix epoch (made strictly increasing): a run begun before the command has a smaller
+    // one, even across a restart of the agent. systemd units have none: their uptime says.
+    let old_run = match s.run {
+        Some(run) => run < began.unix_micros,
+        None => {
+            matches!(s.state, ServiceState::Starting | ServiceState::Running)
+                && s.uptime_secs.is_some_and(|u| u > began.ago.as_secs_f64())
+        }
+    };
     if !old_run {
         return judge(s, package_version, elapsed, deadline);
     }
@@ -177,6 +213,9 @@ mod tests {
             restarts: 0,
             last_exit: None,
             note: None,
+            run: None,
+            ready_secs: None,
+            status_text: None,
             probes,
         }
     }
@@ -284,7 +323,7 @@ mod tests {
             20.0,
             vec![probe(Some(true), 0.5, None)],
         );
-        let cmd = Duration::from_secs(5);
+        let cmd = Began::ago(Duration::from_secs(5));
         assert_eq!(judge_new_run(&s, "1.2-1", cmd, EARLY, D), Verdict::Waiting);
         let Verdict::FailedToStart(why) = judge_new_run(&s, "1.2-1", cmd, D, D) else {
             panic!()
@@ -302,6 +341,30 @@ mod tests {
             judge_new_run(&s, "1.2-1", cmd, EARLY, D),
             Verdict::FailedToStart(_)
         ));
+    }
+
+    #[test]
+    fn an_agent_run_is_judged_by_its_run_id() {
+        let cmd = Began::ago(Duration::from_secs(5));
+        let mut s = status(
+            "1.2",
+            ServiceState::Running,
+            100.0,
+            vec![probe(Some(true), 0.5, None)],
+        );
+        // The id says the run began before the command, whatever the uptime claims.
+        s.run = Some(cmd.unix_micros - 1);
+        s.uptime_secs = Some(1.0);
+        assert_eq!(judge_new_run(&s, "1.2-1", cmd, EARLY, D), Verdict::Waiting);
+        s.run = Some(cmd.unix_micros + 1);
+        assert_eq!(judge_new_run(&s, "1.2-1", cmd, EARLY, D), Verdict::Started);
+        // Not ready yet: starting, with the machine's note.
+        s.state = ServiceState::Starting;
+        s.note = Some("not ready yet (supervisor.ready: notify, timeout 90s)".into());
+        let Verdict::FailedToStart(why) = judge_new_run(&s, "1.2-1", cmd, D, D) else {
+            panic!()
+        };
+        assert!(why.contains("starting: not ready yet"), "{why}");
     }
 
     #[test]
