@@ -300,6 +300,8 @@ pub struct Machine {
     unit_poll_at: Option<Instant>,
     /// Whether the role's uid is known (a health kill has something to kill).
     role_known: bool,
+    /// A `rekick` of a refused manifest, answered once the new look is done.
+    look_reply: Option<ReplyTo>,
 }
 
 impl Machine {
@@ -319,6 +321,7 @@ impl Machine {
             rekick_at: None,
             unit_poll_at: None,
             role_known: false,
+            look_reply: None,
         };
         machine.reset_probes();
         machine
@@ -427,10 +430,27 @@ impl Machine {
         }
     }
 
+    /// Whether a start or a systemd look is in flight (a refused manifest being looked at).
+    fn awaiting_look(&self) -> bool {
+        match &self.phase {
+            Phase::Launching => true,
+            Phase::Unit(u) => u.state.is_none(),
+            _ => false,
+        }
+    }
+
     /// Handles `event` at `now`.
     pub fn on(&mut self, event: Event, now: Instant) -> Vec<Effect> {
         let mut fx = Vec::new();
         self.handle(event, now, &mut fx);
+        if self.look_reply.is_some() && !self.awaiting_look() {
+            let name = &self.m.name;
+            let r = match &self.phase {
+                Phase::Refused(why) => Response::done(format!("{name}: still refused: {why}")),
+                _ => Response::done(format!("{name}: re-kicked")),
+            };
+            fx.extend(self.look_reply.take().map(|to| Effect::Reply(to, r)));
+        }
         if !self.wants_rekick() {
             self.rekick_at = None;
         } else if self.rekick_at.is_none() {
@@ -520,8 +540,11 @@ impl Machine {
             } => self.marked(down, reply, result, now, fx),
             Event::Rekick(reply) => {
                 let r = self.rekick(now, fx);
-                if let Some(reply) = reply {
-                    fx.push(Effect::Reply(reply, r));
+                match reply {
+                    // A refused manifest looked at again: the answer says how that went.
+                    Some(reply) if self.awaiting_look() => self.look_reply = Some(reply),
+                    Some(reply) => fx.push(Effect::Reply(reply, r)),
+                    None => {}
                 }
             }
             Event::Reload(m) => self.reload(*m, now, fx),
@@ -798,6 +821,7 @@ impl Machine {
             return;
         }
         let msg = format!("{why}; killing role {}", self.m.role);
+        self.note(fx, msg.clone());
         fx.push(Effect::Record(kind, msg));
         if let Phase::Up(run) = &mut self.phase {
             run.killed_for = Some(why.clone());
@@ -932,7 +956,10 @@ impl Machine {
             Phase::Refused(_) => {
                 self.note(fx, "re-kick: looking at the refused manifest again");
                 self.kick(now, fx);
-                Response::done(format!("{name}: looking again"))
+                match &self.phase {
+                    Phase::Refused(why) => Response::done(format!("{name}: still refused: {why}")),
+                    _ => Response::done(format!("{name}: re-kicked")),
+                }
             }
             Phase::Unit(_) => {
                 fx.push(Effect::Systemctl(Systemctl::Rekick));
@@ -1201,4 +1228,322 @@ pub enum ProbeProblemKind {
     Invalid(String),
     /// An exec probe while the role is unknown.
     RoleUnknown,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keepup_packager::manifest::ManifestSupervisor;
+
+    const S: fn(u64) -> Duration = Duration::from_secs;
+    const MS: fn(u64) -> Duration = Duration::from_millis;
+
+    fn manifest(ready: Option<Ready>, watchdog: Option<Duration>, after: &[&str]) -> Manifest {
+        Manifest {
+            format: 1,
+            name: "foo".into(),
+            version: "1.0-1".into(),
+            role: "foo".into(),
+            launch: "/usr/sbin/run-foo".into(),
+            supervisor: ManifestSupervisor {
+                kind: Supervised::Agent,
+                count: 3,
+                within: S(60),
+                stop_grace: S(2),
+                unit: None,
+                ready,
+                ready_timeout: Some(S(20)),
+                watchdog,
+                after: after.iter().map(|s| s.to_string()).collect(),
+            },
+            checks: Vec::new(),
+        }
+    }
+
+    /// A machine begun at `t0`, its first run spawned (run 1, pid 100).
+    fn running(m: Manifest, t0: Instant) -> Machine {
+        let mut mc = Machine::new(
+            m,
+            Tuning {
+                respawn: Respawn::default(),
+                rekick_every: S(300),
+                epoch: t0,
+            },
+        );
+        assert_eq!(
+            mc.on(Event::Begin { down: false }, t0),
+            vec![Effect::Spawn { previous: None }]
+        );
+        mc.on(Event::Spawned { run: 1, pid: 100 }, t0);
+        mc
+    }
+
+    fn exited(mc: &mut Machine, at: Instant) -> Vec<Effect> {
+        mc.on(
+            Event::Exited {
+                how: "exit status 1".into(),
+                not_sane: false,
+            },
+            at,
+        )
+    }
+
+    fn has(fx: &[Effect], f: impl Fn(&Effect) -> bool) -> bool {
+        fx.iter().any(f)
+    }
+
+    #[test]
+    fn table_of_states_and_events() {
+        let t0 = Instant::now();
+        // (name, setup, event, expected state after, expected effect predicate)
+        type Case = (
+            &'static str,
+            fn(Instant) -> Machine,
+            fn(Instant) -> Event,
+            ServiceState,
+            fn(&[Effect]) -> bool,
+        );
+        let exec = |t0| running(manifest(None, None, &[]), t0);
+        let cases: Vec<Case> = vec![
+            (
+                "exec: starting until its first second",
+                exec,
+                |_| Event::Timer,
+                ServiceState::Starting,
+                |fx| fx.is_empty(),
+            ),
+            (
+                "a long run's exit respawns at once",
+                exec,
+                |_| Event::Exited {
+                    how: "x".into(),
+                    not_sane: false,
+                },
+                ServiceState::Starting,
+                |fx| {
+                    has(fx, |e| {
+                        matches!(
+                            e,
+                            Effect::Spawn {
+                                previous: Some(100)
+                            }
+                        )
+                    })
+                },
+            ),
+            (
+                "down: the mark first",
+                exec,
+                |_| Event::Down(7),
+                ServiceState::Starting,
+                |fx| {
+                    fx == [Effect::Mark {
+                        down: true,
+                        reply: 7,
+                    }]
+                },
+            ),
+            (
+                "rekick of a running service does nothing",
+                exec,
+                |_| Event::Rekick(Some(1)),
+                ServiceState::Starting,
+                |fx| {
+                    has(
+                        fx,
+                        |e| matches!(e, Effect::Reply(1, r) if r.message.as_deref().is_some_and(|m| m.contains("nothing to do"))),
+                    )
+                },
+            ),
+            (
+                "stop kills the run",
+                exec,
+                |_| Event::Stop { remove: false },
+                ServiceState::Starting,
+                |fx| has(fx, |e| matches!(e, Effect::StopRun(_))),
+            ),
+            (
+                "removal releases the role",
+                exec,
+                |_| Event::Stop { remove: true },
+                ServiceState::Starting,
+                |fx| has(fx, |e| *e == Effect::ReleaseRole),
+            ),
+        ];
+        for (name, setup, event, state, effects) in cases {
+            let mut mc = setup(t0);
+            let fx = mc.on(
+                event(t0),
+                t0 + MS(10)
+                    + if name.contains("long run") {
+                        S(5)
+                    } else {
+                        Duration::ZERO
+                    },
+            );
+            assert_eq!(mc.state(), state, "{name}: {:?}", mc.phase());
+            assert!(effects(&fx), "{name}: {fx:?}");
+        }
+    }
+
+    #[test]
+    fn fast_crashes_back_off_then_give_up_and_a_rekick_starts_again() {
+        let t0 = Instant::now();
+        let mut mc = running(manifest(None, None, &[]), t0);
+        let fx = exited(&mut mc, t0 + MS(100));
+        assert_eq!(mc.state(), ServiceState::Backoff, "{fx:?}");
+        // Down during the backoff: the mark, then down; the timer does not start it.
+        mc.on(Event::Down(1), t0 + MS(150));
+        let fx = mc.on(
+            Event::Marked {
+                down: true,
+                reply: 1,
+                result: Ok(()),
+            },
+            t0 + MS(150),
+        );
+        assert_eq!(mc.state(), ServiceState::Down);
+        assert!(has(&fx, |e| matches!(e, Effect::Reply(1, r) if r.ok)));
+        assert!(mc.on(Event::Timer, t0 + S(1)).is_empty());
+        assert_eq!(mc.state(), ServiceState::Down);
+        // Up: started again.
+        let fx = mc.on(
+            Event::Marked {
+                down: false,
+                reply: 2,
+                result: Ok(()),
+            },
+            t0 + S(2),
+        );
+        assert!(has(&fx, |e| matches!(e, Effect::Spawn { .. })), "{fx:?}");
+        mc.on(Event::Spawned { run: 2, pid: 101 }, t0 + S(2));
+        // Three starts within a minute: the third fast crash gives up.
+        exited(&mut mc, t0 + S(2) + MS(10));
+        mc.on(Event::Timer, t0 + S(3));
+        mc.on(Event::Spawned { run: 3, pid: 102 }, t0 + S(3));
+        exited(&mut mc, t0 + S(3) + MS(10));
+        mc.on(Event::Timer, t0 + S(4));
+        mc.on(Event::Spawned { run: 4, pid: 103 }, t0 + S(4));
+        let fx = exited(&mut mc, t0 + S(4) + MS(10));
+        assert_eq!(mc.state(), ServiceState::GivenUp, "{:?}", mc.phase());
+        assert!(has(&fx, |e| matches!(
+            e,
+            Effect::Record(EventKind::GivenUp, _)
+        )));
+        // A reload of a new version while given up starts the new bits.
+        let mut m2 = mc.manifest().clone();
+        m2.version = "1.1-1".into();
+        let fx = mc.on(Event::Reload(Box::new(m2)), t0 + S(5));
+        assert!(has(&fx, |e| matches!(e, Effect::Spawn { .. })), "{fx:?}");
+    }
+
+    #[test]
+    fn a_refused_manifest_is_looked_at_again_by_a_rekick_and_answered_after() {
+        let t0 = Instant::now();
+        let mut mc = running(manifest(None, None, &[]), t0);
+        exited(&mut mc, t0 + S(5));
+        let fx = mc.on(Event::Refused("refusing: role foo".into()), t0 + S(5));
+        assert_eq!(mc.state(), ServiceState::Refused);
+        assert!(has(&fx, |e| *e == Effect::ReleaseRole));
+        let fx = mc.on(Event::Rekick(Some(9)), t0 + S(6));
+        assert!(
+            !has(&fx, |e| matches!(e, Effect::Reply(..))),
+            "not before the look"
+        );
+        let fx = mc.on(Event::Refused("refusing: role foo".into()), t0 + S(6));
+        assert!(has(&fx, |e| matches!(e, Effect::Reply(9, r)
+            if r.message.as_deref().is_some_and(|m| m.contains("still refused")))));
+    }
+
+    #[test]
+    fn notify_readiness_timeout_and_watchdog() {
+        let t0 = Instant::now();
+        let mut mc = running(manifest(Some(Ready::Notify), Some(S(2)), &[]), t0);
+        assert_eq!(mc.on(Event::Timer, t0 + S(3)), vec![]);
+        assert_eq!(mc.state(), ServiceState::Starting);
+        mc.on(Event::StatusText("warming".into()), t0 + S(3));
+        mc.on(Event::Ready, t0 + S(4));
+        assert_eq!(mc.state(), ServiceState::Running);
+        let st = mc.status(t0 + S(4));
+        assert_eq!(st.ready_secs, Some(4.0));
+        assert_eq!(st.status_text.as_deref(), Some("warming"));
+        // Pings keep it alive; a missed one kills the role.
+        mc.on(Event::Watchdog, t0 + S(5));
+        assert_eq!(mc.next_deadline(), Some(t0 + S(7)));
+        assert!(mc.on(Event::Timer, t0 + S(6)).is_empty());
+        let fx = mc.on(Event::Timer, t0 + S(7) + MS(1));
+        assert!(
+            has(
+                &fx,
+                |e| matches!(e, Effect::KillRole(w) if w.contains("no WATCHDOG=1"))
+            ),
+            "{fx:?}"
+        );
+        assert!(has(&fx, |e| matches!(
+            e,
+            Effect::Record(EventKind::WatchdogKill, _)
+        )));
+        // No second kill while the first one's exit is awaited.
+        mc.on(Event::Killed, t0 + S(8));
+        assert!(mc.next_deadline().is_none_or(|d| d > t0 + S(8)));
+        let fx = exited(&mut mc, t0 + S(9));
+        assert!(has(&fx, |e| matches!(e, Effect::Spawn { .. })));
+        // A run that never says READY=1 is killed at ready_timeout.
+        mc.on(Event::Spawned { run: 2, pid: 101 }, t0 + S(9));
+        let fx = mc.on(Event::Timer, t0 + S(29));
+        assert!(
+            has(&fx, |e| matches!(
+                e,
+                Effect::Record(EventKind::ReadyTimeout, _)
+            )),
+            "{fx:?}"
+        );
+    }
+
+    #[test]
+    fn dependants_wait_and_cycles_are_refused() {
+        let t0 = Instant::now();
+        let mut mc = Machine::new(
+            manifest(None, None, &["db"]),
+            Tuning {
+                respawn: Respawn::default(),
+                rekick_every: S(300),
+                epoch: t0,
+            },
+        );
+        mc.on(
+            Event::Deps(Deps::Blocked(vec![("db".into(), "starting".into())])),
+            t0,
+        );
+        assert!(mc.on(Event::Begin { down: false }, t0).is_empty());
+        assert_eq!(mc.state(), ServiceState::Waiting);
+        assert!(mc
+            .status(t0)
+            .note
+            .is_some_and(|n| n.contains("db: starting")));
+        let fx = mc.on(Event::Deps(Deps::Clear), t0 + S(1));
+        assert_eq!(fx, vec![Effect::Spawn { previous: None }]);
+        mc.on(Event::Spawned { run: 1, pid: 5 }, t0 + S(1));
+        // A dependency going away does not stop a running dependant; its next start waits.
+        mc.on(
+            Event::Deps(Deps::Blocked(vec![("db".into(), "given-up".into())])),
+            t0 + S(2),
+        );
+        let fx = exited(&mut mc, t0 + S(10));
+        assert!(
+            fx.iter().all(|e| !matches!(e, Effect::Spawn { .. })),
+            "{fx:?}"
+        );
+        assert_eq!(mc.state(), ServiceState::Waiting);
+        let fx = mc.on(
+            Event::Deps(Deps::Cycle(vec!["foo".into(), "db".into(), "foo".into()])),
+            t0 + S(11),
+        );
+        assert_eq!(mc.state(), ServiceState::Refused);
+        let _ = fx;
+        assert!(mc
+            .status(t0 + S(11))
+            .note
+            .is_some_and(|n| n.contains("foo -> db -> foo")));
+    }
 }

@@ -813,7 +813,8 @@ impl Exec {
             cgroup: crate::cgroup::for_service(&m.name),
         };
         let report = role::kill_role(&target, m.supervisor.stop_grace).await;
-        self.note(&format!("{why}: killed: {}", report.describe()));
+        let _ = why;
+        self.note(&format!("health kill: {}", report.describe()));
     }
 
     /// Stops the service: role kill (with the launch script's process group), then reap;

@@ -1388,3 +1388,218 @@ async fn hostile_manifest_values_are_refused_and_reported() -> Result<()> {
     ensure!(now == food, "food {food} was replaced by {now}");
     Ok(())
 }
+
+// ---- issue 13: readiness (sd_notify), watchdog, start order ----
+
+/// The example with `ready: notify` (READY=1 four seconds after start) and a 2 s watchdog
+/// whose pings stop while /tmp/stop-watchdog exists; food records start/stop in /tmp/order.log.
+fn notify_spec(t: String) -> String {
+    with_flags(
+        quick(t).replace(
+            "  stop_grace: 2s\n",
+            "  stop_grace: 2s\n  ready: notify\n  watchdog: 2s\n  ready_timeout: 20s\n",
+        ),
+        &[
+            "--ready-after",
+            "4",
+            "--watchdog-stop-file",
+            "/tmp/stop-watchdog",
+            "--events-file",
+            "/tmp/order.log",
+        ],
+    )
+}
+
+/// foo's entry in `status --json`.
+async fn foo_json(h: &Host) -> Result<serde_json::Value> {
+    let v = status_json(h).await?;
+    service_in(&v, "foo")
+        .cloned()
+        .with_context(|| format!("foo not in status: {v}"))
+}
+
+/// A daemon that sends READY=1 after 4 s is `starting` until then and `running` after; when
+/// it stops sending WATCHDOG=1 it is killed and started again within the watchdog + 2 s, and
+/// its last exit says why.
+#[tokio::test(flavor = "multi_thread")]
+async fn notify_readiness_and_watchdog() -> Result<()> {
+    if !docker_or_skip() {
+        return Ok(());
+    }
+    let s = setup("agent-notify", notify_spec, "").await?;
+    let h = &s.host;
+    h.ok("touch /tmp/order.log && chmod 666 /tmp/order.log && dpkg -i /pkgs/foo.deb")
+        .await?;
+    start_agent(h).await?;
+    // Starting while the daemon warms up: it answers its banner, but has not said READY=1.
+    let svc = wait_status(h, "starting", Duration::from_secs(10), |s| {
+        s.as_ref().is_some_and(|s| s.state == "starting")
+    })
+    .await?;
+    ensure!(
+        svc.as_ref()
+            .is_some_and(|s| s.text.contains("not ready yet")),
+        "{svc:?}"
+    );
+    wait_banner(h, Duration::from_secs(10)).await?;
+    let j = foo_json(h).await?;
+    ensure!(j["state"] == "starting", "answers, but not ready yet: {j}");
+    ensure!(
+        j["status_text"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("warming up")),
+        "STATUS= shown: {j}"
+    );
+    wait_status(h, "running", Duration::from_secs(10), |s| {
+        s.as_ref().is_some_and(|s| s.state == "running")
+    })
+    .await?;
+    let j = foo_json(h).await?;
+    let ready = j["ready_secs"].as_f64().context("ready_secs")?;
+    ensure!((3.9..6.0).contains(&ready), "READY=1 after 4 s: {j}");
+    ensure!(j["status_text"] == "serving", "{j}");
+    let run = j["run"].as_u64().context("run id")?;
+
+    // The watchdog: pings stop, the role is killed and food started again.
+    h.ok("touch /tmp/stop-watchdog").await?;
+    let stopped = Instant::now();
+    let within = Duration::from_secs(2 + 2);
+    loop {
+        let j = foo_json(h).await?;
+        if j["run"].as_u64().is_some_and(|r| r > run) {
+            let last = j["last_exit"].as_str().unwrap_or_default();
+            ensure!(last.contains("no WATCHDOG=1"), "the exit says why: {j}");
+            break;
+        }
+        ensure!(
+            stopped.elapsed() < within,
+            "not restarted within {within:?} of the last ping: {j}\n{}",
+            h.ok("tail -n 20 /var/log/keepup/foo.log").await?
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    h.ok("rm /tmp/stop-watchdog").await?;
+    wait_status(h, "running again", Duration::from_secs(10), |s| {
+        s.as_ref().is_some_and(|s| s.state == "running")
+    })
+    .await?;
+    let log = h.ok(&format!("cat {AGENT_OUT}")).await?;
+    ensure!(log.contains("no WATCHDOG=1"), "{log}");
+    Ok(())
+}
+
+/// The script that adds service `bar` (a second food on other ports, its own role, after
+/// foo), `lonely` (after a service that does not exist) and `ping`/`pong` (a cycle).
+const ORDER_SERVICES: &str = r#"useradd --system -M -s /usr/sbin/nologin -c 'bar service (keepup)' bar
+cat > /usr/local/sbin/run-bar <<'EOF'
+#!/bin/sh
+exec setpriv --reuid bar --regid bar --clear-groups /usr/bin/food --bind 127.0.0.1 \
+  --banner-port 7090 --http-port 7091 --events-file /tmp/order.log
+EOF
+chmod 755 /usr/local/sbin/run-bar
+manifest() {
+cat > /usr/lib/keepup/services/$1.yaml.new <<EOT
+format: 1
+name: $1
+version: 1.0.0-1
+role: $1
+launch: /usr/local/sbin/run-bar
+supervisor:
+  kind: agent
+  count: 10
+  within: 1m
+  stop_grace: 2s
+  ready: exec
+  after: [$2]
+checks: []
+EOT
+mv /usr/lib/keepup/services/$1.yaml.new /usr/lib/keepup/services/$1.yaml
+}
+manifest bar foo
+manifest lonely nosuch
+manifest ping pong
+manifest pong ping"#;
+
+/// Start order: `bar` (after foo) waits while foo is not ready, starts once it is, and stops
+/// before it when the agent stops; a service after one that does not exist waits and says so;
+/// a cycle is refused, naming it.
+#[tokio::test(flavor = "multi_thread")]
+async fn start_order_waits_for_readiness_and_stops_in_reverse() -> Result<()> {
+    if !docker_or_skip() {
+        return Ok(());
+    }
+    let s = setup("agent-order", notify_spec, "").await?;
+    let h = &s.host;
+    h.ok("touch /tmp/order.log && chmod 666 /tmp/order.log && dpkg -i /pkgs/foo.deb")
+        .await?;
+    h.ok(ORDER_SERVICES).await?;
+    start_agent(h).await?;
+    let bar = loop {
+        let v = status_json(h).await?;
+        let foo = service_in(&v, "foo").cloned().unwrap_or_default();
+        let bar = service_in(&v, "bar").cloned().unwrap_or_default();
+        if foo["state"] == "starting" && bar["state"] == "waiting" {
+            break bar;
+        }
+        ensure!(
+            foo["state"] != "running",
+            "bar was never seen waiting for foo: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    ensure!(
+        bar["note"]
+            .as_str()
+            .is_some_and(|n| n.contains("foo: starting")),
+        "says what it waits for: {bar}"
+    );
+    let within = Instant::now();
+    loop {
+        let v = status_json(h).await?;
+        let state = |n: &str| service_in(&v, n).map(|s| s["state"].clone());
+        if state("bar") == Some("running".into()) {
+            ensure!(state("foo") == Some("running".into()), "{v}");
+            let lonely = service_in(&v, "lonely").cloned().unwrap_or_default();
+            ensure!(lonely["state"] == "waiting", "{v}");
+            ensure!(
+                lonely["note"]
+                    .as_str()
+                    .is_some_and(|n| n.contains("nosuch: not supervised on this host")),
+                "{lonely}"
+            );
+            for n in ["ping", "pong"] {
+                let c = service_in(&v, n).cloned().unwrap_or_default();
+                ensure!(c["state"] == "refused", "{c}");
+                ensure!(
+                    c["note"].as_str().is_some_and(|t| t.contains("cycle")),
+                    "the cycle is named: {c}"
+                );
+            }
+            break;
+        }
+        ensure!(
+            within.elapsed() < Duration::from_secs(20),
+            "bar never started: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let order = h.ok("cat /tmp/order.log").await?;
+    ensure!(
+        order.lines().collect::<Vec<_>>() == ["7070 start", "7090 start"],
+        "foo starts first: {order}"
+    );
+    // The agent stops: bar first, then foo.
+    let pid = agent_pid(h).await?.context("agent pid")?;
+    h.ok(&format!("kill -TERM {pid}")).await?;
+    h.until_empty(
+        "ps -eo args= | grep -x 'keepup-agent run' || true",
+        Duration::from_secs(20),
+    )
+    .await?;
+    let order = h.ok("cat /tmp/order.log").await?;
+    ensure!(
+        order.lines().collect::<Vec<_>>() == ["7070 start", "7090 start", "7090 stop", "7070 stop"],
+        "bar stops before foo: {order}"
+    );
+    Ok(())
+}

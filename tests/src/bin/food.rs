@@ -15,7 +15,8 @@ use std::time::Duration;
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 const USAGE: &str = "usage: food [--config FILE] [--bind ADDR] [--banner-port N] [--http-port N]
             [--banner TEXT] [--crash-after SECS] [--hang-after SECS] [--fail-health]
-            [--daemonize] [--version]";
+            [--daemonize] [--ready-after SECS] [--watchdog-stop-file FILE]
+            [--events-file FILE] [--version]";
 
 /// Set once `--hang-after` expires: from then on connections are accepted and held, unanswered.
 static HUNG: AtomicBool = AtomicBool::new(false);
@@ -31,6 +32,12 @@ struct Opts {
     hang_after: Option<u64>,
     fail_health: bool,
     daemonize: bool,
+    /// With `NOTIFY_SOCKET` set: send `READY=1` this long after start (sd_notify).
+    ready_after: Option<u64>,
+    /// With `WATCHDOG_USEC` set: `WATCHDOG=1` pings stop while this file exists.
+    watchdog_stop_file: Option<String>,
+    /// Appends `<banner port> start` at start and `<banner port> stop` on SIGTERM.
+    events_file: Option<String>,
 }
 
 fn main() {
@@ -38,6 +45,9 @@ fn main() {
         eprintln!("food: {e}\n{USAGE}");
         std::process::exit(2)
     });
+    if let Some(file) = &opts.events_file {
+        on_term_record(file.clone(), opts.banner_port);
+    }
     let banner = listen(&opts.bind, opts.banner_port);
     let http = listen(&opts.bind, opts.http_port);
     if opts.daemonize {
@@ -55,6 +65,7 @@ fn main() {
     std::thread::spawn(move || serve(banner, move |c| answer_banner(c, &text)));
     let fail = opts.fail_health;
     std::thread::spawn(move || serve(http, move |c| answer_http(c, fail)));
+    notify(&opts);
     if let Some(secs) = opts.hang_after {
         std::thread::spawn(move || {
             std::thread::sleep(Duration::from_secs(secs));
@@ -72,6 +83,75 @@ fn main() {
     }
 }
 
+/// Speaks systemd's notify protocol when `NOTIFY_SOCKET` is set: `READY=1` after
+/// `--ready-after`, then `WATCHDOG=1` every third of `WATCHDOG_USEC` unless the stop file exists.
+fn notify(opts: &Opts) {
+    let Some(socket) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let send = move |msg: &str| {
+        let s = std::os::unix::net::UnixDatagram::unbound()?;
+        s.send_to(msg.as_bytes(), &socket).map(|_| ())
+    };
+    let after = opts.ready_after.unwrap_or(0);
+    let stop = opts.watchdog_stop_file.clone();
+    let every = std::env::var("WATCHDOG_USEC")
+        .ok()
+        .and_then(|u| u.parse::<u64>().ok())
+        .map(|u| Duration::from_micros(u / 3));
+    std::thread::spawn(move || {
+        let _ = send(&format!("STATUS=warming up for {after}s\n"));
+        std::thread::sleep(Duration::from_secs(after));
+        match send("READY=1\nSTATUS=serving\n") {
+            Ok(()) => log("sent READY=1"),
+            Err(e) => log(&format!("cannot send READY=1: {e}")),
+        }
+        let Some(every) = every else { return };
+        let mut said = false;
+        loop {
+            std::thread::sleep(every);
+            if stop
+                .as_deref()
+                .is_some_and(|f| std::path::Path::new(f).exists())
+            {
+                if !said {
+                    log("watchdog pings stopped as asked");
+                    said = true;
+                }
+                continue;
+            }
+            let _ = send("WATCHDOG=1");
+        }
+    });
+}
+
+/// Records `<port> start` in `file` now and `<port> stop` when SIGTERM comes (then exits).
+fn on_term_record(file: String, port: u16) {
+    use nix::sys::signal::{SigSet, Signal};
+    let append = move |what: &str| {
+        use std::io::Write as _;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&file)
+        {
+            let _ = writeln!(f, "{port} {what}");
+        }
+    };
+    append("start");
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    // Blocked before any thread starts, so every thread inherits the mask and only the
+    // waiting thread takes the signal.
+    let _ = set.thread_block();
+    std::thread::spawn(move || {
+        if set.wait().is_ok() {
+            append("stop");
+            std::process::exit(0);
+        }
+    });
+}
+
 fn parse_args(args: Vec<String>) -> Result<Opts, String> {
     let mut o = Opts {
         bind: "0.0.0.0".into(),
@@ -82,6 +162,9 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
         hang_after: None,
         fail_health: false,
         daemonize: false,
+        ready_after: None,
+        watchdog_stop_file: None,
+        events_file: None,
     };
     // The config file comes first so that flags override it, wherever --config appears.
     if let Some(i) = args.iter().position(|a| a == "--config") {
@@ -137,6 +220,9 @@ fn set(o: &mut Opts, key: &str, value: &str) -> Result<(), String> {
         "banner" => o.banner = value.to_string(),
         "crash_after" => o.crash_after = Some(num(value)?),
         "hang_after" => o.hang_after = Some(num(value)?),
+        "ready_after" => o.ready_after = Some(num(value)?),
+        "watchdog_stop_file" => o.watchdog_stop_file = Some(value.to_string()),
+        "events_file" => o.events_file = Some(value.to_string()),
         _ => return Err(format!("unknown option {key:?}")),
     }
     Ok(())
