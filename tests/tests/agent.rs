@@ -1441,6 +1441,18 @@ async fn notify_readiness_and_watchdog() -> Result<()> {
             .is_some_and(|s| s.text.contains("not ready yet")),
         "{svc:?}"
     );
+    // Another uid cannot speak for foo: its READY=1 is refused by the socket's permissions.
+    let forged = h
+        .exec(
+            "setpriv --reuid nobody --regid nogroup --clear-groups python3 -c \"import socket; \
+             s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); \
+             s.sendto(b'READY=1', '/run/keepup-notify/foo')\"",
+        )
+        .await?;
+    ensure!(
+        forged.code != 0 && forged.stderr.contains("PermissionError"),
+        "nobody could send to foo's notify socket: {forged:?}"
+    );
     wait_banner(h, Duration::from_secs(10)).await?;
     let j = foo_json(h).await?;
     ensure!(j["state"] == "starting", "answers, but not ready yet: {j}");
