@@ -1396,8 +1396,8 @@ async fn hostile_manifest_values_are_refused_and_reported() -> Result<()> {
 fn notify_spec(t: String) -> String {
     with_flags(
         quick(t).replace(
-            "  stop_grace: 2s\n",
-            "  stop_grace: 2s\n  ready: notify\n  watchdog: 2s\n  ready_timeout: 20s\n",
+            "  kind: agent\n",
+            "  kind: agent\n  ready: notify\n  watchdog: 2s\n  ready_timeout: 20s\n",
         ),
         &[
             "--ready-after",
@@ -1451,7 +1451,10 @@ async fn notify_readiness_and_watchdog() -> Result<()> {
         .await?;
     ensure!(
         forged.code != 0 && forged.stderr.contains("PermissionError"),
-        "nobody could send to foo's notify socket: {forged:?}"
+        "nobody could send to foo's notify socket: {forged:?}\n{}",
+        h.exec("ls -la /run /run/keepup-notify; cat /usr/lib/keepup/services/foo.yaml; keepup-agent status --json; cat /var/log/keepup-agent.out")
+            .await?
+            .stdout
     );
     wait_banner(h, Duration::from_secs(10)).await?;
     let j = foo_json(h).await?;
