@@ -1,15 +1,17 @@
 //! keepup-agent: the per-host supervisor and updater. `run` keeps every service whose manifest
-//! is installed running (respawn, give up, re-kick, probes, role kills), installs what the
-//! repository says this host should run and reports to the server; the other commands talk to
-//! a running agent over its control socket (`update --now` runs a pass itself when no agent
-//! runs). See docs/agent.md.
+//! is installed running (respawn, give up, re-kick, probes, role kills), and has what the
+//! repository says this host should run installed, and reports sent to the server, each by a
+//! short-lived `keepup-agent pass` child; the other commands talk to a running agent over its
+//! control socket (`update --now` runs a pass itself when no agent runs). See docs/agent.md.
 
 mod agent;
 mod cgroup;
+mod child;
 mod config;
 mod control;
 mod events;
 mod hoststate;
+mod http;
 mod logfile;
 mod policy;
 mod proto;
@@ -17,6 +19,7 @@ mod reaper;
 mod refuse;
 mod report;
 mod role;
+mod runner;
 mod service;
 mod statefile;
 mod systemd;
@@ -86,6 +89,17 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// The agent's own child for one update pass or report (started by `run`; prints its
+    /// outcome as one JSON line).
+    #[command(hide = true)]
+    Pass {
+        /// Only send a report.
+        #[arg(long, conflicts_with = "at_start")]
+        report_only: bool,
+        /// What the updater does when the agent starts: repair, installed versions, report.
+        #[arg(long)]
+        at_start: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -141,6 +155,9 @@ async fn update_now(cfg: Config, now: bool, json: bool) -> Result<ExitCode> {
                  (docs/agent.md, \"Updater\")"
             );
         }
+        if let Some(ca) = &cfg.ca_file {
+            http::trust_ca_file(ca).map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
         let cfg = std::sync::Arc::new(cfg);
         let events = crate::events::Events::default();
         let u = update::pass::Updater::new(cfg, None, None, events)
@@ -178,8 +195,19 @@ async fn main_async(cli: Cli) -> Result<ExitCode> {
     }
     let (req, json) = match cli.command {
         Cmd::Run => {
-            agent::run(cfg).await?;
+            agent::run(cfg, cli.config).await?;
             return Ok(ExitCode::SUCCESS);
+        }
+        Cmd::Pass {
+            report_only,
+            at_start,
+        } => {
+            let job = match (report_only, at_start) {
+                (true, _) => child::Job::Report,
+                (_, true) => child::Job::Start,
+                _ => child::Job::Pass,
+            };
+            return Ok(child::run(cfg, job).await);
         }
         Cmd::Status { json } => (Request::Status, json),
         Cmd::Down { service } => (Request::Down { service }, false),
