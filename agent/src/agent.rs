@@ -2,7 +2,7 @@
 //! start), becomes the child subreaper, opens the control socket, follows the manifest
 //! directory (a service per manifest; added -> started, removed -> stopped and its role
 //! killed), runs the re-kick timer, answers control requests, starts the runner of update
-//! passes and reports (each in a short-lived `keepup-agent pass` child, see `runner.rs`) when
+//! passes and reports (each in a short-lived `keepup-agent-pass` child, see `runner.rs`) when
 //! they are configured, and on SIGTERM stops every service and exits 0.
 
 use std::collections::{BTreeMap, HashMap};
@@ -91,7 +91,7 @@ pub fn lock(cfg: &Config) -> Result<AgentLock> {
 }
 
 /// Runs the agent until SIGTERM or SIGINT. `config` is the file it was started with (its
-/// `keepup-agent pass` children read it too).
+/// keepup-agent-pass children read it too).
 pub async fn run(cfg: Config, config: Option<PathBuf>) -> Result<()> {
     let _lock = lock(&cfg)?;
     reaper::become_subreaper().context("becoming the child subreaper")?;
@@ -127,7 +127,7 @@ pub async fn run(cfg: Config, config: Option<PathBuf>) -> Result<()> {
         None,
         format!("keepup-agent started (pid {})", std::process::id()),
     );
-    let program = Program::this_binary(config.as_deref(), &cfg.socket);
+    let program = Program::beside_this_binary(config.as_deref(), &cfg.socket);
     let runner = Runner::start(&cfg, program, &spawned, &events);
     let mut agent = Agent {
         ctx: Ctx {
@@ -164,7 +164,7 @@ pub async fn run(cfg: Config, config: Option<PathBuf>) -> Result<()> {
         }
     };
     eprintln!("keepup-agent: {why}: stopping every service");
-    // The `keepup-agent pass` child in flight is stopped meanwhile: a package-manager run it
+    // The keepup-agent-pass child in flight is stopped meanwhile: a package-manager run it
     // has under way may finish (it may be the upgrade of this very agent, whose postinst is
     // what stopped it). Until it is done, the events it sends are still recorded.
     let runner = agent.runner.take();
@@ -217,7 +217,7 @@ struct FileKey {
 
 struct Agent {
     ctx: Ctx,
-    /// Starts update passes and reports in `keepup-agent pass` children (`None`: neither
+    /// Starts update passes and reports in keepup-agent-pass children (`None`: neither
     /// the updater nor the reporter is configured).
     runner: Option<Runner>,
     services: BTreeMap<String, Handle>,

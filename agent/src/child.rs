@@ -1,7 +1,9 @@
-//! `keepup-agent pass`: the short-lived child that does the updater's and the reporter's work
+//! `keepup-agent-pass`: the short-lived child that does the updater's and the reporter's work
 //! for the supervisor, one job per process (the supervisor's [`runner`](crate::runner) starts
 //! it): an update pass and then a report, a report alone, or what the updater does when the
-//! agent starts (repair an interrupted pass, read the installed versions again, report). The
+//! agent starts (repair an interrupted pass, read the installed versions again, report). With
+//! `--standalone` it is `keepup-agent update --now` on a host where no agent runs: a pass and
+//! nothing else. The
 //! HTTP and TLS client, the signature checks and the package managers live only here, so a
 //! crash, a hang or a leak in them cannot take supervision down, and the supervisor's memory
 //! holds none of them.
@@ -44,15 +46,69 @@ pub enum Job {
     Report,
     /// At agent start: repair an interrupted pass, read the installed versions again, report.
     Start,
+    /// A pass with no agent running (`keepup-agent update --now` there): no report, no
+    /// events kept, no start to confirm.
+    Standalone,
 }
 
 impl Job {
-    /// The `keepup-agent pass` flags that ask for this job.
+    /// The keepup-agent-pass flags that ask for this job.
     pub fn flags(self) -> &'static [&'static str] {
         match self {
             Job::Pass => &[],
             Job::Report => &["--report-only"],
             Job::Start => &["--at-start"],
+            Job::Standalone => &["--standalone"],
+        }
+    }
+}
+
+/// keepup-agent's child for one update pass or report (started by `keepup-agent run`; prints
+/// its outcome as one JSON line).
+#[derive(Debug, clap::Parser)]
+#[command(name = "keepup-agent-pass", version, about)]
+struct Args {
+    /// The agent's configuration file (default: /etc/keepup/agent.yaml if it exists).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The agent's control socket (default: from the configuration).
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Only send a report.
+    #[arg(long, group = "job")]
+    report_only: bool,
+    /// What the updater does when the agent starts: repair, installed versions, report.
+    #[arg(long, group = "job")]
+    at_start: bool,
+    /// A pass with no agent running.
+    #[arg(long, group = "job")]
+    standalone: bool,
+}
+
+/// `keepup-agent-pass`.
+pub fn main() -> ExitCode {
+    let args = <Args as clap::Parser>::parse();
+    let job = match (args.report_only, args.at_start, args.standalone) {
+        (true, _, _) => Job::Report,
+        (_, true, _) => Job::Start,
+        (_, _, true) => Job::Standalone,
+        _ => Job::Pass,
+    };
+    let mut cfg = match Config::load(args.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("keepup-agent-pass: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(s) = args.socket {
+        cfg.socket = s;
+    }
+    match crate::cli::runtime() {
+        Ok(rt) => rt.block_on(run(cfg, job)),
+        Err(e) => {
+            eprintln!("keepup-agent-pass: cannot start the runtime: {e}");
+            ExitCode::FAILURE
         }
     }
 }
@@ -65,9 +121,6 @@ const AFTER_STOP: Duration = Duration::from_secs(5);
 /// Runs `job` for the agent whose configuration is `cfg` (its control socket included) and
 /// prints the [`JobOutcome`]. Exit status 0 whenever the outcome was printed, whatever it says.
 pub async fn run(cfg: Config, job: Job) -> ExitCode {
-    // `ps` and `pgrep -x keepup-agent` show the agent's name, not the `exe` of
-    // /proc/self/exe that the supervisor executed.
-    let _ = nix::sys::prctl::set_name(c"keepup-agent");
     let mut sigterm = match signal(SignalKind::terminate()) {
         Ok(s) => s,
         Err(e) => {
@@ -171,8 +224,8 @@ async fn job_outcome(cfg: Arc<Config>, job: Job, spawned: Spawned) -> JobOutcome
         };
         r.fail(why.clone());
         return JobOutcome {
-            pass: (job == Job::Pass).then_some(r),
-            reports: if cfg.report.is_some() {
+            pass: matches!(job, Job::Pass | Job::Standalone).then_some(r),
+            reports: if cfg.report.is_some() && job != Job::Standalone {
                 vec![Some(why)]
             } else {
                 Vec::new()
@@ -180,6 +233,27 @@ async fn job_outcome(cfg: Arc<Config>, job: Job, spawned: Spawned) -> JobOutcome
         };
     }
     let stopping = spawned.clone();
+    if job == Job::Standalone {
+        let pass = match Updater::new(cfg.clone(), None, None, Events::default()).await {
+            Some(u) => u.pass().await,
+            None => {
+                let mut r = PassResult {
+                    host: cfg.host_name(),
+                    at: crate::events::now_unix(),
+                    ..PassResult::default()
+                };
+                r.fail(
+                    "the updater is off: set `repo` and `trusted_key` in the configuration \
+                     (docs/agent.md, \"Updater\")",
+                );
+                r
+            }
+        };
+        return JobOutcome {
+            pass: Some(pass),
+            reports: Vec::new(),
+        };
+    }
     let updater = match (job, cfg.updater.is_some()) {
         (Job::Report, _) | (_, false) => None,
         _ => {
@@ -251,7 +325,7 @@ async fn job_outcome(cfg: Arc<Config>, job: Job, spawned: Spawned) -> JobOutcome
             }
             save(&state, &file);
         }
-        (Job::Start, None) | (Job::Report, _) => {}
+        (Job::Start, None) | (Job::Report | Job::Standalone, _) => {}
     }
     // A stopping agent answers no `status`: the next one reports.
     if !stopping.stopping() {

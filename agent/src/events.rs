@@ -1,7 +1,7 @@
 //! The ring of recent events an agent reports (give-ups, health kills, installs, refusals),
 //! kept in a file across agent restarts. A leaf: the supervisor, the updater and the reporter
 //! push to it. The ring and its file have one owner, the supervisor: the short-lived
-//! `keepup-agent pass` child forwards its events to it ([`Events::forwarding`]).
+//! keepup-agent-pass child forwards its events to it ([`Events::forwarding`]).
 
 use std::collections::VecDeque;
 use std::path::PathBuf;

@@ -3,7 +3,7 @@
 //! packages ([`open`], which `update::fetch` checks against the signed index), and report
 //! POSTs with the host's bearer token ([`post`]). Every request is one connection, bounded in
 //! time by its caller. A leaf: the updater and the reporter use it, and it uses nothing of
-//! theirs. Only the short-lived `keepup-agent pass` child makes requests (docs/agent.md,
+//! theirs. Only the short-lived keepup-agent-pass child makes requests (docs/agent.md,
 //! "Updater"): the supervisor never loads TLS settings or a CA bundle.
 //!
 //! `https://` URLs are verified against the CAs of the agent's `ca_file` (set once per process

@@ -43,7 +43,7 @@ pub enum Request {
     /// Run an update pass now and report its plan and result.
     Update,
     /// Record an event in the agent's ring of recent events (what reports carry). Sent by
-    /// the agent's own `keepup-agent pass` child, so that the ring and its file have one
+    /// the agent's own keepup-agent-pass child, so that the ring and its file have one
     /// writer: the supervisor.
     Event {
         /// What happened.
@@ -186,7 +186,7 @@ pub struct ProbeStatus {
 /// A request from a client, with the way back.
 pub type Incoming = (Request, oneshot::Sender<Response>);
 
-/// What a `keepup-agent pass` child prints on its stdout, as one JSON line, for the
+/// What a keepup-agent-pass child prints on its stdout, as one JSON line, for the
 /// supervisor that started it: the pass (if it ran one) and how each report it tried went.
 /// The supervisor answers `update --now` with the pass and logs a report outage once.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

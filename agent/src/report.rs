@@ -3,7 +3,7 @@
 //! from the supervisor's live `status` (state, restarts, probes per service), what the last
 //! update pass found and did (track, installed versions, quarantines, start results, the
 //! [`HostState`] file) and the supervisor's ring of recent events. Reports are built and posted
-//! by the short-lived `keepup-agent pass` child (docs/agent.md, "Updater"), which asks the
+//! by the short-lived keepup-agent-pass child (docs/agent.md, "Updater"), which asks the
 //! supervisor for `status` and `events` over its control socket: posting never blocks
 //! supervision, and the supervisor never loads the HTTP or TLS code. The supervisor logs a
 //! failure once per outage (the child tells it how each report went).

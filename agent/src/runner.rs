@@ -1,5 +1,5 @@
 //! The supervisor's side of the updater and the reporter: when a pass or a report is due, it
-//! starts a short-lived `keepup-agent pass` child ([`crate::child`]) that does the work, and
+//! starts a short-lived `keepup-agent-pass` child ([`crate::child`]) that does the work, and
 //! reads its answer. The supervisor keeps only the timers (the crontab schedule plus this
 //! host's stagger offset, `report_every`) and this runner; the HTTP and TLS client, the
 //! signature checks and the package managers run in the child, so a crash, a hang or a leak
@@ -53,7 +53,7 @@ pub fn bound(job: Job, package_timeout: Duration) -> Duration {
     match job {
         Job::Report => Duration::from_secs(120),
         Job::Start => package_timeout * 2 + Duration::from_secs(120),
-        Job::Pass => (package_timeout * 6).max(Duration::from_secs(3600)),
+        Job::Pass | Job::Standalone => (package_timeout * 6).max(Duration::from_secs(3600)),
     }
 }
 
@@ -61,14 +61,23 @@ pub fn bound(job: Job, package_timeout: Duration) -> Duration {
 /// configuration file and control socket).
 #[derive(Debug, Clone)]
 pub struct Program {
+    /// The program as found (for messages).
     path: PathBuf,
+    /// What is executed: the program as it was when the agent started (`/proc/self/fd/N` of
+    /// a descriptor held open), so that an upgrade that replaces the file meanwhile does not
+    /// hand this agent a child of another version; the next agent runs the new one.
+    exec: PathBuf,
+    _pinned: Option<Arc<std::os::fd::OwnedFd>>,
     args: Vec<OsString>,
 }
 
+/// The name of the child program, installed beside `keepup-agent`.
+pub const PASS_PROGRAM: &str = "keepup-agent-pass";
+
 impl Program {
-    /// This very binary (`/proc/self/exe`: the file the agent was started from, even after
-    /// an upgrade replaced it), with the agent's `--config` and socket.
-    pub fn this_binary(config: Option<&Path>, socket: &Path) -> Program {
+    /// `keepup-agent-pass` beside this program, held open from now on, with the agent's
+    /// `--config` and socket.
+    pub fn beside_this_binary(config: Option<&Path>, socket: &Path) -> Program {
         let mut args: Vec<OsString> = Vec::new();
         if let Some(c) = config {
             args.push("--config".into());
@@ -76,9 +85,20 @@ impl Program {
         }
         args.push("--socket".into());
         args.push(socket.into());
-        args.push("pass".into());
+        let path = pass_program();
+        let (exec, pinned) = match std::fs::File::open(&path) {
+            Ok(f) => {
+                use std::os::fd::AsRawFd;
+                let fd = std::os::fd::OwnedFd::from(f);
+                let exec = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+                (exec, Some(Arc::new(fd)))
+            }
+            Err(_) => (path.clone(), None),
+        };
         Program {
-            path: PathBuf::from("/proc/self/exe"),
+            path,
+            exec,
+            _pinned: pinned,
             args,
         }
     }
@@ -86,18 +106,31 @@ impl Program {
     /// A program of one's choosing (tests).
     #[cfg(test)]
     pub fn new(path: impl Into<PathBuf>, args: Vec<OsString>) -> Program {
+        let path = path.into();
         Program {
-            path: path.into(),
+            exec: path.clone(),
+            path,
+            _pinned: None,
             args,
         }
+    }
+
+    /// The program's path, for messages.
+    pub fn shown(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    /// Whether the program was there when the agent started.
+    pub fn found(&self) -> bool {
+        self._pinned.is_some()
     }
 
     /// The command for `job`: its own process group (so it can be killed with whatever it
     /// started in it), killed by the kernel if the agent dies (SIGKILL, like the updater task
     /// it replaces: the next agent repairs), stdout piped for its answer, stderr the agent's.
-    fn command(&self, job: Job) -> tokio::process::Command {
-        let mut cmd = tokio::process::Command::new(&self.path);
-        cmd.arg0("keepup-agent")
+    pub fn command(&self, job: Job) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(&self.exec);
+        cmd.arg0(PASS_PROGRAM)
             .args(&self.args)
             .args(job.flags())
             .stdin(Stdio::null())
@@ -117,6 +150,19 @@ impl Program {
         }
         cmd
     }
+}
+
+/// Where `keepup-agent-pass` is: beside the program of this process (`/proc/self/exe`, also
+/// after an upgrade replaced that file).
+pub fn pass_program() -> PathBuf {
+    let me = std::fs::read_link("/proc/self/exe")
+        .or_else(|_| std::env::current_exe())
+        .unwrap_or_default();
+    let me = me.to_string_lossy();
+    let me = Path::new(me.strip_suffix(" (deleted)").unwrap_or(&me));
+    me.parent()
+        .unwrap_or(Path::new("/usr/sbin"))
+        .join(PASS_PROGRAM)
 }
 
 /// The way to the runner task.
@@ -155,11 +201,18 @@ impl Runner {
             return None;
         }
         let host = cfg.host_name();
+        if !program.found() {
+            eprintln!(
+                "keepup-agent: {} is missing: update passes and reports fail until it is \
+                 installed beside keepup-agent (and the agent restarted); supervision goes on",
+                program.shown()
+            );
+        }
         if let Some((s, window)) = &schedule {
             let offset = stagger::offset(&host, *window);
             eprintln!(
                 "keepup-agent: updater: host {host}, schedule {:?} + {} (stagger {}); each pass \
-                 runs in a `keepup-agent pass` child",
+                 runs in a keepup-agent-pass child",
                 s.line(),
                 humantime::format_duration(Duration::from_millis(offset.as_millis() as u64)),
                 keepup_packager::spec::format_duration(*window),
@@ -375,7 +428,7 @@ impl Task {
         // (spawning runs on this thread, and the reaper only runs when this task yields).
         let done = match cmd.spawn() {
             Err(e) => {
-                let why = format!("cannot start the `keepup-agent pass` child: {e}");
+                let why = format!("cannot start {}: {e}", self.program.shown());
                 tokio::spawn(async move { Err(why) })
             }
             Ok(child) => {
@@ -489,7 +542,7 @@ async fn finished_ref(
 /// What a job is called in messages.
 fn what(job: Job) -> &'static str {
     match job {
-        Job::Pass => "update pass",
+        Job::Pass | Job::Standalone => "update pass",
         Job::Report => "report",
         Job::Start => "updater's start-up",
     }
@@ -644,7 +697,7 @@ mod tests {
         .unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let program = Program::new(&script, vec!["pass".into()]);
+        let program = Program::new(&script, vec!["--socket".into(), "/nonexistent".into()]);
         let task = Task {
             schedule: None,
             report_every: None,

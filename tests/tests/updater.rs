@@ -238,6 +238,11 @@ impl Setup {
         let host = Host::start(&self.net, name).await?;
         host.copy_in(&built_bin("keepup-agent")?, "/usr/sbin/keepup-agent")
             .await?;
+        host.copy_in(
+            &built_bin("keepup-agent-pass")?,
+            "/usr/sbin/keepup-agent-pass",
+        )
+        .await?;
         host.ok(&format!(
             "mkdir -p /etc/keepup && curl -fsS -o /etc/keepup/repository.asc \
              http://repo:8080/keys/repository.asc && cat > /etc/keepup/agent.yaml <<'EOF'\n\

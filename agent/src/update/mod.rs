@@ -3,7 +3,7 @@
 //! does ([`pass`]: signed index and policy, [`serials`] against replay, the [`plan`], downloads
 //! with a checked sha256 ([`fetch`]), the package manager bounded in time ([`pkg`], [`run`]),
 //! and whether each installed service started ([`start`])). Passes run in the short-lived
-//! `keepup-agent pass` child that the supervisor's runner (`crate::runner`) starts for each
+//! keepup-agent-pass child that the supervisor's runner (`crate::runner`) starts for each
 //! one (`crate::child`): the supervisor itself never runs this code, so a crash, a hang or a
 //! leak here cannot take supervision down.
 
