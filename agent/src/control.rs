@@ -1,7 +1,8 @@
 //! The control socket: a Unix stream socket (`/run/keepup/agent.sock` by default) that takes
 //! one JSON request line per connection and answers with one JSON response line. The
-//! `keepup-agent status|down|up|rekick|check|update` commands are its clients; connecting to it
-//! at all proves the agent is alive.
+//! `keepup-agent status|down|up|rekick|check|update` commands are its clients, and so is the
+//! agent's own `keepup-agent-pass` child (`status`, `events`, `event`); connecting to it at all
+//! proves the agent is alive.
 //!
 //! Who may ask what: the agent reads the client's credentials from the connection
 //! (`SO_PEERCRED`). Root may make every request; members of `status_group` (none by default)

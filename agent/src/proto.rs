@@ -1,7 +1,8 @@
 //! The control protocol's types: what a client asks ([`Request`]) and what the agent answers
 //! ([`Response`], with each service's [`ServiceStatus`] and an update pass's [`PassResult`]),
-//! and how `keepup-agent status` renders them. A leaf: the socket code (`control.rs`), the
-//! supervisor, the updater and the reporter all use it, and it uses none of them.
+//! and how `keepup-agent status` renders them, and what a keepup-agent-pass child answers the
+//! supervisor ([`JobOutcome`]). A leaf: the socket code (`control.rs`), the supervisor, the
+//! runner, the updater and the reporter all use it, and it uses none of them.
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -113,14 +113,17 @@ pub async fn send(
     state: &HostState,
 ) -> Result<(), String> {
     let ask = |req: Request| async move {
-        control::request_within(socket, &req, ASK_TIMEOUT)
-            .await
-            .map_err(|e| {
-                format!(
-                    "no report sent: the agent did not answer `{}`: {e:#}",
-                    req.describe()
-                )
-            })
+        let what = req.describe();
+        match control::request_within(socket, &req, ASK_TIMEOUT).await {
+            Ok(r) if r.ok => Ok(r),
+            Ok(r) => Err(format!(
+                "no report sent: the agent did not answer `{what}`: {}",
+                r.error.unwrap_or_default()
+            )),
+            Err(e) => Err(format!(
+                "no report sent: the agent did not answer `{what}`: {e:#}"
+            )),
+        }
     };
     let services = ask(Request::Status).await?.services;
     let events = ask(Request::Events)
