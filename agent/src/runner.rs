@@ -460,6 +460,12 @@ impl Task {
     ) {
         let outcome = match outcome {
             Ok(o) => o,
+            // A report that could not even start is a report not sent: said once per outage
+            // (a missing keepup-agent-pass would otherwise be said every `report_every`).
+            Err(why) if job != Job::Pass && self.report_every.is_some() => JobOutcome {
+                pass: None,
+                reports: vec![Some(why)],
+            },
             Err(why) => {
                 eprintln!("keepup-agent: {why}");
                 if job == Job::Pass {
@@ -719,5 +725,22 @@ mod tests {
         assert_eq!(task.events.list()[0].kind, EventKind::UpdateFailed);
         let r = task.spawn(Job::Report, Vec::new());
         assert_eq!(finished(r.done).await.unwrap().reports, vec![None]);
+        // A report child that cannot start at all is a report not sent (said once per
+        // outage), not a failed pass.
+        let missing = Task {
+            program: Program::new(dir.path().join("missing"), Vec::new()),
+            report_every: Some(Duration::from_secs(60)),
+            ..task
+        };
+        let r = missing.spawn(Job::Report, Vec::new());
+        let e = finished(r.done).await.unwrap_err();
+        assert!(e.starts_with("cannot start "), "{e}");
+        missing.answer(Job::Report, Err(e.clone()), Vec::new(), &mut failing);
+        assert_eq!(failing, Some(e));
+        assert_eq!(
+            missing.events.list().len(),
+            1,
+            "no update-failed for a report"
+        );
     }
 }
