@@ -1,8 +1,9 @@
 //! `keepup-agent run`: the agent's top level. Takes the lock (a second agent refuses to
 //! start), becomes the child subreaper, opens the control socket, follows the manifest
 //! directory (a service per manifest; added -> started, removed -> stopped and its role
-//! killed), runs the re-kick timer, answers control requests, starts the updater and the
-//! reporter when they are configured, and on SIGTERM stops every service and exits 0.
+//! killed), runs the re-kick timer, answers control requests, starts the runner of update
+//! passes and reports (each in a short-lived `keepup-agent-pass` child, see `runner.rs`) when
+//! they are configured, and on SIGTERM stops every service and exits 0.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -14,17 +15,16 @@ use anyhow::{bail, Context, Result};
 use keepup_packager::manifest::Manifest;
 use nix::fcntl::{Flock, FlockArg};
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::config::Config;
 use crate::control::{self, Incoming, Request, Response};
 use crate::events::Events;
-use crate::hoststate::{HostState, SharedHost};
 use crate::reaper::{self, Spawned};
 use crate::refuse::Roles;
+use crate::runner::{Program, Runner};
 use crate::service::{self, Ctx, Handle, ServiceCommand};
 use crate::statefile::open_lock_file;
-use crate::update::{self, PassRequest};
 use crate::watch::DirWatch;
 use keepup_deploy::wire::{EventKind, ServiceState};
 
@@ -90,12 +90,9 @@ pub fn lock(cfg: &Config) -> Result<AgentLock> {
     }
 }
 
-/// When the agent stops, how long a package-manager run in flight may take to finish (under
-/// the systemd unit's `TimeoutStopSec=60s`).
-pub const PACKAGE_RUN_GRACE: Duration = Duration::from_secs(45);
-
-/// Runs the agent until SIGTERM or SIGINT.
-pub async fn run(cfg: Config) -> Result<()> {
+/// Runs the agent until SIGTERM or SIGINT. `config` is the file it was started with (its
+/// keepup-agent-pass children read it too).
+pub async fn run(cfg: Config, config: Option<PathBuf>) -> Result<()> {
     let _lock = lock(&cfg)?;
     reaper::become_subreaper().context("becoming the child subreaper")?;
     match crate::cgroup::init() {
@@ -130,21 +127,8 @@ pub async fn run(cfg: Config) -> Result<()> {
         None,
         format!("keepup-agent started (pid {})", std::process::id()),
     );
-    let host_state: SharedHost = Arc::new(std::sync::Mutex::new(HostState::load(
-        &cfg.state_dir.join(crate::hoststate::HOST_STATE_FILE),
-    )));
-    let report_now = Arc::new(Notify::new());
-    let updater = start_updater(&cfg, &to_agent, &spawned, &events, &host_state, &report_now);
-    if let Some(r) = &cfg.report {
-        tokio::spawn(crate::report::run(
-            r.clone(),
-            cfg.host_name(),
-            host_state.clone(),
-            events.clone(),
-            to_agent.clone(),
-            report_now.clone(),
-        ));
-    }
+    let program = Program::beside_this_binary(config.as_deref(), &cfg.socket);
+    let runner = Runner::start(&cfg, program, &spawned, &events);
     let mut agent = Agent {
         ctx: Ctx {
             cfg: cfg.clone(),
@@ -157,7 +141,7 @@ pub async fn run(cfg: Config) -> Result<()> {
             registry: crate::order::Registry::default(),
             runs: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         },
-        updater,
+        runner,
         services: BTreeMap::new(),
         stopping: HashMap::new(),
         seen: HashMap::new(),
@@ -182,55 +166,47 @@ pub async fn run(cfg: Config) -> Result<()> {
         }
     };
     eprintln!("keepup-agent: {why}: stopping every service");
-    // A package-manager run in flight may finish meanwhile (it may be the upgrade of this
-    // very agent, whose postinst is what stopped it); no new one starts.
-    let spawned = agent.ctx.spawned.clone();
-    tokio::join!(
-        crate::update::run::finish_before_exit(&spawned, PACKAGE_RUN_GRACE),
-        agent.shutdown()
-    );
+    // The keepup-agent-pass child in flight is stopped meanwhile: a package-manager run it
+    // has under way may finish (it may be the upgrade of this very agent, whose postinst is
+    // what stopped it). Until it is done, the events it sends are still recorded.
+    let runner = agent.runner.take();
+    let events = agent.ctx.events.clone();
+    let stopping = async {
+        tokio::join!(
+            async {
+                if let Some(r) = &runner {
+                    r.stop().await;
+                }
+            },
+            agent.shutdown()
+        )
+    };
+    let answering = async {
+        while let Some((req, reply)) = requests.recv().await {
+            let answer = match req {
+                Request::Event {
+                    kind,
+                    service,
+                    message,
+                } => {
+                    events.push(kind, service.as_deref(), message);
+                    Response {
+                        ok: true,
+                        ..Response::default()
+                    }
+                }
+                _ => Response::failed("keepup-agent is stopping"),
+            };
+            let _ = reply.send(answer);
+        }
+    };
+    tokio::select! {
+        _ = stopping => {}
+        _ = answering => {}
+    }
     let _ = std::fs::remove_file(&cfg.socket);
     eprintln!("keepup-agent: stopped");
     Ok(())
-}
-
-/// Starts the updater task if `repo` is configured; returns the way to ask it for a pass.
-fn start_updater(
-    cfg: &Arc<Config>,
-    to_agent: &mpsc::Sender<Incoming>,
-    spawned: &Spawned,
-    events: &Events,
-    state: &SharedHost,
-    report_now: &Arc<Notify>,
-) -> Option<mpsc::Sender<PassRequest>> {
-    let up = cfg.updater.as_ref()?;
-    let schedule = match update::schedule::Schedule::parse(&up.schedule) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("keepup-agent: updater off: {e}");
-            return None;
-        }
-    };
-    let (tx, rx) = mpsc::channel::<PassRequest>(4);
-    let (cfg, to_agent, spawned, events, state, report_now) = (
-        cfg.clone(),
-        to_agent.clone(),
-        spawned.clone(),
-        events.clone(),
-        state.clone(),
-        report_now.clone(),
-    );
-    let stagger = up.stagger;
-    tokio::spawn(async move {
-        let Some(mut u) =
-            update::pass::Updater::new(cfg, Some(to_agent), Some(spawned), events).await
-        else {
-            return;
-        };
-        u.report_progress_to(state.clone(), report_now.clone());
-        update::run_task(u, schedule, stagger, rx, state, report_now).await;
-    });
-    Some(tx)
 }
 
 /// Identity of a manifest file version: reparse only when it changed.
@@ -243,8 +219,9 @@ struct FileKey {
 
 struct Agent {
     ctx: Ctx,
-    /// Asks the updater task for a pass now (`None`: the updater is off).
-    updater: Option<mpsc::Sender<PassRequest>>,
+    /// Starts update passes and reports in keepup-agent-pass children (`None`: neither
+    /// the updater nor the reporter is configured).
+    runner: Option<Runner>,
     services: BTreeMap<String, Handle>,
     /// Services whose manifest was removed, still stopping: a service of the same name is not
     /// started again until its old task has finished (its role kill would kill the new run).
@@ -419,24 +396,32 @@ impl Agent {
                 Ok(h) => forward(h, ServiceCommand::Rekick(Some(reply))),
                 Err(r) => drop(reply.send(r)),
             },
-            Request::Update => match &self.updater {
-                None => drop(reply.send(Response::failed(format!(
+            Request::Update => match &self.runner {
+                Some(r) if self.ctx.cfg.updater.is_some() => r.update(reply),
+                _ => drop(reply.send(Response::failed(format!(
                     "the updater is off: no `repo` in the configuration (see `keepup-agent \
                      update --now` in docs/agent.md; state directory {})",
                     self.ctx.cfg.state_dir.display()
                 )))),
-                Some(tx) => {
-                    if let Err(e) = tx.try_send(reply) {
-                        let (why, reply) = match e {
-                            mpsc::error::TrySendError::Full(r) => {
-                                ("passes are already queued; try again later", r)
-                            }
-                            mpsc::error::TrySendError::Closed(r) => ("the updater stopped", r),
-                        };
-                        let _ = reply.send(Response::failed(why));
-                    }
-                }
             },
+            Request::Event {
+                kind,
+                service,
+                message,
+            } => {
+                self.ctx.events.push(kind, service.as_deref(), message);
+                let _ = reply.send(Response {
+                    ok: true,
+                    ..Response::default()
+                });
+            }
+            Request::Events => {
+                let _ = reply.send(Response {
+                    ok: true,
+                    events: Some(Box::new(crate::proto::EventList(self.ctx.events.list()))),
+                    ..Response::default()
+                });
+            }
             Request::Rekick { service: None } => {
                 let mut answers = Vec::new();
                 for h in self.services.values() {

@@ -434,20 +434,7 @@ impl Config {
             None => (Path::new(DEFAULT_CONFIG), false),
         };
         match std::fs::read_to_string(path) {
-            Ok(text) => {
-                let cfg = Config::parse(path, &text)?;
-                if let Some(ca) = &cfg.ca_file {
-                    crate::update::fetch::read_ca_bundle(ca).map_err(|e| {
-                        anyhow::anyhow!(
-                            "{}: ca_file: {e} (name a PEM file with the CA certificate(s) that \
-                             signed the server's certificate)",
-                            path.display()
-                        )
-                    })?;
-                    crate::update::fetch::trust_ca_file(ca);
-                }
-                Ok(cfg)
-            }
+            Ok(text) => Config::parse(path, &text),
             Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => {
                 Ok(Config::default())
             }

@@ -1,7 +1,8 @@
 //! The control socket: a Unix stream socket (`/run/keepup/agent.sock` by default) that takes
 //! one JSON request line per connection and answers with one JSON response line. The
-//! `keepup-agent status|down|up|rekick|check|update` commands are its clients; connecting to it
-//! at all proves the agent is alive.
+//! `keepup-agent status|down|up|rekick|check|update` commands are its clients, and so is the
+//! agent's own `keepup-agent-pass` child (`status`, `events`, `event`); connecting to it at all
+//! proves the agent is alive.
 //!
 //! Who may ask what: the agent reads the client's credentials from the connection
 //! (`SO_PEERCRED`). Root may make every request; members of `status_group` (none by default)
@@ -335,7 +336,8 @@ pub async fn request(socket: &Path, req: &Request) -> Result<Response> {
 /// `package_timeout` each).
 const UPDATE_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
 
-async fn request_within(socket: &Path, req: &Request, limit: Duration) -> Result<Response> {
+/// Sends one request and waits at most `limit` for the answer.
+pub async fn request_within(socket: &Path, req: &Request, limit: Duration) -> Result<Response> {
     let run = async {
         let stream = UnixStream::connect(socket).await.map_err(|e| {
             if e.kind() == std::io::ErrorKind::PermissionDenied {
@@ -372,6 +374,25 @@ async fn request_within(socket: &Path, req: &Request, limit: Duration) -> Result
         .map_err(|_| anyhow::anyhow!("keepup-agent did not answer within {limit:?}"))?
 }
 
+/// [`request_within`] without a runtime: for code that must not yield meanwhile (an event
+/// forwarded by the pass child is in the supervisor's ring before the child goes on).
+pub fn request_blocking(socket: &Path, req: &Request, limit: Duration) -> Result<Response> {
+    use std::io::{BufRead, Write};
+    let stream = std::os::unix::net::UnixStream::connect(socket)
+        .with_context(|| format!("connecting to {}", socket.display()))?;
+    stream.set_read_timeout(Some(limit))?;
+    stream.set_write_timeout(Some(limit))?;
+    let mut text = serde_json::to_string(req)?;
+    text.push('\n');
+    (&stream).write_all(text.as_bytes())?;
+    let mut line = String::new();
+    std::io::BufReader::new(&stream).read_line(&mut line)?;
+    if line.trim().is_empty() {
+        bail!("keepup-agent closed the connection without answering");
+    }
+    serde_json::from_str::<Response>(line.trim()).context("reading the agent's answer")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -395,6 +416,22 @@ mod tests {
         );
         let r: Request = serde_json::from_str(r#"{"cmd":"update"}"#).unwrap();
         assert_eq!(r, Request::Update);
+        // What the pass child sends: an event (kind as reports spell it), and the ring.
+        let r: Request = serde_json::from_str(
+            r#"{"cmd":"event","kind":"upgrade","service":"foo","message":"upgraded foo"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            r,
+            Request::Event {
+                kind: keepup_deploy::wire::EventKind::Upgrade,
+                service: Some("foo".into()),
+                message: "upgraded foo".into(),
+            }
+        );
+        assert_eq!(r.describe(), "event upgrade");
+        let r: Request = serde_json::from_str(r#"{"cmd":"events"}"#).unwrap();
+        assert_eq!(r, Request::Events);
     }
 
     #[test]
@@ -412,6 +449,12 @@ mod tests {
                 service: "foo".into(),
             },
             Request::Update,
+            Request::Event {
+                kind: keepup_deploy::wire::EventKind::Install,
+                service: Some("foo".into()),
+                message: "installed foo 1.0-1".into(),
+            },
+            Request::Events,
         ];
         let root = Peer {
             uid: 0,

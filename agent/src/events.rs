@@ -1,6 +1,7 @@
 //! The ring of recent events an agent reports (give-ups, health kills, installs, refusals),
 //! kept in a file across agent restarts. A leaf: the supervisor, the updater and the reporter
-//! push to it.
+//! push to it. The ring and its file have one owner, the supervisor: the short-lived
+//! keepup-agent-pass child forwards its events to it ([`Events::forwarding`]).
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -26,13 +27,23 @@ pub fn now_unix() -> u64 {
 /// The ring of recent events (the last [`MAX_EVENTS`]), shared by the services, the updater
 /// and the reporter; with a file, kept across agent restarts (an upgrade of the agent, a
 /// crash), so what led to the restart still reaches the server.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Events(Arc<Mutex<Ring>>);
 
-#[derive(Debug, Default)]
+/// Where a forwarding [`Events`] sends each event (the supervisor, over its control socket).
+pub type Forward = Arc<dyn Fn(Event) + Send + Sync>;
+
+#[derive(Default)]
 struct Ring {
     events: VecDeque<Event>,
     file: Option<PathBuf>,
+    forward: Option<Forward>,
+}
+
+impl std::fmt::Debug for Events {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Events").finish_non_exhaustive()
+    }
 }
 
 impl Events {
@@ -68,6 +79,16 @@ impl Events {
         Events(Arc::new(Mutex::new(Ring {
             events,
             file: Some(file),
+            forward: None,
+        })))
+    }
+
+    /// Events that are handed to `forward` as they are pushed (and kept nowhere else): the
+    /// ring that counts is the supervisor's.
+    pub fn forwarding(forward: Forward) -> Events {
+        Events(Arc::new(Mutex::new(Ring {
+            forward: Some(forward),
+            ..Ring::default()
         })))
     }
 
@@ -76,6 +97,21 @@ impl Events {
     /// recorded once, with the time it began, instead of pushing everything else out.
     pub fn push(&self, kind: EventKind, service: Option<&str>, message: impl Into<String>) {
         let message = message.into();
+        let forward = self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .forward
+            .clone();
+        if let Some(forward) = forward {
+            forward(Event {
+                at: now_unix(),
+                service: service.map(String::from),
+                kind,
+                message,
+            });
+            return;
+        }
         let mut ring = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let q = &mut ring.events;
         let repeated = q

@@ -1,12 +1,14 @@
 //! The control protocol's types: what a client asks ([`Request`]) and what the agent answers
 //! ([`Response`], with each service's [`ServiceStatus`] and an update pass's [`PassResult`]),
-//! and how `keepup-agent status` renders them. A leaf: the socket code (`control.rs`), the
-//! supervisor, the updater and the reporter all use it, and it uses none of them.
+//! and how `keepup-agent status` renders them, and what a keepup-agent-pass child answers the
+//! supervisor ([`JobOutcome`]). A leaf: the socket code (`control.rs`), the supervisor, the
+//! runner, the updater and the reporter all use it, and it uses none of them.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use keepup_deploy::wire::{ServiceState, StartReport};
+use keepup_deploy::wire::report::Event;
+use keepup_deploy::wire::{EventKind, ServiceState, StartReport};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
@@ -41,6 +43,20 @@ pub enum Request {
     },
     /// Run an update pass now and report its plan and result.
     Update,
+    /// Record an event in the agent's ring of recent events (what reports carry). Sent by
+    /// the agent's own keepup-agent-pass child, so that the ring and its file have one
+    /// writer: the supervisor.
+    Event {
+        /// What happened.
+        kind: EventKind,
+        /// The service it concerns, if any.
+        #[serde(default)]
+        service: Option<String>,
+        /// For people.
+        message: String,
+    },
+    /// The ring of recent events, oldest first (what the next report carries).
+    Events,
 }
 
 impl Request {
@@ -62,6 +78,8 @@ impl Request {
             } => format!("rekick {service}"),
             Request::Check { service } => format!("check {service}"),
             Request::Update => "update --now".into(),
+            Request::Event { kind, .. } => format!("event {kind}"),
+            Request::Events => "events".into(),
         }
     }
 }
@@ -86,6 +104,9 @@ pub struct Response {
     /// The pass (`update`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub update: Option<Box<PassResult>>,
+    /// Recent events, oldest first (`events`; boxed: most answers carry none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<Box<EventList>>,
 }
 
 impl Response {
@@ -107,6 +128,11 @@ impl Response {
         }
     }
 }
+
+/// The agent's recent events, oldest first (the answer to `events`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct EventList(pub Vec<Event>);
 
 /// One service as `status` reports it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -171,6 +197,19 @@ pub struct ProbeStatus {
 
 /// A request from a client, with the way back.
 pub type Incoming = (Request, oneshot::Sender<Response>);
+
+/// What a keepup-agent-pass child prints on its stdout, as one JSON line, for the
+/// supervisor that started it: the pass (if it ran one) and how each report it tried went.
+/// The supervisor answers `update --now` with the pass and logs a report outage once.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct JobOutcome {
+    /// The pass, when the job was one.
+    #[serde(default)]
+    pub pass: Option<PassResult>,
+    /// Each report the child tried, in order: `None` sent, `Some(why)` not.
+    #[serde(default)]
+    pub reports: Vec<Option<String>>,
+}
 
 /// What a pass found and did.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -1,27 +1,36 @@
 //! Reports: what the agent tells the server about its host (`POST <report>/api/v1/report` with
 //! the host's bearer token), after each update pass and every `report_every`. A report is built
 //! from the supervisor's live `status` (state, restarts, probes per service), what the last
-//! update pass found and did (track, installed versions, quarantines, start results) and the
-//! ring of recent [`Events`]. Posting never blocks supervision: it runs in its own task with a
-//! timeout, a failure is logged once per outage and the next report simply tries again.
+//! update pass found and did (track, installed versions, quarantines, start results, the
+//! [`HostState`] file) and the supervisor's ring of recent events. Reports are built and posted
+//! by the short-lived keepup-agent-pass child (docs/agent.md, "Updater"), which asks the
+//! supervisor for `status` and `events` over its control socket: posting never blocks
+//! supervision, and the supervisor never loads the HTTP or TLS code. The supervisor logs a
+//! failure once per outage (the child tells it how each report went).
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
-use keepup_deploy::wire::report::{ProbeReport, Report, ServiceReport, REPORT_PATH};
-use tokio::sync::{mpsc, oneshot, Notify};
+use keepup_deploy::wire::report::{Event, ProbeReport, Report, ServiceReport, REPORT_PATH};
 
 use crate::config::ReportConfig;
-use crate::events::{now_unix, Events};
-use crate::hoststate::{HostState, SharedHost};
-use crate::proto::{Incoming, Request, ServiceStatus};
+use crate::control;
+use crate::events::now_unix;
+use crate::hoststate::HostState;
+use crate::proto::{Request, ServiceStatus};
 
 /// How long one post may take.
 const POST_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long the supervisor may take to answer `status` or `events`.
+const ASK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Builds a report from the host state, the events and the supervisor's status.
-pub fn build(host: &str, state: &HostState, events: &Events, services: &[ServiceStatus]) -> Report {
+pub fn build(
+    host: &str,
+    state: &HostState,
+    events: &[Event],
+    services: &[ServiceStatus],
+) -> Report {
     Report {
         host: host.to_string(),
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -52,18 +61,8 @@ pub fn build(host: &str, state: &HostState, events: &Events, services: &[Service
             })
             .collect(),
         update: state.update.clone(),
-        events: events.list(),
+        events: events.to_vec(),
     }
-}
-
-/// Asks the agent's own request loop for the status of every service (what
-/// `keepup-agent status` shows); empty if the agent is stopping.
-pub async fn service_status(to_agent: &mpsc::Sender<Incoming>) -> Vec<ServiceStatus> {
-    let (tx, rx) = oneshot::channel();
-    if to_agent.send((Request::Status, tx)).await.is_err() {
-        return Vec::new();
-    }
-    rx.await.map(|r| r.services).unwrap_or_default()
 }
 
 /// Reads the token file: one line, the host's token.
@@ -90,7 +89,7 @@ pub async fn post(cfg: &ReportConfig, report: &Report) -> Result<(), String> {
     let token = read_token(&cfg.token_file)?;
     let url = format!("{}{REPORT_PATH}", cfg.url);
     let body = serde_json::to_vec(report).map_err(|e| e.to_string())?;
-    match crate::update::fetch::post(&url, &token, body, POST_TIMEOUT).await {
+    match crate::http::post(&url, &token, body, POST_TIMEOUT).await {
         Ok((s, _)) if s.is_success() => Ok(()),
         Ok((s, text)) => Err(format!(
             "{url}: the server answered {s}{}",
@@ -104,58 +103,41 @@ pub async fn post(cfg: &ReportConfig, report: &Report) -> Result<(), String> {
     }
 }
 
-/// The reporter task: a report every `every`, and one whenever `now` is notified (after an
-/// update pass). Logs a failure once per outage, and when reports get through again.
-pub async fn run(
-    cfg: ReportConfig,
-    host: String,
-    state: SharedHost,
-    events: Events,
-    to_agent: mpsc::Sender<Incoming>,
-    now: Arc<Notify>,
-) {
-    eprintln!(
-        "keepup-agent: reporting to {}{REPORT_PATH} as {host} every {}",
-        cfg.url,
-        keepup_packager::spec::format_duration(cfg.every)
-    );
-    let mut failing: Option<String> = None;
-    // The first report goes out soon after start, once the services have been started.
-    let mut next = tokio::time::Instant::now() + Duration::from_secs(2);
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep_until(next) => {}
-            _ = now.notified() => {}
+/// Builds this host's report from `state`, with the services' status and the recent events
+/// that the supervisor at `socket` answers, and posts it. `Err` says why no report was sent or
+/// accepted.
+pub async fn send(
+    cfg: &ReportConfig,
+    host: &str,
+    socket: &Path,
+    state: &HostState,
+) -> Result<(), String> {
+    let ask = |req: Request| async move {
+        let what = req.describe();
+        match control::request_within(socket, &req, ASK_TIMEOUT).await {
+            Ok(r) if r.ok => Ok(r),
+            Ok(r) => Err(format!(
+                "no report sent: the agent did not answer `{what}`: {}",
+                r.error.unwrap_or_default()
+            )),
+            Err(e) => Err(format!(
+                "no report sent: the agent did not answer `{what}`: {e:#}"
+            )),
         }
-        next = tokio::time::Instant::now() + cfg.every;
-        let services = service_status(&to_agent).await;
-        let report = {
-            let s = state.lock().unwrap_or_else(|e| e.into_inner());
-            build(&host, &s, &events, &services)
-        };
-        match post(&cfg, &report).await {
-            Ok(()) => {
-                if let Some(why) = failing.take() {
-                    eprintln!("keepup-agent: reports get through again (after: {why})");
-                }
-            }
-            Err(why) => {
-                if failing.is_none() {
-                    eprintln!(
-                        "keepup-agent: report not sent: {why} (trying again every {}; \
-                         supervision goes on; said once until it works again)",
-                        keepup_packager::spec::format_duration(cfg.every)
-                    );
-                }
-                failing = Some(why);
-            }
-        }
-    }
+    };
+    let services = ask(Request::Status).await?.services;
+    let events = ask(Request::Events)
+        .await?
+        .events
+        .map(|e| e.0)
+        .unwrap_or_default();
+    post(cfg, &build(host, state, &events, &services)).await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::events::Events;
     use crate::hoststate::HOST_STATE_FILE;
     use crate::proto::ProbeStatus;
     use keepup_deploy::wire::report::{StartReport, MAX_EVENTS};
@@ -296,7 +278,7 @@ mod tests {
                 age_secs: Some(1.0),
             }],
         };
-        let r = build("web1", &st, &events, &[svc]);
+        let r = build("web1", &st, &events.list(), &[svc]);
         r.validate().unwrap();
         assert_eq!(r.track.as_deref(), Some("stable"));
         assert_eq!(r.services[0].state, ServiceState::GivenUp);

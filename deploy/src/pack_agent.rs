@@ -1,12 +1,12 @@
-//! `keepup pack --agent BINARY`: keepup-agent's own .deb and .rpm (binary, default
-//! configuration, systemd unit, cron.d line), planned by `keepup_packager::agent` and written by
-//! the same writers as service packages.
+//! `keepup pack --agent BINARY`: keepup-agent's own .deb and .rpm (BINARY and the
+//! `keepup-agent-pass` beside it, default configuration, systemd unit, cron.d line), planned by
+//! `keepup_packager::agent` and written by the same writers as service packages.
 
 use std::io::Read as _;
 use std::path::Path;
 
 use anyhow::{bail, Context as _};
-use keepup_packager::agent::{AgentPackage, MinSerials, DEFAULT_MAINTAINER};
+use keepup_packager::agent::{AgentPackage, MinSerials, DEFAULT_MAINTAINER, PASS_BINARY_NAME};
 use keepup_packager::spec::Arch;
 use keepup_packager::{pack_agent, PackOptions};
 
@@ -24,15 +24,35 @@ pub(crate) fn run(args: &PackArgs) -> anyhow::Result<()> {
     };
     let arch = elf_arch(binary)?;
     let compression = args.checked_compression()?;
-    if has_symbols(binary).unwrap_or(false) {
-        eprintln!(
-            "keepup: warning: {} is not stripped (lintian: unstripped-binary-or-object); \
-             ship a release build (`cargo build --profile agent -p keepup-agent` strips it)",
-            binary.display()
+    // The agent's child for update passes and reports, from the same build.
+    let pass_binary = binary.with_file_name(PASS_BINARY_NAME);
+    if !pass_binary.is_file() {
+        bail!(
+            "{} is missing: keepup-agent runs its update passes and reports in it, so the \
+             package ships both (`cargo build --profile agent -p keepup-agent` builds both into \
+             the same directory)",
+            pass_binary.display()
         );
+    }
+    if elf_arch(&pass_binary)? != arch {
+        bail!(
+            "{} and {} are built for different architectures",
+            binary.display(),
+            pass_binary.display()
+        );
+    }
+    for b in [binary, pass_binary.as_path()] {
+        if has_symbols(b).unwrap_or(false) {
+            eprintln!(
+                "keepup: warning: {} is not stripped (lintian: unstripped-binary-or-object); \
+                 ship a release build (`cargo build --profile agent -p keepup-agent` strips it)",
+                b.display()
+            );
+        }
     }
     let pkg = AgentPackage {
         binary: binary.to_path_buf(),
+        pass_binary,
         version,
         release,
         arch,

@@ -1,4 +1,6 @@
-//! The agent's own package, `keepup-agent`: the binary, a commented default configuration, the
+//! The agent's own package, `keepup-agent`: the binaries (the supervisor `keepup-agent` and its
+//! short-lived child `keepup-agent-pass`, which does the update passes and reports), a
+//! commented default configuration, the
 //! systemd unit, a cron.d line that restarts the agent if it is not active, and maintainer
 //! scripts that follow debhelper's and the systemd rpm macros' conventions.
 //!
@@ -16,6 +18,11 @@ use crate::PackError;
 pub const NAME: &str = "keepup-agent";
 /// Where the binary is installed.
 pub const BINARY_PATH: &str = "/usr/sbin/keepup-agent";
+/// Where the agent's child for update passes and reports is installed: beside the agent,
+/// where the agent looks for it.
+pub const PASS_BINARY_PATH: &str = "/usr/sbin/keepup-agent-pass";
+/// The child's file name, which `keepup pack --agent BINARY` finds beside BINARY.
+pub const PASS_BINARY_NAME: &str = "keepup-agent-pass";
 /// The configuration file (a conffile).
 pub const CONFIG_PATH: &str = "/etc/keepup/agent.yaml";
 /// The cron.d file that restarts the agent if it is not active (a conffile).
@@ -34,6 +41,8 @@ pub const DEFAULT_MAINTAINER: &str = "keepup developers <keepup@example.org>";
 pub struct AgentPackage {
     /// The `keepup-agent` binary to ship (a release build: the workspace profile strips it).
     pub binary: PathBuf,
+    /// The `keepup-agent-pass` binary of the same build.
+    pub pass_binary: PathBuf,
     /// Upstream version (`[0-9][A-Za-z0-9.+~]*`).
     pub version: String,
     /// Debian revision / RPM release.
@@ -116,12 +125,15 @@ pub fn agent_plan(pkg: &AgentPackage, format: Format, epoch: u64) -> Result<Plan
             pkg.release
         )));
     }
-    let meta = std::fs::metadata(&pkg.binary).map_err(|e| PackError::io(&pkg.binary, e))?;
-    if !meta.is_file() {
-        return Err(PackError::Spec(format!(
-            "{} is not a file; pass the keepup-agent binary (cargo build --profile agent -p keepup-agent)",
-            pkg.binary.display()
-        )));
+    for binary in [&pkg.binary, &pkg.pass_binary] {
+        let meta = std::fs::metadata(binary).map_err(|e| PackError::io(binary, e))?;
+        if !meta.is_file() {
+            return Err(PackError::Spec(format!(
+                "{} is not a file; pass the keepup-agent binary, with keepup-agent-pass beside \
+                 it (cargo build --profile agent -p keepup-agent builds both)",
+                binary.display()
+            )));
+        }
     }
     let info = info(pkg);
     let config = |path: &str, bytes: Vec<u8>| Entry {
@@ -141,6 +153,10 @@ pub fn agent_plan(pkg: &AgentPackage, format: Format, epoch: u64) -> Result<Plan
         Entry {
             kind: Kind::File(Source::Disk(pkg.binary.clone())),
             ..Entry::generated(BINARY_PATH, 0o755, Vec::new())
+        },
+        Entry {
+            kind: Kind::File(Source::Disk(pkg.pass_binary.clone())),
+            ..Entry::generated(PASS_BINARY_PATH, 0o755, Vec::new())
         },
         config(CONFIG_PATH, shipped_config(pkg).into_bytes()),
         config(CRON_PATH, cron_file().into_bytes()),
@@ -519,8 +535,11 @@ mod tests {
     fn pkg(dir: &std::path::Path) -> AgentPackage {
         let binary = dir.join("keepup-agent");
         std::fs::write(&binary, b"\x7fELF not really").unwrap();
+        let pass_binary = dir.join(PASS_BINARY_NAME);
+        std::fs::write(&pass_binary, b"\x7fELF not really either").unwrap();
         AgentPackage {
             binary,
+            pass_binary,
             version: "1.2.3".into(),
             release: "1".into(),
             arch: Arch::Amd64,

@@ -45,6 +45,7 @@ pub fn agent_package_version(out: &Path, format: Format, version: &str) -> Resul
 /// the key names the agent and keepup builds (size and mtime) and the version.
 fn cached_build(version: &str) -> Result<PathBuf> {
     let agent = built_bin("keepup-agent")?;
+    let pass = built_bin("keepup-agent-pass")?;
     let keepup = built_bin("keepup")?;
     let stamp = |p: &Path| -> Result<String> {
         let m = std::fs::metadata(p)?;
@@ -52,8 +53,9 @@ fn cached_build(version: &str) -> Result<PathBuf> {
         Ok(format!("{}:{}.{}", m.len(), t.as_secs(), t.subsec_nanos()))
     };
     let key = crate::sha256_hex(&format!(
-        "{}\n{}\n{version}",
+        "{}\n{}\n{}\n{version}",
         stamp(&agent)?,
+        stamp(&pass)?,
         stamp(&keepup)?
     ));
     let root = agent
@@ -76,12 +78,18 @@ fn cached_build(version: &str) -> Result<PathBuf> {
         return Ok(dir);
     }
     let work = tempfile::tempdir_in(&root)?;
-    // A stripped copy, as a release build ships it: smaller and quicker to compress.
+    // Stripped copies, as a release build ships them: smaller and quicker to compress. The
+    // agent's keepup-agent-pass goes beside it, where `keepup pack --agent` finds it.
     let binary = work.path().join("keepup-agent");
-    std::fs::copy(&agent, &binary)?;
-    let stripped = Command::new("strip").arg(&binary).status();
-    if !matches!(stripped, Ok(s) if s.success()) {
-        eprintln!("agent_pkg: `strip` failed or is missing (apt-get install binutils); packing the unstripped agent");
+    for (from, to) in [
+        (&agent, binary.clone()),
+        (&pass, work.path().join("keepup-agent-pass")),
+    ] {
+        std::fs::copy(from, &to)?;
+        let stripped = Command::new("strip").arg(&to).status();
+        if !matches!(stripped, Ok(s) if s.success()) {
+            eprintln!("agent_pkg: `strip` failed or is missing (apt-get install binutils); packing the unstripped agent");
+        }
     }
     let out = Command::new(&keepup)
         .args(["pack", "--agent"])

@@ -28,7 +28,7 @@ pub fn built_bin(name: &str) -> Result<PathBuf> {
     let package = match name {
         "food" => "keepup-tests",
         "keepup" => "keepup-deploy",
-        "keepup-agent" => "keepup-agent",
+        "keepup-agent" | "keepup-agent-pass" => "keepup-agent",
         other => bail!("unknown workspace binary {other:?}"),
     };
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))

@@ -48,6 +48,12 @@ async fn setup(name: &str, edit: impl Fn(String) -> String, config: &str) -> Res
         "/usr/sbin/keepup-agent",
     )
     .await?;
+    // Reports are sent by keepup-agent-pass, installed beside it.
+    host.copy_in(
+        &example::built_bin("keepup-agent-pass")?,
+        "/usr/sbin/keepup-agent-pass",
+    )
+    .await?;
     host.ok(&format!(
         "mkdir -p /etc/keepup && cat > /etc/keepup/agent.yaml <<'EOF'\n{config}\nEOF"
     ))
@@ -730,6 +736,10 @@ fn systemd_unit_that_hit_its_start_limit_is_rekicked() -> Result<()> {
     h.copy_in(
         &example::built_bin("keepup-agent")?,
         "/usr/sbin/keepup-agent",
+    )?;
+    h.copy_in(
+        &example::built_bin("keepup-agent-pass")?,
+        "/usr/sbin/keepup-agent-pass",
     )?;
     h.ok("mkdir -p /etc/keepup && echo 'rekick_every: 10s' > /etc/keepup/agent.yaml")?;
     h.ok("dpkg -i /pkgs/foo.deb")?;

@@ -52,12 +52,15 @@ fn output(cmd: &mut Command) -> Result<String> {
     Ok(text)
 }
 
-/// A stripped copy of the workspace's agent, as a release build would ship it.
+/// A stripped copy of the workspace's agent and of its keepup-agent-pass beside it, as a
+/// release build would ship them; returns the agent's path.
 fn stripped_agent(dir: &Path) -> Result<PathBuf> {
-    let bin = dir.join("keepup-agent");
-    std::fs::copy(built_bin("keepup-agent")?, &bin)?;
-    output(tool("strip").arg(&bin))?;
-    Ok(bin)
+    for name in ["keepup-agent-pass", "keepup-agent"] {
+        let bin = dir.join(name);
+        std::fs::copy(built_bin(name)?, &bin)?;
+        output(tool("strip").arg(&bin))?;
+    }
+    Ok(dir.join("keepup-agent"))
 }
 
 fn pack_agent(bin: &Path, out: &Path, extra: &[&str]) -> Result<Vec<PathBuf>> {
@@ -172,7 +175,8 @@ fn agent_packages_pass_lintian_and_rpmlint_and_are_reproducible() -> Result<()> 
     let contents = output(tool("dpkg-deb").arg("--contents").arg(deb))?;
     for want in [
         "-rwxr-xr-x root/root",
-        " usr/sbin/keepup-agent",
+        " usr/sbin/keepup-agent\n",
+        " usr/sbin/keepup-agent-pass\n",
         " etc/keepup/agent.yaml",
         " etc/cron.d/keepup-agent",
         " lib/systemd/system/keepup-agent.service",
@@ -272,14 +276,16 @@ async fn deb_and_rpm_install_cleanly_without_systemd() -> Result<()> {
     host.ok("dpkg -i /pkgs/keepup-agent.deb").await?;
     let modes = host
         .ok(
-            "stat -c '%a %U %n' /usr/sbin/keepup-agent /etc/keepup/agent.yaml \
+            "stat -c '%a %U %n' /usr/sbin/keepup-agent /usr/sbin/keepup-agent-pass \
+             /etc/keepup/agent.yaml \
              /etc/cron.d/keepup-agent /lib/systemd/system/keepup-agent.service \
              /var/lib/keepup-agent /var/log/keepup",
         )
         .await?;
     ensure!(
         modes
-            == "755 root /usr/sbin/keepup-agent\n644 root /etc/keepup/agent.yaml\n\
+            == "755 root /usr/sbin/keepup-agent\n755 root /usr/sbin/keepup-agent-pass\n\
+                644 root /etc/keepup/agent.yaml\n\
                 644 root /etc/cron.d/keepup-agent\n644 root /lib/systemd/system/keepup-agent.service\n\
                 755 root /var/lib/keepup-agent\n755 root /var/log/keepup\n",
         "modes:\n{modes}"

@@ -10,7 +10,8 @@
 //! package manager) recovers on restart; the RPM path (install, upgrade, quarantine) on a
 //! Debian host with its own rpm database; an upgrade whose daemon fails its probes is "failed to
 //! start" with the log tail, in `update --now` and in the report; reports stop and resume with
-//! the server while the services keep running.
+//! the server while the services keep running; a pass child killed mid-pass fails that pass
+//! and nothing else.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -238,6 +239,11 @@ impl Setup {
         let host = Host::start(&self.net, name).await?;
         host.copy_in(&built_bin("keepup-agent")?, "/usr/sbin/keepup-agent")
             .await?;
+        host.copy_in(
+            &built_bin("keepup-agent-pass")?,
+            "/usr/sbin/keepup-agent-pass",
+        )
+        .await?;
         host.ok(&format!(
             "mkdir -p /etc/keepup && curl -fsS -o /etc/keepup/repository.asc \
              http://repo:8080/keys/repository.asc && cat > /etc/keepup/agent.yaml <<'EOF'\n\
@@ -835,6 +841,80 @@ async fn agent_killed_mid_install_recovers_on_restart() -> Result<()> {
     let v = update_ok(&web1).await?;
     ensure!(v["plan"][0] == "keep foo 1.1.0-1 (current)", "{v:#}");
     wait_running(&web1, "1.1.0", Duration::from_secs(20)).await?;
+    Ok(())
+}
+
+/// Issue 13: update passes run in a short-lived keepup-agent-pass child, so a pass that dies
+/// (here SIGKILLed while it waits on a repository that stopped answering) fails that pass and
+/// says why, and takes nothing else down: the same supervisor keeps the same service running,
+/// and the next pass works.
+#[tokio::test]
+async fn a_pass_child_killed_mid_pass_leaves_supervision_alone() -> Result<()> {
+    let Some(s) = Setup::start(Upgrade::Published, &["web1 --track stable"]).await? else {
+        return Ok(());
+    };
+    let web1 = s
+        .agent_host("web1", Format::Deb, &format!("schedule: '{YEARLY}'"))
+        .await?;
+    let host = &web1.host;
+    start_agent(&web1).await?;
+    update_ok(&web1).await?;
+    wait_running(&web1, "1.0.0", Duration::from_secs(20)).await?;
+    let agent_pid = host.ok("pgrep -x keepup-agent").await?;
+    let foo_pid = |status: &str| -> Result<Value> {
+        let v: Value = serde_json::from_str(status)?;
+        Ok(v["services"][0]["pid"].clone())
+    };
+    let foo0 = foo_pid(&host.ok("keepup-agent status --json").await?)?;
+    ensure!(foo0.is_u64(), "foo is not running: {foo0}");
+
+    // The repository stops answering (its server stopped: connections are accepted by the
+    // kernel, never answered), a pass starts, and its child is killed while it waits.
+    s.repo.ok("pkill -STOP -f '[k]eepup serve'").await?;
+    host.ok(
+        "setsid sh -c 'keepup-agent update --now --json >/tmp/pass.json 2>/tmp/pass.err; \
+         echo $? >/tmp/pass.rc' </dev/null >/dev/null 2>&1 &",
+    )
+    .await?;
+    wait_for(
+        "the pass child to start",
+        Duration::from_secs(20),
+        || async { Ok(host.exec("pgrep -f '^keepup-agent-pass'").await?.code == 0) },
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    host.ok("pkill -KILL -f '^keepup-agent-pass'").await?;
+    let answered = wait_for(
+        "update --now to answer",
+        Duration::from_secs(20),
+        || async { Ok(host.exec("test -s /tmp/pass.rc").await?.code == 0) },
+    )
+    .await;
+    explained(answered, web1.agent_log()).await?;
+    let rc = host.ok("cat /tmp/pass.rc").await?;
+    let v: Value = serde_json::from_str(&host.ok("cat /tmp/pass.json").await?)
+        .context("update --now printed no JSON")?;
+    let err = v["error"].as_str().unwrap_or_default();
+    ensure!(
+        rc.trim() == "1"
+            && err.contains("the update pass (pid ")
+            && err.contains("ended without an answer (killed by signal 9 (SIGKILL))"),
+        "rc {rc}: {v:#}"
+    );
+    // Nothing else noticed: the same supervisor, the same service process.
+    ensure!(host.ok("pgrep -x keepup-agent").await? == agent_pid);
+    ensure!(foo_pid(&host.ok("keepup-agent status --json").await?)? == foo0);
+    let log = host.ok(&format!("cat {AGENT_OUT}")).await?;
+    ensure!(
+        log.matches("ended without an answer").count() == 1,
+        "said once:\n{log}"
+    );
+
+    // The repository is back: the next pass runs as usual.
+    s.repo.ok("pkill -CONT -f '[k]eepup serve'").await?;
+    let v = update_ok(&web1).await?;
+    ensure!(v["plan"][0] == "keep foo 1.0.0-1 (current)", "{v:#}");
+    ensure!(foo_pid(&host.ok("keepup-agent status --json").await?)? == foo0);
     Ok(())
 }
 

@@ -22,7 +22,7 @@ use keepup_deploy::wire::verify::{check_expiry, TrustedKey};
 use keepup_deploy::wire::{EventKind, Fleet, Index, AGENT_PACKAGE};
 use keepup_packager::manifest::Manifest;
 use nix::fcntl::{Flock, FlockArg};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 
 use super::fetch::{self, FetchError, Wanted};
 use super::keys::{self, key_store};
@@ -35,10 +35,10 @@ use super::waves;
 use crate::config::{Config, UpdaterConfig};
 use crate::events::{now_unix, Events};
 use crate::hoststate::SharedHost;
-use crate::proto::Incoming;
+use crate::http::{self, HttpError};
 pub use crate::proto::PassResult;
+use crate::proto::Request;
 use crate::reaper::Spawned;
-use crate::report;
 
 /// Bound of one fetch of the index, the policy or a signature.
 const META_TIMEOUT: Duration = Duration::from_secs(30);
@@ -48,6 +48,8 @@ const MAX_META: u64 = 16 * 1024 * 1024;
 const LOG_TAIL_LINES: usize = 20;
 /// How often a starting service's status is looked at.
 const START_POLL: Duration = Duration::from_millis(250);
+/// How long the supervisor may take to answer one `status`.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The package format and architecture of this host: from the configuration, else deb if
 /// `/usr/bin/dpkg` exists (rpm otherwise), and the architecture as the package manager says.
@@ -129,23 +131,20 @@ pub struct Updater {
     serials: SerialStore,
     marker: PassMarker,
     events: Events,
-    /// The agent's request loop, to watch services start (`None`: no agent runs).
-    to_agent: Option<mpsc::Sender<Incoming>>,
+    /// The running agent's control socket, to watch services start (`None`: no agent runs).
+    socket: Option<std::path::PathBuf>,
+    /// The package-manager runs of this process, and whether it is stopping.
+    spawned: Option<Spawned>,
     /// The reporter, told as soon as packages changed (before the starts are confirmed).
     progress: Option<(SharedHost, Arc<Notify>)>,
 }
 
 impl Updater {
-    /// The agent's state directory.
-    pub fn state_dir(&self) -> &Path {
-        &self.cfg.state_dir
-    }
-
-    /// An updater for the configured host. `to_agent` is the running agent's request loop
-    /// (None for `update --now` without an agent); `spawned` the agent's own children.
+    /// An updater for the configured host. `socket` is the running agent's control socket
+    /// (None for `update --now` without an agent); `spawned` this process's own children.
     pub async fn new(
         cfg: Arc<Config>,
-        to_agent: Option<mpsc::Sender<Incoming>>,
+        socket: Option<std::path::PathBuf>,
         spawned: Option<Spawned>,
         events: Events,
     ) -> Option<Updater> {
@@ -156,7 +155,7 @@ impl Updater {
             Format::Rpm => System::Rpm,
         };
         let mut pm = PackageManager::new(system, up.package_timeout);
-        pm.spawned = spawned;
+        pm.spawned = spawned.clone();
         pm.rpm_dbpath = up.rpm_dbpath.clone();
         Some(Updater {
             host: cfg.host_name(),
@@ -168,7 +167,8 @@ impl Updater {
             arch,
             pm,
             events,
-            to_agent,
+            socket,
+            spawned,
             progress: None,
         })
     }
@@ -269,7 +269,7 @@ impl Updater {
     /// GETs `path` from the repository (a small metadata file).
     async fn fetch_meta(&self, path: &str) -> Result<Vec<u8>, String> {
         let url = format!("{}{path}", self.up.repo);
-        fetch::get(&url, MAX_META, META_TIMEOUT).await.map_err(|e| {
+        http::get(&url, MAX_META, META_TIMEOUT).await.map_err(|e| {
             format!("cannot fetch {url}: {e} (repository unreachable? installed services keep running; retried next pass)")
         })
     }
@@ -384,9 +384,9 @@ impl Updater {
         let track = &index.track;
         let path = keepup_deploy::wire::rollout::state_path(track);
         let url = format!("{}{path}", self.up.repo);
-        let bytes = match fetch::get(&url, MAX_META, META_TIMEOUT).await {
+        let bytes = match http::get(&url, MAX_META, META_TIMEOUT).await {
             Ok(b) => b,
-            Err(FetchError::Status(code)) if code.as_u16() == 404 => return None,
+            Err(HttpError::Status(code)) if code.as_u16() == 404 => return None,
             Err(e) => {
                 self.refused(
                     None,
@@ -554,7 +554,7 @@ impl Updater {
                     format!(" ({})", s.detail)
                 }
             );
-            let unsupervised = self.to_agent.is_none();
+            let unsupervised = self.socket.is_none();
             if unsupervised {
                 r.results
                     .push(format!("{} {}: {}", p.name, p.version, s.detail));
@@ -757,7 +757,7 @@ impl Updater {
             rep.at = now_unix();
             return rep;
         }
-        let Some(to_agent) = &self.to_agent else {
+        let Some(socket) = &self.socket else {
             rep.detail = "installed; no agent running to start it".into();
             rep.at = now_unix();
             return rep;
@@ -778,7 +778,16 @@ impl Updater {
         let deadline = grace + self.up.start_timeout;
         let verdict = loop {
             let elapsed = since.elapsed();
-            let services = report::service_status(to_agent).await;
+            if self.spawned.as_ref().is_some_and(Spawned::stopping) {
+                break Verdict::FailedToStart(
+                    "not confirmed: the agent is stopping (its next report shows the service)"
+                        .into(),
+                );
+            }
+            let services = crate::control::request_within(socket, &Request::Status, STATUS_TIMEOUT)
+                .await
+                .map(|r| r.services)
+                .unwrap_or_default();
             let v = match services.iter().find(|s| s.name == p.name) {
                 Some(s) => {
                     // A rollback package carries the old version's manifest.

@@ -24,6 +24,10 @@ use crate::reaper::Spawned;
 /// How much of a command's output is kept (its end).
 pub const TAIL_BYTES: usize = 16 * 1024;
 
+/// When the agent stops, how long a package-manager run in flight may take to finish (under
+/// the systemd unit's `TimeoutStopSec=60s`).
+pub const PACKAGE_RUN_GRACE: Duration = Duration::from_secs(45);
+
 /// After the timeout's SIGTERM, how long before SIGKILL.
 pub const KILL_GRACE: Duration = Duration::from_secs(5);
 
