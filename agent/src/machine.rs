@@ -139,7 +139,7 @@ pub enum Event {
     /// A start could not spawn (no role user, no launch script): counts as a fast crash.
     SpawnFailed(String),
     /// The manifest is refused (see `refuse.rs`).
-    Refused(String),
+    Refused(Refusal),
     /// The launch script exited: how (`exit status 3`), and whether it said `not sane:`.
     Exited {
         /// `exit status 3`, `killed by SIGKILL`.
@@ -203,6 +203,25 @@ pub enum Event {
         /// A re-kick was done: its outcome.
         rekicked: Option<Result<(), String>>,
     },
+}
+
+/// Why a manifest is not supervised.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// For people.
+    pub why: String,
+    /// Another service holds the role: its claim is not this service's to give up.
+    pub role_taken: bool,
+}
+
+impl Refusal {
+    /// A refusal for `why` (the role is not held by another service).
+    pub fn new(why: impl Into<String>) -> Refusal {
+        Refusal {
+            why: why.into(),
+            role_taken: false,
+        }
+    }
 }
 
 /// Something to do.
@@ -518,7 +537,7 @@ impl Machine {
                     }
                 }
             }
-            Event::Refused(why) => self.refuse(why, fx),
+            Event::Refused(refusal) => self.refuse(refusal, fx),
             Event::Exited { how, not_sane } => self.exited(how, not_sane, now, fx),
             Event::SaneLine(said) => {
                 if let Phase::Up(run) = &mut self.phase {
@@ -724,11 +743,12 @@ impl Machine {
         self.note(fx, why);
     }
 
-    fn refuse(&mut self, why: String, fx: &mut Vec<Effect>) {
+    fn refuse(&mut self, refusal: Refusal, fx: &mut Vec<Effect>) {
+        let why = refusal.why;
         fx.push(Effect::Record(EventKind::Refused, why.clone()));
         self.note(fx, why.clone());
         self.role_known = false;
-        if !why.contains("already used by service") {
+        if !refusal.role_taken {
             fx.push(Effect::ReleaseRole);
         }
         fx.push(Effect::RebuildProbes);
@@ -1442,7 +1462,10 @@ mod tests {
         let t0 = Instant::now();
         let mut mc = running(manifest(None, None, &[]), t0);
         exited(&mut mc, t0 + S(5));
-        let fx = mc.on(Event::Refused("refusing: role foo".into()), t0 + S(5));
+        let fx = mc.on(
+            Event::Refused(Refusal::new("refusing: role foo")),
+            t0 + S(5),
+        );
         assert_eq!(mc.state(), ServiceState::Refused);
         assert!(has(&fx, |e| *e == Effect::ReleaseRole));
         let fx = mc.on(Event::Rekick(Some(9)), t0 + S(6));
@@ -1450,7 +1473,10 @@ mod tests {
             !has(&fx, |e| matches!(e, Effect::Reply(..))),
             "not before the look"
         );
-        let fx = mc.on(Event::Refused("refusing: role foo".into()), t0 + S(6));
+        let fx = mc.on(
+            Event::Refused(Refusal::new("refusing: role foo")),
+            t0 + S(6),
+        );
         assert!(has(&fx, |e| matches!(e, Effect::Reply(9, r)
             if r.message.as_deref().is_some_and(|m| m.contains("still refused")))));
     }

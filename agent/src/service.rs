@@ -23,7 +23,9 @@ use tokio::task::JoinSet;
 use crate::config::Config;
 use crate::events::Events;
 use crate::logfile::{self, LogFile, SharedLog};
-use crate::machine::{Deps, Effect, Event, Machine, ProbeProblemKind, ReplyTo, Systemctl, Tuning};
+use crate::machine::{
+    Deps, Effect, Event, Machine, ProbeProblemKind, Refusal, ReplyTo, Systemctl, Tuning,
+};
 use crate::notify::{Message, NotifySocket};
 use crate::order::{self, Registry, Services};
 use crate::proto::{ProbeStatus, Response, ServiceStatus};
@@ -533,7 +535,7 @@ impl Exec {
         self.ctx
             .roles
             .claim(&m.role, &m.name)
-            .map_err(RoleError::Refused)?;
+            .map_err(RoleError::Taken)?;
         let role = m.role.clone();
         let registry = self.ctx.role_registry.clone();
         let found = tokio::task::spawn_blocking(move || {
@@ -608,7 +610,13 @@ impl Exec {
         self.reread_manifest();
         let (uid, gid) = match self.lookup_role().await {
             Ok(ids) => ids,
-            Err(RoleError::Refused(why)) => return Event::Refused(why),
+            Err(RoleError::Refused(why)) => return Event::Refused(Refusal::new(why)),
+            Err(RoleError::Taken(why)) => {
+                return Event::Refused(Refusal {
+                    why,
+                    role_taken: true,
+                })
+            }
             Err(RoleError::Failed(why)) => {
                 eprintln!("keepup-agent: {}: {why}", self.name());
                 return Event::SpawnFailed(why);
@@ -878,7 +886,13 @@ impl Exec {
             }
             Systemctl::Begin { force } => {
                 match self.lookup_role().await {
-                    Err(RoleError::Refused(why)) => return Some(Event::Refused(why)),
+                    Err(RoleError::Refused(why)) => return Some(Event::Refused(Refusal::new(why))),
+                    Err(RoleError::Taken(why)) => {
+                        return Some(Event::Refused(Refusal {
+                            why,
+                            role_taken: true,
+                        }))
+                    }
                     Err(RoleError::Failed(why)) => self.note(&why),
                     Ok(_) => {}
                 }
@@ -1006,6 +1020,8 @@ impl Exec {
 enum RoleError {
     /// The manifest is refused (see `refuse.rs`): no start until it is looked at again.
     Refused(String),
+    /// Another service holds the role (refused too, but the claim is the other's).
+    Taken(String),
     /// A lookup failed (no such user, NSS down): counts as a failed start.
     Failed(String),
 }

@@ -90,41 +90,40 @@ pub fn judge(
             "still version {} (waiting for {package_version})",
             s.version
         )
-    } else if s.state == ServiceState::Starting {
-        match &s.note {
-            Some(n) => format!("starting: {n}"),
-            None => "starting".into(),
-        }
-    } else if !s.state.is_ready() {
+    } else if !matches!(s.state, ServiceState::Starting | ServiceState::Running) {
         let mut w = s.state.as_str().to_string();
         if let Some(e) = &s.last_exit {
             w.push_str(&format!(", last exit: {e}"));
         }
         w
     } else {
+        // Started once ready (`READY=1`, its probes passed, or its first second survived, by
+        // its `supervisor.ready`; a systemd unit once active and past NO_PROBE_RUN) with every
+        // probe passed in this run. Until then, the failing probes say why, else the state.
         let uptime = s.uptime_secs.unwrap_or(0.0);
-        // Ready (`READY=1`, its probes passed, or its first second survived, by its
-        // `supervisor.ready`); a systemd unit is ready once active and past NO_PROBE_RUN.
-        if s.probes.is_empty() {
-            if s.run.is_some() || uptime >= NO_PROBE_RUN.as_secs_f64() {
-                return Verdict::Started;
-            }
+        let pending: Vec<String> = s
+            .probes
+            .iter()
+            .filter(|p| !(p.ok == Some(true) && p.age_secs.is_some_and(|a| a <= uptime)))
+            .map(|p| match (&p.ok, &p.reason) {
+                (Some(false), Some(r)) => format!("{} failing: {r}", p.name),
+                (Some(false), None) => format!("{} failing", p.name),
+                _ => format!("{} not passed yet", p.name),
+            })
+            .collect();
+        let ran_enough = s.run.is_some() || uptime >= NO_PROBE_RUN.as_secs_f64();
+        if s.state.is_ready() && pending.is_empty() && ran_enough {
+            return Verdict::Started;
+        }
+        if !pending.is_empty() {
+            pending.join("; ")
+        } else if s.state.is_ready() {
             format!("running for {uptime:.1}s only")
         } else {
-            let pending: Vec<String> = s
-                .probes
-                .iter()
-                .filter(|p| !(p.ok == Some(true) && p.age_secs.is_some_and(|a| a <= uptime)))
-                .map(|p| match (&p.ok, &p.reason) {
-                    (Some(false), Some(r)) => format!("{} failing: {r}", p.name),
-                    (Some(false), None) => format!("{} failing", p.name),
-                    _ => format!("{} not passed yet", p.name),
-                })
-                .collect();
-            if pending.is_empty() {
-                return Verdict::Started;
+            match &s.note {
+                Some(n) => format!("starting: {n}"),
+                None => "starting".into(),
             }
-            pending.join("; ")
         }
     };
     if late {
