@@ -1258,6 +1258,26 @@ async fn control_socket_checks_who_is_asking() -> Result<()> {
             "viewer: {cmd}: {out:?}"
         );
     }
+    // A member cannot forge an event for the reports either (the `event` request the pass
+    // child uses is root-only): refused, and the events file never holds it.
+    h.ok(r#"cat > /tmp/forge.py <<'PY'
+import socket
+s = socket.socket(socket.AF_UNIX)
+s.connect("/run/keepup/agent.sock")
+s.sendall(b'{"cmd":"event","kind":"install","service":"foo","message":"forged by viewer"}\n')
+print(s.makefile().readline())
+PY"#)
+        .await?;
+    let out = h.exec(&as_user("viewer", "python3 /tmp/forge.py")).await?;
+    ensure!(
+        out.code == 0 && out.stdout.contains("permission denied"),
+        "viewer: event: {out:?}"
+    );
+    let events = h
+        .exec("cat /var/lib/keepup-agent/events.json")
+        .await?
+        .stdout;
+    ensure!(!events.contains("forged by viewer"), "{events}");
     // Nothing was stopped, no mark written; root still may.
     h.ok("test ! -e /var/lib/keepup-agent/down/foo").await?;
     let now = wait_banner(h, Duration::from_secs(5)).await?;
