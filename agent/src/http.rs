@@ -272,14 +272,16 @@ pub async fn post(
         .unwrap_or(Err(HttpError::Timeout(timeout)))
 }
 
+/// A tiny HTTP server for tests, shared by this module's and the package download's tests.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod testserver {
+    use std::time::Duration;
+
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
-    /// A tiny HTTP/1.0-style server: every connection gets `reply`.
-    async fn server(reply: Vec<u8>) -> String {
+    /// Every connection gets `reply`, after `delay`; the URL is `http://ADDR{path}`.
+    pub(crate) async fn server(reply: Vec<u8>, delay: Duration, path: &str) -> String {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         tokio::spawn(async move {
@@ -291,15 +293,17 @@ mod tests {
                 tokio::spawn(async move {
                     let mut buf = [0u8; 4096];
                     let _ = s.read(&mut buf).await;
+                    tokio::time::sleep(delay).await;
                     let _ = s.write_all(&reply).await;
                     let _ = s.shutdown().await;
                 });
             }
         });
-        format!("http://{addr}/tracks/stable/index.json")
+        format!("http://{addr}{path}")
     }
 
-    fn ok_reply(body: &[u8]) -> Vec<u8> {
+    /// A `200 OK` response with `body`.
+    pub(crate) fn ok_reply(body: &[u8]) -> Vec<u8> {
         let mut r = format!(
             "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
             body.len()
@@ -307,6 +311,19 @@ mod tests {
         .into_bytes();
         r.extend_from_slice(body);
         r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testserver::ok_reply;
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// Every connection gets `reply`.
+    async fn server(reply: Vec<u8>) -> String {
+        super::testserver::server(reply, Duration::ZERO, "/tracks/stable/index.json").await
     }
 
     const T: Duration = Duration::from_secs(10);

@@ -185,39 +185,11 @@ async fn download(want: &Wanted<'_>, tmp: &Path) -> Result<String, FetchError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
+    use crate::http::testserver::ok_reply;
 
-    /// A tiny HTTP/1.0-style server: every connection gets `reply` (after `delay`).
+    /// Every connection gets `reply` (after `delay`).
     async fn server(reply: Vec<u8>, delay: Duration) -> String {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        tokio::spawn(async move {
-            loop {
-                let Ok((mut s, _)) = l.accept().await else {
-                    return;
-                };
-                let reply = reply.clone();
-                tokio::spawn(async move {
-                    let mut buf = [0u8; 4096];
-                    let _ = s.read(&mut buf).await;
-                    tokio::time::sleep(delay).await;
-                    let _ = s.write_all(&reply).await;
-                    let _ = s.shutdown().await;
-                });
-            }
-        });
-        format!("http://{addr}/pool/foo_1.0-1_amd64.deb")
-    }
-
-    fn ok_reply(body: &[u8]) -> Vec<u8> {
-        let mut r = format!(
-            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            body.len()
-        )
-        .into_bytes();
-        r.extend_from_slice(body);
-        r
+        crate::http::testserver::server(reply, delay, "/pool/foo_1.0-1_amd64.deb").await
     }
 
     fn sha(b: &[u8]) -> String {
