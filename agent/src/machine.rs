@@ -629,7 +629,7 @@ impl Machine {
                     self.begin(now, fx, false);
                 }
             }
-            Event::Unit { shown, rekicked } => self.unit(shown, rekicked, now, fx),
+            Event::Unit { shown, rekicked } => self.unit(shown, rekicked, now),
         }
     }
 
@@ -1075,7 +1075,6 @@ impl Machine {
         shown: Result<(ServiceState, Option<u32>, u64, String), String>,
         rekicked: Option<Result<(), String>>,
         now: Instant,
-        fx: &mut Vec<Effect>,
     ) {
         let Phase::Unit(view) = &mut self.phase else {
             return;
@@ -1121,7 +1120,6 @@ impl Machine {
             UNIT_POLL
         };
         self.unit_poll_at = Some(now + poll);
-        let _ = fx;
     }
 
     fn waiting_note(&self) -> String {

@@ -446,8 +446,8 @@ impl Exec {
     async fn act(&mut self, fx: Effect) -> Option<Event> {
         match fx {
             Effect::Spawn { previous } => Some(self.start(previous.map(|p| p as i32)).await),
-            Effect::KillRole(why) => {
-                self.kill_role(&why).await;
+            Effect::KillRole(_) => {
+                self.kill_role().await;
                 Some(Event::Killed)
             }
             Effect::StopRun(why) => self.stop(&why).await,
@@ -812,7 +812,7 @@ impl Exec {
 
     /// Kills the role (a health, watchdog or readiness kill); the supervisor (the agent, or
     /// systemd) then starts it again.
-    async fn kill_role(&mut self, why: &str) {
+    async fn kill_role(&mut self) {
         let Some((uid, _)) = self.ids else { return };
         let m = self.manifest();
         let target = role::Target {
@@ -821,7 +821,6 @@ impl Exec {
             cgroup: crate::cgroup::for_service(&m.name),
         };
         let report = role::kill_role(&target, m.supervisor.stop_grace).await;
-        let _ = why;
         self.note(&format!("health kill: {}", report.describe()));
     }
 
