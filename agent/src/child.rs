@@ -34,6 +34,7 @@ use crate::events::Events;
 use crate::hoststate::{HostState, SharedHost, HOST_STATE_FILE};
 use crate::proto::{JobOutcome, PassResult, Request};
 use crate::reaper::Spawned;
+use crate::update::error::PassError;
 use crate::update::pass::Updater;
 use crate::update::run::{finish_before_exit, PACKAGE_RUN_GRACE};
 
@@ -222,7 +223,7 @@ async fn job_outcome(cfg: Arc<Config>, job: Job, spawned: Spawned) -> JobOutcome
             at: crate::events::now_unix(),
             ..PassResult::default()
         };
-        r.fail(why.clone());
+        r.fail(PassError::local(why.clone()));
         return JobOutcome {
             pass: matches!(job, Job::Pass | Job::Standalone).then_some(r),
             reports: if cfg.report.is_some() && job != Job::Standalone {
@@ -242,10 +243,10 @@ async fn job_outcome(cfg: Arc<Config>, job: Job, spawned: Spawned) -> JobOutcome
                     at: crate::events::now_unix(),
                     ..PassResult::default()
                 };
-                r.fail(
+                r.fail(PassError::local(
                     "the updater is off: set `repo` and `trusted_key` in the configuration \
                      (docs/agent.md, \"Updater\")",
-                );
+                ));
                 r
             }
         };
@@ -269,7 +270,9 @@ async fn job_outcome(cfg: Arc<Config>, job: Job, spawned: Spawned) -> JobOutcome
                 at: crate::events::now_unix(),
                 ..PassResult::default()
             };
-            r.fail("the updater is off: no `repo` in the configuration");
+            r.fail(PassError::local(
+                "the updater is off: no `repo` in the configuration",
+            ));
             pass = Some(r);
         }
         (Job::Pass, Some(mut u)) => {

@@ -8,11 +8,12 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use keepup_deploy::wire::report::Event;
-use keepup_deploy::wire::{EventKind, ServiceState, StartReport};
+use keepup_deploy::wire::{EventKind, ServiceState, StartReport, UpdateFailure};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use crate::policy::short_duration;
+use crate::update::error::PassError;
 
 /// What a client asks.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -225,6 +226,9 @@ pub struct PassResult {
     /// The first failure.
     #[serde(default)]
     pub error: Option<String>,
+    /// The kind of that failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<UpdateFailure>,
     /// The plan, one line per action (`install foo 1.1.0-1`, ...).
     #[serde(default)]
     pub plan: Vec<String>,
@@ -258,10 +262,12 @@ impl PassResult {
         !self.results.is_empty()
     }
 
-    pub(crate) fn fail(&mut self, why: impl Into<String>) {
+    /// Records a failure: the first one is the pass's error.
+    pub(crate) fn fail(&mut self, e: PassError) {
         self.ok = false;
         if self.error.is_none() {
-            self.error = Some(why.into());
+            self.error = Some(e.why);
+            self.failure = Some(e.kind);
         }
     }
 

@@ -33,6 +33,7 @@ use crate::config::Config;
 use crate::events::{now_unix, Events};
 use crate::proto::{JobOutcome, PassResult, Response};
 use crate::reaper::Spawned;
+use crate::update::error::{PassError, UpdateFailure};
 use crate::update::run::PACKAGE_RUN_GRACE;
 use crate::update::schedule::Schedule;
 use crate::update::stagger;
@@ -476,7 +477,7 @@ impl Task {
                     at: now_unix(),
                     ..PassResult::default()
                 };
-                r.fail(why);
+                r.fail(PassError::new(UpdateFailure::Aborted, why));
                 JobOutcome {
                     pass: Some(r),
                     reports: Vec::new(),

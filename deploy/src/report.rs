@@ -286,6 +286,8 @@ struct TableUpdate<'a> {
     ok: bool,
     #[serde(borrow, default)]
     error: Option<Cow<'a, str>>,
+    #[serde(default)]
+    failure: Option<keepup_deploy::wire::UpdateFailure>,
 }
 
 #[derive(Deserialize)]
@@ -448,7 +450,13 @@ fn render(
             let update = match &h.update {
                 None => "-".to_string(),
                 Some(u) if u.ok => "ok".to_string(),
-                Some(u) => format!("failed: {}", clip(u.error.as_deref().unwrap_or(""), 60)),
+                Some(u) => format!(
+                    "failed{}: {}",
+                    u.failure
+                        .as_ref()
+                        .map_or(String::new(), |f| format!(" ({f})")),
+                    clip(u.error.as_deref().unwrap_or(""), 60)
+                ),
             };
             (age(now, h.last_seen), update)
         })

@@ -7,6 +7,7 @@
 //! one (`crate::child`): the supervisor itself never runs this code, so a crash, a hang or a
 //! leak here cannot take supervision down.
 
+pub mod error;
 pub mod fetch;
 pub mod keys;
 pub mod pass;
@@ -49,6 +50,7 @@ pub fn publish(state: &SharedHost, u: &Updater, r: &PassResult) {
         at: r.at,
         ok: r.ok,
         error: r.error.clone(),
+        failure: r.failure.clone(),
         actions,
         index_serial: r.index_serial,
         fleet_serial: r.fleet_serial,

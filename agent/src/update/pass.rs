@@ -24,6 +24,7 @@ use keepup_packager::manifest::Manifest;
 use nix::fcntl::{Flock, FlockArg};
 use tokio::sync::Notify;
 
+use super::error::{PassError, UpdateFailure};
 use super::fetch::{self, FetchError, Wanted};
 use super::keys::{self, key_store};
 use super::pkg::{PackageManager, PassMarker, System};
@@ -86,33 +87,39 @@ pub async fn host_system(up: &UpdaterConfig) -> (Format, String) {
 }
 
 /// Takes the one-pass-at-a-time lock, or says that another pass holds it.
-fn pass_lock(state_dir: &Path) -> Result<Flock<File>, String> {
+fn pass_lock(state_dir: &Path) -> Result<Flock<File>, PassError> {
     let path = state_dir.join("update.lock");
     let open = || -> std::io::Result<File> {
         std::fs::create_dir_all(state_dir)?;
         crate::statefile::open_lock_file(&path)
     };
-    let file = open().map_err(|e| format!("opening {}: {e}", path.display()))?;
+    let file = open().map_err(|e| PassError::local(format!("opening {}: {e}", path.display())))?;
     Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
         if e == nix::errno::Errno::EWOULDBLOCK {
-            format!(
-                "another update pass is running (it holds the lock on {}); try again when it \
+            PassError::new(
+                UpdateFailure::Busy,
+                format!(
+                    "another update pass is running (it holds the lock on {}); try again when it \
                  is done",
-                path.display()
+                    path.display()
+                ),
             )
         } else {
-            format!("locking {}: {e}", path.display())
+            PassError::local(format!("locking {}: {e}", path.display()))
         }
     })
 }
 
 /// Checks an inline-signed document against the pinned key and returns the signed text; the
 /// refusal names the file and the key.
-pub fn check_signature(key: &TrustedKey, what: &str, armored: &[u8]) -> Result<String, String> {
+pub fn check_signature(key: &TrustedKey, what: &str, armored: &[u8]) -> Result<String, PassError> {
     let refused = |e: String| {
-        format!(
-            "refused {what}: bad signature (not signed by the pinned key {}): {e}",
-            key.fingerprint()
+        PassError::new(
+            UpdateFailure::BadSignature,
+            format!(
+                "refused {what}: bad signature (not signed by the pinned key {}): {e}",
+                key.fingerprint()
+            ),
         )
     };
     let armored =
@@ -196,7 +203,7 @@ impl Updater {
 
     /// At agent start: if a pass was interrupted (the marker is there: the agent was killed
     /// mid-install, or the last pass failed), repair now. Returns what happened, if anything.
-    pub async fn recover(&self) -> Option<Result<String, String>> {
+    pub async fn recover(&self) -> Option<Result<String, PassError>> {
         self.marker.pending()?;
         let _lock = match pass_lock(&self.cfg.state_dir) {
             Ok(l) => l,
@@ -206,7 +213,7 @@ impl Updater {
     }
 
     /// Repairs if the marker says so: `Some(Ok(line))` repaired, `Some(Err)` repair failed.
-    async fn repair(&self) -> Option<Result<String, String>> {
+    async fn repair(&self) -> Option<Result<String, PassError>> {
         let pending = self.marker.pending()?;
         let what: Vec<&str> = pending
             .lines()
@@ -235,7 +242,7 @@ impl Updater {
             let why = format!("repair ({cmd}) {o}: {}", last_lines(o.output_tail(), 5));
             eprintln!("keepup-agent: update: {why}");
             self.events.push(EventKind::RepairFailed, None, why.clone());
-            Some(Err(why))
+            Some(Err(PassError::new(UpdateFailure::Repair, why)))
         }
     }
 
@@ -260,26 +267,32 @@ impl Updater {
             eprintln!("keepup-agent: update: {l}");
         }
         if let Some(e) = &r.error {
-            eprintln!("keepup-agent: update: pass failed: {e}");
+            eprintln!(
+                "keepup-agent: update: pass failed ({}): {e}",
+                r.failure.as_ref().map_or("?", |f| f.as_str())
+            );
             self.events.push(EventKind::UpdateFailed, None, e.clone());
         }
         r
     }
 
     /// GETs `path` from the repository (a small metadata file).
-    async fn fetch_meta(&self, path: &str) -> Result<Vec<u8>, String> {
+    async fn fetch_meta(&self, path: &str) -> Result<Vec<u8>, PassError> {
         let url = format!("{}{path}", self.up.repo);
         http::get(&url, MAX_META, META_TIMEOUT).await.map_err(|e| {
-            format!("cannot fetch {url}: {e} (repository unreachable? installed services keep running; retried next pass)")
+            PassError::new(
+                UpdateFailure::Unreachable,
+                format!("cannot fetch {url}: {e} (repository unreachable? installed services keep running; retried next pass)"),
+            )
         })
     }
 
     /// The keys to check signatures with: `pinned` and what rotation statements taught (see
     /// [`keys`](super::keys)), after reading the repository's current statement. Also, when
     /// the statement's overlap ended before this host learned its new key, what to tell.
-    async fn keys(&self, pinned: TrustedKey) -> Result<(TrustedKey, Option<String>), String> {
+    async fn keys(&self, pinned: TrustedKey) -> Result<(TrustedKey, Option<String>), PassError> {
         let store = key_store(&self.cfg.state_dir);
-        let mut learned = store.load()?;
+        let mut learned = store.load().map_err(PassError::local)?;
         let now = unix_now();
         let trusted = keys::trusted(pinned.clone(), &learned, now);
         // No statement (none published, or the repository unreachable: the policy fetch
@@ -300,7 +313,7 @@ impl Updater {
                     keepup_deploy::wire::verify::utc(rotation.old_until)
                 );
                 learned.rotations.push(rotation);
-                store.save(&learned)?;
+                store.save(&learned).map_err(PassError::local)?;
                 eprintln!("keepup-agent: update: {note}");
                 self.events.push(EventKind::KeyLearned, None, note);
                 Ok((keys::trusted(pinned, &learned, now), None))
@@ -314,18 +327,21 @@ impl Updater {
 
     /// The fleet policy: `fleet.yaml.asc`, its inline signature checked against the pinned
     /// key, then its serial (against the highest seen and the configured minimum) and expiry.
-    async fn fetch_policy(&self, key: &TrustedKey, seen: &Serials) -> Result<Fleet, String> {
+    async fn fetch_policy(&self, key: &TrustedKey, seen: &Serials) -> Result<Fleet, PassError> {
         let bytes = self.fetch_meta(SIGNED_POLICY).await?;
         let refused = |e: String| format!("refused {SIGNED_POLICY}: {e}");
-        let text =
-            check_signature(key, SIGNED_POLICY, &bytes).inspect_err(|e| self.refused(None, e))?;
+        let text = check_signature(key, SIGNED_POLICY, &bytes)
+            .inspect_err(|e| self.refused(None, &e.why))?;
         let fleet = Fleet::from_yaml(&text)
             .map_err(refused)
-            .inspect_err(|e| self.refused(None, e))?;
-        seen.check_fleet(fleet.serial)
-            .and_then(|_| check_min(SIGNED_POLICY, fleet.serial, self.up.min_serials.fleet))
-            .and_then(|_| check_expiry(fleet.expires, unix_now()).map_err(refused))
-            .inspect_err(|e| self.refused(None, e))?;
+            .and_then(|fleet| {
+                seen.check_fleet(fleet.serial)
+                    .and_then(|_| check_min(SIGNED_POLICY, fleet.serial, self.up.min_serials.fleet))
+                    .and_then(|_| check_expiry(fleet.expires, unix_now()).map_err(refused))
+                    .map(|_| fleet)
+            })
+            .inspect_err(|e| self.refused(None, e))
+            .map_err(PassError::refused)?;
         Ok(fleet)
     }
 
@@ -337,7 +353,7 @@ impl Updater {
         fleet: &Fleet,
         track: &str,
         seen: &Serials,
-    ) -> Result<Index, String> {
+    ) -> Result<Index, PassError> {
         let label = format!("tracks/{track}/index.json");
         let refused = |e: String| format!("refused {label}: {e}");
         let Some(binding) = fleet.tracks.get(track) else {
@@ -348,7 +364,7 @@ impl Updater {
                 fleet.serial
             ));
             self.refused(None, &e);
-            return Err(e);
+            return Err(PassError::refused(e));
         };
         let bytes = self.fetch_meta(&binding.path(track)).await?;
         let check = || -> Result<Index, String> {
@@ -373,7 +389,9 @@ impl Updater {
                 .and_then(|_| check_expiry(index.expires, unix_now()).map_err(refused))?;
             Ok(index)
         };
-        check().inspect_err(|e| self.refused(None, e))
+        check()
+            .inspect_err(|e| self.refused(None, e))
+            .map_err(PassError::refused)
     }
 
     /// The track's rollout progress (`tracks/<t>/rollout.json.asc`), checked against the
@@ -417,29 +435,33 @@ impl Updater {
         self.events.push(EventKind::Refused, service, why);
     }
 
-    async fn pass_locked(&self, r: &mut PassResult) -> Result<(), String> {
+    async fn pass_locked(&self, r: &mut PassResult) -> Result<(), PassError> {
         if let Some(repaired) = self.repair().await {
             r.results.push(repaired?);
         }
         let key_path = &self.up.trusted_key;
-        let key_text = std::fs::read_to_string(key_path)
-            .map_err(|e| format!("cannot read trusted_key {}: {e}", key_path.display()))?;
+        let key_text = std::fs::read_to_string(key_path).map_err(|e| {
+            PassError::local(format!(
+                "cannot read trusted_key {}: {e}",
+                key_path.display()
+            ))
+        })?;
         let pinned = TrustedKey::from_armored(&key_text)
-            .map_err(|e| format!("trusted_key {}: {e}", key_path.display()))?;
+            .map_err(|e| PassError::local(format!("trusted_key {}: {e}", key_path.display())))?;
         let (key, too_late) = self.keys(pinned).await?;
-        let mut seen = self.serials.load()?;
+        let mut seen = self.serials.load().map_err(PassError::local)?;
 
         let fleet = self
             .fetch_policy(&key, &seen)
             .await
             .map_err(|e| match &too_late {
-                Some(why) if e.contains("bad signature") => format!("{e}; {why}"),
+                Some(why) if e.kind == UpdateFailure::BadSignature => e.and(why),
                 _ => e,
             })?;
         // A policy that checks out is recorded at once: an older one is a replay even if
         // this pass goes no further (its index refused, the repository unreachable).
         if seen.record(fleet.serial, None) {
-            self.serials.save(&seen)?;
+            self.serials.save(&seen).map_err(PassError::local)?;
         }
         let (assignment, quarantined) = fleet.for_host(&self.host);
         r.fleet_serial = Some(fleet.serial);
@@ -458,7 +480,7 @@ impl Updater {
             fleet.serial,
             index.as_ref().map(|i| (i.track.as_str(), i.serial)),
         ) {
-            self.serials.save(&seen)?;
+            self.serials.save(&seen).map_err(PassError::local)?;
         }
 
         // Only packages the repository or the manifest directory knows are looked at, so a
@@ -468,7 +490,7 @@ impl Updater {
             .flat_map(|i| i.packages.iter().map(|p| p.name.clone()))
             .collect();
         names.extend(self.manifest_names());
-        let installed = self.installed(&names).await?;
+        let installed = self.installed(&names).await.map_err(PassError::local)?;
         let applied = match &index {
             None => waves::Applied::default(),
             Some(i) if i.rollouts.is_empty() => waves::Applied {
@@ -499,13 +521,13 @@ impl Updater {
         let mut to_confirm: Vec<(PackageEntry, Instant)> = Vec::new();
         if !changing.is_empty() {
             let lines: Vec<String> = changing.iter().map(|a| a.to_string()).collect();
-            self.marker
-                .begin(&lines)
-                .map_err(|e| format!("writing {}: {e}", self.marker.path().display()))?;
+            self.marker.begin(&lines).map_err(|e| {
+                PassError::local(format!("writing {}: {e}", self.marker.path().display()))
+            })?;
             let mut broken: Option<String> = None;
             for a in changing {
                 if let Err(f) = self.act(a, r, &mut to_confirm).await {
-                    r.fail(f.why.clone());
+                    r.fail(PassError::new(UpdateFailure::Install, f.why.clone()));
                     // The package manager failed or hung: nothing more until the repair.
                     if f.broken {
                         broken = Some(f.why);
@@ -567,11 +589,11 @@ impl Updater {
                     .push(EventKind::FailedToStart, Some(&p.name), line.clone());
                 eprintln!("keepup-agent: update: {line}");
                 r.results.push(line.clone());
-                r.fail(line);
+                r.fail(PassError::new(UpdateFailure::NotStarted, line));
             }
             r.starts.insert(p.name.clone(), s);
         }
-        installed_after.map(|_| ())
+        installed_after.map(|_| ()).map_err(PassError::local)
     }
 
     /// Service names that have a manifest installed.
@@ -889,15 +911,21 @@ mod tests {
             .unwrap()
             .replace("serial: 5", "serial: 9");
         let e = check_signature(&key, SIGNED_POLICY, tampered.as_bytes()).unwrap_err();
+        assert_eq!(e.kind, UpdateFailure::BadSignature);
+        let e = e.why;
         let prefix = format!(
             "refused fleet.yaml.asc: bad signature (not signed by the pinned key {})",
             key.fingerprint()
         );
         assert!(e.starts_with(&prefix), "{e}");
         let other = gpg_clearsign(home.path(), "mallory@example.org", data.as_bytes());
-        let e = check_signature(&key, SIGNED_POLICY, &other).unwrap_err();
+        let e = check_signature(&key, SIGNED_POLICY, &other)
+            .unwrap_err()
+            .why;
         assert!(e.starts_with(&prefix), "{e}");
-        let e = check_signature(&key, SIGNED_POLICY, b"not a signature").unwrap_err();
+        let e = check_signature(&key, SIGNED_POLICY, b"not a signature")
+            .unwrap_err()
+            .why;
         assert!(e.starts_with(&prefix), "{e}");
     }
 
@@ -1059,6 +1087,7 @@ mod tests {
         assert_eq!(r.track.as_deref(), Some("stable"));
         assert_eq!(r.plan, ["install keepup-unit-test-no-such-pkg 1.0-1"]);
         assert_eq!((r.fleet_serial, r.index_serial), (Some(2), Some(5)));
+        assert_eq!(r.failure, Some(UpdateFailure::Install));
         let e = r.error.unwrap();
         assert!(
             e.starts_with("install keepup-unit-test-no-such-pkg 1.0-1: refused: sha256 mismatch"),
@@ -1091,6 +1120,7 @@ mod tests {
         );
         let r = u.pass().await;
         assert_eq!(r.error.as_deref(), Some(mixed.as_str()));
+        assert_eq!(r.failure, Some(UpdateFailure::Refused));
         assert!(r.plan.is_empty());
 
         // An older policy, properly signed, served again: a replay.
@@ -1188,6 +1218,7 @@ mod tests {
         let edited = String::from_utf8(signed).unwrap().replace("web1", "web*");
         put(SIGNED_POLICY, edited.as_bytes());
         let r = u.pass().await;
+        assert_eq!(r.failure, Some(UpdateFailure::BadSignature));
         let e = r.error.unwrap();
         assert!(
             e.starts_with("refused fleet.yaml.asc: bad signature (not signed by the pinned key"),
@@ -1215,7 +1246,8 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let held = pass_lock(d.path()).unwrap();
         let e = pass_lock(d.path()).unwrap_err();
-        assert!(e.contains("another update pass is running"), "{e}");
+        assert_eq!(e.kind, UpdateFailure::Busy);
+        assert!(e.why.contains("another update pass is running"), "{e}");
         drop(held);
         pass_lock(d.path()).unwrap();
     }

@@ -128,6 +128,9 @@ pub struct UpdateView {
     /// The first failure.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Its kind (`unreachable`, `bad-signature`, ...), when the agent said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<keepup_deploy::wire::UpdateFailure>,
 }
 
 /// Where a service's installed version stands against its track.
@@ -305,6 +308,7 @@ pub fn build(
             at: u.at,
             ok: u.ok,
             error: u.error.clone(),
+            failure: u.failure.clone(),
         });
         let update_failed = update.as_ref().is_some_and(|u| !u.ok);
 

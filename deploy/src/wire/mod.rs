@@ -17,4 +17,4 @@ pub use index::{best_per_name, Format, Index, PoolEntry};
 pub use report::{
     Event, ProbeReport, Report, RolloutReport, ServiceReport, StartReport, UpdateReport,
 };
-pub use state::{EventKind, ServiceState};
+pub use state::{EventKind, ServiceState, UpdateFailure};

@@ -121,6 +121,9 @@ pub struct UpdateReport {
     /// manager, ...).
     #[serde(default)]
     pub error: Option<String>,
+    /// The kind of that failure (absent from agents before it was added).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<super::UpdateFailure>,
     /// What the pass did or decided, one line per action.
     #[serde(default)]
     pub actions: Vec<String>,

@@ -151,6 +151,34 @@ wire_words! {
     }
 }
 
+wire_words! {
+    /// Why an update pass failed: the kind of its first failure. Reports carry it beside the
+    /// message, so `keepup report` and scripts tell a refused (possibly attacked) repository
+    /// from an unreachable one without reading prose.
+    UpdateFailure {
+        /// Another pass held the pass lock.
+        Busy => "busy",
+        /// The repository did not answer (network, DNS, HTTP error).
+        Unreachable => "unreachable",
+        /// Signed metadata was not signed by a trusted key.
+        BadSignature => "bad-signature",
+        /// Signed metadata was refused otherwise: expired, replayed, below the minimum serial,
+        /// not bound to the policy, malformed.
+        Refused => "refused",
+        /// The host's own state: the pinned key file, the state directory, the package
+        /// database, the updater's configuration.
+        Local => "local",
+        /// A package action failed or hung (after a sha256 check, the package manager).
+        Install => "install",
+        /// Repairing an interrupted pass failed.
+        Repair => "repair",
+        /// A service the pass installed or upgraded did not start.
+        NotStarted => "not-started",
+        /// The pass ended without an answer: its child could not start, crashed or was killed.
+        Aborted => "aborted",
+    }
+}
+
 impl Default for EventKind {
     fn default() -> EventKind {
         EventKind::Unknown(String::new())
@@ -176,6 +204,9 @@ mod tests {
         assert_eq!(serde_json::to_string(&newer).unwrap(), "\"hibernating\"");
         assert!(!newer.is_ready());
         assert_eq!(EventKind::parse("given-up"), EventKind::GivenUp);
+        for f in UpdateFailure::KNOWN {
+            assert_eq!(UpdateFailure::parse(f.as_str()), *f);
+        }
         assert_eq!(ServiceState::GivenUp.to_string(), "given-up");
     }
 }
