@@ -137,10 +137,7 @@ impl PgCluster {
         } else {
             String::new()
         };
-        format!(
-            "postgres://keepup{pw}@127.0.0.1:{}/{DATABASE}",
-            self.port
-        )
+        format!("postgres://keepup{pw}@127.0.0.1:{}/{DATABASE}", self.port)
     }
 
     /// Run `sql` in `db` over the Unix socket; the rows, `|`-separated, one a line.
@@ -148,7 +145,16 @@ impl PgCluster {
         let mut c = as_nobody(&self.bin, "psql");
         c.args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h"])
             .arg(self.dir.path())
-            .args(["-p", &self.port.to_string(), "-U", "keepup", "-d", db, "-c", sql]);
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "keepup",
+                "-d",
+                db,
+                "-c",
+                sql,
+            ]);
         let out = run(c, &format!("psql {sql:?}"))?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }

@@ -412,11 +412,11 @@ impl Server {
             ));
         }
         {
+            // A host added after the last host reload is known here already: its report
+            // was stored only because it is registered.
             let mut map = self.hosts.write().unwrap();
             for (host, entry) in entries {
-                if let Some(slot) = map.get_mut(&host) {
-                    *slot = Some(entry);
-                }
+                map.insert(host, Some(entry));
             }
         }
         self.peer_mark.store(next, Ordering::Relaxed);
