@@ -165,12 +165,12 @@ fn versions_via(server: &str) -> Result<Vec<(String, String)>> {
         .context("no hosts in the report")?
         .iter()
         .map(|h| {
-            let foo = h["services"]
+            let version = h["services"]
                 .as_array()
                 .and_then(|s| s.iter().find(|s| s["name"] == "foo"))
                 .map(|s| s["installed"].as_str().unwrap_or("").to_string())
                 .unwrap_or_default();
-            (h["host"].as_str().unwrap_or("").to_string(), foo)
+            (h["host"].as_str().unwrap_or("").to_string(), version)
         })
         .collect())
 }

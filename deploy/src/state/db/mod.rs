@@ -63,7 +63,7 @@ pub enum Location {
     /// A SQLite file (created if missing).
     File(PathBuf),
     /// A PostgreSQL database.
-    Postgres(PgUrl),
+    Postgres(Box<PgUrl>),
 }
 
 impl Location {
@@ -71,7 +71,7 @@ impl Location {
     /// SQLite file path.
     pub fn parse(s: &str) -> Result<Location, String> {
         if s.starts_with("postgres://") || s.starts_with("postgresql://") {
-            PgUrl::parse(s).map(Location::Postgres)
+            PgUrl::parse(s).map(|u| Location::Postgres(Box::new(u)))
         } else if s.is_empty() {
             Err("--state needs a SQLite file path or a postgres:// URL".into())
         } else {
@@ -83,7 +83,7 @@ impl Location {
     pub fn gate_lease(&self) -> Option<Lease> {
         match self {
             Location::File(_) => None,
-            Location::Postgres(u) => Some(Lease::new(u.clone())),
+            Location::Postgres(u) => Some(Lease::new(u.as_ref().clone())),
         }
     }
 }
@@ -131,7 +131,7 @@ pub type LatestReport = (String, u64, Vec<u8>);
 
 enum Backend {
     Sqlite(Sqlite),
-    Postgres(Postgres),
+    Postgres(Box<Postgres>),
 }
 
 /// An open state database.
@@ -158,7 +158,7 @@ impl Db {
     pub fn open(at: &Location) -> Result<Db> {
         let backend = match at {
             Location::File(p) => Backend::Sqlite(Sqlite::open(p)?),
-            Location::Postgres(u) => Backend::Postgres(Postgres::open(u)?),
+            Location::Postgres(u) => Backend::Postgres(Box::new(Postgres::open(u)?)),
         };
         Ok(Db {
             backend,

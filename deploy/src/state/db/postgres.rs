@@ -114,6 +114,13 @@ impl PgUrl {
                     .into(),
             );
         }
+        if config.get_ssl_mode() == postgres::config::SslMode::Require {
+            return Err(
+                "--state: sslmode=require: keepup connects to PostgreSQL without TLS \
+                 for now; keep the database on a private network (docs/postgres.md, \"Limits\")"
+                    .into(),
+            );
+        }
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(10));
         }
@@ -619,6 +626,9 @@ mod tests {
         assert!(PgUrl::parse("postgres://db1/fleet")
             .unwrap_err()
             .contains("no user"));
+        assert!(PgUrl::parse("postgres://u@db1/fleet?sslmode=require")
+            .unwrap_err()
+            .contains("without TLS"));
         assert!(PgUrl::parse("postgres://u@db1/fleet?nonsense=1")
             .unwrap_err()
             .contains("not a PostgreSQL URL"));

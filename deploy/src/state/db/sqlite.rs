@@ -354,7 +354,7 @@ mod tests {
             },
         ];
         db.store(&batch, 100).unwrap();
-        let latest = db.latest_reports().unwrap();
+        let (latest, _) = db.latest_reports().unwrap();
         assert_eq!(latest.len(), 1, "reports of unregistered hosts are dropped");
         assert_eq!(db.events("web1", 10).unwrap()[0].kind, EventKind::Started);
         assert_eq!(db.event_count().unwrap(), 2);
@@ -386,7 +386,7 @@ mod tests {
         assert_eq!(db.events("web2", 100).unwrap().len(), 2);
         assert!(db.remove_host("web2").unwrap());
         assert!(db.remove_host("web1").unwrap());
-        assert!(db.latest_reports().unwrap().is_empty());
+        assert!(db.latest_reports().unwrap().0.is_empty());
         assert!(!db.remove_host("web1").unwrap());
     }
 }
