@@ -427,3 +427,89 @@ fn a_wrong_password_or_an_unreachable_database_stops_the_start() -> Result<()> {
     ensure!(err.contains("database does not exist"), "{err}");
     Ok(())
 }
+
+#[test]
+fn one_replica_at_a_time_evaluates_the_rollout_gates() -> Result<()> {
+    if !postgres_or_skip() {
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    // A repository of its own with foo rolling out in waves on stable.
+    let repo = tmp.path().join("repo");
+    copy_dir(&self::repo()?, &repo)?;
+    let r = repo.to_str().unwrap();
+    keepup(&["assign", "--repo", r, "*", "--track", "stable"])?;
+    for (version, waves) in [("1.0.0", None), ("1.1.0", Some("canary-1,100%"))] {
+        let (deb, _) = keepup_tests::testkit::keepup_pack_example(
+            &tmp.path().join(version),
+            version,
+            None,
+            |s| s,
+        )?;
+        keepup(&["publish", deb.to_str().unwrap(), "--repo", r])?;
+        keepup(&["promote", "foo", "--to", "testing", "--repo", r])?;
+        let mut promote = vec!["promote", "foo", "--to", "stable", "--repo", r];
+        if let Some(w) = waves {
+            promote.extend(["--waves", w, "--soak", "1h"]);
+        }
+        keepup(&promote)?;
+    }
+    let pg = PgCluster::start()?;
+    let mut a = Replica::spawn(&repo, &pg.url(true), tmp.path().join("a.log"))?;
+    let mut b = Replica::spawn(&repo, &pg.url(true), tmp.path().join("b.log"))?;
+    a.wait_listening()?;
+    b.wait_listening()?;
+    const LEADS: &str = "this replica evaluates the rollout gates now";
+    let mut leader = None;
+    wait_until(
+        "a replica takes the gate's lease",
+        Duration::from_secs(15),
+        || {
+            leader = match (a.stderr().contains(LEADS), b.stderr().contains(LEADS)) {
+                (true, false) => Some(true),
+                (false, true) => Some(false),
+                (true, true) => bail!(
+                    "both replicas evaluate the gates:\nA: {}\nB: {}",
+                    a.stderr(),
+                    b.stderr()
+                ),
+                (false, false) => None,
+            };
+            Ok(leader.is_some())
+        },
+    )?;
+    // Some ticks later, still one.
+    std::thread::sleep(Duration::from_secs(3));
+    ensure!(
+        !(a.stderr().contains(LEADS) && b.stderr().contains(LEADS)),
+        "both replicas evaluate the gates"
+    );
+    // The leader dies: the other takes over.
+    let (dead, other) = if leader == Some(true) {
+        (&mut a, &b)
+    } else {
+        (&mut b, &a)
+    };
+    dead.kill();
+    wait_until(
+        "the other replica takes the lease",
+        Duration::from_secs(15),
+        || Ok(other.stderr().contains(LEADS)),
+    )
+    .with_context(|| other.stderr())?;
+    Ok(())
+}
+
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        let target = to.join(e.file_name());
+        if e.file_type()?.is_dir() {
+            copy_dir(&e.path(), &target)?;
+        } else {
+            std::fs::copy(e.path(), &target)?;
+        }
+    }
+    Ok(())
+}
