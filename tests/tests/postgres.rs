@@ -245,6 +245,20 @@ fn replicas_share_reports_and_tokens_and_migrate_once() -> Result<()> {
         events.split_whitespace().collect::<Vec<_>>() == ["b1", "a2"],
         "{events}"
     );
+    // The events API of either replica reads them from the database, newest first.
+    for r in [&a, &b] {
+        let mut c = TcpStream::connect(("127.0.0.1", r.port))?;
+        c.set_read_timeout(Some(Duration::from_secs(30)))?;
+        c.write_all(
+            b"GET /api/v1/events?host=web2 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )?;
+        let mut raw = String::new();
+        c.read_to_string(&mut raw)?;
+        let body = raw.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        let list: Vec<Value> = serde_json::from_str(body).with_context(|| raw.clone())?;
+        let messages: Vec<&str> = list.iter().filter_map(|e| e["message"].as_str()).collect();
+        ensure!(messages == ["a2", "b1"], "{raw}");
+    }
     // A removed host's token stops working on both.
     keepup(&["host", "remove", "web1", "--state", &pg.url(true)])?;
     for r in [&a, &b] {
