@@ -57,17 +57,18 @@ if ss -Hltn 2>/dev/null | awk '{print $4}' | grep -Eq ":($PORT|$((PORT + 1)))\$"
     die "port $PORT or $((PORT + 1)) is in use; pick another PORT"
 fi
 
-log "building keepup-agent (--profile agent) and food (--release)"
-(cd "$ROOT" && cargo build --profile agent -q -p keepup-agent && cargo build --release -q -p keepup-tests --bin food) ||
+log "building keepup-agent (--profile agent) and food"
+(cd "$ROOT" && cargo build --profile agent -q -p keepup-agent && cargo build -q -p keepup-tests --bin food) ||
     die "cargo build failed"
 IMAGE=$(bash "$ROOT/tests/bench/readiness/systemd-image.sh") || die "no systemd image"
 
 T=$(mktemp -d "${TMPDIR:-/tmp}/keepup-readiness-bench.XXXXXX")
 chmod 711 "$T"
-mkdir -p "$T/bin" "$T/keepup" "$T/keepup/services" "$T/keepup/state" "$T/keepup/log" "$T/systemd"
-# keepup's food writes its stamps as the role; systemd's runs as root in the container.
-chmod 777 "$T/keepup"
-cp "$ROOT/target/agent/keepup-agent" "$ROOT/target/release/food" "$T/bin/"
+mkdir -p "$T/bin" "$T/keepup" "$T/keepup/services" "$T/keepup/state" "$T/keepup/log" "$T/systemd" "$T/food"
+# keepup's food writes its stamps as the role (the agent keeps its socket's directory, $T/keepup,
+# to itself); systemd's runs as root in the container.
+chmod 777 "$T/food"
+cp "$ROOT/target/agent/keepup-agent" "$ROOT/target/debug/food" "$T/bin/"
 chmod 755 "$T/bin"/*
 CTR="keepup-readiness-bench-$$"
 AGENT_PID="" CTR_ID="" MADE_USER=0
@@ -127,7 +128,7 @@ fi
 pgrep -u benchready >/dev/null 2>&1 && die "processes of role benchready are already running"
 cat >"$T/keepup/run-benchready" <<EOF
 #!/bin/sh
-exec /usr/bin/setpriv --reuid=benchready --regid=benchready --init-groups -- $T/bin/food --bind 127.0.0.1 --banner-port $PORT --http-port $((PORT + 1)) --notify-log $T/keepup/notify.log --watchdog-stop-file $T/keepup/stop-watchdog
+exec /usr/bin/setpriv --reuid=benchready --regid=benchready --init-groups -- $T/bin/food --bind 127.0.0.1 --banner-port $PORT --http-port $((PORT + 1)) --notify-log $T/food/notify.log --watchdog-stop-file $T/food/stop-watchdog
 EOF
 chmod 755 "$T/keepup/run-benchready"
 cat >"$T/keepup/agent.yaml" <<EOF
@@ -155,18 +156,18 @@ log "starting keepup-agent"
 "$T/bin/keepup-agent" run --config "$T/keepup/agent.yaml" </dev/null 2>>"$T/keepup/agent.stderr" &
 AGENT_PID=$!
 for ((i = 0; i < 100; i++)); do
-    [ -s "$T/keepup/notify.log" ] && [ -s "$T/keepup/log/benchready.log" ] && break
+    [ -s "$T/food/notify.log" ] && [ -s "$T/keepup/log/benchready.log" ] && break
     sleep 0.1
 done
-[ -s "$T/keepup/notify.log" ] || die "food did not start under keepup-agent: $(tail -5 "$T/keepup/agent.stderr" "$T"/keepup/log/*.log 2>/dev/null)"
+[ -s "$T/food/notify.log" ] || die "food did not start under keepup-agent: $(tail -5 "$T/keepup/agent.stderr" "$T"/keepup/log/*.log 2>/dev/null)"
 
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 log "load average before: $LOAD_BEFORE ($(nproc) cores); $CYCLES cycles each"
-python3 "$HELPER" run "$T/results.json" "$CYCLES" "$T/keepup" "$CTR_ID" "$T/systemd" \
-    benchready.service "$WATCHDOG_MS"
+python3 "$HELPER" run "$T/results.json" "$CYCLES" "$T/food" "$T/keepup/log/benchready.log" \
+    "$CTR_ID" "$T/systemd" benchready.service "$WATCHDOG_MS"
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
 status=$("$T/bin/keepup-agent" --config "$T/keepup/agent.yaml" status --json 2>/dev/null || true)
-kills=$(grep -c 'no WATCHDOG=1' "$T/keepup/log/benchready.log" || true)
+kills=$(grep -c 'keepup-agent: no WATCHDOG=1' "$T/keepup/log/benchready.log" || true)
 
 if [ "$JSON" = 1 ]; then
     python3 "$HELPER" report "$T/results.json" --json

@@ -10,7 +10,7 @@ Every stamp is CLOCK_MONOTONIC (one kernel: the systemd container shares the hos
     `ready (READY=1) after ...` line (written when the service becomes `running`);
   * systemd: the unit's ActiveEnterTimestampMonotonic (set when it becomes `active`).
 
-  bench.py run OUT.json CYCLES KEEPUP_DIR CONTAINER SYSTEMD_DIR UNIT WATCHDOG_MS
+  bench.py run OUT.json CYCLES KEEPUP_FOOD_DIR KEEPUP_LOG CONTAINER SYSTEMD_DIR UNIT WATCHDOG_MS
   bench.py report OUT.json [--json]
 """
 
@@ -140,11 +140,11 @@ def cycle(stamps, i, stop_file, watchdog_ns, ready_at):
     return ready_ms, restart_ms, n
 
 
-def run(out, cycles, kdir, container, sdir, unit, watchdog_ms):
+def run(out, cycles, kdir, klog, container, sdir, unit, watchdog_ms):
     watchdog_ns = watchdog_ms * 1_000_000
     k_stamps = Stamps(os.path.join(kdir, "notify.log"))
     s_stamps = Stamps(os.path.join(sdir, "notify.log"))
-    log = LogWatch(os.path.join(kdir, "log", "benchready.log"))
+    log = LogWatch(klog)
 
     def k_ready(t0):
         return log.ready_after(t0, 30)
@@ -211,9 +211,9 @@ def report(path, as_json):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 9 and sys.argv[1] == "run":
+    if len(sys.argv) == 10 and sys.argv[1] == "run":
         a = sys.argv[2:]
-        run(a[0], int(a[1]), a[2], a[3], a[4], a[5], int(a[6]))
+        run(a[0], int(a[1]), a[2], a[3], a[4], a[5], a[6], int(a[7]))
     elif len(sys.argv) in (3, 4) and sys.argv[1] == "report":
         report(sys.argv[2], sys.argv[3:] == ["--json"])
     else:
