@@ -10,7 +10,8 @@
 //! process (SIGSTOP, rescan until nothing is new) and then SIGKILLing them all. Every signal
 //! goes through a pidfd opened and checked against the process's start time, so a recycled
 //! pid never receives one; the launch script's process group is used only while its leader is
-//! the agent's unreaped child.
+//! the agent's unreaped child. Waiting for signalled processes to go is done on the same
+//! pidfds (readable the moment a process exits), so a kill ends when its processes do.
 
 use std::collections::HashSet;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
