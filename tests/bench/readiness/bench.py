@@ -87,12 +87,14 @@ class LogWatch:
     def loop(self):
         while True:
             select.select([self.fd], [], [])
-            t = now()
             try:
                 os.read(self.fd, 65536)
             except BlockingIOError:
                 pass
             data = self.f.read().decode(errors="replace")
+            # Stamped after the read that found the line: a stamp taken before it could
+            # precede a READY=1 sent meanwhile (the wakeup was for an earlier line).
+            t = now()
             for _ in range(data.count(READY_LINE)):
                 with self.lock:
                     self.seen.append(t)
