@@ -10,7 +10,8 @@
 //! process (SIGSTOP, rescan until nothing is new) and then SIGKILLing them all. Every signal
 //! goes through a pidfd opened and checked against the process's start time, so a recycled
 //! pid never receives one; the launch script's process group is used only while its leader is
-//! the agent's unreaped child.
+//! the agent's unreaped child. Waiting for signalled processes to go is done on the same
+//! pidfds (readable the moment a process exits), so a kill ends when its processes do.
 
 use std::collections::HashSet;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -23,6 +24,8 @@ use nix::errno::Errno;
 use nix::libc;
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 
 use crate::cgroup::ServiceCgroup;
 
@@ -435,8 +438,12 @@ impl KillReport {
     }
 }
 
-/// How often a role kill looks again whether the processes it signalled are gone.
+/// The longest a role kill waits between two looks at processes it could not open a pidfd
+/// for (it looks after 1 ms, then 2, 4, ... up to this).
 const POLL: Duration = Duration::from_millis(100);
+/// Most pidfds one wait holds open; the processes beyond are polled (a fork loop can leave
+/// thousands, and descriptors are limited).
+const MAX_PIDFDS: usize = 256;
 /// How often, after `cgroup.kill`, the cgroup is looked at until it is empty.
 const CGROUP_POLL: Duration = Duration::from_millis(5);
 /// How long the kill phase (after the grace) may take in all.
@@ -619,16 +626,74 @@ fn alive(p: &ProcInfo) -> bool {
     read_stat(p.pid).is_some_and(|now| now.start == p.start && !now.is_dead())
 }
 
-/// Polls `procs` every [`POLL`] until none is alive or `deadline` passed.
+/// A process a wait can watch: by its pidfd, or by looking at `/proc`.
+enum Watch {
+    /// The pidfd of the process that was checked (it becomes readable when it exits).
+    Pidfd(OwnedFd),
+    /// No pidfd (none left, or a kernel without them): look at `/proc`.
+    Poll(ProcInfo),
+}
+
+/// Opens a pidfd for `p` if it is still the process it was (pid and start time); `None` when it
+/// is gone already. The pidfd pins the process, so the start time read after opening it proves
+/// which one it watches.
+fn watch(p: &ProcInfo, use_pidfd: bool) -> Option<Watch> {
+    if !use_pidfd || !PIDFDS.load(Ordering::Relaxed) {
+        return alive(p).then_some(Watch::Poll(*p));
+    }
+    match pidfd_open(p.pid) {
+        Ok(fd) => alive(p).then_some(Watch::Pidfd(fd)),
+        Err(Errno::ESRCH) => None,
+        Err(e) => {
+            if e == Errno::ENOSYS {
+                PIDFDS.store(false, Ordering::Relaxed);
+            }
+            alive(p).then_some(Watch::Poll(*p))
+        }
+    }
+}
+
+/// Waits until none of `procs` is alive or `deadline` passed. Each process is watched by its
+/// pidfd, which wakes the wait the moment it exits (they are not the agent's children, so
+/// there is nothing to `wait` for); those without one (past [`MAX_PIDFDS`], a kernel without
+/// pidfds, out of descriptors) are looked at in `/proc` after 1 ms, 2, 4, ... up to [`POLL`].
 async fn wait_gone(procs: &[ProcInfo], deadline: Instant) {
-    let mut left: Vec<ProcInfo> = procs.to_vec();
+    wait_gone_with(procs, deadline, MAX_PIDFDS).await
+}
+
+/// [`wait_gone`] with at most `max_pidfds` pidfds.
+async fn wait_gone_with(procs: &[ProcInfo], deadline: Instant, max_pidfds: usize) {
+    let mut polled = Vec::new();
+    let mut fds = Vec::new();
+    for (i, p) in procs.iter().enumerate() {
+        match watch(p, i < max_pidfds) {
+            Some(Watch::Pidfd(fd)) => fds.push((fd, *p)),
+            Some(Watch::Poll(p)) => polled.push(p),
+            None => {}
+        }
+    }
+    for (fd, p) in fds {
+        // SAFETY: an `OwnedFd` is open until dropped, and always returns the same descriptor.
+        match unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) } {
+            Ok(fd) => {
+                let exited = tokio::time::timeout_at(deadline.into(), fd.readable()).await;
+                if exited.is_err() {
+                    return;
+                }
+            }
+            // Not pollable here (no reactor?): look at /proc instead.
+            Err(_) => polled.push(p),
+        }
+    }
+    let mut pause = Duration::from_millis(1);
     loop {
-        left.retain(alive);
-        if left.is_empty() || Instant::now() >= deadline {
+        polled.retain(alive);
+        if polled.is_empty() || Instant::now() >= deadline {
             return;
         }
-        let next = (Instant::now() + POLL).min(deadline);
+        let next = (Instant::now() + pause).min(deadline);
         tokio::time::sleep_until(next.into()).await;
+        pause = (pause * 2).min(POLL);
     }
 }
 
@@ -866,6 +931,84 @@ mod tests {
             signal_exact(1, read_stat(1).and_then(|p| p.start), Signal::SIGCONT),
             Sent::NotSame
         );
+    }
+
+    /// Waits (pidfds for the first `max_pidfds`, `/proc` for the rest) for two processes
+    /// that exit by themselves after a moment, with a deadline far away.
+    fn wait_for_two_exits(max_pidfds: usize) -> Duration {
+        let mut children: Vec<_> = (0..2)
+            .map(|_| {
+                std::process::Command::new("sleep")
+                    .arg("0.3")
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let procs: Vec<ProcInfo> = children
+            .iter()
+            .map(|c| read_stat(c.id() as i32).unwrap())
+            .collect();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let t0 = Instant::now();
+        rt.block_on(wait_gone_with(
+            &procs,
+            t0 + Duration::from_secs(600),
+            max_pidfds,
+        ));
+        let took = t0.elapsed();
+        // Exited (zombies until reaped here): the wait saw them go.
+        assert!(!procs.iter().any(alive), "the wait returned early");
+        for c in &mut children {
+            c.wait().unwrap();
+        }
+        took
+    }
+
+    #[test]
+    fn a_wait_ends_when_the_processes_exit_not_at_its_deadline() {
+        // By pidfd, by /proc polling, and mixed: well before the 600 s deadline.
+        for max_pidfds in [MAX_PIDFDS, 0, 1] {
+            let took = wait_for_two_exits(max_pidfds);
+            assert!(took < Duration::from_secs(300), "{max_pidfds}: {took:?}");
+        }
+    }
+
+    #[test]
+    fn a_pidfd_watches_only_the_process_that_was_checked() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let p = read_stat(child.id() as i32).unwrap();
+        assert!(matches!(watch(&p, true), Some(Watch::Pidfd(_))));
+        assert!(matches!(watch(&p, false), Some(Watch::Poll(_))));
+        // Another start time is another process: nothing to watch.
+        let other = ProcInfo {
+            start: p.start.map(|s| s + 1),
+            ..p
+        };
+        assert!(watch(&other, true).is_none());
+        let Some(Watch::Pidfd(fd)) = watch(&p, true) else {
+            panic!("no pidfd")
+        };
+        let readable = |fd: &OwnedFd| {
+            let mut pfd = libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one pollfd, valid for the call; a zero timeout does not block.
+            unsafe { libc::poll(&mut pfd, 1, 0) == 1 }
+        };
+        assert!(!readable(&fd), "readable before the exit");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(readable(&fd), "not readable after the exit");
+        // Exited and reaped: nothing to watch.
+        assert!(watch(&p, true).is_none());
     }
 
     #[test]

@@ -16,7 +16,7 @@ const VERSION: &str = env!("CARGO_PKG_VERSION");
 const USAGE: &str = "usage: food [--config FILE] [--bind ADDR] [--banner-port N] [--http-port N]
             [--banner TEXT] [--crash-after SECS] [--hang-after SECS] [--fail-health]
             [--daemonize] [--ready-after SECS] [--watchdog-stop-file FILE]
-            [--events-file FILE] [--version]";
+            [--events-file FILE] [--notify-log FILE] [--version]";
 
 /// Set once `--hang-after` expires: from then on connections are accepted and held, unanswered.
 static HUNG: AtomicBool = AtomicBool::new(false);
@@ -38,6 +38,10 @@ struct Opts {
     watchdog_stop_file: Option<String>,
     /// Appends `<banner port> start` at start and `<banner port> stop` on SIGTERM.
     events_file: Option<String>,
+    /// Appends `<what> <CLOCK_REALTIME ns> <CLOCK_MONOTONIC ns>` at start (`start`), right
+    /// before each `READY=1` (`ready`) and `WATCHDOG=1` (`watchdog`), and when the pings stop
+    /// (`watchdog-stop`): what the readiness benchmark measures the supervisor against.
+    notify_log: Option<String>,
 }
 
 fn main() {
@@ -48,6 +52,7 @@ fn main() {
     if let Some(file) = &opts.events_file {
         on_term_record(file.clone(), opts.banner_port);
     }
+    stamp(&opts.notify_log, "start");
     let banner = listen(&opts.bind, opts.banner_port);
     let http = listen(&opts.bind, opts.http_port);
     if opts.daemonize {
@@ -95,6 +100,7 @@ fn notify(opts: &Opts) {
     };
     let after = opts.ready_after.unwrap_or(0);
     let stop = opts.watchdog_stop_file.clone();
+    let stamps = opts.notify_log.clone();
     let every = std::env::var("WATCHDOG_USEC")
         .ok()
         .and_then(|u| u.parse::<u64>().ok())
@@ -102,6 +108,7 @@ fn notify(opts: &Opts) {
     std::thread::spawn(move || {
         let _ = send(&format!("STATUS=warming up for {after}s\n"));
         std::thread::sleep(Duration::from_secs(after));
+        stamp(&stamps, "ready");
         match send("READY=1\nSTATUS=serving\n") {
             Ok(()) => log("sent READY=1"),
             Err(e) => log(&format!("cannot send READY=1: {e}")),
@@ -115,14 +122,44 @@ fn notify(opts: &Opts) {
                 .is_some_and(|f| std::path::Path::new(f).exists())
             {
                 if !said {
+                    stamp(&stamps, "watchdog-stop");
                     log("watchdog pings stopped as asked");
                     said = true;
                 }
                 continue;
             }
+            stamp(&stamps, "watchdog");
             let _ = send("WATCHDOG=1");
         }
     });
+}
+
+/// Appends `<what> <CLOCK_REALTIME ns> <CLOCK_MONOTONIC ns>` to `file` (`--notify-log`), in
+/// one write, so lines from several threads never interleave.
+fn stamp(file: &Option<String>, what: &str) {
+    use nix::libc;
+    let Some(file) = file else { return };
+    let ns = |clock| {
+        let mut t = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime(2) writes one timespec into `t`, which lives on this stack.
+        unsafe { libc::clock_gettime(clock, &mut t) };
+        t.tv_sec as i128 * 1_000_000_000 + t.tv_nsec as i128
+    };
+    let line = format!(
+        "{what} {} {}\n",
+        ns(libc::CLOCK_REALTIME),
+        ns(libc::CLOCK_MONOTONIC)
+    );
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(file)
+    {
+        let _ = f.write_all(line.as_bytes());
+    }
 }
 
 /// Records `<port> start` in `file` now and `<port> stop` when SIGTERM comes (then exits).
@@ -165,6 +202,7 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
         ready_after: None,
         watchdog_stop_file: None,
         events_file: None,
+        notify_log: None,
     };
     // The config file comes first so that flags override it, wherever --config appears.
     if let Some(i) = args.iter().position(|a| a == "--config") {
@@ -223,6 +261,7 @@ fn set(o: &mut Opts, key: &str, value: &str) -> Result<(), String> {
         "ready_after" => o.ready_after = Some(num(value)?),
         "watchdog_stop_file" => o.watchdog_stop_file = Some(value.to_string()),
         "events_file" => o.events_file = Some(value.to_string()),
+        "notify_log" => o.notify_log = Some(value.to_string()),
         _ => return Err(format!("unknown option {key:?}")),
     }
     Ok(())
