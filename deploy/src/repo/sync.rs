@@ -365,8 +365,11 @@ pub fn scan(root: &Path) -> Result<Scan> {
                 out.refused.push(rel_s);
                 continue;
             };
-            let (size, sha256, md5) = hash_file(&e.path(), stage != Stage::Content || !rel_s.starts_with("pool/"))
-                .with_context(|| format!("reading {}", e.path().display()))?;
+            let (size, sha256, md5) = hash_file(
+                &e.path(),
+                stage != Stage::Content || !rel_s.starts_with("pool/"),
+            )
+            .with_context(|| format!("reading {}", e.path().display()))?;
             out.files.push(LocalFile {
                 rel: rel_s,
                 stage,
@@ -410,7 +413,11 @@ fn hash_file(path: &Path, check_secret: bool) -> Result<(u64, String, String)> {
             tail.drain(..keep);
         }
     }
-    Ok((size, hex::encode(sha.finalize()), hex::encode(md5.finalize())))
+    Ok((
+        size,
+        hex::encode(sha.finalize()),
+        hex::encode(md5.finalize()),
+    ))
 }
 
 /// How to reach the store.
@@ -554,6 +561,8 @@ pub struct Summary {
     pub uploaded: BTreeMap<Stage, usize>,
     /// Bytes uploaded.
     pub bytes: u64,
+    /// The repository paths uploaded, in upload order.
+    pub files: Vec<String>,
     /// Files whose object already held the same bytes.
     pub unchanged: usize,
     /// Objects deleted (unreferenced for longer than the grace period).
@@ -608,7 +617,8 @@ async fn run(root: &Path, opts: &SyncOptions) -> Result<Summary> {
     let scan = tokio::task::block_in_place(|| scan(root))?;
     let store = Arc::new(store(&opts.target, &opts.endpoint)?);
     let where_ = format!("s3://{}/{}", opts.target.bucket, opts.target.prefix);
-    let prefix = (!opts.target.prefix.is_empty()).then(|| ObjectPath::from(opts.target.prefix.as_str()));
+    let prefix =
+        (!opts.target.prefix.is_empty()).then(|| ObjectPath::from(opts.target.prefix.as_str()));
     let listed: Vec<_> = store
         .list(prefix.as_ref())
         .try_collect()
@@ -652,7 +662,17 @@ async fn run(root: &Path, opts: &SyncOptions) -> Result<Summary> {
     // A crash test kills the sync at a stage boundary: one upload at a time makes that
     // boundary exact.
     let jobs = if crash::armed() { 1 } else { opts.jobs.max(1) };
-    let result = upload_stages(root, &store, opts, &plan, &progress, jobs, &mut state, &mut summary).await;
+    let result = upload_stages(
+        root,
+        &store,
+        opts,
+        &plan,
+        &progress,
+        jobs,
+        &mut state,
+        &mut summary,
+    )
+    .await;
     progress.end();
     // Whatever got up is recorded, so that a failed sync's successor skips it.
     state.unreferenced = plan.pending.clone();
@@ -689,30 +709,40 @@ async fn upload_stages(
     for (stage, files) in &plan.uploads {
         progress.done.store(0, Ordering::Relaxed);
         progress.show(*stage, files.len());
-        let results: Vec<Result<(String, Uploaded, u64)>> = futures::stream::iter(files.iter().cloned())
-            .map(|f| {
-                let (store, progress, target) = (store.clone(), progress.clone(), opts.target.clone());
-                let total = files.len();
-                let stage = *stage;
-                let path = root.join(&f.rel);
-                async move {
-                    let etag = upload(&store, &target, &f, &path).await?;
-                    progress.done.fetch_add(1, Ordering::Relaxed);
-                    progress.bytes.fetch_add(f.size, Ordering::Relaxed);
-                    progress.show(stage, total);
-                    if stage == Stage::Roots {
-                        crash::point(Step::SyncFirstRoot);
+        let results: Vec<Result<(String, Uploaded, u64)>> =
+            futures::stream::iter(files.iter().cloned())
+                .map(|f| {
+                    let (store, progress, target) =
+                        (store.clone(), progress.clone(), opts.target.clone());
+                    let total = files.len();
+                    let stage = *stage;
+                    let path = root.join(&f.rel);
+                    async move {
+                        let etag = upload(&store, &target, &f, &path).await?;
+                        progress.done.fetch_add(1, Ordering::Relaxed);
+                        progress.bytes.fetch_add(f.size, Ordering::Relaxed);
+                        progress.show(stage, total);
+                        if stage == Stage::Roots {
+                            crash::point(Step::SyncFirstRoot);
+                        }
+                        Ok((
+                            f.rel.clone(),
+                            Uploaded {
+                                sha256: f.sha256.clone(),
+                                etag,
+                            },
+                            f.size,
+                        ))
                     }
-                    Ok((f.rel.clone(), Uploaded { sha256: f.sha256.clone(), etag }, f.size))
-                }
-            })
-            .buffer_unordered(jobs)
-            .collect()
-            .await;
+                })
+                .buffer_unordered(jobs)
+                .collect()
+                .await;
         let mut first_error = None;
         for r in results {
             match r {
                 Ok((rel, up, size)) => {
+                    summary.files.push(rel.clone());
                     state.uploaded.insert(rel, up);
                     *summary.uploaded.entry(*stage).or_default() += 1;
                     summary.bytes += size;
@@ -740,7 +770,12 @@ async fn upload_stages(
 }
 
 /// Upload one file; returns the store's ETag.
-async fn upload(store: &AmazonS3, target: &Target, f: &LocalFile, path: &Path) -> Result<Option<String>> {
+async fn upload(
+    store: &AmazonS3,
+    target: &Target,
+    f: &LocalFile,
+    path: &Path,
+) -> Result<Option<String>> {
     let key = ObjectPath::from(target.key(&f.rel));
     let mut attributes = Attributes::new();
     attributes.insert(Attribute::CacheControl, cache_control(&f.rel).into());
@@ -748,19 +783,28 @@ async fn upload(store: &AmazonS3, target: &Target, f: &LocalFile, path: &Path) -
     let result = if f.size <= MULTIPART_OVER {
         let data = tokio::fs::read(path).await.with_context(what)?;
         if data.len() as u64 != f.size || super::sha256_hex(&data) != f.sha256 {
-            bail!("{} changed while the sync ran: run it again", path.display());
+            bail!(
+                "{} changed while the sync ran: run it again",
+                path.display()
+            );
         }
         let opts = PutOptions {
             attributes,
             ..PutOptions::default()
         };
-        store.put_opts(&key, data.into(), opts).await.map_err(|e| anyhow!("{}: {e}", what()))?
+        store
+            .put_opts(&key, data.into(), opts)
+            .await
+            .map_err(|e| anyhow!("{}: {e}", what()))?
     } else {
         let opts = object_store::PutMultipartOptions {
             attributes,
             ..Default::default()
         };
-        let up = store.put_multipart_opts(&key, opts).await.map_err(|e| anyhow!("{}: {e}", what()))?;
+        let up = store
+            .put_multipart_opts(&key, opts)
+            .await
+            .map_err(|e| anyhow!("{}: {e}", what()))?;
         let mut w = object_store::WriteMultipart::new_with_chunk_size(up, PART_SIZE);
         let mut file = tokio::fs::File::open(path).await.with_context(what)?;
         let mut buf = vec![0u8; PART_SIZE];
@@ -770,7 +814,9 @@ async fn upload(store: &AmazonS3, target: &Target, f: &LocalFile, path: &Path) -
             if n == 0 {
                 break;
             }
-            w.wait_for_capacity(4).await.map_err(|e| anyhow!("{}: {e}", what()))?;
+            w.wait_for_capacity(4)
+                .await
+                .map_err(|e| anyhow!("{}: {e}", what()))?;
             w.write(&buf[..n]);
         }
         w.finish().await.map_err(|e| anyhow!("{}: {e}", what()))?
@@ -823,11 +869,26 @@ mod tests {
             ("pool/rpm/f/foo/foo-1.0-1.x86_64.rpm", Some(Stage::Content)),
             ("keys/repository.asc", Some(Stage::Content)),
             ("keys/rotation.asc", Some(Stage::Content)),
-            (&format!("dists/stable/main/binary-amd64/by-hash/SHA256/{H}"), Some(Stage::Content)),
-            (&format!("tracks/stable/by-hash/SHA256/{H}"), Some(Stage::Content)),
-            (&format!("rpm/stable/repodata/{H}-primary.xml.gz"), Some(Stage::Content)),
-            ("rpm/stable/packages/foo-1.0-1.x86_64.rpm", Some(Stage::Content)),
-            ("dists/stable/main/binary-amd64/Packages.gz", Some(Stage::Indexes)),
+            (
+                &format!("dists/stable/main/binary-amd64/by-hash/SHA256/{H}"),
+                Some(Stage::Content),
+            ),
+            (
+                &format!("tracks/stable/by-hash/SHA256/{H}"),
+                Some(Stage::Content),
+            ),
+            (
+                &format!("rpm/stable/repodata/{H}-primary.xml.gz"),
+                Some(Stage::Content),
+            ),
+            (
+                "rpm/stable/packages/foo-1.0-1.x86_64.rpm",
+                Some(Stage::Content),
+            ),
+            (
+                "dists/stable/main/binary-amd64/Packages.gz",
+                Some(Stage::Indexes),
+            ),
             ("dists/stable/InRelease", Some(Stage::Roots)),
             ("dists/stable/Release.gpg", Some(Stage::Roots)),
             ("rpm/stable/repodata/repomd.xml.asc", Some(Stage::Roots)),
@@ -841,7 +902,10 @@ mod tests {
             ("keys/secret.asc", None),
             ("signing-key.asc", None),
             ("pool/.tmp-123", None),
-            ("dists/stable/main/binary-amd64/by-hash/SHA256/notahash", None),
+            (
+                "dists/stable/main/binary-amd64/by-hash/SHA256/notahash",
+                None,
+            ),
             ("rpm/stable/repodata/primary.xml.gz", None),
             ("notes.txt", None),
             ("pool/x", None),
@@ -865,7 +929,10 @@ mod tests {
     fn targets_parse_and_say_what_is_wrong() {
         assert_eq!(
             Target::parse("s3://bkt/a/b/").unwrap(),
-            Target { bucket: "bkt".into(), prefix: "a/b".into() }
+            Target {
+                bucket: "bkt".into(),
+                prefix: "a/b".into()
+            }
         );
         let t = Target::parse("s3://bkt").unwrap();
         assert_eq!(t.prefix, "");
@@ -911,7 +978,10 @@ mod tests {
             stages,
             vec![
                 (Stage::Content, vec!["pool/main/f/foo/foo_2_amd64.deb"]),
-                (Stage::Indexes, vec!["dists/stable/main/binary-amd64/Packages"]),
+                (
+                    Stage::Indexes,
+                    vec!["dists/stable/main/binary-amd64/Packages"]
+                ),
                 (Stage::Roots, vec!["dists/stable/InRelease"]),
                 (Stage::Commit, vec!["fleet.yaml.asc"]),
             ]
@@ -923,11 +993,23 @@ mod tests {
     fn a_recorded_etag_skips_a_multipart_object() {
         let f = file("pool/main/f/foo/foo_1_amd64.deb", "deb 1");
         let mut remote = BTreeMap::new();
-        remote.insert(f.rel.clone(), RemoteObject { size: f.size, etag: Some("abc-3".into()) });
+        remote.insert(
+            f.rel.clone(),
+            RemoteObject {
+                size: f.size,
+                etag: Some("abc-3".into()),
+            },
+        );
         let mut state = SyncState::default();
         let p = plan(std::slice::from_ref(&f), &remote, &state, 0, 0);
         assert_eq!(p.unchanged, 0, "an unknown ETag is uploaded again");
-        state.uploaded.insert(f.rel.clone(), Uploaded { sha256: f.sha256.clone(), etag: Some("abc-3".into()) });
+        state.uploaded.insert(
+            f.rel.clone(),
+            Uploaded {
+                sha256: f.sha256.clone(),
+                etag: Some("abc-3".into()),
+            },
+        );
         let p = plan(std::slice::from_ref(&f), &remote, &state, 0, 0);
         assert_eq!(p.unchanged, 1);
         assert!(p.uploads.is_empty());
@@ -938,14 +1020,23 @@ mod tests {
         let gone = format!("tracks/stable/by-hash/SHA256/{H}");
         let mut remote = BTreeMap::new();
         for rel in [gone.as_str(), "index.html", STATE_OBJECT] {
-            remote.insert(rel.to_string(), RemoteObject { size: 1, etag: None });
+            remote.insert(
+                rel.to_string(),
+                RemoteObject {
+                    size: 1,
+                    etag: None,
+                },
+            );
         }
         // first seen unreferenced now: pending
         let p = plan(&[], &remote, &SyncState::default(), 1000, 3600);
         assert!(p.delete.is_empty());
         assert_eq!(p.pending, BTreeMap::from([(gone.clone(), 1000)]));
         // later, within the grace: still pending, same first-seen time
-        let state = SyncState { unreferenced: p.pending.clone(), ..Default::default() };
+        let state = SyncState {
+            unreferenced: p.pending.clone(),
+            ..Default::default()
+        };
         let p = plan(&[], &remote, &state, 4599, 3600);
         assert_eq!(p.pending, BTreeMap::from([(gone.clone(), 1000)]));
         // after it: deleted; the foreign page and the record stay
@@ -953,14 +1044,22 @@ mod tests {
         assert_eq!(p.delete, vec![gone.clone()]);
         assert!(p.pending.is_empty());
         // referenced again: neither
-        let f = LocalFile { rel: gone.clone(), stage: Stage::Content, size: 1, sha256: H.into(), md5: "x".into() };
+        let f = LocalFile {
+            rel: gone.clone(),
+            stage: Stage::Content,
+            size: 1,
+            sha256: H.into(),
+            md5: "x".into(),
+        };
         let p = plan(&[f], &remote, &state, 9999, 3600);
         assert!(p.delete.is_empty() && p.pending.is_empty());
     }
 
     #[test]
     fn secret_keys_are_found() {
-        assert!(holds_secret_key(b"x\n-----BEGIN PGP PRIVATE KEY BLOCK-----\n"));
+        assert!(holds_secret_key(
+            b"x\n-----BEGIN PGP PRIVATE KEY BLOCK-----\n"
+        ));
         assert!(holds_secret_key(b"-----BEGIN PRIVATE KEY-----"));
         assert!(holds_secret_key(b"-----BEGIN EC PRIVATE KEY-----"));
         assert!(!holds_secret_key(b"-----BEGIN PGP PUBLIC KEY BLOCK-----"));
@@ -975,16 +1074,31 @@ mod tests {
             std::fs::create_dir_all(p.parent().unwrap()).unwrap();
             std::fs::write(p, body).unwrap();
         };
-        put(".keepup/signing-key.asc", "-----BEGIN PGP PRIVATE KEY BLOCK-----");
-        put("keys/repository.asc", "-----BEGIN PGP PUBLIC KEY BLOCK-----");
+        put(
+            ".keepup/signing-key.asc",
+            "-----BEGIN PGP PRIVATE KEY BLOCK-----",
+        );
+        put(
+            "keys/repository.asc",
+            "-----BEGIN PGP PUBLIC KEY BLOCK-----",
+        );
         put("dists/stable/.tmp-1", "partial");
         put("notes.txt", "hello");
         let s = scan(root).unwrap();
-        assert_eq!(s.files.iter().map(|f| f.rel.as_str()).collect::<Vec<_>>(), ["keys/repository.asc"]);
+        assert_eq!(
+            s.files.iter().map(|f| f.rel.as_str()).collect::<Vec<_>>(),
+            ["keys/repository.asc"]
+        );
         assert_eq!(s.refused, ["notes.txt"]);
-        put("keys/rotation.asc", "x\n-----BEGIN PGP PRIVATE KEY BLOCK-----\ny");
+        put(
+            "keys/rotation.asc",
+            "x\n-----BEGIN PGP PRIVATE KEY BLOCK-----\ny",
+        );
         let e = format!("{:#}", scan(root).unwrap_err());
-        assert!(e.contains("keys/rotation.asc") && e.contains("secret key"), "{e}");
+        assert!(
+            e.contains("keys/rotation.asc") && e.contains("secret key"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -992,7 +1106,10 @@ mod tests {
         let creds = "[default]\naws_access_key_id = AK1\naws_secret_access_key = SK1\n\n[ci]\naws_access_key_id=AK2\naws_secret_access_key=SK2\naws_session_token = T2\n";
         let config = "[default]\nregion = eu-west-1\n[profile ci]\nregion=us-west-2\n";
         let d = profile_keys(creds, config, "default");
-        assert_eq!((d.access_key_id.as_deref(), d.region.as_deref()), (Some("AK1"), Some("eu-west-1")));
+        assert_eq!(
+            (d.access_key_id.as_deref(), d.region.as_deref()),
+            (Some("AK1"), Some("eu-west-1"))
+        );
         let c = profile_keys(creds, config, "ci");
         assert_eq!(c.secret_access_key.as_deref(), Some("SK2"));
         assert_eq!(c.session_token.as_deref(), Some("T2"));
