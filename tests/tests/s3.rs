@@ -266,7 +266,7 @@ async fn repo_sync_publishes_a_repository_that_apt_and_agents_read_from_the_buck
     agent
         .ok(&format!(
             "cat >/etc/keepup/agent.yaml <<'EOF'\nrepo: {base}\ntrusted_key: /etc/keepup/repo.asc\n\
-             schedule: \"0 0 1 1 *\"\nstagger: 0s\npackage_timeout: 60s\npackage_format: deb\n\
+             schedule: \"0 0 1 1 *\"\nstagger: 1s\npackage_timeout: 60s\npackage_format: deb\n\
              allow_plain_http: true\nEOF\n\
              setsid /usr/sbin/keepup-agent run >>/var/log/keepup-agent.out 2>&1 </dev/null &"
         ))

@@ -39,11 +39,12 @@ use super::crash::{self, Step};
 /// deletion.
 pub const STATE_OBJECT: &str = "keepup-sync.json";
 
-/// Files larger than this go up in parts (S3 caps one PUT at 5 GiB; parts retry alone).
-const MULTIPART_OVER: u64 = 64 * 1024 * 1024;
+/// Files larger than this go up in parts (parts retry alone, and memory stays bounded: a
+/// smaller file is read whole, `--jobs` of them at a time).
+const MULTIPART_OVER: u64 = 16 * 1024 * 1024;
 
-/// Part size of a multipart upload.
-const PART_SIZE: usize = 16 * 1024 * 1024;
+/// Part size of a multipart upload (S3's minimum is 5 MiB).
+const PART_SIZE: usize = 8 * 1024 * 1024;
 
 /// The stages of a sync, in upload order. Each stage finishes before the next starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -365,10 +366,10 @@ pub fn scan(root: &Path) -> Result<Scan> {
                 out.refused.push(rel_s);
                 continue;
             };
-            let (size, sha256, md5) = hash_file(
-                &e.path(),
-                stage != Stage::Content || !rel_s.starts_with("pool/"),
-            )
+            // Package files are the operator's payloads, checked by `publish`; everything
+            // else the repository wrote itself and must hold no secret key.
+            let package = rel_s.starts_with("pool/") || rel_s.contains("/packages/");
+            let (size, sha256, md5) = hash_file(&e.path(), !package)
             .with_context(|| format!("reading {}", e.path().display()))?;
             out.files.push(LocalFile {
                 rel: rel_s,
