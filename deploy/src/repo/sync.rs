@@ -370,7 +370,7 @@ pub fn scan(root: &Path) -> Result<Scan> {
             // else the repository wrote itself and must hold no secret key.
             let package = rel_s.starts_with("pool/") || rel_s.contains("/packages/");
             let (size, sha256, md5) = hash_file(&e.path(), !package)
-            .with_context(|| format!("reading {}", e.path().display()))?;
+                .with_context(|| format!("reading {}", e.path().display()))?;
             out.files.push(LocalFile {
                 rel: rel_s,
                 stage,
