@@ -624,7 +624,7 @@ async fn run(root: &Path, opts: &SyncOptions) -> Result<Summary> {
         .list(prefix.as_ref())
         .try_collect()
         .await
-        .map_err(|e| anyhow!("listing {where_}: {e} (check the bucket name, --endpoint, --region and the credentials)"))?;
+        .map_err(|e| anyhow!("listing {where_}: {e} (check the bucket name, --endpoint, --region and the credentials: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, ~/.aws/credentials (AWS_PROFILE), or an instance role)"))?;
     let mut remote = BTreeMap::new();
     for o in listed {
         if let Some(rel) = opts.target.rel(o.location.as_ref()) {
