@@ -246,10 +246,12 @@ pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, default_value = "0.0.0.0:8080")]
     listen: SocketAddr,
-    /// Fleet state database (SQLite, created if missing): also accept agent reports and
-    /// serve the fleet view (`/`, `/api/v1/fleet`). See docs/reports.md.
-    #[arg(long)]
-    state: Option<PathBuf>,
+    /// Fleet state database: a SQLite file (created if missing) or a PostgreSQL URL
+    /// `postgres://USER@HOST:PORT/DB` (password in PGPASSWORD or ~/.pgpass; several replicas
+    /// may share it). Also accept agent reports and serve the fleet view (`/`,
+    /// `/api/v1/fleet`). See docs/reports.md and docs/postgres.md.
+    #[arg(long, value_name = "FILE|URL", value_parser = crate::state::db::Location::parse)]
+    state: Option<crate::state::db::Location>,
     /// File holding a read token: `/`, `/api/v1/fleet` and `/api/v1/events` then answer only
     /// requests that present it (`Authorization: Bearer TOKEN`, or a browser's login with the
     /// token as password). Reports still use host tokens. See docs/reports.md.
@@ -291,12 +293,13 @@ fn parse_timeout(s: &str) -> Result<std::time::Duration, String> {
     }
 }
 
-/// `--state FILE` of `keepup host`.
+/// `--state FILE|URL` of `keepup host`.
 #[derive(clap::Args)]
 pub struct StateArg {
-    /// Fleet state database (the one `keepup serve --state` uses).
-    #[arg(long = "state")]
-    pub file: PathBuf,
+    /// Fleet state database (the one `keepup serve --state` uses): a SQLite file or a
+    /// `postgres://USER@HOST:PORT/DB` URL.
+    #[arg(long = "state", value_name = "FILE|URL", value_parser = crate::state::db::Location::parse)]
+    pub at: crate::state::db::Location,
 }
 
 /// `keepup host ...`: who may report to `keepup serve --state`.
@@ -834,10 +837,10 @@ pub fn serve(a: ServeArgs) -> Result<()> {
 pub fn host(c: HostCommand) -> Result<()> {
     match c {
         HostCommand::Add { name, bulk, state } => {
-            crate::state::hosts::add(&state.file, name.as_deref(), bulk)
+            crate::state::hosts::add(&state.at, name.as_deref(), bulk)
         }
-        HostCommand::List { state } => crate::state::hosts::list(&state.file),
-        HostCommand::Remove { name, state } => crate::state::hosts::remove(&state.file, &name),
+        HostCommand::List { state } => crate::state::hosts::list(&state.at),
+        HostCommand::Remove { name, state } => crate::state::hosts::remove(&state.at, &name),
     }
 }
 

@@ -1009,7 +1009,7 @@ pub struct ServeOptions {
     /// Address to listen on.
     pub listen: SocketAddr,
     /// The fleet state database, when the server also takes reports and shows the fleet.
-    pub state: Option<PathBuf>,
+    pub state: Option<crate::state::db::Location>,
     /// The file holding the read token for the fleet views (none: they are open).
     pub read_token_file: Option<PathBuf>,
     /// The connection cap and the timeouts.

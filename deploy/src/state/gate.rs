@@ -8,6 +8,9 @@
 //! twentieth of a core), so a halting report is acted on within seconds even at 100,000
 //! hosts (docs/benchmarks.md).
 //!
+//! With replicas sharing PostgreSQL, only the replica holding the gate's [`Lease`] publishes
+//! decisions; the others judge the same reports only to show the rollouts ([`Gate::observer`]).
+//!
 //! The rules (docs/operations.md, "Rolling out safely"):
 //! * a host on the new version is **healthy** when its start result for that version is
 //!   `started`, the service is `running`, every probe passes and it has not restarted since
@@ -27,6 +30,7 @@ use std::time::Duration;
 use keepup_deploy::wire::rollout::{wave_of, OnFailure, Phase, Progress, Rollout};
 use keepup_deploy::wire::{Fleet, Index, Report, ServiceState};
 
+use super::db::Lease;
 use super::view::HostEntry;
 
 /// How often the gate looks at every open rollout without being nudged.
@@ -427,6 +431,8 @@ pub struct Gate {
     valid_for: Option<u64>,
     /// Per track: the error the last tick logged.
     failing: HashMap<String, String>,
+    /// Judge without publishing: another replica holds the gate's lease.
+    pub observer: bool,
 }
 
 impl Gate {
@@ -572,7 +578,7 @@ impl Gate {
                     .saturating_sub(now.saturating_sub(*clean))
             });
             let mut next = progress.clone();
-            if apply(rollout, &mut next, &decision, now) {
+            if !self.observer && apply(rollout, &mut next, &decision, now) {
                 if matches!(decision, Decision::Open(_)) {
                     self.clean_since.insert(rollout.id.clone(), now);
                 }
@@ -590,7 +596,7 @@ impl Gate {
                 .insert(crate::repo::Repo::read_only(root)?.valid_for()),
         };
         let stale = doc.serial == 0 || doc.expires.saturating_sub(now) < valid_for / 2;
-        if changes.is_empty() && !stale {
+        if self.observer || (changes.is_empty() && !stale) {
             return Ok(());
         }
         let mut said = Vec::new();
@@ -618,12 +624,17 @@ impl Gate {
 }
 
 /// The gate thread: a tick after each nudge (reports stored) and every [`TICK`].
+/// With a `lease` (replicas on PostgreSQL), it publishes only while it holds the lease.
 pub fn run(
     server: std::sync::Weak<super::Server>,
     nudges: std::sync::mpsc::Receiver<()>,
+    mut lease: Option<Lease>,
     stale_after: u64,
 ) {
     let mut gate = Gate::default();
+    if lease.is_some() {
+        gate.observer = true;
+    }
     // The gate's share of one core stays under a twentieth: after a tick that took d, the
     // next waits at least 19 d (and 100 ms), however many reports nudge it.
     let mut rest = MIN_REST;
@@ -640,6 +651,20 @@ pub fn run(
         let Some(fleet) = fleet else { continue };
         if indexes.iter().all(|(_, i)| i.rollouts.is_empty()) {
             continue;
+        }
+        if let Some(l) = &mut lease {
+            let observer = !l.hold();
+            if observer != gate.observer {
+                eprintln!(
+                    "keepup serve: {}",
+                    if observer {
+                        "another replica evaluates the rollout gates now"
+                    } else {
+                        "this replica evaluates the rollout gates now (it holds the lease)"
+                    }
+                );
+                gate.observer = observer;
+            }
         }
         let snapshot = s.snapshot();
         let root: PathBuf = s.repo.clone();

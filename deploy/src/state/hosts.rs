@@ -1,14 +1,13 @@
-//! `keepup host add|list|remove --state FILE`: who may report. A host's token is printed
+//! `keepup host add|list|remove --state FILE|URL`: who may report. A host's token is printed
 //! once, when issued; the database keeps only its SHA-256. A running server picks up the
 //! change within seconds.
 
 use std::io::{BufRead as _, Write as _};
-use std::path::Path;
 
 use anyhow::{bail, Result};
 use keepup_deploy::wire::names::{is_host_name, HOST_NAME_RULE};
 
-use super::db::{now, Db};
+use super::db::{now, Db, Location};
 use super::view::age;
 
 fn check_name(name: &str) -> Result<()> {
@@ -20,7 +19,7 @@ fn check_name(name: &str) -> Result<()> {
 
 /// `keepup host add NAME`: print only the token on stdout (a note on stderr). With `bulk`,
 /// read names from stdin, one per line, and print `NAME TOKEN` lines.
-pub fn add(state: &Path, name: Option<&str>, bulk: bool) -> Result<()> {
+pub fn add(state: &Location, name: Option<&str>, bulk: bool) -> Result<()> {
     let names: Vec<String> = if bulk {
         let mut v = Vec::new();
         for line in std::io::stdin().lock().lines() {
@@ -72,7 +71,7 @@ pub fn add(state: &Path, name: Option<&str>, bulk: bool) -> Result<()> {
 }
 
 /// `keepup host list`.
-pub fn list(state: &Path) -> Result<()> {
+pub fn list(state: &Location) -> Result<()> {
     let db = Db::open(state)?;
     let t = now();
     println!("HOST  ADDED  LAST-REPORT");
@@ -91,13 +90,10 @@ pub fn list(state: &Path) -> Result<()> {
 }
 
 /// `keepup host remove NAME`: its token stops working; its report and events are deleted.
-pub fn remove(state: &Path, name: &str) -> Result<()> {
+pub fn remove(state: &Location, name: &str) -> Result<()> {
     let mut db = Db::open(state)?;
     if !db.remove_host(name)? {
-        bail!(
-            "no host {name:?} in {}; see `keepup host list`",
-            state.display()
-        );
+        bail!("no host {name:?} in {state}; see `keepup host list`");
     }
     eprintln!("keepup: host {name} removed; its token no longer works");
     Ok(())

@@ -1,4 +1,4 @@
-//! The fleet state server behind `keepup serve --state FILE`: agents post reports
+//! The fleet state server behind `keepup serve --state FILE|URL`: agents post reports
 //! (`POST /api/v1/report`, bearer token per host), operators read the fleet view as JSON
 //! (`GET /api/v1/fleet`) or as a page (`GET /`).
 //!
@@ -8,8 +8,15 @@
 //! query), reads the body under [`MAX_REPORT_BYTES`], parses and validates it (names follow
 //! [`keepup_deploy::wire::names`]), and hands it over a bounded channel to the one writer
 //! thread. The writer takes whatever is
-//! queued (up to [`BATCH`] reports), stores it in one SQLite transaction, then updates the
+//! queued (up to [`BATCH`] reports), stores it in one transaction, then updates the
 //! in-memory latest reports and answers each request: 204 means the report is in the database.
+//!
+//! Replicas: with PostgreSQL ([`db`]), several servers share the database. The same background
+//! task that polls the host counter reads the reports the other replicas stored (every
+//! second), so every replica's views and gate see the whole fleet, and hands their event
+//! windows to the writer (a host whose reports alternate between replicas logs each event
+//! once). One replica at a time holds the rollout gate's lease and publishes its decisions;
+//! the others judge the same way, only to show it.
 //! A full channel makes request tasks wait (backpressure) instead of buffering without bound.
 //! Views are built from the in-memory reports, the repository's `fleet.yaml` and track indexes
 //! (re-read when they change), on a blocking thread so ingestion goes on meanwhile, at most
@@ -49,7 +56,7 @@ use keepup_deploy::wire::report::MAX_REPORT_BYTES;
 use keepup_deploy::wire::{Event, Fleet, Index, Report};
 use tokio::sync::{mpsc, oneshot};
 
-use db::{Db, StoredReport, TokenHash};
+use db::{Db, Location, StoredReport, TokenHash};
 use view::{HostEntry, EVENTS_PER_HOST};
 
 /// A host's logged events as JSON.
@@ -92,6 +99,8 @@ enum Msg {
         done: oneshot::Sender<bool>,
     },
     Prune,
+    /// Event windows of reports other replicas stored.
+    PeerWindows(Vec<(String, EventWindow)>),
 }
 
 /// The identities of the events of a host's last stored report, in order.
@@ -270,6 +279,8 @@ pub struct Server {
     /// The database as the background host reload reads it.
     poller: Mutex<Db>,
     hosts_version: AtomicI64,
+    /// How far [`Server::reload_hosts`] read the reports of other replicas.
+    peer_mark: AtomicI64,
     tx: mpsc::Sender<Msg>,
     cache: Mutex<RepoCache>,
     read_token: Option<TokenHash>,
@@ -284,7 +295,11 @@ impl Server {
     /// Open (or create) the state database and load the latest reports; starts the writer
     /// thread. `repo` is the repository directory whose `fleet.yaml` and track indexes the
     /// views use; with `read_token_file`, reads need the token it holds.
-    pub fn open(repo: &Path, state: &Path, read_token_file: Option<&Path>) -> Result<Arc<Server>> {
+    pub fn open(
+        repo: &Path,
+        state: &Location,
+        read_token_file: Option<&Path>,
+    ) -> Result<Arc<Server>> {
         let read_token = read_token_file
             .map(|p| read_token(p).map(|t| db::token_hash(&t)))
             .transpose()?;
@@ -295,7 +310,8 @@ impl Server {
         let version = poller.hosts_version()?;
         let mut hosts: HostMap = tokens.values().map(|h| (h.clone(), None)).collect();
         let mut marks = HashMap::new();
-        for (host, received_at, body) in writer_db.latest_reports()? {
+        let (latest, peer_mark) = writer_db.latest_reports()?;
+        for (host, received_at, body) in latest {
             let Ok(report) = serde_json::from_slice::<Report>(&body) else {
                 eprintln!("keepup serve: the stored report of {host} does not parse; ignored");
                 continue;
@@ -324,6 +340,7 @@ impl Server {
             reader: Arc::new(Mutex::new(reader)),
             poller: Mutex::new(poller),
             hosts_version: AtomicI64::new(version),
+            peer_mark: AtomicI64::new(peer_mark),
             tx,
             cache: Mutex::new(RepoCache::default()),
             read_token,
@@ -333,15 +350,17 @@ impl Server {
             gate_view: Mutex::default(),
         });
         let weak = Arc::downgrade(&server);
+        let lease = state.gate_lease();
         std::thread::Builder::new()
             .name("rollout-gate".into())
-            .spawn(move || gate::run(weak, nudges, view::DEFAULT_STALE_AFTER))
+            .spawn(move || gate::run(weak, nudges, lease, view::DEFAULT_STALE_AFTER))
             .context("starting the rollout gate")?;
         Ok(server)
     }
 
     /// Background work on the current runtime: pick up hosts added or removed by
-    /// `keepup host` (every second) and apply the event retention (every minute).
+    /// `keepup host` and reports stored by other replicas (every second), and apply the event
+    /// retention (every minute).
     pub fn spawn_background(self: &Arc<Self>) {
         let me = self.clone();
         tokio::spawn(async move {
@@ -350,13 +369,58 @@ impl Server {
             loop {
                 tick.tick().await;
                 let m = me.clone();
-                let _ = tokio::task::spawn_blocking(move || m.reload_hosts()).await;
+                let peers = tokio::task::spawn_blocking(move || {
+                    if let Err(e) = m.reload_hosts() {
+                        eprintln!("keepup serve: reading the host list: {e:#}");
+                    }
+                    m.read_peer_reports().unwrap_or_else(|e| {
+                        eprintln!("keepup serve: reading other replicas' reports: {e:#}");
+                        Vec::new()
+                    })
+                })
+                .await
+                .unwrap_or_default();
+                if !peers.is_empty() {
+                    let _ = me.tx.send(Msg::PeerWindows(peers)).await;
+                }
                 if last_prune.elapsed() >= PRUNE_EVERY {
                     last_prune = Instant::now();
                     let _ = me.tx.send(Msg::Prune).await;
                 }
             }
         });
+    }
+
+    /// Take in the reports other replicas stored since the last look (PostgreSQL); returns
+    /// their hosts' event windows for the writer.
+    fn read_peer_reports(&self) -> Result<Vec<(String, EventWindow)>> {
+        let mark = self.peer_mark.load(Ordering::Relaxed);
+        let (reports, next) = self.poller.lock().unwrap().peer_reports(mark)?;
+        let mut windows = Vec::with_capacity(reports.len());
+        let mut entries = Vec::with_capacity(reports.len());
+        for (host, received_at, body) in reports {
+            let Ok(report) = serde_json::from_slice::<Report>(&body) else {
+                continue;
+            };
+            windows.push((host.clone(), new_events(&[], &report.events).1));
+            entries.push((
+                host,
+                Arc::new(HostEntry {
+                    report: trim(report),
+                    received_at,
+                }),
+            ));
+        }
+        {
+            // A host added after the last host reload is known here already: its report
+            // was stored only because it is registered.
+            let mut map = self.hosts.write().unwrap();
+            for (host, entry) in entries {
+                map.insert(host, Some(entry));
+            }
+        }
+        self.peer_mark.store(next, Ordering::Relaxed);
+        Ok(windows)
     }
 
     /// Re-read the host list if `keepup host` changed it.
@@ -813,6 +877,7 @@ fn writer(
         let mut prune = false;
         let mut take = |m: Msg, batch: &mut Vec<_>| match m {
             Msg::Prune => prune = true,
+            Msg::PeerWindows(w) => windows.extend(w),
             Msg::Report {
                 report,
                 body,

@@ -1,69 +1,20 @@
-//! The fleet state database (SQLite, one file): registered hosts with the SHA-256 of their
-//! token, the latest report of each host, and the event log with its retention (by the
-//! server's receive time, and a quota per host so no host can evict another's history).
-//! `keepup host` edits hosts from the command line while `keepup serve --state` runs; a
-//! counter in `meta` tells the server that the host list changed.
+//! The SQLite backend of the fleet state (one file, the default): one server at a time. A
+//! counter in `meta` tells the server that `keepup host` changed the host list.
 
-use std::cell::Cell;
-use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use rusqlite::{params, Connection};
-use sha2::{Digest as _, Sha256};
 
 use keepup_deploy::wire::{Event, EventKind};
 
-/// SHA-256 of a host token: what the database keeps instead of the token.
-pub type TokenHash = [u8; 32];
+use super::{new_token, now, token_hash, HostRow, StoredReport, TokenHash};
+use std::collections::HashMap;
 
-/// Hash a token as presented by an agent.
-pub fn token_hash(token: &str) -> TokenHash {
-    Sha256::digest(token.as_bytes()).into()
-}
-
-/// A fresh random token: 32 bytes from the OS, hex.
-pub fn new_token() -> String {
-    use rand::RngCore as _;
-    let mut b = [0u8; 32];
-    rand::rngs::OsRng.fill_bytes(&mut b);
-    hex::encode(b)
-}
-
-/// One registered host, for `keepup host list`.
-#[derive(Debug, Clone)]
-pub struct HostRow {
-    /// Host name.
-    pub name: String,
-    /// Unix time its (current) token was issued.
-    pub added_at: u64,
-    /// Unix time of its latest stored report.
-    pub last_report: Option<u64>,
-}
-
-/// A report the writer stores: the host, when it arrived, its send time, the body as received,
-/// the events not stored before, and whether to apply the host's event quota after them.
-pub struct StoredReport<'a> {
-    /// Host name (already checked against the token).
-    pub host: &'a str,
-    /// Unix time the server received it.
-    pub received_at: u64,
-    /// The agent's `sent_at`.
-    pub sent_at: u64,
-    /// The JSON body.
-    pub body: &'a [u8],
-    /// Events to append to the log.
-    pub new_events: &'a [Event],
-    /// Drop the host's oldest events beyond the quota ([`Db::store`]'s `keep_per_host`).
-    pub apply_quota: bool,
-}
-
-/// An open state database.
-pub struct Db {
+/// An open SQLite state database.
+pub struct Sqlite {
     conn: Connection,
-    /// Statements run through [`Db::conn`] (a test hook shows that unknown tokens cost none).
-    queries: Cell<u64>,
 }
 
 const SCHEMA: &str = "
@@ -117,18 +68,10 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
     tx.commit()
 }
 
-/// Seconds since the epoch.
-pub fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-impl Db {
+impl Sqlite {
     /// Open (creating if needed) the database at `path`: WAL journal, `synchronous=NORMAL`
     /// (a commit survives a crash of the process; the last commits may be lost on power loss).
-    pub fn open(path: &Path) -> Result<Db> {
+    pub fn open(path: &Path) -> Result<Sqlite> {
         let conn = Connection::open(path)
             .with_context(|| format!("opening the state database {}", path.display()))?;
         conn.busy_timeout(Duration::from_secs(10))?;
@@ -143,21 +86,11 @@ impl Db {
                     path.display()
                 )
             })?;
-        Ok(Db {
-            conn,
-            queries: Cell::new(0),
-        })
+        Ok(Sqlite { conn })
     }
 
-    /// The connection, counted: every read of the database goes through here.
     fn conn(&self) -> &Connection {
-        self.queries.set(self.queries.get() + 1);
         &self.conn
-    }
-
-    /// How many times this handle read the database (see [`Db::conn`]).
-    pub fn queries(&self) -> u64 {
-        self.queries.get()
     }
 
     fn bump_hosts_version(tx: &rusqlite::Transaction<'_>) -> Result<()> {
@@ -313,9 +246,7 @@ impl Db {
         Ok(())
     }
 
-    /// Apply the age retention: drop events received more than `max_age_secs` before `now`
-    /// (server time: a host's clock cannot keep its events forever or age them out early).
-    /// Returns how many were dropped.
+    /// See [`super::Db::prune`] (one server: nothing to claim).
     pub fn prune(&mut self, now: u64, max_age_secs: u64) -> Result<usize> {
         Ok(self.conn.execute(
             "DELETE FROM events WHERE received_at < ?1",
@@ -352,6 +283,7 @@ impl Db {
 
 #[cfg(test)]
 mod tests {
+    use super::super::Db;
     use super::*;
 
     fn ev(at: u64, kind: &str) -> Event {
@@ -376,19 +308,19 @@ mod tests {
         )
         .unwrap();
         drop(old);
-        let mut db = Db::open(&path).unwrap();
+        let mut db = Db::open_file(&path).unwrap();
         assert_eq!(db.events("web1", 10).unwrap()[0].at, 500);
         // Its receive time is taken from its own time (500).
-        assert_eq!(db.prune(600, 200).unwrap(), 0);
-        assert_eq!(db.prune(800, 200).unwrap(), 1);
+        assert_eq!(db.prune(600, 200).unwrap(), Some(0));
+        assert_eq!(db.prune(800, 200).unwrap(), Some(1));
         drop(db);
-        Db::open(&path).unwrap();
+        Db::open_file(&path).unwrap();
     }
 
     #[test]
     fn hosts_tokens_reports_and_retention() {
         let dir = tempfile::tempdir().unwrap();
-        let mut db = Db::open(&dir.path().join("state.db")).unwrap();
+        let mut db = Db::open_file(&dir.path().join("state.db")).unwrap();
         let v0 = db.hosts_version().unwrap();
         let added = db.add_hosts(&["web1".into(), "web2".into()]).unwrap();
         assert!(!added[0].2);
@@ -422,13 +354,13 @@ mod tests {
             },
         ];
         db.store(&batch, 100).unwrap();
-        let latest = db.latest_reports().unwrap();
+        let (latest, _) = db.latest_reports().unwrap();
         assert_eq!(latest.len(), 1, "reports of unregistered hosts are dropped");
         assert_eq!(db.events("web1", 10).unwrap()[0].kind, EventKind::Started);
         assert_eq!(db.event_count().unwrap(), 2);
         // Retention goes by receive time (300), not the events' own times (100, 200).
-        assert_eq!(db.prune(1000, 750).unwrap(), 0);
-        assert_eq!(db.prune(1000, 650).unwrap(), 2);
+        assert_eq!(db.prune(1000, 750).unwrap(), Some(0));
+        assert_eq!(db.prune(1000, 650).unwrap(), Some(2));
         // The quota keeps a host's newest events and leaves other hosts' alone.
         db.add_hosts(&["web2".into()]).unwrap();
         let many: Vec<Event> = (0..10).map(|i| ev(2000 + i, "x")).collect();
@@ -454,7 +386,7 @@ mod tests {
         assert_eq!(db.events("web2", 100).unwrap().len(), 2);
         assert!(db.remove_host("web2").unwrap());
         assert!(db.remove_host("web1").unwrap());
-        assert!(db.latest_reports().unwrap().is_empty());
+        assert!(db.latest_reports().unwrap().0.is_empty());
         assert!(!db.remove_host("web1").unwrap());
     }
 }

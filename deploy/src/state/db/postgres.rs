@@ -1,0 +1,653 @@
+//! The PostgreSQL backend of the fleet state (`--state postgres://USER@HOST:PORT/DB`), shared
+//! by several `keepup serve` replicas:
+//!
+//! * the schema comes from numbered migrations in `keepup_migrations`, applied at start under
+//!   a transaction advisory lock, so replicas starting together apply each exactly once;
+//! * stores take a transaction advisory lock, so report sequence numbers (`reports.seq`) are
+//!   committed in order and a replica that read up to one has missed none before it
+//!   ([`Postgres::peer_reports`]);
+//! * the age retention is claimed through `meta.pruned_at` (one replica per turn);
+//! * the rollout gate runs where a session advisory lock is held ([`Lease`]).
+//!
+//! The password comes from the URL, else `PGPASSWORD`, else the password file (`PGPASSFILE`
+//! or `~/.pgpass`, as libpq reads it). It is never shown: messages name the database by
+//! [`PgUrl`]'s display, which has none.
+
+use std::cell::{RefCell, RefMut};
+use std::collections::HashMap;
+use std::str::FromStr as _;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _, Result};
+use postgres::config::Host;
+use postgres::error::SqlState;
+use postgres::{Client, NoTls};
+
+use keepup_deploy::wire::{Event, EventKind};
+
+use super::{new_token, now, token_hash, HostRow, LatestReport, StoredReport, TokenHash};
+
+/// Advisory lock keys (one 64-bit space per database; "keepup" in the high bytes).
+const MIGRATE_LOCK: i64 = 0x6b65_6570_7570_0001;
+const STORE_LOCK: i64 = 0x6b65_6570_7570_0002;
+const GATE_LOCK: i64 = 0x6b65_6570_7570_0003;
+
+/// The schema, one step per migration; a step is never edited once released, only added.
+const MIGRATIONS: &[(i32, &str)] = &[(
+    1,
+    "CREATE TABLE hosts (
+        name TEXT PRIMARY KEY,
+        token_sha256 BYTEA NOT NULL UNIQUE,
+        added_at BIGINT NOT NULL
+    );
+    CREATE SEQUENCE report_seq;
+    CREATE TABLE reports (
+        host TEXT PRIMARY KEY,
+        received_at BIGINT NOT NULL,
+        sent_at BIGINT NOT NULL,
+        report TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        replica TEXT NOT NULL
+    );
+    CREATE INDEX reports_seq ON reports(seq);
+    CREATE TABLE events (
+        id BIGSERIAL PRIMARY KEY,
+        host TEXT NOT NULL,
+        at BIGINT NOT NULL,
+        service TEXT,
+        kind TEXT NOT NULL,
+        message TEXT NOT NULL,
+        received_at BIGINT NOT NULL
+    );
+    CREATE INDEX events_host_id ON events(host, id);
+    CREATE INDEX events_received ON events(received_at);
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL);
+    INSERT INTO meta(key, value) VALUES ('hosts_version', 0), ('pruned_at', 0);",
+)];
+
+/// A PostgreSQL database to connect to, parsed from `--state`.
+#[derive(Clone)]
+pub struct PgUrl {
+    config: postgres::Config,
+    /// The URL without its password, for messages.
+    shown: String,
+}
+
+impl std::fmt::Debug for PgUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.shown)
+    }
+}
+
+impl std::fmt::Display for PgUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.shown)
+    }
+}
+
+fn host_name(h: &Host) -> String {
+    match h {
+        Host::Tcp(n) => n.clone(),
+        Host::Unix(p) => p.display().to_string(),
+    }
+}
+
+impl PgUrl {
+    /// Parse a `postgres://` (or `postgresql://`) URL; every libpq URL parameter the driver
+    /// knows is accepted (`?sslmode=`, `?target_session_attrs=read-write`, several hosts).
+    pub fn parse(s: &str) -> Result<PgUrl, String> {
+        let mut config = postgres::Config::from_str(s).map_err(|e| {
+            format!(
+                "--state: not a PostgreSQL URL ({e}); write postgres://USER@HOST:PORT/DB \
+                 (the password in PGPASSWORD or ~/.pgpass)"
+            )
+        })?;
+        if config.get_user().is_none() {
+            return Err(
+                "--state: the PostgreSQL URL names no user: write postgres://USER@HOST:PORT/DB"
+                    .into(),
+            );
+        }
+        if config.get_hosts().is_empty() {
+            return Err(
+                "--state: the PostgreSQL URL names no host: write postgres://USER@HOST:PORT/DB"
+                    .into(),
+            );
+        }
+        if config.get_ssl_mode() == postgres::config::SslMode::Require {
+            return Err(
+                "--state: sslmode=require: keepup connects to PostgreSQL without TLS \
+                 for now; keep the database on a private network (docs/postgres.md, \"Limits\")"
+                    .into(),
+            );
+        }
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(10));
+        }
+        let hosts: Vec<String> = config
+            .get_hosts()
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let port = config
+                    .get_ports()
+                    .get(i)
+                    .or(config.get_ports().first())
+                    .copied()
+                    .unwrap_or(5432);
+                format!("{}:{port}", host_name(h))
+            })
+            .collect();
+        let shown = format!(
+            "postgres://{}@{}/{}",
+            config.get_user().unwrap_or_default(),
+            hosts.join(","),
+            config
+                .get_dbname()
+                .or(config.get_user())
+                .unwrap_or_default()
+        );
+        Ok(PgUrl { config, shown })
+    }
+
+    /// Connect, with the password from the URL, `PGPASSWORD` or the password file. Errors
+    /// say what is wrong (credentials, no such database, unreachable) and what to do.
+    fn connect(&self) -> Result<Client> {
+        let mut config = self.config.clone();
+        if config.get_password().is_none() {
+            if let Some(pw) = self.password_from_env() {
+                config.password(pw);
+            }
+        }
+        config.connect(NoTls).map_err(|e| self.explain(&e))
+    }
+
+    /// `PGPASSWORD`, else the first matching line of the password file.
+    fn password_from_env(&self) -> Option<String> {
+        if let Some(pw) = std::env::var_os("PGPASSWORD") {
+            return Some(pw.to_string_lossy().into_owned());
+        }
+        let file = std::env::var_os("PGPASSFILE")
+            .map(std::path::PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".pgpass"))
+            })?;
+        let meta = std::fs::metadata(&file).ok()?;
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            if meta.permissions().mode() & 0o077 != 0 {
+                eprintln!(
+                    "keepup: {} is readable by others; it is ignored (chmod 600 it)",
+                    file.display()
+                );
+                return None;
+            }
+        }
+        let text = std::fs::read_to_string(&file).ok()?;
+        let host = self.config.get_hosts().first().map_or_else(
+            || "localhost".to_string(),
+            |h| match h {
+                Host::Tcp(n) => n.clone(),
+                Host::Unix(_) => "localhost".to_string(),
+            },
+        );
+        let port = self.config.get_ports().first().copied().unwrap_or(5432);
+        let user = self.config.get_user().unwrap_or_default();
+        let db = self.config.get_dbname().unwrap_or(user);
+        pgpass_lookup(&text, &host, port, db, user)
+    }
+
+    /// A connection error as the operator needs it (never with the password).
+    fn explain(&self, e: &postgres::Error) -> anyhow::Error {
+        let user = self.config.get_user().unwrap_or_default();
+        if let Some(code) = e.code() {
+            if *code == SqlState::INVALID_PASSWORD
+                || *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+            {
+                return anyhow::anyhow!(
+                    "PostgreSQL at {self} refused user {user:?}: {}; check the password (in the \
+                     URL, PGPASSWORD or ~/.pgpass) and the server's pg_hba.conf",
+                    e.as_db_error()
+                        .map_or("authentication failed", |d| d.message())
+                );
+            }
+            if *code == SqlState::INVALID_CATALOG_NAME {
+                return anyhow::anyhow!(
+                    "PostgreSQL at {self}: the database does not exist; create it (createdb -O \
+                     {user} DBNAME) and start again"
+                );
+            }
+        }
+        let io = std::error::Error::source(e).and_then(|s| s.downcast_ref::<std::io::Error>());
+        if let Some(io) = io {
+            return anyhow::anyhow!(
+                "cannot reach PostgreSQL at {self}: {io}; is the server running and listening \
+                 there (listen_addresses, port, firewall)?"
+            );
+        }
+        anyhow::anyhow!(
+            "cannot connect to PostgreSQL at {self}: {e} (a password goes in PGPASSWORD or \
+             ~/.pgpass; the server may also be unreachable within the connect timeout)"
+        )
+    }
+}
+
+/// The password of the first line of a libpq password file (`host:port:db:user:password`,
+/// `*` matches anything, `\` escapes `:` and `\`) that matches.
+fn pgpass_lookup(text: &str, host: &str, port: u16, db: &str, user: &str) -> Option<String> {
+    let port = port.to_string();
+    for line in text.lines() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        let mut fields = Vec::new();
+        let mut cur = String::new();
+        let mut chars = line.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => {
+                    if let Some(n) = chars.next() {
+                        cur.push(n);
+                    }
+                }
+                ':' if fields.len() < 4 => fields.push(std::mem::take(&mut cur)),
+                c => cur.push(c),
+            }
+        }
+        fields.push(cur);
+        if fields.len() != 5 {
+            continue;
+        }
+        let want = [host, port.as_str(), db, user];
+        if fields[..4]
+            .iter()
+            .zip(want)
+            .all(|(f, w)| f == "*" || f == w)
+        {
+            return Some(fields.pop().unwrap_or_default());
+        }
+    }
+    None
+}
+
+/// Apply the migrations this database lacks, under an advisory lock held until commit;
+/// returns those applied here.
+fn migrate(client: &mut Client) -> Result<Vec<i32>> {
+    let mut tx = client.transaction()?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATE_LOCK])?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS keepup_migrations (
+            version INTEGER PRIMARY KEY,
+            applied_at BIGINT NOT NULL
+        )",
+    )?;
+    let done: Vec<i32> = tx
+        .query("SELECT version FROM keepup_migrations", &[])?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let known = MIGRATIONS.last().map_or(0, |m| m.0);
+    if let Some(v) = done.iter().copied().filter(|v| *v > known).max() {
+        bail!(
+            "the database's schema is at migration {v}, newer than this keepup knows ({known}): \
+             upgrade keepup on this machine"
+        );
+    }
+    let mut applied = Vec::new();
+    for (v, sql) in MIGRATIONS {
+        if done.contains(v) {
+            continue;
+        }
+        tx.batch_execute(sql)
+            .with_context(|| format!("applying migration {v}"))?;
+        tx.execute(
+            "INSERT INTO keepup_migrations(version, applied_at) VALUES ($1, $2)",
+            &[v, &(now() as i64)],
+        )?;
+        applied.push(*v);
+    }
+    tx.commit()?;
+    Ok(applied)
+}
+
+/// An open PostgreSQL state database (one connection, re-opened when it drops).
+pub struct Postgres {
+    url: PgUrl,
+    client: RefCell<Client>,
+}
+
+impl Postgres {
+    /// Connect and apply the migrations.
+    pub fn open(url: &PgUrl) -> Result<Postgres> {
+        let mut client = url.connect()?;
+        let applied =
+            migrate(&mut client).with_context(|| format!("preparing the state database {url}"))?;
+        for v in applied {
+            eprintln!("keepup: state database {url}: applied migration {v}");
+        }
+        Ok(Postgres {
+            url: url.clone(),
+            client: RefCell::new(client),
+        })
+    }
+
+    /// The connection, opened again if the last one dropped (a restart or a failover).
+    fn client(&self) -> Result<RefMut<'_, Client>> {
+        let mut c = self.client.borrow_mut();
+        if c.is_closed() {
+            *c = self.url.connect()?;
+        }
+        Ok(c)
+    }
+
+    /// See [`super::Db::add_hosts`].
+    pub fn add_hosts(&mut self, names: &[String]) -> Result<Vec<(String, String, bool)>> {
+        let mut c = self.client()?;
+        let mut tx = c.transaction()?;
+        let mut out = Vec::with_capacity(names.len());
+        let exists = tx.prepare("SELECT 1 FROM hosts WHERE name = $1")?;
+        let upsert = tx.prepare(
+            "INSERT INTO hosts(name, token_sha256, added_at) VALUES ($1, $2, $3)
+             ON CONFLICT(name) DO UPDATE SET token_sha256 = excluded.token_sha256,
+             added_at = excluded.added_at",
+        )?;
+        let t = now() as i64;
+        for name in names {
+            let replaced = !tx.query(&exists, &[name])?.is_empty();
+            let token = new_token();
+            tx.execute(&upsert, &[name, &&token_hash(&token)[..], &t])?;
+            out.push((name.clone(), token, replaced));
+        }
+        tx.execute(
+            "UPDATE meta SET value = value + 1 WHERE key = 'hosts_version'",
+            &[],
+        )?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// See [`super::Db::remove_host`].
+    pub fn remove_host(&mut self, name: &str) -> Result<bool> {
+        let mut c = self.client()?;
+        let mut tx = c.transaction()?;
+        let n = tx.execute("DELETE FROM hosts WHERE name = $1", &[&name])?;
+        tx.execute("DELETE FROM reports WHERE host = $1", &[&name])?;
+        tx.execute("DELETE FROM events WHERE host = $1", &[&name])?;
+        tx.execute(
+            "UPDATE meta SET value = value + 1 WHERE key = 'hosts_version'",
+            &[],
+        )?;
+        tx.commit()?;
+        Ok(n > 0)
+    }
+
+    /// See [`super::Db::hosts`].
+    pub fn hosts(&self) -> Result<Vec<HostRow>> {
+        let rows = self.client()?.query(
+            "SELECT h.name, h.added_at, r.received_at FROM hosts h
+             LEFT JOIN reports r ON r.host = h.name ORDER BY h.name",
+            &[],
+        )?;
+        Ok(rows
+            .iter()
+            .map(|r| HostRow {
+                name: r.get(0),
+                added_at: r.get::<_, i64>(1) as u64,
+                last_report: r.get::<_, Option<i64>>(2).map(|v| v as u64),
+            })
+            .collect())
+    }
+
+    /// See [`super::Db::tokens`].
+    pub fn tokens(&self) -> Result<HashMap<TokenHash, String>> {
+        let rows = self
+            .client()?
+            .query("SELECT token_sha256, name FROM hosts", &[])?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| {
+                let h: &[u8] = r.get(0);
+                Some((TokenHash::try_from(h).ok()?, r.get(1)))
+            })
+            .collect())
+    }
+
+    /// See [`super::Db::hosts_version`].
+    pub fn hosts_version(&self) -> Result<i64> {
+        Ok(self
+            .client()?
+            .query_one("SELECT value FROM meta WHERE key = 'hosts_version'", &[])?
+            .get(0))
+    }
+
+    /// Every host's latest report, and the highest sequence number among them (read first:
+    /// a report stored meanwhile is read again by the next [`Postgres::peer_reports`]).
+    pub fn latest_reports(&self) -> Result<(Vec<LatestReport>, i64)> {
+        let mut c = self.client()?;
+        let mark: i64 = c
+            .query_one("SELECT coalesce(max(seq), 0) FROM reports", &[])?
+            .get(0);
+        let rows = c.query("SELECT host, received_at, report FROM reports", &[])?;
+        let out = rows
+            .iter()
+            .map(|r| {
+                (
+                    r.get::<_, String>(0),
+                    r.get::<_, i64>(1) as u64,
+                    r.get::<_, String>(2).into_bytes(),
+                )
+            })
+            .collect();
+        Ok((out, mark))
+    }
+
+    /// The reports other replicas stored after `mark`, and the new mark. Stores commit in
+    /// sequence order (they hold [`STORE_LOCK`]), so none is skipped.
+    pub fn peer_reports(&self, mark: i64, me: &str) -> Result<(Vec<LatestReport>, i64)> {
+        let rows = self.client()?.query(
+            "SELECT host, received_at, CASE WHEN replica <> $2 THEN report END, seq
+             FROM reports WHERE seq > $1 ORDER BY seq",
+            &[&mark, &me],
+        )?;
+        let mut next = mark;
+        let mut out = Vec::new();
+        for r in &rows {
+            next = next.max(r.get::<_, i64>(3));
+            if let Some(body) = r.get::<_, Option<String>>(2) {
+                out.push((
+                    r.get::<_, String>(0),
+                    r.get::<_, i64>(1) as u64,
+                    body.into_bytes(),
+                ));
+            }
+        }
+        Ok((out, next))
+    }
+
+    /// See [`super::Db::store`]; `me` marks the reports as this replica's.
+    pub fn store(
+        &mut self,
+        batch: &[StoredReport<'_>],
+        keep_per_host: u64,
+        me: &str,
+    ) -> Result<()> {
+        let mut c = self.client()?;
+        let mut tx = c.transaction()?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&STORE_LOCK])?;
+        let upsert = tx.prepare(
+            "INSERT INTO reports(host, received_at, sent_at, report, seq, replica)
+             SELECT $1::text, $2::bigint, $3::bigint, $4::text, nextval('report_seq'), $5::text
+             WHERE EXISTS (SELECT 1 FROM hosts WHERE name = $1::text)
+             ON CONFLICT(host) DO UPDATE SET received_at = excluded.received_at,
+             sent_at = excluded.sent_at, report = excluded.report, seq = excluded.seq,
+             replica = excluded.replica",
+        )?;
+        let event = tx.prepare(
+            "INSERT INTO events(host, at, service, kind, message, received_at)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )?;
+        let quota = tx.prepare(
+            "DELETE FROM events WHERE host = $1 AND id <= (SELECT id FROM events
+             WHERE host = $1 ORDER BY id DESC LIMIT 1 OFFSET $2)",
+        )?;
+        for r in batch {
+            let body = std::str::from_utf8(r.body).unwrap_or_default();
+            let at = r.received_at as i64;
+            let n = tx.execute(&upsert, &[&r.host, &at, &(r.sent_at as i64), &body, &me])?;
+            if n == 0 {
+                continue;
+            }
+            for e in r.new_events {
+                tx.execute(
+                    &event,
+                    &[
+                        &r.host,
+                        &(e.at as i64),
+                        &e.service,
+                        &e.kind.as_str(),
+                        &e.message,
+                        &at,
+                    ],
+                )?;
+            }
+            if r.apply_quota {
+                tx.execute(&quota, &[&r.host, &(keep_per_host as i64)])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// See [`super::Db::prune`]: done only if no replica did it in the last `claim` seconds.
+    pub fn prune(&mut self, now: u64, max_age_secs: u64, claim: u64) -> Result<Option<usize>> {
+        let mut c = self.client()?;
+        let mut tx = c.transaction()?;
+        let claimed = tx.execute(
+            "UPDATE meta SET value = $1 WHERE key = 'pruned_at' AND value <= $2",
+            &[&(now as i64), &(now.saturating_sub(claim) as i64)],
+        )?;
+        if claimed == 0 {
+            return Ok(None);
+        }
+        let n = tx.execute(
+            "DELETE FROM events WHERE received_at < $1",
+            &[&(now.saturating_sub(max_age_secs) as i64)],
+        )?;
+        tx.commit()?;
+        Ok(Some(n as usize))
+    }
+
+    /// See [`super::Db::events`].
+    pub fn events(&self, host: &str, limit: usize) -> Result<Vec<Event>> {
+        let rows = self.client()?.query(
+            "SELECT at, service, kind, message FROM events WHERE host = $1
+             ORDER BY id DESC LIMIT $2",
+            &[&host, &(limit as i64)],
+        )?;
+        Ok(rows
+            .iter()
+            .map(|r| Event {
+                at: r.get::<_, i64>(0) as u64,
+                service: r.get(1),
+                kind: EventKind::parse(r.get::<_, &str>(2)),
+                message: r.get(3),
+            })
+            .collect())
+    }
+
+    /// How many events the log holds.
+    #[cfg(test)]
+    pub fn event_count(&self) -> Result<u64> {
+        Ok(self
+            .client()?
+            .query_one("SELECT count(*) FROM events", &[])?
+            .get::<_, i64>(0) as u64)
+    }
+}
+
+/// The rollout gate's lease: a session advisory lock on a connection of its own. The replica
+/// holding it evaluates the gates; when the replica dies its connection closes and the lock
+/// is free for the next replica that asks.
+pub struct Lease {
+    url: PgUrl,
+    client: Option<Client>,
+    held: bool,
+}
+
+impl Lease {
+    /// A lease not held yet.
+    pub fn new(url: PgUrl) -> Lease {
+        Lease {
+            url,
+            client: None,
+            held: false,
+        }
+    }
+
+    /// Whether this replica holds the lease now: taken if free, checked alive if held (a
+    /// connection that dropped lost it).
+    pub fn hold(&mut self) -> bool {
+        if self.client.as_ref().is_none_or(Client::is_closed) {
+            self.held = false;
+            self.client = self.url.connect().ok();
+        }
+        let Some(c) = &mut self.client else {
+            return false;
+        };
+        let answer = if self.held {
+            c.simple_query("SELECT 1").map(|_| true)
+        } else {
+            c.query_one("SELECT pg_try_advisory_lock($1)", &[&GATE_LOCK])
+                .map(|r| r.get::<_, bool>(0))
+        };
+        match answer {
+            Ok(h) => self.held = h,
+            Err(_) => {
+                self.client = None;
+                self.held = false;
+            }
+        }
+        self.held
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_shown_without_their_password() {
+        let u = PgUrl::parse("postgres://keepup:s3cret@db1:5433/fleet").unwrap();
+        assert_eq!(u.to_string(), "postgres://keepup@db1:5433/fleet");
+        assert!(!format!("{u:?}").contains("s3cret"));
+        let u =
+            PgUrl::parse("postgresql://ops@db1,db2/fleet?target_session_attrs=read-write").unwrap();
+        assert_eq!(u.to_string(), "postgres://ops@db1:5432,db2:5432/fleet");
+        assert!(PgUrl::parse("postgres://db1/fleet")
+            .unwrap_err()
+            .contains("no user"));
+        assert!(PgUrl::parse("postgres://u@db1/fleet?sslmode=require")
+            .unwrap_err()
+            .contains("without TLS"));
+        assert!(PgUrl::parse("postgres://u@db1/fleet?nonsense=1")
+            .unwrap_err()
+            .contains("not a PostgreSQL URL"));
+    }
+
+    #[test]
+    fn password_file_lines_match_like_libpq() {
+        let file = "# comment\n\
+                    other:5432:*:keepup:no\n\
+                    db1:5432:fleet:keepup:pa\\:ss\\\\word\n\
+                    *:*:*:*:fallback\n";
+        assert_eq!(
+            pgpass_lookup(file, "db1", 5432, "fleet", "keepup").as_deref(),
+            Some("pa:ss\\word")
+        );
+        assert_eq!(
+            pgpass_lookup(file, "db2", 5432, "fleet", "keepup").as_deref(),
+            Some("fallback")
+        );
+        assert_eq!(pgpass_lookup("db1:5432:x:y\n", "db1", 5432, "x", "y"), None);
+    }
+}

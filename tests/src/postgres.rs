@@ -1,0 +1,171 @@
+//! A throwaway PostgreSQL cluster for tests: Debian's `postgresql` binaries (initdb, pg_ctl)
+//! run as `nobody` (tests run as root; PostgreSQL refuses root) on a fresh data directory and
+//! a free loopback port, stopped and deleted when dropped. The superuser `keepup` has a
+//! password over TCP (what `keepup serve` uses) and trust over the cluster's own Unix socket
+//! (what the test's `psql` checks use).
+//!
+//! Set `KEEPUP_SKIP_POSTGRES_TESTS=1` to skip the tests that need it; otherwise a missing
+//! `initdb` is an error that says what to install.
+
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use anyhow::{bail, ensure, Context as _, Result};
+
+/// The opt-out: set to 1, PostgreSQL tests skip (and say so).
+pub const SKIP_ENV: &str = "KEEPUP_SKIP_POSTGRES_TESTS";
+/// The superuser's password over TCP.
+pub const PASSWORD: &str = "keepup-test-pw";
+/// The database `keepup` gets.
+pub const DATABASE: &str = "fleet";
+
+/// Whether PostgreSQL tests run (false: skipped explicitly, said on stderr).
+pub fn postgres_or_skip() -> bool {
+    if std::env::var(SKIP_ENV).is_ok_and(|v| v == "1") {
+        eprintln!("{SKIP_ENV}=1: skipping a PostgreSQL test");
+        return false;
+    }
+    true
+}
+
+/// The directory of Debian's PostgreSQL server binaries (the newest installed major).
+pub fn bin_dir() -> Result<PathBuf> {
+    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let major = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").exists().then_some((major, bin))
+        })
+        .collect();
+    found.sort();
+    match found.pop() {
+        Some((_, b)) => Ok(b),
+        None => bail!(
+            "PostgreSQL's initdb is not installed (looked in /usr/lib/postgresql/*/bin): \
+             `apt-get install postgresql` (tests/run.sh does), or set {SKIP_ENV}=1 to skip \
+             the PostgreSQL tests"
+        ),
+    }
+}
+
+/// A running throwaway cluster.
+pub struct PgCluster {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    port: u16,
+}
+
+fn as_nobody(bin: &Path, tool: &str) -> Command {
+    let mut c = Command::new("runuser");
+    c.args(["-u", "nobody", "--"]).arg(bin.join(tool));
+    c.current_dir("/");
+    c
+}
+
+fn run(mut c: Command, what: &str) -> Result<Output> {
+    let out = c.output().with_context(|| format!("running {what}"))?;
+    ensure!(
+        out.status.success(),
+        "{what} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(out)
+}
+
+impl PgCluster {
+    /// initdb, start on a free port, create [`DATABASE`].
+    pub fn start() -> Result<PgCluster> {
+        let bin = bin_dir()?;
+        let dir = tempfile::Builder::new().prefix("keepup-pg-").tempdir()?;
+        let nobody = nix::unistd::User::from_name("nobody")?.context("no user nobody")?;
+        nix::unistd::chown(dir.path(), Some(nobody.uid), Some(nobody.gid))?;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))?;
+        let pwfile = dir.path().join("pw");
+        std::fs::write(&pwfile, PASSWORD)?;
+        nix::unistd::chown(&pwfile, Some(nobody.uid), Some(nobody.gid))?;
+        let data = dir.path().join("data");
+        let mut init = as_nobody(&bin, "initdb");
+        init.arg("-D")
+            .arg(&data)
+            .args([
+                "-U",
+                "keepup",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                "--no-sync",
+            ])
+            .arg(format!("--pwfile={}", pwfile.display()));
+        run(init, "initdb")?;
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let cluster = PgCluster { dir, bin, port };
+        let mut start = as_nobody(&cluster.bin, "pg_ctl");
+        start
+            .arg("-D")
+            .arg(&data)
+            .arg("-l")
+            .arg(cluster.dir.path().join("log"))
+            .args(["-w", "-t", "60", "-o"])
+            .arg(format!(
+                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=60",
+                cluster.dir.path().display()
+            ))
+            .arg("start");
+        if let Err(e) = run(start, "pg_ctl start") {
+            let log = std::fs::read_to_string(cluster.dir.path().join("log")).unwrap_or_default();
+            bail!("{e:#}\nserver log:\n{log}");
+        }
+        cluster.psql("postgres", &format!("CREATE DATABASE {DATABASE}"))?;
+        Ok(cluster)
+    }
+
+    /// The cluster's TCP port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `postgres://keepup@127.0.0.1:PORT/fleet`, with the password when asked.
+    pub fn url(&self, with_password: bool) -> String {
+        let pw = if with_password {
+            format!(":{PASSWORD}")
+        } else {
+            String::new()
+        };
+        format!("postgres://keepup{pw}@127.0.0.1:{}/{DATABASE}", self.port)
+    }
+
+    /// Run `sql` in `db` over the Unix socket; the rows, `|`-separated, one a line.
+    pub fn psql(&self, db: &str, sql: &str) -> Result<String> {
+        let mut c = as_nobody(&self.bin, "psql");
+        c.args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h"])
+            .arg(self.dir.path())
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "keepup",
+                "-d",
+                db,
+                "-c",
+                sql,
+            ]);
+        let out = run(c, &format!("psql {sql:?}"))?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let mut stop = as_nobody(&self.bin, "pg_ctl");
+        stop.arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-m", "immediate", "-w", "stop"]);
+        let _ = stop.output();
+    }
+}

@@ -1,0 +1,529 @@
+//! The fleet state on PostgreSQL with two `keepup serve` replicas (issue 14): a real cluster
+//! ([`keepup_tests::postgres`]) and the real `keepup` binary on loopback. Reports and tokens
+//! go through either replica, the schema migration runs once when both start together, a
+//! replica killed under load loses no report it accepted, and bad credentials or an
+//! unreachable database stop the server at start with a clear message.
+//!
+//! `KEEPUP_SKIP_POSTGRES_TESTS=1` skips these tests.
+
+use std::io::{Read as _, Write as _};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context as _, Result};
+use keepup_tests::example::built_bin;
+use keepup_tests::fleet::{keepup, keepup_output};
+use keepup_tests::postgres::{postgres_or_skip, PgCluster, PASSWORD};
+use serde_json::{json, Value};
+
+/// A repository initialised once per test process (key generation is slow in debug builds).
+fn repo() -> Result<PathBuf> {
+    static REPO: OnceLock<PathBuf> = OnceLock::new();
+    if let Some(r) = REPO.get() {
+        return Ok(r.clone());
+    }
+    let dir = std::env::temp_dir().join(format!("keepup-pg-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let repo = dir.join("repo");
+    keepup(&["repo", "init", repo.to_str().unwrap()])?;
+    Ok(REPO.get_or_init(|| repo).clone())
+}
+
+/// A `keepup serve --state postgres://...` replica; stderr goes to a file.
+struct Replica {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+}
+
+impl Replica {
+    /// Spawn (not waiting for it to listen). The password travels in `PGPASSWORD` when
+    /// `url` has none.
+    fn spawn(repo: &Path, url: &str, log: PathBuf) -> Result<Replica> {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let child = Command::new(built_bin("keepup")?)
+            .args(["serve", "--no-refresh", "--repo"])
+            .arg(repo)
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--state", url])
+            .env("PGPASSWORD", PASSWORD)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()?;
+        Ok(Replica { child, port, log })
+    }
+
+    fn wait_listening(&mut self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if let Some(st) = self.child.try_wait()? {
+                bail!("keepup serve exited ({st}):\n{}", self.stderr());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "keepup serve did not listen:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Two replicas started together on one fresh database.
+fn two_replicas(pg: &PgCluster, dir: &Path) -> Result<(Replica, Replica)> {
+    let repo = repo()?;
+    // A has the password in its URL, B takes it from PGPASSWORD.
+    let mut a = Replica::spawn(&repo, &pg.url(true), dir.join("a.log"))?;
+    let mut b = Replica::spawn(&repo, &pg.url(false), dir.join("b.log"))?;
+    a.wait_listening()?;
+    b.wait_listening()?;
+    Ok((a, b))
+}
+
+/// POST a report; the HTTP status (0 when the connection failed).
+fn post(port: u16, token: &str, body: &str) -> u16 {
+    let go = || -> Result<u16> {
+        let mut s = TcpStream::connect(("127.0.0.1", port))?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        write!(
+            s,
+            "POST /api/v1/report HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\
+             Content-Type: application/json\r\nAuthorization: Bearer {token}\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )?;
+        let mut raw = String::new();
+        s.read_to_string(&mut raw)?;
+        Ok(raw
+            .split_whitespace()
+            .nth(1)
+            .context("no status")?
+            .parse()?)
+    };
+    go().unwrap_or(0)
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A report of `host` running foo `version`, with one event naming `mark`.
+fn report(host: &str, version: &str, mark: &str) -> String {
+    json!({"host": host, "agent_version": "0.1.0", "sent_at": now(), "track": "stable",
+        "format": "deb", "arch": "amd64", "installed": {"foo": version},
+        "services": [{"name": "foo", "version": version, "state": "running", "restarts": 0,
+            "probes": []}],
+        "update": {"at": now(), "ok": true},
+        "events": [{"at": now(), "service": "foo", "kind": "install", "message": mark}]})
+    .to_string()
+}
+
+/// Calls `check` until it holds; fails after `within` with `what`.
+fn wait_until(what: &str, within: Duration, mut check: impl FnMut() -> Result<bool>) -> Result<()> {
+    let deadline = Instant::now() + within;
+    loop {
+        if check()? {
+            return Ok(());
+        }
+        ensure!(Instant::now() < deadline, "{what}: not within {within:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `keepup report --json` through `server`: host -> foo's version.
+fn versions_via(server: &str) -> Result<Vec<(String, String)>> {
+    let out = keepup(&["report", "--server", server, "--json"])?;
+    let v: Value = serde_json::from_str(&out)?;
+    Ok(v["hosts"]
+        .as_array()
+        .context("no hosts in the report")?
+        .iter()
+        .map(|h| {
+            let version = h["services"]
+                .as_array()
+                .and_then(|s| s.iter().find(|s| s["name"] == "foo"))
+                .map(|s| s["installed"].as_str().unwrap_or("").to_string())
+                .unwrap_or_default();
+            (h["host"].as_str().unwrap_or("").to_string(), version)
+        })
+        .collect())
+}
+
+#[test]
+fn replicas_share_reports_and_tokens_and_migrate_once() -> Result<()> {
+    if !postgres_or_skip() {
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    let pg = PgCluster::start()?;
+    let (a, b) = two_replicas(&pg, tmp.path())?;
+
+    // Both started together; the schema's one migration was applied once, by one of them.
+    let applied = [&a, &b]
+        .iter()
+        .filter(|r| r.stderr().contains("applied migration 1"))
+        .count();
+    ensure!(
+        applied == 1,
+        "migration applied by {applied} replicas:\nA: {}\nB: {}",
+        a.stderr(),
+        b.stderr()
+    );
+    ensure!(
+        pg.psql("fleet", "SELECT version FROM keepup_migrations")?
+            .trim()
+            == "1"
+    );
+
+    // A host registered while both run (the URL without a password: PGPASSWORD).
+    let url = pg.url(false);
+    let token = |host: &str| -> Result<String> {
+        let out = Command::new(built_bin("keepup")?)
+            .args(["host", "add", host, "--state", &url])
+            .env("PGPASSWORD", PASSWORD)
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8(out.stdout)?.trim().to_string())
+    };
+    let t1 = token("web1")?;
+    // Its token works on A; the report is then visible through B.
+    wait_until("A takes web1's token", Duration::from_secs(10), || {
+        Ok(post(a.port, &t1, &report("web1", "1.2-1", "a1")) == 204)
+    })?;
+    wait_until("web1's report through B", Duration::from_secs(10), || {
+        Ok(versions_via(&b.url())?.contains(&("web1".into(), "1.2-1".into())))
+    })?;
+    // A token added later works on both, and a report to B shows through A.
+    let t2 = token("web2")?;
+    wait_until("B takes web2's token", Duration::from_secs(10), || {
+        Ok(post(b.port, &t2, &report("web2", "1.1-1", "b1")) == 204)
+    })?;
+    wait_until("A takes web2's token", Duration::from_secs(10), || {
+        Ok(post(a.port, &t2, &report("web2", "1.3-1", "a2")) == 204)
+    })?;
+    wait_until(
+        "web2's latest report through B",
+        Duration::from_secs(10),
+        || Ok(versions_via(&b.url())?.contains(&("web2".into(), "1.3-1".into()))),
+    )?;
+    // Each event was logged once, whichever replica took the report.
+    let events = pg.psql(
+        "fleet",
+        "SELECT message FROM events WHERE host = 'web2' ORDER BY id",
+    )?;
+    ensure!(
+        events.split_whitespace().collect::<Vec<_>>() == ["b1", "a2"],
+        "{events}"
+    );
+    // The events API of either replica reads them from the database, newest first.
+    for r in [&a, &b] {
+        let mut c = TcpStream::connect(("127.0.0.1", r.port))?;
+        c.set_read_timeout(Some(Duration::from_secs(30)))?;
+        c.write_all(
+            b"GET /api/v1/events?host=web2 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )?;
+        let mut raw = String::new();
+        c.read_to_string(&mut raw)?;
+        let body = raw.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        let list: Vec<Value> = serde_json::from_str(body).with_context(|| raw.clone())?;
+        let messages: Vec<&str> = list.iter().filter_map(|e| e["message"].as_str()).collect();
+        ensure!(messages == ["a2", "b1"], "{raw}");
+    }
+    // A removed host's token stops working on both.
+    keepup(&["host", "remove", "web1", "--state", &pg.url(true)])?;
+    for r in [&a, &b] {
+        wait_until("web1's token refused", Duration::from_secs(10), || {
+            Ok(post(r.port, &t1, &report("web1", "1.2-1", "x")) == 401)
+        })?;
+    }
+    // `keepup host list` reads the same database.
+    let list = keepup(&["host", "list", "--state", &pg.url(true)])?;
+    ensure!(list.contains("web2") && !list.contains("web1"), "{list}");
+    Ok(())
+}
+
+#[test]
+fn a_replica_killed_under_load_loses_no_accepted_report() -> Result<()> {
+    if !postgres_or_skip() {
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    let pg = PgCluster::start()?;
+    let (mut a, b) = two_replicas(&pg, tmp.path())?;
+    const HOSTS: usize = 400;
+    let names: Vec<String> = (0..HOSTS).map(|i| format!("load{i:03}")).collect();
+    let mut add = Command::new(built_bin("keepup")?)
+        .args(["host", "add", "--bulk", "--state", &pg.url(true)])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    add.stdin
+        .take()
+        .unwrap()
+        .write_all(names.join("\n").as_bytes())?;
+    let out = add.wait_with_output()?;
+    ensure!(out.status.success());
+    let tokens: Vec<(String, String)> = String::from_utf8(out.stdout)?
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(h, t)| (h.to_string(), t.to_string()))
+        .collect();
+    ensure!(tokens.len() == HOSTS);
+    let first = &tokens[0];
+    wait_until("A knows the new tokens", Duration::from_secs(10), || {
+        Ok(post(a.port, &first.1, &report(&first.0, "1.0-1", "warmup")) == 204)
+    })?;
+
+    // 8 clients post one report per host to A; A is SIGKILLed once 100 were accepted.
+    let accepted = Arc::new(Mutex::new(Vec::new()));
+    let count = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicBool::new(false));
+    let tokens = Arc::new(tokens);
+    let port = a.port;
+    let clients: Vec<_> = (0..8)
+        .map(|c| {
+            let (accepted, count, failed, tokens) = (
+                accepted.clone(),
+                count.clone(),
+                failed.clone(),
+                tokens.clone(),
+            );
+            std::thread::spawn(move || {
+                for (host, token) in tokens.iter().skip(1).skip(c).step_by(8) {
+                    match post(port, token, &report(host, "2.0-1", &format!("load-{host}"))) {
+                        204 => {
+                            accepted.lock().unwrap().push(host.clone());
+                            count.fetch_add(1, Ordering::SeqCst);
+                        }
+                        0 => {}
+                        _ => failed.store(true, Ordering::SeqCst),
+                    }
+                }
+            })
+        })
+        .collect();
+    wait_until("100 reports accepted", Duration::from_secs(60), || {
+        Ok(count.load(Ordering::SeqCst) >= 100)
+    })?;
+    a.kill();
+    for c in clients {
+        c.join().unwrap();
+    }
+    let accepted = accepted.lock().unwrap().clone();
+    ensure!(
+        !failed.load(Ordering::SeqCst),
+        "a report got an error answer"
+    );
+    ensure!(
+        accepted.len() < HOSTS - 1,
+        "A was killed after the run ended ({} accepted): the test shows nothing",
+        accepted.len()
+    );
+    // Every accepted report is in the database, with its event.
+    let stored = pg.psql(
+        "fleet",
+        "SELECT r.host FROM reports r JOIN events e ON e.host = r.host \
+         AND e.message = 'load-' || r.host WHERE r.report LIKE '%2.0-1%'",
+    )?;
+    let stored: std::collections::HashSet<&str> = stored.lines().collect();
+    let lost: Vec<&String> = accepted
+        .iter()
+        .filter(|h| !stored.contains(h.as_str()))
+        .collect();
+    ensure!(
+        lost.is_empty(),
+        "{} of {} accepted reports are not in the database: {lost:?}",
+        lost.len(),
+        accepted.len()
+    );
+    // B, still up, shows them (it reads what A stored every second).
+    let mut missing = Vec::new();
+    wait_until(
+        "B shows every accepted report",
+        Duration::from_secs(10),
+        || {
+            let via_b = versions_via(&b.url())?;
+            missing = accepted
+                .iter()
+                .filter(|h| !via_b.contains(&((*h).clone(), "2.0-1".into())))
+                .cloned()
+                .collect();
+            Ok(missing.is_empty())
+        },
+    )
+    .with_context(|| format!("not shown through B: {missing:?}"))?;
+    eprintln!(
+        "{} reports accepted before A was killed, all stored",
+        accepted.len()
+    );
+    Ok(())
+}
+
+#[test]
+fn a_wrong_password_or_an_unreachable_database_stops_the_start() -> Result<()> {
+    if !postgres_or_skip() {
+        return Ok(());
+    }
+    let pg = PgCluster::start()?;
+    let repo = repo()?;
+    let serve = |url: &str| -> Result<String> {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let out = Command::new(built_bin("keepup")?)
+            .args(["serve", "--no-refresh", "--repo"])
+            .arg(&repo)
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--state", url])
+            .env_remove("PGPASSWORD")
+            .output()?;
+        ensure!(!out.status.success(), "keepup serve started with {url}");
+        Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let wrong = format!(
+        "postgres://keepup:not-the-password@127.0.0.1:{}/fleet",
+        pg.port()
+    );
+    let err = serve(&wrong)?;
+    ensure!(
+        err.contains("refused user \"keepup\"") && err.contains("password"),
+        "{err}"
+    );
+    ensure!(
+        !err.contains("not-the-password"),
+        "the password is shown: {err}"
+    );
+    // `keepup host` says the same.
+    let (ok, _, err) = keepup_output(&["host", "list", "--state", &wrong])?;
+    ensure!(!ok && err.contains("refused user"), "{err}");
+
+    // Nothing listens on this port.
+    let free = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let err = serve(&format!("postgres://keepup:x@127.0.0.1:{free}/fleet"))?;
+    ensure!(
+        err.contains(&format!(
+            "cannot reach PostgreSQL at postgres://keepup@127.0.0.1:{free}/fleet"
+        )),
+        "{err}"
+    );
+    // A database that does not exist.
+    let err = serve(&format!(
+        "postgres://keepup:{PASSWORD}@127.0.0.1:{}/nosuchdb",
+        pg.port()
+    ))?;
+    ensure!(err.contains("database does not exist"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn one_replica_at_a_time_evaluates_the_rollout_gates() -> Result<()> {
+    if !postgres_or_skip() {
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    // A repository of its own with foo rolling out in waves on stable.
+    let repo = tmp.path().join("repo");
+    copy_dir(&self::repo()?, &repo)?;
+    let r = repo.to_str().unwrap();
+    keepup(&["assign", "--repo", r, "*", "--track", "stable"])?;
+    for (version, waves) in [("1.0.0", None), ("1.1.0", Some("canary-1,100%"))] {
+        let (deb, _) = keepup_tests::testkit::keepup_pack_example(
+            &tmp.path().join(version),
+            version,
+            None,
+            |s| s,
+        )?;
+        keepup(&["publish", deb.to_str().unwrap(), "--repo", r])?;
+        keepup(&["promote", "foo", "--to", "testing", "--repo", r])?;
+        let mut promote = vec!["promote", "foo", "--to", "stable", "--repo", r];
+        if let Some(w) = waves {
+            promote.extend(["--waves", w, "--soak", "1h"]);
+        }
+        keepup(&promote)?;
+    }
+    let pg = PgCluster::start()?;
+    let mut a = Replica::spawn(&repo, &pg.url(true), tmp.path().join("a.log"))?;
+    let mut b = Replica::spawn(&repo, &pg.url(true), tmp.path().join("b.log"))?;
+    a.wait_listening()?;
+    b.wait_listening()?;
+    const LEADS: &str = "this replica evaluates the rollout gates now";
+    let mut leader = None;
+    wait_until(
+        "a replica takes the gate's lease",
+        Duration::from_secs(15),
+        || {
+            leader = match (a.stderr().contains(LEADS), b.stderr().contains(LEADS)) {
+                (true, false) => Some(true),
+                (false, true) => Some(false),
+                (true, true) => bail!(
+                    "both replicas evaluate the gates:\nA: {}\nB: {}",
+                    a.stderr(),
+                    b.stderr()
+                ),
+                (false, false) => None,
+            };
+            Ok(leader.is_some())
+        },
+    )?;
+    // Some ticks later, still one.
+    std::thread::sleep(Duration::from_secs(3));
+    ensure!(
+        !(a.stderr().contains(LEADS) && b.stderr().contains(LEADS)),
+        "both replicas evaluate the gates"
+    );
+    // The leader dies: the other takes over.
+    let (dead, other) = if leader == Some(true) {
+        (&mut a, &b)
+    } else {
+        (&mut b, &a)
+    };
+    dead.kill();
+    wait_until(
+        "the other replica takes the lease",
+        Duration::from_secs(15),
+        || Ok(other.stderr().contains(LEADS)),
+    )
+    .with_context(|| other.stderr())?;
+    Ok(())
+}
+
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        let target = to.join(e.file_name());
+        if e.file_type()?.is_dir() {
+            copy_dir(&e.path(), &target)?;
+        } else {
+            std::fs::copy(e.path(), &target)?;
+        }
+    }
+    Ok(())
+}
