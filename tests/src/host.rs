@@ -45,7 +45,7 @@ pub fn workspace_root() -> PathBuf {
 }
 
 /// Runs the docker CLI, returning its trimmed stdout or an error with its stderr.
-fn docker(args: &[&str]) -> Result<String> {
+pub(crate) fn docker(args: &[&str]) -> Result<String> {
     let out = Command::new("docker")
         .args(args)
         .output()

@@ -8,6 +8,7 @@ pub mod fleet;
 pub mod host;
 pub mod image;
 pub mod postgres;
+pub mod s3;
 pub mod systemd;
 pub mod testkit;
 

@@ -24,7 +24,19 @@ pub enum Step {
     TrackCommit,
     /// The policy binding the new index is published, the policy state not yet saved.
     Binding,
+    /// `repo sync`: the pool and by-hash files are uploaded, no index yet.
+    SyncContent,
+    /// `repo sync`: the per-track indexes are uploaded, no signed root yet.
+    SyncIndexes,
+    /// `repo sync`: the first signed root (`InRelease`, `repomd.xml`, ...) is uploaded, the
+    /// others not yet.
+    SyncFirstRoot,
 }
+
+/// The steps of `repo sync`, in the order it reaches them (not in [`STEPS`], which the
+/// publish crash test walks).
+#[cfg(test)]
+pub const SYNC_STEPS: [Step; 3] = [Step::SyncContent, Step::SyncIndexes, Step::SyncFirstRoot];
 
 /// Every step, in the order a publish reaches them.
 pub const STEPS: [Step; 8] = [
@@ -50,6 +62,9 @@ impl Step {
             Step::Index => "index",
             Step::TrackCommit => "track-commit",
             Step::Binding => "binding",
+            Step::SyncContent => "sync-content",
+            Step::SyncIndexes => "sync-indexes",
+            Step::SyncFirstRoot => "sync-first-root",
         }
     }
 }
@@ -83,9 +98,9 @@ mod tests {
 
     #[test]
     fn step_names_are_distinct() {
-        let mut names: Vec<&str> = STEPS.iter().map(|s| s.name()).collect();
+        let mut names: Vec<&str> = STEPS.iter().chain(&SYNC_STEPS).map(|s| s.name()).collect();
         names.sort();
         names.dedup();
-        assert_eq!(names.len(), STEPS.len());
+        assert_eq!(names.len(), STEPS.len() + SYNC_STEPS.len());
     }
 }

@@ -29,6 +29,7 @@ pub mod crash;
 pub mod inspect;
 pub mod rollouts;
 mod state;
+pub mod sync;
 pub mod version;
 mod views;
 
