@@ -25,6 +25,7 @@
 //! which is the commit. A command that fails puts the track's views back as its unchanged
 //! track file describes them and removes the pool files it added.
 
+mod chunks;
 pub mod crash;
 pub mod inspect;
 pub mod rollouts;
@@ -845,29 +846,47 @@ impl Repo {
         new.rollouts
             .retain(|n, r| current.contains(&(n.clone(), r.to.clone())));
         let write = |t: &Track, known: &[&PoolMeta]| -> Result<()> {
-            let mut by_path: HashMap<&str, &PoolMeta> =
-                known.iter().map(|m| (m.entry.path.as_str(), *m)).collect();
-            // One metadata file per package name that has members not in memory.
-            let names: Vec<&String> = t
-                .packages
-                .iter()
-                .filter(|(_, v)| v.iter().any(|e| !by_path.contains_key(e.path.as_str())))
-                .map(|(n, _)| n)
-                .collect();
-            let read = par_map(&names, |n| state::read_meta(&self.layout, n))?;
-            by_path.extend(read.iter().flatten().map(|m| (m.entry.path.as_str(), m)));
-            let members = t
-                .entries()
-                .map(|e| {
-                    by_path.get(e.path.as_str()).copied().ok_or_else(|| {
-                        anyhow!(
-                            "the metadata of {} is missing from {}; restore .keepup/ from a backup",
-                            e.path,
-                            self.layout.meta(&e.name).display()
-                        )
-                    })
-                })
-                .collect::<Result<Vec<_>>>()?;
+            // The metadata of the names whose chunks are not cached: from memory where the
+            // command has it, else one metadata file per name.
+            let load = |names: &[&String]| -> Result<Vec<PoolMeta>> {
+                let by_path: HashMap<&str, &PoolMeta> =
+                    known.iter().map(|m| (m.entry.path.as_str(), *m)).collect();
+                let mut out = Vec::new();
+                let mut unread = Vec::new();
+                for n in names {
+                    let entries = t.packages.get(*n).map_or(&[][..], |v| v.as_slice());
+                    match entries
+                        .iter()
+                        .map(|e| by_path.get(e.path.as_str()))
+                        .collect::<Option<Vec<_>>>()
+                    {
+                        Some(ms) => out.extend(ms.into_iter().map(|m| (*m).clone())),
+                        None => unread.push(*n),
+                    }
+                }
+                let read = par_map(&unread, |n| state::read_meta(&self.layout, n))?;
+                for (n, metas) in unread.iter().zip(read) {
+                    for e in t.packages.get(*n).into_iter().flatten() {
+                        let m = metas.iter().find(|m| m.entry.path == e.path).ok_or_else(|| {
+                            anyhow!(
+                                "the metadata of {} is missing from {}; restore .keepup/ from a backup",
+                                e.path,
+                                self.layout.meta(&e.name).display()
+                            )
+                        })?;
+                        out.push(m.clone());
+                    }
+                }
+                Ok(out)
+            };
+            let arches = views::apt_arches(t.entries());
+            let chunks = chunks::build(
+                &chunks::cache_dir(&self.layout.private, name),
+                &t.packages,
+                &arches,
+                &load,
+            )?;
+            let members: Vec<&PoolEntry> = t.entries().collect();
             let rollouts = views::IndexRollouts {
                 list: t.rollouts.values().cloned().collect(),
                 key: match t.rollouts.is_empty() {
@@ -881,6 +900,7 @@ impl Repo {
                 name,
                 t.serial,
                 self.expires(),
+                &chunks,
                 &members,
                 &rollouts,
             )
