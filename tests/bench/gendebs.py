@@ -15,7 +15,6 @@ import gzip
 import io
 import os
 import sys
-import tarfile
 import time
 
 MTIME = 1_700_000_000
@@ -27,22 +26,41 @@ def ar_member(name: bytes, data: bytes) -> bytes:
     return header + data + (b"\n" if len(data) % 2 else b"")
 
 
+def tar_header(path: str, size: int, mode: int, directory: bool) -> bytes:
+    """A ustar header (owner root, fixed time): what tarfile writes, without its overhead."""
+    h = bytearray(512)
+
+    def put(off: int, width: int, value: bytes) -> None:
+        h[off : off + len(value)] = value[:width]
+
+    def octal(off: int, width: int, n: int) -> None:
+        put(off, width, b"%0*o\0" % (width - 1, n))
+
+    put(0, 100, path.encode())
+    octal(100, 8, mode)
+    octal(108, 8, 0)
+    octal(116, 8, 0)
+    octal(124, 12, size)
+    octal(136, 12, MTIME)
+    h[148:156] = b" " * 8
+    h[156] = ord("5" if directory else "0")
+    put(257, 8, b"ustar\x0000")
+    put(265, 32, b"root")
+    put(297, 32, b"root")
+    h[148:156] = b"%06o\0 " % sum(h)
+    return bytes(h)
+
+
 def targz(files) -> bytes:
-    raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w", format=tarfile.GNU_FORMAT) as tar:
-        for path, content, mode in files:
-            info = tarfile.TarInfo(path)
-            info.mtime = MTIME
-            info.uname = info.gname = "root"
-            if content is None:
-                info.type = tarfile.DIRTYPE
-                info.mode = 0o755
-                tar.addfile(info)
-            else:
-                info.size = len(content)
-                info.mode = mode
-                tar.addfile(info, io.BytesIO(content))
-    return gzip.compress(raw.getvalue(), compresslevel=6, mtime=0)
+    out = []
+    for path, content, mode in files:
+        if content is None:
+            out.append(tar_header(path, 0, 0o755, True))
+        else:
+            out.append(tar_header(path, len(content), mode, False))
+            out.append(content + b"\0" * (-len(content) % 512))
+    out.append(b"\0" * 1024)
+    return gzip.compress(b"".join(out), compresslevel=6, mtime=0)
 
 
 def deb(name: str, version: str, i: int) -> bytes:

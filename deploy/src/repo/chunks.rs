@@ -252,7 +252,10 @@ pub fn build(
         .map(|(c, _)| c)
         .collect();
     // The metadata of every missing chunk's names, read in one go (spread over the cores).
-    let names: Vec<&String> = missing.iter().flat_map(|c| c.names.iter().copied()).collect();
+    let names: Vec<&String> = missing
+        .iter()
+        .flat_map(|c| c.names.iter().copied())
+        .collect();
     let metas = if names.is_empty() {
         Vec::new()
     } else {
@@ -265,7 +268,10 @@ pub fn build(
         for name in &c.names {
             for e in &packages[*name] {
                 let m = by_path.get(e.path.as_str()).copied().ok_or_else(|| {
-                    anyhow!("the metadata of {} is missing; restore .keepup/ from a backup", e.path)
+                    anyhow!(
+                        "the metadata of {} is missing; restore .keepup/ from a backup",
+                        e.path
+                    )
                 })?;
                 if m.entry.sha256 != e.sha256 {
                     bail!(
@@ -355,7 +361,10 @@ mod tests {
 
     fn meta(name: &str, version: &str, arch: &str, format: Format) -> PoolMeta {
         let path = match format {
-            Format::Deb => format!("pool/main/{}/{name}/{name}_{version}_{arch}.deb", &name[..1]),
+            Format::Deb => format!(
+                "pool/main/{}/{name}/{name}_{version}_{arch}.deb",
+                &name[..1]
+            ),
             Format::Rpm => format!("pool/rpm/{}/{name}/{name}-{version}.{arch}.rpm", &name[..1]),
         };
         let entry = PoolEntry {
@@ -387,7 +396,9 @@ mod tests {
                     .into_iter()
                     .enumerate()
                 {
-                    *f = Some(format!("<package n=\"{name}\" v=\"{version}\" k=\"{i}\"/>\n"));
+                    *f = Some(format!(
+                        "<package n=\"{name}\" v=\"{version}\" k=\"{i}\"/>\n"
+                    ));
                 }
             }
         }
@@ -442,7 +453,12 @@ mod tests {
             .flat_map(|i| {
                 let n = format!("pkg{i:04}");
                 [
-                    meta(&n, "1.0-1", if i % 10 == 0 { "all" } else { "amd64" }, Format::Deb),
+                    meta(
+                        &n,
+                        "1.0-1",
+                        if i % 10 == 0 { "all" } else { "amd64" },
+                        Format::Deb,
+                    ),
                     meta(&n, "1.0-1", "x86_64", Format::Rpm),
                 ]
             })
@@ -492,7 +508,11 @@ mod tests {
             .collect();
         let dir = tempfile::tempdir().unwrap();
         let first = build(dir.path(), &track(&metas), &arches, &loader(&metas)).unwrap();
-        let victim = std::fs::read_dir(dir.path()).unwrap().next().unwrap().unwrap();
+        let victim = std::fs::read_dir(dir.path())
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap();
         let b = std::fs::read(victim.path()).unwrap();
         std::fs::write(victim.path(), &b[..b.len() - 1]).unwrap();
         let again = build(dir.path(), &track(&metas), &arches, &loader(&metas)).unwrap();

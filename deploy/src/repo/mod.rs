@@ -783,9 +783,20 @@ impl Repo {
         state::lookup(&bytes, name).with_context(|| format!("{} is damaged", path.display()))
     }
 
-    /// The serial of the index `track` publishes now (0: none, or unreadable).
+    /// The serial of the index `track` publishes now (0: none, or unreadable). Read from
+    /// the start of the file, where keepup writes it: the index of a large track is megabytes.
     fn published_serial(&self, track: &str) -> u64 {
         let path = self.root.join("tracks").join(track).join("index.json");
+        let Ok(f) = File::open(&path) else {
+            return 0;
+        };
+        let mut head = Vec::with_capacity(4096);
+        if f.take(4096).read_to_end(&mut head).is_err() {
+            return 0;
+        }
+        if let Some(serial) = views::index_serial(&head) {
+            return serial;
+        }
         std::fs::read(path)
             .ok()
             .and_then(|b| serde_json::from_slice::<views::Index>(&b).ok())
@@ -838,13 +849,13 @@ impl Repo {
         new.serial = old.serial.max(self.published_serial(name)) + 1;
         // A rollout ends once its version is no longer the current one (a later publish,
         // promotion or rollback of the name).
-        let current: std::collections::BTreeSet<(String, String)> = new
-            .current()
-            .into_values()
-            .map(|e| (e.name.clone(), e.version.clone()))
-            .collect();
-        new.rollouts
-            .retain(|n, r| current.contains(&(n.clone(), r.to.clone())));
+        // (Only the names with a rollout are looked at: a track may hold many thousands.)
+        let packages = &new.packages;
+        new.rollouts.retain(|n, r| {
+            state::current_of(packages.get(n).into_iter().flatten())
+                .values()
+                .any(|e| e.version == r.to)
+        });
         let write = |t: &Track, known: &[&PoolMeta]| -> Result<()> {
             // The metadata of the names whose chunks are not cached: from memory where the
             // command has it, else one metadata file per name.
@@ -1180,8 +1191,8 @@ impl Repo {
         version: Option<&str>,
         to: &str,
     ) -> Result<Vec<PoolEntry>> {
-        let chosen = self.choose_promotion(name, version, to)?;
         let old = self.track(to)?;
+        let chosen = self.choose_promotion(name, version, to, &old)?;
         let mut new = old.clone();
         let mut added = false;
         for e in &chosen {
@@ -1198,12 +1209,14 @@ impl Repo {
     }
 
     /// The entries a promotion of `name` (`version`, default the current one) into `to`
-    /// copies from the track below, checked: one version, and no downgrade.
+    /// (whose state is `old`) copies from the track below, checked: one version, and no
+    /// downgrade.
     fn choose_promotion(
         &self,
         name: &str,
         version: Option<&str>,
         to: &str,
+        old: &Track,
     ) -> Result<Vec<PoolEntry>> {
         let from = self.state.below(to)?.to_string();
         let candidates = self.track_entries(&from, name)?;
@@ -1233,7 +1246,6 @@ impl Repo {
                 versions.into_iter().collect::<Vec<_>>().join(", ")
             );
         }
-        let old = self.track(to)?;
         {
             let current = state::current_of(old.packages.get(name).into_iter().flatten());
             for e in &chosen {

@@ -3,9 +3,9 @@
 //! track that changed is rewritten; per-package fragments (Packages stanzas, createrepo
 //! entries) are computed once at publish time and kept in `.keepup/pool/`, and assembled
 //! into chunks that are rendered and compressed once (`chunks`), so a view costs a
-//! concatenation of cached chunks, its hashing and a few signatures. Each Packages file is
-//! written once, as its by-hash file, and hard-linked to its plain name. Old by-hash files
-//! and DNF metadata are pruned after a few generations. Also `repo verify`.
+//! concatenation of cached chunks, its hashing and a few signatures. Each uncompressed
+//! Packages is written once, as its by-hash file, and hard-linked to its plain name. Old
+//! by-hash files and DNF metadata are pruned after a few generations. Also `repo verify`.
 
 use std::io::Write as _;
 use std::path::Path;
@@ -36,7 +36,6 @@ pub fn deb_stanza(e: &PoolEntry, control: &str, bytes: &[u8]) -> String {
         e.sha256
     )
 }
-
 
 /// RFC 2822 date in UTC, as Release files carry it (`UTC`, like apt-ftparchive writes); the
 /// date arithmetic is the packager's, which dates Debian changelogs.
@@ -165,10 +164,10 @@ fn write_parts<'a>(
     })
 }
 
-/// Put a written file in place as `by-hash/SHA256/<sha256>` of `dir` and as `dir/name` (a
-/// hard link to the same file where the filesystem allows, else a copy): by-hash first, so
-/// that a client holding the new Release finds every file it names.
-fn place_by_hash(w: Written, dir: &Path, name: &str) -> Result<String> {
+/// Put a written file in place as `by-hash/SHA256/<sha256>` of `dir` and as `dir/name` (with
+/// `link`, a hard link to the same file where the filesystem allows; else a copy): by-hash
+/// first, so that a client holding the new Release finds every file it names.
+fn place_by_hash(w: Written, dir: &Path, name: &str, link: bool) -> Result<String> {
     let hash_dir = dir.join("by-hash/SHA256");
     std::fs::create_dir_all(&hash_dir)
         .with_context(|| format!("creating {}", hash_dir.display()))?;
@@ -180,7 +179,7 @@ fn place_by_hash(w: Written, dir: &Path, name: &str) -> Result<String> {
     let plain = dir.join(name);
     let tmp = dir.join(format!(".tmp-{name}"));
     let _ = std::fs::remove_file(&tmp);
-    if std::fs::hard_link(&by_hash, &tmp).is_err() {
+    if !link || std::fs::hard_link(&by_hash, &tmp).is_err() {
         std::fs::copy(&by_hash, &tmp)
             .with_context(|| format!("copying {} to {}", by_hash.display(), tmp.display()))?;
         std::fs::File::open(&tmp).and_then(|f| f.sync_all())?;
@@ -206,11 +205,7 @@ fn write_apt(
         let dir = format!("main/binary-{arch}");
         let full = dist.join(&dir);
         let hash_dir = full.join("by-hash/SHA256");
-        let plain = write_parts(
-            &hash_dir,
-            chunks.apt(a).map(|p| p.text.as_slice()),
-            true,
-        )?;
+        let plain = write_parts(&hash_dir, chunks.apt(a).map(|p| p.text.as_slice()), true)?;
         // A Packages.gz of no package is one empty member.
         let gz = if chunks.apt(a).all(|p| p.gz.is_empty()) {
             write_parts(&hash_dir, std::iter::once(empty_gz.as_slice()), true)?
@@ -219,8 +214,15 @@ fn write_apt(
         };
         let mut current = Vec::new();
         for (name, w) in [("Packages", plain), ("Packages.gz", gz)] {
-            sums.push((format!("{dir}/{name}"), w.size, w.sha256.clone(), w.md5.clone()));
-            current.push(place_by_hash(w, &full, name)?);
+            sums.push((
+                format!("{dir}/{name}"),
+                w.size,
+                w.sha256.clone(),
+                w.md5.clone(),
+            ));
+            // Packages, the large one, is linked; Packages.gz is a copy of its own, so that
+            // rewriting one name in place (an operator's repair) never changes the other.
+            current.push(place_by_hash(w, &full, name, name == "Packages")?);
             super::crash::point(super::crash::Step::AptPackages);
         }
         by_hash.push((hash_dir, current));
@@ -407,6 +409,20 @@ fn prune_generations(
 }
 
 pub use keepup_deploy::wire::Index;
+
+/// The serial of an index from the first bytes of its file, as [`write_index`] lays it out
+/// (`"serial": N` among the first lines); None if it is not there.
+pub fn index_serial(head: &[u8]) -> Option<u64> {
+    let text = std::str::from_utf8(head).ok().or_else(|| {
+        // Cut inside a multi-byte character: what is valid is enough.
+        std::str::from_utf8(&head[..head.len().saturating_sub(3)]).ok()
+    })?;
+    // Only the top-level field: it comes before "packages" (the wire type's field order).
+    let end = text.find("\"packages\"").unwrap_or(text.len());
+    let rest = text[..end].split("\n  \"serial\": ").nth(1)?;
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
 
 fn write_index(
     root: &Path,
@@ -680,6 +696,23 @@ fn check_packages(root: &Path, packages: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_serial_is_read_from_the_head_of_an_index() {
+        let index = Index {
+            track: "stable".into(),
+            serial: 42,
+            generated: 1,
+            expires: Some(2),
+            packages: vec![],
+            rollouts: vec![],
+            rollout_key: None,
+        };
+        let json = serde_json::to_vec_pretty(&index).unwrap();
+        assert_eq!(index_serial(&json), Some(42));
+        assert_eq!(index_serial(b"{\n  \"track\": \"x\"\n"), None);
+        assert_eq!(index_serial(b"{\"packages\": [{\"serial\": 3}]}"), None);
+    }
 
     #[test]
     fn release_dates_are_rfc2822_utc() {
