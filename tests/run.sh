@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(debootstrap lintian rpm rpmlint gnupg zstd xz-utils binutils cpio netcat-openbsd curl apt-utils createrepo-c openssl chromium fonts-dejavu-core postgresql)
+packages=(debootstrap lintian rpm rpmlint gnupg zstd xz-utils binutils cpio netcat-openbsd curl apt-utils createrepo-c python3 openssl chromium fonts-dejavu-core postgresql)
 bash tests/ensure-packages.sh "${packages[@]}"
 
 if [ "${KEEPUP_SKIP_DOCKER_TESTS:-}" = 1 ]; then

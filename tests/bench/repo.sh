@@ -27,8 +27,12 @@
 #   4. with both keys of a key rotation signing (`keepup repo rotate-key`), every file
 #      fsync'ed: a promotion into a track of N-RUNS packages, and `keepup repo refresh` of three
 #      tracks of about N packages each.
+#   5. at scale (tests/bench/repo-scale.sh, which says what it times): promotion into tracks
+#      of 5,000 and 50,000 packages against reprepro and aptly, and `keepup repo reindex` of
+#      200,000 packages in 3 tracks against apt-ftparchive. SCALE=0 skips it.
 #
-# Environment: N, SMALL, RUNS (default 5), KEEP=1 keeps the work directory, PKGS=DIR keeps the
+# Environment: N, SMALL, RUNS (default 5), SCALE=0 (skip part 5; SCALE_N, SCALE_SIZES: see
+# repo-scale.sh), KEEP=1 keeps the work directory, PKGS=DIR keeps the
 # generated packages (and their signing key) in DIR and reuses them on the next run with the
 # same N. Progress goes to stderr, the results table to stdout. See docs/benchmarks.md.
 set -euo pipefail
@@ -271,3 +275,11 @@ cat <<EOF
 | **keepup promote, two keys signing** ($N in unstable, $((N - RUNS)) in testing) | **$(med "${rot_promote_t[@]}")** |
 | **keepup repo refresh, two keys signing** (3 tracks: $N, $((N - RUNS)), $N packages) | **$(med "${rot_refresh_t[@]}")** |
 EOF
+
+# ---------------------------------------------------------------------------------------
+# 5. At scale (issue 14): promotion into tracks of 5,000 and 50,000 packages against reprepro
+#    and aptly, and a reindex of 200,000 packages in 3 tracks (SCALE=0 skips it)
+# ---------------------------------------------------------------------------------------
+if [ "${SCALE:-1}" != 0 ]; then
+    RUNS=$RUNS PKGS=$PKGS KEEP=$KEEP bash "$ROOT/tests/bench/repo-scale.sh"
+fi

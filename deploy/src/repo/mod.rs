@@ -25,6 +25,7 @@
 //! which is the commit. A command that fails puts the track's views back as its unchanged
 //! track file describes them and removes the pool files it added.
 
+mod chunks;
 pub mod crash;
 pub mod inspect;
 pub mod rollouts;
@@ -783,9 +784,20 @@ impl Repo {
         state::lookup(&bytes, name).with_context(|| format!("{} is damaged", path.display()))
     }
 
-    /// The serial of the index `track` publishes now (0: none, or unreadable).
+    /// The serial of the index `track` publishes now (0: none, or unreadable). Read from
+    /// the start of the file, where keepup writes it: the index of a large track is megabytes.
     fn published_serial(&self, track: &str) -> u64 {
         let path = self.root.join("tracks").join(track).join("index.json");
+        let Ok(f) = File::open(&path) else {
+            return 0;
+        };
+        let mut head = Vec::with_capacity(4096);
+        if f.take(4096).read_to_end(&mut head).is_err() {
+            return 0;
+        }
+        if let Some(serial) = views::index_serial(&head) {
+            return serial;
+        }
         std::fs::read(path)
             .ok()
             .and_then(|b| serde_json::from_slice::<views::Index>(&b).ok())
@@ -838,37 +850,55 @@ impl Repo {
         new.serial = old.serial.max(self.published_serial(name)) + 1;
         // A rollout ends once its version is no longer the current one (a later publish,
         // promotion or rollback of the name).
-        let current: std::collections::BTreeSet<(String, String)> = new
-            .current()
-            .into_values()
-            .map(|e| (e.name.clone(), e.version.clone()))
-            .collect();
-        new.rollouts
-            .retain(|n, r| current.contains(&(n.clone(), r.to.clone())));
+        // (Only the names with a rollout are looked at: a track may hold many thousands.)
+        let packages = &new.packages;
+        new.rollouts.retain(|n, r| {
+            state::current_of(packages.get(n).into_iter().flatten())
+                .values()
+                .any(|e| e.version == r.to)
+        });
         let write = |t: &Track, known: &[&PoolMeta]| -> Result<()> {
-            let mut by_path: HashMap<&str, &PoolMeta> =
-                known.iter().map(|m| (m.entry.path.as_str(), *m)).collect();
-            // One metadata file per package name that has members not in memory.
-            let names: Vec<&String> = t
-                .packages
-                .iter()
-                .filter(|(_, v)| v.iter().any(|e| !by_path.contains_key(e.path.as_str())))
-                .map(|(n, _)| n)
-                .collect();
-            let read = par_map(&names, |n| state::read_meta(&self.layout, n))?;
-            by_path.extend(read.iter().flatten().map(|m| (m.entry.path.as_str(), m)));
-            let members = t
-                .entries()
-                .map(|e| {
-                    by_path.get(e.path.as_str()).copied().ok_or_else(|| {
-                        anyhow!(
-                            "the metadata of {} is missing from {}; restore .keepup/ from a backup",
-                            e.path,
-                            self.layout.meta(&e.name).display()
-                        )
-                    })
-                })
-                .collect::<Result<Vec<_>>>()?;
+            // The metadata of the names whose chunks are not cached: from memory where the
+            // command has it, else one metadata file per name.
+            let load = |names: &[&String]| -> Result<Vec<PoolMeta>> {
+                let by_path: HashMap<&str, &PoolMeta> =
+                    known.iter().map(|m| (m.entry.path.as_str(), *m)).collect();
+                let mut out = Vec::new();
+                let mut unread = Vec::new();
+                for n in names {
+                    let entries = t.packages.get(*n).map_or(&[][..], |v| v.as_slice());
+                    match entries
+                        .iter()
+                        .map(|e| by_path.get(e.path.as_str()))
+                        .collect::<Option<Vec<_>>>()
+                    {
+                        Some(ms) => out.extend(ms.into_iter().map(|m| (*m).clone())),
+                        None => unread.push(*n),
+                    }
+                }
+                let read = par_map(&unread, |n| state::read_meta(&self.layout, n))?;
+                for (n, metas) in unread.iter().zip(read) {
+                    for e in t.packages.get(*n).into_iter().flatten() {
+                        let m = metas.iter().find(|m| m.entry.path == e.path).ok_or_else(|| {
+                            anyhow!(
+                                "the metadata of {} is missing from {}; restore .keepup/ from a backup",
+                                e.path,
+                                self.layout.meta(&e.name).display()
+                            )
+                        })?;
+                        out.push(m.clone());
+                    }
+                }
+                Ok(out)
+            };
+            let arches = views::apt_arches(t.entries());
+            let chunks = chunks::build(
+                &chunks::cache_dir(&self.layout.private, name),
+                &t.packages,
+                &arches,
+                &load,
+            )?;
+            let members: Vec<&PoolEntry> = t.entries().collect();
             let rollouts = views::IndexRollouts {
                 list: t.rollouts.values().cloned().collect(),
                 key: match t.rollouts.is_empty() {
@@ -882,6 +912,7 @@ impl Repo {
                 name,
                 t.serial,
                 self.expires(),
+                &chunks,
                 &members,
                 &rollouts,
             )
@@ -1161,8 +1192,8 @@ impl Repo {
         version: Option<&str>,
         to: &str,
     ) -> Result<Vec<PoolEntry>> {
-        let chosen = self.choose_promotion(name, version, to)?;
         let old = self.track(to)?;
+        let chosen = self.choose_promotion(name, version, to, &old)?;
         let mut new = old.clone();
         let mut added = false;
         for e in &chosen {
@@ -1179,12 +1210,14 @@ impl Repo {
     }
 
     /// The entries a promotion of `name` (`version`, default the current one) into `to`
-    /// copies from the track below, checked: one version, and no downgrade.
+    /// (whose state is `old`) copies from the track below, checked: one version, and no
+    /// downgrade.
     fn choose_promotion(
         &self,
         name: &str,
         version: Option<&str>,
         to: &str,
+        old: &Track,
     ) -> Result<Vec<PoolEntry>> {
         let from = self.state.below(to)?.to_string();
         let candidates = self.track_entries(&from, name)?;
@@ -1214,7 +1247,6 @@ impl Repo {
                 versions.into_iter().collect::<Vec<_>>().join(", ")
             );
         }
-        let old = self.track(to)?;
         {
             let current = state::current_of(old.packages.get(name).into_iter().flatten());
             for e in &chosen {

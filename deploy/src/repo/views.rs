@@ -1,17 +1,20 @@
 //! The public views of one track, regenerated from its state: the APT view (`dists/<track>/`),
 //! the DNF view (`rpm/<track>/`) and the agent's index (`tracks/<track>/index.json`). Only the
 //! track that changed is rewritten; per-package fragments (Packages stanzas, createrepo
-//! entries) are computed once at publish time and kept in `.keepup/pool/`, so a view costs a
-//! concatenation, a compression and a few signatures. Old by-hash files and DNF metadata are
-//! pruned after a few generations. Also `repo verify`.
+//! entries) are computed once at publish time and kept in `.keepup/pool/`, and assembled
+//! into chunks that are rendered and compressed once (`chunks`), so a view costs a
+//! concatenation of cached chunks, its hashing and a few signatures. Each uncompressed
+//! Packages is written once, as its by-hash file, and hard-linked to its plain name. Old
+//! by-hash files and DNF metadata are pruned after a few generations. Also `repo verify`.
 
 use std::io::Write as _;
 use std::path::Path;
 
 use anyhow::{anyhow, Context as _, Result};
-use md5::Digest as _;
+use sha2::Digest as _;
 
-use super::state::{current_of, PoolMeta};
+use super::chunks::{gzip, Chunks};
+use super::state::current_of;
 use super::{file_name, sha256_hex, write_atomic, Format, PoolEntry, Repo};
 use crate::sign::{self, Signer};
 use keepup_deploy::wire::fleet::index_by_hash;
@@ -32,12 +35,6 @@ pub fn deb_stanza(e: &PoolEntry, control: &str, bytes: &[u8]) -> String {
         e.size,
         e.sha256
     )
-}
-
-fn gzip(data: &[u8]) -> Result<Vec<u8>> {
-    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
-    enc.write_all(data)?;
-    Ok(enc.finish()?)
 }
 
 /// RFC 2822 date in UTC, as Release files carry it (`UTC`, like apt-ftparchive writes); the
@@ -68,37 +65,128 @@ pub struct IndexRollouts {
     pub key: Option<String>,
 }
 
-/// Rewrite every view of `track`: its members' metadata (any order), its new serial and,
-/// in the agents' index only, its rollouts (stock apt and dnf see the new version at once).
+/// Rewrite every view of `track`: the APT and DNF views from its `chunks`, the agents' index
+/// from its `members`, with its new serial and, in the agents' index only, its rollouts
+/// (stock apt and dnf see the new version at once).
+#[allow(clippy::too_many_arguments)]
 pub fn write_track(
     root: &Path,
     signer: &Signer,
     track: &str,
     serial: u64,
     expires: u64,
-    members: &[&PoolMeta],
+    chunks: &Chunks,
+    members: &[&PoolEntry],
     rollouts: &IndexRollouts,
 ) -> Result<()> {
-    let mut members = members.to_vec();
-    members.sort_by(|a, b| {
-        let (a, b) = (&a.entry, &b.entry);
-        a.name
-            .cmp(&b.name)
-            .then(a.version_cmp(&b.version))
-            .then(a.path.cmp(&b.path))
-    });
+    let rpms = members.iter().filter(|e| e.format == Format::Rpm).count();
+    let rpm_members: Vec<&PoolEntry> = members
+        .iter()
+        .copied()
+        .filter(|e| e.format == Format::Rpm)
+        .collect();
     if super::crash::armed() {
-        return write_apt(root, signer, track, expires, &members)
-            .and_then(|_| write_rpm(root, signer, track, &members))
-            .and_then(|_| write_index(root, signer, track, serial, expires, &members, rollouts));
+        return write_apt(root, signer, track, expires, chunks)
+            .and_then(|_| write_rpm(root, signer, track, chunks, &rpm_members, rpms))
+            .and_then(|_| write_index(root, signer, track, serial, expires, members, rollouts));
     }
-    // Four signatures and two compressions: the APT view on one core, the rest on the other.
+    // Four signatures and the hashing of every file: the APT view on one core, the rest on
+    // the other.
     std::thread::scope(|s| {
-        let apt = s.spawn(|| write_apt(root, signer, track, expires, &members));
-        let rest = write_rpm(root, signer, track, &members)
-            .and_then(|_| write_index(root, signer, track, serial, expires, &members, rollouts));
+        let apt = s.spawn(|| write_apt(root, signer, track, expires, chunks));
+        let rest = write_rpm(root, signer, track, chunks, &rpm_members, rpms)
+            .and_then(|_| write_index(root, signer, track, serial, expires, members, rollouts));
         apt.join().expect("APT view thread panicked").and(rest)
     })
+}
+
+/// The architectures a track's APT view lists: amd64 and arm64 always, and those of its
+/// .debs (other than `all`), sorted.
+pub fn apt_arches<'a>(members: impl Iterator<Item = &'a PoolEntry>) -> Vec<String> {
+    let mut arches: Vec<String> = APT_ARCHES.iter().map(|s| s.to_string()).collect();
+    for e in members {
+        if e.format == Format::Deb && e.arch != "all" && !arches.contains(&e.arch) {
+            arches.push(e.arch.clone());
+        }
+    }
+    arches.sort();
+    arches
+}
+
+/// A file written from its parts into `dir` under a temporary name, with its SHA-256 and MD5
+/// (hex) and size; renamed by the caller.
+struct Written {
+    tmp: tempfile::NamedTempFile,
+    sha256: String,
+    md5: String,
+    size: usize,
+}
+
+/// Write `parts` one after the other into a new temporary file in `dir`, hashing as it goes,
+/// and fsync it. `md5`: also compute the MD5 (Release files list it).
+fn write_parts<'a>(
+    dir: &Path,
+    parts: impl Iterator<Item = &'a [u8]>,
+    md5: bool,
+) -> Result<Written> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".tmp-")
+        .tempfile_in(dir)
+        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, tmp.as_file());
+    let mut sha = sha2::Sha256::new();
+    let mut md = md5::Md5::new();
+    let mut size = 0;
+    for p in parts {
+        sha.update(p);
+        if md5 {
+            md.update(p);
+        }
+        size += p.len();
+        out.write_all(p)?;
+    }
+    out.flush()?;
+    drop(out);
+    {
+        use std::os::unix::fs::PermissionsExt;
+        tmp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644))?;
+    }
+    tmp.as_file()
+        .sync_all()
+        .with_context(|| format!("writing a file in {} to disk", dir.display()))?;
+    Ok(Written {
+        tmp,
+        sha256: hex::encode(sha.finalize()),
+        md5: hex::encode(md.finalize()),
+        size,
+    })
+}
+
+/// Put a written file in place as `by-hash/SHA256/<sha256>` of `dir` and as `dir/name` (with
+/// `link`, a hard link to the same file where the filesystem allows; else a copy): by-hash
+/// first, so that a client holding the new Release finds every file it names.
+fn place_by_hash(w: Written, dir: &Path, name: &str, link: bool) -> Result<String> {
+    let hash_dir = dir.join("by-hash/SHA256");
+    std::fs::create_dir_all(&hash_dir)
+        .with_context(|| format!("creating {}", hash_dir.display()))?;
+    let by_hash = hash_dir.join(&w.sha256);
+    w.tmp
+        .persist(&by_hash)
+        .map_err(|e| anyhow!("renaming into {}: {}", by_hash.display(), e.error))?;
+    super::sync_dir(&hash_dir)?;
+    let plain = dir.join(name);
+    let tmp = dir.join(format!(".tmp-{name}"));
+    let _ = std::fs::remove_file(&tmp);
+    if !link || std::fs::hard_link(&by_hash, &tmp).is_err() {
+        std::fs::copy(&by_hash, &tmp)
+            .with_context(|| format!("copying {} to {}", by_hash.display(), tmp.display()))?;
+        std::fs::File::open(&tmp).and_then(|f| f.sync_all())?;
+    }
+    std::fs::rename(&tmp, &plain).with_context(|| format!("renaming into {}", plain.display()))?;
+    super::sync_dir(dir)?;
+    Ok(w.sha256)
 }
 
 fn write_apt(
@@ -106,51 +194,36 @@ fn write_apt(
     signer: &Signer,
     track: &str,
     expires: u64,
-    members: &[&PoolMeta],
+    chunks: &Chunks,
 ) -> Result<()> {
     let dist = root.join("dists").join(track);
-    let debs: Vec<&PoolMeta> = members
-        .iter()
-        .copied()
-        .filter(|m| m.entry.format == Format::Deb)
-        .collect();
-    let mut arches: Vec<String> = APT_ARCHES.iter().map(|s| s.to_string()).collect();
-    for m in &debs {
-        if m.entry.arch != "all" && !arches.contains(&m.entry.arch) {
-            arches.push(m.entry.arch.clone());
-        }
-    }
-    arches.sort();
+    let arches = &chunks.arches;
     let mut sums = Vec::new();
     let mut by_hash = Vec::new();
-    for arch in &arches {
-        let mut packages = String::new();
-        for m in debs
-            .iter()
-            .filter(|m| &m.entry.arch == arch || m.entry.arch == "all")
-        {
-            if !packages.is_empty() {
-                packages.push('\n');
-            }
-            packages.push_str(m.fragment("stanza")?);
-        }
-        let gz = gzip(packages.as_bytes())?;
+    let empty_gz = gzip(b"")?;
+    for (a, arch) in arches.iter().enumerate() {
         let dir = format!("main/binary-{arch}");
-        let hash_dir = dist.join(&dir).join("by-hash/SHA256");
+        let full = dist.join(&dir);
+        let hash_dir = full.join("by-hash/SHA256");
+        let plain = write_parts(&hash_dir, chunks.apt(a).map(|p| p.text.as_slice()), true)?;
+        // A Packages.gz of no package is one empty member.
+        let gz = if chunks.apt(a).all(|p| p.gz.is_empty()) {
+            write_parts(&hash_dir, std::iter::once(empty_gz.as_slice()), true)?
+        } else {
+            write_parts(&hash_dir, chunks.apt(a).map(|p| p.gz.as_slice()), true)?
+        };
         let mut current = Vec::new();
-        for (name, data) in [("Packages", packages.as_bytes()), ("Packages.gz", &gz[..])] {
-            let hash = sha256_hex(data);
-            // by-hash first: a client holding the new Release finds every file it names.
-            write_atomic(&hash_dir.join(&hash), data)?;
-            write_atomic(&dist.join(&dir).join(name), data)?;
-            super::crash::point(super::crash::Step::AptPackages);
+        for (name, w) in [("Packages", plain), ("Packages.gz", gz)] {
             sums.push((
                 format!("{dir}/{name}"),
-                data.len(),
-                hash.clone(),
-                hex::encode(md5::Md5::digest(data)),
+                w.size,
+                w.sha256.clone(),
+                w.md5.clone(),
             ));
-            current.push(hash);
+            // Packages, the large one, is linked; Packages.gz is a copy of its own, so that
+            // rewriting one name in place (an operator's repair) never changes the other.
+            current.push(place_by_hash(w, &full, name, name == "Packages")?);
+            super::crash::point(super::crash::Step::AptPackages);
         }
         by_hash.push((hash_dir, current));
     }
@@ -188,15 +261,17 @@ const FILELISTS_OPEN: &str =
 const OTHER_OPEN: &str =
     r#"<otherdata xmlns="http://linux.duke.edu/metadata/other" packages="{N}">"#;
 
-fn write_rpm(root: &Path, signer: &Signer, track: &str, members: &[&PoolMeta]) -> Result<()> {
+fn write_rpm(
+    root: &Path,
+    signer: &Signer,
+    track: &str,
+    chunks: &Chunks,
+    rpms: &[&PoolEntry],
+    count: usize,
+) -> Result<()> {
     let base = root.join("rpm").join(track);
     let pkgdir = base.join("packages");
     std::fs::create_dir_all(&pkgdir)?;
-    let rpms: Vec<&PoolMeta> = members
-        .iter()
-        .copied()
-        .filter(|m| m.entry.format == Format::Rpm)
-        .collect();
     // Hard links: the same bytes as the pool, at a path inside the DNF repository. One
     // directory listing instead of a lookup per package.
     let mut present = std::collections::BTreeSet::new();
@@ -204,8 +279,7 @@ fn write_rpm(root: &Path, signer: &Signer, track: &str, members: &[&PoolMeta]) -
         present.insert(f?.file_name().to_string_lossy().into_owned());
     }
     let mut wanted = std::collections::BTreeSet::new();
-    for m in &rpms {
-        let e = &m.entry;
+    for e in rpms {
         let name = file_name(&e.path);
         wanted.insert(name);
         if !present.contains(name) {
@@ -218,34 +292,55 @@ fn write_rpm(root: &Path, signer: &Signer, track: &str, members: &[&PoolMeta]) -
             std::fs::rename(&tmp, &link)?;
         }
     }
-    let n = rpms.len().to_string();
+    let n = count.to_string();
     let mut records = Vec::new();
-    for (kind, open, close) in [
+    let repodata = base.join("repodata");
+    for (k, (kind, open, close)) in [
         ("primary", PRIMARY_OPEN, "</metadata>"),
         ("filelists", FILELISTS_OPEN, "</filelists>"),
         ("other", OTHER_OPEN, "</otherdata>"),
-    ] {
-        let mut xml = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
-        xml.push_str(&open.replace("{N}", &n));
-        xml.push('\n');
-        for m in &rpms {
-            xml.push_str(m.fragment(kind)?);
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let head = format!(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n{}\n",
+            open.replace("{N}", &n)
+        );
+        let tail = format!("{close}\n");
+        let (head_gz, tail_gz) = (gzip(head.as_bytes())?, gzip(tail.as_bytes())?);
+        // The uncompressed file is not published: only its checksum and size.
+        let mut open_sum = sha2::Sha256::new();
+        let mut open_size = 0;
+        for p in std::iter::once(head.as_bytes())
+            .chain(chunks.rpm(k).map(|p| p.text.as_slice()))
+            .chain(std::iter::once(tail.as_bytes()))
+        {
+            open_sum.update(p);
+            open_size += p.len();
         }
-        xml.push_str(close);
-        xml.push('\n');
-        let gz = gzip(xml.as_bytes())?;
-        let sum = sha256_hex(&gz);
-        let href = format!("repodata/{sum}-{kind}.xml.gz");
-        write_atomic(&base.join(&href), &gz)?;
+        let gz = write_parts(
+            &repodata,
+            std::iter::once(head_gz.as_slice())
+                .chain(chunks.rpm(k).map(|p| p.gz.as_slice()))
+                .chain(std::iter::once(tail_gz.as_slice())),
+            false,
+        )?;
+        let href = format!("repodata/{}-{kind}.xml.gz", gz.sha256);
+        let path = base.join(&href);
+        gz.tmp
+            .persist(&path)
+            .map_err(|e| anyhow!("renaming into {}: {}", path.display(), e.error))?;
         records.push((
             kind,
-            sum,
-            sha256_hex(xml.as_bytes()),
+            gz.sha256,
+            hex::encode(open_sum.finalize()),
             href,
-            gz.len(),
-            xml.len(),
+            gz.size,
+            open_size,
         ));
     }
+    super::sync_dir(&repodata)?;
     let t = now();
     let mut repomd = format!(
         "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<repomd xmlns=\"http://linux.duke.edu/metadata/repo\" xmlns:rpm=\"http://linux.duke.edu/metadata/rpm\">\n  <revision>{t}</revision>\n"
@@ -315,13 +410,27 @@ fn prune_generations(
 
 pub use keepup_deploy::wire::Index;
 
+/// The serial of an index from the first bytes of its file, as [`write_index`] lays it out
+/// (`"serial": N` among the first lines); None if it is not there.
+pub fn index_serial(head: &[u8]) -> Option<u64> {
+    let text = std::str::from_utf8(head).ok().or_else(|| {
+        // Cut inside a multi-byte character: what is valid is enough.
+        std::str::from_utf8(&head[..head.len().saturating_sub(3)]).ok()
+    })?;
+    // Only the top-level field: it comes before "packages" (the wire type's field order).
+    let end = text.find("\"packages\"").unwrap_or(text.len());
+    let rest = text[..end].split("\n  \"serial\": ").nth(1)?;
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
 fn write_index(
     root: &Path,
     signer: &Signer,
     track: &str,
     serial: u64,
     expires: u64,
-    members: &[&PoolMeta],
+    members: &[&PoolEntry],
     rollouts: &IndexRollouts,
 ) -> Result<()> {
     let index = Index {
@@ -329,7 +438,7 @@ fn write_index(
         serial,
         generated: now(),
         expires: Some(expires),
-        packages: current_of(members.iter().map(|m| &m.entry))
+        packages: current_of(members.iter().copied())
             .into_values()
             .cloned()
             .collect(),
@@ -587,6 +696,23 @@ fn check_packages(root: &Path, packages: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_serial_is_read_from_the_head_of_an_index() {
+        let index = Index {
+            track: "stable".into(),
+            serial: 42,
+            generated: 1,
+            expires: Some(2),
+            packages: vec![],
+            rollouts: vec![],
+            rollout_key: None,
+        };
+        let json = serde_json::to_vec_pretty(&index).unwrap();
+        assert_eq!(index_serial(&json), Some(42));
+        assert_eq!(index_serial(b"{\n  \"track\": \"x\"\n"), None);
+        assert_eq!(index_serial(b"{\"packages\": [{\"serial\": 3}]}"), None);
+    }
 
     #[test]
     fn release_dates_are_rfc2822_utc() {

@@ -1,0 +1,550 @@
+//! Incremental views: a track's Packages files and DNF metadata are made of chunks, so that
+//! a change of one package re-renders and recompresses one chunk, not the whole track.
+//!
+//! A track's package names, in order, are cut into chunks where a name's hash says so
+//! ([`ends_chunk`]: on average every [`CHUNK_NAMES`] names); the cut depends only on the
+//! names, so a full rebuild and an incremental one cut alike and write the same bytes. Each
+//! chunk is rendered once into its Packages text per architecture and its primary, filelists
+//! and other XML, each also compressed as a gzip member of its own. A `Packages.gz` (or
+//! `primary.xml.gz`) is then the concatenation of its chunks' members, which gzip, zlib, apt
+//! and dnf read as one stream.
+//!
+//! Rendered chunks are cached under `.keepup/cache/<track>/<id>`, named by a hash of what
+//! they are made of (each member's pool path and sha256, and the track's architectures), so
+//! a cached chunk is valid as long as its name matches and needs no invalidation; chunks no
+//! longer used by the track are removed after each build. Only the names of chunks missing
+//! from the cache have their pool metadata read.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use sha2::Digest as _;
+
+use super::state::PoolMeta;
+use super::{Format, PoolEntry};
+
+/// Names per chunk, on average.
+pub const CHUNK_NAMES: u64 = 64;
+
+/// The kinds of DNF metadata, in the order [`Rendered::rpm`] holds them.
+pub const RPM_KINDS: [&str; 3] = ["primary", "filelists", "other"];
+
+/// Does the chunk holding `name` end after it? A hash of the name alone (FNV-1a), so the
+/// cut is the same whatever else the track holds.
+pub fn ends_chunk(name: &str) -> bool {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h % CHUNK_NAMES == 0
+}
+
+/// One view file's part from one chunk: its text and that text as one gzip member (empty
+/// when the text is).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Part {
+    /// Uncompressed.
+    pub text: Vec<u8>,
+    /// A gzip member of `text`.
+    pub gz: Vec<u8>,
+}
+
+impl Part {
+    fn of(text: Vec<u8>) -> Result<Part> {
+        let gz = if text.is_empty() {
+            Vec::new()
+        } else {
+            gzip(&text)?
+        };
+        Ok(Part { text, gz })
+    }
+}
+
+/// A chunk rendered: per architecture its Packages part, and its three DNF parts.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Rendered {
+    /// Packages parts, by architecture (the track's, in order).
+    pub apt: Vec<Part>,
+    /// primary, filelists, other.
+    pub rpm: [Part; 3],
+}
+
+/// One gzip member of `data` (level 6; no name, no time: the same bytes every time).
+pub fn gzip(data: &[u8]) -> Result<Vec<u8>> {
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
+    enc.write_all(data)?;
+    Ok(enc.finish()?)
+}
+
+/// The names of one chunk and the id of what it is made of.
+struct Cut<'a> {
+    names: Vec<&'a String>,
+    id: String,
+}
+
+/// Cut `packages` (a track's members by name) into chunks and name each.
+fn cut<'a>(packages: &'a BTreeMap<String, Vec<PoolEntry>>, arches: &[String]) -> Vec<Cut<'a>> {
+    let mut cuts = Vec::new();
+    let mut names = Vec::new();
+    let mut hash = sha2::Sha256::new();
+    let start = |h: &mut sha2::Sha256| {
+        h.update(b"keepup chunk 1\n");
+        h.update(arches.join(" ").as_bytes());
+        h.update(b"\n");
+    };
+    start(&mut hash);
+    for (name, entries) in packages {
+        names.push(name);
+        for e in entries {
+            hash.update(e.path.as_bytes());
+            hash.update(b" ");
+            hash.update(e.sha256.as_bytes());
+            hash.update(b"\n");
+        }
+        if ends_chunk(name) {
+            let h = std::mem::replace(&mut hash, sha2::Sha256::new());
+            start(&mut hash);
+            cuts.push(Cut {
+                names: std::mem::take(&mut names),
+                id: hex::encode(h.finalize()),
+            });
+        }
+    }
+    if !names.is_empty() {
+        cuts.push(Cut {
+            names,
+            id: hex::encode(hash.finalize()),
+        });
+    }
+    cuts
+}
+
+/// Render one chunk from its members' metadata (in any order).
+pub fn render(members: &mut [&PoolMeta], arches: &[String]) -> Result<Rendered> {
+    members.sort_by(|a, b| {
+        let (a, b) = (&a.entry, &b.entry);
+        a.name
+            .cmp(&b.name)
+            .then(a.version_cmp(&b.version))
+            .then(a.path.cmp(&b.path))
+    });
+    let mut apt = Vec::with_capacity(arches.len());
+    for arch in arches {
+        let mut text = String::new();
+        for m in members.iter().filter(|m| {
+            m.entry.format == Format::Deb && (&m.entry.arch == arch || m.entry.arch == "all")
+        }) {
+            let stanza = m.fragment("stanza")?;
+            text.push_str(stanza);
+            if !stanza.ends_with('\n') {
+                text.push('\n');
+            }
+            // A blank line after every stanza, as apt-ftparchive writes.
+            text.push('\n');
+        }
+        apt.push(Part::of(text.into_bytes())?);
+    }
+    let mut rpm: [Part; 3] = Default::default();
+    for (part, kind) in rpm.iter_mut().zip(RPM_KINDS) {
+        let mut text = String::new();
+        for m in members.iter().filter(|m| m.entry.format == Format::Rpm) {
+            text.push_str(m.fragment(kind)?);
+        }
+        *part = Part::of(text.into_bytes())?;
+    }
+    Ok(Rendered { apt, rpm })
+}
+
+/// The cache file format: `KCH1`, the number of parts, then each part's text and gz, each
+/// as a little-endian u64 length and the bytes.
+const MAGIC: &[u8; 4] = b"KCH1";
+
+fn encode(r: &Rendered) -> Vec<u8> {
+    let parts: Vec<&Part> = r.apt.iter().chain(r.rpm.iter()).collect();
+    let size: usize = parts.iter().map(|p| 16 + p.text.len() + p.gz.len()).sum();
+    let mut out = Vec::with_capacity(8 + size);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&(parts.len() as u32).to_le_bytes());
+    for p in parts {
+        for b in [&p.text, &p.gz] {
+            out.extend_from_slice(&(b.len() as u64).to_le_bytes());
+            out.extend_from_slice(b);
+        }
+    }
+    out
+}
+
+/// A cached chunk back; None if it is not one (damaged, or for other architectures).
+fn decode(b: &[u8], arches: usize) -> Option<Rendered> {
+    let rest = b.strip_prefix(MAGIC)?;
+    let (n, mut rest) = rest.split_at_checked(4)?;
+    let n = u32::from_le_bytes(n.try_into().ok()?) as usize;
+    if n != arches + 3 {
+        return None;
+    }
+    let mut take = || -> Option<Vec<u8>> {
+        let (len, r) = rest.split_at_checked(8)?;
+        let len = usize::try_from(u64::from_le_bytes(len.try_into().ok()?)).ok()?;
+        let (data, r) = r.split_at_checked(len)?;
+        rest = r;
+        Some(data.to_vec())
+    };
+    let mut parts = Vec::with_capacity(n);
+    for _ in 0..n {
+        parts.push(Part {
+            text: take()?,
+            gz: take()?,
+        });
+    }
+    if !rest.is_empty() {
+        return None;
+    }
+    let rpm: [Part; 3] = parts.split_off(arches).try_into().ok()?;
+    Some(Rendered { apt: parts, rpm })
+}
+
+/// A track's views, rendered chunk by chunk.
+pub struct Chunks {
+    /// The architectures the APT view lists, in order.
+    pub arches: Vec<String>,
+    /// The rendered chunks, in order.
+    pub chunks: Vec<std::sync::Arc<Rendered>>,
+    /// How many chunks were rendered now (not found in the cache).
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub rendered: usize,
+}
+
+impl Chunks {
+    /// Packages of `arch` (an index into [`Chunks::arches`]): its parts in order.
+    pub fn apt(&self, arch: usize) -> impl Iterator<Item = &Part> {
+        self.chunks.iter().map(move |c| &c.apt[arch])
+    }
+
+    /// DNF metadata `kind` (an index into [`RPM_KINDS`]): its parts in order.
+    pub fn rpm(&self, kind: usize) -> impl Iterator<Item = &Part> {
+        self.chunks.iter().map(move |c| &c.rpm[kind])
+    }
+}
+
+/// The chunks of a track whose members are `packages`, with the APT view listing `arches`:
+/// from the cache in `cache` where there, else rendered from the metadata `load` returns for
+/// the names given (each member's, in any order) and saved to the cache. Cached chunks the
+/// track no longer uses are removed.
+pub fn build(
+    cache: &Path,
+    packages: &BTreeMap<String, Vec<PoolEntry>>,
+    arches: &[String],
+    load: &(dyn Fn(&[&String]) -> Result<Vec<PoolMeta>> + Sync),
+) -> Result<Chunks> {
+    let cuts = cut(packages, arches);
+    let cached: Vec<Option<Rendered>> = super::par_map(&cuts, |c| {
+        Ok(std::fs::read(cache.join(&c.id))
+            .ok()
+            .and_then(|b| decode(&b, arches.len())))
+    })?;
+    let missing: Vec<&Cut> = cuts
+        .iter()
+        .zip(&cached)
+        .filter(|(_, r)| r.is_none())
+        .map(|(c, _)| c)
+        .collect();
+    // The metadata of every missing chunk's names, read in one go (spread over the cores).
+    let names: Vec<&String> = missing
+        .iter()
+        .flat_map(|c| c.names.iter().copied())
+        .collect();
+    let metas = if names.is_empty() {
+        Vec::new()
+    } else {
+        load(&names)?
+    };
+    let by_path: std::collections::HashMap<&str, &PoolMeta> =
+        metas.iter().map(|m| (m.entry.path.as_str(), m)).collect();
+    let fresh = super::par_map(&missing, |c| {
+        let mut members = Vec::new();
+        for name in &c.names {
+            for e in &packages[*name] {
+                let m = by_path.get(e.path.as_str()).copied().ok_or_else(|| {
+                    anyhow!(
+                        "the metadata of {} is missing; restore .keepup/ from a backup",
+                        e.path
+                    )
+                })?;
+                if m.entry.sha256 != e.sha256 {
+                    bail!(
+                        "the metadata of {} is of another file (sha256 {}, the track says {}); restore .keepup/ from a backup",
+                        e.path,
+                        m.entry.sha256,
+                        e.sha256
+                    );
+                }
+                members.push(m);
+            }
+        }
+        let r = render(&mut members, arches)?;
+        save(cache, &c.id, &encode(&r))?;
+        Ok(r)
+    })?;
+    if !fresh.is_empty() {
+        super::sync_dir(cache)?;
+    }
+    let rendered = fresh.len();
+    let mut fresh = fresh.into_iter();
+    let chunks = cached
+        .into_iter()
+        .map(|r| {
+            std::sync::Arc::new(match r {
+                Some(r) => r,
+                None => fresh.next().expect("one rendered chunk per missing one"),
+            })
+        })
+        .collect();
+    prune(cache, &cuts)?;
+    Ok(Chunks {
+        arches: arches.to_vec(),
+        chunks,
+        rendered,
+    })
+}
+
+/// Write a cache file (its name is its contents' id: written once, never replaced).
+fn save(cache: &Path, id: &str, data: &[u8]) -> Result<()> {
+    let path = cache.join(id);
+    let tmp = cache.join(format!(".tmp-{id}"));
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(data)?;
+        f.sync_data()?;
+        std::fs::rename(&tmp, &path)
+    };
+    match write() {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(cache)
+                .with_context(|| format!("creating {}", cache.display()))?;
+            write()
+        }
+        r => r,
+    }
+    .with_context(|| format!("writing {}", path.display()))
+}
+
+/// Remove the cache files of chunks no longer in the track.
+fn prune(cache: &Path, cuts: &[Cut]) -> Result<()> {
+    let keep: std::collections::HashSet<&str> = cuts.iter().map(|c| c.id.as_str()).collect();
+    let dir = match std::fs::read_dir(cache) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", cache.display())),
+    };
+    for f in dir {
+        let f = f?;
+        let name = f.file_name();
+        let name = name.to_string_lossy();
+        if !keep.contains(name.as_ref()) {
+            let _ = std::fs::remove_file(f.path());
+        }
+    }
+    Ok(())
+}
+
+/// Where the chunks of `track` are cached.
+pub fn cache_dir(private: &Path, track: &str) -> PathBuf {
+    private.join("cache").join(track)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(name: &str, version: &str, arch: &str, format: Format) -> PoolMeta {
+        let path = match format {
+            Format::Deb => format!(
+                "pool/main/{}/{name}/{name}_{version}_{arch}.deb",
+                &name[..1]
+            ),
+            Format::Rpm => format!("pool/rpm/{}/{name}/{name}-{version}.{arch}.rpm", &name[..1]),
+        };
+        let entry = PoolEntry {
+            name: name.into(),
+            version: version.into(),
+            arch: arch.into(),
+            format,
+            sha256: super::super::sha256_hex(path.as_bytes()),
+            path,
+            size: 1,
+            rollback_of: None,
+        };
+        let mut m = PoolMeta {
+            stanza: None,
+            primary: None,
+            filelists: None,
+            other: None,
+            entry,
+        };
+        match format {
+            Format::Deb => {
+                m.stanza = Some(format!(
+                    "Package: {name}\nVersion: {version}\nArchitecture: {arch}\nFilename: {}\n",
+                    m.entry.path
+                ))
+            }
+            Format::Rpm => {
+                for (i, f) in [&mut m.primary, &mut m.filelists, &mut m.other]
+                    .into_iter()
+                    .enumerate()
+                {
+                    *f = Some(format!(
+                        "<package n=\"{name}\" v=\"{version}\" k=\"{i}\"/>\n"
+                    ));
+                }
+            }
+        }
+        m
+    }
+
+    fn gunzip(b: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::MultiGzDecoder::new(b), &mut out).unwrap();
+        out
+    }
+
+    /// The track's packages and its metadata by path.
+    fn track(metas: &[PoolMeta]) -> BTreeMap<String, Vec<PoolEntry>> {
+        let mut t: BTreeMap<String, Vec<PoolEntry>> = BTreeMap::new();
+        for m in metas {
+            t.entry(m.entry.name.clone())
+                .or_default()
+                .push(m.entry.clone());
+        }
+        t
+    }
+
+    fn loader(metas: &[PoolMeta]) -> impl Fn(&[&String]) -> Result<Vec<PoolMeta>> + Sync + '_ {
+        move |names: &[&String]| {
+            Ok(metas
+                .iter()
+                .filter(|m| names.contains(&&m.entry.name))
+                .cloned()
+                .collect())
+        }
+    }
+
+    fn whole(c: &Chunks) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+        let mut files = Vec::new();
+        let mut gzs = Vec::new();
+        for a in 0..c.arches.len() {
+            files.push(c.apt(a).flat_map(|p| p.text.clone()).collect());
+            gzs.push(c.apt(a).flat_map(|p| p.gz.clone()).collect());
+        }
+        for k in 0..3 {
+            files.push(c.rpm(k).flat_map(|p| p.text.clone()).collect());
+            gzs.push(c.rpm(k).flat_map(|p| p.gz.clone()).collect());
+        }
+        (files, gzs)
+    }
+
+    #[test]
+    fn an_incremental_build_is_a_full_one_and_renders_one_chunk() {
+        let arches: Vec<String> = vec!["amd64".into(), "arm64".into()];
+        let mut metas: Vec<PoolMeta> = (0..1000)
+            .flat_map(|i| {
+                let n = format!("pkg{i:04}");
+                [
+                    meta(
+                        &n,
+                        "1.0-1",
+                        if i % 10 == 0 { "all" } else { "amd64" },
+                        Format::Deb,
+                    ),
+                    meta(&n, "1.0-1", "x86_64", Format::Rpm),
+                ]
+            })
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let first = build(dir.path(), &track(&metas), &arches, &loader(&metas)).unwrap();
+        assert!(first.chunks.len() > 5, "{} chunks", first.chunks.len());
+        assert_eq!(first.rendered, first.chunks.len());
+        // Nothing changed: nothing rendered, no metadata read.
+        let none = |_: &[&String]| -> Result<Vec<PoolMeta>> { panic!("metadata read") };
+        let again = build(dir.path(), &track(&metas), &arches, &none).unwrap();
+        assert_eq!(again.rendered, 0);
+        assert_eq!(whole(&again), whole(&first));
+
+        // One new version of one name: one chunk rendered; the same bytes as from scratch.
+        metas.push(meta("pkg0500", "1.1-1", "amd64", Format::Deb));
+        let inc = build(dir.path(), &track(&metas), &arches, &loader(&metas)).unwrap();
+        assert_eq!(inc.rendered, 1);
+        let scratch = tempfile::tempdir().unwrap();
+        let full = build(scratch.path(), &track(&metas), &arches, &loader(&metas)).unwrap();
+        assert_eq!(whole(&inc), whole(&full));
+        // Unused chunks left the cache.
+        let files = std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(files, inc.chunks.len());
+
+        // Every multi-member gzip file decompresses to its text; stanzas in order.
+        let (files, gzs) = whole(&inc);
+        for (f, g) in files.iter().zip(&gzs) {
+            assert_eq!(&gunzip(g), f);
+        }
+        let amd64 = String::from_utf8(files[0].clone()).unwrap();
+        let stanzas: Vec<&str> = amd64.split_terminator("\n\n").collect();
+        assert_eq!(stanzas.len(), 1001);
+        assert!(amd64.ends_with("\n\n"));
+        let i = stanzas.iter().position(|s| s.contains("pkg0500")).unwrap();
+        assert!(stanzas[i].contains("1.0-1") && stanzas[i + 1].contains("1.1-1"));
+        // arm64 lists the "all" packages only.
+        let arm64 = String::from_utf8(files[1].clone()).unwrap();
+        assert_eq!(arm64.matches("Package: ").count(), 100);
+    }
+
+    #[test]
+    fn a_damaged_cache_file_is_rendered_again() {
+        let arches: Vec<String> = vec!["amd64".into()];
+        let metas: Vec<PoolMeta> = (0..300)
+            .map(|i| meta(&format!("p{i}"), "1-1", "amd64", Format::Deb))
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let first = build(dir.path(), &track(&metas), &arches, &loader(&metas)).unwrap();
+        let victim = std::fs::read_dir(dir.path())
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap();
+        let b = std::fs::read(victim.path()).unwrap();
+        std::fs::write(victim.path(), &b[..b.len() - 1]).unwrap();
+        let again = build(dir.path(), &track(&metas), &arches, &loader(&metas)).unwrap();
+        assert_eq!(again.rendered, 1);
+        assert_eq!(whole(&again), whole(&first));
+        // Metadata of another file than the track names is refused.
+        let mut other = metas.clone();
+        other[0].entry.sha256 = "0".repeat(64);
+        let err = build(
+            tempfile::tempdir().unwrap().path(),
+            &track(&metas),
+            &arches,
+            &loader(&other),
+        )
+        .err()
+        .unwrap();
+        assert!(err.to_string().contains("another file"), "{err}");
+    }
+
+    #[test]
+    fn cache_files_round_trip() {
+        let r = Rendered {
+            apt: vec![Part::of(b"a\n\n".to_vec()).unwrap(), Part::default()],
+            rpm: [
+                Part::of(b"<p/>".to_vec()).unwrap(),
+                Part::default(),
+                Part::of(b"<o/>".to_vec()).unwrap(),
+            ],
+        };
+        let b = encode(&r);
+        assert_eq!(decode(&b, 2), Some(r));
+        assert_eq!(decode(&b, 1), None);
+        assert_eq!(decode(&b[..b.len() - 1], 2), None);
+    }
+}
