@@ -250,7 +250,7 @@ pub struct ServeArgs {
     /// `postgres://USER@HOST:PORT/DB` (password in PGPASSWORD or ~/.pgpass; several replicas
     /// may share it). Also accept agent reports and serve the fleet view (`/`,
     /// `/api/v1/fleet`). See docs/reports.md and docs/postgres.md.
-    #[arg(long, value_name = "FILE|URL", value_parser = crate::state::db::Location::parse)]
+    #[arg(long, value_name = "FILE|URL", value_parser = crate::state::db::LocationArg)]
     state: Option<crate::state::db::Location>,
     /// File holding a read token: `/`, `/api/v1/fleet` and `/api/v1/events` then answer only
     /// requests that present it (`Authorization: Bearer TOKEN`, or a browser's login with the
@@ -298,7 +298,7 @@ fn parse_timeout(s: &str) -> Result<std::time::Duration, String> {
 pub struct StateArg {
     /// Fleet state database (the one `keepup serve --state` uses): a SQLite file or a
     /// `postgres://USER@HOST:PORT/DB` URL.
-    #[arg(long = "state", value_name = "FILE|URL", value_parser = crate::state::db::Location::parse)]
+    #[arg(long = "state", value_name = "FILE|URL", value_parser = crate::state::db::LocationArg)]
     pub at: crate::state::db::Location,
 }
 
@@ -589,6 +589,8 @@ pub fn repo(cmd: RepoCommand) -> Result<()> {
         }
         RepoCommand::Reindex { repo } => {
             let mut r = Repo::open(&repo.dir)?;
+            // A rebuild from the state alone: nothing rendered earlier is reused.
+            r.drop_view_cache()?;
             r.reindex()?;
             println!("rewrote the views of {} tracks", r.state.tracks.len());
             Ok(())

@@ -259,6 +259,19 @@ fn replicas_share_reports_and_tokens_and_migrate_once() -> Result<()> {
         let messages: Vec<&str> = list.iter().filter_map(|e| e["message"].as_str()).collect();
         ensure!(messages == ["a2", "b1"], "{raw}");
     }
+    // Attack: a host (its token) sends an event holding NUL, which a PostgreSQL TEXT value
+    // cannot hold. Stored as it was, it would fail the whole batch it joins (every host's
+    // reports in it) on every retry; it is stored with U+FFFD instead and all goes on.
+    ensure!(post(a.port, &t2, &report("web2", "1.3-1", "nul\u{0}here")) == 204);
+    ensure!(post(b.port, &t2, &report("web2", "1.3-1", "after")) == 204);
+    let events = pg.psql(
+        "fleet",
+        "SELECT message FROM events WHERE host = 'web2' ORDER BY id",
+    )?;
+    ensure!(
+        events.split_whitespace().collect::<Vec<_>>() == ["b1", "a2", "nul\u{FFFD}here", "after"],
+        "{events}"
+    );
     // A removed host's token stops working on both.
     keepup(&["host", "remove", "web1", "--state", &pg.url(true)])?;
     for r in [&a, &b] {
@@ -424,6 +437,19 @@ fn a_wrong_password_or_an_unreachable_database_stops_the_start() -> Result<()> {
     let (ok, _, err) = keepup_output(&["host", "list", "--state", &wrong])?;
     ensure!(!ok && err.contains("refused user"), "{err}");
 
+    // A URL that is refused before connecting: the message does not repeat it (clap's own
+    // error would print the value, password and all).
+    let refused = format!(
+        "postgres://keepup:s3cret-pw@127.0.0.1:{}/fleet?sslmode=require",
+        pg.port()
+    );
+    let err = serve(&refused)?;
+    ensure!(
+        err.contains("sslmode=require") && !err.contains("s3cret-pw"),
+        "{err}"
+    );
+    let (ok, _, err) = keepup_output(&["host", "list", "--state", &refused])?;
+    ensure!(!ok && !err.contains("s3cret-pw"), "{err}");
     // Nothing listens on this port.
     let free = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let err = serve(&format!("postgres://keepup:x@127.0.0.1:{free}/fleet"))?;

@@ -189,10 +189,15 @@ async fn repo_sync_publishes_a_repository_that_apt_and_agents_read_from_the_buck
         dir.join("keys").to_str().unwrap(),
     ])?;
     let (deb1, rpm1) = keepup_pack_example(&dir.join("v1"), "1.0.0", Some(&key), |t| t)?;
+    // A pre-release: its file name has a `~`, which must stay a `~` in the object's key
+    // (the bucket is checked to mirror the repository file for file below).
+    let (deb0, _) = keepup_pack_example(&dir.join("v0"), "0.9.0~rc1", Some(&key), |t| t)?;
+    ensure!(deb0.to_string_lossy().contains('~'), "{}", deb0.display());
     keepup(&[
         "publish",
         "--repo",
         r,
+        deb0.to_str().unwrap(),
         deb1.to_str().unwrap(),
         rpm1.to_str().unwrap(),
     ])?;

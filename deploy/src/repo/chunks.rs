@@ -158,9 +158,11 @@ pub fn render(members: &mut [&PoolMeta], arches: &[String]) -> Result<Rendered> 
     Ok(Rendered { apt, rpm })
 }
 
-/// The cache file format: `KCH1`, the number of parts, then each part's text and gz, each
-/// as a little-endian u64 length and the bytes.
-const MAGIC: &[u8; 4] = b"KCH1";
+/// The cache file format: `KCH2`, the number of parts, then each part's text and gz, each
+/// as a little-endian u64 length and the bytes, then the SHA-256 of all that. A file whose
+/// checksum does not hold (a flipped bit, a torn copy from a backup) is rendered again,
+/// never published.
+const MAGIC: &[u8; 4] = b"KCH2";
 
 fn encode(r: &Rendered) -> Vec<u8> {
     let parts: Vec<&Part> = r.apt.iter().chain(r.rpm.iter()).collect();
@@ -174,12 +176,18 @@ fn encode(r: &Rendered) -> Vec<u8> {
             out.extend_from_slice(b);
         }
     }
+    let sum = sha2::Sha256::digest(&out);
+    out.extend_from_slice(&sum);
     out
 }
 
 /// A cached chunk back; None if it is not one (damaged, or for other architectures).
 fn decode(b: &[u8], arches: usize) -> Option<Rendered> {
-    let rest = b.strip_prefix(MAGIC)?;
+    let (body, sum) = b.split_at_checked(b.len().checked_sub(32)?)?;
+    if sha2::Sha256::digest(body).as_slice() != sum {
+        return None;
+    }
+    let rest = body.strip_prefix(MAGIC)?;
     let (n, mut rest) = rest.split_at_checked(4)?;
     let n = u32::from_le_bytes(n.try_into().ok()?) as usize;
     if n != arches + 3 {
@@ -518,6 +526,16 @@ mod tests {
         let again = build(dir.path(), &track(&metas), &arches, &loader(&metas)).unwrap();
         assert_eq!(again.rendered, 1);
         assert_eq!(whole(&again), whole(&first));
+        // A flipped bit inside a stanza (the same length, so the layout still parses) is
+        // caught by the checksum: rendered again, not published.
+        let b = std::fs::read(victim.path()).unwrap();
+        let mut flipped = b.clone();
+        let at = b.windows(9).position(|w| w == b"Package: ").unwrap() + 9;
+        flipped[at] ^= 0x01;
+        std::fs::write(victim.path(), &flipped).unwrap();
+        let third = build(dir.path(), &track(&metas), &arches, &loader(&metas)).unwrap();
+        assert_eq!(third.rendered, 1);
+        assert_eq!(whole(&third), whole(&first));
         // Metadata of another file than the track names is refused.
         let mut other = metas.clone();
         other[0].entry.sha256 = "0".repeat(64);

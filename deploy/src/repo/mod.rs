@@ -1443,6 +1443,18 @@ impl Repo {
         Ok(())
     }
 
+    /// Remove the rendered-chunk cache (`.keepup/cache`), so the next views are rendered from
+    /// the pool metadata alone (`repo reindex` does this).
+    pub fn drop_view_cache(&self) -> Result<()> {
+        let dir = self.layout.private.join("cache");
+        match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(e).with_context(|| format!("removing {}", dir.display()))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// When the metadata this command signs expires (Unix time; fixed at the first call).
     pub fn expires(&self) -> u64 {
         *self.expires.get_or_init(|| views::now() + self.valid_for)

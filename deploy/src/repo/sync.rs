@@ -336,10 +336,36 @@ pub struct Scan {
     pub refused: Vec<String>,
 }
 
+/// The package files the repository published (from its state): only these leave the
+/// machine from `pool/` and the rpm views' `packages/`, so a stray file dropped there (a key,
+/// a dump) is refused however it is named.
+#[derive(Debug, Default)]
+pub struct Published {
+    /// Pool path -> sha256.
+    pool: std::collections::HashMap<String, String>,
+    /// Every published package's sha256 (the rpm views link pool files under other names).
+    sha256: std::collections::HashSet<String>,
+}
+
+impl Published {
+    /// From the repository's pool entries.
+    pub fn new(entries: &[super::PoolEntry]) -> Published {
+        Published {
+            pool: entries
+                .iter()
+                .map(|e| (e.path.clone(), e.sha256.clone()))
+                .collect(),
+            sha256: entries.iter().map(|e| e.sha256.clone()).collect(),
+        }
+    }
+}
+
 /// Walk the repository at `root`: hash every file the allow-list admits, name every other
 /// one; `.keepup/` (the private state) and temporary `.tmp-*` files are skipped unread. A
-/// file to upload that holds a secret key is an error.
-pub fn scan(root: &Path) -> Result<Scan> {
+/// package file must be one `published` lists (a pool file with the sha256 the state
+/// records: one that differs is an error). A file to upload that holds a secret key is an
+/// error.
+pub fn scan(root: &Path, published: &Published) -> Result<Scan> {
     let mut out = Scan::default();
     let mut stack = vec![PathBuf::new()];
     while let Some(dir) = stack.pop() {
@@ -368,9 +394,26 @@ pub fn scan(root: &Path) -> Result<Scan> {
             };
             // Package files are the operator's payloads, checked by `publish`; everything
             // else the repository wrote itself and must hold no secret key.
-            let package = rel_s.starts_with("pool/") || rel_s.contains("/packages/");
+            let pool = rel_s.starts_with("pool/");
+            let package = pool || rel_s.contains("/packages/");
+            if pool && !published.pool.contains_key(&rel_s) {
+                out.refused.push(rel_s);
+                continue;
+            }
             let (size, sha256, md5) = hash_file(&e.path(), !package)
                 .with_context(|| format!("reading {}", e.path().display()))?;
+            if pool && published.pool.get(&rel_s) != Some(&sha256) {
+                bail!(
+                    "{} is not the file the repository published (its sha256 is {sha256}, the \
+                     state says {}): refusing to sync; run `keepup repo verify` and restore it",
+                    e.path().display(),
+                    published.pool[&rel_s]
+                );
+            }
+            if package && !published.sha256.contains(&sha256) {
+                out.refused.push(rel_s);
+                continue;
+            }
             out.files.push(LocalFile {
                 rel: rel_s,
                 stage,
@@ -604,6 +647,13 @@ impl Progress {
     }
 }
 
+/// The object key for `key` exactly as written. `ObjectPath::from` would percent-encode
+/// characters such as `~` (common in Debian versions: `foo_1.0~rc1-1_amd64.deb`), so the
+/// object would not be where apt and dnf look for it.
+fn object_path(key: &str) -> Result<ObjectPath> {
+    ObjectPath::parse(key).map_err(|e| anyhow!("{key:?} cannot be an object key: {e}"))
+}
+
 /// Sync the repository at `root` to the bucket: scan, plan, upload stage by stage, record,
 /// then delete what the grace period lets go. Holds the repository's lock throughout.
 pub fn sync(repo: &super::Repo, opts: &SyncOptions) -> Result<Summary> {
@@ -611,15 +661,18 @@ pub fn sync(repo: &super::Repo, opts: &SyncOptions) -> Result<Summary> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(run(&repo.root, opts))
+    let published = Published::new(&repo.pool()?);
+    rt.block_on(run(&repo.root, &published, opts))
 }
 
-async fn run(root: &Path, opts: &SyncOptions) -> Result<Summary> {
-    let scan = tokio::task::block_in_place(|| scan(root))?;
+async fn run(root: &Path, published: &Published, opts: &SyncOptions) -> Result<Summary> {
+    let scan = tokio::task::block_in_place(|| scan(root, published))?;
     let store = Arc::new(store(&opts.target, &opts.endpoint)?);
     let where_ = format!("s3://{}/{}", opts.target.bucket, opts.target.prefix);
-    let prefix =
-        (!opts.target.prefix.is_empty()).then(|| ObjectPath::from(opts.target.prefix.as_str()));
+    let prefix = match opts.target.prefix.is_empty() {
+        true => None,
+        false => Some(object_path(&opts.target.prefix)?),
+    };
     let listed: Vec<_> = store
         .list(prefix.as_ref())
         .try_collect()
@@ -637,7 +690,7 @@ async fn run(root: &Path, opts: &SyncOptions) -> Result<Summary> {
             );
         }
     }
-    let state_path = ObjectPath::from(opts.target.key(STATE_OBJECT));
+    let state_path = object_path(&opts.target.key(STATE_OBJECT))?;
     let mut state: SyncState = match store.get(&state_path).await {
         Ok(r) => {
             let bytes = r.bytes().await?;
@@ -681,7 +734,7 @@ async fn run(root: &Path, opts: &SyncOptions) -> Result<Summary> {
     result?;
     saved?;
     for rel in &plan.delete {
-        let path = ObjectPath::from(opts.target.key(rel));
+        let path = object_path(&opts.target.key(rel))?;
         match store.delete(&path).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
             Err(e) => return Err(anyhow!("deleting {where_}/{rel}: {e}")),
@@ -777,7 +830,7 @@ async fn upload(
     f: &LocalFile,
     path: &Path,
 ) -> Result<Option<String>> {
-    let key = ObjectPath::from(target.key(&f.rel));
+    let key = object_path(&target.key(&f.rel))?;
     let mut attributes = Attributes::new();
     attributes.insert(Attribute::CacheControl, cache_control(&f.rel).into());
     let what = || format!("uploading {} to s3://{}/{}", f.rel, target.bucket, key);
@@ -1057,6 +1110,14 @@ mod tests {
     }
 
     #[test]
+    fn object_keys_keep_debian_version_characters() {
+        // A tilde version must land under its own name, not a percent-encoded one.
+        let key = "keepup/pool/main/f/foo/foo_1.0~rc1+b1-1_amd64.deb";
+        assert_eq!(object_path(key).unwrap().as_ref(), key);
+        assert!(object_path("pool/../x").is_err());
+    }
+
+    #[test]
     fn secret_keys_are_found() {
         assert!(holds_secret_key(
             b"x\n-----BEGIN PGP PRIVATE KEY BLOCK-----\n"
@@ -1085,17 +1146,57 @@ mod tests {
         );
         put("dists/stable/.tmp-1", "partial");
         put("notes.txt", "hello");
-        let s = scan(root).unwrap();
+        // Package files: only those the state lists, with the bytes it records.
+        put("pool/main/f/foo/foo_1.0_amd64.deb", "a package");
+        put("rpm/stable/packages/foo-1.0-1.x86_64.rpm", "a package");
+        put(
+            "pool/main/f/foo/signing.deb",
+            "-----BEGIN PGP PRIVATE KEY BLOCK-----",
+        );
+        put(
+            "rpm/stable/packages/key.rpm",
+            "-----BEGIN PGP PRIVATE KEY BLOCK-----",
+        );
+        let entry = |path: &str, body: &str| super::super::PoolEntry {
+            name: "foo".into(),
+            version: "1.0".into(),
+            arch: "amd64".into(),
+            format: super::super::Format::Deb,
+            path: path.into(),
+            size: body.len() as u64,
+            sha256: super::super::sha256_hex(body.as_bytes()),
+            rollback_of: None,
+        };
+        let published = Published::new(&[entry("pool/main/f/foo/foo_1.0_amd64.deb", "a package")]);
+        let s = scan(root, &published).unwrap();
         assert_eq!(
             s.files.iter().map(|f| f.rel.as_str()).collect::<Vec<_>>(),
-            ["keys/repository.asc"]
+            [
+                "keys/repository.asc",
+                "pool/main/f/foo/foo_1.0_amd64.deb",
+                "rpm/stable/packages/foo-1.0-1.x86_64.rpm"
+            ]
         );
-        assert_eq!(s.refused, ["notes.txt"]);
+        assert_eq!(
+            s.refused,
+            [
+                "notes.txt",
+                "pool/main/f/foo/signing.deb",
+                "rpm/stable/packages/key.rpm"
+            ]
+        );
+        // A pool file whose bytes changed since it was published stops the sync.
+        let changed = Published::new(&[entry("pool/main/f/foo/foo_1.0_amd64.deb", "another")]);
+        let e = format!("{:#}", scan(root, &changed).unwrap_err());
+        assert!(e.contains("not the file the repository published"), "{e}");
+        std::fs::remove_dir_all(root.join("pool")).unwrap();
+        std::fs::remove_dir_all(root.join("rpm")).unwrap();
+        let published = Published::default();
         put(
             "keys/rotation.asc",
             "x\n-----BEGIN PGP PRIVATE KEY BLOCK-----\ny",
         );
-        let e = format!("{:#}", scan(root).unwrap_err());
+        let e = format!("{:#}", scan(root, &published).unwrap_err());
         assert!(
             e.contains("keys/rotation.asc") && e.contains("secret key"),
             "{e}"

@@ -88,6 +88,30 @@ impl Location {
     }
 }
 
+/// clap's parser for `--state`. clap's own error for a bad value repeats the value, which for
+/// a URL may hold a password; this one names only what is wrong.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LocationArg;
+
+impl clap::builder::TypedValueParser for LocationArg {
+    type Value = Location;
+
+    fn parse_ref(
+        &self,
+        _cmd: &clap::Command,
+        _arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<Location, clap::Error> {
+        let bad = |why: String| {
+            clap::Error::raw(clap::error::ErrorKind::ValueValidation, format!("{why}\n"))
+        };
+        let s = value
+            .to_str()
+            .ok_or_else(|| bad("--state: the value is not UTF-8".into()))?;
+        Location::parse(s).map_err(bad)
+    }
+}
+
 /// Shown in messages: the path, or the URL without its password.
 impl std::fmt::Display for Location {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -92,6 +92,22 @@ fn host_name(h: &Host) -> String {
     }
 }
 
+/// Server-side limits for every keepup session (unless the URL sets `options`): a lock wait
+/// (the store lock another replica holds) or a statement gives up rather than hang, and a
+/// transaction left idle by a frozen replica is ended, releasing its locks.
+const SESSION_LIMITS: &str = "-c lock_timeout=20s -c statement_timeout=120s \
+     -c idle_in_transaction_session_timeout=60s";
+
+/// Free text as PostgreSQL can hold it: a `TEXT` value cannot contain NUL, and one NUL in one
+/// host's event would fail the whole batch (every host's reports in it), so it becomes U+FFFD.
+fn text(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.contains('\0') {
+        s.replace('\0', "\u{FFFD}").into()
+    } else {
+        s.into()
+    }
+}
+
 impl PgUrl {
     /// Parse a `postgres://` (or `postgresql://`) URL; every libpq URL parameter the driver
     /// knows is accepted (`?sslmode=`, `?target_session_attrs=read-write`, several hosts).
@@ -123,6 +139,21 @@ impl PgUrl {
         }
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(10));
+        }
+        // A replica that freezes or loses its network must not hold the store lock (and so
+        // every replica's reports) for the kernel's two-hour keepalive: the server ends its
+        // idle transaction, statements and lock waits have a limit, and this side notices a
+        // dead peer within about half a minute.
+        if config.get_tcp_user_timeout().is_none() {
+            config.tcp_user_timeout(Duration::from_secs(30));
+        }
+        config
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(10))
+            .keepalives_interval(Duration::from_secs(5))
+            .keepalives_retries(3);
+        if config.get_options().is_none() {
+            config.options(SESSION_LIMITS);
         }
         let hosts: Vec<String> = config
             .get_hosts()
@@ -504,8 +535,8 @@ impl Postgres {
                         &r.host,
                         &(e.at as i64),
                         &e.service,
-                        &e.kind.as_str(),
-                        &e.message,
+                        &text(e.kind.as_str()).as_ref(),
+                        &text(&e.message).as_ref(),
                         &at,
                     ],
                 )?;
