@@ -107,3 +107,53 @@ pub fn keepup_pack_example(
         dist.join(format!("foo-{version}-1.x86_64.rpm")),
     ))
 }
+
+/// Copy the tree at `from` to `to` (directories and regular files).
+pub fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        let target = to.join(e.file_name());
+        if e.file_type()?.is_dir() {
+            copy_dir(&e.path(), &target)?;
+        } else {
+            std::fs::copy(e.path(), &target)?;
+        }
+    }
+    Ok(())
+}
+
+/// A repository initialised once per test process under a temporary directory named by
+/// `tag` (key generation is slow in debug builds); copy it ([`copy_dir`]) to change it.
+pub fn template_repo(tag: &str) -> Result<PathBuf> {
+    static REPO: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    if let Some(r) = REPO.get() {
+        return Ok(r.clone());
+    }
+    let dir = std::env::temp_dir().join(format!("keepup-{tag}-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let repo = dir.join("repo");
+    keepup(&[
+        "repo",
+        "init",
+        repo.to_str().context("a UTF-8 temporary directory")?,
+    ])?;
+    Ok(REPO.get_or_init(|| repo).clone())
+}
+
+/// `Field: value` pairs of a Packages stanza (continuation lines joined to their field).
+pub fn stanza_fields(stanza: &str) -> std::collections::BTreeMap<String, String> {
+    let mut fields = std::collections::BTreeMap::new();
+    let mut last = String::new();
+    for line in stanza.lines() {
+        if line.starts_with(' ') {
+            if let Some(v) = fields.get_mut(&last) {
+                *v = format!("{v}\n{line}");
+            }
+        } else if let Some((k, v)) = line.split_once(':') {
+            last = k.to_string();
+            fields.insert(last.clone(), v.trim().to_string());
+        }
+    }
+    fields
+}

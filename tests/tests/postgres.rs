@@ -11,27 +11,15 @@ use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _, Result};
 use keepup_tests::example::built_bin;
 use keepup_tests::fleet::{keepup, keepup_output};
 use keepup_tests::postgres::{postgres_or_skip, PgCluster, PASSWORD};
+use keepup_tests::testkit::{copy_dir, template_repo};
 use serde_json::{json, Value};
-
-/// A repository initialised once per test process (key generation is slow in debug builds).
-fn repo() -> Result<PathBuf> {
-    static REPO: OnceLock<PathBuf> = OnceLock::new();
-    if let Some(r) = REPO.get() {
-        return Ok(r.clone());
-    }
-    let dir = std::env::temp_dir().join(format!("keepup-pg-test-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let repo = dir.join("repo");
-    keepup(&["repo", "init", repo.to_str().unwrap()])?;
-    Ok(REPO.get_or_init(|| repo).clone())
-}
 
 /// A `keepup serve --state postgres://...` replica; stderr goes to a file.
 struct Replica {
@@ -94,7 +82,7 @@ impl Drop for Replica {
 
 /// Two replicas started together on one fresh database.
 fn two_replicas(pg: &PgCluster, dir: &Path) -> Result<(Replica, Replica)> {
-    let repo = repo()?;
+    let repo = template_repo("pg")?;
     // A has the password in its URL, B takes it from PGPASSWORD.
     let mut a = Replica::spawn(&repo, &pg.url(true), dir.join("a.log"))?;
     let mut b = Replica::spawn(&repo, &pg.url(false), dir.join("b.log"))?;
@@ -408,7 +396,7 @@ fn a_wrong_password_or_an_unreachable_database_stops_the_start() -> Result<()> {
         return Ok(());
     }
     let pg = PgCluster::start()?;
-    let repo = repo()?;
+    let repo = template_repo("pg")?;
     let serve = |url: &str| -> Result<String> {
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let out = Command::new(built_bin("keepup")?)
@@ -476,7 +464,7 @@ fn one_replica_at_a_time_evaluates_the_rollout_gates() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     // A repository of its own with foo rolling out in waves on stable.
     let repo = tmp.path().join("repo");
-    copy_dir(&self::repo()?, &repo)?;
+    copy_dir(&template_repo("pg")?, &repo)?;
     let r = repo.to_str().unwrap();
     keepup(&["assign", "--repo", r, "*", "--track", "stable"])?;
     for (version, waves) in [("1.0.0", None), ("1.1.0", Some("canary-1,100%"))] {
@@ -537,19 +525,5 @@ fn one_replica_at_a_time_evaluates_the_rollout_gates() -> Result<()> {
         || Ok(other.stderr().contains(LEADS)),
     )
     .with_context(|| other.stderr())?;
-    Ok(())
-}
-
-fn copy_dir(from: &Path, to: &Path) -> Result<()> {
-    std::fs::create_dir_all(to)?;
-    for e in std::fs::read_dir(from)? {
-        let e = e?;
-        let target = to.join(e.file_name());
-        if e.file_type()?.is_dir() {
-            copy_dir(&e.path(), &target)?;
-        } else {
-            std::fs::copy(e.path(), &target)?;
-        }
-    }
     Ok(())
 }

@@ -10,7 +10,7 @@ use anyhow::{bail, ensure, Context, Result};
 use keepup_tests::example::built_bin;
 use keepup_tests::fleet::{keepup, keepup_output};
 use keepup_tests::host::{docker_or_skip, Host, TestNet};
-use keepup_tests::testkit::{keepup_pack_example, key_in, shared_signing_key};
+use keepup_tests::testkit::{keepup_pack_example, key_in, shared_signing_key, stanza_fields};
 
 /// Run `keepup ARGS` and require failure; returns stderr.
 fn keepup_fails(args: &[&str]) -> Result<String> {
@@ -614,23 +614,6 @@ async fn serve_keeps_requests_inside_the_repository() -> Result<()> {
         .await?;
     ensure!(sum == local, "{sum} vs {local}");
     Ok(())
-}
-
-/// `Field: value` pairs of a Packages stanza (continuation lines joined to their field).
-fn stanza_fields(stanza: &str) -> std::collections::BTreeMap<String, String> {
-    let mut fields = std::collections::BTreeMap::new();
-    let mut last = String::new();
-    for line in stanza.lines() {
-        if line.starts_with(' ') {
-            if let Some(v) = fields.get_mut(&last) {
-                *v = format!("{v}\n{line}");
-            }
-        } else if let Some((k, v)) = line.split_once(':') {
-            last = k.to_string();
-            fields.insert(last.clone(), v.trim().to_string());
-        }
-    }
-    fields
 }
 
 /// One createrepo `<package>` entry, normalized for comparison: one trimmed line per line,

@@ -11,7 +11,7 @@ use std::process::Command;
 
 use anyhow::{ensure, Context, Result};
 use keepup_tests::fleet::keepup;
-use keepup_tests::testkit::shared_signing_key;
+use keepup_tests::testkit::{shared_signing_key, stanza_fields};
 
 /// Packages generated.
 const N: usize = 2000;
@@ -82,21 +82,7 @@ fn apt_files(repo: &Path) -> Result<BTreeMap<String, Vec<u8>>> {
 fn stanzas(text: &str) -> Vec<BTreeMap<String, String>> {
     text.split("\n\n")
         .filter(|s| !s.trim().is_empty())
-        .map(|s| {
-            let mut fields = BTreeMap::new();
-            let mut last = String::new();
-            for line in s.lines() {
-                if line.starts_with(' ') {
-                    if let Some(v) = fields.get_mut(&last) {
-                        *v = format!("{v}\n{line}");
-                    }
-                } else if let Some((k, v)) = line.split_once(':') {
-                    last = k.to_string();
-                    fields.insert(last.clone(), v.trim().to_string());
-                }
-            }
-            fields
-        })
+        .map(stanza_fields)
         .collect()
 }
 

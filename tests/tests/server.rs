@@ -9,46 +9,19 @@ use std::io::{Read as _, Write as _};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use keepup_tests::example::built_bin;
 use keepup_tests::fleet::{keepup, keepup_output};
+use keepup_tests::testkit::{copy_dir, template_repo};
 use serde_json::{json, Value};
-
-/// A repository initialised once (key generation is slow in debug builds), copied per test.
-fn template_repo() -> Result<PathBuf> {
-    static REPO: OnceLock<PathBuf> = OnceLock::new();
-    if let Some(r) = REPO.get() {
-        return Ok(r.clone());
-    }
-    let dir = std::env::temp_dir().join(format!("keepup-server-test-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let repo = dir.join("repo");
-    keepup(&["repo", "init", repo.to_str().unwrap()])?;
-    Ok(REPO.get_or_init(|| repo).clone())
-}
-
-fn copy_dir(from: &Path, to: &Path) -> Result<()> {
-    std::fs::create_dir_all(to)?;
-    for e in std::fs::read_dir(from)? {
-        let e = e?;
-        let target = to.join(e.file_name());
-        if e.file_type()?.is_dir() {
-            copy_dir(&e.path(), &target)?;
-        } else {
-            std::fs::copy(e.path(), &target)?;
-        }
-    }
-    Ok(())
-}
 
 /// A fresh repository in `dir/repo`: web* and db* follow `stable`; `baz` is quarantined on
 /// web3; the stable index has foo 1.2-1, bar 2.1-1 (a rollback to 2.0-1) and baz 1.0-1.
 fn new_repo(dir: &Path) -> Result<PathBuf> {
     let repo = dir.join("repo");
-    copy_dir(&template_repo()?, &repo)?;
+    copy_dir(&template_repo("server")?, &repo)?;
     let r = repo.to_str().unwrap();
     keepup(&["assign", "--repo", r, "web*", "--track", "stable"])?;
     keepup(&[
