@@ -56,18 +56,7 @@ if [ ${#need[@]} -gt 0 ]; then
     bash "$ROOT/tests/ensure-packages.sh" "${need[@]}"
 fi
 
-log "building keepup (release)"
-(cd "$ROOT" && cargo build --release -q -p keepup-deploy --bin keepup)
-K=$ROOT/target/release/keepup
-
-ms() {
-    local s e
-    s=$(date +%s%N)
-    "$@" >/dev/null 2>&1 || { log "failed: $*"; return 1; }
-    e=$(date +%s%N)
-    echo $(((e - s) / 1000000))
-}
-med() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+. "$ROOT/tests/bench/repo-lib.sh"
 name() { printf 'gpkg%0*d' "${#SCALE_N}" "$1"; }
 
 PKGS=${PKGS:-$WORK/pkgs}

@@ -68,20 +68,7 @@ if [ ${#need[@]} -gt 0 ]; then
     apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
-log "building keepup (release)"
-(cd "$ROOT" && cargo build --release -q -p keepup-deploy --bin keepup)
-K=$ROOT/target/release/keepup
-
-# Milliseconds of wall time of a command (its output discarded).
-ms() {
-    local s e
-    s=$(date +%s%N)
-    "$@" >/dev/null 2>&1 || { log "failed: $*"; return 1; }
-    e=$(date +%s%N)
-    echo $(((e - s) / 1000000))
-}
-median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-med() { printf '%s\n' "$@" | median; }
+. "$ROOT/tests/bench/repo-lib.sh"
 
 # ---------------------------------------------------------------------------------------
 # Packages: N tiny services, each one small file, deb + signed rpm.
