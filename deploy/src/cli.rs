@@ -66,6 +66,10 @@ pub enum RepoCommand {
     Reindex {
         #[command(flatten)]
         repo: RepoArg,
+        /// Render every view chunk again from the pool metadata instead of reusing the
+        /// checksummed cache in `.keepup/cache` (a repair; slower on large repositories).
+        #[arg(long)]
+        fresh: bool,
     },
     /// Move a secret key kept inside the repository tree (`.keepup/signing-key.asc`, where
     /// older versions put it) out of the tree.
@@ -587,10 +591,11 @@ pub fn repo(cmd: RepoCommand) -> Result<()> {
             }
             Ok(())
         }
-        RepoCommand::Reindex { repo } => {
+        RepoCommand::Reindex { repo, fresh } => {
             let mut r = Repo::open(&repo.dir)?;
-            // A rebuild from the state alone: nothing rendered earlier is reused.
-            r.drop_view_cache()?;
+            if fresh {
+                r.drop_view_cache()?;
+            }
             r.reindex()?;
             println!("rewrote the views of {} tracks", r.state.tracks.len());
             Ok(())

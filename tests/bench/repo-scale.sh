@@ -16,8 +16,8 @@
 #                  (unsigned; aptly's published view is what clients read).
 #   2. SCALE_N packages in each of 3 tracks (testing without the RUNS promoted ones):
 #        keepup:   `keepup repo reindex` (3 tracks, every view signed), with the chunk cache
-#                  (the normal case) and once with it removed (every chunk rendered from the
-#                  pool metadata); one promotion into the SCALE_N-package testing;
+#                  (the normal case) and once with `--fresh` (the cache dropped, every chunk
+#                  rendered from the pool metadata); one promotion into the SCALE_N-package testing;
 #        peer:     `apt-ftparchive packages` of the SCALE_N files (one track's Packages; the
 #                  set is .debs only).
 #
@@ -157,8 +157,7 @@ for r in $(seq "$RUNS"); do
     bigpromote_t+=("$(ms "$K" promote --repo "$WORK/BIG" "$(name "$r")" --to testing)")
 done
 log "reindex without the chunk cache"
-rm -rf "$WORK/BIG/.keepup/cache"
-cold_ms=$(ms "$K" repo reindex --repo "$WORK/BIG")
+cold_ms=$(ms "$K" repo reindex --fresh --repo "$WORK/BIG")
 "$K" repo verify --repo "$WORK/BIG" >/dev/null || { log "repo verify failed"; exit 1; }
 pkgs_mb=$(($(stat -c %s "$WORK/BIG/dists/unstable/main/binary-amd64/Packages") / 1000000))
 gz_mb=$(($(stat -c %s "$WORK/BIG/dists/unstable/main/binary-amd64/Packages.gz") / 1000000))

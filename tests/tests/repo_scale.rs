@@ -144,9 +144,12 @@ fn incremental_views_match_a_full_rebuild_apt_ftparchive_and_apt() -> Result<()>
     );
     let incremental = apt_files(&repo)?;
 
-    // A full rebuild from an empty cache writes the same bytes.
-    std::fs::remove_dir_all(repo.join(".keepup/cache"))?;
-    keepup(&["repo", "reindex", "--repo", r])?;
+    // A full rebuild from an empty cache (`--fresh` drops it) writes the same bytes. A
+    // marker in the cache shows it was dropped, not reused.
+    let marker = repo.join(".keepup/cache/marker");
+    std::fs::write(&marker, "")?;
+    keepup(&["repo", "reindex", "--fresh", "--repo", r])?;
+    ensure!(!marker.exists(), "reindex --fresh kept the cache");
     let full = apt_files(&repo)?;
     for (f, bytes) in &incremental {
         ensure!(

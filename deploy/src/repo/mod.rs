@@ -1444,7 +1444,7 @@ impl Repo {
     }
 
     /// Remove the rendered-chunk cache (`.keepup/cache`), so the next views are rendered from
-    /// the pool metadata alone (`repo reindex` does this).
+    /// the pool metadata alone (`repo reindex --fresh`).
     pub fn drop_view_cache(&self) -> Result<()> {
         let dir = self.layout.private.join("cache");
         match std::fs::remove_dir_all(&dir) {
