@@ -401,6 +401,9 @@ impl Postgres {
     pub fn remove_host(&mut self, name: &str) -> Result<bool> {
         let mut c = self.client()?;
         let mut tx = c.transaction()?;
+        // Under the store lock: a report being stored for this host either commits before
+        // (and is deleted here) or sees the host gone; never a report left without its host.
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&STORE_LOCK])?;
         let n = tx.execute("DELETE FROM hosts WHERE name = $1", &[&name])?;
         tx.execute("DELETE FROM reports WHERE host = $1", &[&name])?;
         tx.execute("DELETE FROM events WHERE host = $1", &[&name])?;
