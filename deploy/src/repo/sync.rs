@@ -860,20 +860,43 @@ async fn upload(
             .await
             .map_err(|e| anyhow!("{}: {e}", what()))?;
         let mut w = object_store::WriteMultipart::new_with_chunk_size(up, PART_SIZE);
-        let mut file = tokio::fs::File::open(path).await.with_context(what)?;
-        let mut buf = vec![0u8; PART_SIZE];
-        loop {
-            use tokio::io::AsyncReadExt as _;
-            let n = file.read(&mut buf).await.with_context(what)?;
-            if n == 0 {
-                break;
+        // The bytes sent are hashed as they go: a file that changed since the scan is not
+        // completed under the scanned hash. Any failure aborts the upload, so no parts are
+        // left in the bucket (billed, invisible) by a failed or refused sync.
+        let sent: Result<()> = async {
+            let mut file = tokio::fs::File::open(path).await.with_context(what)?;
+            let mut buf = vec![0u8; PART_SIZE];
+            let mut sha = sha2::Sha256::new();
+            let mut size = 0u64;
+            loop {
+                use tokio::io::AsyncReadExt as _;
+                let n = file.read(&mut buf).await.with_context(what)?;
+                if n == 0 {
+                    break;
+                }
+                sha.update(&buf[..n]);
+                size += n as u64;
+                w.wait_for_capacity(4)
+                    .await
+                    .map_err(|e| anyhow!("{}: {e}", what()))?;
+                w.write(&buf[..n]);
             }
-            w.wait_for_capacity(4)
-                .await
-                .map_err(|e| anyhow!("{}: {e}", what()))?;
-            w.write(&buf[..n]);
+            if size != f.size || hex::encode(sha.finalize()) != f.sha256 {
+                bail!(
+                    "{} changed while the sync ran: run it again",
+                    path.display()
+                );
+            }
+            Ok(())
         }
-        w.finish().await.map_err(|e| anyhow!("{}: {e}", what()))?
+        .await;
+        match sent {
+            Ok(()) => w.finish().await.map_err(|e| anyhow!("{}: {e}", what()))?,
+            Err(e) => {
+                let _ = w.abort().await;
+                return Err(e);
+            }
+        }
     };
     Ok(result.e_tag.as_deref().map(|e| unquote(e).to_string()))
 }
