@@ -157,3 +157,22 @@ pub fn stanza_fields(stanza: &str) -> std::collections::BTreeMap<String, String>
     }
     fields
 }
+
+/// Calls `check` until it returns true (every 100 ms); fails after `within` naming `what`.
+pub fn wait_until(
+    what: &str,
+    within: std::time::Duration,
+    mut check: impl FnMut() -> Result<bool>,
+) -> Result<()> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if check()? {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within {within:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}

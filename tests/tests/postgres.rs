@@ -18,7 +18,7 @@ use anyhow::{bail, ensure, Context as _, Result};
 use keepup_tests::example::built_bin;
 use keepup_tests::fleet::{keepup, keepup_output};
 use keepup_tests::postgres::{postgres_or_skip, PgCluster, PASSWORD};
-use keepup_tests::testkit::{copy_dir, template_repo};
+use keepup_tests::testkit::{copy_dir, template_repo, wait_until};
 use serde_json::{json, Value};
 
 /// A `keepup serve --state postgres://...` replica; stderr goes to a file.
@@ -130,18 +130,6 @@ fn report(host: &str, version: &str, mark: &str) -> String {
         "update": {"at": now(), "ok": true},
         "events": [{"at": now(), "service": "foo", "kind": "install", "message": mark}]})
     .to_string()
-}
-
-/// Calls `check` until it holds; fails after `within` with `what`.
-fn wait_until(what: &str, within: Duration, mut check: impl FnMut() -> Result<bool>) -> Result<()> {
-    let deadline = Instant::now() + within;
-    loop {
-        if check()? {
-            return Ok(());
-        }
-        ensure!(Instant::now() < deadline, "{what}: not within {within:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// `keepup report --json` through `server`: host -> foo's version.

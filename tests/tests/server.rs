@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use keepup_tests::example::built_bin;
 use keepup_tests::fleet::{keepup, keepup_output};
-use keepup_tests::testkit::{copy_dir, template_repo};
+use keepup_tests::testkit::{copy_dir, template_repo, wait_until};
 use serde_json::{json, Value};
 
 /// A fresh repository in `dir/repo`: web* and db* follow `stable`; `baz` is quarantined on
@@ -194,18 +194,6 @@ fn fleet(port: u16) -> Result<Value> {
     let a = http(port, "GET", "/api/v1/fleet", &[], b"")?;
     ensure!(a.status == 200, "fleet: {} {}", a.status, a.text());
     Ok(serde_json::from_slice(&a.body)?)
-}
-
-/// Calls `check` until it returns true; fails after `within` with `what`.
-fn wait_until(what: &str, within: Duration, mut check: impl FnMut() -> Result<bool>) -> Result<()> {
-    let deadline = Instant::now() + within;
-    loop {
-        if check()? {
-            return Ok(());
-        }
-        ensure!(Instant::now() < deadline, "{what}: not within {within:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// The fleet view once `check` holds for it (the server serves a built view for up to 1 s).
