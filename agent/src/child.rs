@@ -184,7 +184,7 @@ struct Reporter {
     host: String,
     socket: PathBuf,
     state: SharedHost,
-    sent: tokio::sync::Mutex<Vec<Option<String>>>,
+    sent: tokio::sync::Mutex<Vec<Result<(), crate::report::NotSent>>>,
 }
 
 impl Reporter {
@@ -194,11 +194,21 @@ impl Reporter {
         let mut sent = self.sent.lock().await;
         let state = self.state.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let r = crate::report::send(cfg, &self.host, &self.socket, &state).await;
-        sent.push(r.err());
+        sent.push(r);
     }
 
-    async fn outcomes(&self) -> Vec<Option<String>> {
-        self.sent.lock().await.clone()
+    /// How each report went, and the wait the server asked for after the last one.
+    async fn outcomes(&self) -> (Vec<Option<String>>, Option<u64>) {
+        let sent = self.sent.lock().await;
+        let retry = match sent.last() {
+            Some(Err(e)) => e.retry_after.map(|d| d.as_secs()),
+            _ => None,
+        };
+        let each = sent
+            .iter()
+            .map(|r| r.as_ref().err().map(|e| e.why.clone()))
+            .collect();
+        (each, retry)
     }
 }
 
@@ -231,6 +241,7 @@ async fn job_outcome(cfg: Arc<Config>, job: Job, spawned: Spawned) -> JobOutcome
             } else {
                 Vec::new()
             },
+            retry_after_secs: None,
         };
     }
     let stopping = spawned.clone();
@@ -253,6 +264,7 @@ async fn job_outcome(cfg: Arc<Config>, job: Job, spawned: Spawned) -> JobOutcome
         return JobOutcome {
             pass: Some(pass),
             reports: Vec::new(),
+            retry_after_secs: None,
         };
     }
     let updater = match (job, cfg.updater.is_some()) {
@@ -334,9 +346,11 @@ async fn job_outcome(cfg: Arc<Config>, job: Job, spawned: Spawned) -> JobOutcome
     if !stopping.stopping() {
         reporter.send().await;
     }
+    let (reports, retry_after_secs) = reporter.outcomes().await;
     JobOutcome {
         pass,
-        reports: reporter.outcomes().await,
+        reports,
+        retry_after_secs,
     }
 }
 

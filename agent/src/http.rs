@@ -134,6 +134,7 @@ where
 pub struct Answer {
     url: String,
     status: StatusCode,
+    retry_after: Option<Duration>,
     body: hyper::body::Incoming,
     conn: tokio::task::JoinHandle<hyper::Result<()>>,
 }
@@ -142,6 +143,12 @@ impl Answer {
     /// The status the server answered.
     pub fn status(&self) -> StatusCode {
         self.status
+    }
+
+    /// How long the server asked to wait before trying again (`Retry-After`, in seconds; an
+    /// HTTP date is not used: it would need this host's clock to agree with the server's).
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.retry_after
     }
 
     /// The next piece of the body; `None` at its end.
@@ -205,6 +212,7 @@ async fn send(url: &str, body: Option<(Vec<u8>, &str)>) -> Result<Answer, HttpEr
         Ok(r) => Ok(Answer {
             url: url.to_string(),
             status: r.status(),
+            retry_after: retry_after(r.headers()),
             body: r.into_body(),
             conn,
         }),
@@ -244,16 +252,37 @@ pub async fn get(url: &str, max: u64, timeout: Duration) -> Result<Vec<u8>, Http
         .unwrap_or(Err(HttpError::Timeout(timeout)))
 }
 
-/// POSTs a JSON `body` to `url` with a bearer `token`, within `timeout`; returns the status
-/// and (the start of) the answer's body.
+/// `Retry-After` as delta-seconds (RFC 9110, 10.2.3), when there is one.
+fn retry_after(headers: &hyper::HeaderMap) -> Option<Duration> {
+    let v = headers
+        .get(hyper::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    v.parse::<u64>().ok().map(Duration::from_secs)
+}
+
+/// What a POST got: the status, (the start of) the body, and `Retry-After` if any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Posted {
+    /// The status the server answered.
+    pub status: StatusCode,
+    /// The start of the answer's body (4 KiB at most), trimmed.
+    pub text: String,
+    /// How long the server asked to wait before trying again.
+    pub retry_after: Option<Duration>,
+}
+
+/// POSTs a JSON `body` to `url` with a bearer `token`, within `timeout`.
 pub async fn post(
     url: &str,
     token: &str,
     body: Vec<u8>,
     timeout: Duration,
-) -> Result<(StatusCode, String), HttpError> {
+) -> Result<Posted, HttpError> {
     let run = async {
         let mut answer = send(url, Some((body, token))).await?;
+        let retry_after = answer.retry_after();
         let mut text = Vec::new();
         while let Ok(Some(d)) = answer.chunk().await {
             text.extend_from_slice(&d);
@@ -262,10 +291,11 @@ pub async fn post(
             }
         }
         text.truncate(4096);
-        Ok((
-            answer.status(),
-            String::from_utf8_lossy(&text).trim().to_string(),
-        ))
+        Ok(Posted {
+            status: answer.status(),
+            text: String::from_utf8_lossy(&text).trim().to_string(),
+            retry_after,
+        })
     };
     tokio::time::timeout(timeout, run)
         .await
@@ -357,14 +387,18 @@ mod tests {
                 req.extend_from_slice(&buf[..n]);
             }
             let mut r = format!(
-                "HTTP/1.1 401 Unauthorized\r\nContent-Length: {}\r\n\r\n",
+                "HTTP/1.1 401 Unauthorized\r\nRetry-After: 7\r\nContent-Length: {}\r\n\r\n",
                 req.len()
             )
             .into_bytes();
             r.extend_from_slice(&req);
             s.write_all(&r).await.unwrap();
         });
-        let (status, body) = post(
+        let Posted {
+            status,
+            text: body,
+            retry_after,
+        } = post(
             &format!("http://{addr}/api/v1/report"),
             "s3cret",
             br#"{"host":"web1"}"#.to_vec(),
@@ -373,6 +407,7 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(retry_after, Some(Duration::from_secs(7)));
         assert!(body.starts_with("POST /api/v1/report HTTP/1.1"), "{body}");
         assert!(body.contains("authorization: Bearer s3cret"), "{body}");
         assert!(body.contains("content-type: application/json"), "{body}");

@@ -210,6 +210,10 @@ pub struct JobOutcome {
     /// Each report the child tried, in order: `None` sent, `Some(why)` not.
     #[serde(default)]
     pub reports: Vec<Option<String>>,
+    /// The server was busy with the last report and asked for it again after this many
+    /// seconds (`Retry-After`): the next report goes then, not after `report_every`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_secs: Option<u64>,
 }
 
 /// What a pass found and did.

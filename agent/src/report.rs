@@ -7,6 +7,11 @@
 //! supervisor for `status` and `events` over its control socket: posting never blocks
 //! supervision, and the supervisor never loads the HTTP or TLS code. The supervisor logs a
 //! failure once per outage (the child tells it how each report went).
+//!
+//! A server in a herd answers `503` (or a proxy `429`) with `Retry-After`: the report is
+//! [`NotSent::retry_after`], and the supervisor sends the next one then (bounded by
+//! [`MAX_RETRY_AFTER`]) instead of after `report_every`, so a herd spreads out and no host's
+//! report waits a whole period or is given up.
 
 use std::path::Path;
 use std::time::Duration;
@@ -23,6 +28,28 @@ use crate::proto::{Request, ServiceStatus};
 const POST_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long the supervisor may take to answer `status` or `events`.
 const ASK_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest `Retry-After` honoured: a longer one (a misconfigured proxy) is cut to this.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
+
+/// Why a report was not sent or accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotSent {
+    /// What went wrong, for the log.
+    pub why: String,
+    /// The server is busy and asked to be sent the report again after this long (`503` or
+    /// `429` with `Retry-After`, at most [`MAX_RETRY_AFTER`]).
+    pub retry_after: Option<Duration>,
+}
+
+impl NotSent {
+    /// Not sent, for a reason that asks no particular wait.
+    fn new(why: String) -> NotSent {
+        NotSent {
+            why,
+            retry_after: None,
+        }
+    }
+}
 
 /// Builds a report from the host state, the events and the supervisor's status.
 pub fn build(
@@ -84,22 +111,34 @@ fn read_token(path: &Path) -> Result<String, String> {
     Ok(t.to_string())
 }
 
-/// Posts one report; `Err` says why it was not accepted.
-pub async fn post(cfg: &ReportConfig, report: &Report) -> Result<(), String> {
-    let token = read_token(&cfg.token_file)?;
+/// Posts one report; `Err` says why it was not accepted, and when to try again if the server
+/// said.
+pub async fn post(cfg: &ReportConfig, report: &Report) -> Result<(), NotSent> {
+    let token = read_token(&cfg.token_file).map_err(NotSent::new)?;
     let url = format!("{}{REPORT_PATH}", cfg.url);
-    let body = serde_json::to_vec(report).map_err(|e| e.to_string())?;
+    let body = serde_json::to_vec(report).map_err(|e| NotSent::new(e.to_string()))?;
     match crate::http::post(&url, &token, body, POST_TIMEOUT).await {
-        Ok((s, _)) if s.is_success() => Ok(()),
-        Ok((s, text)) => Err(format!(
-            "{url}: the server answered {s}{}",
-            if text.is_empty() {
+        Ok(p) if p.status.is_success() => Ok(()),
+        Ok(p) => {
+            let busy = matches!(p.status.as_u16(), 429 | 503);
+            let retry_after = p
+                .retry_after
+                .filter(|_| busy)
+                .map(|d| d.clamp(Duration::from_secs(1), MAX_RETRY_AFTER));
+            let wait = retry_after.map_or(String::new(), |d| {
+                format!(" (it asked for the report again in {} s)", d.as_secs())
+            });
+            let text = if p.text.is_empty() {
                 String::new()
             } else {
-                format!(": {text}")
-            }
-        )),
-        Err(e) => Err(format!("{url}: {e}")),
+                format!(": {}", p.text)
+            };
+            Err(NotSent {
+                why: format!("{url}: the server answered {}{text}{wait}", p.status),
+                retry_after,
+            })
+        }
+        Err(e) => Err(NotSent::new(format!("{url}: {e}"))),
     }
 }
 
@@ -111,7 +150,7 @@ pub async fn send(
     host: &str,
     socket: &Path,
     state: &HostState,
-) -> Result<(), String> {
+) -> Result<(), NotSent> {
     let ask = |req: Request| async move {
         let what = req.describe();
         match control::request_within(socket, &req, ASK_TIMEOUT).await {
@@ -125,9 +164,10 @@ pub async fn send(
             )),
         }
     };
-    let services = ask(Request::Status).await?.services;
+    let services = ask(Request::Status).await.map_err(NotSent::new)?.services;
     let events = ask(Request::Events)
-        .await?
+        .await
+        .map_err(NotSent::new)?
         .events
         .map(|e| e.0)
         .unwrap_or_default();
@@ -290,13 +330,57 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_busy_server_s_retry_after_is_kept_and_bounded() {
+        let d = tempfile::tempdir().unwrap();
+        let tf = d.path().join("token");
+        std::fs::write(&tf, "abc\n").unwrap();
+        let answer = |status: &str, after: &str| {
+            format!(
+                "HTTP/1.1 {status}\r\nRetry-After: {after}\r\nContent-Length: 4\r\n\
+                 Connection: close\r\n\r\nbusy"
+            )
+            .into_bytes()
+        };
+        let cases = [
+            ("503 Service Unavailable", "17", Some(17)),
+            ("429 Too Many Requests", "3", Some(3)),
+            // A proxy asking for a day is cut to the bound; 0 still waits a second.
+            (
+                "503 Service Unavailable",
+                "86400",
+                Some(MAX_RETRY_AFTER.as_secs()),
+            ),
+            ("503 Service Unavailable", "0", Some(1)),
+            // A date is not used (the clocks may disagree), nor a wait on a refusal.
+            (
+                "503 Service Unavailable",
+                "Fri, 31 Dec 1999 23:59:59 GMT",
+                None,
+            ),
+            ("400 Bad Request", "17", None),
+        ];
+        for (status, after, want) in cases {
+            let url =
+                crate::http::testserver::server(answer(status, after), Duration::ZERO, "").await;
+            let cfg = ReportConfig {
+                url,
+                token_file: tf.clone(),
+                every: Duration::from_secs(60),
+            };
+            let e = post(&cfg, &Report::default()).await.unwrap_err();
+            assert_eq!(e.retry_after.map(|d| d.as_secs()), want, "{status} {after}");
+            assert!(e.why.contains(status.split(' ').next().unwrap()), "{e:?}");
+        }
+    }
+
+    #[tokio::test]
     async fn missing_token_is_a_clear_error() {
         let cfg = ReportConfig {
             url: "http://127.0.0.1:1".into(),
             token_file: "/nonexistent/keepup-token".into(),
             every: Duration::from_secs(60),
         };
-        let e = post(&cfg, &Report::default()).await.unwrap_err();
+        let e = post(&cfg, &Report::default()).await.unwrap_err().why;
         assert!(
             e.contains("cannot read the report token /nonexistent/keepup-token"),
             "{e}"
@@ -309,6 +393,7 @@ mod tests {
             ..cfg
         };
         let e = post(&cfg, &Report::default()).await.unwrap_err();
-        assert!(e.contains("http://127.0.0.1:1/api/v1/report"), "{e}");
+        assert!(e.why.contains("http://127.0.0.1:1/api/v1/report"), "{e:?}");
+        assert_eq!(e.retry_after, None);
     }
 }

@@ -48,6 +48,26 @@ const FIRST_DELAY: Duration = Duration::from_secs(2);
 /// Largest answer read from a child.
 const MAX_ANSWER: u64 = 16 * 1024 * 1024;
 
+/// The wait before a report that a busy server asked for again in `secs` seconds: that long
+/// (at most [`crate::report::MAX_RETRY_AFTER`]) plus a part of a second drawn from `seed`, so
+/// hosts told the same second do not all come back at its start.
+pub fn retry_wait(secs: u64, seed: u64) -> Duration {
+    // splitmix64's finaliser: any seed, evenly spread bits.
+    let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    Duration::from_secs(secs).min(crate::report::MAX_RETRY_AFTER) + Duration::from_millis(z % 1000)
+}
+
+/// A seed for [`retry_wait`] that differs between hosts and between moments.
+fn jitter_seed() -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    (now.as_nanos() as u64) ^ (u64::from(std::process::id()) << 40)
+}
+
 /// How long a child may run before it is stopped: a report is a few requests; a pass may
 /// download and install several packages, each bounded by `package_timeout`.
 pub fn bound(job: Job, package_timeout: Duration) -> Duration {
@@ -380,9 +400,12 @@ impl Task {
                 _ = tokio::time::sleep_until(first), if Instant::now() < first => {}
                 outcome = finished_ref(running.as_mut().map(|r| &mut r.done)), if is_running => {
                     let r = running.take().expect("running");
+                    // A busy server's Retry-After sets the next report, not report_every.
+                    let retry = outcome.as_ref().ok().and_then(|o| o.retry_after_secs);
                     self.answer(r.job, outcome, r.replies, &mut failing);
                     if let Some(every) = self.report_every {
-                        next_report = Instant::now() + every;
+                        next_report = Instant::now()
+                            + retry.map_or(every, |s| retry_wait(s, jitter_seed()));
                     }
                 }
             }
@@ -466,6 +489,7 @@ impl Task {
             Err(why) if job != Job::Pass && self.report_every.is_some() => JobOutcome {
                 pass: None,
                 reports: vec![Some(why)],
+                retry_after_secs: None,
             },
             Err(why) => {
                 eprintln!("keepup-agent: {why}");
@@ -481,8 +505,13 @@ impl Task {
                 JobOutcome {
                     pass: Some(r),
                     reports: Vec::new(),
+                    retry_after_secs: None,
                 }
             }
+        };
+        let again = match outcome.retry_after_secs {
+            Some(s) => format!("trying again in {s} s, as the server asked, then every"),
+            None => "trying again every".to_string(),
         };
         for sent in &outcome.reports {
             match sent {
@@ -494,7 +523,7 @@ impl Task {
                 Some(why) => {
                     if failing.is_none() {
                         eprintln!(
-                            "keepup-agent: report not sent: {why} (trying again every {}; \
+                            "keepup-agent: report not sent: {why} ({again} {}; \
                              supervision goes on; said once until it works again)",
                             keepup_packager::spec::format_duration(
                                 self.report_every.unwrap_or_default()
@@ -647,6 +676,22 @@ mod tests {
     use std::os::unix::process::ExitStatusExt;
 
     #[test]
+    fn a_retry_wait_is_the_asked_seconds_plus_a_part_of_one() {
+        let waits: Vec<Duration> = (0..1000).map(|seed| retry_wait(3, seed)).collect();
+        assert!(waits
+            .iter()
+            .all(|w| *w >= Duration::from_secs(3) && *w < Duration::from_secs(4)));
+        // Spread over the second, not bunched at its start.
+        let early = waits
+            .iter()
+            .filter(|w| **w < Duration::from_millis(3500))
+            .count();
+        assert!((350..650).contains(&early), "{early}");
+        // Bounded, however long the server asks.
+        assert!(retry_wait(u64::MAX, 7) < crate::report::MAX_RETRY_AFTER + Duration::from_secs(1));
+    }
+
+    #[test]
     fn answers_are_the_last_line_and_crashes_say_how() {
         let pass = PassResult {
             host: "web1".into(),
@@ -656,6 +701,7 @@ mod tests {
         let o = JobOutcome {
             pass: Some(pass.clone()),
             reports: vec![None, Some("refused".into())],
+            retry_after_secs: Some(4),
         };
         let line = serde_json::to_string(&o).unwrap();
         let out = format!("noise\n{line}\n\n");

@@ -4,6 +4,7 @@
 
 mod cli;
 mod fleet;
+mod herd;
 mod pack_agent;
 mod refresh;
 mod repo;

@@ -7,7 +7,8 @@
 //!
 //! Never die, never hang: an `accept` error is logged and retried (after a short pause when file
 //! descriptors ran out); connections are capped ([`Limits::max_connections`]) and those past the
-//! cap get a `503` with `Retry-After`; the request head must arrive within a header timeout, a
+//! cap get a `503` with a `Retry-After` jittered over what the herd needs ([`crate::herd`]), as
+//! do reports the state writer cannot take now; the request head must arrive within a header timeout, a
 //! connection on which no byte moves is closed after an idle timeout, and a report must arrive
 //! within a request timeout. Each accepted connection is served by [`serve_connection`], generic
 //! over the byte stream, so a TLS stream gets the same limits as a TCP one.
@@ -33,13 +34,14 @@ use http_body_util::{BodyExt as _, Empty, Full};
 use hyper::body::{Bytes, Frame, SizeHint};
 use hyper::header::{
     HeaderMap, HeaderValue, ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG,
-    IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE, LAST_MODIFIED, RANGE,
+    IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE, LAST_MODIFIED, RANGE, RETRY_AFTER,
 };
 use hyper::{Method, Request, Response, StatusCode};
 use keepup_deploy::wire::report::{FLEET_PATH, REPORT_PATH};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio::sync::Semaphore;
 
+use crate::herd::Herd;
 use crate::state::{Server, EVENTS_PATH, ROLLOUTS_PATH};
 
 /// The body of every response: a file streamed from disk, or a small buffer.
@@ -465,6 +467,8 @@ struct Site {
     limits: Limits,
     state: Option<Arc<Server>>,
     tls: Option<crate::tls::Acceptor>,
+    /// Requests turned away and reports stored, for the `Retry-After` of the next refusal.
+    herd: Herd,
 }
 
 fn not_allowed(allow: &'static str) -> Response<Body> {
@@ -488,7 +492,19 @@ async fn handle(
         REPORT_PATH if req.method() == Method::POST => {
             let limit = site.limits.request_timeout;
             match tokio::time::timeout(limit, state.post_report(req)).await {
-                Ok(r) => r,
+                Ok(mut r) => {
+                    // Stored: it counts toward the capacity. Not now: come back later,
+                    // at a moment of the herd's spread.
+                    match r.status() {
+                        StatusCode::NO_CONTENT => site.herd.stored(),
+                        StatusCode::SERVICE_UNAVAILABLE => {
+                            r.headers_mut()
+                                .insert(RETRY_AFTER, HeaderValue::from(site.herd.defer()));
+                        }
+                        _ => {}
+                    }
+                    r
+                }
                 Err(_) => {
                     return Ok(text(
                         StatusCode::REQUEST_TIMEOUT,
@@ -786,25 +802,32 @@ where
     }
 }
 
-/// The answer to a connection past the cap.
-const REFUSAL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
-Retry-After: 1\r\n\
-Content-Type: text/plain; charset=utf-8\r\n\
-Content-Length: 50\r\n\
-Connection: close\r\n\
-\r\n\
-too many connections to this server; retry shortly\n";
+/// The answer to a connection past the cap, asked to come back in `retry_after` seconds.
+fn refusal(retry_after: u64) -> Vec<u8> {
+    const BODY: &str = "too many connections to this server; retry after the time given\n";
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\n\
+         Retry-After: {retry_after}\r\n\
+         Content-Type: text/plain; charset=utf-8\r\n\
+         Content-Length: {}\r\n\
+         Connection: close\r\n\
+         \r\n\
+         {BODY}",
+        BODY.len()
+    )
+    .into_bytes()
+}
 
-/// Answer `503` with `Retry-After` and close: write it, shut down our side, then read what the
-/// client sent for a moment (closing with unread bytes would reset the connection and could
-/// destroy the answer before the client reads it).
-async fn refuse<S>(mut io: S)
+/// Answer `503` with `Retry-After: retry_after` and close: write it, shut down our side, then
+/// read what the client sent for a moment (closing with unread bytes would reset the
+/// connection and could destroy the answer before the client reads it).
+async fn refuse<S>(mut io: S, retry_after: u64)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let bound = Duration::from_secs(1);
     let answer = async {
-        io.write_all(REFUSAL).await?;
+        io.write_all(&refusal(retry_after)).await?;
         io.shutdown().await?;
         let mut sink = [0u8; 4096];
         while io.read(&mut sink).await? > 0 {}
@@ -991,8 +1014,9 @@ async fn accept_loop(
             Err(_) => {
                 // Past the cap: answer 503 while few are being refused; else close at once.
                 if let Ok(permit) = refusing.clone().try_acquire_owned() {
+                    let retry_after = site.herd.defer();
                     tokio::spawn(async move {
-                        refuse(stream).await;
+                        refuse(stream, retry_after).await;
                         drop(permit);
                     });
                 }
@@ -1049,6 +1073,7 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         limits,
         state,
         tls,
+        herd: Herd::new(),
     });
     // One single-threaded runtime per core (as nginx runs a worker per core), and each
     // connection served on one of them from accept to close: no wake-ups cross threads and no

@@ -67,6 +67,9 @@ pub const ROLLOUTS_PATH: &str = "/api/v1/rollouts";
 pub const BATCH: usize = 500;
 /// Reports waiting for the writer at most; more make request tasks wait.
 const QUEUE: usize = 4 * BATCH;
+/// How long a report waits to be stored before its request is answered `503` (and sent
+/// again later): less than the agent's own 20 s bound on a post.
+const STORE_WAIT: Duration = Duration::from_secs(10);
 /// Events received longer ago than this are dropped (7 days, server time).
 pub const EVENT_MAX_AGE: u64 = 7 * 86_400;
 /// Events kept per host (the newest); more than [`QUOTA_SLACK`] over it are never stored.
@@ -564,11 +567,31 @@ impl Server {
             received_at: db::now(),
             done,
         };
-        if self.tx.send(msg).await.is_err() {
-            return text(StatusCode::SERVICE_UNAVAILABLE, "the state writer stopped");
+        // A full queue or a slow store is a herd (or a stalled disk): the answer is `503`, to
+        // which `keepup serve` adds a jittered `Retry-After`, not a wait the agent times out on.
+        match self.tx.try_send(msg) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                return text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the server is storing other reports; send this one again after the \
+                     Retry-After time",
+                )
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                return text(StatusCode::SERVICE_UNAVAILABLE, "the state writer stopped")
+            }
         }
-        match stored.await {
-            Ok(true) => {
+        match tokio::time::timeout(STORE_WAIT, stored).await {
+            Err(_) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!(
+                    "the report was not stored within {} s (the database is slow or locked); \
+                     send it again after the Retry-After time",
+                    STORE_WAIT.as_secs()
+                ),
+            ),
+            Ok(Ok(true)) => {
                 let mut r = Response::new(Body::new(Bytes::new()));
                 *r.status_mut() = StatusCode::NO_CONTENT;
                 r
