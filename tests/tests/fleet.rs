@@ -239,3 +239,78 @@ async fn failed_start_is_reported_and_outages_change_nothing() -> Result<()> {
 
     Ok(())
 }
+
+/// A server too busy to store a report (its database locked by another process) answers the
+/// agent `503` with `Retry-After`; the real agent sends its next report after that wait, not
+/// after its `report_every` of an hour, and the report is stored once the lock is gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_agent_honours_a_busy_server_s_retry_after() -> Result<()> {
+    if !docker_or_skip() {
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    // Passes (each ends with a report) once a year, reports every hour: any report in the
+    // test comes from the start, `update --now`, or a retry.
+    let timers = Timers {
+        schedule: "0 0 0 1 1 *".into(),
+        report_every: Duration::from_secs(3600),
+        ..Timers::default()
+    };
+    let fleet = Fleet::start(tmp.path(), &[HostSpec::deb("web-1")], &timers).await?;
+    let web = fleet.host("web-1");
+    let seen = || async {
+        let report = fleet.report_json().await?;
+        Ok::<u64, anyhow::Error>(
+            host_view(&report, "web-1")
+                .and_then(|h| h["last_seen"].as_u64())
+                .unwrap_or(0),
+        )
+    };
+    let first = wait_for(
+        "the agent's first report",
+        Duration::from_secs(60),
+        || async { Ok(seen().await? > 0) },
+    )
+    .await;
+    fleet.explain(first).await?;
+
+    // Another process holds the state database's write lock until /tmp/unlock appears.
+    fleet
+        .server
+        .ok(r#"cat > /tmp/lock-db.py <<'PY'
+import os, sqlite3, sys, time
+c = sqlite3.connect("/var/lib/keepup/fleet.db", isolation_level=None)
+c.execute("BEGIN EXCLUSIVE")
+open("/tmp/locked", "w").close()
+while not os.path.exists("/tmp/unlock"):
+    time.sleep(0.1)
+PY
+setsid python3 /tmp/lock-db.py >/tmp/lock-db.log 2>&1 </dev/null &
+for i in $(seq 100); do test -e /tmp/locked && exit 0; sleep 0.1; done
+cat /tmp/lock-db.log >&2; exit 1"#)
+        .await?;
+    let before = now();
+    // A pass ends with a report: the server holds it 10 s, then answers 503 + Retry-After.
+    web.host.ok("keepup-agent update --now").await?;
+    let asked = wait_for(
+        "the agent to say it retries when the server asked",
+        Duration::from_secs(60),
+        || async { Ok(web.agent_log().await?.contains("as the server asked")) },
+    )
+    .await;
+    fleet.explain(asked).await?;
+    ensure!(
+        seen().await? < before,
+        "a report was stored while the database was locked"
+    );
+    fleet.server.ok("touch /tmp/unlock").await?;
+    // The next report comes at the server's Retry-After (seconds), not in an hour.
+    let resumed = wait_for(
+        "the report to be stored after the lock",
+        Duration::from_secs(120),
+        || async { Ok(seen().await? >= before) },
+    )
+    .await;
+    fleet.explain(resumed).await?;
+    Ok(())
+}
