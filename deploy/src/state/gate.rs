@@ -10,6 +10,10 @@
 //!
 //! With replicas sharing PostgreSQL, only the replica holding the gate's [`Lease`] publishes
 //! decisions; the others judge the same reports only to show the rollouts ([`Gate::observer`]).
+//! A write is fenced ([`may_write`]) under the repository's rollout lock: it goes only if the
+//! progress document is still the one the decision was made from, and the lease is still held
+//! on the same database session. A replica that froze mid-tick (and lost its lease meanwhile)
+//! or raced an operator's command writes nothing; the next tick decides again.
 //!
 //! The rules (docs/operations.md, "Rolling out safely"):
 //! * a host on the new version is **healthy** when its start result for that version is
@@ -433,6 +437,42 @@ pub struct Gate {
     failing: HashMap<String, String>,
     /// Judge without publishing: another replica holds the gate's lease.
     pub observer: bool,
+    /// The gate's lease, with replicas on PostgreSQL (`None`: one server, always the gate).
+    pub lease: Option<Lease>,
+}
+
+/// Why a tick's decisions were not written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Superseded {
+    /// The progress document changed since it was read (an operator's command, or another
+    /// replica that held the lease meanwhile).
+    Changed,
+    /// This replica no longer holds the gate's lease.
+    LeaseLost,
+}
+
+impl std::fmt::Display for Superseded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Superseded::Changed => "the rollout progress changed since this tick read it",
+            Superseded::LeaseLost => "this replica lost the rollout gate's lease",
+        })
+    }
+}
+
+impl std::error::Error for Superseded {}
+
+/// The fence on a gate write, checked under the rollout lock: decisions made from the
+/// progress document at serial `read` may replace the one at `current` only if no one wrote
+/// in between and (`leader`, asked last because it is a query) the lease is still held.
+pub fn may_write(read: u64, current: u64, leader: impl FnOnce() -> bool) -> Result<(), Superseded> {
+    if read != current {
+        return Err(Superseded::Changed);
+    }
+    if !leader() {
+        return Err(Superseded::LeaseLost);
+    }
+    Ok(())
 }
 
 impl Gate {
@@ -600,7 +640,12 @@ impl Gate {
             return Ok(());
         }
         let mut said = Vec::new();
-        crate::repo::rollouts::update_progress(root, track, valid_for, |d| {
+        let read = doc.serial;
+        let lease = &mut self.lease;
+        let written = crate::repo::rollouts::update_progress(root, track, valid_for, |d| {
+            may_write(read, d.serial, || {
+                lease.as_mut().is_none_or(Lease::still_held)
+            })?;
             for (id, p) in changes {
                 // An operator's command may have come in meanwhile: it wins.
                 if d.rollouts
@@ -615,7 +660,23 @@ impl Gate {
                 }
             }
             Ok(())
-        })?;
+        });
+        match written {
+            Ok(_) => {}
+            Err(e) => match e.downcast_ref::<Superseded>() {
+                // Nothing written: the next tick decides again from what is there now.
+                Some(Superseded::Changed) => return Ok(()),
+                Some(Superseded::LeaseLost) => {
+                    eprintln!(
+                        "keepup serve: rollout gate, track {track}: {}; nothing written",
+                        Superseded::LeaseLost
+                    );
+                    self.observer = true;
+                    return Ok(());
+                }
+                None => return Err(e),
+            },
+        }
         for line in said {
             eprintln!("{line}");
         }
@@ -628,13 +689,14 @@ impl Gate {
 pub fn run(
     server: std::sync::Weak<super::Server>,
     nudges: std::sync::mpsc::Receiver<()>,
-    mut lease: Option<Lease>,
+    lease: Option<Lease>,
     stale_after: u64,
 ) {
-    let mut gate = Gate::default();
-    if lease.is_some() {
-        gate.observer = true;
-    }
+    let mut gate = Gate {
+        observer: lease.is_some(),
+        lease,
+        ..Gate::default()
+    };
     // The gate's share of one core stays under a twentieth: after a tick that took d, the
     // next waits at least 19 d (and 100 ms), however many reports nudge it.
     let mut rest = MIN_REST;
@@ -652,7 +714,7 @@ pub fn run(
         if indexes.iter().all(|(_, i)| i.rollouts.is_empty()) {
             continue;
         }
-        if let Some(l) = &mut lease {
+        if let Some(l) = &mut gate.lease {
             let observer = !l.hold();
             if observer != gate.observer {
                 eprintln!(
@@ -685,6 +747,20 @@ pub fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_gate_write_is_fenced_by_the_serial_and_the_lease() {
+        assert_eq!(may_write(7, 7, || true), Ok(()));
+        // Someone wrote since the tick read the document: the lease is not even asked.
+        let mut asked = false;
+        let r = may_write(7, 8, || {
+            asked = true;
+            true
+        });
+        assert_eq!(r, Err(Superseded::Changed));
+        assert!(!asked);
+        assert_eq!(may_write(7, 7, || false), Err(Superseded::LeaseLost));
+    }
     use keepup_deploy::wire::rollout::{parse_waves, MaxFailed, Rules};
     use keepup_deploy::wire::{ProbeReport, ServiceReport, StartReport};
 

@@ -643,6 +643,24 @@ impl Lease {
         }
         self.held
     }
+
+    /// Whether the lease is still held on the session that took it, without taking it again
+    /// (the fence on each gate write: a lease lost and taken back since the tick began is not
+    /// the same lease). A session that fails the check is dropped.
+    pub fn still_held(&mut self) -> bool {
+        if !self.held {
+            return false;
+        }
+        let alive = self
+            .client
+            .as_mut()
+            .is_some_and(|c| !c.is_closed() && c.simple_query("SELECT 1").is_ok());
+        if !alive {
+            self.client = None;
+            self.held = false;
+        }
+        alive
+    }
 }
 
 #[cfg(test)]
