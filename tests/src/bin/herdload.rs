@@ -75,7 +75,7 @@ fn mix(seed: u64) -> u64 {
 enum Answer {
     Stored,
     Busy(Option<u64>),
-    Other(u16),
+    Other,
     Unanswered,
     TimedOut,
 }
@@ -109,7 +109,7 @@ async fn post(server: &str, request: &[u8]) -> Answer {
             k.eq_ignore_ascii_case("retry-after")
                 .then(|| v.trim().parse().ok())?
         })),
-        s => Answer::Other(s),
+        _ => Answer::Other,
     }
 }
 
@@ -209,7 +209,7 @@ fn main() -> Result<()> {
                             tally.timed_out.fetch_add(1, Ordering::Relaxed);
                             Duration::from_secs(1) + jitter
                         }
-                        Answer::Other(_) => {
+                        Answer::Other => {
                             tally.other.fetch_add(1, Ordering::Relaxed);
                             return;
                         }
