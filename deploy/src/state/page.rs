@@ -5,7 +5,7 @@
 
 use std::fmt::Write as _;
 
-use keepup_deploy::wire::ServiceState;
+use keepup_deploy::wire::{Event, ServiceState};
 
 use super::gate::{RolloutStatus, WaveStatus, WAVE_COLUMNS};
 use super::view::{age, Filter, FleetView, HostView, ServiceView};
@@ -15,7 +15,7 @@ pub const MAX_ROWS: usize = 1000;
 /// Fleets with more rows than this open on the problem rows.
 const ALL_ROWS_UP_TO: usize = 500;
 /// Events listed under the table.
-const EVENTS_SHOWN: usize = 30;
+pub const EVENTS_SHOWN: usize = 30;
 
 /// What the page's query selects.
 #[derive(Debug, Clone, Default)]
@@ -152,8 +152,14 @@ const COLUMNS: [&str; 11] = [
     "update",
 ];
 
-/// Render the page for `view` and the query.
-pub fn render(view: &FleetView, q: &PageQuery, rollouts: &[RolloutStatus]) -> String {
+/// Render the page for `view` and the query; `events` are the latest events (of the
+/// query's host, or of the fleet), newest first.
+pub fn render(
+    view: &FleetView,
+    q: &PageQuery,
+    rollouts: &[RolloutStatus],
+    events: &[(String, Event)],
+) -> String {
     let total_rows: usize = view.hosts.iter().map(|h| h.services.len().max(1)).sum();
     let chosen = q.filter.unwrap_or(if total_rows > ALL_ROWS_UP_TO {
         PageFilter::Problems
@@ -269,16 +275,9 @@ pub fn render(view: &FleetView, q: &PageQuery, rollouts: &[RolloutStatus]) -> St
     }
 
     // Recent events: the host's, or the fleet's newest.
-    let mut events: Vec<(&str, &keepup_deploy::wire::Event)> = view
-        .hosts
-        .iter()
-        .filter(|h| q.host.as_ref().is_none_or(|x| *x == h.host))
-        .flat_map(|h| h.events.iter().map(move |e| (h.host.as_str(), e)))
-        .collect();
-    events.sort_by_key(|e| std::cmp::Reverse(e.1.at));
-    events.truncate(EVENTS_SHOWN);
+    let events = &events[..events.len().min(EVENTS_SHOWN)];
     o.push_str("<h2>Recent events</h2>\n<ul class=\"events\">\n");
-    for (host, e) in &events {
+    for (host, e) in events {
         let _ = writeln!(
             o,
             "<li>{} ago <a href=\"/?host={}\">{}</a> {}{}: {}</li>",
@@ -555,7 +554,7 @@ mod tests {
                 },
             ],
         };
-        let all = render(&v, &PageQuery::default(), &[]);
+        let all = render(&v, &PageQuery::default(), &[], &[]);
         assert!(all.contains("web&lt;1&gt;"));
         assert!(all.contains("foo&quot;&amp;"));
         assert!(!all.contains("web<1>"));
@@ -567,6 +566,7 @@ mod tests {
                 filter: PageFilter::parse("behind"),
                 ..PageQuery::default()
             },
+            &[],
             &[],
         );
         assert!(!behind.contains(">db1<"));
@@ -581,6 +581,7 @@ mod tests {
                 unknown_filter: true,
                 ..PageQuery::default()
             },
+            &[],
             &[],
         );
         assert!(unknown.contains("unknown filter; showing all."));
@@ -628,7 +629,7 @@ mod tests {
             "one rectangle per non-empty category"
         );
         assert!(svg.contains("data-hosts=\"4\"><title>4 on the previous version</title>"));
-        let page = render(&FleetView::default(), &PageQuery::default(), &[r]);
+        let page = render(&FleetView::default(), &PageQuery::default(), &[r], &[]);
         assert!(page.contains("<h2>Rollouts</h2>") && page.contains("soak 12 s left"));
         assert!(!page.contains("<script>") && page.contains("2.0-1&lt;script&gt;"));
         assert!(page.contains("Failed: canary-2."));

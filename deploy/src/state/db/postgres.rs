@@ -589,6 +589,55 @@ impl Postgres {
             .collect())
     }
 
+    /// The latest `limit` events of each of `hosts`, newest first, in one query (an index
+    /// walk per host).
+    pub fn latest_events(&self, hosts: &[&str], limit: usize) -> Result<Vec<Vec<Event>>> {
+        let names: Vec<&str> = hosts.to_vec();
+        let rows = self.client()?.query(
+            "SELECT h.i, e.at, e.service, e.kind, e.message
+             FROM unnest($1::text[]) WITH ORDINALITY AS h(name, i)
+             CROSS JOIN LATERAL (SELECT id, at, service, kind, message FROM events
+                                 WHERE host = h.name ORDER BY id DESC LIMIT $2) e
+             ORDER BY h.i, e.id DESC",
+            &[&names, &(limit as i64)],
+        )?;
+        let mut out = vec![Vec::new(); hosts.len()];
+        for r in &rows {
+            let i = r.get::<_, i64>(0) as usize;
+            if let Some(v) = out.get_mut(i.wrapping_sub(1)) {
+                v.push(Event {
+                    at: r.get::<_, i64>(1) as u64,
+                    service: r.get(2),
+                    kind: EventKind::parse(r.get::<_, &str>(3)),
+                    message: r.get(4),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// The fleet's `limit` latest events with their hosts, newest first.
+    pub fn recent_events(&self, limit: usize) -> Result<Vec<(String, Event)>> {
+        let rows = self.client()?.query(
+            "SELECT host, at, service, kind, message FROM events ORDER BY id DESC LIMIT $1",
+            &[&(limit as i64)],
+        )?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                (
+                    r.get(0),
+                    Event {
+                        at: r.get::<_, i64>(1) as u64,
+                        service: r.get(2),
+                        kind: EventKind::parse(r.get::<_, &str>(3)),
+                        message: r.get(4),
+                    },
+                )
+            })
+            .collect())
+    }
+
     /// How many events the log holds.
     #[cfg(test)]
     pub fn event_count(&self) -> Result<u64> {

@@ -271,6 +271,30 @@ impl Sqlite {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// The latest `limit` events of each of `hosts`, newest first (one index walk per host).
+    pub fn latest_events(&self, hosts: &[&str], limit: usize) -> Result<Vec<Vec<Event>>> {
+        hosts.iter().map(|h| self.events(h, limit)).collect()
+    }
+
+    /// The fleet's `limit` latest events with their hosts, newest (last received) first.
+    pub fn recent_events(&self, limit: usize) -> Result<Vec<(String, Event)>> {
+        let mut st = self.conn().prepare_cached(
+            "SELECT host, at, service, kind, message FROM events ORDER BY id DESC LIMIT ?1",
+        )?;
+        let rows = st.query_map(params![limit as i64], |r| {
+            Ok((
+                r.get(0)?,
+                Event {
+                    at: r.get::<_, i64>(1)? as u64,
+                    service: r.get(2)?,
+                    kind: EventKind::parse(&r.get::<_, String>(3)?),
+                    message: r.get(4)?,
+                },
+            ))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// How many events the log holds.
     #[cfg(test)]
     pub fn event_count(&self) -> Result<u64> {
