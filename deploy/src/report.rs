@@ -580,7 +580,7 @@ mod tests {
             let nl = wire.find('\n').unwrap();
             let head: TableHead = serde_json::from_str(&wire[..nl]).unwrap();
             let mut out = Vec::new();
-            print_table(&head, wire[nl + 1..].as_bytes(), f, &mut out).unwrap();
+            print_table(&head, &wire.as_bytes()[nl + 1..], f, &mut out).unwrap();
             String::from_utf8(out).unwrap()
         };
         let all = text(&Filter::default());

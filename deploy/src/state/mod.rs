@@ -95,6 +95,8 @@ type Body = Full<Bytes>;
 
 /// Registered host name -> its latest report (none before the first).
 type HostMap = BTreeMap<String, Option<Arc<HostEntry>>>;
+/// One host of a [`Server::snapshot`].
+type Snapshot = (String, Option<Arc<HostEntry>>);
 
 enum Msg {
     Report {
@@ -626,8 +628,7 @@ impl Server {
         self.with_policy(|policy| {
             let now = db::now();
             let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
-            let slices: Vec<&[(String, Option<Arc<HostEntry>>)]> =
-                snapshot.chunks(VIEW_SLICE).collect();
+            let slices: Vec<&[Snapshot]> = snapshot.chunks(VIEW_SLICE).collect();
             let next = std::sync::atomic::AtomicUsize::new(0);
             let mut parts: Vec<(usize, T)> = std::thread::scope(|sc| {
                 let handles: Vec<_> = (0..threads.min(slices.len()).max(1))

@@ -12,6 +12,9 @@ use keepup_deploy::wire::{Event, EventKind};
 use super::{new_token, now, token_hash, HostRow, StoredReport, TokenHash};
 use std::collections::HashMap;
 
+/// Page cache of each connection, KiB.
+const SQLITE_CACHE_KIB: i64 = 64 * 1024;
+
 /// An open SQLite state database.
 pub struct Sqlite {
     conn: Connection,
@@ -77,6 +80,9 @@ impl Sqlite {
         conn.busy_timeout(Duration::from_secs(10))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
+        // The indexes of a million hosts are tens of megabytes each: a cache they fit in
+        // (the default is 2 MB) spares the writer a read per index level and row.
+        conn.pragma_update(None, "cache_size", -SQLITE_CACHE_KIB)?;
         let mut conn = conn;
         conn.execute_batch(SCHEMA)
             .and_then(|()| migrate(&mut conn))
