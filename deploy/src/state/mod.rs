@@ -284,7 +284,11 @@ pub struct Server {
     read_token: Option<TokenHash>,
     json_views: TtlCache<(u64, bool), Bytes>,
     table_views: TtlCache<(u64, view::Filter), Bytes>,
-    page_views: TtlCache<u64, Arc<view::FleetView>>,
+    #[allow(clippy::type_complexity)]
+    page_views: TtlCache<
+        (u64, Option<page::PageFilter>, Option<String>),
+        Arc<(view::FleetView, page::RowCounts)>,
+    >,
     test_hooks: bool,
     /// The rollout gate's last look at each rollout.
     gate_view: Mutex<Vec<gate::RolloutStatus>>,
@@ -574,18 +578,84 @@ impl Server {
         }
     }
 
-    /// The fleet view (built on a blocking thread, at most once per [`VIEW_TTL`]).
-    async fn view(self: &Arc<Self>, stale_after: u64) -> Arc<view::FleetView> {
+    /// The page's view (built on a blocking thread, at most once per [`VIEW_TTL`] and
+    /// query): the hosts it shows only, and the fleet's row counts.
+    async fn page_view(
+        self: &Arc<Self>,
+        stale_after: u64,
+        q: &page::PageQuery,
+    ) -> Arc<(view::FleetView, page::RowCounts)> {
+        let key = (stale_after, q.filter, q.host.clone());
+        let q = q.clone();
         self.page_views
-            .get(stale_after, || async {
+            .get(key, || async {
                 let me = self.clone();
                 Arc::new(
-                    tokio::task::spawn_blocking(move || me.build_view(stale_after))
+                    tokio::task::spawn_blocking(move || me.build_page_view(stale_after, &q))
                         .await
                         .unwrap_or_default(),
                 )
             })
             .await
+    }
+
+    /// See [`Server::page_view`]: the view is built in slices and only the hosts of the
+    /// first [`page::MAX_ROWS`] matching rows are kept (a million hosts' view is gigabytes).
+    fn build_page_view(
+        &self,
+        stale_after: u64,
+        q: &page::PageQuery,
+    ) -> (view::FleetView, page::RowCounts) {
+        // Without a filter in the query, the fleet's size chooses one: count its rows first.
+        let total = match q.filter {
+            Some(_) => None,
+            None => Some(
+                self.in_slices(stale_after, |v| {
+                    v.hosts
+                        .iter()
+                        .map(|h| h.services.len().max(1))
+                        .sum::<usize>()
+                })
+                .0
+                .into_iter()
+                .sum(),
+            ),
+        };
+        let chosen = page::choose(q, total.unwrap_or(0));
+        let (parts, now, fleet_serial) = self.in_slices(stale_after, |v| {
+            let (mut rows, mut matched, mut all) = (0, 0, 0);
+            let mut kept = Vec::new();
+            for h in v.hosts {
+                all += h.services.len().max(1);
+                let n = page::rows_kept(q, chosen, &h);
+                matched += n;
+                if n > 0 && rows < page::MAX_ROWS {
+                    rows += n;
+                    kept.push(h);
+                }
+            }
+            (v.summary, matched, all, kept)
+        });
+        let mut out = view::FleetView {
+            generated_at: now,
+            stale_after,
+            fleet_serial,
+            ..view::FleetView::default()
+        };
+        let mut counts = page::RowCounts::default();
+        let mut rows = 0;
+        for (s, matched, all, kept) in parts {
+            out.summary.add(&s);
+            counts.matched += matched;
+            counts.total += all;
+            for h in kept {
+                if rows < page::MAX_ROWS {
+                    rows += page::rows_kept(q, chosen, &h);
+                    out.hosts.push(h);
+                }
+            }
+        }
+        (out, counts)
     }
 
     fn snapshot(&self) -> Vec<(String, Option<Arc<HostEntry>>)> {
@@ -608,11 +678,6 @@ impl Server {
             policy.indexes.insert(t.as_str(), i);
         }
         f(&policy)
-    }
-
-    fn build_view(&self, stale_after: u64) -> view::FleetView {
-        let snapshot = self.snapshot();
-        self.with_policy(|policy| view::build(&snapshot, policy, db::now(), stale_after))
     }
 
     /// The fleet view built a slice of [`VIEW_SLICE`] hosts at a time on every core, each
@@ -893,7 +958,7 @@ impl Server {
             return self.finish(self.read_refused());
         }
         let q = Query::parse(query);
-        let v = self.view(q.stale_after).await;
+        let v = self.page_view(q.stale_after, &q.page).await;
         let rollouts = self.gate_view.lock().unwrap().clone();
         // Recent events: the host's, or the fleet's newest.
         let me = self.clone();
@@ -911,7 +976,7 @@ impl Server {
         .ok()
         .and_then(|r| r.ok())
         .unwrap_or_default();
-        let html = page::render(&v, &q.page, &rollouts, &events);
+        let html = page::render(&v.0, &q.page, &rollouts, &events, Some(v.1));
         let mut r = Response::new(Body::new(Bytes::from(html)));
         let h = r.headers_mut();
         h.insert(
