@@ -414,6 +414,17 @@ mod tests {
         assert_eq!(kept.len(), 4);
         assert_eq!(kept[0].at, 2009);
         assert_eq!(db.events("web2", 100).unwrap().len(), 2);
+        // The views' reads: each host's latest, in the order asked, and the fleet's newest.
+        let latest = db.latest_events(&["web2", "nobody", "web1"], 3).unwrap();
+        let ats = |v: &[Event]| v.iter().map(|e| e.at).collect::<Vec<_>>();
+        assert_eq!(ats(&latest[0]), [2001, 2000]);
+        assert!(latest[1].is_empty());
+        assert_eq!(ats(&latest[2]), [2009, 2008, 2007]);
+        // web1's 4 (kept by its quota, stored last), then web2's.
+        let recent = db.recent_events(5).unwrap();
+        let hosts: Vec<&str> = recent.iter().map(|(h, _)| h.as_str()).collect();
+        assert_eq!(hosts, ["web1", "web1", "web1", "web1", "web2"]);
+        assert_eq!((recent[0].1.at, recent[4].1.at), (2009, 2001));
         assert!(db.remove_host("web2").unwrap());
         assert!(db.remove_host("web1").unwrap());
         assert!(db.latest_reports().unwrap().0.is_empty());
