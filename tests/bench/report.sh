@@ -68,7 +68,7 @@ postgres)
 esac
 
 start=$(date +%s.%N)
-seq -f "host-%06g" 1 "$HOSTS" | "$K" host add --bulk --state "$state" >"$tmp/tokens" 2>/dev/null
+seq -f "host-%07.0f" 1 "$HOSTS" | "$K" host add --bulk --state "$state" >"$tmp/tokens" 2>"$tmp/host-add.log" || { cat "$tmp/host-add.log" >&2; exit 1; }
 echo "registered $HOSTS hosts in $(echo "$(date +%s.%N) - $start" | bc) s ($BACKEND)"
 
 start=$(date +%s.%N)
