@@ -2,7 +2,8 @@
 # (K, LOAD), a temporary directory removed on exit (tmp), one `keepup serve` at a time (pid,
 # stop_server), a free loopback port (port, url) and waiting until something listens on it.
 # A script may define on_exit, which runs on exit before the temporary directory goes.
-cargo build --release -q -p keepup-deploy --bin keepup -p keepup-tests --bin reportload
+# NO_BUILD=1: use the release binaries already built.
+[ "${NO_BUILD:-0}" = 1 ] || cargo build --release -q -p keepup-deploy --bin keepup -p keepup-tests --bin reportload
 K=${CARGO_TARGET_DIR:-$PWD/target}/release/keepup
 LOAD=${CARGO_TARGET_DIR:-$PWD/target}/release/reportload
 
