@@ -15,9 +15,9 @@ use hyper::{Request, StatusCode};
 use keepup_deploy::https::{self, Target, Trust};
 use keepup_deploy::wire::report::FLEET_PATH;
 use rustls::pki_types::ServerName;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-use crate::state::view::{age, Filter, FleetView, Status, Summary};
+use crate::state::view::{age, Filter, FleetView, HostView, ServiceView, Status, Summary};
 
 /// What `keepup report` was asked for.
 pub struct ReportOptions {
@@ -214,127 +214,124 @@ pub fn fetch_path(
     Ok(body)
 }
 
+/// The first line of the table form of the fleet view (`GET /api/v1/fleet?form=table`):
+/// what the lines above the table say, and the width of each column. The rows follow, one a
+/// line, their [`HEADER`] cells separated by tabs (cells are printable: no tab or newline).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TableHead {
+    /// Unix time the view was built.
+    pub generated_at: u64,
+    /// Counts over all hosts.
+    pub summary: Summary,
+    /// Rows that follow.
+    pub rows: usize,
+    /// Widths of the columns, in characters (the header's included).
+    pub widths: Vec<usize>,
+}
+
+/// The query that asks for the table form with `filter`'s rows only.
+pub fn table_query(filter: &Filter) -> String {
+    let names: Vec<&str> = [
+        (filter.behind, "behind"),
+        (filter.unhealthy, "unhealthy"),
+        (filter.stale, "stale"),
+        (filter.quarantined, "quarantined"),
+    ]
+    .iter()
+    .filter(|(on, _)| *on)
+    .map(|(_, n)| *n)
+    .collect();
+    format!("&form=table&rows={}", names.join(","))
+}
+
+/// The filter of a table query's `rows=` value (names as [`table_query`] writes them).
+pub fn parse_rows(v: &str) -> Filter {
+    let mut f = Filter::default();
+    for n in v.split(',') {
+        match n {
+            "behind" => f.behind = true,
+            "unhealthy" => f.unhealthy = true,
+            "stale" => f.stale = true,
+            "quarantined" => f.quarantined = true,
+            _ => {}
+        }
+    }
+    f
+}
+
 /// `keepup report`.
 pub fn run(o: &ReportOptions) -> Result<()> {
-    let want_events = o.json;
-    let body = fetch(
-        &o.server,
-        &o.trust,
-        o.stale_after,
-        want_events,
-        o.read_token.as_deref(),
-    )?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
-    if o.json && o.filter.is_empty() {
-        out.write_all(&body)?;
-        out.write_all(b"\n")?;
-        out.flush()?;
-        return Ok(());
-    }
     if o.json {
-        let mut view: FleetView = serde_json::from_slice(&body)
-            .with_context(|| format!("{}: the answer is not a fleet view", o.server))?;
-        for h in &mut view.hosts {
-            let host = h.clone();
-            h.services.retain(|s| o.filter.keeps(&host, Some(s)));
+        let body = fetch(
+            &o.server,
+            &o.trust,
+            o.stale_after,
+            true,
+            o.read_token.as_deref(),
+        )?;
+        if o.filter.is_empty() {
+            out.write_all(&body)?;
+        } else {
+            let mut view: FleetView = serde_json::from_slice(&body)
+                .with_context(|| format!("{}: the answer is not a fleet view", o.server))?;
+            for h in &mut view.hosts {
+                let host = h.clone();
+                h.services.retain(|s| o.filter.keeps(&host, Some(s)));
+            }
+            view.hosts
+                .retain(|h| !h.services.is_empty() || o.filter.keeps(h, None));
+            serde_json::to_writer(&mut out, &view)?;
         }
-        view.hosts
-            .retain(|h| !h.services.is_empty() || o.filter.keeps(h, None));
-        serde_json::to_writer(&mut out, &view)?;
         out.write_all(b"\n")?;
         out.flush()?;
         return Ok(());
     }
-    let view: TableView<'_> = serde_json::from_slice(&body)
-        .with_context(|| format!("{}: the answer is not a fleet view", o.server))?;
-    render(&view, &o.filter, &mut out)?;
+    // The table form: the server picks and renders the rows; this pads them.
+    let path = format!(
+        "{FLEET_PATH}?stale_after={}&events=0{}",
+        o.stale_after,
+        table_query(&o.filter)
+    );
+    let body = fetch_path(&o.server, &o.trust, &path, o.read_token.as_deref())?;
+    if body.first() == Some(&b'{') && !body.contains(&b'\n') {
+        // A server from before the table form answered with the JSON view.
+        let view: FleetView = serde_json::from_slice(&body)
+            .with_context(|| format!("{}: the answer is not a fleet view", o.server))?;
+        let mut rows = Vec::new();
+        let mut widths = HEADER.map(str::len);
+        let n = table_rows(
+            &view.hosts,
+            view.generated_at,
+            &o.filter,
+            &mut rows,
+            &mut widths,
+        );
+        let head = TableHead {
+            generated_at: view.generated_at,
+            summary: view.summary,
+            rows: n,
+            widths: widths.to_vec(),
+        };
+        print_table(&head, &rows, &o.filter, &mut out)?;
+    } else {
+        let nl = body.iter().position(|&b| b == b'\n').unwrap_or(body.len());
+        let head: TableHead = serde_json::from_slice(&body[..nl])
+            .with_context(|| format!("{}: the answer is not a fleet table", o.server))?;
+        print_table(
+            &head,
+            &body[(nl + 1).min(body.len())..],
+            &o.filter,
+            &mut out,
+        )?;
+    }
     out.flush()?;
     Ok(())
 }
 
-// What the table needs of the fleet view, borrowing its strings from the response body
-// (a fleet of 100,000 hosts is a response of tens of megabytes). Field names are those of
-// [`FleetView`]; the server computes the flags.
-
-#[derive(Deserialize)]
-struct TableView<'a> {
-    generated_at: u64,
-    summary: Summary,
-    #[serde(borrow)]
-    hosts: Vec<TableHost<'a>>,
-}
-
-#[derive(Deserialize)]
-struct TableHost<'a> {
-    #[serde(borrow)]
-    host: Cow<'a, str>,
-    #[serde(borrow, default)]
-    track: Option<Cow<'a, str>>,
-    #[serde(default)]
-    last_seen: Option<u64>,
-    #[serde(default)]
-    stale: bool,
-    #[serde(borrow, default)]
-    update: Option<TableUpdate<'a>>,
-    #[serde(borrow, default)]
-    services: Vec<TableService<'a>>,
-}
-
-#[derive(Deserialize)]
-struct TableUpdate<'a> {
-    ok: bool,
-    #[serde(borrow, default)]
-    error: Option<Cow<'a, str>>,
-    #[serde(default)]
-    failure: Option<keepup_deploy::wire::UpdateFailure>,
-}
-
-#[derive(Deserialize)]
-struct TableService<'a> {
-    #[serde(borrow)]
-    name: Cow<'a, str>,
-    #[serde(borrow, default)]
-    installed: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    track_version: Option<Cow<'a, str>>,
-    status: Status,
-    #[serde(borrow, default)]
-    rolled_back_to: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    state: Option<Cow<'a, str>>,
-    #[serde(default)]
-    restarts: u64,
-    #[serde(borrow, default)]
-    failing_probes: Vec<Cow<'a, str>>,
-    #[serde(default)]
-    quarantined: bool,
-    #[serde(borrow, default)]
-    failed_start: Option<TableStart<'a>>,
-    #[serde(default)]
-    behind: bool,
-    #[serde(default)]
-    unhealthy: bool,
-}
-
-#[derive(Deserialize)]
-struct TableStart<'a> {
-    #[serde(borrow)]
-    version: Cow<'a, str>,
-}
-
-fn keeps(f: &Filter, h: &TableHost<'_>, s: Option<&TableService<'_>>) -> bool {
-    if f.is_empty() {
-        return true;
-    }
-    let update_failed = h.update.as_ref().is_some_and(|u| !u.ok);
-    (f.stale && h.stale)
-        || (f.behind && s.is_some_and(|s| s.behind))
-        || (f.unhealthy && (s.is_some_and(|s| s.unhealthy) || update_failed))
-        || (f.quarantined && s.is_some_and(|s| s.quarantined))
-}
-
-const HEADER: [&str; 11] = [
+/// The column headers of the table.
+pub const HEADER: [&str; 11] = [
     "HOST",
     "TRACK",
     "SERVICE",
@@ -369,7 +366,7 @@ fn is_unsafe_char(c: char) -> bool {
 /// `s` with every character [`is_unsafe_char`] rejects written as a `\u{..}` escape (borrowed
 /// when there is none, the usual case).
 pub fn printable(s: Cow<'_, str>) -> Cow<'_, str> {
-    if !s.chars().any(is_unsafe_char) {
+    if s.bytes().all(|b| (0x20..0x7f).contains(&b)) || !s.chars().any(is_unsafe_char) {
         return s;
     }
     let mut out = String::with_capacity(s.len() + 16);
@@ -385,8 +382,8 @@ pub fn printable(s: Cow<'_, str>) -> Cow<'_, str> {
 
 /// The cells of one row, printable.
 fn cells<'v>(
-    h: &'v TableHost<'v>,
-    svc: Option<&'v TableService<'v>>,
+    h: &'v HostView,
+    svc: Option<&'v ServiceView>,
     seen: &'v str,
     update: &'v str,
 ) -> [Cow<'v, str>; 11] {
@@ -394,9 +391,9 @@ fn cells<'v>(
     let track = h.track.as_deref().map_or_else(d, Cow::Borrowed);
     let row = match svc {
         Some(x) => [
-            Cow::Borrowed(&*h.host),
+            Cow::Borrowed(h.host.as_str()),
             track,
-            Cow::Borrowed(&*x.name),
+            Cow::Borrowed(x.name.as_str()),
             x.installed.as_deref().map_or_else(d, Cow::Borrowed),
             x.track_version.as_deref().map_or_else(d, Cow::Borrowed),
             match (&x.status, &x.rolled_back_to) {
@@ -405,7 +402,7 @@ fn cells<'v>(
             },
             match (&x.state, &x.failed_start) {
                 (_, Some(f)) => Cow::Owned(format!("failed to start {}", f.version)),
-                (Some(st), None) => Cow::Borrowed(&**st),
+                (Some(st), None) => Cow::Borrowed(st.as_str()),
                 (None, None) => d(),
             },
             Cow::Owned(x.restarts.to_string()),
@@ -418,7 +415,7 @@ fn cells<'v>(
             Cow::Borrowed(update),
         ],
         None => [
-            Cow::Borrowed(&*h.host),
+            Cow::Borrowed(h.host.as_str()),
             track,
             d(),
             d(),
@@ -434,61 +431,73 @@ fn cells<'v>(
     row.map(printable)
 }
 
-/// The summary line and the table, as printed.
-fn render(
-    view: &TableView<'_>,
+/// Characters shown for `c`.
+fn width(c: &str) -> usize {
+    if c.is_ascii() {
+        c.len()
+    } else {
+        c.chars().count()
+    }
+}
+
+/// Append the rows of `hosts` that `filter` keeps to `out` (cells separated by tabs, one row
+/// a line), widen `widths` to fit them; returns how many rows were appended. The server
+/// renders the table form with it; `keepup report` too, from an older server's JSON.
+pub fn table_rows(
+    hosts: &[HostView],
+    now: u64,
+    filter: &Filter,
+    out: &mut Vec<u8>,
+    widths: &mut [usize; 11],
+) -> usize {
+    let mut count = 0;
+    for h in hosts {
+        let update = match &h.update {
+            None => "-".to_string(),
+            Some(u) if u.ok => "ok".to_string(),
+            Some(u) => format!(
+                "failed{}: {}",
+                u.failure
+                    .as_ref()
+                    .map_or(String::new(), |f| format!(" ({f})")),
+                clip(u.error.as_deref().unwrap_or(""), 60)
+            ),
+        };
+        let seen = age(now, h.last_seen);
+        let mut row = |svc: Option<&ServiceView>| {
+            if !filter.keeps(h, svc) {
+                return;
+            }
+            count += 1;
+            for (i, c) in cells(h, svc, &seen, &update).iter().enumerate() {
+                if i > 0 {
+                    out.push(b'\t');
+                }
+                widths[i] = widths[i].max(width(c));
+                out.extend_from_slice(c.as_bytes());
+            }
+            out.push(b'\n');
+        };
+        if h.services.is_empty() {
+            row(None);
+        } else {
+            for s in &h.services {
+                row(Some(s));
+            }
+        }
+    }
+    count
+}
+
+/// The summary line and the table: `rows` are tab-separated cells, one row a line, padded
+/// here to `head.widths`. A cell is checked again before it reaches the terminal.
+fn print_table(
+    head: &TableHead,
+    rows: &[u8],
     filter: &Filter,
     out: &mut impl std::io::Write,
 ) -> std::io::Result<()> {
-    let s = &view.summary;
-    let now = view.generated_at;
-    // Per host: last seen and the update column, computed once.
-    let host_cols: Vec<(String, String)> = view
-        .hosts
-        .iter()
-        .map(|h| {
-            let update = match &h.update {
-                None => "-".to_string(),
-                Some(u) if u.ok => "ok".to_string(),
-                Some(u) => format!(
-                    "failed{}: {}",
-                    u.failure
-                        .as_ref()
-                        .map_or(String::new(), |f| format!(" ({f})")),
-                    clip(u.error.as_deref().unwrap_or(""), 60)
-                ),
-            };
-            (age(now, h.last_seen), update)
-        })
-        .collect();
-    let rows = || {
-        view.hosts
-            .iter()
-            .zip(&host_cols)
-            .flat_map(|(h, (seen, update))| {
-                let svcs: Vec<Option<&TableService<'_>>> = if h.services.is_empty() {
-                    vec![None]
-                } else {
-                    h.services.iter().map(Some).collect()
-                };
-                svcs.into_iter()
-                    .filter(move |svc| keeps(filter, h, *svc))
-                    .map(move |svc| cells(h, svc, seen, update))
-            })
-    };
-    // Two passes: column widths, then the lines.
-    let mut widths = HEADER.map(|h| h.len());
-    let mut count = 0;
-    for r in rows() {
-        count += 1;
-        for (w, c) in widths.iter_mut().zip(&r) {
-            *w = (*w).max(if c.is_ascii() {
-                c.len()
-            } else {
-                c.chars().count()
-            });
-        }
-    }
+    let s = &head.summary;
     writeln!(
         out,
         "{} hosts: {} reporting, {} stale, {} behind, {} unhealthy, {} quarantined, {} failed updates",
@@ -505,33 +514,33 @@ fn render(
         .filter(|(on, _)| *on)
         .map(|(_, n)| *n)
         .collect();
-        writeln!(out, "{count} rows {}", names.join(" or "))?;
+        writeln!(out, "{} rows {}", head.rows, names.join(" or "))?;
     }
     writeln!(out)?;
+    let widths: Vec<usize> = (0..HEADER.len())
+        .map(|i| head.widths.get(i).copied().unwrap_or(0))
+        .collect();
     // One line at a time into a reused buffer, then to the (buffered) output.
-    let mut buf = String::with_capacity(256);
-    let mut line = |out: &mut dyn std::io::Write, cells: &[&str]| {
+    let mut buf: Vec<u8> = Vec::with_capacity(512);
+    let mut line = |out: &mut dyn std::io::Write, cells: &mut dyn Iterator<Item = &[u8]>| {
         buf.clear();
-        for (i, c) in cells.iter().enumerate() {
-            buf.push_str(c);
-            if i + 1 < cells.len() {
-                let len = if c.is_ascii() {
-                    c.len()
-                } else {
-                    c.chars().count()
-                };
-                for _ in len..widths[i] + 2 {
-                    buf.push(' ');
-                }
+        let mut n = 0;
+        for (i, c) in cells.enumerate() {
+            if i > 0 {
+                let pad = widths.get(i - 1).map_or(0, |w| w + 2).saturating_sub(n);
+                buf.resize(buf.len() + pad.max(1), b' ');
             }
+            let c = String::from_utf8_lossy(c);
+            let c = printable(c);
+            n = width(&c);
+            buf.extend_from_slice(c.as_bytes());
         }
-        buf.push('\n');
-        out.write_all(buf.as_bytes())
+        buf.push(b'\n');
+        out.write_all(&buf)
     };
-    line(out, &HEADER)?;
-    for r in rows() {
-        let refs: [&str; 11] = std::array::from_fn(|i| &*r[i]);
-        line(out, &refs)?;
+    line(out, &mut HEADER.iter().map(|h| h.as_bytes()))?;
+    for r in rows.split(|&b| b == b'\n').filter(|r| !r.is_empty()) {
+        line(out, &mut r.split(|&b| b == b'\t'))?;
     }
     Ok(())
 }
@@ -551,10 +560,27 @@ mod tests {
               {"name":"foo","installed":"1.1-1","track_version":"1.2-1","status":"behind",
                "state":"backoff","restarts":4,"failing_probes":["port","http"],
                "behind":true,"unhealthy":true}]}]}"#;
-        let view: TableView<'_> = serde_json::from_str(json).unwrap();
+        let view: FleetView = serde_json::from_str(json).unwrap();
+        // As the server renders the table form and `keepup report` pads it.
         let text = |f: &Filter| {
+            let mut rows = Vec::new();
+            let mut widths = HEADER.map(str::len);
+            let n = table_rows(&view.hosts, view.generated_at, f, &mut rows, &mut widths);
+            let head = TableHead {
+                generated_at: view.generated_at,
+                summary: view.summary.clone(),
+                rows: n,
+                widths: widths.to_vec(),
+            };
+            let wire = format!(
+                "{}\n{}",
+                serde_json::to_string(&head).unwrap(),
+                String::from_utf8(rows).unwrap()
+            );
+            let nl = wire.find('\n').unwrap();
+            let head: TableHead = serde_json::from_str(&wire[..nl]).unwrap();
             let mut out = Vec::new();
-            render(&view, f, &mut out).unwrap();
+            print_table(&head, &wire.as_bytes()[nl + 1..], f, &mut out).unwrap();
             String::from_utf8(out).unwrap()
         };
         let all = text(&Filter::default());

@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keepup_deploy::wire::rollout::{wave_of, OnFailure, Phase, Progress, Rollout};
-use keepup_deploy::wire::{Fleet, Index, Report, ServiceState};
+use keepup_deploy::wire::{Fleet, Index, ServiceState};
 
 use super::db::Lease;
 use super::view::HostEntry;
@@ -73,16 +73,16 @@ pub fn judge(
     let Some(e) = entry.filter(|e| now.saturating_sub(e.received_at) <= stale_after) else {
         return Health::NotReporting;
     };
-    let r: &Report = &e.report;
     let name = &rollout.name;
-    let installed = r.installed.get(name);
-    let svc = r.services.iter().find(|s| &s.name == name);
+    let installed = e.installed(name);
+    let svc = e.service(name);
     if let Some(start) = svc.and_then(|s| s.start.as_ref()) {
-        if start.version == rollout.to && !start.started {
-            return Health::Failed(format!("failed to start: {}", start.detail));
+        if *start.version == *rollout.to && !start.started {
+            let detail = start.failed.as_ref().map_or("", |f| f.detail.as_str());
+            return Health::Failed(format!("failed to start: {detail}"));
         }
     }
-    if installed != Some(&rollout.to) {
+    if installed != Some(rollout.to.as_str()) {
         return Health::Waiting(match installed {
             Some(_) => "still on the previous version".into(),
             None => "not installed yet".into(),
@@ -101,7 +101,7 @@ pub fn judge(
         return Health::Waiting("a probe fails".into());
     }
     match &svc.start {
-        Some(s) if s.version == rollout.to && s.started => {}
+        Some(s) if *s.version == *rollout.to && s.started => {}
         _ => return Health::Waiting("start not judged yet".into()),
     }
     if !svc.state.is_ready() {
@@ -551,10 +551,9 @@ impl Gate {
                     )),
                 };
                 let failing = entry.as_ref().is_some_and(|e| {
-                    e.report.installed.get(&rollout.name) == Some(&rollout.to)
-                        && e.report.services.iter().any(|s| {
-                            s.name == rollout.name && s.probes.iter().any(|p| p.ok == Some(false))
-                        })
+                    e.installed(&rollout.name) == Some(rollout.to.as_str())
+                        && e.service(&rollout.name)
+                            .is_some_and(|s| s.probes.iter().any(|p| p.ok == Some(false)))
                 });
                 if failing {
                     if !failing_since.contains_key(host) {
@@ -565,9 +564,8 @@ impl Gate {
                 }
                 // Restarts since the gate last looked (the first look sets the baseline).
                 let restarts = entry.as_ref().and_then(|e| {
-                    let s = e.report.services.iter().find(|s| s.name == rollout.name)?;
-                    (e.report.installed.get(&rollout.name) == Some(&rollout.to))
-                        .then_some(s.restarts)
+                    let s = e.service(&rollout.name)?;
+                    (e.installed(&rollout.name) == Some(rollout.to.as_str())).then_some(s.restarts)
                 });
                 let restarted = match (restarts, restarts_seen.get(host)) {
                     (Some(now_r), Some(&before)) => {
@@ -762,7 +760,7 @@ mod tests {
         assert_eq!(may_write(7, 7, || false), Err(Superseded::LeaseLost));
     }
     use keepup_deploy::wire::rollout::{parse_waves, MaxFailed, Rules};
-    use keepup_deploy::wire::{ProbeReport, ServiceReport, StartReport};
+    use keepup_deploy::wire::{ProbeReport, Report, ServiceReport, StartReport};
 
     fn rollout(waves: &str, max_failed: MaxFailed) -> Rollout {
         Rollout {
@@ -803,10 +801,7 @@ mod tests {
                 ..StartReport::default()
             }),
         });
-        HostEntry {
-            report: r,
-            received_at: 1000,
-        }
+        HostEntry::of(&r, 1000)
     }
 
     #[test]

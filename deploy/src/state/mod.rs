@@ -32,6 +32,7 @@
 //! credentials (what a browser asks for).
 
 pub mod db;
+pub mod entry;
 pub mod gate;
 pub mod hosts;
 pub mod page;
@@ -56,13 +57,17 @@ use keepup_deploy::wire::report::MAX_REPORT_BYTES;
 use keepup_deploy::wire::{Event, Fleet, Index, Report};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::report;
 use db::{Db, Location, StoredReport, TokenHash};
+use entry::Interner;
 use view::{HostEntry, EVENTS_PER_HOST};
 
 /// A host's logged events as JSON.
 pub const EVENTS_PATH: &str = "/api/v1/events";
 /// Every rollout as the gate saw it last, as JSON.
 pub const ROLLOUTS_PATH: &str = "/api/v1/rollouts";
+/// Hosts per slice of a fleet view built for JSON.
+const VIEW_SLICE: usize = 4096;
 /// Most reports stored in one transaction.
 pub const BATCH: usize = 500;
 /// Reports waiting for the writer at most; more make request tasks wait.
@@ -93,6 +98,8 @@ type Body = Full<Bytes>;
 
 /// Registered host name -> its latest report (none before the first).
 type HostMap = BTreeMap<String, Option<Arc<HostEntry>>>;
+/// One host of a [`Server::snapshot`].
+type Snapshot = (String, Option<Arc<HostEntry>>);
 
 enum Msg {
     Report {
@@ -129,25 +136,6 @@ fn new_events(prev: &[u32], events: &[Event]) -> (usize, EventWindow) {
         .find(|&n| prev[prev.len() - n..] == ids[..n])
         .unwrap_or(0);
     (seen, ids)
-}
-
-/// What the server keeps in memory of a report: the last events only, no update actions,
-/// the log tail only of a failed start.
-fn trim(mut r: Report) -> Report {
-    let skip = r.events.len().saturating_sub(EVENTS_PER_HOST);
-    r.events.drain(..skip);
-    r.events.shrink_to_fit();
-    if let Some(u) = &mut r.update {
-        u.actions = Vec::new();
-    }
-    for s in &mut r.services {
-        if let Some(st) = &mut s.start {
-            if st.started {
-                st.log_tail = Vec::new();
-            }
-        }
-    }
-    r
 }
 
 struct Cached<T> {
@@ -216,6 +204,14 @@ impl<K: PartialEq, V: Clone> TtlCache<K, V> {
         }
     }
 
+    /// Drop the values past their time (they can be large: the fleet view's JSON).
+    async fn purge(&self) {
+        self.entries
+            .lock()
+            .await
+            .retain(|(_, at, _)| at.elapsed() < VIEW_TTL);
+    }
+
     async fn get<F: Future<Output = V>>(&self, key: K, build: impl FnOnce() -> F) -> V {
         let mut entries = self.entries.lock().await;
         entries.retain(|(_, at, _)| at.elapsed() < VIEW_TTL);
@@ -276,6 +272,8 @@ fn presented_token(headers: &HeaderMap) -> Option<String> {
 pub struct Server {
     repo: PathBuf,
     hosts: Arc<RwLock<HostMap>>,
+    /// The strings the hosts' entries share.
+    syms: Arc<Mutex<Interner>>,
     tokens: RwLock<HashMap<TokenHash, String>>,
     /// The database as request handling reads it (the events API).
     reader: Arc<Mutex<Db>>,
@@ -288,7 +286,12 @@ pub struct Server {
     cache: Mutex<RepoCache>,
     read_token: Option<TokenHash>,
     json_views: TtlCache<(u64, bool), Bytes>,
-    page_views: TtlCache<u64, Arc<view::FleetView>>,
+    table_views: TtlCache<(u64, view::Filter), Bytes>,
+    #[allow(clippy::type_complexity)]
+    page_views: TtlCache<
+        (u64, Option<page::PageFilter>, Option<String>),
+        Arc<(view::FleetView, page::RowCounts)>,
+    >,
     test_hooks: bool,
     /// The rollout gate's last look at each rollout.
     gate_view: Mutex<Vec<gate::RolloutStatus>>,
@@ -312,33 +315,29 @@ impl Server {
         let tokens = poller.tokens()?;
         let version = poller.hosts_version()?;
         let mut hosts: HostMap = tokens.values().map(|h| (h.clone(), None)).collect();
-        let mut marks = HashMap::new();
         let (latest, peer_mark) = writer_db.latest_reports()?;
-        for (host, received_at, body) in latest {
-            let Ok(report) = serde_json::from_slice::<Report>(&body) else {
-                eprintln!("keepup serve: the stored report of {host} does not parse; ignored");
-                continue;
-            };
-            let (_, window) = new_events(&[], &report.events);
-            marks.insert(host.clone(), window);
+        let (loaded, syms) = load_entries(latest);
+        let mut marks = HashMap::with_capacity(loaded.len());
+        for (host, entry, window) in loaded {
             if let Some(slot) = hosts.get_mut(&host) {
-                *slot = Some(Arc::new(HostEntry {
-                    report: trim(report),
-                    received_at,
-                }));
+                *slot = Some(Arc::new(entry));
             }
+            marks.insert(host, window);
         }
+        let syms = Arc::new(Mutex::new(syms));
         let hosts = Arc::new(RwLock::new(hosts));
         let (tx, rx) = mpsc::channel(QUEUE);
         let (nudge, nudges) = std::sync::mpsc::sync_channel(1);
         let shared = hosts.clone();
+        let writer_syms = syms.clone();
         std::thread::Builder::new()
             .name("state-writer".into())
-            .spawn(move || writer(writer_db, rx, nudge, shared, marks))
+            .spawn(move || writer(writer_db, rx, nudge, shared, writer_syms, marks))
             .context("starting the state writer")?;
         let server = Arc::new(Server {
             repo: repo.to_path_buf(),
             hosts,
+            syms,
             tokens: RwLock::new(tokens),
             reader: Arc::new(Mutex::new(reader)),
             poller: Mutex::new(poller),
@@ -348,6 +347,7 @@ impl Server {
             cache: Mutex::new(RepoCache::default()),
             read_token,
             json_views: TtlCache::new(),
+            table_views: TtlCache::new(),
             page_views: TtlCache::new(),
             test_hooks: std::env::var(TEST_HOOKS_ENV).is_ok_and(|v| v == "1"),
             gate_view: Mutex::default(),
@@ -386,6 +386,9 @@ impl Server {
                 if !peers.is_empty() {
                     let _ = me.tx.send(Msg::PeerWindows(peers)).await;
                 }
+                me.json_views.purge().await;
+                me.table_views.purge().await;
+                me.page_views.purge().await;
                 if last_prune.elapsed() >= PRUNE_EVERY {
                     last_prune = Instant::now();
                     let _ = me.tx.send(Msg::Prune).await;
@@ -406,13 +409,8 @@ impl Server {
                 continue;
             };
             windows.push((host.clone(), new_events(&[], &report.events).1));
-            entries.push((
-                host,
-                Arc::new(HostEntry {
-                    report: trim(report),
-                    received_at,
-                }),
-            ));
+            let entry = HostEntry::new(&report, received_at, &mut self.syms.lock().unwrap());
+            entries.push((host, Arc::new(entry)));
         }
         {
             // A host added after the last host reload is known here already: its report
@@ -603,18 +601,84 @@ impl Server {
         }
     }
 
-    /// The fleet view (built on a blocking thread, at most once per [`VIEW_TTL`]).
-    async fn view(self: &Arc<Self>, stale_after: u64) -> Arc<view::FleetView> {
+    /// The page's view (built on a blocking thread, at most once per [`VIEW_TTL`] and
+    /// query): the hosts it shows only, and the fleet's row counts.
+    async fn page_view(
+        self: &Arc<Self>,
+        stale_after: u64,
+        q: &page::PageQuery,
+    ) -> Arc<(view::FleetView, page::RowCounts)> {
+        let key = (stale_after, q.filter, q.host.clone());
+        let q = q.clone();
         self.page_views
-            .get(stale_after, || async {
+            .get(key, || async {
                 let me = self.clone();
                 Arc::new(
-                    tokio::task::spawn_blocking(move || me.build_view(stale_after, true))
+                    tokio::task::spawn_blocking(move || me.build_page_view(stale_after, &q))
                         .await
                         .unwrap_or_default(),
                 )
             })
             .await
+    }
+
+    /// See [`Server::page_view`]: the view is built in slices and only the hosts of the
+    /// first [`page::MAX_ROWS`] matching rows are kept (a million hosts' view is gigabytes).
+    fn build_page_view(
+        &self,
+        stale_after: u64,
+        q: &page::PageQuery,
+    ) -> (view::FleetView, page::RowCounts) {
+        // Without a filter in the query, the fleet's size chooses one: count its rows first.
+        let total = match q.filter {
+            Some(_) => None,
+            None => Some(
+                self.in_slices(stale_after, |v| {
+                    v.hosts
+                        .iter()
+                        .map(|h| h.services.len().max(1))
+                        .sum::<usize>()
+                })
+                .0
+                .into_iter()
+                .sum(),
+            ),
+        };
+        let chosen = page::choose(q, total.unwrap_or(0));
+        let (parts, now, fleet_serial) = self.in_slices(stale_after, |v| {
+            let (mut rows, mut matched, mut all) = (0, 0, 0);
+            let mut kept = Vec::new();
+            for h in v.hosts {
+                all += h.services.len().max(1);
+                let n = page::rows_kept(q, chosen, &h);
+                matched += n;
+                if n > 0 && rows < page::MAX_ROWS {
+                    rows += n;
+                    kept.push(h);
+                }
+            }
+            (v.summary, matched, all, kept)
+        });
+        let mut out = view::FleetView {
+            generated_at: now,
+            stale_after,
+            fleet_serial,
+            ..view::FleetView::default()
+        };
+        let mut counts = page::RowCounts::default();
+        let mut rows = 0;
+        for (s, matched, all, kept) in parts {
+            out.summary.add(&s);
+            counts.matched += matched;
+            counts.total += all;
+            for h in kept {
+                if rows < page::MAX_ROWS {
+                    rows += page::rows_kept(q, chosen, &h);
+                    out.hosts.push(h);
+                }
+            }
+        }
+        (out, counts)
     }
 
     fn snapshot(&self) -> Vec<(String, Option<Arc<HostEntry>>)> {
@@ -639,62 +703,139 @@ impl Server {
         f(&policy)
     }
 
-    fn build_view(&self, stale_after: u64, with_events: bool) -> view::FleetView {
-        let snapshot = self.snapshot();
-        self.with_policy(|policy| {
-            view::build(&snapshot, policy, db::now(), stale_after, with_events)
-        })
-    }
-
-    /// The fleet view as JSON, built and serialized in parts on every core (the view of
-    /// 100,000 hosts is tens of megabytes).
-    fn view_json(&self, stale_after: u64, with_events: bool) -> Vec<u8> {
+    /// The fleet view built a slice of [`VIEW_SLICE`] hosts at a time on every core, each
+    /// slice handed to `each` as soon as it is built (the view of a million hosts is
+    /// gigabytes as objects: only what `each` makes of it is kept). Returns what `each` made
+    /// of the slices, in host order, the time of the view and the fleet policy's serial.
+    fn in_slices<T: Send>(
+        &self,
+        stale_after: u64,
+        each: impl Fn(view::FleetView) -> T + Sync,
+    ) -> (Vec<T>, u64, Option<u64>) {
         let snapshot = self.snapshot();
         self.with_policy(|policy| {
             let now = db::now();
             let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
-            let chunk = snapshot.len().div_ceil(threads).max(1);
-            let parts: Vec<(view::Summary, Vec<u8>)> = std::thread::scope(|sc| {
-                let handles: Vec<_> = snapshot
-                    .chunks(chunk)
-                    .map(|part| {
-                        sc.spawn(move || {
-                            let v = view::build(part, policy, now, stale_after, with_events);
-                            let mut buf = Vec::with_capacity(part.len() * 512);
-                            for (i, h) in v.hosts.iter().enumerate() {
-                                if i > 0 {
-                                    buf.push(b',');
-                                }
-                                let _ = serde_json::to_writer(&mut buf, h);
+            let slices: Vec<&[Snapshot]> = snapshot.chunks(VIEW_SLICE).collect();
+            let next = std::sync::atomic::AtomicUsize::new(0);
+            let mut parts: Vec<(usize, T)> = std::thread::scope(|sc| {
+                let handles: Vec<_> = (0..threads.min(slices.len()).max(1))
+                    .map(|_| {
+                        sc.spawn(|| {
+                            let mut done = Vec::new();
+                            loop {
+                                let i = next.fetch_add(1, Ordering::Relaxed);
+                                let Some(part) = slices.get(i) else { break };
+                                done.push((i, each(view::build(part, policy, now, stale_after))));
                             }
-                            (v.summary, buf)
+                            done
                         })
                     })
                     .collect();
-                handles.into_iter().filter_map(|h| h.join().ok()).collect()
+                handles
+                    .into_iter()
+                    .filter_map(|h| h.join().ok())
+                    .flatten()
+                    .collect()
             });
-            let mut head = view::FleetView {
-                generated_at: now,
-                stale_after,
-                fleet_serial: policy.fleet.map(|f| f.serial),
-                ..view::FleetView::default()
-            };
-            for (s, _) in &parts {
-                head.summary.add(s);
-            }
-            // `hosts` is the last field: open its array and splice the parts in.
-            let mut out = serde_json::to_vec(&head).unwrap_or_default();
-            out.truncate(out.len().saturating_sub(2));
-            out.reserve(parts.iter().map(|p| p.1.len() + 1).sum::<usize>() + 2);
-            for (i, (_, p)) in parts.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                out.extend_from_slice(p);
-            }
-            out.extend_from_slice(b"]}");
-            out
+            parts.sort_by_key(|p| p.0);
+            (
+                parts.into_iter().map(|p| p.1).collect(),
+                now,
+                policy.fleet.map(|f| f.serial),
+            )
         })
+    }
+
+    /// The fleet view as JSON. With `with_events`, each host's latest [`EVENTS_PER_HOST`]
+    /// events are read from the database (one index walk per host).
+    fn view_json(&self, stale_after: u64, with_events: bool) -> Vec<u8> {
+        let (parts, now, fleet_serial) = self.in_slices(stale_after, |mut v| {
+            if with_events {
+                self.fill_events(&mut v.hosts);
+            }
+            let mut buf = Vec::with_capacity(v.hosts.len() * 600);
+            for (i, h) in v.hosts.iter().enumerate() {
+                if i > 0 {
+                    buf.push(b',');
+                }
+                let _ = serde_json::to_writer(&mut buf, h);
+            }
+            (v.summary, buf)
+        });
+        let mut head = view::FleetView {
+            generated_at: now,
+            stale_after,
+            fleet_serial,
+            ..view::FleetView::default()
+        };
+        for (s, _) in &parts {
+            head.summary.add(s);
+        }
+        // `hosts` is the last field: open its array and splice the parts in.
+        let mut out = serde_json::to_vec(&head).unwrap_or_default();
+        out.truncate(out.len().saturating_sub(2));
+        out.reserve(parts.iter().map(|p| p.1.len() + 1).sum::<usize>() + 2);
+        let mut first = true;
+        for (_, p) in parts.iter().filter(|p| !p.1.is_empty()) {
+            if !first {
+                out.push(b',');
+            }
+            first = false;
+            out.extend_from_slice(p);
+        }
+        out.extend_from_slice(b"]}");
+        out
+    }
+
+    /// The fleet view's table form (`keepup report`): a [`report::TableHead`] line, then
+    /// the rows `filter` keeps, rendered in slices on every core.
+    fn view_table(&self, stale_after: u64, filter: view::Filter) -> Vec<u8> {
+        let (parts, now, _) = self.in_slices(stale_after, |v| {
+            let mut buf = Vec::with_capacity(v.hosts.len() * 300);
+            let mut widths = [0; 11];
+            let n = report::table_rows(&v.hosts, v.generated_at, &filter, &mut buf, &mut widths);
+            (v.summary, n, widths, buf)
+        });
+        let mut head = report::TableHead {
+            generated_at: now,
+            widths: report::HEADER.iter().map(|h| h.len()).collect(),
+            ..report::TableHead::default()
+        };
+        for (s, n, w, _) in &parts {
+            head.summary.add(s);
+            head.rows += n;
+            for (a, b) in head.widths.iter_mut().zip(w) {
+                *a = (*a).max(*b);
+            }
+        }
+        let mut out = serde_json::to_vec(&head).unwrap_or_default();
+        out.push(b'\n');
+        out.reserve(parts.iter().map(|p| p.3.len()).sum());
+        for (.., p) in parts {
+            out.extend_from_slice(&p);
+        }
+        out
+    }
+
+    /// Each host's latest events from the database, oldest first (left empty if the log
+    /// cannot be read: the view is still worth showing).
+    fn fill_events(&self, hosts: &mut [view::HostView]) {
+        let names: Vec<&str> = hosts.iter().map(|h| h.host.as_str()).collect();
+        let events = self
+            .reader
+            .lock()
+            .unwrap()
+            .latest_events(&names, EVENTS_PER_HOST);
+        match events {
+            Ok(all) => {
+                for (h, mut ev) in hosts.iter_mut().zip(all) {
+                    ev.reverse();
+                    h.events = ev;
+                }
+            }
+            Err(e) => eprintln!("keepup serve: reading the event log for the view: {e:#}"),
+        }
     }
 
     /// `fleet.yaml` and every `tracks/<t>/index.json` of the repository, re-read when changed.
@@ -738,6 +879,24 @@ impl Server {
             return self.finish(self.read_refused());
         }
         let q = Query::parse(query);
+        if let Some(rows) = q.table {
+            let body = self
+                .table_views
+                .get((q.stale_after, rows), || async {
+                    let me = self.clone();
+                    let b = tokio::task::spawn_blocking(move || me.view_table(q.stale_after, rows))
+                        .await
+                        .unwrap_or_default();
+                    Bytes::from(b)
+                })
+                .await;
+            let mut r = Response::new(Body::new(body));
+            r.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/tab-separated-values; charset=utf-8"),
+            );
+            return self.finish(r);
+        }
         let body = self
             .json_views
             .get((q.stale_after, q.events), || async {
@@ -822,9 +981,25 @@ impl Server {
             return self.finish(self.read_refused());
         }
         let q = Query::parse(query);
-        let v = self.view(q.stale_after).await;
+        let v = self.page_view(q.stale_after, &q.page).await;
         let rollouts = self.gate_view.lock().unwrap().clone();
-        let html = page::render(&v, &q.page, &rollouts);
+        // Recent events: the host's, or the fleet's newest.
+        let me = self.clone();
+        let host = q.page.host.clone();
+        let events = tokio::task::spawn_blocking(move || {
+            let db = me.reader.lock().unwrap();
+            match host {
+                Some(h) => db
+                    .events(&h, page::EVENTS_SHOWN)
+                    .map(|ev| ev.into_iter().map(|e| (h.clone(), e)).collect()),
+                None => db.recent_events(page::EVENTS_SHOWN),
+            }
+        })
+        .await
+        .ok()
+        .and_then(|r| r.ok())
+        .unwrap_or_default();
+        let html = page::render(&v.0, &q.page, &rollouts, &events, Some(v.1));
         let mut r = Response::new(Body::new(Bytes::from(html)));
         let h = r.headers_mut();
         h.insert(
@@ -851,6 +1026,8 @@ impl Server {
 struct Query {
     stale_after: u64,
     events: bool,
+    /// `form=table`: the table form, with the rows `rows=` selects.
+    table: Option<view::Filter>,
     limit: usize,
     page: page::PageQuery,
 }
@@ -860,9 +1037,11 @@ impl Query {
         let mut q = Query {
             stale_after: view::DEFAULT_STALE_AFTER,
             events: true,
+            table: None,
             limit: 100,
             page: page::PageQuery::default(),
         };
+        let mut pending_rows = None;
         for pair in query.unwrap_or("").split('&') {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             let v = percent_encoding::percent_decode_str(&v.replace('+', " "))
@@ -871,6 +1050,17 @@ impl Query {
             match k {
                 "stale_after" => q.stale_after = v.parse().unwrap_or(q.stale_after),
                 "events" => q.events = v != "0",
+                "form" if v == "table" => {
+                    q.table.get_or_insert_with(view::Filter::default);
+                }
+                "rows" => {
+                    let rows = report::parse_rows(&v);
+                    if let Some(t) = &mut q.table {
+                        *t = rows;
+                    } else {
+                        pending_rows = Some(rows);
+                    }
+                }
                 "limit" => q.limit = v.parse().unwrap_or(q.limit),
                 "filter" => {
                     q.page.filter = page::PageFilter::parse(&v);
@@ -879,6 +1069,9 @@ impl Query {
                 "host" => q.page.host = Some(v).filter(|h| !h.is_empty()),
                 _ => {}
             }
+        }
+        if let (Some(t), Some(rows)) = (&mut q.table, pending_rows) {
+            *t = rows;
         }
         q
     }
@@ -892,6 +1085,7 @@ fn writer(
     mut rx: mpsc::Receiver<Msg>,
     nudge: std::sync::mpsc::SyncSender<()>,
     hosts: Arc<RwLock<HostMap>>,
+    syms: Arc<Mutex<Interner>>,
     mut windows: HashMap<String, EventWindow>,
 ) {
     let mut since_quota: HashMap<String, usize> = HashMap::new();
@@ -965,14 +1159,20 @@ fn writer(
                 for (h, n) in next_counts {
                     since_quota.insert(h.to_string(), n);
                 }
+                // Summarize outside the map's lock: readers (views, the gate) wait less.
+                let entries: Vec<(&str, Arc<HostEntry>)> = {
+                    let mut syms = syms.lock().unwrap();
+                    batch
+                        .iter()
+                        .map(|(r, _, at, _)| {
+                            (r.host.as_str(), Arc::new(HostEntry::new(r, *at, &mut syms)))
+                        })
+                        .collect()
+                };
                 let mut map = hosts.write().unwrap();
-                for (report, _, at, _) in batch.iter_mut() {
-                    if let Some(slot) = map.get_mut(&report.host) {
-                        let r = std::mem::take(report.as_mut());
-                        *slot = Some(Arc::new(HostEntry {
-                            report: trim(r),
-                            received_at: *at,
-                        }));
+                for (host, entry) in entries {
+                    if let Some(slot) = map.get_mut(host) {
+                        *slot = Some(entry);
                     }
                 }
             }
@@ -990,8 +1190,69 @@ fn writer(
             let map = hosts.read().unwrap();
             windows.retain(|h, _| map.contains_key(h));
             since_quota.retain(|h, _| map.contains_key(h));
+            drop(map);
+            syms.lock().unwrap().forget_unused();
         }
     }
+}
+
+/// The entries and event windows of the stored latest reports, parsed on every core (a
+/// million reports are gigabytes of JSON), and the strings they share.
+#[allow(clippy::type_complexity)]
+fn load_entries(
+    latest: Vec<db::LatestReport>,
+) -> (Vec<(String, HostEntry, EventWindow)>, Interner) {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+    let chunk = latest.len().div_ceil(threads).max(1);
+    let mut parts: Vec<(Vec<(String, HostEntry, EventWindow)>, Interner)> = Vec::new();
+    let mut latest = latest;
+    let mut chunks = Vec::new();
+    while latest.len() > chunk {
+        let rest = latest.split_off(latest.len() - chunk);
+        chunks.push(rest);
+    }
+    chunks.push(latest);
+    std::thread::scope(|sc| {
+        let handles: Vec<_> = chunks
+            .into_iter()
+            .map(|part| {
+                sc.spawn(move || {
+                    let mut syms = Interner::default();
+                    let mut out = Vec::with_capacity(part.len());
+                    for (host, received_at, body) in part {
+                        let Ok(report) = serde_json::from_slice::<Report>(&body) else {
+                            eprintln!(
+                                "keepup serve: the stored report of {host} does not parse; ignored"
+                            );
+                            continue;
+                        };
+                        drop(body);
+                        let (_, window) = new_events(&[], &report.events);
+                        out.push((
+                            host,
+                            HostEntry::new(&report, received_at, &mut syms),
+                            window,
+                        ));
+                    }
+                    (out, syms)
+                })
+            })
+            .collect();
+        for h in handles {
+            if let Ok(p) = h.join() {
+                parts.push(p);
+            }
+        }
+    });
+    // The parts keep their own copies of the strings they share (a few per distinct
+    // string); new reports use the first part's.
+    let mut all = Vec::with_capacity(parts.iter().map(|p| p.0.len()).sum());
+    let mut syms = Interner::default();
+    for (entries, part_syms) in parts {
+        all.extend(entries);
+        syms.absorb(part_syms);
+    }
+    (all, syms)
 }
 
 fn text(code: StatusCode, msg: &str) -> Response<Body> {
@@ -1106,17 +1367,5 @@ mod tests {
         assert_eq!(presented_token(&h), None);
         let a = db::token_hash("abc");
         assert!(same_hash(&a, &db::token_hash("abc")) && !same_hash(&a, &db::token_hash("abd")));
-    }
-
-    #[test]
-    fn trimmed_reports_keep_the_last_events() {
-        let r = Report {
-            host: "h".into(),
-            events: (0..30).map(|i| ev(i, "x")).collect(),
-            ..Report::default()
-        };
-        let t = trim(r);
-        assert_eq!(t.events.len(), EVENTS_PER_HOST);
-        assert_eq!(t.events[0].at, 20);
     }
 }

@@ -5,7 +5,7 @@
 
 use std::fmt::Write as _;
 
-use keepup_deploy::wire::ServiceState;
+use keepup_deploy::wire::{Event, ServiceState};
 
 use super::gate::{RolloutStatus, WaveStatus, WAVE_COLUMNS};
 use super::view::{age, Filter, FleetView, HostView, ServiceView};
@@ -15,7 +15,7 @@ pub const MAX_ROWS: usize = 1000;
 /// Fleets with more rows than this open on the problem rows.
 const ALL_ROWS_UP_TO: usize = 500;
 /// Events listed under the table.
-const EVENTS_SHOWN: usize = 30;
+pub const EVENTS_SHOWN: usize = 30;
 
 /// What the page's query selects.
 #[derive(Debug, Clone, Default)]
@@ -152,14 +152,53 @@ const COLUMNS: [&str; 11] = [
     "update",
 ];
 
-/// Render the page for `view` and the query.
-pub fn render(view: &FleetView, q: &PageQuery, rollouts: &[RolloutStatus]) -> String {
-    let total_rows: usize = view.hosts.iter().map(|h| h.services.len().max(1)).sum();
-    let chosen = q.filter.unwrap_or(if total_rows > ALL_ROWS_UP_TO {
+/// Rows of the whole fleet, for a view that holds only the hosts the page shows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RowCounts {
+    /// Rows of every host.
+    pub total: usize,
+    /// Rows the chosen filter (and host) keep.
+    pub matched: usize,
+}
+
+/// The filter the page applies: the query's, else every row of a small fleet and the
+/// problem rows of a large one (`total_rows` rows in all).
+pub fn choose(q: &PageQuery, total_rows: usize) -> PageFilter {
+    q.filter.unwrap_or(if total_rows > ALL_ROWS_UP_TO {
         PageFilter::Problems
     } else {
         PageFilter::All
-    });
+    })
+}
+
+/// How many rows of `h` the page shows under `chosen` (none: another host was asked for).
+pub fn rows_kept(q: &PageQuery, chosen: PageFilter, h: &HostView) -> usize {
+    if q.host.as_ref().is_some_and(|x| *x != h.host) {
+        return 0;
+    }
+    let f = chosen.rows();
+    if h.services.is_empty() {
+        usize::from(f.keeps(h, None))
+    } else {
+        h.services.iter().filter(|s| f.keeps(h, Some(s))).count()
+    }
+}
+
+/// Render the page for `view` and the query; `events` are the latest events (of the
+/// query's host, or of the fleet), newest first. With `counts`, `view` holds only the hosts
+/// to show and `fleet_rows` says how many rows the fleet has.
+pub fn render(
+    view: &FleetView,
+    q: &PageQuery,
+    rollouts: &[RolloutStatus],
+    events: &[(String, Event)],
+    fleet_rows: Option<RowCounts>,
+) -> String {
+    let total_rows: usize = fleet_rows.map_or_else(
+        || view.hosts.iter().map(|h| h.services.len().max(1)).sum(),
+        |c| c.total,
+    );
+    let chosen = choose(q, total_rows);
     let filter_name = chosen.name();
     let filter = chosen.rows();
     let host_q = q
@@ -254,6 +293,9 @@ pub fn render(view: &FleetView, q: &PageQuery, rollouts: &[RolloutStatus]) -> St
         }
     }
     o.push_str("</tbody></table>\n");
+    if let Some(c) = fleet_rows {
+        matched = c.matched;
+    }
     let _ = writeln!(
         o,
         "<p class=\"note\">{shown} of {matched} matching rows ({}); {total_rows} rows in all. \
@@ -269,16 +311,9 @@ pub fn render(view: &FleetView, q: &PageQuery, rollouts: &[RolloutStatus]) -> St
     }
 
     // Recent events: the host's, or the fleet's newest.
-    let mut events: Vec<(&str, &keepup_deploy::wire::Event)> = view
-        .hosts
-        .iter()
-        .filter(|h| q.host.as_ref().is_none_or(|x| *x == h.host))
-        .flat_map(|h| h.events.iter().map(move |e| (h.host.as_str(), e)))
-        .collect();
-    events.sort_by_key(|e| std::cmp::Reverse(e.1.at));
-    events.truncate(EVENTS_SHOWN);
+    let events = &events[..events.len().min(EVENTS_SHOWN)];
     o.push_str("<h2>Recent events</h2>\n<ul class=\"events\">\n");
-    for (host, e) in &events {
+    for (host, e) in events {
         let _ = writeln!(
             o,
             "<li>{} ago <a href=\"/?host={}\">{}</a> {}{}: {}</li>",
@@ -555,7 +590,7 @@ mod tests {
                 },
             ],
         };
-        let all = render(&v, &PageQuery::default(), &[]);
+        let all = render(&v, &PageQuery::default(), &[], &[], None);
         assert!(all.contains("web&lt;1&gt;"));
         assert!(all.contains("foo&quot;&amp;"));
         assert!(!all.contains("web<1>"));
@@ -568,6 +603,8 @@ mod tests {
                 ..PageQuery::default()
             },
             &[],
+            &[],
+            None,
         );
         assert!(!behind.contains(">db1<"));
         assert!(behind.contains("1 of 1 matching rows"));
@@ -582,6 +619,8 @@ mod tests {
                 ..PageQuery::default()
             },
             &[],
+            &[],
+            None,
         );
         assert!(unknown.contains("unknown filter; showing all."));
         assert!(unknown.contains("2 of 2 matching rows (all)"));
@@ -628,7 +667,13 @@ mod tests {
             "one rectangle per non-empty category"
         );
         assert!(svg.contains("data-hosts=\"4\"><title>4 on the previous version</title>"));
-        let page = render(&FleetView::default(), &PageQuery::default(), &[r]);
+        let page = render(
+            &FleetView::default(),
+            &PageQuery::default(),
+            &[r],
+            &[],
+            None,
+        );
         assert!(page.contains("<h2>Rollouts</h2>") && page.contains("soak 12 s left"));
         assert!(!page.contains("<script>") && page.contains("2.0-1&lt;script&gt;"));
         assert!(page.contains("Failed: canary-2."));

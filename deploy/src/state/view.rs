@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use keepup_deploy::wire::{
-    best_per_name, Event, Fleet, Format, Index, PoolEntry, Report, ServiceState, StartReport,
+    best_per_name, Event, Fleet, Format, Index, PoolEntry, ServiceState, StartReport,
 };
 use serde::{Deserialize, Serialize};
 
@@ -18,15 +18,7 @@ pub const DEFAULT_STALE_AFTER: u64 = 600;
 /// Events shown per host.
 pub const EVENTS_PER_HOST: usize = 10;
 
-/// What the server keeps in memory per host: its latest report (events cut to the last
-/// [`EVENTS_PER_HOST`], update actions dropped) and when it arrived.
-#[derive(Debug, Clone)]
-pub struct HostEntry {
-    /// The latest report, trimmed.
-    pub report: Report,
-    /// Unix time the server received it.
-    pub received_at: u64,
-}
+pub use super::entry::HostEntry;
 
 /// The whole fleet view (`GET /api/v1/fleet`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -248,13 +240,13 @@ fn default_arch(format: Format) -> &'static str {
 }
 
 /// Build the view of `hosts` (registered host name -> latest report) at `now`.
-/// `with_events` includes each host's recent events.
+/// Events are not in memory: callers that show them fill [`HostView::events`] from the
+/// database.
 pub fn build(
     hosts: &[(String, Option<Arc<HostEntry>>)],
     policy: &Policy<'_>,
     now: u64,
     stale_after: u64,
-    with_events: bool,
 ) -> FleetView {
     // Per (track, format, arch): the track's best entry of each name, and the names sorted.
     type Table<'p> = (BTreeMap<&'p str, &'p PoolEntry>, Vec<&'p str>);
@@ -265,7 +257,7 @@ pub fn build(
     };
     let mut out = Vec::with_capacity(hosts.len());
     for (name, entry) in hosts {
-        let report = entry.as_ref().map(|e| &e.report);
+        let report = entry.as_deref();
         let (assignment, quarantined) = match policy.fleet {
             Some(f) => f.for_host(name),
             None => (None, Vec::new()),
@@ -289,8 +281,8 @@ pub fn build(
 
         let mut names: BTreeSet<&str> = BTreeSet::new();
         if let Some(r) = report {
-            names.extend(r.installed.keys().map(String::as_str));
-            names.extend(r.services.iter().map(|s| s.name.as_str()));
+            names.extend(r.installed.iter().map(|(n, _)| &**n));
+            names.extend(r.services.iter().map(|s| &*s.name));
         }
         if let Some(a) = assignment {
             if a.services.is_empty() {
@@ -307,15 +299,15 @@ pub fn build(
         let update = report.and_then(|r| r.update.as_ref()).map(|u| UpdateView {
             at: u.at,
             ok: u.ok,
-            error: u.error.clone(),
+            error: u.error.as_deref().map(str::to_string),
             failure: u.failure.clone(),
         });
         let update_failed = update.as_ref().is_some_and(|u| !u.ok);
 
         let mut services = Vec::with_capacity(names.len());
         for svc in names {
-            let installed = report.and_then(|r| r.installed.get(svc)).cloned();
-            let sr = report.and_then(|r| r.services.iter().find(|s| s.name == svc));
+            let installed = report.and_then(|r| r.installed(svc));
+            let sr = report.and_then(|r| r.service(svc));
             let entry = table.and_then(|(best, _)| best.get(svc).copied());
             let is_quarantined = quarantined.contains(&svc);
             let (status, rolled_back_to) = match (&installed, entry) {
@@ -339,7 +331,7 @@ pub fn build(
             // The host's last pass said a rollout holds it back from the track's version.
             let held = report
                 .and_then(|r| r.update.as_ref())
-                .is_some_and(|u| u.rollouts.iter().any(|r| r.name == svc && r.held.is_some()));
+                .is_some_and(|u| u.held.iter().any(|n| &**n == svc));
             let status = match status {
                 Status::Behind | Status::Missing if held => Status::Held,
                 s => s,
@@ -349,13 +341,13 @@ pub fn build(
                     .flat_map(|s| &s.probes)
                     .filter(|p| p.ok == Some(false))
             };
-            let failing_probes: Vec<String> = failing().map(|p| p.name.clone()).collect();
+            let failing_probes: Vec<String> = failing().map(|p| p.name.to_string()).collect();
             let probe_reasons: Vec<String> = failing()
-                .map(|p| p.reason.clone().unwrap_or_default())
+                .map(|p| p.reason.as_deref().unwrap_or_default().to_string())
                 .collect();
             let failed_start = sr
                 .and_then(|s| s.start.as_ref())
-                .filter(|s| !s.started)
+                .and_then(|s| s.failed.as_deref())
                 .cloned();
             let state = sr.map(|s| s.state.clone());
             let unhealthy = state.as_ref().is_some_and(|s| !s.is_ready())
@@ -364,7 +356,7 @@ pub fn build(
                 || update_failed;
             services.push(ServiceView {
                 name: svc.to_string(),
-                installed,
+                installed: installed.map(str::to_string),
                 track_version: entry.map(|e| e.version.clone()),
                 behind: matches!(status, Status::Behind | Status::Missing),
                 status,
@@ -394,26 +386,19 @@ pub fn build(
             summary.failed_updates += 1;
         }
         summary.quarantined += services.iter().filter(|s| s.quarantined).count();
-        let events = match report {
-            Some(r) if with_events => {
-                let skip = r.events.len().saturating_sub(EVENTS_PER_HOST);
-                r.events[skip..].to_vec()
-            }
-            _ => Vec::new(),
-        };
         out.push(HostView {
             host: name.clone(),
             track: track.map(str::to_string),
             format: report.and_then(|r| r.format),
-            arch: report.and_then(|r| r.arch.clone()),
+            arch: report.and_then(|r| r.arch.as_deref()).map(str::to_string),
             agent_version: report
-                .map(|r| r.agent_version.clone())
-                .filter(|v| !v.is_empty()),
+                .and_then(|r| r.agent_version.as_deref())
+                .map(str::to_string),
             last_seen,
             stale,
             update,
             services,
-            events,
+            events: Vec::new(),
         });
     }
     FleetView {
@@ -476,7 +461,7 @@ pub fn age(now: u64, then: Option<u64>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use keepup_deploy::wire::{ProbeReport, ServiceReport, UpdateReport};
+    use keepup_deploy::wire::{ProbeReport, Report, ServiceReport, UpdateReport};
 
     fn pool(name: &str, version: &str, rollback_of: Option<&str>) -> PoolEntry {
         PoolEntry {
@@ -491,11 +476,11 @@ mod tests {
         }
     }
 
-    fn host(
-        name: &str,
-        installed: &[(&str, &str)],
-        state: &str,
-    ) -> (String, Option<Arc<HostEntry>>) {
+    fn entry(r: Report) -> (String, Option<Arc<HostEntry>>) {
+        (r.host.clone(), Some(Arc::new(HostEntry::of(&r, 1000))))
+    }
+
+    fn host(name: &str, installed: &[(&str, &str)], state: &str) -> Report {
         let mut r = Report {
             host: name.into(),
             sent_at: 1000,
@@ -511,13 +496,7 @@ mod tests {
                 ..ServiceReport::default()
             });
         }
-        (
-            name.into(),
-            Some(Arc::new(HostEntry {
-                report: r,
-                received_at: 1000,
-            })),
-        )
+        r
     }
 
     #[test]
@@ -545,23 +524,20 @@ mod tests {
         };
         policy.indexes.insert("stable", &index);
         let mut web3 = host("web3", &[("foo", "1.2-1"), ("baz", "1.0-1")], "running");
-        {
-            let e = Arc::make_mut(web3.1.as_mut().unwrap());
-            e.report.services[0].probes.push(ProbeReport {
-                name: "port".into(),
-                ok: Some(false),
-                ..ProbeReport::default()
-            });
-            e.report.update = Some(UpdateReport {
-                at: 999,
-                ok: false,
-                error: Some("repository unreachable".into()),
-                ..UpdateReport::default()
-            });
-        }
+        web3.services[0].probes.push(ProbeReport {
+            name: "port".into(),
+            ok: Some(false),
+            ..ProbeReport::default()
+        });
+        web3.update = Some(UpdateReport {
+            at: 999,
+            ok: false,
+            error: Some("repository unreachable".into()),
+            ..UpdateReport::default()
+        });
         // web2's last pass was held back from foo 1.2-1 by a rollout in waves.
         let mut web2 = host("web2", &[("foo", "1.1-1")], "running");
-        Arc::make_mut(web2.1.as_mut().unwrap()).report.update = Some(UpdateReport {
+        web2.update = Some(UpdateReport {
             at: 999,
             ok: true,
             rollouts: vec![keepup_deploy::wire::RolloutReport {
@@ -574,7 +550,7 @@ mod tests {
             }],
             ..UpdateReport::default()
         });
-        let held = build(&[web2], &policy, 1100, 600, true);
+        let held = build(&[entry(web2)], &policy, 1100, 600);
         let foo = held.hosts[0]
             .services
             .iter()
@@ -582,12 +558,12 @@ mod tests {
             .unwrap();
         assert_eq!((foo.status, foo.behind), (Status::Held, false));
         let hosts = vec![
-            host("db1", &[("bar", "2.1-1")], "running"),
-            host("web1", &[("foo", "1.1-1")], "backoff"),
-            web3,
+            entry(host("db1", &[("bar", "2.1-1")], "running")),
+            entry(host("web1", &[("foo", "1.1-1")], "backoff")),
+            entry(web3),
             ("web9".to_string(), None),
         ];
-        let v = build(&hosts, &policy, 1100, 600, true);
+        let v = build(&hosts, &policy, 1100, 600);
         let db1 = &v.hosts[0];
         assert_eq!(db1.services.len(), 1);
         assert_eq!(db1.services[0].status_text(), "rolled back to 2.0-1");

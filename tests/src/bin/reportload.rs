@@ -5,6 +5,7 @@
 //! ```text
 //! reportload --server http://127.0.0.1:8080 --tokens tokens.txt [--connections 32] [--rounds 1]
 //! reportload --server https://127.0.0.1:8443 --cacert ca.pem --tokens tokens.txt
+//! reportload --server http://127.0.0.1:8080,http://127.0.0.1:8081 --tokens tokens.txt
 //! ```
 //!
 //! With an `https://` server, each connection makes one TLS handshake (checked against
@@ -251,14 +252,20 @@ fn main() -> Result<()> {
                 .to_string();
             (authority, Some((tls_config(cacert)?, name)))
         }
-        None => (
-            o.server
-                .strip_prefix("http://")
-                .context("--server must be http://HOST:PORT or https://HOST:PORT")?
-                .trim_end_matches('/')
-                .to_string(),
-            None,
-        ),
+        None => (o.server.clone(), None),
+    };
+    // Plain HTTP may name several servers (replicas), comma-separated: connection i goes to
+    // server i modulo their number.
+    let authorities: Vec<String> = match &tls {
+        Some(_) => vec![authority],
+        None => authority
+            .split(',')
+            .map(|s| {
+                s.strip_prefix("http://")
+                    .map(|a| a.trim_end_matches('/').to_string())
+                    .context("--server must be http://HOST:PORT[,http://HOST:PORT...] or https://HOST:PORT")
+            })
+            .collect::<Result<_>>()?,
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -281,7 +288,9 @@ fn main() -> Result<()> {
         let (ok, bad) = rt.block_on(async {
             let tasks: Vec<_> = parts
                 .into_iter()
-                .map(|jobs| {
+                .enumerate()
+                .map(|(k, jobs)| {
+                    let authority = &authorities[k % authorities.len()];
                     tokio::spawn(worker(
                         authority.clone(),
                         authority.clone(),

@@ -278,6 +278,16 @@ impl Db {
     }
 
     /// How many events the log holds.
+    /// The latest `limit` events of each of `hosts` (in that order), newest first.
+    pub fn latest_events(&self, hosts: &[&str], limit: usize) -> Result<Vec<Vec<Event>>> {
+        dispatch!(self.read(), b => b.latest_events(hosts, limit))
+    }
+
+    /// The fleet's `limit` latest events with their hosts, newest first.
+    pub fn recent_events(&self, limit: usize) -> Result<Vec<(String, Event)>> {
+        dispatch!(self.read(), b => b.recent_events(limit))
+    }
+
     #[cfg(test)]
     pub fn event_count(&self) -> Result<u64> {
         dispatch!(self.read(), b => b.event_count())

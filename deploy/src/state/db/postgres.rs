@@ -14,7 +14,7 @@
 //! [`PgUrl`]'s display, which has none.
 
 use std::cell::{RefCell, RefMut};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::str::FromStr as _;
 use std::time::Duration;
 
@@ -341,6 +341,9 @@ fn migrate(client: &mut Client) -> Result<Vec<i32>> {
     Ok(applied)
 }
 
+/// Hosts registered per statement by `keepup host add --bulk`.
+const ADD_HOSTS_CHUNK: usize = 10_000;
+
 /// An open PostgreSQL state database (one connection, re-opened when it drops).
 pub struct Postgres {
     url: PgUrl,
@@ -376,18 +379,46 @@ impl Postgres {
         let mut c = self.client()?;
         let mut tx = c.transaction()?;
         let mut out = Vec::with_capacity(names.len());
-        let exists = tx.prepare("SELECT 1 FROM hosts WHERE name = $1")?;
-        let upsert = tx.prepare(
-            "INSERT INTO hosts(name, token_sha256, added_at) VALUES ($1, $2, $3)
-             ON CONFLICT(name) DO UPDATE SET token_sha256 = excluded.token_sha256,
-             added_at = excluded.added_at",
-        )?;
         let t = now() as i64;
-        for name in names {
-            let replaced = !tx.query(&exists, &[name])?.is_empty();
-            let token = new_token();
-            tx.execute(&upsert, &[name, &&token_hash(&token)[..], &t])?;
-            out.push((name.clone(), token, replaced));
+        // A name twice in one call: one row at a time, so the second replaces the first.
+        let distinct = names.iter().collect::<HashSet<_>>().len() == names.len();
+        if distinct {
+            // Many hosts (`--bulk`): a few statements per thousands of names, not two round
+            // trips per name.
+            let existing = tx.prepare("SELECT name FROM hosts WHERE name = ANY($1)")?;
+            let upsert = tx.prepare(
+                "INSERT INTO hosts(name, token_sha256, added_at)
+                 SELECT n, h, $3 FROM unnest($1::text[], $2::bytea[]) AS t(n, h)
+                 ON CONFLICT(name) DO UPDATE SET token_sha256 = excluded.token_sha256,
+                 added_at = excluded.added_at",
+            )?;
+            for chunk in names.chunks(ADD_HOSTS_CHUNK) {
+                let names: Vec<&str> = chunk.iter().map(String::as_str).collect();
+                let before: HashSet<String> = tx
+                    .query(&existing, &[&names])?
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect();
+                let tokens: Vec<String> = chunk.iter().map(|_| new_token()).collect();
+                let hashes: Vec<Vec<u8>> = tokens.iter().map(|t| token_hash(t).to_vec()).collect();
+                tx.execute(&upsert, &[&names, &hashes, &t])?;
+                for (name, token) in chunk.iter().zip(tokens) {
+                    out.push((name.clone(), token, before.contains(name)));
+                }
+            }
+        } else {
+            let exists = tx.prepare("SELECT 1 FROM hosts WHERE name = $1")?;
+            let upsert = tx.prepare(
+                "INSERT INTO hosts(name, token_sha256, added_at) VALUES ($1, $2, $3)
+                 ON CONFLICT(name) DO UPDATE SET token_sha256 = excluded.token_sha256,
+                 added_at = excluded.added_at",
+            )?;
+            for name in names {
+                let replaced = !tx.query(&exists, &[name])?.is_empty();
+                let token = new_token();
+                tx.execute(&upsert, &[name, &&token_hash(&token)[..], &t])?;
+                out.push((name.clone(), token, replaced));
+            }
         }
         tx.execute(
             "UPDATE meta SET value = value + 1 WHERE key = 'hosts_version'",
@@ -585,6 +616,55 @@ impl Postgres {
                 service: r.get(1),
                 kind: EventKind::parse(r.get::<_, &str>(2)),
                 message: r.get(3),
+            })
+            .collect())
+    }
+
+    /// The latest `limit` events of each of `hosts`, newest first, in one query (an index
+    /// walk per host).
+    pub fn latest_events(&self, hosts: &[&str], limit: usize) -> Result<Vec<Vec<Event>>> {
+        let names: Vec<&str> = hosts.to_vec();
+        let rows = self.client()?.query(
+            "SELECT h.i, e.at, e.service, e.kind, e.message
+             FROM unnest($1::text[]) WITH ORDINALITY AS h(name, i)
+             CROSS JOIN LATERAL (SELECT id, at, service, kind, message FROM events
+                                 WHERE host = h.name ORDER BY id DESC LIMIT $2) e
+             ORDER BY h.i, e.id DESC",
+            &[&names, &(limit as i64)],
+        )?;
+        let mut out = vec![Vec::new(); hosts.len()];
+        for r in &rows {
+            let i = r.get::<_, i64>(0) as usize;
+            if let Some(v) = out.get_mut(i.wrapping_sub(1)) {
+                v.push(Event {
+                    at: r.get::<_, i64>(1) as u64,
+                    service: r.get(2),
+                    kind: EventKind::parse(r.get::<_, &str>(3)),
+                    message: r.get(4),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// The fleet's `limit` latest events with their hosts, newest first.
+    pub fn recent_events(&self, limit: usize) -> Result<Vec<(String, Event)>> {
+        let rows = self.client()?.query(
+            "SELECT host, at, service, kind, message FROM events ORDER BY id DESC LIMIT $1",
+            &[&(limit as i64)],
+        )?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                (
+                    r.get(0),
+                    Event {
+                        at: r.get::<_, i64>(1) as u64,
+                        service: r.get(2),
+                        kind: EventKind::parse(r.get::<_, &str>(3)),
+                        message: r.get(4),
+                    },
+                )
             })
             .collect())
     }
