@@ -58,8 +58,12 @@ const WRITE_BUFFER: usize = 128 * 1024;
 /// stdio, the blocking pool's work, and the refusals below.
 const RESERVED_FDS: u64 = 128;
 
-/// Connections past the cap being answered `503` at the same time; more are closed at once.
-const MAX_REFUSING: usize = 64;
+/// Connections past the cap being answered `503` at the same time, at least (out of
+/// [`RESERVED_FDS`]); more when the file limit leaves room ([`max_refusing`]). Past it, a
+/// connection is closed at once (still counted in the herd).
+const MIN_REFUSING: usize = 64;
+/// ... and at most.
+const MAX_REFUSING: usize = 8_192;
 
 /// The default cap on connections, whatever the file descriptor limit allows: it also bounds
 /// memory (an idle connection holds a few KiB, a download about 256 KiB).
@@ -675,6 +679,15 @@ pub fn default_max_connections(nofile: u64) -> usize {
     (fit as usize).clamp(1, DEFAULT_MAX_CONNECTIONS)
 }
 
+/// How many connections past a cap of `max` may be answered `503` at once with `nofile` file
+/// descriptors: what the served connections (two each) and the reserve leave, within
+/// [`MIN_REFUSING`]..=[`MAX_REFUSING`]. A herd of 100,000 agents then mostly hears when to
+/// come back instead of seeing its connections closed.
+pub fn max_refusing(nofile: u64, max: usize) -> usize {
+    let left = nofile.saturating_sub(2 * max as u64 + RESERVED_FDS);
+    (left as usize).clamp(MIN_REFUSING, MAX_REFUSING)
+}
+
 /// Raise the soft limit on open files to the hard limit; returns the limit now in force.
 fn raise_nofile_limit() -> u64 {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
@@ -964,11 +977,11 @@ async fn serve_accepted(site: Arc<Site>, stream: tokio::net::TcpStream) {
 async fn accept_loop(
     site: Arc<Site>,
     listener: tokio::net::TcpListener,
-    max: usize,
+    (max, max_refusing): (usize, usize),
     workers: Workers,
 ) {
     let slots = Arc::new(Semaphore::new(max));
-    let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
+    let refusing = Arc::new(Semaphore::new(max_refusing));
     let mut log = AcceptLog {
         last: None,
         unlogged: 0,
@@ -1012,9 +1025,10 @@ async fn accept_loop(
                 });
             }
             Err(_) => {
-                // Past the cap: answer 503 while few are being refused; else close at once.
+                // Past the cap: answer 503 while not too many are being refused; else close
+                // at once. Either way it counts in the herd.
+                let retry_after = site.herd.defer();
                 if let Ok(permit) = refusing.clone().try_acquire_owned() {
-                    let retry_after = site.herd.defer();
                     tokio::spawn(async move {
                         refuse(stream, retry_after).await;
                         drop(permit);
@@ -1127,7 +1141,7 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
             }
         );
         tokio::select! {
-            _ = accept_loop(site, listener, max, workers) => Ok(()),
+            _ = accept_loop(site, listener, (max, max_refusing(nofile, max)), workers) => Ok(()),
             _ = tokio::signal::ctrl_c() => Ok(()),
         }
     })
@@ -1336,6 +1350,11 @@ mod tests {
         assert_eq!(default_max_connections(1024), 448);
         assert_eq!(default_max_connections(20_000), 9936);
         assert_eq!(default_max_connections(1 << 20), DEFAULT_MAX_CONNECTIONS);
+        // Refusals take what the served connections leave, within bounds.
+        assert_eq!(max_refusing(1024, default_max_connections(1024)), MIN_REFUSING);
+        assert_eq!(max_refusing(1024, 5000), MIN_REFUSING);
+        assert_eq!(max_refusing(40_000, 16_384), 40_000 - 2 * 16_384 - 128);
+        assert_eq!(max_refusing(1 << 20, DEFAULT_MAX_CONNECTIONS), MAX_REFUSING);
         assert_eq!(default_max_connections(10), 1);
     }
 

@@ -17,7 +17,7 @@ HOSTS=${HOSTS:-100000}
 WINDOW_MS=${WINDOW_MS:-1000}
 
 . tests/bench/fleetload.sh
-cargo build --release -q -p keepup-tests --bin herdload
+[ "${NO_BUILD:-0}" = 1 ] || cargo build --release -q -p keepup-tests --bin herdload
 HERD=${CARGO_TARGET_DIR:-$PWD/target}/release/herdload
 ulimit -n "$(ulimit -Hn)"
 
@@ -48,5 +48,5 @@ timeouts() { field "$1" 's/.*timed out (> 20 s) \([0-9]*\),.*/\1/p'; }
 echo
 echo "honouring Retry-After / coming back after 1 s:"
 echo "  time until every report is stored: $(secs honour) / $(secs fixed) s = $(echo "scale=2; $(secs honour) / $(secs fixed)" | bc)x"
-echo "  requests turned away (503): $(busy honour) / $(busy fixed) = $(echo "scale=2; $(busy honour) / $(busy fixed)" | bc)x"
+echo "  requests turned away (503): $(busy honour) / $(busy fixed)$( [ "$(busy fixed)" -gt 0 ] && echo " = $(echo "scale=2; $(busy honour) / $(busy fixed)" | bc)x")"
 echo "  posts timed out: $(timeouts honour) / $(timeouts fixed)"
