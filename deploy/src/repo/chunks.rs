@@ -43,7 +43,7 @@ pub fn ends_chunk(name: &str) -> bool {
 }
 
 /// One view file's part from one chunk: its text and that text as one gzip member (empty
-/// when the text is).
+/// when the text is). Packages parts keep the member only (their text is not published).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Part {
     /// Uncompressed.
@@ -145,7 +145,10 @@ pub fn render(members: &mut [&PoolMeta], arches: &[String]) -> Result<Rendered> 
             // A blank line after every stanza, as apt-ftparchive writes.
             text.push('\n');
         }
-        apt.push(Part::of(text.into_bytes())?);
+        // The APT view publishes Packages.gz only: the text is not kept.
+        let mut part = Part::of(text.into_bytes())?;
+        part.text = Vec::new();
+        apt.push(part);
     }
     let mut rpm: [Part; 3] = Default::default();
     for (part, kind) in rpm.iter_mut().zip(RPM_KINDS) {
@@ -158,11 +161,20 @@ pub fn render(members: &mut [&PoolMeta], arches: &[String]) -> Result<Rendered> 
     Ok(Rendered { apt, rpm })
 }
 
-/// The cache file format: `KCH2`, the number of parts, then each part's text and gz, each
-/// as a little-endian u64 length and the bytes, then the SHA-256 of all that. A file whose
-/// checksum does not hold (a flipped bit, a torn copy from a backup) is rendered again,
-/// never published.
-const MAGIC: &[u8; 4] = b"KCH2";
+/// The cache file format: `KCH3`, the number of parts, then each part's text and gz, each
+/// as a little-endian u64 length and the bytes, then the CRC-32 of all that (little-endian).
+/// A file whose checksum does not hold (a flipped bit, a torn copy from a backup) is
+/// rendered again, never published. A CRC, not a cryptographic hash: the cache is private
+/// (whoever can write it can write the pool metadata it is made from), it guards against
+/// accidents only, and every promotion reads the whole track's cache (a SHA-256 of it cost
+/// more than the rest of reading it).
+const MAGIC: &[u8; 4] = b"KCH3";
+
+fn crc32(b: &[u8]) -> [u8; 4] {
+    let mut c = flate2::Crc::new();
+    c.update(b);
+    c.sum().to_le_bytes()
+}
 
 fn encode(r: &Rendered) -> Vec<u8> {
     let parts: Vec<&Part> = r.apt.iter().chain(r.rpm.iter()).collect();
@@ -176,15 +188,15 @@ fn encode(r: &Rendered) -> Vec<u8> {
             out.extend_from_slice(b);
         }
     }
-    let sum = sha2::Sha256::digest(&out);
+    let sum = crc32(&out);
     out.extend_from_slice(&sum);
     out
 }
 
 /// A cached chunk back; None if it is not one (damaged, or for other architectures).
 fn decode(b: &[u8], arches: usize) -> Option<Rendered> {
-    let (body, sum) = b.split_at_checked(b.len().checked_sub(32)?)?;
-    if sha2::Sha256::digest(body).as_slice() != sum {
+    let (body, sum) = b.split_at_checked(b.len().checked_sub(4)?)?;
+    if crc32(body) != sum {
         return None;
     }
     let rest = body.strip_prefix(MAGIC)?;
@@ -444,8 +456,10 @@ mod tests {
         let mut files = Vec::new();
         let mut gzs = Vec::new();
         for a in 0..c.arches.len() {
-            files.push(c.apt(a).flat_map(|p| p.text.clone()).collect());
-            gzs.push(c.apt(a).flat_map(|p| p.gz.clone()).collect());
+            assert!(c.apt(a).all(|p| p.text.is_empty()), "Packages text kept");
+            let gz: Vec<u8> = c.apt(a).flat_map(|p| p.gz.clone()).collect();
+            files.push(gunzip(&gz));
+            gzs.push(gz);
         }
         for k in 0..3 {
             files.push(c.rpm(k).flat_map(|p| p.text.clone()).collect());
@@ -526,11 +540,12 @@ mod tests {
         let again = build(dir.path(), &track(&metas), &arches, &loader(&metas)).unwrap();
         assert_eq!(again.rendered, 1);
         assert_eq!(whole(&again), whole(&first));
-        // A flipped bit inside a stanza (the same length, so the layout still parses) is
+        // A flipped bit inside a Packages member (the same length, so the layout still parses) is
         // caught by the checksum: rendered again, not published.
         let b = std::fs::read(victim.path()).unwrap();
         let mut flipped = b.clone();
-        let at = b.windows(9).position(|w| w == b"Package: ").unwrap() + 9;
+        // Past the magic, the count and the (empty) text, inside the first gzip member.
+        let at = 4 + 4 + 8 + 8 + 12;
         flipped[at] ^= 0x01;
         std::fs::write(victim.path(), &flipped).unwrap();
         let third = build(dir.path(), &track(&metas), &arches, &loader(&metas)).unwrap();
