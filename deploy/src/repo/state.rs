@@ -258,10 +258,12 @@ pub fn read_track(layout: &Layout, track: &str) -> Result<Option<Track>> {
                 return Ok(Some(t));
             }
             Err(Replay::Raced) => continue,
-            Err(Replay::Damaged(e)) => return Err(e.context(format!(
+            Err(Replay::Damaged(e)) => {
+                return Err(e.context(format!(
                 "{} is damaged (not the JSON lines keepup writes); restore .keepup/ from a backup",
                 log_path.display()
-            ))),
+            )))
+            }
         }
     }
     bail!(
