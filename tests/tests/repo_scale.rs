@@ -69,7 +69,8 @@ fn apt_files(repo: &Path) -> Result<BTreeMap<String, Vec<u8>>> {
     let mut out = BTreeMap::new();
     for track in ["unstable", "testing", "stable"] {
         for arch in ["amd64", "arm64"] {
-            // Packages.gz only: the uncompressed Packages is not published (nor listed).
+            // Packages.gz only: the uncompressed Packages is listed in the Release, not
+            // published.
             let rel = format!("dists/{track}/main/binary-{arch}/Packages.gz");
             out.insert(rel.clone(), std::fs::read(repo.join(&rel))?);
             let plain = repo.join(format!("dists/{track}/main/binary-{arch}/Packages"));
@@ -168,9 +169,13 @@ fn incremental_views_match_a_full_rebuild_apt_ftparchive_and_apt() -> Result<()>
     let release = std::fs::read_to_string(repo.join("dists/unstable/Release"))?;
     ensure!(
         release.contains("main/binary-amd64/Packages.gz\n")
-            && !release.contains("main/binary-amd64/Packages\n")
+            && release.contains(&format!(
+                " {:x} {:>16} main/binary-amd64/Packages\n",
+                <sha2::Sha256 as sha2::Digest>::digest(packages.as_bytes()),
+                packages.len()
+            ))
             && !release.contains("MD5Sum:"),
-        "the Release lists Packages.gz alone, by SHA256 alone:\n{release}"
+        "the Release lists Packages.gz and what it decompresses to, by SHA256 alone:\n{release}"
     );
     // Packages.gz is several gzip members (one per chunk); apt's reader takes them all.
     let members = run(Command::new("python3").arg("-c").arg(

@@ -43,7 +43,7 @@ pub fn ends_chunk(name: &str) -> bool {
 }
 
 /// One view file's part from one chunk: its text and that text as one gzip member (empty
-/// when the text is). Packages parts keep the member only (their text is not published).
+/// when the text is).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Part {
     /// Uncompressed.
@@ -145,10 +145,7 @@ pub fn render(members: &mut [&PoolMeta], arches: &[String]) -> Result<Rendered> 
             // A blank line after every stanza, as apt-ftparchive writes.
             text.push('\n');
         }
-        // The APT view publishes Packages.gz only: the text is not kept.
-        let mut part = Part::of(text.into_bytes())?;
-        part.text = Vec::new();
-        apt.push(part);
+        apt.push(Part::of(text.into_bytes())?);
     }
     let mut rpm: [Part; 3] = Default::default();
     for (part, kind) in rpm.iter_mut().zip(RPM_KINDS) {
@@ -456,10 +453,8 @@ mod tests {
         let mut files = Vec::new();
         let mut gzs = Vec::new();
         for a in 0..c.arches.len() {
-            assert!(c.apt(a).all(|p| p.text.is_empty()), "Packages text kept");
-            let gz: Vec<u8> = c.apt(a).flat_map(|p| p.gz.clone()).collect();
-            files.push(gunzip(&gz));
-            gzs.push(gz);
+            files.push(c.apt(a).flat_map(|p| p.text.clone()).collect());
+            gzs.push(c.apt(a).flat_map(|p| p.gz.clone()).collect());
         }
         for k in 0..3 {
             files.push(c.rpm(k).flat_map(|p| p.text.clone()).collect());
@@ -540,12 +535,11 @@ mod tests {
         let again = build(dir.path(), &track(&metas), &arches, &loader(&metas)).unwrap();
         assert_eq!(again.rendered, 1);
         assert_eq!(whole(&again), whole(&first));
-        // A flipped bit inside a Packages member (the same length, so the layout still parses) is
+        // A flipped bit inside a stanza (the same length, so the layout still parses) is
         // caught by the checksum: rendered again, not published.
         let b = std::fs::read(victim.path()).unwrap();
         let mut flipped = b.clone();
-        // Past the magic, the count and the (empty) text, inside the first gzip member.
-        let at = 4 + 4 + 8 + 8 + 12;
+        let at = b.windows(9).position(|w| w == b"Package: ").unwrap() + 9;
         flipped[at] ^= 0x01;
         std::fs::write(victim.path(), &flipped).unwrap();
         let third = build(dir.path(), &track(&metas), &arches, &loader(&metas)).unwrap();

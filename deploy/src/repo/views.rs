@@ -4,9 +4,9 @@
 //! entries) are computed once at publish time and kept in `.keepup/pool/`, and assembled
 //! into chunks that are rendered and compressed once (`chunks`), so a view costs a
 //! concatenation of cached chunks, its hashing and a few signatures. The APT view publishes
-//! `Packages.gz` only, as Debian's own archive publishes compressed indexes only: apt fetches
-//! a compressed index whenever the Release lists one, and an uncompressed Packages was most
-//! of the bytes every promotion wrote, hashed and synced. Each index file is written once,
+//! `Packages.gz` only and lists the uncompressed `Packages` in the Release without publishing
+//! it, as Debian's own archive does (apt needs the listing, not the file): the uncompressed
+//! Packages was most of the bytes every promotion wrote and synced. Each index file is written once,
 //! as its by-hash file, and hard-linked to its plain name. Old by-hash files and DNF
 //! metadata are pruned after a few generations. Also `repo verify`.
 
@@ -208,6 +208,16 @@ fn write_apt(
         };
         let name = "Packages.gz";
         sums.push((format!("{dir}/{name}"), gz.size, gz.sha256.clone()));
+        // The uncompressed Packages is listed (apt fetches an index only if the Release
+        // lists its uncompressed name, and checks what it decompresses against it), but
+        // not published: Debian's archive does the same.
+        let mut sha = sha2::Sha256::new();
+        let mut size = 0;
+        for p in chunks.apt(a) {
+            sha.update(&p.text);
+            size += p.text.len();
+        }
+        sums.push((format!("{dir}/Packages"), size, hex::encode(sha.finalize())));
         let current = vec![place_by_hash(gz, &full, name, true)?];
         super::crash::point(super::crash::Step::AptPackages);
         by_hash.push((hash_dir, current));
@@ -547,15 +557,40 @@ pub fn verify(repo: &Repo) -> Result<Vec<String>> {
                     )
                 })?;
                 let mut in_sha = false;
+                let mut listed = Vec::new();
                 for line in release.lines() {
                     if !line.starts_with(' ') {
                         in_sha = line.starts_with("SHA256:");
                         continue;
                     }
-                    if !in_sha {
-                        continue;
+                    if in_sha {
+                        listed.push(line.split_whitespace().collect::<Vec<&str>>());
                     }
-                    let f: Vec<&str> = line.split_whitespace().collect();
+                }
+                // The uncompressed Packages is listed, not published: it must be what its
+                // Packages.gz decompresses to.
+                let (plain, files): (Vec<_>, Vec<_>) = listed
+                    .into_iter()
+                    .partition(|f| f.len() == 3 && f[2].ends_with("/Packages"));
+                for f in &plain {
+                    let (sum, size, path) = (f[0], f[1], f[2]);
+                    let gz = files
+                        .iter()
+                        .find(|g| g.len() == 3 && g[2] == format!("{path}.gz"))
+                        .ok_or_else(|| anyhow!("{path} is listed without {path}.gz"))?;
+                    let (dir, _) = path.rsplit_once('/').unwrap_or((".", path));
+                    let b = read(&format!("{d}/{dir}/by-hash/SHA256/{}", gz[0]))?;
+                    let mut text = Vec::new();
+                    std::io::Read::read_to_end(
+                        &mut flate2::read::MultiGzDecoder::new(b.as_slice()),
+                        &mut text,
+                    )
+                    .map_err(|e| anyhow!("{path}.gz: {e}"))?;
+                    if sha256_hex(&text) != sum || text.len().to_string() != size {
+                        return Err(anyhow!("{path}.gz does not decompress to its {path} line"));
+                    }
+                }
+                for f in files {
                     if let [sum, size, path] = f[..] {
                         // The signed Release says `Acquire-By-Hash: yes`: clients fetch the
                         // by-hash file, which must match.
