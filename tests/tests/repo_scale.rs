@@ -170,8 +170,11 @@ fn incremental_views_match_a_full_rebuild_apt_ftparchive_and_apt() -> Result<()>
     ensure!(
         release.contains("main/binary-amd64/Packages.gz\n")
             && release.contains(&format!(
-                " {:x} {:>16} main/binary-amd64/Packages\n",
-                <sha2::Sha256 as sha2::Digest>::digest(packages.as_bytes()),
+                " {} {:>16} main/binary-amd64/Packages\n",
+                <sha2::Sha256 as sha2::Digest>::digest(packages.as_bytes())
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<String>(),
                 packages.len()
             ))
             && !release.contains("MD5Sum:"),
