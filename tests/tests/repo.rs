@@ -841,7 +841,21 @@ fn old_single_file_state_is_converted_on_open() -> Result<()> {
     let mut tracks = serde_json::Map::new();
     for t in settings["tracks"].as_array().unwrap() {
         let t = t.as_str().unwrap();
-        let track = read(&format!("tracks/{t}.json"))?;
+        let mut track = read(&format!("tracks/{t}.json"))?;
+        // The changes committed since the track file, one line each: fold them in.
+        let log =
+            std::fs::read_to_string(private.join(format!("tracks/{t}.log"))).unwrap_or_default();
+        for line in log.lines() {
+            let change: serde_json::Value = serde_json::from_str(line)?;
+            for (name, entries) in change["set"].as_object().unwrap() {
+                let packages = track["packages"].as_object_mut().unwrap();
+                match entries.as_array().unwrap().is_empty() {
+                    true => packages.remove(name),
+                    false => packages.insert(name.clone(), entries.clone()),
+                };
+            }
+            track["serial"] = change["serial"].clone();
+        }
         let members: Vec<serde_json::Value> = track["packages"]
             .as_object()
             .unwrap()
