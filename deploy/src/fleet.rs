@@ -25,6 +25,25 @@ fn bindings(root: &Path, tracks: &[String]) -> Result<BTreeMap<String, Binding>>
     let mut out = BTreeMap::new();
     for t in tracks {
         let path = root.join("tracks").join(t).join("index.json");
+        let stat = match std::fs::metadata(&path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        // The index of a large track is megabytes, and every change of one track binds
+        // every track's index again: an index unchanged since it was last bound (the same
+        // file, by inode, size and times) is not read and hashed again.
+        let memo = root.join(".keepup/cache/bindings").join(t);
+        let key = stat_key(&stat);
+        if let Some(b) = std::fs::read_to_string(&memo)
+            .ok()
+            .and_then(|m| read_memo(&m, &key))
+        {
+            if root.join(index_by_hash(t, &b.sha256)).exists() {
+                out.insert(t.clone(), b);
+                continue;
+            }
+        }
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
@@ -44,6 +63,11 @@ fn bindings(root: &Path, tracks: &[String]) -> Result<BTreeMap<String, Binding>>
         if !by_hash.exists() {
             write_atomic(&by_hash, &bytes)?;
         }
+        // A memo of what was read (private, not fsync'ed: a lost or stale memo is only
+        // read again). Taken from the stat before the read: a file replaced meanwhile has
+        // another inode, and its memo does not match next time.
+        let _ = std::fs::create_dir_all(memo.parent().expect("memo has a directory"))
+            .and_then(|_| std::fs::write(&memo, format!("{key} {} {sha256}\n", index.serial)));
         out.insert(
             t.clone(),
             Binding {
@@ -53,6 +77,53 @@ fn bindings(root: &Path, tracks: &[String]) -> Result<BTreeMap<String, Binding>>
         );
     }
     Ok(out)
+}
+
+/// Record that `tracks/<track>/index.json`, as it is now on disk, is the index of `serial`
+/// with hash `sha256` (what the command that just wrote it knows), so the binding that
+/// follows need not read and hash it. Best effort: without a memo the index is read.
+pub fn remember_index(root: &Path, track: &str, serial: u64, sha256: &str) {
+    let path = root.join("tracks").join(track).join("index.json");
+    let memo = root.join(".keepup/cache/bindings").join(track);
+    if let Ok(stat) = std::fs::metadata(&path) {
+        let _ =
+            std::fs::create_dir_all(memo.parent().expect("memo has a directory")).and_then(|_| {
+                std::fs::write(&memo, format!("{} {serial} {sha256}\n", stat_key(&stat)))
+            });
+    }
+}
+
+/// What identifies one version of a file without reading it: device, inode, size, and
+/// modification and change times in nanoseconds (a rename into place makes a new inode; an
+/// edit in place changes the times).
+fn stat_key(m: &std::fs::Metadata) -> String {
+    use std::os::unix::fs::MetadataExt;
+    format!(
+        "{}:{}:{}:{}.{}:{}.{}",
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec()
+    )
+}
+
+/// The binding a memo (`<stat key> <serial> <sha256>`) records, if it is of the file whose
+/// stat key is `key`.
+fn read_memo(memo: &str, key: &str) -> Option<Binding> {
+    let mut f = memo.split_whitespace();
+    if f.next()? != key {
+        return None;
+    }
+    let serial = f.next()?.parse().ok()?;
+    let sha256 = f.next()?;
+    (sha256.len() == 64 && sha256.bytes().all(|b| b.is_ascii_hexdigit()) && f.next().is_none())
+        .then(|| Binding {
+            serial,
+            sha256: sha256.to_string(),
+        })
 }
 
 /// Write the policy `fleet`, valid until `expires` (Unix time), bound to the indexes `tracks`
@@ -174,4 +245,53 @@ pub fn verify(repo: &Repo, key: &pgp::composed::SignedPublicKey) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_binding_is_read_again_when_its_index_changed_and_only_then() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let tracks = vec!["stable".to_string()];
+        let index = root.join("tracks/stable/index.json");
+        let publish = |serial: u64| {
+            let json = format!("{{\n  \"track\": \"stable\",\n  \"serial\": {serial}\n}}\n");
+            std::fs::create_dir_all(index.parent().unwrap()).unwrap();
+            // As views write it: a new file renamed into place.
+            let tmp = root.join("tracks/stable/.tmp");
+            std::fs::write(&tmp, &json).unwrap();
+            std::fs::rename(&tmp, &index).unwrap();
+            sha256_hex(json.as_bytes())
+        };
+        let first = publish(1);
+        let b = bindings(root, &tracks).unwrap();
+        assert_eq!((b["stable"].serial, &b["stable"].sha256), (1, &first));
+        assert!(root.join(index_by_hash("stable", &first)).exists());
+        // Unchanged: the memo answers (a memo that lies is believed: it is private state).
+        let memo = root.join(".keepup/cache/bindings/stable");
+        let text = std::fs::read_to_string(&memo).unwrap();
+        assert!(text.ends_with(&format!(" 1 {first}\n")), "{text}");
+        // A new index (another inode): read and hashed again.
+        let second = publish(2);
+        let b = bindings(root, &tracks).unwrap();
+        assert_eq!((b["stable"].serial, &b["stable"].sha256), (2, &second));
+        // What the writer remembers is used as it is.
+        let third = publish(3);
+        remember_index(root, "stable", 3, &third);
+        std::fs::write(root.join(index_by_hash("stable", &third)), "x").unwrap();
+        assert_eq!(bindings(root, &tracks).unwrap()["stable"].sha256, third);
+        // An edit in place (same inode) changes the size and times: read again.
+        std::fs::write(&index, "{\"serial\": 4}").unwrap();
+        let b = bindings(root, &tracks).unwrap();
+        assert_eq!(b["stable"].serial, 4);
+        assert_eq!(b["stable"].sha256, sha256_hex(b"{\"serial\": 4}"));
+        // Memos of another shape are ignored.
+        assert!(read_memo("k 1 abc", "k").is_none());
+        assert!(read_memo(&format!("k 1 {first} extra"), "k").is_none());
+        assert!(read_memo(&format!("j 1 {first}"), "k").is_none());
+        assert_eq!(read_memo(&format!("k 7 {first}"), "k").unwrap().serial, 7);
+    }
 }

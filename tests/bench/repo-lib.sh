@@ -3,7 +3,7 @@
 
 log "building keepup (release)"
 (cd "$ROOT" && cargo build --release -q -p keepup-deploy --bin keepup)
-K=$ROOT/target/release/keepup
+K=${CARGO_TARGET_DIR:-$ROOT/target}/release/keepup
 
 # Milliseconds of wall time of a command (its output discarded).
 ms() {

@@ -32,7 +32,8 @@
 #      200,000 packages in 3 tracks against apt-ftparchive. SCALE=0 skips it.
 #
 # Environment: N, SMALL, RUNS (default 5), SCALE=0 (skip part 5; SCALE_N, SCALE_SIZES: see
-# repo-scale.sh), KEEP=1 keeps the work directory, PKGS=DIR keeps the
+# repo-scale.sh), ONLY=publish (part 2 alone, with its ratio; PUBLISH_RUNS rounds, default
+# 3), KEEP=1 keeps the work directory, PKGS=DIR keeps the
 # generated packages (and their signing key) in DIR and reuses them on the next run with the
 # same N. Progress goes to stderr, the results table to stdout. See docs/benchmarks.md.
 set -euo pipefail
@@ -122,12 +123,14 @@ log "$(ls "$BIG" | wc -l) files, $(du -sh "$BIG" | cut -f1)"
 # ---------------------------------------------------------------------------------------
 # 1. Full index build from the files in place
 # ---------------------------------------------------------------------------------------
-"$K" repo init "$WORK/R" --key "$KEY" --key-dir "$WORK/keys" >/dev/null
-"$K" publish --repo "$WORK/R" "$BIG"/* >/dev/null
-"$K" repo verify --repo "$WORK/R" >/dev/null
+if [ "${ONLY:-}" != publish ]; then
+    "$K" repo init "$WORK/R" --key "$KEY" --key-dir "$WORK/keys" >/dev/null
+    "$K" publish --repo "$WORK/R" "$BIG"/* >/dev/null
+    "$K" repo verify --repo "$WORK/R" >/dev/null
+fi
 
 apt_t=() cr_t=() peers_t=() reindex_t=()
-for r in $(seq "$RUNS"); do
+[ "${ONLY:-}" = publish ] || for r in $(seq "$RUNS"); do
     log "index build, round $r/$RUNS"
     a=$(ms sh -c "cd '$WORK' && apt-ftparchive packages debs > '$WORK/Packages'")
     rm -rf "$WORK/rpms/repodata"
@@ -148,7 +151,7 @@ if [ "$(stat -f -c %T /dev/shm 2>/dev/null)" = tmpfs ] &&
     OTHER=$(mktemp -d /dev/shm/keepup-repo-bench.XXXXXX)
     cp "$BIG"/* "$OTHER/"
 fi
-PR=$((RUNS < 3 ? RUNS : 3))
+PR=${PUBLISH_RUNS:-$((RUNS < 3 ? RUNS : 3))}
 pub_t=() pubcp_t=() peerpub_t=() peerpubl_t=()
 for r in $(seq "$PR"); do
     log "publish of $((2 * N)) new files, round $r/$PR"
@@ -168,6 +171,22 @@ for r in $(seq "$PR"); do
 done
 publish_copy_ms=n/a
 [ ${#pubcp_t[@]} -gt 0 ] && publish_copy_ms=$(med "${pubcp_t[@]}")
+if [ "${ONLY:-}" = publish ]; then
+    pub=$(med "${pub_t[@]}") peer=$(med "${peerpub_t[@]}")
+    cat <<EOF
+
+## Publishing $((2 * N)) new files ($N debs + $N rpms): $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), median of $PR
+
+| What | Time (ms) |
+|---|---|
+| cp into a pool + apt-ftparchive + createrepo_c | $peer |
+| cp -l (hard links) into a pool + apt-ftparchive + createrepo_c | $(med "${peerpubl_t[@]}") |
+| **keepup publish** into an empty repository (pool: its own copies) | **$pub** |
+| keepup publish of the same from another filesystem | $publish_copy_ms |
+| **ratio keepup / (cp + apt-ftparchive + createrepo_c)** | **$(awk -v a="$pub" -v b="$peer" 'BEGIN {printf "%.2fx", a / b}')** |
+EOF
+    exit 0
+fi
 
 # ---------------------------------------------------------------------------------------
 # 3. One promotion: SMALL vs N packages in unstable (testing small), and N in unstable with

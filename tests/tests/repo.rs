@@ -231,8 +231,8 @@ fn publish_promote_rollback_and_refusals() -> Result<()> {
 
     // testing has had five different contents (empty, 1.0.0, 1.1.0, rb1, rb2): files of old
     // generations stay for the grace period (an hour) even beyond the three generations kept
-    // (by-hash: Packages + Packages.gz; repodata: primary, filelists, other), so all five are
-    // here; the pruning itself is the unit test in deploy/src/repo/views.rs.
+    // (by-hash: Packages.gz; repodata: primary, filelists, other), so all five are here; the
+    // pruning itself is the unit test in deploy/src/repo/views.rs.
     let count = |dir: &str| -> Result<usize> {
         Ok(std::fs::read_dir(repo.join(dir))?
             .filter(|f| {
@@ -243,8 +243,8 @@ fn publish_promote_rollback_and_refusals() -> Result<()> {
     };
     let by_hash = count("dists/testing/main/binary-amd64/by-hash/SHA256")?;
     ensure!(
-        by_hash == 10,
-        "{by_hash} by-hash files, expected 5 generations x 2 (all inside the grace period)"
+        by_hash == 5,
+        "{by_hash} by-hash files, expected 5 generations of Packages.gz (all inside the grace period)"
     );
     let repodata = count("rpm/testing/repodata")?;
     ensure!(
@@ -253,9 +253,21 @@ fn publish_promote_rollback_and_refusals() -> Result<()> {
     );
 
     // Tampering is found by verify.
-    let packages = repo.join("dists/testing/main/binary-amd64/Packages");
-    let text = std::fs::read_to_string(&packages)?;
-    std::fs::write(&packages, text.replace("Maintainer:", "Maintainer: x"))?;
+    // (Packages.gz is a hard link to its by-hash file: replaced, not edited in place.)
+    let packages = repo.join("dists/testing/main/binary-amd64/Packages.gz");
+    let text = gunzip(&packages)?;
+    let evil = text.replace("Maintainer:", "Maintainer: x");
+    ensure!(
+        evil != text,
+        "no Maintainer field in {}",
+        packages.display()
+    );
+    let plain = tmp.path().join("evil-Packages");
+    std::fs::write(&plain, evil)?;
+    std::fs::remove_file(&packages)?;
+    let gz = Command::new("gzip").arg("-c").arg(&plain).output()?;
+    ensure!(gz.status.success(), "gzip -c {}", plain.display());
+    std::fs::write(&packages, gz.stdout)?;
     let err = keepup_fails(&["repo", "verify", "--repo", r])?;
     ensure!(err.contains("Packages"), "{err}");
     keepup(&["repo", "reindex", "--repo", r])?;
@@ -371,8 +383,8 @@ async fn stock_apt_installs_from_keepup_serve_and_refuses_tampering() -> Result<
 
     // A tampered Packages (Release unchanged) is refused: hash mismatch.
     server
-        .ok("cd /srv/repo/dists/stable/main/binary-amd64 && cp Packages /tmp/P && sed -i 's/^Description: .*/Description: evil/' Packages \
-             && gzip -c Packages > Packages.gz && for f in by-hash/SHA256/*; do cp Packages.gz $f; done")
+        .ok("cd /srv/repo/dists/stable/main/binary-amd64 && zcat Packages.gz | sed 's/^Description: .*/Description: evil/' > /tmp/P \
+             && gzip -c /tmp/P > /tmp/P.gz && for f in Packages.gz by-hash/SHA256/*; do rm -f $f && cp /tmp/P.gz $f; done")
         .await?;
     let out = client
         .exec("rm -rf /var/lib/apt/lists/* && apt-get update 2>&1")
@@ -694,8 +706,8 @@ fn views_match_apt_ftparchive_and_createrepo_c_field_by_field() -> Result<()> {
         .output()?;
     ensure!(theirs.status.success());
     let theirs = stanza_fields(&String::from_utf8(theirs.stdout)?);
-    let ours = stanza_fields(&std::fs::read_to_string(
-        repo.join("dists/unstable/main/binary-amd64/Packages"),
+    let ours = stanza_fields(&gunzip(
+        &repo.join("dists/unstable/main/binary-amd64/Packages.gz"),
     )?);
     ensure!(theirs.len() > 10, "{theirs:?}");
     for (k, v) in &theirs {
@@ -829,7 +841,21 @@ fn old_single_file_state_is_converted_on_open() -> Result<()> {
     let mut tracks = serde_json::Map::new();
     for t in settings["tracks"].as_array().unwrap() {
         let t = t.as_str().unwrap();
-        let track = read(&format!("tracks/{t}.json"))?;
+        let mut track = read(&format!("tracks/{t}.json"))?;
+        // The changes committed since the track file, one line each: fold them in.
+        let log =
+            std::fs::read_to_string(private.join(format!("tracks/{t}.log"))).unwrap_or_default();
+        for line in log.lines() {
+            let change: serde_json::Value = serde_json::from_str(line)?;
+            for (name, entries) in change["set"].as_object().unwrap() {
+                let packages = track["packages"].as_object_mut().unwrap();
+                match entries.as_array().unwrap().is_empty() {
+                    true => packages.remove(name),
+                    false => packages.insert(name.clone(), entries.clone()),
+                };
+            }
+            track["serial"] = change["serial"].clone();
+        }
         let members: Vec<serde_json::Value> = track["packages"]
             .as_object()
             .unwrap()

@@ -69,10 +69,12 @@ fn apt_files(repo: &Path) -> Result<BTreeMap<String, Vec<u8>>> {
     let mut out = BTreeMap::new();
     for track in ["unstable", "testing", "stable"] {
         for arch in ["amd64", "arm64"] {
-            for f in ["Packages", "Packages.gz"] {
-                let rel = format!("dists/{track}/main/binary-{arch}/{f}");
-                out.insert(rel.clone(), std::fs::read(repo.join(&rel))?);
-            }
+            // Packages.gz only: the uncompressed Packages is listed in the Release, not
+            // published.
+            let rel = format!("dists/{track}/main/binary-{arch}/Packages.gz");
+            out.insert(rel.clone(), std::fs::read(repo.join(&rel))?);
+            let plain = repo.join(format!("dists/{track}/main/binary-{arch}/Packages"));
+            ensure!(!plain.exists(), "{} is published", plain.display());
         }
     }
     Ok(out)
@@ -160,7 +162,24 @@ fn incremental_views_match_a_full_rebuild_apt_ftparchive_and_apt() -> Result<()>
     keepup(&["repo", "verify", "--repo", r])?;
 
     let dir = repo.join("dists/unstable/main/binary-amd64");
-    let packages = String::from_utf8(std::fs::read(dir.join("Packages"))?)?;
+    let packages = String::from_utf8(run(Command::new("python3")
+        .arg("-c")
+        .arg("import gzip, sys\nsys.stdout.buffer.write(gzip.decompress(open(sys.argv[1], 'rb').read()))")
+        .arg(dir.join("Packages.gz")))?)?;
+    let release = std::fs::read_to_string(repo.join("dists/unstable/Release"))?;
+    ensure!(
+        release.contains("main/binary-amd64/Packages.gz\n")
+            && release.contains(&format!(
+                " {} {:>16} main/binary-amd64/Packages\n",
+                <sha2::Sha256 as sha2::Digest>::digest(packages.as_bytes())
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<String>(),
+                packages.len()
+            ))
+            && !release.contains("MD5Sum:"),
+        "the Release lists Packages.gz and what it decompresses to, by SHA256 alone:\n{release}"
+    );
     // Packages.gz is several gzip members (one per chunk); apt's reader takes them all.
     let members = run(Command::new("python3").arg("-c").arg(
         "import sys, zlib\nb = open(sys.argv[1], 'rb').read()\nn = 0\nwhile b:\n    d = zlib.decompressobj(31)\n    d.decompress(b)\n    b = d.unused_data\n    n += 1\nprint(n)",
@@ -172,7 +191,7 @@ fn incremental_views_match_a_full_rebuild_apt_ftparchive_and_apt() -> Result<()>
         .arg(dir.join("Packages.gz")))?;
     ensure!(
         by_apt == packages.as_bytes(),
-        "apt-helper cat-file reads Packages.gz as {} bytes, Packages has {}",
+        "apt-helper cat-file reads Packages.gz as {} bytes, Python's gzip as {}",
         by_apt.len(),
         packages.len()
     );

@@ -158,11 +158,20 @@ pub fn render(members: &mut [&PoolMeta], arches: &[String]) -> Result<Rendered> 
     Ok(Rendered { apt, rpm })
 }
 
-/// The cache file format: `KCH2`, the number of parts, then each part's text and gz, each
-/// as a little-endian u64 length and the bytes, then the SHA-256 of all that. A file whose
-/// checksum does not hold (a flipped bit, a torn copy from a backup) is rendered again,
-/// never published.
-const MAGIC: &[u8; 4] = b"KCH2";
+/// The cache file format: `KCH3`, the number of parts, then each part's text and gz, each
+/// as a little-endian u64 length and the bytes, then the CRC-32 of all that (little-endian).
+/// A file whose checksum does not hold (a flipped bit, a torn copy from a backup) is
+/// rendered again, never published. A CRC, not a cryptographic hash: the cache is private
+/// (whoever can write it can write the pool metadata it is made from), it guards against
+/// accidents only, and every promotion reads the whole track's cache (a SHA-256 of it cost
+/// more than the rest of reading it).
+const MAGIC: &[u8; 4] = b"KCH3";
+
+fn crc32(b: &[u8]) -> [u8; 4] {
+    let mut c = flate2::Crc::new();
+    c.update(b);
+    c.sum().to_le_bytes()
+}
 
 fn encode(r: &Rendered) -> Vec<u8> {
     let parts: Vec<&Part> = r.apt.iter().chain(r.rpm.iter()).collect();
@@ -176,15 +185,15 @@ fn encode(r: &Rendered) -> Vec<u8> {
             out.extend_from_slice(b);
         }
     }
-    let sum = sha2::Sha256::digest(&out);
+    let sum = crc32(&out);
     out.extend_from_slice(&sum);
     out
 }
 
 /// A cached chunk back; None if it is not one (damaged, or for other architectures).
 fn decode(b: &[u8], arches: usize) -> Option<Rendered> {
-    let (body, sum) = b.split_at_checked(b.len().checked_sub(32)?)?;
-    if sha2::Sha256::digest(body).as_slice() != sum {
+    let (body, sum) = b.split_at_checked(b.len().checked_sub(4)?)?;
+    if crc32(body) != sum {
         return None;
     }
     let rest = body.strip_prefix(MAGIC)?;

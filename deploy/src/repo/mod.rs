@@ -229,10 +229,20 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
         .with_context(|| format!("writing the directory {} to disk", dir.display()))
 }
 
+/// Write every dirty page of the filesystem holding `dir` to disk (`syncfs`): one call where a
+/// publish of thousands of new files would otherwise fsync each file and each directory
+/// (most of what publishing cost on ext4, where every fsync commits the journal).
+pub fn sync_fs(dir: &Path) -> Result<()> {
+    let d = File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
+    nix::unistd::syncfs(&d)
+        .with_context(|| format!("writing the filesystem of {} to disk", dir.display()))
+}
+
 /// Write a file that no index names yet (a new pool file, its metadata) straight to its final
 /// name: it becomes visible to clients only when a view naming it is renamed into place, after
 /// this returns; a file left half-written by a crash is in no track and is rewritten by the
-/// next publish of the same package.
+/// next publish of the same package. Not synced: the caller syncs the filesystem ([`sync_fs`])
+/// before anything names the file.
 fn write_unreferenced(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let open = || {
@@ -253,10 +263,7 @@ fn write_unreferenced(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     }
     .with_context(|| format!("creating {}", path.display()))?;
     f.write_all(data)
-        .with_context(|| format!("writing {}", path.display()))?;
-    f.sync_all()
-        .with_context(|| format!("writing {} to disk", path.display()))?;
-    Ok(())
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// The repository's own copy of an offered package file, in `incoming` (a directory on the
@@ -306,13 +313,13 @@ fn reflink(from: &File, to: &File) -> bool {
     r == 0
 }
 
-/// Move the repository's copy of an offered file to its pool path, on disk; false if it
-/// cannot be renamed there (`.keepup/` on another filesystem): then write the bytes.
+/// Move the repository's copy of an offered file to its pool path (not synced: the caller
+/// syncs the filesystem, [`sync_fs`]); false if it cannot be renamed there (`.keepup/` on
+/// another filesystem): then write the bytes.
 fn place_copy(copy: &tempfile::NamedTempFile, dest: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     let f = copy.as_file();
     if f.set_permissions(std::fs::Permissions::from_mode(0o644))
-        .and_then(|_| f.sync_all())
         .is_err()
     {
         return false;
@@ -546,6 +553,14 @@ impl Repo {
         // Read the state only now that we hold the lock.
         let mut repo = Repo::load(root, true)?;
         repo._lock = Some(lock);
+        // Layout 2 differs from 3 only in having no track logs: record 3 before any command
+        // writes one, so that a keepup from before logs refuses the repository instead of
+        // reading its tracks without their logs.
+        let mut settings = repo.settings()?;
+        if settings.layout < state::LAYOUT {
+            settings.layout = state::LAYOUT;
+            repo.save_settings(&settings)?;
+        }
         // A repository from before the binding: publish the bound policy agents now read.
         if !repo.root.join(crate::fleet::SIGNED_POLICY).exists() {
             repo.rebind()?;
@@ -769,7 +784,7 @@ impl Repo {
     pub fn track(&self, track: &str) -> Result<Track> {
         self.state.track_index(track)?;
         let path = self.layout.track(track);
-        state::read_json(&path)?.ok_or_else(|| {
+        state::read_track(&self.layout, track)?.ok_or_else(|| {
             anyhow!(
                 "{} is missing: the repository's state is damaged; restore .keepup/ from a backup",
                 path.display()
@@ -777,11 +792,9 @@ impl Repo {
         })
     }
 
-    /// The members of `track` named `name` (reads one line of the track file).
+    /// The members of `track` named `name` (reads one line of the track file, and its log).
     fn track_entries(&self, track: &str, name: &str) -> Result<Vec<PoolEntry>> {
-        let path = self.layout.track(track);
-        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-        state::lookup(&bytes, name).with_context(|| format!("{} is damaged", path.display()))
+        state::read_entries(&self.layout, track, name)
     }
 
     /// The serial of the index `track` publishes now (0: none, or unreadable). Read from
@@ -917,8 +930,13 @@ impl Repo {
                 &rollouts,
             )
         };
-        let save = |t: &Track| write_new(&self.layout.track(name), &state::track_json(t)?, 0o600);
-        let Err(err) = write(&new, known).and_then(|_| save(&new)) else {
+        // The commit: a line appended to the track's log when `old` is what is committed
+        // and few names changed; else the track file, written again.
+        let save = |t: &Track, base: Option<&Track>| {
+            state::save_track(&self.layout, name, base, t, |p, b| write_new(p, b, 0o600))
+        };
+        let base = self.layout.track(name).exists().then_some(old);
+        let Err(err) = write(&new, known).and_then(|_| save(&new, base)) else {
             crash::point(crash::Step::TrackCommit);
             return Ok(());
         };
@@ -926,7 +944,7 @@ impl Repo {
             serial: new.serial + 1,
             ..old.clone()
         };
-        match save(&back)
+        match save(&back, None)
             .and_then(|_| write(&back, &[]))
             .and_then(|_| self.rebind())
         {
@@ -1122,19 +1140,13 @@ impl Repo {
             undo_.lock().expect("not poisoned").remove.push(dest);
             Ok(())
         });
-        // Every new pool file's name is on disk before any metadata or view names it.
-        let files = files.and_then(|_| {
-            let dirs: std::collections::BTreeSet<PathBuf> = staged
-                .iter()
-                .filter_map(|s| {
-                    self.root
-                        .join(&s.meta.entry.path)
-                        .parent()
-                        .map(Path::to_path_buf)
-                })
-                .collect();
-            let dirs: Vec<PathBuf> = dirs.into_iter().collect();
-            par_map(&dirs, |d| sync_dir(d))
+        // Every new pool file (bytes and name) is on disk before any metadata or view names
+        // it: one sync of the filesystem (the pool and `.keepup/` are in the repository's
+        // tree), not one fsync per file and per directory.
+        let wrote = !undo.lock().expect("not poisoned").remove.is_empty();
+        let files = files.and_then(|_| match wrote {
+            true => self.sync_pool(),
+            false => Ok(()),
         });
         let mut by_name: BTreeMap<&str, Vec<&PoolMeta>> = BTreeMap::new();
         for s in staged.iter().filter(|s| s.new) {
@@ -1176,13 +1188,29 @@ impl Repo {
                 Ok(())
             })
         });
-        let metas = metas.and_then(|_| sync_dir(&self.layout.private.join("pool")));
+        let metas = metas.and_then(|_| match by_name.is_empty() {
+            true => Ok(()),
+            false => sync_fs(&self.layout.private),
+        });
         let undo = undo.into_inner().expect("not poisoned");
         if let Err(err) = metas {
             undo.run();
             return Err(err);
         }
         Ok(undo)
+    }
+
+    /// Sync the filesystems of the pool: the repository's, and the pool's own if `pool/` is
+    /// a mount point.
+    fn sync_pool(&self) -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        sync_fs(&self.root)?;
+        let pool = self.root.join("pool");
+        let dev = |p: &Path| std::fs::metadata(p).map(|m| m.dev()).ok();
+        if dev(&pool).is_some_and(|d| Some(d) != dev(&self.root)) {
+            sync_fs(&pool)?;
+        }
+        Ok(())
     }
 
     /// Promote one version of `name` (default: the current one) from the track below `to`.

@@ -5,6 +5,7 @@
 //! .keepup/repo.json               layout version and track names, lowest first (written once)
 //! .keepup/fleet.json              fleet policy (fleet.yaml is rendered from it)
 //! .keepup/tracks/<track>.json     a track's serial and members, one package name per line
+//! .keepup/tracks/<track>.log      the changes committed since (one line each), see below
 //! .keepup/pool/<name>.json       every pool file of one package name, one per line: its entry
 //!                                 and pre-rendered index fragments
 //! ```
@@ -14,6 +15,15 @@
 //! command re-reads package files. It is kept per name, not per file: creating files is what
 //! costs most on a busy ext4, and a publish of N new services then creates N metadata files. Repositories from before this layout kept everything
 //! in `.keepup/state.json`; [`migrate`] converts them.
+//!
+//! A change of a few names (a promotion, a publish of a few packages) is committed by
+//! appending one line to the track's log: the new serial, the serial it follows, the full
+//! entries of each name it changed and the track's rollouts. Rewriting the snapshot would
+//! cost a write and fsync of the whole track (megabytes at tens of thousands of packages)
+//! on every promotion. After [`LOG_LINES`] lines, or a larger change, the snapshot is
+//! written again and the log removed; a log line whose serial the snapshot already has is
+//! skipped, so a crash between the two leaves a readable state. A torn last line (a crash
+//! mid-append) was never committed: readers ignore it and the next append cuts it off.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -25,8 +35,9 @@ use super::{Format, PoolEntry};
 use crate::fleet::Fleet;
 use keepup_deploy::wire::rollout::Rollout;
 
-/// The layout version `repo.json` records.
-pub const LAYOUT: u32 = 2;
+/// The layout version `repo.json` records (3: track logs, which keepup before 3 would not
+/// read).
+pub const LAYOUT: u32 = 3;
 
 /// `.keepup/repo.json`: the repository's settings.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -161,6 +172,229 @@ pub fn lookup(bytes: &[u8], name: &str) -> Result<Vec<PoolEntry>> {
     Ok(t.packages.get(name).cloned().unwrap_or_default())
 }
 
+/// Lines a track log holds before the snapshot is written again.
+pub const LOG_LINES: usize = 256;
+
+/// Names a change may touch and still be committed as a log line.
+const LOG_NAMES: usize = 64;
+
+/// One committed change of a track (a line of its log).
+#[derive(Debug, Serialize, Deserialize)]
+struct LogLine {
+    /// The serial of the track this change applies to.
+    prev: u64,
+    /// The track's serial after it.
+    serial: u64,
+    /// Every entry of each name changed (none: the name left the track).
+    set: BTreeMap<String, Vec<PoolEntry>>,
+    /// The track's rollouts after it.
+    #[serde(default)]
+    rollouts: BTreeMap<String, Rollout>,
+}
+
+/// The complete lines of a log (a torn last line left out) and the length they take.
+fn log_lines(log: &[u8]) -> (Vec<&[u8]>, usize) {
+    let end = log.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let lines = log[..end]
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .collect();
+    (lines, end)
+}
+
+/// Why a log could not be applied to a snapshot.
+enum Replay {
+    /// The log does not follow the snapshot (read while a command replaced both): read again.
+    Raced,
+    /// A line is not what keepup writes.
+    Damaged(anyhow::Error),
+}
+
+/// Apply `log` to `t` (a snapshot), calling `apply` for each line that follows it.
+fn replay(t_serial: &mut u64, log: &[u8], mut apply: impl FnMut(LogLine)) -> Result<(), Replay> {
+    for line in log_lines(log).0 {
+        let l: LogLine = serde_json::from_slice(line).map_err(|e| Replay::Damaged(e.into()))?;
+        if l.serial <= *t_serial {
+            continue;
+        }
+        if l.prev != *t_serial {
+            return Err(Replay::Raced);
+        }
+        *t_serial = l.serial;
+        apply(l);
+    }
+    Ok(())
+}
+
+fn read_or_empty(path: &Path) -> Result<Vec<u8>> {
+    match std::fs::read(path) {
+        Ok(b) => Ok(b),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// A track as committed: its file and its log. None if the track file does not exist.
+pub fn read_track(layout: &Layout, track: &str) -> Result<Option<Track>> {
+    let path = layout.track(track);
+    let log_path = layout.track_log(track);
+    for _ in 0..8 {
+        let Some(mut t) = read_json::<Track>(&path)? else {
+            return Ok(None);
+        };
+        let log = read_or_empty(&log_path)?;
+        let mut serial = t.serial;
+        match replay(&mut serial, &log, |l| {
+            for (name, entries) in l.set {
+                match entries.is_empty() {
+                    true => t.packages.remove(&name),
+                    false => t.packages.insert(name, entries),
+                };
+            }
+            t.rollouts = l.rollouts;
+        }) {
+            Ok(()) => {
+                t.serial = serial;
+                return Ok(Some(t));
+            }
+            Err(Replay::Raced) => continue,
+            Err(Replay::Damaged(e)) => {
+                return Err(e.context(format!(
+                "{} is damaged (not the JSON lines keepup writes); restore .keepup/ from a backup",
+                log_path.display()
+            )))
+            }
+        }
+    }
+    bail!(
+        "{} kept changing while it was read; try again",
+        path.display()
+    )
+}
+
+/// The committed entries of `name` in `track`: one line of the track file, and the log.
+pub fn read_entries(layout: &Layout, track: &str, name: &str) -> Result<Vec<PoolEntry>> {
+    let path = layout.track(track);
+    let log_path = layout.track_log(track);
+    for _ in 0..8 {
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        let mut entries =
+            lookup(&bytes, name).with_context(|| format!("{} is damaged", path.display()))?;
+        let log = read_or_empty(&log_path)?;
+        if log.is_empty() {
+            return Ok(entries);
+        }
+        let Some(mut serial) = head_serial(&bytes) else {
+            return Ok(read_track(layout, track)?
+                .and_then(|mut t| t.packages.remove(name))
+                .unwrap_or_default());
+        };
+        match replay(&mut serial, &log, |mut l| {
+            if let Some(e) = l.set.remove(name) {
+                entries = e;
+            }
+        }) {
+            Ok(()) => return Ok(entries),
+            Err(Replay::Raced) => continue,
+            Err(Replay::Damaged(e)) => {
+                return Err(e.context(format!("{} is damaged", log_path.display())))
+            }
+        }
+    }
+    bail!(
+        "{} kept changing while it was read; try again",
+        path.display()
+    )
+}
+
+/// The serial at the head of a track file as [`track_json`] writes it.
+fn head_serial(bytes: &[u8]) -> Option<u64> {
+    let rest = bytes.strip_prefix(b"{\"serial\":")?;
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()
+}
+
+/// Commit `new` as the state of `track`. `base`: the committed state it was made from (read
+/// under the lock); then a change of a few names is appended to the log, else (and without
+/// `base`) the track file is written again and the log removed. `write` replaces a file
+/// atomically.
+pub fn save_track(
+    layout: &Layout,
+    track: &str,
+    base: Option<&Track>,
+    new: &Track,
+    write: impl Fn(&Path, &[u8]) -> Result<()>,
+) -> Result<()> {
+    let log_path = layout.track_log(track);
+    if let Some(base) = base {
+        if let Some(set) = changed_names(base, new) {
+            let log = read_or_empty(&log_path)?;
+            let (lines, end) = log_lines(&log);
+            if lines.len() < LOG_LINES {
+                let line = LogLine {
+                    prev: base.serial,
+                    serial: new.serial,
+                    set,
+                    rollouts: new.rollouts.clone(),
+                };
+                let mut bytes = serde_json::to_vec(&line)?;
+                bytes.push(b'\n');
+                return append(&log_path, end, log.is_empty(), &bytes);
+            }
+        }
+    }
+    write(&layout.track(track), &track_json(new)?)?;
+    match std::fs::remove_file(&log_path) {
+        Ok(()) => super::sync_dir(&layout.private.join("tracks")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("removing {}", log_path.display())),
+    }
+}
+
+/// The names whose entries differ between `a` and `b`, with their entries in `b` (none if
+/// gone); None if there are more than [`LOG_NAMES`].
+fn changed_names(a: &Track, b: &Track) -> Option<BTreeMap<String, Vec<PoolEntry>>> {
+    let mut set = BTreeMap::new();
+    let mut note = |name: &String, entries: Option<&Vec<PoolEntry>>| {
+        set.insert(name.clone(), entries.cloned().unwrap_or_default());
+        set.len() <= LOG_NAMES
+    };
+    for (name, entries) in &b.packages {
+        if a.packages.get(name) != Some(entries) && !note(name, Some(entries)) {
+            return None;
+        }
+    }
+    for name in a.packages.keys() {
+        if !b.packages.contains_key(name) && !note(name, None) {
+            return None;
+        }
+    }
+    Some(set)
+}
+
+/// Append `line` to the log at `path` after its first `end` bytes (cutting off a torn
+/// line), on disk before returning.
+fn append(path: &Path, end: usize, new_file: bool, line: &[u8]) -> Result<()> {
+    use std::io::{Seek as _, Write as _};
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::File::options()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    f.set_len(end as u64)
+        .and_then(|_| f.seek(std::io::SeekFrom::Start(end as u64)))
+        .and_then(|_| f.write_all(line))
+        .and_then(|_| f.sync_data())
+        .with_context(|| format!("writing {}", path.display()))?;
+    if new_file {
+        super::sync_dir(path.parent().unwrap_or(Path::new(".")))?;
+    }
+    Ok(())
+}
+
 /// One pool file's metadata: its entry and the index fragments the views are made of.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PoolMeta {
@@ -228,6 +462,11 @@ impl Layout {
     /// `.keepup/tracks/<track>.json`.
     pub fn track(&self, track: &str) -> PathBuf {
         self.private.join("tracks").join(format!("{track}.json"))
+    }
+
+    /// `.keepup/tracks/<track>.log`: changes committed since the track file.
+    pub fn track_log(&self, track: &str) -> PathBuf {
+        self.private.join("tracks").join(format!("{track}.log"))
     }
 
     /// `.keepup/pool/<name>.json`: the metadata of every pool file of one package name.
@@ -429,6 +668,91 @@ mod tests {
             "1.1-1"
         );
         assert_eq!(t.entries().count(), 4);
+    }
+
+    #[test]
+    fn small_changes_are_log_lines_and_read_back_with_the_track_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path());
+        std::fs::create_dir_all(layout.private.join("tracks")).unwrap();
+        let write = |p: &Path, b: &[u8]| -> Result<()> { Ok(std::fs::write(p, b)?) };
+        let read = || read_track(&layout, "t").unwrap().unwrap();
+        let mut t = Track::default();
+        for i in 0..100 {
+            t.insert(entry(&format!("p{i:03}"), "1.0-1", Format::Deb));
+        }
+        t.serial = 1;
+        save_track(&layout, "t", None, &t, write).unwrap();
+        assert!(!layout.track_log("t").exists());
+        // One promotion: a line of the log; the track file is untouched.
+        let file = std::fs::read(layout.track("t")).unwrap();
+        let mut next = t.clone();
+        next.serial = 2;
+        next.insert(entry("p005", "1.1-1", Format::Deb));
+        next.packages.remove("p007");
+        save_track(&layout, "t", Some(&t), &next, write).unwrap();
+        assert_eq!(std::fs::read(layout.track("t")).unwrap(), file);
+        let log = std::fs::read_to_string(layout.track_log("t")).unwrap();
+        assert_eq!(log.lines().count(), 1, "{log}");
+        assert_eq!(read(), next);
+        assert_eq!(read_entries(&layout, "t", "p005").unwrap().len(), 2);
+        assert!(read_entries(&layout, "t", "p007").unwrap().is_empty());
+        // A torn last line (a crash mid-append) was never committed, and is cut off.
+        let mut torn = log.clone().into_bytes();
+        torn.extend_from_slice(b"{\"prev\":2,\"ser");
+        std::fs::write(layout.track_log("t"), &torn).unwrap();
+        assert_eq!(read(), next);
+        let mut third = next.clone();
+        third.serial = 5;
+        third.insert(entry("p001", "2.0-1", Format::Deb));
+        save_track(&layout, "t", Some(&next), &third, write).unwrap();
+        let log = std::fs::read_to_string(layout.track_log("t")).unwrap();
+        assert_eq!(log.lines().count(), 2, "{log}");
+        assert_eq!(read(), third);
+        // A log that does not follow the track file is not applied (read again, then an
+        // error says so).
+        let mut other = third.clone();
+        other.serial = 3;
+        save_track(&layout, "t", None, &other, write).unwrap();
+        std::fs::write(layout.track_log("t"), &log).unwrap();
+        let err = read_track(&layout, "t").unwrap_err();
+        assert!(err.to_string().contains("kept changing"), "{err}");
+        // Lines the track file already has are skipped.
+        other.serial = 5;
+        save_track(&layout, "t", None, &other, write).unwrap();
+        assert!(!layout.track_log("t").exists());
+        std::fs::write(layout.track_log("t"), &log).unwrap();
+        assert_eq!(read(), other);
+        // After LOG_LINES lines, the track file is written again and the log removed.
+        std::fs::remove_file(layout.track_log("t")).unwrap();
+        let mut cur = other.clone();
+        for i in 0..LOG_LINES {
+            let mut n = cur.clone();
+            n.serial += 1;
+            n.insert(entry("p010", &format!("3.{i}-1"), Format::Deb));
+            save_track(&layout, "t", Some(&cur), &n, write).unwrap();
+            cur = n;
+        }
+        let lines = std::fs::read_to_string(layout.track_log("t"))
+            .unwrap()
+            .lines()
+            .count();
+        assert_eq!(lines, LOG_LINES);
+        let mut n = cur.clone();
+        n.serial += 1;
+        n.insert(entry("p011", "9-1", Format::Deb));
+        save_track(&layout, "t", Some(&cur), &n, write).unwrap();
+        assert!(!layout.track_log("t").exists());
+        assert_eq!(read(), n);
+        // A change of many names rewrites the track file too.
+        let mut big = n.clone();
+        big.serial += 1;
+        for i in 0..LOG_NAMES + 1 {
+            big.insert(entry(&format!("q{i:03}"), "1-1", Format::Deb));
+        }
+        save_track(&layout, "t", Some(&n), &big, write).unwrap();
+        assert!(!layout.track_log("t").exists());
+        assert_eq!(read(), big);
     }
 
     #[test]

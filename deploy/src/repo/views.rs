@@ -3,9 +3,12 @@
 //! track that changed is rewritten; per-package fragments (Packages stanzas, createrepo
 //! entries) are computed once at publish time and kept in `.keepup/pool/`, and assembled
 //! into chunks that are rendered and compressed once (`chunks`), so a view costs a
-//! concatenation of cached chunks, its hashing and a few signatures. Each uncompressed
-//! Packages is written once, as its by-hash file, and hard-linked to its plain name. Old
-//! by-hash files and DNF metadata are pruned after a few generations. Also `repo verify`.
+//! concatenation of cached chunks, its hashing and a few signatures. The APT view publishes
+//! `Packages.gz` only and lists the uncompressed `Packages` in the Release without publishing
+//! it, as Debian's own archive does (apt needs the listing, not the file): the uncompressed
+//! Packages was most of the bytes every promotion wrote and synced. Each index file is written once,
+//! as its by-hash file, and hard-linked to its plain name. Old by-hash files and DNF
+//! metadata are pruned after a few generations. Also `repo verify`.
 
 use std::io::Write as _;
 use std::path::Path;
@@ -113,22 +116,19 @@ pub fn apt_arches<'a>(members: impl Iterator<Item = &'a PoolEntry>) -> Vec<Strin
     arches
 }
 
-/// A file written from its parts into `dir` under a temporary name, with its SHA-256 and MD5
-/// (hex) and size; renamed by the caller.
+/// A file written from its parts into `dir` under a temporary name, with its SHA-256 (hex)
+/// and size; renamed by the caller.
 struct Written {
     tmp: tempfile::NamedTempFile,
     sha256: String,
-    md5: String,
     size: usize,
 }
 
 /// Write `parts` one after the other into a new temporary file in `dir`, hashing as it goes,
-/// and fsync it. `md5`: also compute the MD5 (Release files list it).
-fn write_parts<'a>(
-    dir: &Path,
-    parts: impl Iterator<Item = &'a [u8]>,
-    md5: bool,
-) -> Result<Written> {
+/// and fsync it. (Release files list the SHA-256 only: apt verifies nothing else, and
+/// treats MD5 as no verification at all; an MD5Sum section cost a second pass over every
+/// byte of every index of a promotion.)
+fn write_parts<'a>(dir: &Path, parts: impl Iterator<Item = &'a [u8]>) -> Result<Written> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let tmp = tempfile::Builder::new()
         .prefix(".tmp-")
@@ -136,13 +136,9 @@ fn write_parts<'a>(
         .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
     let mut out = std::io::BufWriter::with_capacity(1 << 20, tmp.as_file());
     let mut sha = sha2::Sha256::new();
-    let mut md = md5::Md5::new();
     let mut size = 0;
     for p in parts {
         sha.update(p);
-        if md5 {
-            md.update(p);
-        }
         size += p.len();
         out.write_all(p)?;
     }
@@ -159,7 +155,6 @@ fn write_parts<'a>(
     Ok(Written {
         tmp,
         sha256: hex::encode(sha.finalize()),
-        md5: hex::encode(md.finalize()),
         size,
     })
 }
@@ -205,39 +200,35 @@ fn write_apt(
         let dir = format!("main/binary-{arch}");
         let full = dist.join(&dir);
         let hash_dir = full.join("by-hash/SHA256");
-        let plain = write_parts(&hash_dir, chunks.apt(a).map(|p| p.text.as_slice()), true)?;
         // A Packages.gz of no package is one empty member.
         let gz = if chunks.apt(a).all(|p| p.gz.is_empty()) {
-            write_parts(&hash_dir, std::iter::once(empty_gz.as_slice()), true)?
+            write_parts(&hash_dir, std::iter::once(empty_gz.as_slice()))?
         } else {
-            write_parts(&hash_dir, chunks.apt(a).map(|p| p.gz.as_slice()), true)?
+            write_parts(&hash_dir, chunks.apt(a).map(|p| p.gz.as_slice()))?
         };
-        let mut current = Vec::new();
-        for (name, w) in [("Packages", plain), ("Packages.gz", gz)] {
-            sums.push((
-                format!("{dir}/{name}"),
-                w.size,
-                w.sha256.clone(),
-                w.md5.clone(),
-            ));
-            // Packages, the large one, is linked; Packages.gz is a copy of its own, so that
-            // rewriting one name in place (an operator's repair) never changes the other.
-            current.push(place_by_hash(w, &full, name, name == "Packages")?);
-            super::crash::point(super::crash::Step::AptPackages);
+        let name = "Packages.gz";
+        sums.push((format!("{dir}/{name}"), gz.size, gz.sha256.clone()));
+        // The uncompressed Packages is listed (apt fetches an index only if the Release
+        // lists its uncompressed name, and checks what it decompresses against it), but
+        // not published: Debian's archive does the same.
+        let mut sha = sha2::Sha256::new();
+        let mut size = 0;
+        for p in chunks.apt(a) {
+            sha.update(&p.text);
+            size += p.text.len();
         }
+        sums.push((format!("{dir}/Packages"), size, hex::encode(sha.finalize())));
+        let current = vec![place_by_hash(gz, &full, name, true)?];
+        super::crash::point(super::crash::Step::AptPackages);
         by_hash.push((hash_dir, current));
     }
     let mut release = format!(
-        "Origin: keepup\nLabel: keepup\nSuite: {track}\nCodename: {track}\nDate: {}\nValid-Until: {}\nArchitectures: {}\nComponents: main\nDescription: keepup track {track}\nAcquire-By-Hash: yes\nMD5Sum:\n",
+        "Origin: keepup\nLabel: keepup\nSuite: {track}\nCodename: {track}\nDate: {}\nValid-Until: {}\nArchitectures: {}\nComponents: main\nDescription: keepup track {track}\nAcquire-By-Hash: yes\nSHA256:\n",
         rfc2822(now()),
         rfc2822(expires),
         arches.join(" ")
     );
-    for (p, size, _, md5) in &sums {
-        release.push_str(&format!(" {md5} {size:>16} {p}\n"));
-    }
-    release.push_str("SHA256:\n");
-    for (p, size, sha, _) in &sums {
+    for (p, size, sha) in &sums {
         release.push_str(&format!(" {sha} {size:>16} {p}\n"));
     }
     let gpg = signer.detached(release.as_bytes())?;
@@ -250,7 +241,11 @@ fn write_apt(
     // Only now that the new Release is in place: the generations no Release names any more,
     // but for the last few (apt clients mid-update may hold them).
     for (dir, current) in by_hash {
-        prune_generations(&dir, &current, 2, GRACE, |_| false)?;
+        prune_generations(&dir, &current, 1, GRACE, |_| false)?;
+        // The uncompressed Packages of repositories from before it was left out.
+        if let Some(bin) = dir.parent().and_then(Path::parent) {
+            let _ = std::fs::remove_file(bin.join("Packages"));
+        }
     }
     Ok(())
 }
@@ -324,7 +319,6 @@ fn write_rpm(
             std::iter::once(head_gz.as_slice())
                 .chain(chunks.rpm(k).map(|p| p.gz.as_slice()))
                 .chain(std::iter::once(tail_gz.as_slice())),
-            false,
         )?;
         let href = format!("repodata/{}-{kind}.xml.gz", gz.sha256);
         let path = base.join(&href);
@@ -424,6 +418,38 @@ pub fn index_serial(head: &[u8]) -> Option<u64> {
     digits.parse().ok()
 }
 
+/// An index as `index.json` holds it: the top-level fields one per line, as
+/// [`index_serial`] reads them, and each package compact on a line of its own (a third of
+/// the bytes of pretty-printing them, which every promotion writes, hashes and signs).
+pub fn index_json(index: &Index) -> Result<Vec<u8>> {
+    let head = Index {
+        packages: Vec::new(),
+        ..index.clone()
+    };
+    let pretty = serde_json::to_vec_pretty(&head)?;
+    // serde_json prints the empty list at two spaces of indentation; no string can hold the
+    // newline before it.
+    let empty = b"\n  \"packages\": []";
+    let at = pretty
+        .windows(empty.len())
+        .position(|w| w == empty)
+        .ok_or_else(|| anyhow!("internal error: no packages field in an index"))?;
+    let mut out = Vec::with_capacity(pretty.len() + index.packages.len() * 256);
+    out.extend_from_slice(&pretty[..at]);
+    out.extend_from_slice(b"\n  \"packages\": [");
+    for (i, p) in index.packages.iter().enumerate() {
+        out.extend_from_slice(if i == 0 { b"\n    " } else { b",\n    " });
+        serde_json::to_writer(&mut out, p)?;
+    }
+    if !index.packages.is_empty() {
+        out.extend_from_slice(b"\n  ");
+    }
+    out.push(b']');
+    out.extend_from_slice(&pretty[at + empty.len()..]);
+    out.push(b'\n');
+    Ok(out)
+}
+
 fn write_index(
     root: &Path,
     signer: &Signer,
@@ -445,16 +471,29 @@ fn write_index(
         rollouts: rollouts.list.clone(),
         rollout_key: rollouts.key.clone(),
     };
-    let mut json = serde_json::to_vec_pretty(&index)?;
-    json.push(b'\n');
+    let json = index_json(&index)?;
     let sig = signer.detached(&json)?;
     let dir = root.join("tracks").join(track);
     // By hash first: what agents fetch, once the policy binds it. index.json and its
     // detached signature are for older agents and for people.
     let sha256 = sha256_hex(&json);
-    write_atomic(&root.join(index_by_hash(track, &sha256)), &json)?;
+    let by_hash = root.join(index_by_hash(track, &sha256));
+    write_atomic(&by_hash, &json)?;
     write_atomic(&dir.join("index.json.sig"), sig.as_bytes())?;
-    write_atomic(&dir.join("index.json"), &json)?;
+    // index.json is a hard link to the by-hash file (the bytes are written and synced
+    // once), else a copy.
+    let plain = dir.join("index.json");
+    let tmp = dir.join(".tmp-index.json");
+    let _ = std::fs::remove_file(&tmp);
+    match std::fs::hard_link(&by_hash, &tmp) {
+        Ok(()) => {
+            std::fs::rename(&tmp, &plain)
+                .with_context(|| format!("renaming into {}", plain.display()))?;
+            super::sync_dir(&dir)?;
+        }
+        Err(_) => write_atomic(&plain, &json)?,
+    }
+    crate::fleet::remember_index(root, track, serial, &sha256);
     super::crash::point(super::crash::Step::Index);
     // An agent that read the previous policy still finds the index it binds.
     prune_generations(&dir.join("by-hash/SHA256"), &[sha256], 1, GRACE, |_| false)
@@ -518,15 +557,40 @@ pub fn verify(repo: &Repo) -> Result<Vec<String>> {
                     )
                 })?;
                 let mut in_sha = false;
+                let mut listed = Vec::new();
                 for line in release.lines() {
                     if !line.starts_with(' ') {
                         in_sha = line.starts_with("SHA256:");
                         continue;
                     }
-                    if !in_sha {
-                        continue;
+                    if in_sha {
+                        listed.push(line.split_whitespace().collect::<Vec<&str>>());
                     }
-                    let f: Vec<&str> = line.split_whitespace().collect();
+                }
+                // The uncompressed Packages is listed, not published: it must be what its
+                // Packages.gz decompresses to.
+                let (plain, files): (Vec<_>, Vec<_>) = listed
+                    .into_iter()
+                    .partition(|f| f.len() == 3 && f[2].ends_with("/Packages"));
+                for f in &plain {
+                    let (sum, size, path) = (f[0], f[1], f[2]);
+                    let gz = files
+                        .iter()
+                        .find(|g| g.len() == 3 && g[2] == format!("{path}.gz"))
+                        .ok_or_else(|| anyhow!("{path} is listed without {path}.gz"))?;
+                    let (dir, _) = path.rsplit_once('/').unwrap_or((".", path));
+                    let b = read(&format!("{d}/{dir}/by-hash/SHA256/{}", gz[0]))?;
+                    let mut text = Vec::new();
+                    std::io::Read::read_to_end(
+                        &mut flate2::read::MultiGzDecoder::new(b.as_slice()),
+                        &mut text,
+                    )
+                    .map_err(|e| anyhow!("{path}.gz: {e}"))?;
+                    if sha256_hex(&text) != sum || text.len().to_string() != size {
+                        return Err(anyhow!("{path}.gz does not decompress to its {path} line"));
+                    }
+                }
+                for f in files {
                     if let [sum, size, path] = f[..] {
                         // The signed Release says `Acquire-By-Hash: yes`: clients fetch the
                         // by-hash file, which must match.
@@ -535,8 +599,14 @@ pub fn verify(repo: &Repo) -> Result<Vec<String>> {
                         if sha256_hex(&b) != sum || b.len().to_string() != size {
                             return Err(anyhow!("{path} does not match its SHA256 line"));
                         }
-                        if path.ends_with("/Packages") {
-                            check_packages(root, &String::from_utf8(b)?)?;
+                        if path.ends_with("/Packages.gz") {
+                            let mut text = Vec::new();
+                            std::io::Read::read_to_end(
+                                &mut flate2::read::MultiGzDecoder::new(b.as_slice()),
+                                &mut text,
+                            )
+                            .map_err(|e| anyhow!("{path}: {e}"))?;
+                            check_packages(root, &String::from_utf8(text)?)?;
                         }
                         // The plain name, for old clients, is replaced before the Release
                         // that names it: one of another generation is what a command that
@@ -696,6 +766,44 @@ fn check_packages(root: &Path, packages: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_index_file_is_one_package_per_line_and_reads_back() {
+        let e = |n: &str| PoolEntry {
+            name: n.into(),
+            version: "1.0-1".into(),
+            arch: "amd64".into(),
+            format: Format::Deb,
+            path: format!("pool/main/{n}.deb"),
+            size: 3,
+            sha256: "ab".repeat(32),
+            rollback_of: None,
+        };
+        for packages in [vec![], vec![e("a")], vec![e("a"), e("b"), e("c")]] {
+            let index = Index {
+                track: "stable".into(),
+                serial: 9,
+                generated: 1,
+                expires: Some(2),
+                packages,
+                rollouts: vec![],
+                rollout_key: Some("KEY".into()),
+            };
+            let json = index_json(&index).unwrap();
+            assert_eq!(serde_json::from_slice::<Index>(&json).unwrap(), index);
+            assert_eq!(index_serial(&json), Some(9));
+            let text = String::from_utf8(json).unwrap();
+            assert!(text.ends_with("}\n"), "{text}");
+            for p in &index.packages {
+                let line = format!("\"path\":\"{}\"", p.path);
+                assert_eq!(
+                    text.lines().filter(|l| l.contains(&line)).count(),
+                    1,
+                    "{text}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn the_serial_is_read_from_the_head_of_an_index() {
