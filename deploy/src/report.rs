@@ -229,9 +229,9 @@ pub struct TableHead {
     pub widths: Vec<usize>,
 }
 
-/// The query that asks for the table form with `filter`'s rows only.
-pub fn table_query(filter: &Filter) -> String {
-    let names: Vec<&str> = [
+/// The names of the rows `filter` selects, as the table query and the heading spell them.
+fn row_names(filter: &Filter) -> Vec<&'static str> {
+    [
         (filter.behind, "behind"),
         (filter.unhealthy, "unhealthy"),
         (filter.stale, "stale"),
@@ -240,8 +240,12 @@ pub fn table_query(filter: &Filter) -> String {
     .iter()
     .filter(|(on, _)| *on)
     .map(|(_, n)| *n)
-    .collect();
-    format!("&form=table&rows={}", names.join(","))
+    .collect()
+}
+
+/// The query that asks for the table form with `filter`'s rows only.
+pub fn table_query(filter: &Filter) -> String {
+    format!("&form=table&rows={}", row_names(filter).join(","))
 }
 
 /// The filter of a table query's `rows=` value (names as [`table_query`] writes them).
@@ -504,17 +508,7 @@ fn print_table(
         s.hosts, s.reporting, s.stale, s.behind, s.unhealthy, s.quarantined, s.failed_updates
     )?;
     if !filter.is_empty() {
-        let names: Vec<&str> = [
-            (filter.behind, "behind"),
-            (filter.unhealthy, "unhealthy"),
-            (filter.stale, "stale"),
-            (filter.quarantined, "quarantined"),
-        ]
-        .iter()
-        .filter(|(on, _)| *on)
-        .map(|(_, n)| *n)
-        .collect();
-        writeln!(out, "{} rows {}", head.rows, names.join(" or "))?;
+        writeln!(out, "{} rows {}", head.rows, row_names(filter).join(" or "))?;
     }
     writeln!(out)?;
     let widths: Vec<usize> = (0..HEADER.len())
