@@ -1351,7 +1351,10 @@ mod tests {
         assert_eq!(default_max_connections(20_000), 9936);
         assert_eq!(default_max_connections(1 << 20), DEFAULT_MAX_CONNECTIONS);
         // Refusals take what the served connections leave, within bounds.
-        assert_eq!(max_refusing(1024, default_max_connections(1024)), MIN_REFUSING);
+        assert_eq!(
+            max_refusing(1024, default_max_connections(1024)),
+            MIN_REFUSING
+        );
         assert_eq!(max_refusing(1024, 5000), MIN_REFUSING);
         assert_eq!(max_refusing(40_000, 16_384), 40_000 - 2 * 16_384 - 128);
         assert_eq!(max_refusing(1 << 20, DEFAULT_MAX_CONNECTIONS), MAX_REFUSING);

@@ -125,9 +125,12 @@ pub fn copy_dir(from: &Path, to: &Path) -> Result<()> {
 
 /// A repository initialised once per test process under a temporary directory named by
 /// `tag` (key generation is slow in debug builds); copy it ([`copy_dir`]) to change it.
+/// Tests of one process running at once all wait for the first one's `repo init`: none may
+/// copy the template while another is making it.
 pub fn template_repo(tag: &str) -> Result<PathBuf> {
-    static REPO: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    if let Some(r) = REPO.get() {
+    static REPO: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+    let mut made = REPO.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(r) = &*made {
         return Ok(r.clone());
     }
     let dir = std::env::temp_dir().join(format!("keepup-{tag}-test-{}", std::process::id()));
@@ -138,7 +141,8 @@ pub fn template_repo(tag: &str) -> Result<PathBuf> {
         "init",
         repo.to_str().context("a UTF-8 temporary directory")?,
     ])?;
-    Ok(REPO.get_or_init(|| repo).clone())
+    *made = Some(repo.clone());
+    Ok(repo)
 }
 
 /// `Field: value` pairs of a Packages stanza (continuation lines joined to their field).

@@ -9,7 +9,6 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -29,16 +28,7 @@ const DOWNLOADS: usize = 30;
 /// A repository made by `keepup repo init` once (key generation is slow in debug builds),
 /// copied per test.
 fn new_repo(dir: &Path) -> Result<PathBuf> {
-    static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
-    let template = match TEMPLATE.get() {
-        Some(t) => t.clone(),
-        None => {
-            let d = std::env::temp_dir().join(format!("keepup-serve-load-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&d);
-            keepup(&["repo", "init", d.join("repo").to_str().unwrap()])?;
-            TEMPLATE.get_or_init(|| d.join("repo")).clone()
-        }
-    };
+    let template = keepup_tests::testkit::template_repo("serve-load")?;
     let repo = dir.join("repo");
     let st = Command::new("cp")
         .arg("-a")
