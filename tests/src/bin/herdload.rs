@@ -15,13 +15,14 @@
 //! ```
 
 use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr, ToSocketAddrs as _};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, ensure, Context, Result};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::TcpStream;
+use tokio::net::TcpSocket;
 
 /// The agent's bound on one post (agent/src/report.rs, `POST_TIMEOUT`).
 const POST_TIMEOUT: Duration = Duration::from_secs(20);
@@ -76,23 +77,39 @@ enum Answer {
     Stored,
     Busy(Option<u64>),
     Other,
+    /// The connection could not be made (refused, or the listen queue overflowed).
+    NotConnected,
+    /// Connected, but closed (or reset) with no answer.
     Unanswered,
     TimedOut,
 }
 
-/// One report on a connection of its own (`Connection: close`), bounded like the agent's.
-async fn post(server: &str, request: &[u8]) -> Answer {
+/// Source addresses the herd connects from (127.0.0.2 ...): one address's ephemeral ports
+/// (about 28,000) would run out before 100,000 agents have connected, which would measure the
+/// client, not the server.
+const SOURCES: u64 = 32;
+
+/// One report on a connection of its own (`Connection: close`), bounded like the agent's,
+/// from the loopback source address `source`.
+async fn post(server: SocketAddr, source: u64, request: &[u8]) -> Answer {
     let run = async {
-        let mut s = TcpStream::connect(server).await?;
+        let socket = TcpSocket::new_v4()?;
+        let from = Ipv4Addr::new(127, 0, 0, 2 + (source % SOURCES) as u8);
+        socket.bind(SocketAddr::from((from, 0)))?;
+        let mut s = match socket.connect(server).await {
+            Ok(s) => s,
+            Err(e) => return Ok(Err(e)),
+        };
         s.write_all(request).await?;
         let mut raw = Vec::with_capacity(512);
         s.read_to_end(&mut raw).await?;
-        std::io::Result::Ok(raw)
+        std::io::Result::Ok(Ok(raw))
     };
     let raw = match tokio::time::timeout(POST_TIMEOUT, run).await {
         Err(_) => return Answer::TimedOut,
+        Ok(Ok(Err(_))) => return Answer::NotConnected,
         Ok(Err(_)) => return Answer::Unanswered,
-        Ok(Ok(raw)) => raw,
+        Ok(Ok(Ok(raw))) => raw,
     };
     let head = String::from_utf8_lossy(&raw);
     let Some(status) = head
@@ -119,6 +136,7 @@ struct Tally {
     busy: AtomicU64,
     busy_without_retry_after: AtomicU64,
     unanswered: AtomicU64,
+    not_connected: AtomicU64,
     timed_out: AtomicU64,
     other: AtomicU64,
     last_stored_ms: AtomicU64,
@@ -163,11 +181,15 @@ fn main() -> Result<()> {
     let tally = Arc::new(Tally::default());
     let start = Instant::now();
     let seed = start.elapsed().as_nanos() as u64 ^ u64::from(std::process::id());
-    let server: Arc<str> = o.server.into();
+    let server: SocketAddr = o
+        .server
+        .to_socket_addrs()?
+        .next()
+        .with_context(|| format!("{}: no address", o.server))?;
     rt.block_on(async {
         let mut tasks = Vec::with_capacity(n);
         for (i, (host, token)) in hosts.into_iter().enumerate() {
-            let (tally, server, fixed_retry) = (tally.clone(), server.clone(), o.fixed_retry);
+            let (tally, fixed_retry) = (tally.clone(), o.fixed_retry);
             let own = mix(seed ^ i as u64);
             let first = Duration::from_micros(own % (o.window.as_micros() as u64).max(1));
             tasks.push(tokio::spawn(async move {
@@ -181,7 +203,7 @@ fn main() -> Result<()> {
                         body.len()
                     );
                     let jitter = Duration::from_millis(mix(own ^ attempt) % 1000);
-                    let wait = match post(&server, request.as_bytes()).await {
+                    let wait = match post(server, i as u64, request.as_bytes()).await {
                         Answer::Stored => {
                             tally.stored.fetch_add(1, Ordering::Relaxed);
                             tally
@@ -203,6 +225,10 @@ fn main() -> Result<()> {
                         }
                         Answer::Unanswered => {
                             tally.unanswered.fetch_add(1, Ordering::Relaxed);
+                            Duration::from_secs(1) + jitter
+                        }
+                        Answer::NotConnected => {
+                            tally.not_connected.fetch_add(1, Ordering::Relaxed);
                             Duration::from_secs(1) + jitter
                         }
                         Answer::TimedOut => {
@@ -252,10 +278,12 @@ fn main() -> Result<()> {
         stored as f64 / last.max(0.001)
     );
     println!(
-        "answers: 503 + Retry-After {}, 503 without Retry-After {}, no answer {}, timed out (> {} s) {}, other {}",
+        "answers: 503 + Retry-After {}, 503 without Retry-After {}, closed with no answer {}, \
+         not connected {}, timed out (> {} s) {}, other {}",
         t.busy.load(Ordering::Relaxed),
         t.busy_without_retry_after.load(Ordering::Relaxed),
         t.unanswered.load(Ordering::Relaxed),
+        t.not_connected.load(Ordering::Relaxed),
         POST_TIMEOUT.as_secs(),
         t.timed_out.load(Ordering::Relaxed),
         t.other.load(Ordering::Relaxed),
