@@ -217,22 +217,18 @@ fn main() -> Result<()> {
                             let secs = fixed_retry.unwrap_or(secs);
                             Duration::from_secs(secs.clamp(1, MAX_RETRY_AFTER)) + jitter
                         }
-                        Answer::Busy(None) => {
-                            tally
-                                .busy_without_retry_after
-                                .fetch_add(1, Ordering::Relaxed);
-                            Duration::from_secs(1) + jitter
-                        }
-                        Answer::Unanswered => {
-                            tally.unanswered.fetch_add(1, Ordering::Relaxed);
-                            Duration::from_secs(1) + jitter
-                        }
-                        Answer::NotConnected => {
-                            tally.not_connected.fetch_add(1, Ordering::Relaxed);
-                            Duration::from_secs(1) + jitter
-                        }
-                        Answer::TimedOut => {
-                            tally.timed_out.fetch_add(1, Ordering::Relaxed);
+                        // No wait asked: the agent's own next try, a second on.
+                        failed @ (Answer::Busy(None)
+                        | Answer::Unanswered
+                        | Answer::NotConnected
+                        | Answer::TimedOut) => {
+                            let count = match failed {
+                                Answer::Busy(None) => &tally.busy_without_retry_after,
+                                Answer::Unanswered => &tally.unanswered,
+                                Answer::NotConnected => &tally.not_connected,
+                                _ => &tally.timed_out,
+                            };
+                            count.fetch_add(1, Ordering::Relaxed);
                             Duration::from_secs(1) + jitter
                         }
                         Answer::Other => {
