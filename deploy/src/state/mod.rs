@@ -42,7 +42,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::hash::{Hash as _, Hasher as _};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -109,9 +109,16 @@ enum Msg {
         done: oneshot::Sender<bool>,
     },
     Prune,
-    /// Event windows of reports other replicas stored.
-    PeerWindows(Vec<(String, EventWindow)>),
+    /// Reports other replicas stored, read by a query begun when this replica had stored
+    /// `since` batches: a host stored here after that keeps its own, newer, entry and window.
+    Peers {
+        since: u64,
+        reports: Vec<PeerReport>,
+    },
 }
+
+/// A report another replica stored: its host, event window and summary.
+type PeerReport = (String, EventWindow, Arc<HostEntry>);
 
 /// The identities of the events of a host's last stored report, in order.
 type EventWindow = Vec<u32>;
@@ -282,6 +289,8 @@ pub struct Server {
     hosts_version: AtomicI64,
     /// How far [`Server::reload_hosts`] read the reports of other replicas.
     peer_mark: AtomicI64,
+    /// Batches the writer has stored (counted after each commit), for [`Msg::Peers`].
+    stored_batches: Arc<AtomicU64>,
     tx: mpsc::Sender<Msg>,
     cache: Mutex<RepoCache>,
     read_token: Option<TokenHash>,
@@ -330,9 +339,11 @@ impl Server {
         let (nudge, nudges) = std::sync::mpsc::sync_channel(1);
         let shared = hosts.clone();
         let writer_syms = syms.clone();
+        let stored_batches = Arc::new(AtomicU64::new(0));
+        let batches = stored_batches.clone();
         std::thread::Builder::new()
             .name("state-writer".into())
-            .spawn(move || writer(writer_db, rx, nudge, shared, writer_syms, marks))
+            .spawn(move || writer(writer_db, rx, nudge, shared, writer_syms, marks, batches))
             .context("starting the state writer")?;
         let server = Arc::new(Server {
             repo: repo.to_path_buf(),
@@ -343,6 +354,7 @@ impl Server {
             poller: Mutex::new(poller),
             hosts_version: AtomicI64::new(version),
             peer_mark: AtomicI64::new(peer_mark),
+            stored_batches,
             tx,
             cache: Mutex::new(RepoCache::default()),
             read_token,
@@ -376,15 +388,16 @@ impl Server {
                     if let Err(e) = m.reload_hosts() {
                         eprintln!("keepup serve: reading the host list: {e:#}");
                     }
-                    m.read_peer_reports().unwrap_or_else(|e| {
-                        eprintln!("keepup serve: reading other replicas' reports: {e:#}");
-                        Vec::new()
-                    })
+                    m.read_peer_reports()
+                        .map_err(|e| {
+                            eprintln!("keepup serve: reading other replicas' reports: {e:#}")
+                        })
+                        .ok()
                 })
                 .await
                 .unwrap_or_default();
-                if !peers.is_empty() {
-                    let _ = me.tx.send(Msg::PeerWindows(peers)).await;
+                if let Some((since, reports)) = peers.filter(|(_, r)| !r.is_empty()) {
+                    let _ = me.tx.send(Msg::Peers { since, reports }).await;
                 }
                 me.json_views.purge().await;
                 me.table_views.purge().await;
@@ -397,31 +410,26 @@ impl Server {
         });
     }
 
-    /// Take in the reports other replicas stored since the last look (PostgreSQL); returns
-    /// their hosts' event windows for the writer.
-    fn read_peer_reports(&self) -> Result<Vec<(String, EventWindow)>> {
+    /// Read the reports other replicas stored since the last look (PostgreSQL), for the
+    /// writer to take in ([`Msg::Peers`]): how many batches this replica had stored when the
+    /// read began, and each report's host, event window and summary.
+    fn read_peer_reports(&self) -> Result<(u64, Vec<PeerReport>)> {
+        // Counted before the query: a batch stored here after this may be newer than what
+        // the query returns for its hosts (the writer then keeps its own).
+        let since = self.stored_batches.load(Ordering::Acquire);
         let mark = self.peer_mark.load(Ordering::Relaxed);
         let (reports, next) = self.poller.lock().unwrap().peer_reports(mark)?;
-        let mut windows = Vec::with_capacity(reports.len());
-        let mut entries = Vec::with_capacity(reports.len());
+        let mut out = Vec::with_capacity(reports.len());
         for (host, received_at, body) in reports {
             let Ok(report) = serde_json::from_slice::<Report>(&body) else {
                 continue;
             };
-            windows.push((host.clone(), new_events(&[], &report.events).1));
+            let window = new_events(&[], &report.events).1;
             let entry = HostEntry::new(&report, received_at, &mut self.syms.lock().unwrap());
-            entries.push((host, Arc::new(entry)));
-        }
-        {
-            // A host added after the last host reload is known here already: its report
-            // was stored only because it is registered.
-            let mut map = self.hosts.write().unwrap();
-            for (host, entry) in entries {
-                map.insert(host, Some(entry));
-            }
+            out.push((host, window, Arc::new(entry)));
         }
         self.peer_mark.store(next, Ordering::Relaxed);
-        Ok(windows)
+        Ok((since, out))
     }
 
     /// Re-read the host list if `keepup host` changed it.
@@ -1087,14 +1095,32 @@ fn writer(
     hosts: Arc<RwLock<HostMap>>,
     syms: Arc<Mutex<Interner>>,
     mut windows: HashMap<String, EventWindow>,
+    stored_batches: Arc<AtomicU64>,
 ) {
     let mut since_quota: HashMap<String, usize> = HashMap::new();
     let mut batch = Vec::with_capacity(BATCH);
+    // With replicas: the batch that last stored each host, until no peer read can predate it.
+    let replicas = db.has_peers();
+    let mut stored_in: HashMap<String, u64> = HashMap::new();
+    let mut batches = 0u64;
     while let Some(first) = rx.blocking_recv() {
         let mut prune = false;
         let mut take = |m: Msg, batch: &mut Vec<_>| match m {
             Msg::Prune => prune = true,
-            Msg::PeerWindows(w) => windows.extend(w),
+            Msg::Peers { since, reports } => {
+                // A host added after the last host reload is known here already: its report
+                // was stored only because it is registered.
+                let mut map = hosts.write().unwrap();
+                for (host, window, entry) in reports {
+                    if stored_in.get(&host).is_some_and(|&b| b > since) {
+                        continue;
+                    }
+                    windows.insert(host.clone(), window);
+                    map.insert(host, Some(entry));
+                }
+                // Later peer reads began later: nothing stored before this one matters.
+                stored_in.retain(|_, b| *b > since);
+            }
             Msg::Report {
                 report,
                 body,
@@ -1153,6 +1179,13 @@ fn writer(
             };
             drop(rows);
             if ok {
+                batches += 1;
+                if replicas {
+                    for (r, ..) in &batch {
+                        stored_in.insert(r.host.clone(), batches);
+                    }
+                }
+                stored_batches.store(batches, Ordering::Release);
                 for (h, w) in next_windows {
                     windows.insert(h.to_string(), w);
                 }

@@ -241,6 +241,11 @@ impl Db {
         }
     }
 
+    /// Whether other replicas may store reports in this database (PostgreSQL).
+    pub fn has_peers(&self) -> bool {
+        matches!(self.backend, Backend::Postgres(_))
+    }
+
     /// The latest reports other replicas stored after `mark`, and the new mark (PostgreSQL;
     /// a SQLite file has one server, so nothing).
     pub fn peer_reports(&self, mark: i64) -> Result<(Vec<LatestReport>, i64)> {
