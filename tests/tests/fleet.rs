@@ -289,7 +289,10 @@ setsid python3 /tmp/lock-db.py >/tmp/lock-db.log 2>&1 </dev/null &
 for i in $(seq 100); do test -e /tmp/locked && exit 0; sleep 0.1; done
 cat /tmp/lock-db.log >&2; exit 1"#)
         .await?;
-    let before = now();
+    // What the server holds once the lock is taken (read from its memory: the lock does not
+    // stop reads). Times are whole seconds: a report stored just before the lock may carry
+    // this very second, so later ones are told by being newer than it.
+    let locked = seen().await?;
     // A pass ends with a report: the server holds it 10 s, then answers 503 + Retry-After.
     web.host.ok("keepup-agent update --now").await?;
     let asked = wait_for(
@@ -300,7 +303,7 @@ cat /tmp/lock-db.log >&2; exit 1"#)
     .await;
     fleet.explain(asked).await?;
     ensure!(
-        seen().await? < before,
+        seen().await? == locked,
         "a report was stored while the database was locked"
     );
     fleet.server.ok("touch /tmp/unlock").await?;
@@ -308,7 +311,7 @@ cat /tmp/lock-db.log >&2; exit 1"#)
     let resumed = wait_for(
         "the report to be stored after the lock",
         Duration::from_secs(120),
-        || async { Ok(seen().await? >= before) },
+        || async { Ok(seen().await? > locked) },
     )
     .await;
     fleet.explain(resumed).await?;
