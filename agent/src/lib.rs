@@ -20,6 +20,7 @@ mod cli;
 mod config;
 mod control;
 mod events;
+mod external;
 mod hoststate;
 mod http;
 mod logfile;

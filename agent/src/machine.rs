@@ -5,9 +5,10 @@
 //! `systemctl`, write the admin-down mark, record an event, answer a client). The status a
 //! client sees is derived from the phase ([`Machine::status`]), never stored beside it.
 //!
-//! The two supervisors are match arms: an agent-run service moves through `Launching`, `Up`,
-//! `Backoff` and `GivenUp`; a systemd-run one sits in `Unit`, where the agent only watches,
-//! probes and re-kicks. `Down`, `Refused` and `Waiting` are shared.
+//! The supervisors are match arms: an agent-run service moves through `Launching`, `Up`,
+//! `Backoff` and `GivenUp`; one that systemd, runit or supervisord runs sits in `Unit`, where
+//! the agent only watches, probes and re-kicks (`external.rs`). `Down`, `Refused` and
+//! `Waiting` are shared.
 
 use std::time::{Duration, Instant};
 
@@ -22,7 +23,7 @@ use crate::proto::{ProbeStatus, Response, ServiceStatus};
 /// Delay before trying again when a start could not even spawn (no role user, no launch
 /// script): it counts as a start, so the give-up limit applies.
 pub const SPAWN_RETRY: Duration = Duration::from_secs(5);
-/// How often a systemd unit's state is looked at.
+/// How often the state of a service another supervisor runs is looked at.
 pub const UNIT_POLL: Duration = Duration::from_secs(5);
 
 /// Which client request an answer goes to (the executor keeps the channels).
@@ -238,8 +239,8 @@ pub enum Effect {
     KillRole(String),
     /// Stop the service: role kill with the launch script's group, then reap it.
     StopRun(String),
-    /// `systemctl` for a systemd-run service.
-    Systemctl(Systemctl),
+    /// An operation on the supervisor that runs the service (systemd, runit, supervisord).
+    Supervisor(SupervisorOp),
     /// Write (`true`) or remove the admin-down mark; answers with [`Event::Marked`].
     Mark {
         /// Which way.
@@ -266,9 +267,9 @@ pub enum Effect {
     Reply(ReplyTo, Response),
 }
 
-/// A `systemctl` operation.
+/// An operation on the supervisor that runs the service (`external.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Systemctl {
+pub enum SupervisorOp {
     /// Look the role up, then re-kick the unit if it is not active (always, with `force`);
     /// answers with [`Event::Unit`] (or [`Event::Refused`]).
     Begin {
@@ -279,7 +280,7 @@ pub enum Systemctl {
     Rekick,
     /// Read the unit's state; answers with [`Event::Unit`].
     Show,
-    /// `systemctl stop`.
+    /// Admin-down: `systemctl stop`, `sv down`, `supervisorctl stop`.
     Stop,
 }
 
@@ -380,8 +381,9 @@ impl Machine {
         }
     }
 
-    fn systemd(&self) -> bool {
-        self.m.supervisor.kind == Supervised::Systemd
+    /// systemd, runit or supervisord runs it: the agent watches, probes and re-kicks.
+    fn external(&self) -> bool {
+        self.m.supervisor.kind.is_external()
     }
 
     fn ready_mode(&self) -> Ready {
@@ -487,6 +489,12 @@ impl Machine {
             Event::Begin { down } => {
                 if down {
                     self.note(fx, "admin-down mark present: not starting");
+                    if self.external() {
+                        // The supervisor may have started it meanwhile (a reboot, runsv or
+                        // supervisord restarted): down again.
+                        fx.push(Effect::Supervisor(SupervisorOp::Stop));
+                        fx.push(Effect::StopRun("admin-down".into()));
+                    }
                     self.phase = Phase::Down;
                 } else {
                     self.begin(now, fx, false);
@@ -570,12 +578,12 @@ impl Machine {
             Event::Stop { remove } => {
                 if remove {
                     self.note(fx, "manifest removed: stopping and killing the role");
-                    if self.systemd() && !matches!(self.phase, Phase::Refused(_)) {
-                        fx.push(Effect::Systemctl(Systemctl::Stop));
+                    if self.external() && !matches!(self.phase, Phase::Refused(_)) {
+                        fx.push(Effect::Supervisor(SupervisorOp::Stop));
                     }
                     fx.push(Effect::StopRun("manifest removed".into()));
                     fx.push(Effect::ReleaseRole);
-                } else if !self.systemd() {
+                } else if !self.external() {
                     fx.push(Effect::StopRun("the agent is stopping".into()));
                 }
                 self.generation += 1;
@@ -656,12 +664,12 @@ impl Machine {
                 return;
             }
         }
-        if self.systemd() {
+        if self.external() {
             self.phase = Phase::Unit(UnitView::default());
             self.unit_poll_at = None;
             self.generation += 1;
             self.schedule_probes(now);
-            fx.push(Effect::Systemctl(Systemctl::Begin { force }));
+            fx.push(Effect::Supervisor(SupervisorOp::Begin { force }));
         } else {
             self.start(now, None, fx);
         }
@@ -764,7 +772,7 @@ impl Machine {
         if self.unit_poll_at.is_some_and(|t| t <= now) {
             self.unit_poll_at = None;
             if matches!(self.phase, Phase::Unit(_)) {
-                fx.push(Effect::Systemctl(Systemctl::Show));
+                fx.push(Effect::Supervisor(SupervisorOp::Show));
             }
         }
         if let Phase::Backoff { until, .. } = self.phase {
@@ -929,8 +937,8 @@ impl Machine {
         let name = self.m.name.clone();
         if down {
             self.note(fx, "admin-down: stopping");
-            if self.systemd() {
-                fx.push(Effect::Systemctl(Systemctl::Stop));
+            if self.external() {
+                fx.push(Effect::Supervisor(SupervisorOp::Stop));
             }
             fx.push(Effect::StopRun("admin-down".into()));
             self.generation += 1;
@@ -963,7 +971,7 @@ impl Machine {
         match &self.phase {
             Phase::Up(_) | Phase::Launching => {}
             Phase::Unit(_) => self.begin(now, fx, true),
-            _ => self.begin(now, fx, self.systemd()),
+            _ => self.begin(now, fx, self.external()),
         }
     }
 
@@ -982,7 +990,7 @@ impl Machine {
                 }
             }
             Phase::Unit(_) => {
-                fx.push(Effect::Systemctl(Systemctl::Rekick));
+                fx.push(Effect::Supervisor(SupervisorOp::Rekick));
                 Response::done(format!(
                     "{name}: re-kicking {} if it is not active",
                     self.unit_name()
@@ -1001,12 +1009,9 @@ impl Machine {
         }
     }
 
+    /// The supervisor's name for it: the unit, runit service or supervisord program.
     fn unit_name(&self) -> String {
-        self.m
-            .supervisor
-            .unit
-            .clone()
-            .unwrap_or_else(|| format!("{}.service", self.m.name))
+        crate::external::Outside::of(&self.m).map_or_else(|| self.m.name.clone(), |o| o.describe())
     }
 
     fn reload(&mut self, m: Manifest, now: Instant, fx: &mut Vec<Effect>) {
@@ -1082,8 +1087,13 @@ impl Machine {
         let rekick_every = format_duration(self.tuning.rekick_every);
         match shown {
             Ok((state, pid, restarts, detail)) => {
+                let whose = match self.m.supervisor.kind {
+                    Supervised::Systemd => "unit",
+                    Supervised::Runit => "runit",
+                    _ => "supervisord",
+                };
                 view.note = (state == ServiceState::GivenUp)
-                    .then(|| format!("unit {detail}; re-kicked every {rekick_every}"));
+                    .then(|| format!("{whose} {detail}; re-kicked every {rekick_every}"));
                 match (&state, view.since) {
                     (ServiceState::Running, None) => view.since = Some(now),
                     (ServiceState::Running, Some(_)) => {}
@@ -1209,10 +1219,7 @@ impl Machine {
         ServiceStatus {
             name: self.m.name.clone(),
             version: self.m.version.clone(),
-            supervisor: match self.m.supervisor.kind {
-                Supervised::Agent => "agent".into(),
-                Supervised::Systemd => "systemd".into(),
-            },
+            supervisor: self.m.supervisor.kind.as_str().into(),
             state,
             pid,
             uptime_secs: started.map(|s| now.saturating_duration_since(s).as_secs_f64()),

@@ -22,9 +22,10 @@ use tokio::task::JoinSet;
 
 use crate::config::Config;
 use crate::events::Events;
+use crate::external::{Look, Outside};
 use crate::logfile::{self, LogFile, SharedLog};
 use crate::machine::{
-    Deps, Effect, Event, Machine, ProbeProblemKind, Refusal, ReplyTo, Systemctl, Tuning,
+    Deps, Effect, Event, Machine, ProbeProblemKind, Refusal, ReplyTo, SupervisorOp, Tuning,
 };
 use crate::notify::{Message, NotifySocket};
 use crate::order::{self, Registry, Services};
@@ -32,7 +33,6 @@ use crate::proto::{ProbeStatus, Response, ServiceStatus};
 use crate::reaper::Spawned;
 use crate::refuse::{self, Roles};
 use crate::role;
-use crate::systemd;
 
 /// `PATH` for launch scripts (they set their own too).
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -189,6 +189,7 @@ pub fn spawn(ctx: Ctx, manifest: Manifest, path: PathBuf) -> Handle {
         notify: None,
         deps,
         published: None,
+        outside_pids: (None, 0),
     };
     let task = tokio::spawn(exec.main(rx));
     Handle {
@@ -258,6 +259,8 @@ struct Exec {
     deps: watch::Receiver<Services>,
     /// What this service last published.
     published: Option<order::Entry>,
+    /// runit and supervisord count no restarts: the last pid seen, and the new pids since.
+    outside_pids: (Option<u32>, u64),
 }
 
 /// Identity of a version of a file: (inode, size, mtime, ctime).
@@ -451,7 +454,7 @@ impl Exec {
                 Some(Event::Killed)
             }
             Effect::StopRun(why) => self.stop(&why).await,
-            Effect::Systemctl(op) => self.systemctl(op).await,
+            Effect::Supervisor(op) => self.supervisor(op).await,
             Effect::Mark { down, reply } => Some(Event::Marked {
                 down,
                 reply,
@@ -860,30 +863,26 @@ impl Exec {
         })
     }
 
-    /// A `systemctl` operation for a systemd-run service.
-    async fn systemctl(&mut self, op: Systemctl) -> Option<Event> {
+    /// An operation on the supervisor that runs the service (systemd, runit, supervisord).
+    async fn supervisor(&mut self, op: SupervisorOp) -> Option<Event> {
         let m = self.manifest();
-        let unit = m
-            .supervisor
-            .unit
-            .clone()
-            .unwrap_or_else(|| format!("{}.service", m.name));
+        let outside = Outside::of(&m)?;
         let spawned = self.ctx.spawned.clone();
         let force = match op {
-            Systemctl::Stop => {
-                if let Err(e) = systemd::stop(&unit, &spawned).await {
+            SupervisorOp::Stop => {
+                if let Err(e) = outside.stop(&spawned).await {
                     self.note(&e);
                 }
                 return None;
             }
-            Systemctl::Show => {
-                let shown = systemd::show(&unit, &spawned).await;
+            SupervisorOp::Show => {
+                let shown = outside.look(&spawned).await;
                 return Some(Event::Unit {
-                    shown: shown.map(|u| unit_view(&u)),
+                    shown: shown.map(|l| self.seen(l)),
                     rekicked: None,
                 });
             }
-            Systemctl::Begin { force } => {
+            SupervisorOp::Begin { force } => {
                 match self.lookup_role().await {
                     Err(RoleError::Refused(why)) => return Some(Event::Refused(Refusal::new(why))),
                     Err(RoleError::Taken(why)) => {
@@ -898,17 +897,21 @@ impl Exec {
                 self.rebuild_probes();
                 force
             }
-            Systemctl::Rekick => false,
+            SupervisorOp::Rekick => false,
         };
-        let state = systemd::show(&unit, &spawned).await;
-        let needs = state.as_ref().map_or(true, |s| s.needs_rekick());
+        let state = outside.look(&spawned).await;
+        // An admin's runit `down` file makes `needs_rekick` false: only an explicit `up`
+        // (`force`) starts such a service, and the file stays.
+        let needs = state.as_ref().map_or(true, |s| s.needs_rekick);
         let rekicked = if needs || force {
-            let r = systemd::rekick(&unit, &spawned).await;
+            let r = outside.rekick(&spawned).await;
             match &r {
                 Ok(()) => self.note(&format!(
-                    "re-kicked {unit}: systemctl reset-failed + start{}",
+                    "re-kicked {}: {}{}",
+                    outside.describe(),
+                    outside.rekick_words(),
                     match &state {
-                        Ok(s) => format!(" (it was {}/{}, {})", s.active, s.sub, s.result),
+                        Ok(s) => format!(" (it was {})", s.detail),
                         Err(_) => String::new(),
                     }
                 )),
@@ -919,9 +922,28 @@ impl Exec {
             None
         };
         Some(Event::Unit {
-            shown: state.map(|u| unit_view(&u)),
+            shown: state.map(|l| self.seen(l)),
             rekicked,
         })
+    }
+
+    /// What the machine needs of a look: the state, the pid, the restarts (systemd's count,
+    /// or the new pids the agent has seen) and the supervisor's words.
+    fn seen(&mut self, l: Look) -> (ServiceState, Option<u32>, u64, String) {
+        let restarts = match l.restarts {
+            Some(n) => n,
+            None => {
+                let (last, count) = &mut self.outside_pids;
+                if let Some(pid) = l.pid {
+                    if last.is_some_and(|p| p != pid) {
+                        *count += 1;
+                    }
+                    *last = Some(pid);
+                }
+                *count
+            }
+        };
+        (l.state, l.pid, restarts, l.detail)
     }
 
     // ---- probes ----
@@ -1023,17 +1045,6 @@ enum RoleError {
     Taken(String),
     /// A lookup failed (no such user, NSS down): counts as a failed start.
     Failed(String),
-}
-
-/// What the machine needs of a unit's state: its agent state, main pid, restarts, and
-/// `active/sub (result)` for notes.
-fn unit_view(u: &systemd::UnitState) -> (ServiceState, Option<u32>, u64, String) {
-    (
-        u.state(),
-        u.main_pid,
-        u.restarts,
-        format!("{}/{} ({})", u.active, u.sub, u.result),
-    )
 }
 
 /// Why a manifest's probe cannot run.

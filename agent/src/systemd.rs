@@ -4,15 +4,9 @@
 //! the same as for agent-supervised services.
 
 use std::collections::HashMap;
-use std::time::Duration;
-
-use tokio::process::Command;
 
 use crate::reaper::Spawned;
 use keepup_deploy::wire::ServiceState;
-
-/// How long one `systemctl` call may take.
-const SYSTEMCTL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What `systemctl show` says about a unit.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -72,41 +66,9 @@ impl UnitState {
 
 /// Runs `systemctl ARGS`; returns stdout, or an error with what it printed.
 pub async fn systemctl(args: &[&str], spawned: &Spawned) -> Result<String, String> {
-    let mut cmd = Command::new("systemctl");
-    cmd.args(args)
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true);
-    let child = cmd
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot run systemctl: {e}"))?;
-    let pid = child.id().map(|p| p as i32);
-    if let Some(p) = pid {
-        spawned.insert(p);
-    }
-    let out = tokio::time::timeout(SYSTEMCTL_TIMEOUT, child.wait_with_output()).await;
-    if let Some(p) = pid {
-        spawned.remove(p);
-    }
-    let out = match out {
-        Err(_) => return Err(format!("systemctl {} timed out", args.join(" "))),
-        Ok(Err(e)) => return Err(format!("systemctl {}: {e}", args.join(" "))),
-        Ok(Ok(o)) => o,
-    };
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        let err = String::from_utf8_lossy(&out.stderr);
-        let err = err.trim();
-        Err(format!(
-            "systemctl {} failed ({}){}{}",
-            args.join(" "),
-            out.status,
-            if err.is_empty() { "" } else { ": " },
-            err
-        ))
-    }
+    let ran = crate::external::run("systemctl", args, spawned).await?;
+    let out = ran.stdout().to_string();
+    ran.ok().map(|()| out)
 }
 
 /// The unit's current state.

@@ -428,3 +428,98 @@ fn a_probe_the_agent_could_not_run_fails_the_pack_with_its_place() {
     );
     assert!(!dir.path().join("dist").exists());
 }
+
+/// `kind: runit` and `kind: supervisord`: the supervisor's files are in both formats, the
+/// runit ones as conffiles, the dependencies are declared, and lintian and rpmlint find no
+/// errors.
+#[test]
+fn runit_and_supervisord_packages_carry_their_files_and_pass_the_linters() {
+    let k = keys();
+    for (kind, files_wanted, depends) in [
+        (
+            "runit",
+            &[
+                " etc/sv/foo/run\n",
+                " etc/sv/foo/log/run\n",
+                " etc/sv/foo/supervise -> /run/runit/supervise/foo\n",
+            ][..],
+            "runit, runit-helper (>= 2.8.2)",
+        ),
+        (
+            "supervisord",
+            &[" usr/lib/keepup/supervisor/foo.conf\n"][..],
+            "supervisor",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = example(dir.path());
+        let yaml = std::fs::read_to_string(&spec)
+            .unwrap()
+            .replace("kind: agent", &format!("kind: {kind}"));
+        std::fs::write(&spec, yaml).unwrap();
+        let files = pack(
+            &spec,
+            &dir.path().join("dist"),
+            &["--sign-key", k.secret.to_str().unwrap()],
+        );
+        let deb = files
+            .iter()
+            .find(|f| f.extension().unwrap() == "deb")
+            .unwrap();
+        let rpm = files
+            .iter()
+            .find(|f| f.extension().unwrap() == "rpm")
+            .unwrap();
+
+        let mut c = tool("dpkg-deb");
+        c.arg("--contents").arg(deb);
+        let contents = text(&run(c));
+        for want in files_wanted {
+            assert!(
+                contents.contains(want),
+                "{kind}: .deb lacks {want}:\n{contents}"
+            );
+        }
+        let mut f = tool("dpkg-deb");
+        f.arg("--field").arg(deb).arg("Depends");
+        let deps = text(&run(f));
+        assert!(deps.contains(depends), "{kind}: Depends: {deps}");
+        let mut i = tool("dpkg-deb");
+        i.arg("--info").arg(deb).arg("conffiles");
+        let conffiles = text(&i.output().unwrap());
+        let mut s = tool("dpkg-deb");
+        s.arg("--info").arg(deb).arg("postrm");
+        let postrm = text(&run(s));
+        if kind == "runit" {
+            assert!(conffiles.contains("/etc/sv/foo/run"), "{conffiles}");
+            assert!(
+                postrm.contains("/lib/runit-helper/runit-helper postrm"),
+                "{postrm}"
+            );
+        } else {
+            assert!(!conffiles.contains("supervisor"), "{conffiles}");
+            assert!(postrm.contains("supervisorctl update 'foo'"), "{postrm}");
+        }
+
+        let mut l = tool("lintian");
+        l.arg("--tag-display-limit").arg("0").arg(deb);
+        let report = text(&l.output().unwrap());
+        let errors: Vec<_> = report.lines().filter(|l| l.starts_with("E:")).collect();
+        assert!(errors.is_empty(), "{kind}: lintian errors:\n{report}");
+
+        let mut q = tool("rpm");
+        q.env("HOME", &k.home).args(["-qlp"]).arg(rpm);
+        let list = text(&run(q));
+        for want in files_wanted {
+            let path = format!("/{}", want.trim().split(" -> ").next().unwrap());
+            assert!(list.contains(&path), "{kind}: .rpm lacks {path}:\n{list}");
+        }
+        let mut lint = tool("rpmlint");
+        lint.env("HOME", &k.home).arg(rpm);
+        let report = text(&lint.output().unwrap());
+        assert!(
+            report.contains(" 0 errors"),
+            "{kind}: rpmlint errors:\n{report}"
+        );
+    }
+}

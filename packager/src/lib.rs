@@ -9,6 +9,8 @@
 
 #[cfg(feature = "build")]
 pub mod agent;
+#[cfg(feature = "build")]
+pub mod foreign;
 pub mod format;
 #[cfg(feature = "build")]
 pub mod keyring;

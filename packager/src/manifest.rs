@@ -40,7 +40,7 @@ pub struct Manifest {
 /// Supervision settings as the agent reads them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ManifestSupervisor {
-    /// `agent` or `systemd`.
+    /// Who runs the launch script.
     pub kind: Supervised,
     /// Starts allowed within `within` before giving up.
     pub count: u32,
@@ -134,6 +134,27 @@ pub enum Supervised {
     Agent,
     /// systemd runs it; the agent re-kicks the unit.
     Systemd,
+    /// runsv runs it from `/etc/sv/<name>`; the agent probes and kills the role.
+    Runit,
+    /// supervisord runs it as `[program:<name>]`; the agent re-kicks a `FATAL` program.
+    Supervisord,
+}
+
+impl Supervised {
+    /// The manifest's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Supervised::Agent => "agent",
+            Supervised::Systemd => "systemd",
+            Supervised::Runit => "runit",
+            Supervised::Supervisord => "supervisord",
+        }
+    }
+
+    /// Something other than the agent runs the launch script.
+    pub fn is_external(self) -> bool {
+        self != Supervised::Agent
+    }
 }
 
 /// One probe with its schedule.
@@ -351,6 +372,8 @@ impl Manifest {
                 kind: match spec.supervisor.kind {
                     SupervisorKind::Agent => Supervised::Agent,
                     SupervisorKind::Systemd => Supervised::Systemd,
+                    SupervisorKind::Runit => Supervised::Runit,
+                    SupervisorKind::Supervisord => Supervised::Supervisord,
                 },
                 count: spec.supervisor.count,
                 within: spec.supervisor.within,
@@ -562,6 +585,21 @@ impl Manifest {
                     self.ready()
                 ),
             ));
+        }
+        if matches!(s.kind, Supervised::Runit | Supervised::Supervisord) {
+            let kind = s.kind.as_str();
+            if self.ready() == Ready::Notify {
+                return Err(invalid(
+                    "supervisor.ready",
+                    format!("is notify, but {kind} gives the daemon no notify socket"),
+                ));
+            }
+            if !s.after.is_empty() {
+                return Err(invalid(
+                    "supervisor.after",
+                    format!("{kind} starts its services in no order keepup can set"),
+                ));
+            }
         }
         for (i, a) in s.after.iter().enumerate() {
             if !spec::is_package_name(a) {

@@ -60,6 +60,15 @@ impl Info {
         let mut deb_depends = vec!["procps".to_string()];
         deb_depends.extend(spec.depends.common.iter().cloned());
         deb_depends.extend(spec.depends.deb.iter().cloned());
+        deb_depends.extend(crate::foreign::depends(spec, true));
+        let mut rpm_requires: Vec<String> = spec
+            .depends
+            .common
+            .iter()
+            .chain(&spec.depends.rpm)
+            .cloned()
+            .collect();
+        rpm_requires.extend(crate::foreign::depends(spec, false));
         Info {
             name: spec.name.clone(),
             version: spec.version.clone(),
@@ -73,13 +82,7 @@ impl Info {
             deb_pre_depends: vec!["passwd".into()],
             deb_depends,
             deb_recommends: Vec::new(),
-            rpm_requires: spec
-                .depends
-                .common
-                .iter()
-                .chain(&spec.depends.rpm)
-                .cloned()
-                .collect(),
+            rpm_requires,
             rpm_recommends: Vec::new(),
             changes: spec.changes.clone(),
         }
@@ -231,6 +234,19 @@ pub fn plan(spec: &Spec, format: Format, epoch: u64) -> Result<Vec<Entry>, PackE
             0o644,
             scripts::systemd_unit(spec).into_bytes(),
         ));
+    }
+    for f in crate::foreign::files(spec) {
+        let mut e = match f.body {
+            crate::foreign::ForeignBody::Text(t) => {
+                Entry::generated(f.path, f.mode, t.into_bytes())
+            }
+            crate::foreign::ForeignBody::Link(target) => Entry {
+                kind: Kind::Symlink(target),
+                ..Entry::generated(f.path, f.mode, Vec::new())
+            },
+        };
+        e.config = f.config && format == Format::Deb;
+        entries.push(e);
     }
     let doc = format!("/usr/share/doc/{}", spec.name);
     entries.push(Entry::generated(

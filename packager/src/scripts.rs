@@ -585,7 +585,7 @@ pub fn deb_scripts(spec: &Spec) -> DebScripts {
     let postinst = format!(
         "{}{fns}{own_fn}\ncase \"$1\" in\nconfigure)\n{own}    # Make sure the old version is gone; the supervisor brings up the new bits.\n    keepup_kill_role\n{}    ;;\nesac\n\nexit 0\n",
         header(spec, "postinst", "Upgrade flow: make sure the old version is gone (kill the role); the supervisor starts the new one."),
-        indent(&systemd_start(spec)),
+        indent(&format!("{}{}", systemd_start(spec), crate::foreign::start(spec, true))),
     );
     let mut purge = String::new();
     for f in spec
@@ -602,7 +602,7 @@ pub fn deb_scripts(spec: &Spec) -> DebScripts {
     let postrm = format!(
         "{}{fns}\ncase \"$1\" in\nremove|purge)\n{}    # The service is gone: every process of its role goes too.\n    keepup_kill_role all\n    ;;\nupgrade|disappear|abort-install|abort-upgrade)\n    # This version's files are gone, so nothing restarts it: kill what still runs.\n    keepup_kill_role\n    ;;\nesac\n{}\nexit 0\n",
         header(spec, "postrm", "Upgrade flow: this version's files are gone; shut it down by killing the role, asynchronously."),
-        indent(&systemd_stop(spec)),
+        indent(&format!("{}{}", systemd_stop(spec), crate::foreign::stop(spec, true))),
         if purge.is_empty() { String::new() } else { format!("if [ \"$1\" = purge ]; then\n{purge}fi\n") },
     );
     DebScripts {
@@ -651,16 +651,17 @@ pub fn rpm_scripts(spec: &Spec) -> RpmScripts {
     let postun = strip(format!(
         "{}{kill}\n# $1 = 0 on erase; on upgrade the new package's %posttrans does the kill.\nif [ \"$1\" -eq 0 ]; then\n{}    keepup_kill_role all\nfi\nexit 0\n",
         header(spec, "%postun", "Upgrade flow: after erase, kill what still runs, asynchronously."),
-        indent(&systemd_stop(spec)),
+        indent(&format!("{}{}", systemd_stop(spec), crate::foreign::stop(spec, false))),
     ));
     let posttrans = strip(format!(
-        "{}{kill}\nkeepup_kill_role\n{}exit 0\n",
+        "{}{kill}\nkeepup_kill_role\n{}{}exit 0\n",
         header(
             spec,
             "%posttrans",
             "Upgrade flow: runs last, so the old version is gone and only the new one starts."
         ),
         systemd_start(spec),
+        crate::foreign::start(spec, false),
     ));
     RpmScripts {
         pre,

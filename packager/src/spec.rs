@@ -235,6 +235,42 @@ pub enum SupervisorKind {
     Agent,
     /// systemd runs it from a generated unit with `Restart=always`; the agent re-kicks it.
     Systemd,
+    /// runsv runs it from `/etc/sv/<name>` (runit); the agent probes and kills the role.
+    Runit,
+    /// supervisord runs it as `[program:<name>]`; the agent probes, kills the role and
+    /// re-kicks a `FATAL` program.
+    Supervisord,
+}
+
+impl SupervisorKind {
+    /// Every kind, as the spec spells it.
+    pub const ALL: [SupervisorKind; 4] = [
+        SupervisorKind::Agent,
+        SupervisorKind::Systemd,
+        SupervisorKind::Runit,
+        SupervisorKind::Supervisord,
+    ];
+
+    /// The spec's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SupervisorKind::Agent => "agent",
+            SupervisorKind::Systemd => "systemd",
+            SupervisorKind::Runit => "runit",
+            SupervisorKind::Supervisord => "supervisord",
+        }
+    }
+
+    /// The kind a spec names, if any.
+    pub fn parse(s: &str) -> Option<SupervisorKind> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    /// A supervisor the host already runs (not the agent, not systemd): it has no notify
+    /// socket and no start order keepup could set.
+    pub fn is_foreign(self) -> bool {
+        matches!(self, SupervisorKind::Runit | SupervisorKind::Supervisord)
+    }
 }
 
 /// Supervision settings.
@@ -1362,18 +1398,22 @@ fn validate_supervisor(
     };
     let Some(raw) = raw else { return s };
     if let Some(k) = &raw.kind {
-        s.kind = match k.value.as_str() {
-            "agent" => SupervisorKind::Agent,
-            "systemd" => SupervisorKind::Systemd,
-            other => {
-                c.err(
-                    Some(k.referenced),
-                    "supervisor.kind",
-                    format!("{other:?} is not a supervisor; expected `agent` or `systemd`"),
-                );
-                SupervisorKind::Agent
-            }
-        };
+        s.kind = SupervisorKind::parse(&k.value).unwrap_or_else(|| {
+            let valid: Vec<String> = SupervisorKind::ALL
+                .iter()
+                .map(|k| format!("`{}`", k.as_str()))
+                .collect();
+            c.err(
+                Some(k.referenced),
+                "supervisor.kind",
+                format!(
+                    "{:?} is not a supervisor; expected one of {}",
+                    k.value,
+                    valid.join(", ")
+                ),
+            );
+            SupervisorKind::Agent
+        });
     }
     if let Some(n) = &raw.count {
         if n.value == 0 {
@@ -1388,7 +1428,34 @@ fn validate_supervisor(
         s.stop_grace,
     );
     validate_readiness(c, raw, &mut s, name, has_checks);
+    if s.kind.is_foreign() {
+        validate_foreign(c, raw, &s);
+    }
     s
+}
+
+/// runit and supervisord start the launch script themselves: no notify socket reaches the
+/// daemon, and keepup cannot order their starts.
+fn validate_foreign(c: &mut Checker<'_>, raw: &RawSupervisor, s: &Supervisor) {
+    let kind = s.kind.as_str();
+    if let Some(r) = raw.ready.as_ref().filter(|_| s.ready == Ready::Notify) {
+        c.err(
+            Some(r.referenced),
+            "supervisor.ready",
+            format!(
+                "is notify, but {kind} gives the daemon no notify socket; use `ready: probes` or `ready: exec`, or `kind: agent` or `kind: systemd`"
+            ),
+        );
+    }
+    if let (Some(a), false) = (raw.after.first(), s.after.is_empty()) {
+        c.err(
+            Some(a.referenced),
+            "supervisor.after",
+            format!(
+                "{kind} starts its services in no order keepup can set; remove `after`, or use `kind: agent` or `kind: systemd`"
+            ),
+        );
+    }
 }
 
 /// `ready`, `ready_timeout`, `watchdog` and `after` (the agent's manifest validation refuses

@@ -556,3 +556,49 @@ fn the_notify_variables_are_the_supervisors_not_the_specs() {
         assert!(shown.contains("set by the supervisor"), "{shown}");
     }
 }
+
+#[test]
+fn runit_and_supervisord_kinds_parse_and_refuse_what_they_cannot_do() {
+    use keepup_packager::manifest::{Manifest, Supervised};
+    use keepup_packager::spec::SupervisorKind;
+    let d = dir();
+    for (kind, want, manifest) in [
+        ("runit", SupervisorKind::Runit, Supervised::Runit),
+        (
+            "supervisord",
+            SupervisorKind::Supervisord,
+            Supervised::Supervisord,
+        ),
+    ] {
+        let s = parse(
+            d.path(),
+            &format!("{}{CHECK}", with_supervisor(&format!("  kind: {kind}\n"))),
+        )
+        .unwrap();
+        assert_eq!(s.supervisor.kind, want);
+        let m = Manifest::from_spec(&s);
+        assert_eq!(m.supervisor.kind, manifest);
+        let yaml = m.to_yaml();
+        assert!(yaml.contains(&format!("kind: {kind}")), "{yaml}");
+        assert_eq!(Manifest::parse("foo.yaml", &yaml).unwrap(), m);
+
+        // No notify socket under these supervisors, and no start order.
+        let (e, shown) = one_error(&with_supervisor(&format!(
+            "  kind: {kind}\n  ready: notify\n"
+        )));
+        assert_eq!(e.field, "supervisor.ready", "{shown}");
+        assert!(shown.contains("no notify socket"), "{shown}");
+        let (e, shown) = one_error(&with_supervisor(&format!(
+            "  kind: {kind}\n  after: [db]\n"
+        )));
+        assert_eq!(e.field, "supervisor.after", "{shown}");
+        assert!(shown.contains("no order"), "{shown}");
+    }
+    // An unknown kind is refused with the list of valid ones.
+    let (e, shown) = one_error(&with_supervisor("  kind: s6\n"));
+    assert_eq!(e.field, "supervisor.kind", "{shown}");
+    assert!(
+        shown.contains("`agent`, `systemd`, `runit`, `supervisord`"),
+        "{shown}"
+    );
+}

@@ -2,6 +2,7 @@
 //! starts hosts as containers on per-test networks ([`host`]). The example service daemon
 //! `food` lives in `src/bin/food.rs`; [`example`] packs it.
 
+pub mod agent_host;
 pub mod agent_pkg;
 pub mod example;
 pub mod fleet;

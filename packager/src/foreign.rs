@@ -1,0 +1,336 @@
+//! Services run by a supervisor the host already has: runit (`supervisor.kind: runit`) and
+//! supervisord (`kind: supervisord`). The package ships what that supervisor reads (runit's
+//! service directory `/etc/sv/<name>`, supervisord's `[program:<name>]`) around the same
+//! launch script, and the maintainer-script steps that enable it on install and take it away
+//! on removal. The supervisor restarts the launch script when it exits; keepup-agent probes,
+//! kills the role on live death and re-kicks what gave up.
+//!
+//! Every step here is a bounded, non-interactive command that never fails the package
+//! operation: a host without a running runsvdir or supervisord gets the files, and the
+//! service starts when that supervisor does.
+
+use crate::scripts::quote;
+use crate::spec::{Spec, SupervisorKind};
+
+/// runit's service directories (Debian, Void and the runit documentation).
+pub const RUNIT_SV: &str = "/etc/sv";
+/// Where runsv keeps its state on Debian (the `supervise` links point there).
+pub const RUNIT_SUPERVISE: &str = "/run/runit/supervise";
+/// Where the package ships its supervisord program section; the include directory links it.
+pub const SUPERVISORD_CONF_DIR: &str = "/usr/lib/keepup/supervisor";
+
+/// `/etc/sv/<name>`.
+pub fn runit_dir(name: &str) -> String {
+    format!("{RUNIT_SV}/{name}")
+}
+
+/// Where svlogd writes the service's output.
+pub fn runit_log_dir(name: &str) -> String {
+    format!("/var/log/{name}")
+}
+
+/// The shipped supervisord program section.
+pub fn supervisord_conf(name: &str) -> String {
+    format!("{SUPERVISORD_CONF_DIR}/{name}.conf")
+}
+
+/// supervisord's log of the program's output.
+pub fn supervisord_log(name: &str) -> String {
+    format!("/var/log/supervisor/{name}.log")
+}
+
+/// A generated file of a foreign-supervised package.
+pub struct ForeignFile {
+    /// Absolute path.
+    pub path: String,
+    /// Mode bits.
+    pub mode: u32,
+    /// Contents, or the target of a symbolic link.
+    pub body: ForeignBody,
+    /// A conffile in the .deb (Debian policy: everything under `/etc`). The .rpm marks none:
+    /// Fedora's policy (rpmlint `executable-marked-as-config-file`) refuses executable config
+    /// files, and `rpm -e` then removes them.
+    pub config: bool,
+}
+
+/// What a [`ForeignFile`] holds.
+pub enum ForeignBody {
+    /// A regular file.
+    Text(String),
+    /// A symbolic link to this target.
+    Link(String),
+}
+
+/// The files the supervisor reads, for `kind: runit` or `kind: supervisord` (none otherwise).
+pub fn files(spec: &Spec) -> Vec<ForeignFile> {
+    let name = &spec.name;
+    match spec.supervisor.kind {
+        SupervisorKind::Runit => {
+            let dir = runit_dir(name);
+            vec![
+                ForeignFile {
+                    path: format!("{dir}/run"),
+                    mode: 0o755,
+                    body: ForeignBody::Text(runit_run(spec)),
+                    config: true,
+                },
+                ForeignFile {
+                    path: format!("{dir}/log/run"),
+                    mode: 0o755,
+                    body: ForeignBody::Text(runit_log_run(spec)),
+                    config: true,
+                },
+                // Debian's layout (dh_runit): runsv's state lives in /run, so /etc holds only
+                // what the package and the admin wrote.
+                ForeignFile {
+                    path: format!("{dir}/supervise"),
+                    mode: 0o777,
+                    body: ForeignBody::Link(format!("{RUNIT_SUPERVISE}/{name}")),
+                    config: false,
+                },
+                ForeignFile {
+                    path: format!("{dir}/log/supervise"),
+                    mode: 0o777,
+                    body: ForeignBody::Link(format!("{RUNIT_SUPERVISE}/{name}.log")),
+                    config: false,
+                },
+                // /run is empty after a boot: systemd-tmpfiles makes the directory the links
+                // point into, where runit's own boot scripts do not (they do on Debian).
+                ForeignFile {
+                    path: format!("/usr/lib/tmpfiles.d/{name}-runit.conf"),
+                    mode: 0o644,
+                    body: ForeignBody::Text(format!(
+                        "# runsv's state for {name} (the /etc/sv/{name}/supervise links), made at boot.\n\
+                         d {RUNIT_SUPERVISE} 0755 root root -\n"
+                    )),
+                    config: false,
+                },
+            ]
+        }
+        SupervisorKind::Supervisord => vec![ForeignFile {
+            path: supervisord_conf(name),
+            mode: 0o644,
+            body: ForeignBody::Text(supervisord_program(spec)),
+            config: false,
+        }],
+        SupervisorKind::Agent | SupervisorKind::Systemd => Vec::new(),
+    }
+}
+
+/// `/etc/sv/<name>/run`: runsv runs it and runs it again when it exits (1 s apart).
+pub fn runit_run(spec: &Spec) -> String {
+    format!(
+        "#!/bin/sh\n# runit run script for {name} {version}, generated by `keepup pack`.\n\
+         # runsv starts it, and starts it again 1 s after it exits; keepup-agent probes the\n\
+         # service and kills its role ({role}) when it stops answering. The launch script makes\n\
+         # the environment sane and switches to the role itself.\n\
+         exec 2>&1\nexec {launch}\n",
+        name = spec.name,
+        version = spec.full_version(),
+        role = spec.role,
+        launch = quote(&spec.launch_path()),
+    )
+}
+
+/// `/etc/sv/<name>/log/run`: svlogd into `/var/log/<name>/`, never as root in a directory
+/// anyone else can write (a planted link would turn root's log writes into anything).
+pub fn runit_log_run(spec: &Spec) -> String {
+    let dir = quote(&runit_log_dir(&spec.name));
+    format!(
+        r#"#!/bin/sh
+# svlogd for {name}, generated by `keepup pack`: the service's output, timestamped, rotated
+# in {plain}/ (`current` and older files, svlogd's defaults).
+# svlogd runs as Debian's runit log user (_runit-log) when the host has it, else as root; in
+# both cases the directory must be its own alone, so no one else can plant a link there.
+if getent passwd _runit-log >/dev/null 2>&1; then
+    log_user=_runit-log
+else
+    log_user=root
+fi
+if [ ! -e {dir} ] && [ ! -L {dir} ]; then
+    mkdir -m 0750 {dir} && chown "$log_user" {dir}
+fi
+meta=$(stat -c '%U %a %F' {dir} 2>/dev/null) || meta=missing
+case $meta in
+"$log_user "[0-7][0-5][0-5]" directory") ;;
+*)
+    printf '%s: not sane: %s must be a directory owned by %s and writable by no one else (it is: %s); fix or remove it\n' \
+        {qname} {dir} "$log_user" "$meta" >&2
+    sleep 10
+    exit 1
+    ;;
+esac
+if [ "$log_user" = root ]; then
+    exec svlogd -tt {dir}
+fi
+exec chpst -u "$log_user" svlogd -tt {dir}
+"#,
+        name = spec.name,
+        plain = runit_log_dir(&spec.name),
+        qname = quote(&spec.name),
+    )
+}
+
+/// A value as supervisord's config parser reads it back: `%` starts an expansion there.
+fn ini_value(v: &str) -> String {
+    v.replace('%', "%%")
+}
+
+/// `[program:<name>]`: `autorestart`, `startretries` from `count`, the group stopped and
+/// killed as a whole with `stop_grace` between, output to supervisord's log directory.
+pub fn supervisord_program(spec: &Spec) -> String {
+    let s = &spec.supervisor;
+    format!(
+        "; supervisord program for {name} {version}, generated by `keepup pack`.\n\
+         ; supervisord starts the launch script as root; it makes the environment sane and\n\
+         ; switches to the role ({role}) itself, as under systemd. keepup-agent probes it, kills\n\
+         ; the role when it stops answering, and starts it again when supervisord gave up\n\
+         ; (FATAL).\n\
+         [program:{name}]\n\
+         command={launch}\n\
+         autostart=true\n\
+         autorestart=true\n\
+         startsecs=1\n\
+         startretries={count}\n\
+         stopsignal=TERM\n\
+         stopwaitsecs={grace}\n\
+         stopasgroup=true\n\
+         killasgroup=true\n\
+         redirect_stderr=true\n\
+         stdout_logfile={log}\n\
+         stdout_logfile_maxbytes=10MB\n\
+         stdout_logfile_backups=5\n",
+        name = spec.name,
+        version = spec.full_version(),
+        role = spec.role,
+        launch = ini_value(&spec.launch_path()),
+        count = s.count,
+        grace = s.stop_grace.as_secs().max(1),
+        log = ini_value(&supervisord_log(&spec.name)),
+    )
+}
+
+/// After install or upgrade (after the role kill): enable the service where the supervisor
+/// finds it, and tell a running supervisord. `deb`: Debian's `runit-helper` enables a runit
+/// service (it respects an admin's `/etc/runit/runsvdir/default/.<name>`).
+pub fn start(spec: &Spec, deb: bool) -> String {
+    let name = quote(&spec.name);
+    match spec.supervisor.kind {
+        SupervisorKind::Runit => {
+            let dir = quote(&runit_dir(&spec.name));
+            let link = quote(&format!("/etc/service/{}", spec.name));
+            let link_it = format!(
+                "if [ -d /etc/service ] && [ ! -e {link} ] && [ ! -L {link} ]; then\n    \
+                 ln -s {dir} {link}\n\
+                 fi\n"
+            );
+            let enable = if deb {
+                // runit-helper keeps an admin's `.<name>` opt-out; sv waits at most SVWAIT
+                // seconds when runit is init.
+                format!(
+                    "if [ -x /lib/runit-helper/runit-helper ]; then\n    \
+                     NAME={name} ENABLE=yes ONUPGRADE=nostop SVWAIT=2 \\\n        \
+                     /lib/runit-helper/runit-helper postinst \"$@\" || true\n\
+                     else\n{}fi\n",
+                    crate::scripts::indent(&link_it)
+                )
+            } else {
+                link_it
+            };
+            format!(
+                "# runit: runsv keeps its state in {RUNIT_SUPERVISE} (a tmpfs); runsvdir starts\n\
+                 # the service within 5 s of its link appearing in /etc/service.\n\
+                 mkdir -p {RUNIT_SUPERVISE}\n\
+                 {enable}"
+            )
+        }
+        SupervisorKind::Supervisord => {
+            let conf = quote(&supervisord_conf(&spec.name));
+            format!(
+                "# supervisord: link the program into its include directory (Debian's conf.d,\n\
+                 # or Fedora's supervisord.d), never over an admin's own file.\n\
+                 for sd_link in /etc/supervisor/conf.d/{n}.conf /etc/supervisord.d/{n}.ini; do\n    \
+                 [ -d \"${{sd_link%/*}}\" ] || continue\n    \
+                 if [ ! -e \"$sd_link\" ] && [ ! -L \"$sd_link\" ]; then\n        \
+                 ln -s {conf} \"$sd_link\"\n    \
+                 elif [ \"$(readlink \"$sd_link\")\" != {conf} ]; then\n        \
+                 printf '%s: %s is not keepup'\\''s link; left as it is\\n' {name} \"$sd_link\" >&2\n    \
+                 fi\n    \
+                 break\n\
+                 done\n\
+                 {update}",
+                n = spec.name,
+                update = supervisorctl_update(&name),
+            )
+        }
+        SupervisorKind::Agent | SupervisorKind::Systemd => String::new(),
+    }
+}
+
+/// `supervisorctl reread` + `update <name>` when supervisord runs, each bounded.
+fn supervisorctl_update(name: &str) -> String {
+    format!(
+        "if command -v supervisorctl >/dev/null 2>&1 && timeout 10 supervisorctl pid >/dev/null 2>&1; then\n    \
+         timeout 30 supervisorctl reread >/dev/null 2>&1 || true\n    \
+         timeout 60 supervisorctl update {name} >/dev/null 2>&1 || true\n\
+         fi\n"
+    )
+}
+
+/// On removal (before the role kill): take the service away from its supervisor, so nothing
+/// starts it again. runit's conffiles in `/etc/sv/<name>` stay until purge (Debian policy);
+/// an admin's `down` file there is never touched.
+pub fn stop(spec: &Spec, deb: bool) -> String {
+    let name = quote(&spec.name);
+    match spec.supervisor.kind {
+        SupervisorKind::Runit => {
+            let dir = quote(&runit_dir(&spec.name));
+            let link = quote(&format!("/etc/service/{}", spec.name));
+            let helper = if deb {
+                format!(
+                    "if [ -x /lib/runit-helper/runit-helper ]; then\n    \
+                     NAME={name} ENABLE=yes ONUPGRADE=nostop SVWAIT=2 \\\n        \
+                     /lib/runit-helper/runit-helper postrm \"$@\" || true\n\
+                     fi\n"
+                )
+            } else {
+                String::new()
+            };
+            format!(
+                "# runit: down (sv does not wait), then the link goes: runsvdir stops runsv.\n\
+                 if command -v sv >/dev/null 2>&1; then\n    \
+                 timeout 10 sv down {dir} >/dev/null 2>&1 || true\n\
+                 fi\n\
+                 if [ \"$(readlink {link})\" = {dir} ]; then\n    \
+                 rm -f {link}\n\
+                 fi\n\
+                 {helper}"
+            )
+        }
+        SupervisorKind::Supervisord => {
+            let conf = quote(&supervisord_conf(&spec.name));
+            format!(
+                "# supervisord: unlink the program (only keepup's link) and let it go.\n\
+                 for sd_link in /etc/supervisor/conf.d/{n}.conf /etc/supervisord.d/{n}.ini; do\n    \
+                 if [ -L \"$sd_link\" ] && [ \"$(readlink \"$sd_link\")\" = {conf} ]; then\n        \
+                 rm -f \"$sd_link\"\n    \
+                 fi\n\
+                 done\n\
+                 {update}",
+                n = spec.name,
+                update = supervisorctl_update(&name),
+            )
+        }
+        SupervisorKind::Agent | SupervisorKind::Systemd => String::new(),
+    }
+}
+
+/// Packages a foreign-supervised service needs, per format.
+pub fn depends(spec: &Spec, deb: bool) -> Vec<String> {
+    match (spec.supervisor.kind, deb) {
+        (SupervisorKind::Runit, true) => vec!["runit".into(), "runit-helper (>= 2.8.2)".into()],
+        (SupervisorKind::Runit, false) => vec!["runit".into()],
+        (SupervisorKind::Supervisord, _) => vec!["supervisor".into()],
+        _ => Vec::new(),
+    }
+}
