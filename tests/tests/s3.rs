@@ -361,3 +361,110 @@ async fn repo_sync_publishes_a_repository_that_apt_and_agents_read_from_the_buck
     no_secret(&s3)?;
     Ok(())
 }
+
+/// A pool file over 16 MiB goes up as a multipart upload (5 MiB parts): the object reads back
+/// byte for byte, stock apt installs the package from the bucket (its SHA-256 is checked
+/// against the signed index), and the next sync skips it (a multipart ETag is no MD5: the
+/// recorded one is compared).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_package_over_16_mib_goes_up_in_parts_and_installs_from_the_bucket() -> Result<()> {
+    if skip_s3() || !docker_or_skip() {
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    let net = TestNet::new()?;
+    let s3 = S3Server::start(&net)?;
+    s3.public_bucket(BUCKET)?;
+    let repo = dir.join("repo");
+    let key = shared_signing_key()?;
+    let r = repo.to_str().unwrap();
+    keepup(&[
+        "repo",
+        "init",
+        r,
+        "--key",
+        key.to_str().unwrap(),
+        "--key-dir",
+        dir.join("keys").to_str().unwrap(),
+    ])?;
+    // 20 MiB that no compressor shrinks, packed uncompressed (a debug build's xz would take
+    // minutes): the .deb is over the 16 MiB multipart threshold.
+    let src = dir.join("spec");
+    std::fs::create_dir_all(&src)?;
+    let mut blob = vec![0u8; 20 << 20];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for chunk in blob.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    std::fs::write(src.join("blob"), &blob)?;
+    let examples = keepup_tests::workspace_root().join("docs/examples");
+    std::fs::copy(examples.join("foo.conf"), src.join("foo.conf"))?;
+    let spec = std::fs::read_to_string(examples.join("foo.yaml"))?
+        .replace(
+            "../../target/release/food",
+            &built_bin("food")?.to_string_lossy(),
+        )
+        .replace(
+            "files:\n",
+            "files:\n  - src: blob\n    dst: /usr/share/foo/blob\n",
+        );
+    std::fs::write(src.join("foo.yaml"), spec)?;
+    let dist = dir.join("dist");
+    keepup(&[
+        "pack",
+        src.join("foo.yaml").to_str().unwrap(),
+        "--out",
+        dist.to_str().unwrap(),
+        "--format",
+        "deb",
+        "--compression",
+        "none",
+    ])?;
+    let deb = dist.join("foo_1.0.0-1_amd64.deb");
+    let size = std::fs::metadata(&deb)?.len();
+    ensure!(size > 16 << 20, "the .deb is only {size} bytes");
+    keepup(&["publish", "--repo", r, deb.to_str().unwrap()])?;
+    keepup(&["promote", "--repo", r, "foo", "--to", "testing"])?;
+    keepup(&["promote", "--repo", r, "foo", "--to", "stable"])?;
+
+    let first = synced(&repo, &s3, "1h")?;
+    let pool = files(&first)
+        .into_iter()
+        .find(|f| f.starts_with("pool/") && f.ends_with(".deb"))
+        .with_context(|| format!("the .deb was not uploaded: {first}"))?;
+    bucket_mirrors(&s3, &repo, true)?;
+    let again = synced(&repo, &s3, "1h")?;
+    ensure!(
+        files(&again).is_empty(),
+        "the multipart object {pool} is sent again: {again}"
+    );
+
+    let base = format!("{}/{BUCKET}/{PREFIX}/", s3.endpoint);
+    let client = Host::start(&net, "s3-big").await?;
+    client
+        .ok(&format!(
+            "mkdir -p /etc/apt/keyrings && curl -fsS -o /etc/apt/keyrings/keepup.asc {base}keys/repository.asc \
+             && rm -f /etc/apt/sources.list /etc/apt/sources.list.d/* \
+             && echo 'deb [signed-by=/etc/apt/keyrings/keepup.asc] {base} stable main' > /etc/apt/sources.list.d/keepup.list"
+        ))
+        .await?;
+    ensure!(apt_sees(&client).await? == "1.0.0-1");
+    let install = client.ok("apt-get install -y foo 2>&1").await?;
+    ensure!(!install.contains("Hash Sum mismatch"), "{install}");
+    let blob_sum = client.ok("sha256sum /usr/share/foo/blob").await?;
+    ensure!(
+        blob_sum.starts_with(&sha256_of(&blob)),
+        "the installed blob differs: {blob_sum}"
+    );
+    Ok(())
+}
+
+/// Hex SHA-256 of `data`.
+fn sha256_of(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(data))
+}
