@@ -19,8 +19,9 @@
 //! the others judge the same way, only to show it.
 //! A full channel makes request tasks wait (backpressure) instead of buffering without bound.
 //! Views are built from the in-memory reports, the repository's `fleet.yaml` and track indexes
-//! (re-read when they change), on a blocking thread so ingestion goes on meanwhile, at most
-//! once per [`VIEW_TTL`] per query (a loop of GETs reads the cached copy).
+//! (re-read when they change), on a blocking thread so ingestion goes on meanwhile: the table
+//! form and the JSON from the rows kept in the summaries ([`rows`]), sent as they are built
+//! ([`stream`]); the page at most once per [`VIEW_TTL`] per query.
 //!
 //! Events: agents resend their recent events (a sliding window, oldest first); the new ones
 //! are those after the overlap with the host's previous window, compared by content, so the
