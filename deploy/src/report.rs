@@ -63,13 +63,21 @@ pub fn format_duration(secs: u64) -> String {
 /// How `keepup report` names a CA file, for messages.
 const FIX: &str = "pass --ca-file with";
 
+/// Where the body of a 2xx answer goes, a frame at a time as it arrives.
+type OnData<'a> = &'a mut dyn FnMut(&[u8]) -> Result<()>;
+
+/// Bytes of a refusal's body kept for its message.
+const REFUSAL_KEPT: usize = 4096;
+
 /// GET `path` from `to` over HTTP/1, plain or TLS (trusting `trust`), with the read token as
-/// a bearer token; returns the status and body.
+/// a bearer token; hands a 2xx answer's body to `on_data` as it arrives; returns the status
+/// and, for any other, the start of its body.
 async fn get(
     to: &Target,
     path: &str,
     trust: &Trust,
     token: Option<&str>,
+    on_data: OnData<'_>,
 ) -> Result<(StatusCode, Bytes)> {
     // The TLS settings are checked before connecting: a bad CA file is not a network problem.
     let tls = match to.tls {
@@ -89,7 +97,7 @@ async fn get(
     let req = req.body(Empty::<Bytes>::new())?;
     let work = async {
         let resp = match tls {
-            None => send(stream, req).await?,
+            None => send(stream, req, on_data).await?,
             Some(config) => {
                 let name = ServerName::try_from(to.server_name.clone())
                     .map_err(|_| anyhow!("{:?} is not a host name", to.server_name))?;
@@ -105,7 +113,7 @@ async fn get(
                         https::explain_failure(&to.server_name, trust, FIX, &e)
                     )
                 })?;
-                send(stream, req).await?
+                send(stream, req, on_data).await?
             }
         };
         Ok::<_, anyhow::Error>(resp)
@@ -115,8 +123,14 @@ async fn get(
         .map_err(|_| anyhow!("no complete answer within 120 s"))?
 }
 
-/// Sends `req` on a new HTTP/1 connection over `io`; the status and the whole body.
-async fn send<I>(io: I, req: Request<Empty<Bytes>>) -> Result<(StatusCode, Bytes)>
+/// Sends `req` on a new HTTP/1 connection over `io`; hands a 2xx answer's body to
+/// `on_data` frame by frame; the status and, for any other, the start of the body. A body
+/// cut short (the connection closed before its end) is an error.
+async fn send<I>(
+    io: I,
+    req: Request<Empty<Bytes>>,
+    on_data: OnData<'_>,
+) -> Result<(StatusCode, Bytes)>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -125,10 +139,45 @@ where
     let conn = tokio::spawn(conn);
     let resp = send.send_request(req).await?;
     let status = resp.status();
-    let body = resp.into_body().collect().await?.to_bytes();
+    let mut body = resp.into_body();
+    let mut refusal = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ReadError::CutShort(e.to_string()))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if status.is_success() {
+            on_data(&data).map_err(ReadError::Output)?;
+        } else if refusal.len() < REFUSAL_KEPT {
+            refusal.extend_from_slice(&data[..data.len().min(REFUSAL_KEPT)]);
+        }
+    }
     conn.abort();
-    Ok((status, body))
+    Ok((status, Bytes::from(refusal)))
 }
+
+/// Why an answer's body was not read to its end, once the server had answered.
+#[derive(Debug)]
+enum ReadError {
+    /// The connection ended before the body did.
+    CutShort(String),
+    /// What the body was handed to failed (stdout closed, not a fleet table).
+    Output(anyhow::Error),
+}
+
+impl std::fmt::Display for ReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadError::CutShort(e) => write!(
+                f,
+                "the answer was cut short ({e}): the server stopped sending it (see its log)"
+            ),
+            ReadError::Output(e) => write!(f, "{e:#}"),
+        }
+    }
+}
+
+impl std::error::Error for ReadError {}
 
 /// Where `--server` points: `http[s]://HOST[:PORT][/PREFIX]`, or `HOST:PORT` for plain HTTP.
 fn server_target(server: &str) -> Result<Target> {
@@ -141,22 +190,6 @@ fn server_target(server: &str) -> Result<Target> {
     })
 }
 
-/// Fetch the fleet view's JSON from the server at `server` (`http[s]://HOST[:PORT][/PREFIX]`),
-/// trusting `trust` for `https://`.
-pub fn fetch(
-    server: &str,
-    trust: &Trust,
-    stale_after: u64,
-    events: bool,
-    read_token: Option<&str>,
-) -> Result<Bytes> {
-    let path = format!(
-        "{FLEET_PATH}?stale_after={stale_after}{}",
-        if events { "" } else { "&events=0" }
-    );
-    fetch_path(server, trust, &path, read_token)
-}
-
 /// GET `path` (with its query) from the fleet state server at `server`, trusting `trust` for
 /// `https://`, with the read token if any; the body of a 2xx answer, else an error that says
 /// what to do.
@@ -166,6 +199,24 @@ pub fn fetch_path(
     path: &str,
     read_token: Option<&str>,
 ) -> Result<Bytes> {
+    let mut body = Vec::new();
+    fetch_path_into(server, trust, path, read_token, &mut |d| {
+        body.extend_from_slice(d);
+        Ok(())
+    })?;
+    Ok(Bytes::from(body))
+}
+
+/// [`fetch_path`], handing the body to `on_data` as it arrives instead of keeping it. An
+/// error of `on_data`, or a body cut short, stops the transfer and is returned; what was
+/// handed over before stays handed over.
+pub fn fetch_path_into(
+    server: &str,
+    trust: &Trust,
+    path: &str,
+    read_token: Option<&str>,
+    on_data: OnData<'_>,
+) -> Result<()> {
     let to = server_target(server)?;
     let prefix = to.path.trim_end_matches('/');
     let path = format!("{prefix}{path}");
@@ -177,14 +228,16 @@ pub fn fetch_path(
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let (status, body) = rt
-        .block_on(get(&to, &path, trust, read_token))
-        .with_context(|| {
-            format!(
+    let (status, body) = match rt.block_on(get(&to, &path, trust, read_token, on_data)) {
+        Err(e) if e.is::<ReadError>() => return Err(e.context(format!("reading {url}"))),
+        r => r,
+    }
+    .with_context(|| {
+        format!(
             "cannot reach the keepup server at {url}: is `keepup serve --repo DIR --state FILE` \
              running there and reachable from here? (choose another server with --server URL)"
         )
-        })?;
+    })?;
     if status == StatusCode::UNAUTHORIZED {
         bail!(
             "{url} answered 401: {}; pass the server's read token with --read-token-file FILE",
@@ -211,7 +264,7 @@ pub fn fetch_path(
             )
         );
     }
-    Ok(body)
+    Ok(())
 }
 
 /// The first line of the table form of the fleet view (`GET /api/v1/fleet?form=table`):
@@ -266,18 +319,20 @@ pub fn parse_rows(v: &str) -> Filter {
 /// `keepup report`.
 pub fn run(o: &ReportOptions) -> Result<()> {
     let stdout = std::io::stdout();
-    let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, stdout.lock());
     if o.json {
-        let body = fetch(
-            &o.server,
-            &o.trust,
-            o.stale_after,
-            true,
-            o.read_token.as_deref(),
-        )?;
+        let path = format!("{FLEET_PATH}?stale_after={}", o.stale_after);
         if o.filter.is_empty() {
-            out.write_all(&body)?;
+            // As it arrives: a body cut short fails here (and is no valid JSON on stdout).
+            fetch_path_into(
+                &o.server,
+                &o.trust,
+                &path,
+                o.read_token.as_deref(),
+                &mut |d| out.write_all(d).context("writing to stdout"),
+            )?;
         } else {
+            let body = fetch_path(&o.server, &o.trust, &path, o.read_token.as_deref())?;
             let mut view: FleetView = serde_json::from_slice(&body)
                 .with_context(|| format!("{}: the answer is not a fleet view", o.server))?;
             for h in &mut view.hosts {
@@ -292,14 +347,26 @@ pub fn run(o: &ReportOptions) -> Result<()> {
         out.flush()?;
         return Ok(());
     }
-    // The table form: the server picks and renders the rows; this pads them.
+    // The table form: the server picks and renders the rows; this pads them as they arrive.
     let path = format!(
         "{FLEET_PATH}?stale_after={}&events=0{}",
         o.stale_after,
         table_query(&o.filter)
     );
-    let body = fetch_path(&o.server, &o.trust, &path, o.read_token.as_deref())?;
-    if body.first() == Some(&b'{') && !body.contains(&b'\n') {
+    let mut table = TableReader::new(&o.filter, &mut out);
+    fetch_path_into(
+        &o.server,
+        &o.trust,
+        &path,
+        o.read_token.as_deref(),
+        &mut |d| {
+            table
+                .take(d)
+                .with_context(|| format!("{}: the answer is not a fleet table", o.server))
+        },
+    )?;
+    let old = table.finish()?;
+    if let Some(body) = old {
         // A server from before the table form answered with the JSON view.
         let view: FleetView = serde_json::from_slice(&body)
             .with_context(|| format!("{}: the answer is not a fleet view", o.server))?;
@@ -318,20 +385,142 @@ pub fn run(o: &ReportOptions) -> Result<()> {
             rows: n,
             widths: widths.to_vec(),
         };
-        print_table(&head, &rows, &o.filter, &mut out)?;
-    } else {
-        let nl = body.iter().position(|&b| b == b'\n').unwrap_or(body.len());
-        let head: TableHead = serde_json::from_slice(&body[..nl])
-            .with_context(|| format!("{}: the answer is not a fleet table", o.server))?;
-        print_table(
-            &head,
-            &body[(nl + 1).min(body.len())..],
-            &o.filter,
-            &mut out,
-        )?;
+        let mut table = TableReader::new(&o.filter, &mut out);
+        table.head(head)?;
+        table.take(&rows)?;
+        table.finish()?;
     }
     out.flush()?;
     Ok(())
+}
+
+/// Reads the table form as it arrives and prints it: the head line, then each complete
+/// row, padded; a row cut by a frame's end waits for the rest.
+struct TableReader<'f, W: std::io::Write> {
+    filter: &'f Filter,
+    out: W,
+    /// The widths of the columns, once the head was read.
+    widths: Option<Vec<usize>>,
+    /// The start of a line whose end has not arrived.
+    carry: Vec<u8>,
+}
+
+impl<'f, W: std::io::Write> TableReader<'f, W> {
+    fn new(filter: &'f Filter, out: W) -> Self {
+        TableReader {
+            filter,
+            out,
+            widths: None,
+            carry: Vec::new(),
+        }
+    }
+
+    /// Print the summary lines and the header of the table `head` announces.
+    fn head(&mut self, head: TableHead) -> Result<()> {
+        let s = &head.summary;
+        let out = &mut self.out;
+        writeln!(
+            out,
+            "{} hosts: {} reporting, {} stale, {} behind, {} unhealthy, {} quarantined, {} failed updates",
+            s.hosts, s.reporting, s.stale, s.behind, s.unhealthy, s.quarantined, s.failed_updates
+        )?;
+        if !self.filter.is_empty() {
+            writeln!(
+                out,
+                "{} rows {}",
+                head.rows,
+                row_names(self.filter).join(" or ")
+            )?;
+        }
+        writeln!(out)?;
+        let widths: Vec<usize> = (0..HEADER.len())
+            .map(|i| head.widths.get(i).copied().unwrap_or(0))
+            .collect();
+        print_row(&mut self.out, &widths, HEADER.join("\t").as_bytes())?;
+        self.widths = Some(widths);
+        Ok(())
+    }
+
+    /// One complete line: the head, or a row.
+    fn line(&mut self, line: &[u8]) -> Result<()> {
+        match &self.widths {
+            Some(w) => {
+                if !line.is_empty() {
+                    print_row(&mut self.out, w, line)?;
+                }
+                Ok(())
+            }
+            None => self.head(serde_json::from_slice(line)?),
+        }
+    }
+
+    /// The next bytes of the answer.
+    fn take(&mut self, mut data: &[u8]) -> Result<()> {
+        if !self.carry.is_empty() {
+            let Some(nl) = data.iter().position(|&b| b == b'\n') else {
+                self.carry.extend_from_slice(data);
+                return Ok(());
+            };
+            let mut line = std::mem::take(&mut self.carry);
+            line.extend_from_slice(&data[..nl]);
+            self.line(&line)?;
+            line.clear();
+            self.carry = line;
+            data = &data[nl + 1..];
+        }
+        let mut rest = data;
+        while let Some(nl) = rest.iter().position(|&b| b == b'\n') {
+            self.line(&rest[..nl])?;
+            rest = &rest[nl + 1..];
+        }
+        self.carry.extend_from_slice(rest);
+        Ok(())
+    }
+
+    /// The answer ended: print what is left. Returns the whole answer if it was a line
+    /// without an end that came before any head: an older server's JSON view.
+    fn finish(mut self) -> Result<Option<Vec<u8>>> {
+        if self.widths.is_none() {
+            return Ok(Some(std::mem::take(&mut self.carry)));
+        }
+        let rest = std::mem::take(&mut self.carry);
+        self.line(&rest)?;
+        self.out.flush()?;
+        Ok(None)
+    }
+}
+
+/// Spaces to pad cells with.
+const SPACES: [u8; 64] = [b' '; 64];
+
+/// Print one row of tab-separated cells padded to `widths`, each cell checked again before
+/// it reaches the terminal. Rows of printable ASCII (nearly all) are padded as they are.
+fn print_row(out: &mut impl std::io::Write, widths: &[usize], row: &[u8]) -> std::io::Result<()> {
+    let pad = |out: &mut dyn std::io::Write, mut n: usize| -> std::io::Result<()> {
+        while n > 0 {
+            let k = n.min(SPACES.len());
+            out.write_all(&SPACES[..k])?;
+            n -= k;
+        }
+        Ok(())
+    };
+    let plain = row.iter().all(|&b| (0x20..0x7f).contains(&b) || b == b'\t');
+    let mut n = 0;
+    for (i, c) in row.split(|&b| b == b'\t').enumerate() {
+        if i > 0 {
+            let w = widths.get(i - 1).map_or(0, |w| w + 2);
+            pad(out, w.saturating_sub(n).max(1))?;
+        }
+        if plain {
+            n = c.len();
+            out.write_all(c)?;
+        } else {
+            let c = printable(String::from_utf8_lossy(c));
+            n = width(&c);
+            out.write_all(c.as_bytes())?;
+        }
+    }
+    out.write_all(b"\n")
 }
 
 /// The column headers of the table.
@@ -349,7 +538,8 @@ pub const HEADER: [&str; 11] = [
     "UPDATE",
 ];
 
-fn clip(s: &str, n: usize) -> String {
+/// `s` cut to `n` characters, the last one `…` when cut.
+pub(crate) fn clip(s: &str, n: usize) -> String {
     if s.chars().count() <= n {
         s.to_string()
     } else {
@@ -436,7 +626,7 @@ fn cells<'v>(
 }
 
 /// Characters shown for `c`.
-fn width(c: &str) -> usize {
+pub(crate) fn width(c: &str) -> usize {
     if c.is_ascii() {
         c.len()
     } else {
@@ -493,52 +683,6 @@ pub fn table_rows(
     count
 }
 
-/// The summary line and the table: `rows` are tab-separated cells, one row a line, padded
-/// here to `head.widths`. A cell is checked again before it reaches the terminal.
-fn print_table(
-    head: &TableHead,
-    rows: &[u8],
-    filter: &Filter,
-    out: &mut impl std::io::Write,
-) -> std::io::Result<()> {
-    let s = &head.summary;
-    writeln!(
-        out,
-        "{} hosts: {} reporting, {} stale, {} behind, {} unhealthy, {} quarantined, {} failed updates",
-        s.hosts, s.reporting, s.stale, s.behind, s.unhealthy, s.quarantined, s.failed_updates
-    )?;
-    if !filter.is_empty() {
-        writeln!(out, "{} rows {}", head.rows, row_names(filter).join(" or "))?;
-    }
-    writeln!(out)?;
-    let widths: Vec<usize> = (0..HEADER.len())
-        .map(|i| head.widths.get(i).copied().unwrap_or(0))
-        .collect();
-    // One line at a time into a reused buffer, then to the (buffered) output.
-    let mut buf: Vec<u8> = Vec::with_capacity(512);
-    let mut line = |out: &mut dyn std::io::Write, cells: &mut dyn Iterator<Item = &[u8]>| {
-        buf.clear();
-        let mut n = 0;
-        for (i, c) in cells.enumerate() {
-            if i > 0 {
-                let pad = widths.get(i - 1).map_or(0, |w| w + 2).saturating_sub(n);
-                buf.resize(buf.len() + pad.max(1), b' ');
-            }
-            let c = String::from_utf8_lossy(c);
-            let c = printable(c);
-            n = width(&c);
-            buf.extend_from_slice(c.as_bytes());
-        }
-        buf.push(b'\n');
-        out.write_all(&buf)
-    };
-    line(out, &mut HEADER.iter().map(|h| h.as_bytes()))?;
-    for r in rows.split(|&b| b == b'\n').filter(|r| !r.is_empty()) {
-        line(out, &mut r.split(|&b| b == b'\t'))?;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -571,10 +715,13 @@ mod tests {
                 serde_json::to_string(&head).unwrap(),
                 String::from_utf8(rows).unwrap()
             );
-            let nl = wire.find('\n').unwrap();
-            let head: TableHead = serde_json::from_str(&wire[..nl]).unwrap();
+            // As it arrives, in frames that cut lines anywhere.
             let mut out = Vec::new();
-            print_table(&head, &wire.as_bytes()[nl + 1..], f, &mut out).unwrap();
+            let mut t = TableReader::new(f, &mut out);
+            for part in wire.as_bytes().chunks(7) {
+                t.take(part).unwrap();
+            }
+            assert!(t.finish().unwrap().is_none());
             String::from_utf8(out).unwrap()
         };
         let all = text(&Filter::default());

@@ -523,7 +523,12 @@ async fn handle(
             }
         }
         REPORT_PATH => return Ok(not_allowed("POST")),
-        FLEET_PATH if get => state.fleet_json(query.as_deref(), req.headers()).await,
+        FLEET_PATH if get => {
+            // Sent as it is built (a million hosts' view is a gigabyte): HEAD drops the body,
+            // which stops the building.
+            let r = state.fleet_json(query.as_deref(), req.headers()).await;
+            return Ok(if head { r.map(|_| empty()) } else { r });
+        }
         "/" if get => state.page(query.as_deref(), req.headers()).await,
         EVENTS_PATH if get => state.events_json(query.as_deref(), req.headers()).await,
         ROLLOUTS_PATH if get => state.rollouts_json(req.headers()).await,

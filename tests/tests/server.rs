@@ -170,9 +170,41 @@ fn http(
         .parse()?;
     Ok(Answer {
         status,
+        body: match headers
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            true => dechunk(&raw[split + 4..])?,
+            false => raw[split + 4..].to_vec(),
+        },
         headers,
-        body: raw[split + 4..].to_vec(),
     })
+}
+
+/// The body of an answer sent with `Transfer-Encoding: chunked`, decoded; an error if it
+/// does not end with its last (empty) chunk: a truncated answer never looks complete.
+fn dechunk(mut raw: &[u8]) -> Result<Vec<u8>> {
+    let mut body = Vec::new();
+    loop {
+        let eol = raw
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .context("a chunk without its size line: the answer was cut short")?;
+        let size = std::str::from_utf8(&raw[..eol])?;
+        let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
+            .with_context(|| format!("bad chunk size {size:?}"))?;
+        raw = &raw[eol + 2..];
+        if size == 0 {
+            return Ok(body);
+        }
+        ensure!(
+            raw.len() >= size + 2,
+            "a chunk of {size} bytes with {} left: the answer was cut short",
+            raw.len()
+        );
+        body.extend_from_slice(&raw[..size]);
+        raw = &raw[size + 2..];
+    }
 }
 
 fn post_report(port: u16, token: Option<&str>, report: &Value) -> Result<Answer> {
@@ -193,6 +225,14 @@ fn post_report(port: u16, token: Option<&str>, report: &Value) -> Result<Answer>
 fn fleet(port: u16) -> Result<Value> {
     let a = http(port, "GET", "/api/v1/fleet", &[], b"")?;
     ensure!(a.status == 200, "fleet: {} {}", a.status, a.text());
+    // Sent as it is built, never held whole (and decoded whole above: its last chunk came).
+    ensure!(
+        a.headers
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
+        "the fleet view is not streamed: {}",
+        a.headers
+    );
     Ok(serde_json::from_slice(&a.body)?)
 }
 
@@ -997,5 +1037,68 @@ fn read_token_closes_the_views_and_unknown_tokens_cost_no_query() -> Result<()> 
         a.headers
     );
     server.stop();
+    Ok(())
+}
+
+/// A server that answers every request with `head` and the start of a chunked body, then
+/// closes the connection before the last chunk.
+fn cutting_server(
+    head: &'static str,
+    start: &'static str,
+) -> Result<(u16, std::thread::JoinHandle<()>)> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let port = l.local_addr()?.port();
+    let t = std::thread::spawn(move || {
+        if let Ok((mut s, _)) = l.accept() {
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\n{head}\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{start}\r\n",
+                start.len()
+            );
+            let _ = s.write_all(answer.as_bytes());
+        }
+    });
+    Ok((port, t))
+}
+
+/// A fleet view whose answer stops before its end (the server failed while sending it) is
+/// an error for `keepup report`, in both forms, never a shorter view.
+#[test]
+fn a_view_cut_short_is_an_error() -> Result<()> {
+    let forms: [(&[&str], &str, &str); 2] = [
+        (
+            &["--json"],
+            "Content-Type: application/json",
+            "{\"generated_at\":1,\"stale_after\":600,\"summary\":{\"hosts\":2",
+        ),
+        (
+            &[],
+            "Content-Type: text/tab-separated-values",
+            "{\"generated_at\":1,\"summary\":{\"hosts\":2,\"reporting\":2,\"stale\":0,\
+             \"behind\":0,\"unhealthy\":0,\"quarantined\":0,\"failed_updates\":0},\
+             \"rows\":2,\"widths\":[4,5,7,9,13,6,5,8,14,9,6]}\nweb1\tstable\tfoo\t1\t1\tcurrent\trunning\t0\t-\t1s\tok\n",
+        ),
+    ];
+    for (args, head, start) in forms {
+        let (port, t) = cutting_server(head, start)?;
+        let url = format!("http://127.0.0.1:{port}");
+        let mut all = vec!["report", "--server", url.as_str()];
+        all.extend_from_slice(args);
+        let (ok, out, err) = keepup_output(&all)?;
+        t.join().ok();
+        ensure!(
+            !ok,
+            "keepup {} succeeded on a cut answer:\n{out}",
+            all.join(" ")
+        );
+        ensure!(err.contains("cut short"), "keepup {}: {err}", all.join(" "));
+        if args.contains(&"--json") {
+            ensure!(
+                serde_json::from_str::<Value>(&out).is_err(),
+                "what was printed parses as a whole view: {out}"
+            );
+        }
+    }
     Ok(())
 }

@@ -10,6 +10,8 @@ use std::sync::Arc;
 
 use keepup_deploy::wire::{Format, Report, ServiceState, StartReport, UpdateFailure};
 
+use super::rows::RowSlot;
+
 /// An interned string.
 pub type Sym = Arc<str>;
 
@@ -78,6 +80,8 @@ pub struct HostEntry {
     pub services: Box<[ServiceEntry]>,
     /// The last update pass.
     pub update: Option<Box<UpdateEntry>>,
+    /// Its table rows as last rendered (a new report is a new entry: they start empty).
+    pub rows: RowSlot,
 }
 
 /// One supervised service.
@@ -185,6 +189,7 @@ impl HostEntry {
                         .collect(),
                 })
             }),
+            rows: RowSlot::default(),
         }
     }
 

@@ -19,8 +19,9 @@
 //! the others judge the same way, only to show it.
 //! A full channel makes request tasks wait (backpressure) instead of buffering without bound.
 //! Views are built from the in-memory reports, the repository's `fleet.yaml` and track indexes
-//! (re-read when they change), on a blocking thread so ingestion goes on meanwhile, at most
-//! once per [`VIEW_TTL`] per query (a loop of GETs reads the cached copy).
+//! (re-read when they change), on a blocking thread so ingestion goes on meanwhile: the table
+//! form and the JSON from the rows kept in the summaries ([`rows`]), sent as they are built
+//! ([`stream`]); the page at most once per [`VIEW_TTL`] per query.
 //!
 //! Events: agents resend their recent events (a sliding window, oldest first); the new ones
 //! are those after the overlap with the host's previous window, compared by content, so the
@@ -36,6 +37,8 @@ pub mod entry;
 pub mod gate;
 pub mod hosts;
 pub mod page;
+pub mod rows;
+mod stream;
 pub mod view;
 
 use std::collections::{BTreeMap, HashMap};
@@ -66,8 +69,6 @@ use view::{HostEntry, EVENTS_PER_HOST};
 pub const EVENTS_PATH: &str = "/api/v1/events";
 /// Every rollout as the gate saw it last, as JSON.
 pub const ROLLOUTS_PATH: &str = "/api/v1/rollouts";
-/// Hosts per slice of a fleet view built for JSON.
-const VIEW_SLICE: usize = 4096;
 /// Most reports stored in one transaction.
 pub const BATCH: usize = 500;
 /// Reports waiting for the writer at most; more make request tasks wait.
@@ -98,8 +99,6 @@ type Body = Full<Bytes>;
 
 /// Registered host name -> its latest report (none before the first).
 type HostMap = BTreeMap<String, Option<Arc<HostEntry>>>;
-/// One host of a [`Server::snapshot`].
-type Snapshot = (String, Option<Arc<HostEntry>>);
 
 enum Msg {
     Report {
@@ -294,8 +293,8 @@ pub struct Server {
     tx: mpsc::Sender<Msg>,
     cache: Mutex<RepoCache>,
     read_token: Option<TokenHash>,
-    json_views: TtlCache<(u64, bool), Bytes>,
-    table_views: TtlCache<(u64, view::Filter), Bytes>,
+    /// Which fleet policy and track indexes the hosts' kept rows were rendered under.
+    policy_stamp: rows::PolicyStamp,
     #[allow(clippy::type_complexity)]
     page_views: TtlCache<
         (u64, Option<page::PageFilter>, Option<String>),
@@ -358,8 +357,7 @@ impl Server {
             tx,
             cache: Mutex::new(RepoCache::default()),
             read_token,
-            json_views: TtlCache::new(),
-            table_views: TtlCache::new(),
+            policy_stamp: rows::PolicyStamp::default(),
             page_views: TtlCache::new(),
             test_hooks: std::env::var(TEST_HOOKS_ENV).is_ok_and(|v| v == "1"),
             gate_view: Mutex::default(),
@@ -399,8 +397,6 @@ impl Server {
                 if let Some((since, reports)) = peers.filter(|(_, r)| !r.is_empty()) {
                     let _ = me.tx.send(Msg::Peers { since, reports }).await;
                 }
-                me.json_views.purge().await;
-                me.table_views.purge().await;
                 me.page_views.purge().await;
                 if last_prune.elapsed() >= PRUNE_EVERY {
                     last_prune = Instant::now();
@@ -630,63 +626,56 @@ impl Server {
             .await
     }
 
-    /// See [`Server::page_view`]: the view is built in slices and only the hosts of the
-    /// first [`page::MAX_ROWS`] matching rows are kept (a million hosts' view is gigabytes).
+    /// See [`Server::page_view`]: the rows are counted and chosen from the rows kept in the
+    /// hosts' summaries, and the view is built of the hosts of the first
+    /// [`page::MAX_ROWS`] matching rows only (a million hosts' view is gigabytes).
     fn build_page_view(
         &self,
         stale_after: u64,
         q: &page::PageQuery,
     ) -> (view::FleetView, page::RowCounts) {
-        // Without a filter in the query, the fleet's size chooses one: count its rows first.
-        let total = match q.filter {
-            Some(_) => None,
-            None => Some(
-                self.in_slices(stale_after, |v| {
-                    v.hosts
-                        .iter()
-                        .map(|h| h.services.len().max(1))
-                        .sum::<usize>()
-                })
-                .0
-                .into_iter()
-                .sum(),
-            ),
-        };
-        let chosen = page::choose(q, total.unwrap_or(0));
-        let (parts, now, fleet_serial) = self.in_slices(stale_after, |v| {
-            let (mut rows, mut matched, mut all) = (0, 0, 0);
-            let mut kept = Vec::new();
-            for h in v.hosts {
-                all += h.services.len().max(1);
-                let n = page::rows_kept(q, chosen, &h);
-                matched += n;
-                if n > 0 && rows < page::MAX_ROWS {
-                    rows += n;
-                    kept.push(h);
-                }
-            }
-            (v.summary, matched, all, kept)
-        });
-        let mut out = view::FleetView {
-            generated_at: now,
-            stale_after,
-            fleet_serial,
-            ..view::FleetView::default()
-        };
-        let mut counts = page::RowCounts::default();
-        let mut rows = 0;
-        for (s, matched, all, kept) in parts {
-            out.summary.add(&s);
-            counts.matched += matched;
-            counts.total += all;
-            for h in kept {
-                if rows < page::MAX_ROWS {
-                    rows += page::rows_kept(q, chosen, &h);
-                    out.hosts.push(h);
-                }
-            }
-        }
-        (out, counts)
+        let snapshot = self.snapshot();
+        self.with_policy(|policy| {
+            let now = db::now();
+            let all = stream::counts(
+                &snapshot,
+                policy,
+                now,
+                stale_after,
+                &view::Filter::default(),
+            );
+            // Without a filter in the query, the fleet's size chooses one.
+            let chosen = page::choose(q, all.all_rows);
+            let filter = chosen.rows();
+            let hosts = match &q.host {
+                Some(h) => snapshot
+                    .binary_search_by(|(n, _)| n.as_str().cmp(h))
+                    .map_or(&[][..], |i| &snapshot[i..=i]),
+                None => &snapshot[..],
+            };
+            let (mut matched, mut rows, mut shown) = (0, 0, Vec::new());
+            let _ = stream::in_order(
+                hosts,
+                |part| rows::kept(part, policy, now, stale_after, &filter, page::MAX_ROWS),
+                |(m, kept)| {
+                    matched += m;
+                    for (h, n) in kept {
+                        if rows < page::MAX_ROWS {
+                            rows += n;
+                            shown.push(h);
+                        }
+                    }
+                    Ok(())
+                },
+            );
+            let mut out = view::build(&shown, policy, now, stale_after);
+            out.summary = all.summary;
+            let counts = page::RowCounts {
+                total: all.all_rows,
+                matched,
+            };
+            (out, counts)
+        })
     }
 
     fn snapshot(&self) -> Vec<(String, Option<Arc<HostEntry>>)> {
@@ -703,6 +692,7 @@ impl Server {
         let (fleet, indexes) = self.policy_files();
         let mut policy = view::Policy {
             fleet: fleet.as_deref(),
+            stamp: self.policy_stamp.of(&fleet, &indexes),
             ..view::Policy::default()
         };
         for (t, i) in &indexes {
@@ -711,119 +701,48 @@ impl Server {
         f(&policy)
     }
 
-    /// The fleet view built a slice of [`VIEW_SLICE`] hosts at a time on every core, each
-    /// slice handed to `each` as soon as it is built (the view of a million hosts is
-    /// gigabytes as objects: only what `each` makes of it is kept). Returns what `each` made
-    /// of the slices, in host order, the time of the view and the fleet policy's serial.
-    fn in_slices<T: Send>(
-        &self,
-        stale_after: u64,
-        each: impl Fn(view::FleetView) -> T + Sync,
-    ) -> (Vec<T>, u64, Option<u64>) {
+    /// Send the fleet view as JSON into `sink` as it is built ([`stream::json`]). With
+    /// `with_events`, each host's latest [`EVENTS_PER_HOST`] events are read from the
+    /// database (one index walk per host).
+    fn stream_json(&self, stale_after: u64, with_events: bool, sink: stream::Sink) {
         let snapshot = self.snapshot();
-        self.with_policy(|policy| {
-            let now = db::now();
-            let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
-            let slices: Vec<&[Snapshot]> = snapshot.chunks(VIEW_SLICE).collect();
-            let next = std::sync::atomic::AtomicUsize::new(0);
-            let mut parts: Vec<(usize, T)> = std::thread::scope(|sc| {
-                let handles: Vec<_> = (0..threads.min(slices.len()).max(1))
-                    .map(|_| {
-                        sc.spawn(|| {
-                            let mut done = Vec::new();
-                            loop {
-                                let i = next.fetch_add(1, Ordering::Relaxed);
-                                let Some(part) = slices.get(i) else { break };
-                                done.push((i, each(view::build(part, policy, now, stale_after))));
-                            }
-                            done
-                        })
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .filter_map(|h| h.join().ok())
-                    .flatten()
-                    .collect()
-            });
-            parts.sort_by_key(|p| p.0);
-            (
-                parts.into_iter().map(|p| p.1).collect(),
-                now,
-                policy.fleet.map(|f| f.serial),
-            )
-        })
-    }
-
-    /// The fleet view as JSON. With `with_events`, each host's latest [`EVENTS_PER_HOST`]
-    /// events are read from the database (one index walk per host).
-    fn view_json(&self, stale_after: u64, with_events: bool) -> Vec<u8> {
-        let (parts, now, fleet_serial) = self.in_slices(stale_after, |mut v| {
-            if with_events {
-                self.fill_events(&mut v.hosts);
-            }
-            let mut buf = Vec::with_capacity(v.hosts.len() * 600);
-            for (i, h) in v.hosts.iter().enumerate() {
-                if i > 0 {
-                    buf.push(b',');
+        let done = self.with_policy(|policy| {
+            let events = |hosts: &mut [view::HostView]| {
+                if with_events {
+                    self.fill_events(hosts);
                 }
-                let _ = serde_json::to_writer(&mut buf, h);
-            }
-            (v.summary, buf)
+            };
+            stream::json(
+                &snapshot,
+                policy,
+                db::now(),
+                stale_after,
+                &events,
+                &mut |b| sink.send(b),
+            )
         });
-        let mut head = view::FleetView {
-            generated_at: now,
-            stale_after,
-            fleet_serial,
-            ..view::FleetView::default()
-        };
-        for (s, _) in &parts {
-            head.summary.add(s);
+        if done.is_ok() {
+            sink.finish();
         }
-        // `hosts` is the last field: open its array and splice the parts in.
-        let mut out = serde_json::to_vec(&head).unwrap_or_default();
-        out.truncate(out.len().saturating_sub(2));
-        out.reserve(parts.iter().map(|p| p.1.len() + 1).sum::<usize>() + 2);
-        let mut first = true;
-        for (_, p) in parts.iter().filter(|p| !p.1.is_empty()) {
-            if !first {
-                out.push(b',');
-            }
-            first = false;
-            out.extend_from_slice(p);
-        }
-        out.extend_from_slice(b"]}");
-        out
     }
 
-    /// The fleet view's table form (`keepup report`): a [`report::TableHead`] line, then
-    /// the rows `filter` keeps, rendered in slices on every core.
-    fn view_table(&self, stale_after: u64, filter: view::Filter) -> Vec<u8> {
-        let (parts, now, _) = self.in_slices(stale_after, |v| {
-            let mut buf = Vec::with_capacity(v.hosts.len() * 300);
-            let mut widths = [0; 11];
-            let n = report::table_rows(&v.hosts, v.generated_at, &filter, &mut buf, &mut widths);
-            (v.summary, n, widths, buf)
+    /// Send the fleet view's table form (`keepup report`) into `sink` as it is rendered
+    /// ([`stream::table`]).
+    fn stream_table(&self, stale_after: u64, filter: view::Filter, sink: stream::Sink) {
+        let snapshot = self.snapshot();
+        let done = self.with_policy(|policy| {
+            stream::table(
+                &snapshot,
+                policy,
+                db::now(),
+                stale_after,
+                &filter,
+                &mut |b| sink.send(b),
+            )
         });
-        let mut head = report::TableHead {
-            generated_at: now,
-            widths: report::HEADER.iter().map(|h| h.len()).collect(),
-            ..report::TableHead::default()
-        };
-        for (s, n, w, _) in &parts {
-            head.summary.add(s);
-            head.rows += n;
-            for (a, b) in head.widths.iter_mut().zip(w) {
-                *a = (*a).max(*b);
-            }
+        if done.is_ok() {
+            sink.finish();
         }
-        let mut out = serde_json::to_vec(&head).unwrap_or_default();
-        out.push(b'\n');
-        out.reserve(parts.iter().map(|p| p.3.len()).sum());
-        for (.., p) in parts {
-            out.extend_from_slice(&p);
-        }
-        out
     }
 
     /// Each host's latest events from the database, oldest first (left empty if the log
@@ -877,48 +796,36 @@ impl Server {
         (fleet, indexes)
     }
 
-    /// `GET /api/v1/fleet[?stale_after=SECS&events=0]`.
+    /// `GET /api/v1/fleet[?stale_after=SECS&events=0]`: the JSON view, or with
+    /// `form=table&rows=...` the table form, both sent as they are built.
     pub async fn fleet_json(
         self: &Arc<Self>,
         query: Option<&str>,
         headers: &HeaderMap,
-    ) -> Response<Body> {
+    ) -> Response<crate::serve::Body> {
+        use http_body_util::BodyExt as _;
         if !self.may_read(headers) {
-            return self.finish(self.read_refused());
+            return self
+                .finish(self.read_refused())
+                .map(|b| b.map_err(|never| match never {}).boxed());
         }
         let q = Query::parse(query);
-        if let Some(rows) = q.table {
-            let body = self
-                .table_views
-                .get((q.stale_after, rows), || async {
-                    let me = self.clone();
-                    let b = tokio::task::spawn_blocking(move || me.view_table(q.stale_after, rows))
-                        .await
-                        .unwrap_or_default();
-                    Bytes::from(b)
-                })
-                .await;
-            let mut r = Response::new(Body::new(body));
-            r.headers_mut().insert(
-                CONTENT_TYPE,
-                HeaderValue::from_static("text/tab-separated-values; charset=utf-8"),
-            );
-            return self.finish(r);
-        }
-        let body = self
-            .json_views
-            .get((q.stale_after, q.events), || async {
-                let me = self.clone();
-                let b = tokio::task::spawn_blocking(move || me.view_json(q.stale_after, q.events))
-                    .await
-                    .unwrap_or_default();
-                Bytes::from(b)
-            })
-            .await;
-        let mut r = Response::new(Body::new(body));
+        let (sink, body) = stream::channel();
+        let me = self.clone();
+        let content_type = match q.table {
+            Some(rows) => {
+                tokio::task::spawn_blocking(move || me.stream_table(q.stale_after, rows, sink));
+                "text/tab-separated-values; charset=utf-8"
+            }
+            None => {
+                tokio::task::spawn_blocking(move || me.stream_json(q.stale_after, q.events, sink));
+                "application/json"
+            }
+        };
+        let mut r = self.finish(Response::new(Body::new(Bytes::new())));
         r.headers_mut()
-            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        self.finish(r)
+            .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+        r.map(|_| body.boxed())
     }
 
     /// `GET /api/v1/rollouts`: every rollout as the gate saw it last.

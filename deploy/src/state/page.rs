@@ -73,7 +73,8 @@ impl PageFilter {
         }
     }
 
-    fn rows(self) -> Filter {
+    /// The rows it keeps, as a table filter.
+    pub fn rows(self) -> Filter {
         let only = |f: fn(&mut Filter)| {
             let mut x = Filter::default();
             f(&mut x);
@@ -169,19 +170,6 @@ pub fn choose(q: &PageQuery, total_rows: usize) -> PageFilter {
     } else {
         PageFilter::All
     })
-}
-
-/// How many rows of `h` the page shows under `chosen` (none: another host was asked for).
-pub fn rows_kept(q: &PageQuery, chosen: PageFilter, h: &HostView) -> usize {
-    if q.host.as_ref().is_some_and(|x| *x != h.host) {
-        return 0;
-    }
-    let f = chosen.rows();
-    if h.services.is_empty() {
-        usize::from(f.keeps(h, None))
-    } else {
-        h.services.iter().filter(|s| f.keeps(h, Some(s))).count()
-    }
 }
 
 /// Render the page for `view` and the query; `events` are the latest events (of the

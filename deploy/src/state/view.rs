@@ -19,6 +19,7 @@ pub const DEFAULT_STALE_AFTER: u64 = 600;
 pub const EVENTS_PER_HOST: usize = 10;
 
 pub use super::entry::HostEntry;
+use super::entry::{ProbeEntry, ServiceEntry};
 
 /// The whole fleet view (`GET /api/v1/fleet`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -73,6 +74,25 @@ impl Summary {
         self.unhealthy += o.unhealthy;
         self.quarantined += o.quarantined;
         self.failed_updates += o.failed_updates;
+    }
+
+    /// Count a host (`hosts` aside: callers count those).
+    fn count(&mut self, stale: bool, l: &HostLines<'_>) {
+        if stale {
+            self.stale += 1;
+        } else {
+            self.reporting += 1;
+        }
+        if l.services.iter().any(|s| s.behind) {
+            self.behind += 1;
+        }
+        if l.update_failed || l.services.iter().any(|s| s.unhealthy) {
+            self.unhealthy += 1;
+        }
+        if l.update_failed {
+            self.failed_updates += 1;
+        }
+        self.quarantined += l.services.iter().filter(|s| s.quarantined).count();
     }
 }
 
@@ -230,6 +250,9 @@ pub struct Policy<'a> {
     pub fleet: Option<&'a Fleet>,
     /// Track name -> its index.
     pub indexes: HashMap<&'a str, &'a Index>,
+    /// Which policy this is ([`super::rows::PolicyStamp`]): hosts' rendered rows are kept
+    /// under it. 0: untold, rows are rendered and not kept.
+    pub stamp: u64,
 }
 
 fn default_arch(format: Format) -> &'static str {
@@ -239,18 +262,180 @@ fn default_arch(format: Format) -> &'static str {
     }
 }
 
+/// Per (track, format, arch): the track's best entry of each name, and the names sorted.
+type Table<'p> = (BTreeMap<&'p str, &'p PoolEntry>, Vec<&'p str>);
+
+/// The tables of one build, each made when a host first needs it.
+#[derive(Default)]
+pub struct Tables<'p>(HashMap<(&'p str, Format, &'p str), Table<'p>>);
+
+/// One host as the view sees it, borrowed from its summary and the policy: what
+/// [`build`] copies into a [`HostView`] and the table form renders straight away.
+pub struct HostLines<'a> {
+    /// The track it follows (fleet policy; else what it reported).
+    pub track: Option<&'a str>,
+    /// Its last update pass failed.
+    pub update_failed: bool,
+    /// One line per service, by name.
+    pub services: Vec<Line<'a>>,
+}
+
+/// One host x service, borrowed (see [`ServiceView`] for the fields).
+pub struct Line<'a> {
+    /// Service (package) name.
+    pub name: &'a str,
+    /// Installed version.
+    pub installed: Option<&'a str>,
+    /// The track's version for this host's format and arch.
+    pub track_version: Option<&'a str>,
+    /// Installed vs track.
+    pub status: Status,
+    /// For `rolled back`: the version whose contents the track carries.
+    pub rolled_back_to: Option<&'a str>,
+    /// The supervised service as reported (none: not supervised).
+    pub service: Option<&'a ServiceEntry>,
+    /// Quarantined on this host.
+    pub quarantined: bool,
+    /// The last start after an install or upgrade, when it failed.
+    pub failed_start: Option<&'a StartReport>,
+    /// Older than its track, or missing.
+    pub behind: bool,
+    /// Not running, failing probes, failed to start, or the host's last update failed.
+    pub unhealthy: bool,
+}
+
+impl<'a> Line<'a> {
+    /// The probes whose latest result failed.
+    pub fn failing(&self) -> impl Iterator<Item = &'a ProbeEntry> {
+        self.service
+            .into_iter()
+            .flat_map(|s| &*s.probes)
+            .filter(|p| p.ok == Some(false))
+    }
+}
+
+/// The services of host `name` (its latest report `report`, none before the first) under
+/// `policy`: every assigned, installed, supervised or quarantined one, by name.
+pub fn lines<'a>(
+    name: &str,
+    report: Option<&'a HostEntry>,
+    policy: &Policy<'a>,
+    tables: &mut Tables<'a>,
+) -> HostLines<'a> {
+    let (assignment, quarantined) = match policy.fleet {
+        Some(f) => f.for_host(name),
+        None => (None, Vec::new()),
+    };
+    let track: Option<&'a str> = assignment
+        .map(|a| a.track.as_str())
+        .or_else(|| report.and_then(|r| r.track.as_deref()));
+    let format = report.and_then(|r| r.format).unwrap_or(Format::Deb);
+    let arch: &'a str = report
+        .and_then(|r| r.arch.as_deref())
+        .unwrap_or_else(|| default_arch(format));
+    let table: Option<&Table<'a>> = track
+        .and_then(|t| policy.indexes.get(t).map(|i| (t, *i)))
+        .map(|(t, idx)| {
+            &*tables.0.entry((t, format, arch)).or_insert_with(|| {
+                let best = best_per_name(&idx.packages, format, arch);
+                let names: Vec<&str> = best.keys().copied().collect();
+                (best, names)
+            })
+        });
+
+    let mut names: BTreeSet<&'a str> = BTreeSet::new();
+    if let Some(r) = report {
+        names.extend(r.installed.iter().map(|(n, _)| &**n));
+        names.extend(r.services.iter().map(|s| &*s.name));
+    }
+    if let Some(a) = assignment {
+        if a.services.is_empty() {
+            if let Some((_, all)) = table {
+                names.extend(all.iter().copied());
+            }
+        } else {
+            names.extend(a.services.iter().map(String::as_str));
+        }
+    }
+    let update_failed = report
+        .and_then(|r| r.update.as_ref())
+        .is_some_and(|u| !u.ok);
+
+    let mut services = Vec::with_capacity(names.len());
+    for svc in names {
+        let installed = report.and_then(|r| r.installed(svc));
+        let sr = report.and_then(|r| r.service(svc));
+        let entry: Option<&'a PoolEntry> = table.and_then(|(best, _)| best.get(svc).copied());
+        let is_quarantined = quarantined.contains(&svc);
+        let (status, rolled_back_to) = match (&installed, entry) {
+            _ if is_quarantined => (Status::Quarantined, None),
+            (_, None) => (Status::Untracked, None),
+            (None, Some(_)) => (Status::Missing, None),
+            // Most hosts run their track's version: no version comparison then.
+            (Some(v), Some(e)) if *v == e.version => match &e.rollback_of {
+                Some(to) => (Status::RolledBack, Some(to.as_str())),
+                None => (Status::Current, None),
+            },
+            (Some(v), Some(e)) => match format.cmp_versions(v, &e.version) {
+                std::cmp::Ordering::Less => (Status::Behind, None),
+                std::cmp::Ordering::Greater => (Status::Newer, None),
+                std::cmp::Ordering::Equal => match &e.rollback_of {
+                    Some(to) => (Status::RolledBack, Some(to.as_str())),
+                    None => (Status::Current, None),
+                },
+            },
+        };
+        // The host's last pass said a rollout holds it back from the track's version.
+        let held = report
+            .and_then(|r| r.update.as_ref())
+            .is_some_and(|u| u.held.iter().any(|n| &**n == svc));
+        let status = match status {
+            Status::Behind | Status::Missing if held => Status::Held,
+            s => s,
+        };
+        let failed_start = sr
+            .and_then(|s| s.start.as_ref())
+            .and_then(|s| s.failed.as_deref());
+        let mut line = Line {
+            name: svc,
+            installed,
+            track_version: entry.map(|e| e.version.as_str()),
+            behind: matches!(status, Status::Behind | Status::Missing),
+            status,
+            rolled_back_to,
+            service: sr,
+            quarantined: is_quarantined,
+            failed_start,
+            unhealthy: false,
+        };
+        line.unhealthy = sr.is_some_and(|s| !s.state.is_ready())
+            || line.failing().next().is_some()
+            || failed_start.is_some()
+            || update_failed;
+        services.push(line);
+    }
+    HostLines {
+        track,
+        update_failed,
+        services,
+    }
+}
+
+/// Whether a host last heard from at `last_seen` (none: never) is stale at `now`.
+pub fn is_stale(last_seen: Option<u64>, now: u64, stale_after: u64) -> bool {
+    last_seen.is_none_or(|t| now.saturating_sub(t) > stale_after)
+}
+
 /// Build the view of `hosts` (registered host name -> latest report) at `now`.
 /// Events are not in memory: callers that show them fill [`HostView::events`] from the
 /// database.
-pub fn build(
-    hosts: &[(String, Option<Arc<HostEntry>>)],
-    policy: &Policy<'_>,
+pub fn build<'a>(
+    hosts: &'a [(String, Option<Arc<HostEntry>>)],
+    policy: &Policy<'a>,
     now: u64,
     stale_after: u64,
 ) -> FleetView {
-    // Per (track, format, arch): the track's best entry of each name, and the names sorted.
-    type Table<'p> = (BTreeMap<&'p str, &'p PoolEntry>, Vec<&'p str>);
-    let mut tables: HashMap<(&str, Format, &str), Table<'_>> = HashMap::new();
+    let mut tables = Tables::default();
     let mut summary = Summary {
         hosts: hosts.len(),
         ..Summary::default()
@@ -258,137 +443,41 @@ pub fn build(
     let mut out = Vec::with_capacity(hosts.len());
     for (name, entry) in hosts {
         let report = entry.as_deref();
-        let (assignment, quarantined) = match policy.fleet {
-            Some(f) => f.for_host(name),
-            None => (None, Vec::new()),
-        };
-        let track: Option<&str> = assignment
-            .map(|a| a.track.as_str())
-            .or_else(|| report.and_then(|r| r.track.as_deref()));
-        let format = report.and_then(|r| r.format).unwrap_or(Format::Deb);
-        let arch: &str = report
-            .and_then(|r| r.arch.as_deref())
-            .unwrap_or_else(|| default_arch(format));
-        let table = track
-            .and_then(|t| policy.indexes.get(t).map(|i| (t, *i)))
-            .map(|(t, idx)| {
-                &*tables.entry((t, format, arch)).or_insert_with(|| {
-                    let best = best_per_name(&idx.packages, format, arch);
-                    let names: Vec<&str> = best.keys().copied().collect();
-                    (best, names)
-                })
-            });
-
-        let mut names: BTreeSet<&str> = BTreeSet::new();
-        if let Some(r) = report {
-            names.extend(r.installed.iter().map(|(n, _)| &**n));
-            names.extend(r.services.iter().map(|s| &*s.name));
-        }
-        if let Some(a) = assignment {
-            if a.services.is_empty() {
-                if let Some((_, all)) = table {
-                    names.extend(all.iter().copied());
-                }
-            } else {
-                names.extend(a.services.iter().map(String::as_str));
-            }
-        }
-
-        let last_seen = entry.as_ref().map(|e| e.received_at);
-        let stale = last_seen.is_none_or(|t| now.saturating_sub(t) > stale_after);
+        let l = lines(name, report, policy, &mut tables);
+        let last_seen = report.map(|e| e.received_at);
+        let stale = is_stale(last_seen, now, stale_after);
         let update = report.and_then(|r| r.update.as_ref()).map(|u| UpdateView {
             at: u.at,
             ok: u.ok,
             error: u.error.as_deref().map(str::to_string),
             failure: u.failure.clone(),
         });
-        let update_failed = update.as_ref().is_some_and(|u| !u.ok);
-
-        let mut services = Vec::with_capacity(names.len());
-        for svc in names {
-            let installed = report.and_then(|r| r.installed(svc));
-            let sr = report.and_then(|r| r.service(svc));
-            let entry = table.and_then(|(best, _)| best.get(svc).copied());
-            let is_quarantined = quarantined.contains(&svc);
-            let (status, rolled_back_to) = match (&installed, entry) {
-                _ if is_quarantined => (Status::Quarantined, None),
-                (_, None) => (Status::Untracked, None),
-                (None, Some(_)) => (Status::Missing, None),
-                // Most hosts run their track's version: no version comparison then.
-                (Some(v), Some(e)) if *v == e.version => match &e.rollback_of {
-                    Some(to) => (Status::RolledBack, Some(to.clone())),
-                    None => (Status::Current, None),
-                },
-                (Some(v), Some(e)) => match format.cmp_versions(v, &e.version) {
-                    std::cmp::Ordering::Less => (Status::Behind, None),
-                    std::cmp::Ordering::Greater => (Status::Newer, None),
-                    std::cmp::Ordering::Equal => match &e.rollback_of {
-                        Some(to) => (Status::RolledBack, Some(to.clone())),
-                        None => (Status::Current, None),
-                    },
-                },
-            };
-            // The host's last pass said a rollout holds it back from the track's version.
-            let held = report
-                .and_then(|r| r.update.as_ref())
-                .is_some_and(|u| u.held.iter().any(|n| &**n == svc));
-            let status = match status {
-                Status::Behind | Status::Missing if held => Status::Held,
-                s => s,
-            };
-            let failing = || {
-                sr.into_iter()
-                    .flat_map(|s| &s.probes)
-                    .filter(|p| p.ok == Some(false))
-            };
-            let failing_probes: Vec<String> = failing().map(|p| p.name.to_string()).collect();
-            let probe_reasons: Vec<String> = failing()
-                .map(|p| p.reason.as_deref().unwrap_or_default().to_string())
-                .collect();
-            let failed_start = sr
-                .and_then(|s| s.start.as_ref())
-                .and_then(|s| s.failed.as_deref())
-                .cloned();
-            let state = sr.map(|s| s.state.clone());
-            let unhealthy = state.as_ref().is_some_and(|s| !s.is_ready())
-                || !failing_probes.is_empty()
-                || failed_start.is_some()
-                || update_failed;
-            services.push(ServiceView {
-                name: svc.to_string(),
-                installed: installed.map(str::to_string),
-                track_version: entry.map(|e| e.version.clone()),
-                behind: matches!(status, Status::Behind | Status::Missing),
-                status,
-                rolled_back_to,
-                state,
-                restarts: sr.map_or(0, |s| s.restarts),
-                failing_probes,
-                probe_reasons,
-                quarantined: is_quarantined,
-                failed_start,
-                unhealthy,
-            });
-        }
-
-        if stale {
-            summary.stale += 1;
-        } else {
-            summary.reporting += 1;
-        }
-        if services.iter().any(|s| s.behind) {
-            summary.behind += 1;
-        }
-        if update_failed || services.iter().any(|s| s.unhealthy) {
-            summary.unhealthy += 1;
-        }
-        if update_failed {
-            summary.failed_updates += 1;
-        }
-        summary.quarantined += services.iter().filter(|s| s.quarantined).count();
+        let services: Vec<ServiceView> = l
+            .services
+            .iter()
+            .map(|x| ServiceView {
+                name: x.name.to_string(),
+                installed: x.installed.map(str::to_string),
+                track_version: x.track_version.map(str::to_string),
+                status: x.status,
+                rolled_back_to: x.rolled_back_to.map(str::to_string),
+                state: x.service.map(|s| s.state.clone()),
+                restarts: x.service.map_or(0, |s| s.restarts),
+                failing_probes: x.failing().map(|p| p.name.to_string()).collect(),
+                probe_reasons: x
+                    .failing()
+                    .map(|p| p.reason.as_deref().unwrap_or_default().to_string())
+                    .collect(),
+                quarantined: x.quarantined,
+                failed_start: x.failed_start.cloned(),
+                behind: x.behind,
+                unhealthy: x.unhealthy,
+            })
+            .collect();
+        summary.count(stale, &l);
         out.push(HostView {
             host: name.clone(),
-            track: track.map(str::to_string),
+            track: l.track.map(str::to_string),
             format: report.and_then(|r| r.format),
             arch: report.and_then(|r| r.arch.as_deref()).map(str::to_string),
             agent_version: report
