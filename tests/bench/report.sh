@@ -19,6 +19,7 @@
 #   HOSTS=10000 ROUNDS=1 bash tests/bench/report.sh
 #   HOSTS=1000000 ROUNDS=1 TLS=0 bash tests/bench/report.sh
 #   HOSTS=1000000 ROUNDS=1 BACKEND=postgres bash tests/bench/report.sh
+#   VIEWS=0 ...                                   # ingestion and restart only
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -86,6 +87,7 @@ if [ "$BACKEND" = postgres ]; then
     echo "replica 2 on port $port2: $(grep VmRSS "/proc/$pid2/status")"
 fi
 
+echo "load average before the load: $(cut -d' ' -f1-3 /proc/loadavg)"
 "$LOAD" --server "$servers" --tokens "$tmp/tokens" --connections "$CONNECTIONS" --rounds "$ROUNDS" | tee "$tmp/plain.out"
 echo "load average after the load: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "server after the load: $(grep VmRSS "/proc/$pid/status")"
@@ -93,6 +95,9 @@ echo "server after the load: $(grep VmRSS "/proc/$pid/status")"
 # A replica reads the other's reports within a second or two.
 [ -n "${pid2:-}" ] && sleep 3
 
+# VIEWS=0 skips the reads below (keepup report, --unhealthy, the page, --json): ingestion and
+# restart only.
+if [ "${VIEWS:-1}" = 1 ]; then
 # Wall times depend on what else runs on the machine; CPU times (server: utime+stime of the
 # serve process around one request; client: user+sys) do not.
 server_cpu() { awk '{print $14 + $15}' "/proc/$pid/stat"; }
@@ -116,6 +121,7 @@ t=$( { time "$K" report --server "$url" --json >"$tmp/report.json"; } 2>&1 )
 echo "keepup report --json ($(du -m "$tmp/report.json" | cut -f1) MiB, with events): $t"
 grep -E 'VmHWM|VmRSS' "/proc/$pid/status" | sed 's/^/server after --json: /'
 [ -n "${pid2:-}" ] && grep -E 'VmHWM|VmRSS' "/proc/$pid2/status" | sed 's/^/replica 2 /'
+fi
 if [ "$BACKEND" = sqlite ]; then
     echo "state database: $(du -m "$tmp/state.db" | cut -f1) MiB (+ WAL $(du -m "$tmp/state.db-wal" 2>/dev/null | cut -f1) MiB)"
 else

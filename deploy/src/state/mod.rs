@@ -327,6 +327,7 @@ impl Server {
         let mut hosts: HostMap = tokens.values().map(|h| (h.clone(), None)).collect();
         let (latest, peer_mark) = writer_db.latest_reports()?;
         let (loaded, syms) = load_entries(&mut writer_db, latest)?;
+        writer_db.checkpoint_aside()?;
         let mut marks = HashMap::with_capacity(loaded.len());
         for (host, entry, window) in loaded {
             if let Some(slot) = hosts.get_mut(&host) {
@@ -1262,7 +1263,7 @@ fn from_summaries(rows: Vec<db::Latest>, syms: &mut Interner) -> (Vec<Loaded>, V
 fn from_bodies(
     bodies: Vec<db::LatestBody>,
     syms: &mut Interner,
-) -> (Vec<Loaded>, Vec<(String, u64, u64, Vec<u8>)>) {
+) -> (Vec<Loaded>, Vec<db::MadeSummary>) {
     let mut loaded = Vec::with_capacity(bodies.len());
     let mut made = Vec::with_capacity(bodies.len());
     for (host, received_at, sent_at, body) in bodies {

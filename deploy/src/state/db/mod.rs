@@ -170,6 +170,9 @@ pub struct Latest {
 /// A stored latest report in full: (host, received_at, sent_at, JSON body).
 pub type LatestBody = (String, u64, u64, Vec<u8>);
 
+/// A summary made from a stored body, to store: (host, received_at, sent_at, summary).
+pub type MadeSummary = (String, u64, u64, Vec<u8>);
+
 enum Backend {
     Sqlite(Sqlite),
     Postgres(Box<Postgres>),
@@ -268,8 +271,17 @@ impl Db {
     /// Store summaries made from bodies: each `(host, received_at, sent_at, summary)` is
     /// written only if the host's stored report still has those times (a newer report keeps
     /// its own).
-    pub fn put_summaries(&mut self, rows: &[(String, u64, u64, Vec<u8>)]) -> Result<()> {
+    pub fn put_summaries(&mut self, rows: &[MadeSummary]) -> Result<()> {
         dispatch!(&mut self.backend, b => b.put_summaries(rows))
+    }
+
+    /// Checkpoint a SQLite file's WAL on a thread of its own rather than in this handle's
+    /// commits (the server's writer); nothing to do on PostgreSQL.
+    pub fn checkpoint_aside(&mut self) -> Result<()> {
+        match &mut self.backend {
+            Backend::Sqlite(b) => b.checkpoint_aside(),
+            Backend::Postgres(_) => Ok(()),
+        }
     }
 
     /// Whether other replicas may store reports in this database (PostgreSQL).

@@ -26,7 +26,9 @@ use postgres::{Client, NoTls};
 
 use keepup_deploy::wire::{Event, EventKind};
 
-use super::{new_token, now, token_hash, HostRow, Latest, LatestBody, StoredReport, TokenHash};
+use super::{
+    new_token, now, token_hash, HostRow, Latest, LatestBody, MadeSummary, StoredReport, TokenHash,
+};
 
 /// Advisory lock keys (one 64-bit space per database; "keepup" in the high bytes).
 const MIGRATE_LOCK: i64 = 0x6b65_6570_7570_0001;
@@ -562,7 +564,7 @@ impl Postgres {
 
     /// See [`super::Db::put_summaries`]. No store lock: each row is written only if it still
     /// holds the report the summary was made of, and its sequence number is left alone.
-    pub fn put_summaries(&mut self, rows: &[(String, u64, u64, Vec<u8>)]) -> Result<()> {
+    pub fn put_summaries(&mut self, rows: &[MadeSummary]) -> Result<()> {
         let mut c = self.client()?;
         let st = c.prepare(
             "UPDATE reports r SET summary = t.s
