@@ -581,9 +581,9 @@ impl Postgres {
         Ok(())
     }
 
-    /// See [`super::Db::store`]; `me` marks the reports as this replica's. A batch is three
-    /// statements whatever its size: the reports (one row per host, the last of a host
-    /// that reported twice), their new events, and the event quotas due.
+    /// See [`super::Db::store`]; `me` marks the reports as this replica's. A batch is one
+    /// statement whatever its size (the reports, one row per host, the last of a host that
+    /// reported twice, and their new events), and one more when event quotas are due.
     ///
     /// The transaction takes [`STORE_LOCK`] first, so the replicas' batches are serialized.
     /// Two things need it:
@@ -599,8 +599,8 @@ impl Postgres {
     ///
     /// A check inside the statement alone (without the lock) would not be enough for the
     /// second: it reads the `hosts` row without locking it, so a removal committing between
-    /// that read and this commit would leave the report behind. With one statement per kind
-    /// of row the lock is held for a few milliseconds per batch, not one round trip per
+    /// that read and this commit would leave the report behind. With one statement per batch
+    /// the lock is held for a few milliseconds per batch, not one round trip per
     /// report and event as before.
     pub fn store(
         &mut self,
@@ -628,35 +628,15 @@ impl Postgres {
             bodies.push(std::str::from_utf8(r.body).unwrap_or_default());
             sums.push(r.summary);
         }
-        let mut c = self.client()?;
-        let mut tx = c.transaction()?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&STORE_LOCK])?;
-        let stored: HashSet<String> = tx
-            .query(
-                "INSERT INTO reports(host, received_at, sent_at, report, summary, seq, replica)
-                 SELECT t.h, t.ra, t.sa, t.body, t.s, nextval('report_seq'), $6
-                 FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::bytea[])
-                      WITH ORDINALITY AS t(h, ra, sa, body, s, i)
-                 WHERE EXISTS (SELECT 1 FROM hosts WHERE name = t.h)
-                 ORDER BY t.i
-                 ON CONFLICT(host) DO UPDATE SET received_at = excluded.received_at,
-                 sent_at = excluded.sent_at, report = excluded.report,
-                 summary = excluded.summary, seq = excluded.seq, replica = excluded.replica
-                 RETURNING host",
-                &[&hosts, &received, &sent, &bodies, &sums, &me],
-            )?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        // The events of the stored hosts, in the batch's order (their ids follow it).
+        // The events of every report, in the batch's order (their ids follow it); the
+        // statement keeps those of the hosts it stored. Made before the lock is taken.
         let mut e_host = Vec::new();
         let mut e_at = Vec::new();
         let mut e_service: Vec<Option<std::borrow::Cow<'_, str>>> = Vec::new();
         let mut e_kind = Vec::new();
         let mut e_message = Vec::new();
         let mut e_received = Vec::new();
-        let mut quota = Vec::new();
-        for r in batch.iter().filter(|r| stored.contains(r.host)) {
+        for r in batch {
             for e in r.new_events {
                 e_host.push(r.host);
                 e_at.push(e.at as i64);
@@ -665,20 +645,59 @@ impl Postgres {
                 e_message.push(text(&e.message));
                 e_received.push(r.received_at as i64);
             }
-            if r.apply_quota {
-                quota.push(r.host);
-            }
         }
-        if !e_host.is_empty() {
-            tx.execute(
-                "INSERT INTO events(host, at, service, kind, message, received_at)
-                 SELECT h, at, sv, k, m, ra
-                 FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[],
-                             $6::bigint[]) WITH ORDINALITY AS t(h, at, sv, k, m, ra, i)
-                 ORDER BY i",
-                &[&e_host, &e_at, &e_service, &e_kind, &e_message, &e_received],
-            )?;
-        }
+        let mut c = self.client()?;
+        let mut tx = c.transaction()?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&STORE_LOCK])?;
+        // One statement for the reports and their events: the events insert reads what the
+        // reports insert returned (hosts still registered).
+        let stored: HashSet<String> = tx
+            .query(
+                "WITH stored AS (
+                     INSERT INTO reports(host, received_at, sent_at, report, summary, seq,
+                                         replica)
+                     SELECT t.h, t.ra, t.sa, t.body, t.s, nextval('report_seq'), $6
+                     FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[],
+                                 $5::bytea[]) WITH ORDINALITY AS t(h, ra, sa, body, s, i)
+                     WHERE EXISTS (SELECT 1 FROM hosts WHERE name = t.h)
+                     ORDER BY t.i
+                     ON CONFLICT(host) DO UPDATE SET received_at = excluded.received_at,
+                     sent_at = excluded.sent_at, report = excluded.report,
+                     summary = excluded.summary, seq = excluded.seq, replica = excluded.replica
+                     RETURNING host
+                 ), logged AS (
+                     INSERT INTO events(host, at, service, kind, message, received_at)
+                     SELECT e.h, e.at, e.sv, e.k, e.m, e.ra
+                     FROM unnest($7::text[], $8::bigint[], $9::text[], $10::text[],
+                                 $11::text[], $12::bigint[])
+                          WITH ORDINALITY AS e(h, at, sv, k, m, ra, i)
+                     WHERE e.h IN (SELECT host FROM stored)
+                     ORDER BY e.i
+                 )
+                 SELECT host FROM stored",
+                &[
+                    &hosts,
+                    &received,
+                    &sent,
+                    &bodies,
+                    &sums,
+                    &me,
+                    &e_host,
+                    &e_at,
+                    &e_service,
+                    &e_kind,
+                    &e_message,
+                    &e_received,
+                ],
+            )?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let mut quota: Vec<&str> = batch
+            .iter()
+            .filter(|r| r.apply_quota && stored.contains(r.host))
+            .map(|r| r.host)
+            .collect();
         if !quota.is_empty() {
             quota.sort_unstable();
             quota.dedup();
