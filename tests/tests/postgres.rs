@@ -1,8 +1,10 @@
 //! The fleet state on PostgreSQL with two `keepup serve` replicas (issue 14): a real cluster
 //! ([`keepup_tests::postgres`]) and the real `keepup` binary on loopback. Reports and tokens
-//! go through either replica, the schema migration runs once when both start together, a
-//! replica killed under load loses no report it accepted, and bad credentials or an
-//! unreachable database stop the server at start with a clear message.
+//! go through either replica, the schema migrations run once when both start together, a
+//! replica killed under load loses no report it accepted, both replicas storing at once lose
+//! none and keep nothing of a host removed meanwhile, a database of the first schema starts
+//! and shows what it holds, and bad credentials or an unreachable database stop the server at
+//! start with a clear message.
 //!
 //! `KEEPUP_SKIP_POSTGRES_TESTS=1` skips these tests.
 
@@ -160,11 +162,20 @@ fn replicas_share_reports_and_tokens_and_migrate_once() -> Result<()> {
     let pg = PgCluster::start()?;
     let (a, b) = two_replicas(&pg, tmp.path())?;
 
-    // Both started together; the schema's one migration was applied once, by one of them.
+    // Both started together; each of the schema's migrations was applied once, by one of
+    // them.
     let applied = [&a, &b]
         .iter()
         .filter(|r| r.stderr().contains("applied migration 1"))
         .count();
+    let applied_2 = [&a, &b]
+        .iter()
+        .filter(|r| r.stderr().contains("applied migration 2"))
+        .count();
+    ensure!(
+        applied_2 == 1,
+        "migration 2 applied by {applied_2} replicas"
+    );
     ensure!(
         applied == 1,
         "migration applied by {applied} replicas:\nA: {}\nB: {}",
@@ -172,9 +183,13 @@ fn replicas_share_reports_and_tokens_and_migrate_once() -> Result<()> {
         b.stderr()
     );
     ensure!(
-        pg.psql("fleet", "SELECT version FROM keepup_migrations")?
-            .trim()
-            == "1"
+        pg.psql(
+            "fleet",
+            "SELECT version FROM keepup_migrations ORDER BY version"
+        )?
+        .split_whitespace()
+        .collect::<Vec<_>>()
+            == ["1", "2"]
     );
 
     // A host registered while both run (the URL without a password: PGPASSWORD).
@@ -255,6 +270,16 @@ fn replicas_share_reports_and_tokens_and_migrate_once() -> Result<()> {
             Ok(post(r.port, &t1, &report("web1", "1.2-1", "x")) == 401)
         })?;
     }
+    // Nothing of it is left in the database.
+    ensure!(
+        pg.psql(
+            "fleet",
+            "SELECT (SELECT count(*) FROM reports WHERE host = 'web1') \
+             + (SELECT count(*) FROM events WHERE host = 'web1')"
+        )?
+        .trim()
+            == "0"
+    );
     // `keepup host list` reads the same database.
     let list = keepup(&["host", "list", "--state", &pg.url(true)])?;
     ensure!(list.contains("web2") && !list.contains("web1"), "{list}");
@@ -375,6 +400,233 @@ fn a_replica_killed_under_load_loses_no_accepted_report() -> Result<()> {
         "{} reports accepted before A was killed, all stored",
         accepted.len()
     );
+    Ok(())
+}
+
+/// Register `names` with `keepup host add --bulk`: (host, token) in the same order.
+fn add_bulk(pg: &PgCluster, names: &[String]) -> Result<Vec<(String, String)>> {
+    let mut add = Command::new(built_bin("keepup")?)
+        .args(["host", "add", "--bulk", "--state", &pg.url(true)])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    add.stdin
+        .take()
+        .unwrap()
+        .write_all(names.join("\n").as_bytes())?;
+    let out = add.wait_with_output()?;
+    ensure!(out.status.success());
+    let tokens: Vec<(String, String)> = String::from_utf8(out.stdout)?
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(h, t)| (h.to_string(), t.to_string()))
+        .collect();
+    ensure!(tokens.len() == names.len());
+    Ok(tokens)
+}
+
+#[test]
+fn replicas_storing_at_once_lose_nothing_and_keep_nothing_of_removed_hosts() -> Result<()> {
+    if !postgres_or_skip() {
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    let pg = PgCluster::start()?;
+    let (a, b) = two_replicas(&pg, tmp.path())?;
+    const HOSTS: usize = 240;
+    const ROUNDS: usize = 3;
+    const REMOVED: usize = 40;
+    let names: Vec<String> = (0..HOSTS).map(|i| format!("both{i:03}")).collect();
+    let tokens = add_bulk(&pg, &names)?;
+    let last = tokens.last().unwrap().clone();
+    for r in [&a, &b] {
+        wait_until(
+            "the replicas know the tokens",
+            Duration::from_secs(10),
+            || Ok(post(r.port, &last.1, &report(&last.0, "1.0-1", "warmup")) == 204),
+        )?;
+    }
+
+    // 8 clients, each host's reports in order, round k of host i to replica (i + k) % 2;
+    // meanwhile the first REMOVED hosts are removed one at a time.
+    let ports = [a.port, b.port];
+    let accepted = Arc::new(Mutex::new(Vec::new()));
+    let failed = Arc::new(Mutex::new(Vec::new()));
+    let tokens = Arc::new(tokens);
+    let clients: Vec<_> = (0..8)
+        .map(|c| {
+            let (accepted, failed, tokens) = (accepted.clone(), failed.clone(), tokens.clone());
+            std::thread::spawn(move || {
+                for k in 0..ROUNDS {
+                    for (i, (host, token)) in tokens.iter().enumerate().skip(c).step_by(8) {
+                        let mark = format!("r{k}-{host}");
+                        let version = format!("2.{k}-1");
+                        match post(ports[(i + k) % 2], token, &report(host, &version, &mark)) {
+                            204 => accepted.lock().unwrap().push((host.clone(), k)),
+                            // A removed host's token is refused.
+                            401 if i < REMOVED => {}
+                            code => failed.lock().unwrap().push((host.clone(), k, code)),
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    for host in &names[..REMOVED] {
+        keepup(&["host", "remove", host, "--state", &pg.url(true)])?;
+    }
+    for c in clients {
+        c.join().unwrap();
+    }
+    let failed = failed.lock().unwrap().clone();
+    ensure!(failed.is_empty(), "answers other than 204: {failed:?}");
+    let accepted = accepted.lock().unwrap().clone();
+    ensure!(
+        accepted.iter().any(|(h, _)| names[..REMOVED].contains(h)),
+        "no removed host was accepted before its removal: the test shows nothing"
+    );
+
+    // A removed host keeps no report and no event, whichever replica stored its last one.
+    let left = pg.psql(
+        "fleet",
+        &format!(
+            "SELECT host FROM reports WHERE host < '{0}' UNION ALL \
+             SELECT host FROM events WHERE host < '{0}'",
+            names[REMOVED]
+        ),
+    )?;
+    ensure!(left.trim().is_empty(), "left of removed hosts: {left}");
+    // Every other host: its last report stored, and each accepted report's event once, in
+    // order.
+    let events = pg.psql(
+        "fleet",
+        "SELECT host || ' ' || message FROM events ORDER BY id",
+    )?;
+    let mut logged: std::collections::HashMap<&str, Vec<&str>> = Default::default();
+    for line in events.lines() {
+        if let Some((h, m)) = line.split_once(' ') {
+            logged.entry(h).or_default().push(m);
+        }
+    }
+    for host in &names[REMOVED..] {
+        let want: Vec<String> = accepted
+            .iter()
+            .filter(|(h, _)| h == host)
+            .map(|(_, k)| format!("r{k}-{host}"))
+            .collect();
+        let got: Vec<&str> = logged
+            .get(host.as_str())
+            .map(|v| v.iter().copied().filter(|m| *m != "warmup").collect())
+            .unwrap_or_default();
+        ensure!(got == want, "{host}: events {got:?}, accepted {want:?}");
+    }
+    let newest = format!("2.{}-1", ROUNDS - 1);
+    for r in [&a, &b] {
+        let mut missing = Vec::new();
+        wait_until(
+            "both replicas show the last reports",
+            Duration::from_secs(10),
+            || {
+                let shown = versions_via(&r.url())?;
+                missing = names[REMOVED..]
+                    .iter()
+                    .filter(|h| !shown.contains(&((*h).clone(), newest.clone())))
+                    .cloned()
+                    .collect();
+                Ok(missing.is_empty())
+            },
+        )
+        .with_context(|| format!("not shown through {}: {missing:?}", r.url()))?;
+    }
+
+    // Reports of one host racing into one batch (one statement cannot update a row twice):
+    // all are stored, each event once.
+    let (host, token) = &tokens[HOSTS - 1];
+    let racers: Vec<_> = (0..16)
+        .map(|i| {
+            let (host, token) = (host.clone(), token.clone());
+            std::thread::spawn(move || {
+                post(
+                    ports[0],
+                    &token,
+                    &report(&host, "3.0-1", &format!("race{i}")),
+                )
+            })
+        })
+        .collect();
+    let codes: Vec<u16> = racers.into_iter().map(|t| t.join().unwrap()).collect();
+    ensure!(codes.iter().all(|c| *c == 204), "{codes:?}");
+    let raced = pg.psql(
+        "fleet",
+        &format!("SELECT count(*) FROM events WHERE host = '{host}' AND message LIKE 'race%'"),
+    )?;
+    ensure!(raced.trim() == "16", "{raced}");
+    Ok(())
+}
+
+/// Migration 1 as released: the schema a database made before summaries has.
+const FIRST_SCHEMA: &str = "CREATE TABLE keepup_migrations (version INTEGER PRIMARY KEY,
+        applied_at BIGINT NOT NULL);
+    INSERT INTO keepup_migrations VALUES (1, 0);
+    CREATE TABLE hosts (name TEXT PRIMARY KEY, token_sha256 BYTEA NOT NULL UNIQUE,
+        added_at BIGINT NOT NULL);
+    CREATE SEQUENCE report_seq;
+    CREATE TABLE reports (host TEXT PRIMARY KEY, received_at BIGINT NOT NULL,
+        sent_at BIGINT NOT NULL, report TEXT NOT NULL, seq BIGINT NOT NULL,
+        replica TEXT NOT NULL);
+    CREATE INDEX reports_seq ON reports(seq);
+    CREATE TABLE events (id BIGSERIAL PRIMARY KEY, host TEXT NOT NULL, at BIGINT NOT NULL,
+        service TEXT, kind TEXT NOT NULL, message TEXT NOT NULL, received_at BIGINT NOT NULL);
+    CREATE INDEX events_host_id ON events(host, id);
+    CREATE INDEX events_received ON events(received_at);
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL);
+    INSERT INTO meta(key, value) VALUES ('hosts_version', 1), ('pruned_at', 0);";
+
+#[test]
+fn a_database_of_the_first_schema_starts_and_shows_what_it_holds() -> Result<()> {
+    if !postgres_or_skip() {
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    let pg = PgCluster::start()?;
+    pg.psql("fleet", FIRST_SCHEMA)?;
+    let body = report("web1", "1.4-1", "old").replace('\'', "''");
+    pg.psql(
+        "fleet",
+        &format!(
+            "INSERT INTO hosts VALUES ('web1', sha256('tok-web1'), 1);
+             INSERT INTO reports VALUES ('web1', {}, {}, '{body}', nextval('report_seq'), 'old')",
+            now(),
+            now()
+        ),
+    )?;
+    let repo = template_repo("pg")?;
+    let mut a = Replica::spawn(&repo, &pg.url(true), tmp.path().join("a.log"))?;
+    a.wait_listening()?;
+    ensure!(a.stderr().contains("applied migration 2"), "{}", a.stderr());
+    ensure!(
+        versions_via(&a.url())? == [("web1".to_string(), "1.4-1".to_string())],
+        "{}",
+        a.stderr()
+    );
+    // Its summary was made from the body once, and the next start reads it.
+    ensure!(
+        pg.psql("fleet", "SELECT summary IS NOT NULL FROM reports")?
+            .trim()
+            == "t"
+    );
+    a.kill();
+    let mut again = Replica::spawn(&repo, &pg.url(true), tmp.path().join("b.log"))?;
+    again.wait_listening()?;
+    ensure!(
+        !again.stderr().contains("no summary yet"),
+        "{}",
+        again.stderr()
+    );
+    ensure!(versions_via(&again.url())? == [("web1".to_string(), "1.4-1".to_string())]);
+    // The host's token, as the first schema stored it, still works.
+    ensure!(post(again.port, "tok-web1", &report("web1", "1.5-1", "new")) == 204);
     Ok(())
 }
 

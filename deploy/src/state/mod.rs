@@ -39,6 +39,7 @@ pub mod hosts;
 pub mod page;
 pub mod rows;
 mod stream;
+pub mod summary_codec;
 pub mod view;
 
 use std::collections::{BTreeMap, HashMap};
@@ -317,14 +318,15 @@ impl Server {
         let read_token = read_token_file
             .map(|p| read_token(p).map(|t| db::token_hash(&t)))
             .transpose()?;
-        let writer_db = Db::open(state)?;
+        let mut writer_db = Db::open(state)?;
         let reader = Db::open(state)?;
         let poller = Db::open(state)?;
         let tokens = poller.tokens()?;
         let version = poller.hosts_version()?;
         let mut hosts: HostMap = tokens.values().map(|h| (h.clone(), None)).collect();
         let (latest, peer_mark) = writer_db.latest_reports()?;
-        let (loaded, syms) = load_entries(latest);
+        let (loaded, syms) = load_entries(&mut writer_db, latest)?;
+        writer_db.checkpoint_aside()?;
         let mut marks = HashMap::with_capacity(loaded.len());
         for (host, entry, window) in loaded {
             if let Some(slot) = hosts.get_mut(&host) {
@@ -414,16 +416,20 @@ impl Server {
         // the query returns for its hosts (the writer then keeps its own).
         let since = self.stored_batches.load(Ordering::Acquire);
         let mark = self.peer_mark.load(Ordering::Relaxed);
-        let (reports, next) = self.poller.lock().unwrap().peer_reports(mark)?;
-        let mut out = Vec::with_capacity(reports.len());
-        for (host, received_at, body) in reports {
-            let Ok(report) = serde_json::from_slice::<Report>(&body) else {
-                continue;
-            };
-            let window = new_events(&[], &report.events).1;
-            let entry = HostEntry::new(&report, received_at, &mut self.syms.lock().unwrap());
-            out.push((host, window, Arc::new(entry)));
+        let poller = self.poller.lock().unwrap();
+        let (rows, next) = poller.peer_reports(mark)?;
+        let (mut loaded, stale) = from_summaries(rows, &mut self.syms.lock().unwrap());
+        if !stale.is_empty() {
+            // Stored by a replica of a keepup from before summaries.
+            let hosts: Vec<&str> = stale.iter().map(|l| l.host.as_str()).collect();
+            let bodies = poller.report_bodies(&hosts)?;
+            loaded.extend(from_bodies(bodies, &mut self.syms.lock().unwrap()).0);
         }
+        drop(poller);
+        let out = loaded
+            .into_iter()
+            .map(|(host, entry, window)| (host, window, Arc::new(entry)))
+            .collect();
         self.peer_mark.store(next, Ordering::Relaxed);
         Ok((since, out))
     }
@@ -1043,11 +1049,15 @@ fn writer(
             }
         }
         if !batch.is_empty() {
-            // Per report: where its new events start, and whether its host's quota applies.
-            let mut plan: Vec<(usize, bool)> = Vec::with_capacity(batch.len());
+            // Per report: where its new events start, whether its host's quota applies, its
+            // summary, and that summary encoded for the database (made before the store, and
+            // outside the map's lock: readers, the views and the gate, wait less).
+            let mut plan: Vec<(usize, bool, Arc<HostEntry>, Vec<u8>)> =
+                Vec::with_capacity(batch.len());
             let mut next_windows: HashMap<&str, EventWindow> = HashMap::new();
             let mut next_counts: HashMap<&str, usize> = HashMap::new();
-            for (report, ..) in &batch {
+            let mut batch_syms = syms.lock().unwrap();
+            for (report, _, at, _) in &batch {
                 let host = report.host.as_str();
                 // Two reports of one host in a batch: the second sees the first's window.
                 let prev = next_windows
@@ -1062,20 +1072,26 @@ fn writer(
                     + (report.events.len() - seen);
                 let quota = count >= QUOTA_SLACK;
                 next_counts.insert(host, if quota { 0 } else { count });
+                let entry = HostEntry::new(report, *at, &mut batch_syms);
+                let summary = summary_codec::encode(&entry, report.sent_at, &window);
                 next_windows.insert(host, window);
-                plan.push((seen, quota));
+                plan.push((seen, quota, Arc::new(entry), summary));
             }
+            drop(batch_syms);
             let rows: Vec<StoredReport<'_>> = batch
                 .iter()
                 .zip(&plan)
-                .map(|((r, body, at, _), (seen, quota))| StoredReport {
-                    host: &r.host,
-                    received_at: *at,
-                    sent_at: r.sent_at,
-                    body,
-                    new_events: &r.events[*seen..],
-                    apply_quota: *quota,
-                })
+                .map(
+                    |((r, body, at, _), (seen, quota, _, summary))| StoredReport {
+                        host: &r.host,
+                        received_at: *at,
+                        sent_at: r.sent_at,
+                        body,
+                        summary,
+                        new_events: &r.events[*seen..],
+                        apply_quota: *quota,
+                    },
+                )
                 .collect();
             let ok = match db.store(&rows, EVENTS_KEPT_PER_HOST) {
                 Ok(()) => true,
@@ -1099,19 +1115,9 @@ fn writer(
                 for (h, n) in next_counts {
                     since_quota.insert(h.to_string(), n);
                 }
-                // Summarize outside the map's lock: readers (views, the gate) wait less.
-                let entries: Vec<(&str, Arc<HostEntry>)> = {
-                    let mut syms = syms.lock().unwrap();
-                    batch
-                        .iter()
-                        .map(|(r, _, at, _)| {
-                            (r.host.as_str(), Arc::new(HostEntry::new(r, *at, &mut syms)))
-                        })
-                        .collect()
-                };
                 let mut map = hosts.write().unwrap();
-                for (host, entry) in entries {
-                    if let Some(slot) = map.get_mut(host) {
+                for ((r, ..), (_, _, entry, _)) in batch.iter().zip(plan) {
+                    if let Some(slot) = map.get_mut(r.host.as_str()) {
                         *slot = Some(entry);
                     }
                 }
@@ -1136,63 +1142,132 @@ fn writer(
     }
 }
 
-/// The entries and event windows of the stored latest reports, parsed on every core (a
-/// million reports are gigabytes of JSON), and the strings they share.
-#[allow(clippy::type_complexity)]
-fn load_entries(
-    latest: Vec<db::LatestReport>,
-) -> (Vec<(String, HostEntry, EventWindow)>, Interner) {
+/// A stored latest report, loaded: its host, summary and event window.
+type Loaded = (String, HostEntry, EventWindow);
+
+/// Decode the summaries of `rows`, their strings from `syms`. Rows whose summary is missing,
+/// made for another report (an older keepup rewrote the row without it) or damaged are
+/// returned as they came, to be loaded from their bodies ([`from_bodies`]).
+fn from_summaries(rows: Vec<db::Latest>, syms: &mut Interner) -> (Vec<Loaded>, Vec<db::Latest>) {
+    let mut loaded = Vec::with_capacity(rows.len());
+    let mut stale = Vec::new();
+    for row in rows {
+        let decoded = row
+            .summary
+            .as_deref()
+            .filter(|b| summary_codec::stamp(b) == Ok((row.received_at, row.sent_at)))
+            .and_then(|b| summary_codec::decode(b, syms).ok());
+        match decoded {
+            Some((entry, _, window)) => loaded.push((row.host, entry, window)),
+            None => stale.push(row),
+        }
+    }
+    (loaded, stale)
+}
+
+/// Parse stored report bodies: what each loads as, and its summary encoded for the database
+/// (host, received_at, sent_at, summary).
+fn from_bodies(
+    bodies: Vec<db::LatestBody>,
+    syms: &mut Interner,
+) -> (Vec<Loaded>, Vec<db::MadeSummary>) {
+    let mut loaded = Vec::with_capacity(bodies.len());
+    let mut made = Vec::with_capacity(bodies.len());
+    for (host, received_at, sent_at, body) in bodies {
+        let Ok(report) = serde_json::from_slice::<Report>(&body) else {
+            eprintln!("keepup serve: the stored report of {host} does not parse; ignored");
+            continue;
+        };
+        drop(body);
+        let (_, window) = new_events(&[], &report.events);
+        let entry = HostEntry::new(&report, received_at, syms);
+        made.push((
+            host.clone(),
+            received_at,
+            sent_at,
+            summary_codec::encode(&entry, sent_at, &window),
+        ));
+        loaded.push((host, entry, window));
+    }
+    (loaded, made)
+}
+
+/// `f` on parts of `items`, one part per core (up to 8), each with strings of its own; the
+/// results in no particular order, and the strings they share.
+fn on_cores<T: Send, R: Send>(
+    items: Vec<T>,
+    f: impl Fn(Vec<T>, &mut Interner) -> R + Sync,
+) -> (Vec<R>, Interner) {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
-    let chunk = latest.len().div_ceil(threads).max(1);
-    let mut parts: Vec<(Vec<(String, HostEntry, EventWindow)>, Interner)> = Vec::new();
-    let mut latest = latest;
+    let chunk = items.len().div_ceil(threads).max(1);
+    let mut items = items;
     let mut chunks = Vec::new();
-    while latest.len() > chunk {
-        let rest = latest.split_off(latest.len() - chunk);
+    while items.len() > chunk {
+        let rest = items.split_off(items.len() - chunk);
         chunks.push(rest);
     }
-    chunks.push(latest);
+    chunks.push(items);
+    let f = &f;
+    let mut out = Vec::new();
+    let mut syms = Interner::default();
     std::thread::scope(|sc| {
         let handles: Vec<_> = chunks
             .into_iter()
             .map(|part| {
                 sc.spawn(move || {
                     let mut syms = Interner::default();
-                    let mut out = Vec::with_capacity(part.len());
-                    for (host, received_at, body) in part {
-                        let Ok(report) = serde_json::from_slice::<Report>(&body) else {
-                            eprintln!(
-                                "keepup serve: the stored report of {host} does not parse; ignored"
-                            );
-                            continue;
-                        };
-                        drop(body);
-                        let (_, window) = new_events(&[], &report.events);
-                        out.push((
-                            host,
-                            HostEntry::new(&report, received_at, &mut syms),
-                            window,
-                        ));
-                    }
-                    (out, syms)
+                    let r = f(part, &mut syms);
+                    (r, syms)
                 })
             })
             .collect();
         for h in handles {
-            if let Ok(p) = h.join() {
-                parts.push(p);
+            if let Ok((r, part_syms)) = h.join() {
+                out.push(r);
+                // The parts keep their own copies of the strings they share (a few per
+                // distinct string); new reports use the merged set.
+                syms.absorb(part_syms);
             }
         }
     });
-    // The parts keep their own copies of the strings they share (a few per distinct
-    // string); new reports use the first part's.
-    let mut all = Vec::with_capacity(parts.iter().map(|p| p.0.len()).sum());
-    let mut syms = Interner::default();
-    for (entries, part_syms) in parts {
-        all.extend(entries);
-        syms.absorb(part_syms);
+    (out, syms)
+}
+
+/// Stored reports loaded per host at start, in parts of this many when read from bodies.
+const BODIES_AT_ONCE: usize = 10_000;
+
+/// The entries and event windows of the stored latest reports, and the strings they share:
+/// decoded from their summaries on every core (a few hundred bytes per host). Reports without
+/// a usable summary (stored by a keepup from before summaries) are parsed from their bodies,
+/// a part at a time, and their summaries stored, so the next start reads only summaries.
+fn load_entries(db: &mut Db, latest: Vec<db::Latest>) -> Result<(Vec<Loaded>, Interner)> {
+    let (parts, mut syms) = on_cores(latest, from_summaries);
+    let mut all = Vec::with_capacity(parts.iter().map(|p| p.0.len() + p.1.len()).sum());
+    let mut stale = Vec::new();
+    for (loaded, rest) in parts {
+        all.extend(loaded);
+        stale.extend(rest);
     }
-    (all, syms)
+    if !stale.is_empty() {
+        eprintln!(
+            "keepup serve: {} stored report(s) have no summary yet; reading their bodies once",
+            stale.len()
+        );
+    }
+    for part in stale.chunks(BODIES_AT_ONCE) {
+        let hosts: Vec<&str> = part.iter().map(|l| l.host.as_str()).collect();
+        let bodies = db.report_bodies(&hosts)?;
+        let (parsed, part_syms) = on_cores(bodies, from_bodies);
+        syms.absorb(part_syms);
+        let mut made = Vec::new();
+        for (loaded, m) in parsed {
+            all.extend(loaded);
+            made.extend(m);
+        }
+        db.put_summaries(&made)
+            .context("storing the summaries of reports stored before summaries")?;
+    }
+    Ok((all, syms))
 }
 
 fn text(code: StatusCode, msg: &str) -> Response<Body> {

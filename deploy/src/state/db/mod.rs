@@ -134,7 +134,8 @@ pub struct HostRow {
 }
 
 /// A report the writer stores: the host, when it arrived, its send time, the body as received,
-/// the events not stored before, and whether to apply the host's event quota after them.
+/// its summary, the events not stored before, and whether to apply the host's event quota
+/// after them.
 pub struct StoredReport<'a> {
     /// Host name (already checked against the token).
     pub host: &'a str,
@@ -144,14 +145,33 @@ pub struct StoredReport<'a> {
     pub sent_at: u64,
     /// The JSON body.
     pub body: &'a [u8],
+    /// The host's summary and event window, encoded (`state::summary_codec`): what a server
+    /// reads at start and from other replicas instead of the body.
+    pub summary: &'a [u8],
     /// Events to append to the log.
     pub new_events: &'a [Event],
     /// Drop the host's oldest events beyond the quota ([`Db::store`]'s `keep_per_host`).
     pub apply_quota: bool,
 }
 
-/// A stored latest report: (host, received_at, JSON body).
-pub type LatestReport = (String, u64, Vec<u8>);
+/// A stored latest report as a server loads it: its host, times and summary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Latest {
+    /// Host name.
+    pub host: String,
+    /// Unix time the server received it.
+    pub received_at: u64,
+    /// The agent's `sent_at`.
+    pub sent_at: u64,
+    /// The encoded summary; none when a keepup from before summaries stored the report.
+    pub summary: Option<Vec<u8>>,
+}
+
+/// A stored latest report in full: (host, received_at, sent_at, JSON body).
+pub type LatestBody = (String, u64, u64, Vec<u8>);
+
+/// A summary made from a stored body, to store: (host, received_at, sent_at, summary).
+pub type MadeSummary = (String, u64, u64, Vec<u8>);
 
 enum Backend {
     Sqlite(Sqlite),
@@ -233,11 +253,34 @@ impl Db {
         dispatch!(self.read(), b => b.hosts_version())
     }
 
-    /// The latest report of every host, and the mark to give [`Db::peer_reports`] next.
-    pub fn latest_reports(&self) -> Result<(Vec<LatestReport>, i64)> {
+    /// The latest report of every host (its summary, not its body), and the mark to give
+    /// [`Db::peer_reports`] next.
+    pub fn latest_reports(&self) -> Result<(Vec<Latest>, i64)> {
         match self.read() {
             Backend::Sqlite(b) => Ok((b.latest_reports()?, 0)),
             Backend::Postgres(b) => b.latest_reports(),
+        }
+    }
+
+    /// The stored bodies of the latest reports of `hosts` (those whose summary is missing or
+    /// out of date); hosts with none are left out.
+    pub fn report_bodies(&self, hosts: &[&str]) -> Result<Vec<LatestBody>> {
+        dispatch!(self.read(), b => b.report_bodies(hosts))
+    }
+
+    /// Store summaries made from bodies: each `(host, received_at, sent_at, summary)` is
+    /// written only if the host's stored report still has those times (a newer report keeps
+    /// its own).
+    pub fn put_summaries(&mut self, rows: &[MadeSummary]) -> Result<()> {
+        dispatch!(&mut self.backend, b => b.put_summaries(rows))
+    }
+
+    /// Checkpoint a SQLite file's WAL on a thread of its own rather than in this handle's
+    /// commits (the server's writer); nothing to do on PostgreSQL.
+    pub fn checkpoint_aside(&mut self) -> Result<()> {
+        match &mut self.backend {
+            Backend::Sqlite(b) => b.checkpoint_aside(),
+            Backend::Postgres(_) => Ok(()),
         }
     }
 
@@ -248,7 +291,7 @@ impl Db {
 
     /// The latest reports other replicas stored after `mark`, and the new mark (PostgreSQL;
     /// a SQLite file has one server, so nothing).
-    pub fn peer_reports(&self, mark: i64) -> Result<(Vec<LatestReport>, i64)> {
+    pub fn peer_reports(&self, mark: i64) -> Result<(Vec<Latest>, i64)> {
         match &self.backend {
             Backend::Sqlite(_) => Ok((Vec::new(), mark)),
             Backend::Postgres(b) => b.peer_reports(mark, replica_id()),

@@ -21,11 +21,14 @@ use std::time::Duration;
 use anyhow::{bail, Context as _, Result};
 use postgres::config::Host;
 use postgres::error::SqlState;
+use postgres::fallible_iterator::FallibleIterator as _;
 use postgres::{Client, NoTls};
 
 use keepup_deploy::wire::{Event, EventKind};
 
-use super::{new_token, now, token_hash, HostRow, LatestReport, StoredReport, TokenHash};
+use super::{
+    new_token, now, token_hash, HostRow, Latest, LatestBody, MadeSummary, StoredReport, TokenHash,
+};
 
 /// Advisory lock keys (one 64-bit space per database; "keepup" in the high bytes).
 const MIGRATE_LOCK: i64 = 0x6b65_6570_7570_0001;
@@ -33,9 +36,10 @@ const STORE_LOCK: i64 = 0x6b65_6570_7570_0002;
 const GATE_LOCK: i64 = 0x6b65_6570_7570_0003;
 
 /// The schema, one step per migration; a step is never edited once released, only added.
-const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    "CREATE TABLE hosts (
+const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        "CREATE TABLE hosts (
         name TEXT PRIMARY KEY,
         token_sha256 BYTEA NOT NULL UNIQUE,
         added_at BIGINT NOT NULL
@@ -63,7 +67,12 @@ const MIGRATIONS: &[(i32, &str)] = &[(
     CREATE INDEX events_received ON events(received_at);
     CREATE TABLE meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL);
     INSERT INTO meta(key, value) VALUES ('hosts_version', 0), ('pruned_at', 0);",
-)];
+    ),
+    // Each report's summary (`state::summary_codec`), read at start and by the other
+    // replicas instead of the body; rows stored before it have none until a server
+    // starts and fills it in from their bodies.
+    (2, "ALTER TABLE reports ADD COLUMN summary BYTEA;"),
+];
 
 /// A PostgreSQL database to connect to, parsed from `--state`.
 #[derive(Clone)]
@@ -485,99 +494,221 @@ impl Postgres {
             .get(0))
     }
 
-    /// Every host's latest report, and the highest sequence number among them (read first:
-    /// a report stored meanwhile is read again by the next [`Postgres::peer_reports`]).
-    pub fn latest_reports(&self) -> Result<(Vec<LatestReport>, i64)> {
+    /// Every host's latest report (its summary), and the highest sequence number among them
+    /// (read first: a report stored meanwhile is read again by the next
+    /// [`Postgres::peer_reports`]). Rows are taken as they arrive, not all held as rows first.
+    pub fn latest_reports(&self) -> Result<(Vec<Latest>, i64)> {
         let mut c = self.client()?;
         let mark: i64 = c
             .query_one("SELECT coalesce(max(seq), 0) FROM reports", &[])?
             .get(0);
-        let rows = c.query("SELECT host, received_at, report FROM reports", &[])?;
-        let out = rows
-            .iter()
-            .map(|r| {
-                (
-                    r.get::<_, String>(0),
-                    r.get::<_, i64>(1) as u64,
-                    r.get::<_, String>(2).into_bytes(),
-                )
-            })
-            .collect();
+        let mut out = Vec::new();
+        let mut rows = c.query_raw(
+            "SELECT host, received_at, sent_at, summary FROM reports",
+            std::iter::empty::<&str>(),
+        )?;
+        while let Some(r) = rows.next()? {
+            out.push(Latest {
+                host: r.get(0),
+                received_at: r.get::<_, i64>(1) as u64,
+                sent_at: r.get::<_, i64>(2) as u64,
+                summary: r.get(3),
+            });
+        }
         Ok((out, mark))
     }
 
-    /// The reports other replicas stored after `mark`, and the new mark. Stores commit in
-    /// sequence order (they hold [`STORE_LOCK`]), so none is skipped.
-    pub fn peer_reports(&self, mark: i64, me: &str) -> Result<(Vec<LatestReport>, i64)> {
+    /// The reports other replicas stored after `mark` (their summaries), and the new mark.
+    /// Stores commit in sequence order (they hold [`STORE_LOCK`]), so none is skipped.
+    pub fn peer_reports(&self, mark: i64, me: &str) -> Result<(Vec<Latest>, i64)> {
         let rows = self.client()?.query(
-            "SELECT host, received_at, CASE WHEN replica <> $2 THEN report END, seq
+            "SELECT host, received_at, sent_at, CASE WHEN replica <> $2 THEN summary END,
+             replica <> $2, seq
              FROM reports WHERE seq > $1 ORDER BY seq",
             &[&mark, &me],
         )?;
         let mut next = mark;
         let mut out = Vec::new();
         for r in &rows {
-            next = next.max(r.get::<_, i64>(3));
-            if let Some(body) = r.get::<_, Option<String>>(2) {
-                out.push((
-                    r.get::<_, String>(0),
-                    r.get::<_, i64>(1) as u64,
-                    body.into_bytes(),
-                ));
+            next = next.max(r.get::<_, i64>(5));
+            if r.get::<_, bool>(4) {
+                out.push(Latest {
+                    host: r.get(0),
+                    received_at: r.get::<_, i64>(1) as u64,
+                    sent_at: r.get::<_, i64>(2) as u64,
+                    summary: r.get(3),
+                });
             }
         }
         Ok((out, next))
     }
 
-    /// See [`super::Db::store`]; `me` marks the reports as this replica's.
+    /// See [`super::Db::report_bodies`].
+    pub fn report_bodies(&self, hosts: &[&str]) -> Result<Vec<LatestBody>> {
+        let rows = self.client()?.query(
+            "SELECT host, received_at, sent_at, report FROM reports WHERE host = ANY($1)",
+            &[&hosts],
+        )?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                (
+                    r.get(0),
+                    r.get::<_, i64>(1) as u64,
+                    r.get::<_, i64>(2) as u64,
+                    r.get::<_, String>(3).into_bytes(),
+                )
+            })
+            .collect())
+    }
+
+    /// See [`super::Db::put_summaries`]. No store lock: each row is written only if it still
+    /// holds the report the summary was made of, and its sequence number is left alone.
+    pub fn put_summaries(&mut self, rows: &[MadeSummary]) -> Result<()> {
+        let mut c = self.client()?;
+        let st = c.prepare(
+            "UPDATE reports r SET summary = t.s
+             FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bytea[]) AS t(h, ra, sa, s)
+             WHERE r.host = t.h AND r.received_at = t.ra AND r.sent_at = t.sa",
+        )?;
+        for chunk in rows.chunks(ADD_HOSTS_CHUNK) {
+            let hosts: Vec<&str> = chunk.iter().map(|r| r.0.as_str()).collect();
+            let received: Vec<i64> = chunk.iter().map(|r| r.1 as i64).collect();
+            let sent: Vec<i64> = chunk.iter().map(|r| r.2 as i64).collect();
+            let sums: Vec<&[u8]> = chunk.iter().map(|r| r.3.as_slice()).collect();
+            c.execute(&st, &[&hosts, &received, &sent, &sums])?;
+        }
+        Ok(())
+    }
+
+    /// See [`super::Db::store`]; `me` marks the reports as this replica's. A batch is one
+    /// statement whatever its size (the reports, one row per host, the last of a host that
+    /// reported twice, and their new events), and one more when event quotas are due.
+    ///
+    /// The transaction takes [`STORE_LOCK`] first, so the replicas' batches are serialized.
+    /// Two things need it:
+    ///
+    /// * the peer-read fence: `seq` values are drawn inside the transaction, and a replica
+    ///   reads the others' reports as `seq > mark`. If two batches could commit out of
+    ///   order, a reader could see the later `seq`s, move its mark past them, and never see
+    ///   the earlier batch that commits after;
+    /// * a removed host keeps no report: `remove_host` takes the same lock, so a batch either
+    ///   commits before the removal (which then deletes what it stored) or starts after it,
+    ///   and the `hosts` check inside the insert, run after the lock is taken (each statement
+    ///   of a READ COMMITTED transaction sees what committed before it), skips the host.
+    ///
+    /// A check inside the statement alone (without the lock) would not be enough for the
+    /// second: it reads the `hosts` row without locking it, so a removal committing between
+    /// that read and this commit would leave the report behind. With one statement per batch
+    /// the lock is held for a few milliseconds per batch, not one round trip per
+    /// report and event as before.
     pub fn store(
         &mut self,
         batch: &[StoredReport<'_>],
         keep_per_host: u64,
         me: &str,
     ) -> Result<()> {
+        // The last report of each host in the batch: one statement cannot update a row twice.
+        let mut last: HashMap<&str, usize> = HashMap::with_capacity(batch.len());
+        for (i, r) in batch.iter().enumerate() {
+            last.insert(r.host, i);
+        }
+        let mut hosts = Vec::with_capacity(last.len());
+        let mut received = Vec::with_capacity(last.len());
+        let mut sent = Vec::with_capacity(last.len());
+        let mut bodies = Vec::with_capacity(last.len());
+        let mut sums = Vec::with_capacity(last.len());
+        for (i, r) in batch.iter().enumerate() {
+            if last.get(r.host) != Some(&i) {
+                continue;
+            }
+            hosts.push(r.host);
+            received.push(r.received_at as i64);
+            sent.push(r.sent_at as i64);
+            bodies.push(std::str::from_utf8(r.body).unwrap_or_default());
+            sums.push(r.summary);
+        }
+        // The events of every report, in the batch's order (their ids follow it); the
+        // statement keeps those of the hosts it stored. Made before the lock is taken.
+        let mut e_host = Vec::new();
+        let mut e_at = Vec::new();
+        let mut e_service: Vec<Option<std::borrow::Cow<'_, str>>> = Vec::new();
+        let mut e_kind = Vec::new();
+        let mut e_message = Vec::new();
+        let mut e_received = Vec::new();
+        for r in batch {
+            for e in r.new_events {
+                e_host.push(r.host);
+                e_at.push(e.at as i64);
+                e_service.push(e.service.as_deref().map(text));
+                e_kind.push(text(e.kind.as_str()));
+                e_message.push(text(&e.message));
+                e_received.push(r.received_at as i64);
+            }
+        }
         let mut c = self.client()?;
         let mut tx = c.transaction()?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&STORE_LOCK])?;
-        let upsert = tx.prepare(
-            "INSERT INTO reports(host, received_at, sent_at, report, seq, replica)
-             SELECT $1::text, $2::bigint, $3::bigint, $4::text, nextval('report_seq'), $5::text
-             WHERE EXISTS (SELECT 1 FROM hosts WHERE name = $1::text)
-             ON CONFLICT(host) DO UPDATE SET received_at = excluded.received_at,
-             sent_at = excluded.sent_at, report = excluded.report, seq = excluded.seq,
-             replica = excluded.replica",
-        )?;
-        let event = tx.prepare(
-            "INSERT INTO events(host, at, service, kind, message, received_at)
-             VALUES ($1, $2, $3, $4, $5, $6)",
-        )?;
-        let quota = tx.prepare(
-            "DELETE FROM events WHERE host = $1 AND id <= (SELECT id FROM events
-             WHERE host = $1 ORDER BY id DESC LIMIT 1 OFFSET $2)",
-        )?;
-        for r in batch {
-            let body = std::str::from_utf8(r.body).unwrap_or_default();
-            let at = r.received_at as i64;
-            let n = tx.execute(&upsert, &[&r.host, &at, &(r.sent_at as i64), &body, &me])?;
-            if n == 0 {
-                continue;
-            }
-            for e in r.new_events {
-                tx.execute(
-                    &event,
-                    &[
-                        &r.host,
-                        &(e.at as i64),
-                        &e.service,
-                        &text(e.kind.as_str()).as_ref(),
-                        &text(&e.message).as_ref(),
-                        &at,
-                    ],
-                )?;
-            }
-            if r.apply_quota {
-                tx.execute(&quota, &[&r.host, &(keep_per_host as i64)])?;
-            }
+        // One statement for the reports and their events: the events insert reads what the
+        // reports insert returned (hosts still registered).
+        let stored: HashSet<String> = tx
+            .query(
+                "WITH stored AS (
+                     INSERT INTO reports(host, received_at, sent_at, report, summary, seq,
+                                         replica)
+                     SELECT t.h, t.ra, t.sa, t.body, t.s, nextval('report_seq'), $6
+                     FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[],
+                                 $5::bytea[]) WITH ORDINALITY AS t(h, ra, sa, body, s, i)
+                     WHERE EXISTS (SELECT 1 FROM hosts WHERE name = t.h)
+                     ORDER BY t.i
+                     ON CONFLICT(host) DO UPDATE SET received_at = excluded.received_at,
+                     sent_at = excluded.sent_at, report = excluded.report,
+                     summary = excluded.summary, seq = excluded.seq, replica = excluded.replica
+                     RETURNING host
+                 ), logged AS (
+                     INSERT INTO events(host, at, service, kind, message, received_at)
+                     SELECT e.h, e.at, e.sv, e.k, e.m, e.ra
+                     FROM unnest($7::text[], $8::bigint[], $9::text[], $10::text[],
+                                 $11::text[], $12::bigint[])
+                          WITH ORDINALITY AS e(h, at, sv, k, m, ra, i)
+                     WHERE e.h IN (SELECT host FROM stored)
+                     ORDER BY e.i
+                 )
+                 SELECT host FROM stored",
+                &[
+                    &hosts,
+                    &received,
+                    &sent,
+                    &bodies,
+                    &sums,
+                    &me,
+                    &e_host,
+                    &e_at,
+                    &e_service,
+                    &e_kind,
+                    &e_message,
+                    &e_received,
+                ],
+            )?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let mut quota: Vec<&str> = batch
+            .iter()
+            .filter(|r| r.apply_quota && stored.contains(r.host))
+            .map(|r| r.host)
+            .collect();
+        if !quota.is_empty() {
+            quota.sort_unstable();
+            quota.dedup();
+            tx.execute(
+                "DELETE FROM events e USING (
+                     SELECT q.h, (SELECT id FROM events WHERE host = q.h
+                                  ORDER BY id DESC LIMIT 1 OFFSET $2) AS cut
+                     FROM unnest($1::text[]) AS q(h)) c
+                 WHERE e.host = c.h AND e.id <= c.cut",
+                &[&quota, &(keep_per_host as i64)],
+            )?;
         }
         tx.commit()?;
         Ok(())

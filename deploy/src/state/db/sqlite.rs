@@ -9,7 +9,9 @@ use rusqlite::{params, Connection};
 
 use keepup_deploy::wire::{Event, EventKind};
 
-use super::{new_token, now, token_hash, HostRow, StoredReport, TokenHash};
+use super::{
+    new_token, now, token_hash, HostRow, Latest, LatestBody, MadeSummary, StoredReport, TokenHash,
+};
 use std::collections::HashMap;
 
 /// Page cache of each connection, KiB.
@@ -18,7 +20,19 @@ const SQLITE_CACHE_KIB: i64 = 64 * 1024;
 /// An open SQLite state database.
 pub struct Sqlite {
     conn: Connection,
+    /// The file, for the checkpoint thread's own connection.
+    path: std::path::PathBuf,
+    /// Held while a checkpoint thread works for this connection ([`Sqlite::checkpoint_aside`]);
+    /// the thread ends when it sees the handle gone.
+    checkpointer: Option<std::sync::Arc<()>>,
 }
+
+/// How often the checkpoint thread copies the WAL into the database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+
+/// WAL pages past which a commit checkpoints by itself even with a checkpoint thread (a
+/// thread that fell behind; about 256 MB of 4 KiB pages): the WAL stays bounded.
+const WAL_BACKSTOP_PAGES: i64 = 65_536;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS hosts (
@@ -30,7 +44,8 @@ CREATE TABLE IF NOT EXISTS reports (
     host TEXT PRIMARY KEY,
     received_at INTEGER NOT NULL,
     sent_at INTEGER NOT NULL,
-    report TEXT NOT NULL
+    report TEXT NOT NULL,
+    summary BLOB
 );
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY,
@@ -55,17 +70,22 @@ CREATE INDEX IF NOT EXISTS events_received ON events(received_at);
 ";
 
 /// Databases made before events had `received_at` get the column, filled with the host's
-/// event time (the best known).
+/// event time (the best known); those made before reports had a `summary` get the column,
+/// empty (the server fills it from the bodies at its first start).
 fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let has: bool = tx
-        .prepare("SELECT 1 FROM pragma_table_info('events') WHERE name = 'received_at'")?
-        .exists([])?;
-    if !has {
+    let has = |table: &str, column: &str| -> rusqlite::Result<bool> {
+        tx.prepare("SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2")?
+            .exists([table, column])
+    };
+    if !has("events", "received_at")? {
         tx.execute_batch(
             "ALTER TABLE events ADD COLUMN received_at INTEGER NOT NULL DEFAULT 0;
              UPDATE events SET received_at = at;",
         )?;
+    }
+    if !has("reports", "summary")? {
+        tx.execute_batch("ALTER TABLE reports ADD COLUMN summary BLOB;")?;
     }
     tx.execute_batch(INDEXES)?;
     tx.commit()
@@ -92,7 +112,45 @@ impl Sqlite {
                     path.display()
                 )
             })?;
-        Ok(Sqlite { conn })
+        Ok(Sqlite {
+            conn,
+            path: path.to_path_buf(),
+            checkpointer: None,
+        })
+    }
+
+    /// Checkpoint the WAL on a thread of its own instead of in this connection's commits (the
+    /// server's writer): a commit then only appends to the WAL, and the copy into the database
+    /// file with its `fsync` runs beside it. Durability is unchanged: with `synchronous=NORMAL`
+    /// a commit is in the WAL (safe from a crash of the process) either way, and a checkpoint
+    /// syncs the WAL before it copies. The thread checkpoints `PASSIVE`ly (never waiting for
+    /// the writer) every [`CHECKPOINT_EVERY`]; should it fall behind, this connection's
+    /// commits checkpoint again past [`WAL_BACKSTOP_PAGES`].
+    pub fn checkpoint_aside(&mut self) -> Result<()> {
+        if self.checkpointer.is_some() {
+            return Ok(());
+        }
+        let other = Connection::open(&self.path)?;
+        other.busy_timeout(Duration::from_secs(10))?;
+        self.conn
+            .pragma_update(None, "wal_autocheckpoint", WAL_BACKSTOP_PAGES)?;
+        let alive = std::sync::Arc::new(());
+        let watch = std::sync::Arc::downgrade(&alive);
+        std::thread::Builder::new()
+            .name("state-checkpoint".into())
+            .spawn(move || {
+                while watch.upgrade().is_some() {
+                    std::thread::sleep(CHECKPOINT_EVERY);
+                    if let Err(e) =
+                        other.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                    {
+                        eprintln!("keepup serve: checkpointing the state database: {e}");
+                    }
+                }
+            })
+            .context("starting the state database's checkpoint thread")?;
+        self.checkpointer = Some(alive);
+        Ok(())
     }
 
     fn conn(&self) -> &Connection {
@@ -186,19 +244,56 @@ impl Sqlite {
             .query_row([], |r| r.get(0))?)
     }
 
-    /// The latest report of every host: (host, received_at, JSON body).
-    pub fn latest_reports(&self) -> Result<Vec<(String, u64, Vec<u8>)>> {
+    /// The latest report of every host, its summary and not its body.
+    pub fn latest_reports(&self) -> Result<Vec<Latest>> {
         let mut st = self
             .conn()
-            .prepare("SELECT host, received_at, report FROM reports")?;
+            .prepare("SELECT host, received_at, sent_at, summary FROM reports")?;
         let rows = st.query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, i64>(1)? as u64,
-                r.get::<_, String>(2)?.into_bytes(),
-            ))
+            Ok(Latest {
+                host: r.get(0)?,
+                received_at: r.get::<_, i64>(1)? as u64,
+                sent_at: r.get::<_, i64>(2)? as u64,
+                summary: r.get(3)?,
+            })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// See [`super::Db::report_bodies`].
+    pub fn report_bodies(&self, hosts: &[&str]) -> Result<Vec<LatestBody>> {
+        let mut st = self.conn().prepare_cached(
+            "SELECT host, received_at, sent_at, report FROM reports WHERE host = ?1",
+        )?;
+        let mut out = Vec::new();
+        for h in hosts {
+            let mut rows = st.query([h])?;
+            if let Some(r) = rows.next()? {
+                out.push((
+                    r.get(0)?,
+                    r.get::<_, i64>(1)? as u64,
+                    r.get::<_, i64>(2)? as u64,
+                    r.get::<_, String>(3)?.into_bytes(),
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    /// See [`super::Db::put_summaries`].
+    pub fn put_summaries(&mut self, rows: &[MadeSummary]) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut st = tx.prepare_cached(
+                "UPDATE reports SET summary = ?4
+                 WHERE host = ?1 AND received_at = ?2 AND sent_at = ?3",
+            )?;
+            for (host, received_at, sent_at, summary) in rows {
+                st.execute(params![host, *received_at as i64, *sent_at as i64, summary])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
     }
 
     /// Store a batch of reports in one transaction: each replaces its host's latest report
@@ -209,10 +304,11 @@ impl Sqlite {
         let tx = self.conn.transaction()?;
         {
             let mut upsert = tx.prepare_cached(
-                "INSERT INTO reports(host, received_at, sent_at, report)
-                 SELECT ?1, ?2, ?3, ?4 WHERE EXISTS (SELECT 1 FROM hosts WHERE name = ?1)
+                "INSERT INTO reports(host, received_at, sent_at, report, summary)
+                 SELECT ?1, ?2, ?3, ?4, ?5 WHERE EXISTS (SELECT 1 FROM hosts WHERE name = ?1)
                  ON CONFLICT(host) DO UPDATE SET received_at = excluded.received_at,
-                 sent_at = excluded.sent_at, report = excluded.report",
+                 sent_at = excluded.sent_at, report = excluded.report,
+                 summary = excluded.summary",
             )?;
             let mut event = tx.prepare_cached(
                 "INSERT INTO events(host, at, service, kind, message, received_at)
@@ -228,7 +324,8 @@ impl Sqlite {
                     r.host,
                     r.received_at as i64,
                     r.sent_at as i64,
-                    body
+                    body,
+                    r.summary
                 ])?;
                 if n == 0 {
                     continue;
@@ -371,6 +468,7 @@ mod tests {
                 received_at: 300,
                 sent_at: 299,
                 body: b"{\"host\":\"web1\",\"sent_at\":299}",
+                summary: b"s1",
                 new_events: &events,
                 apply_quota: false,
             },
@@ -379,6 +477,7 @@ mod tests {
                 received_at: 300,
                 sent_at: 299,
                 body: b"{}",
+                summary: b"s2",
                 new_events: &events,
                 apply_quota: false,
             },
@@ -386,6 +485,35 @@ mod tests {
         db.store(&batch, 100).unwrap();
         let (latest, _) = db.latest_reports().unwrap();
         assert_eq!(latest.len(), 1, "reports of unregistered hosts are dropped");
+        assert_eq!(
+            latest[0],
+            super::super::Latest {
+                host: "web1".into(),
+                received_at: 300,
+                sent_at: 299,
+                summary: Some(b"s1".to_vec()),
+            }
+        );
+        // A summary made from the body is stored only for the report it was made of.
+        db.put_summaries(&[
+            ("web1".into(), 300, 298, b"stale".to_vec()),
+            ("ghost".into(), 300, 299, b"x".to_vec()),
+        ])
+        .unwrap();
+        assert_eq!(
+            db.latest_reports().unwrap().0[0].summary.as_deref(),
+            Some(&b"s1"[..])
+        );
+        db.put_summaries(&[("web1".into(), 300, 299, b"s1b".to_vec())])
+            .unwrap();
+        assert_eq!(
+            db.latest_reports().unwrap().0[0].summary.as_deref(),
+            Some(&b"s1b"[..])
+        );
+        assert_eq!(
+            db.report_bodies(&["ghost", "web1"]).unwrap(),
+            [("web1".to_string(), 300, 299, batch[0].body.to_vec())]
+        );
         assert_eq!(db.events("web1", 10).unwrap()[0].kind, EventKind::Started);
         assert_eq!(db.event_count().unwrap(), 2);
         // Retention goes by receive time (300), not the events' own times (100, 200).
@@ -401,6 +529,7 @@ mod tests {
                     received_at: 2000,
                     sent_at: 2000,
                     body: b"{}",
+                    summary: b"s3",
                     new_events: ev,
                     apply_quota: quota,
                 }],
