@@ -88,6 +88,76 @@ async fn wait_for(
     }
 }
 
+/// One format's package commands, for the same cycle on the .deb and the .rpm.
+struct Cycle {
+    install: &'static str,
+    upgrade: &'static str,
+    remove: &'static str,
+}
+
+const DEB: Cycle = Cycle {
+    install: "dpkg -i /pkgs/foo.deb",
+    upgrade: "dpkg -i /pkgs/foo-1.0.1.deb",
+    remove: "dpkg -r foo",
+};
+
+/// rpm's database does not know dpkg's runit and supervisor: `--nodeps`.
+const RPM: Cycle = Cycle {
+    install: "rpm --initdb && rpm -i --nodeps /pkgs/foo-1.0.0.rpm",
+    upgrade: "rpm -U --nodeps /pkgs/foo-1.0.1.rpm",
+    remove: "rpm -e --nodeps foo",
+};
+
+/// Stops the agent and waits until it is gone.
+async fn stop_agent(h: &Host) -> Result<()> {
+    h.ok("pkill -x keepup-agent; while pgrep -x keepup-agent >/dev/null; do sleep 0.1; done")
+        .await?;
+    Ok(())
+}
+
+/// SIGSTOPs food `pid`: the agent's probes fail, it kills the role, and `parent` (the host's
+/// supervisor) starts a new food.
+async fn hang_is_killed_and_restarted_by(h: &Host, pid: u32, parent: &str) -> Result<()> {
+    h.ok(&format!("kill -STOP {pid}")).await?;
+    let (new, _) = wait_banner_from(h, Duration::from_secs(30), Some(pid)).await?;
+    ensure!(
+        parent_of(h, new).await? == parent,
+        "not restarted by {parent}"
+    );
+    let log = h.ok("cat /var/log/keepup/foo.log").await?;
+    ensure!(log.contains("killing role foo"), "{log}");
+    ensure!(
+        !h.ok(ROLE_PROCS).await?.contains(&format!("{pid} ")),
+        "the hung daemon survived"
+    );
+    Ok(())
+}
+
+/// Waits until the upgraded package's daemon answers.
+async fn new_bits_answer(h: &Host, debug: &str) -> Result<()> {
+    wait_for(
+        h,
+        "the new version's banner",
+        "nc -w 2 127.0.0.1 7070 </dev/null",
+        Duration::from_secs(20),
+        |t| t.contains("food v2 ready"),
+        debug,
+    )
+    .await?;
+    Ok(())
+}
+
+/// After removal: no role process, and nothing starts it again; then the agent stops.
+async fn gone_for_good(h: &Host) -> Result<()> {
+    h.until_empty(ROLE_PROCS, Duration::from_secs(15)).await?;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    ensure!(
+        h.ok(ROLE_PROCS).await?.trim().is_empty(),
+        "started again after removal"
+    );
+    stop_agent(h).await
+}
+
 const RUNIT_DEBUG: &str = "sv status /etc/sv/foo; ls -la /etc/service/ /etc/sv/foo; tail -n 20 /var/log/foo/current; tail -n 30 /var/log/keepup/foo.log; ps -ef";
 
 /// Starts runsvdir on /etc/service, as Debian's runit does at boot.
@@ -98,9 +168,9 @@ async fn start_runsvdir(h: &Host) -> Result<()> {
 }
 
 /// The runit cycle with one format's install, upgrade and removal commands.
-async fn runit_cycle(s: &Setup, install: &str, upgrade: &str, remove: &str) -> Result<()> {
+async fn runit_cycle(s: &Setup, c: &Cycle) -> Result<()> {
     let h = &s.host;
-    h.ok(install).await?;
+    h.ok(c.install).await?;
     // runsvdir sees the new service within 5 s; runsv starts it as the role.
     let pid = wait_food(h, Duration::from_secs(20)).await?;
     ensure!(
@@ -150,15 +220,7 @@ async fn runit_cycle(s: &Setup, install: &str, upgrade: &str, remove: &str) -> R
     eprintln!("runit: {svc:?}");
 
     // A hang: the agent's probes fail, it kills the role, runsv starts it again.
-    h.ok(&format!("kill -STOP {pid}")).await?;
-    let (new, _) = wait_banner_from(h, Duration::from_secs(30), Some(pid)).await?;
-    ensure!(parent_of(h, new).await? == "runsv", "restarted by runsv");
-    let log = h.ok("cat /var/log/keepup/foo.log").await?;
-    ensure!(log.contains("killing role foo"), "{log}");
-    ensure!(
-        !h.ok(ROLE_PROCS).await?.contains(&format!("{pid} ")),
-        "the hung daemon survived"
-    );
+    hang_is_killed_and_restarted_by(h, pid, "runsv").await?;
     wait_status(h, "a restart counted", Duration::from_secs(15), |s| {
         s.as_ref().is_some_and(|s| s.restarts >= 1)
     })
@@ -170,8 +232,7 @@ async fn runit_cycle(s: &Setup, install: &str, upgrade: &str, remove: &str) -> R
     h.until_empty(ROLE_PROCS, Duration::from_secs(10)).await?;
     let sv = h.ok("sv status /etc/sv/foo").await?;
     ensure!(sv.starts_with("down: /etc/sv/foo"), "{sv}");
-    h.ok("pkill -x keepup-agent; while pgrep -x keepup-agent >/dev/null; do sleep 0.1; done")
-        .await?;
+    stop_agent(h).await?;
     // Behind the agent's back (as a reboot would): runsv is told to start it again.
     h.ok("sv up /etc/sv/foo").await?;
     start_agent(h).await?;
@@ -199,34 +260,19 @@ async fn runit_cycle(s: &Setup, install: &str, upgrade: &str, remove: &str) -> R
 
     // An upgrade (the down file stays, as the admin left it): the new bits run once the admin
     // starts it.
-    h.ok(upgrade).await?;
+    h.ok(c.upgrade).await?;
     h.ok("test -f /etc/sv/foo/down").await?;
     h.ok("rm /etc/sv/foo/down && sv up /etc/sv/foo").await?;
-    wait_for(
-        h,
-        "the new version's banner",
-        "nc -w 2 127.0.0.1 7070 </dev/null",
-        Duration::from_secs(20),
-        |t| t.contains("food v2 ready"),
-        RUNIT_DEBUG,
-    )
-    .await?;
+    new_bits_answer(h, RUNIT_DEBUG).await?;
 
     // Removal: the service leaves runit and no role process is left.
-    h.ok(remove).await?;
+    h.ok(c.remove).await?;
     h.until_empty(ROLE_PROCS, Duration::from_secs(15)).await?;
     h.ok("test ! -e /etc/service/foo").await?;
     let sv = h.exec("sv status /etc/sv/foo").await?;
     ensure!(sv.code != 0 || !sv.stdout.starts_with("run:"), "{sv:?}");
     // Nothing starts it again (runsv is gone, the agent dropped it).
-    tokio::time::sleep(Duration::from_secs(6)).await;
-    ensure!(
-        h.ok(ROLE_PROCS).await?.trim().is_empty(),
-        "started again after removal"
-    );
-    h.ok("pkill -x keepup-agent; while pgrep -x keepup-agent >/dev/null; do sleep 0.1; done")
-        .await?;
-    Ok(())
+    gone_for_good(h).await
 }
 
 /// Waits until food answers as the role; returns its pid.
@@ -251,26 +297,14 @@ async fn runit_runs_it_and_the_agent_probes_kills_and_maps_down_up() -> Result<(
     copy_version(&s, "1.0.0", as_kind("runit", &[])).await?;
     let h = &s.host;
     start_runsvdir(h).await?;
-    runit_cycle(
-        &s,
-        "dpkg -i /pkgs/foo.deb",
-        "dpkg -i /pkgs/foo-1.0.1.deb",
-        "dpkg -r foo",
-    )
-    .await?;
+    runit_cycle(&s, &DEB).await?;
     // Debian keeps conffiles until purge; purge takes the service directory away.
     h.ok("test -f /etc/sv/foo/run").await?;
     h.ok("dpkg --purge foo && test ! -e /etc/sv/foo").await?;
 
-    // The .rpm through the same cycle (rpm's database does not know dpkg's runit: --nodeps).
+    // The .rpm through the same cycle.
     h.ok("rm -rf /var/log/foo /var/log/keepup/foo.log").await?;
-    runit_cycle(
-        &s,
-        "rpm --initdb && rpm -i --nodeps /pkgs/foo-1.0.0.rpm",
-        "rpm -U --nodeps /pkgs/foo-1.0.1.rpm",
-        "rpm -e --nodeps foo",
-    )
-    .await?;
+    runit_cycle(&s, &RPM).await?;
     h.ok("test ! -e /etc/sv/foo/run").await?;
     Ok(())
 }
@@ -283,9 +317,9 @@ async fn program(h: &Host) -> Result<String> {
 }
 
 /// The supervisord cycle with one format's install, upgrade and removal commands.
-async fn supervisord_cycle(s: &Setup, install: &str, upgrade: &str, remove: &str) -> Result<()> {
+async fn supervisord_cycle(s: &Setup, c: &Cycle) -> Result<()> {
     let h = &s.host;
-    h.ok(install).await?;
+    h.ok(c.install).await?;
     let st = wait_for(
         h,
         "RUNNING",
@@ -313,14 +347,7 @@ async fn supervisord_cycle(s: &Setup, install: &str, upgrade: &str, remove: &str
     ensure!(json.contains("\"supervisor\": \"supervisord\""), "{json}");
 
     // A hang is killed by the probes; supervisord starts it again.
-    h.ok(&format!("kill -STOP {pid}")).await?;
-    let (new, _) = wait_banner_from(h, Duration::from_secs(30), Some(pid)).await?;
-    ensure!(
-        parent_of(h, new).await? == "supervisord",
-        "restarted by supervisord"
-    );
-    let log = h.ok("cat /var/log/keepup/foo.log").await?;
-    ensure!(log.contains("killing role foo"), "{log}");
+    hang_is_killed_and_restarted_by(h, pid, "supervisord").await?;
 
     // A crash loop reaches FATAL (3 starts that die at once); the re-kick timer (5 s) brings
     // it back once the cause is gone.
@@ -372,30 +399,15 @@ async fn supervisord_cycle(s: &Setup, install: &str, upgrade: &str, remove: &str
     wait_food(h, Duration::from_secs(15)).await?;
 
     // An upgrade restarts it on the new bits.
-    h.ok(upgrade).await?;
-    wait_for(
-        h,
-        "the new version's banner",
-        "nc -w 2 127.0.0.1 7070 </dev/null",
-        Duration::from_secs(20),
-        |t| t.contains("food v2 ready"),
-        SUPERVISORD_DEBUG,
-    )
-    .await?;
+    h.ok(c.upgrade).await?;
+    new_bits_answer(h, SUPERVISORD_DEBUG).await?;
 
     // Removal takes the program out of supervisord and leaves no role process.
-    h.ok(remove).await?;
+    h.ok(c.remove).await?;
     h.until_empty(ROLE_PROCS, Duration::from_secs(15)).await?;
     let st = program(h).await?;
     ensure!(st.contains("no such process"), "{st}");
-    tokio::time::sleep(Duration::from_secs(6)).await;
-    ensure!(
-        h.ok(ROLE_PROCS).await?.trim().is_empty(),
-        "started again after removal"
-    );
-    h.ok("pkill -x keepup-agent; while pgrep -x keepup-agent >/dev/null; do sleep 0.1; done")
-        .await?;
-    Ok(())
+    gone_for_good(h).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -428,24 +440,12 @@ async fn supervisord_runs_it_the_agent_kills_hangs_and_rekicks_fatal() -> Result
         "cat /var/log/supervisor/supervisord.log",
     )
     .await?;
-    supervisord_cycle(
-        &s,
-        "dpkg -i /pkgs/foo.deb",
-        "dpkg -i /pkgs/foo-1.0.1.deb",
-        "dpkg -r foo",
-    )
-    .await?;
+    supervisord_cycle(&s, &DEB).await?;
     h.ok("test ! -e /etc/supervisor/conf.d/foo.conf").await?;
     h.ok("dpkg --purge foo").await?;
 
     h.ok("rm -f /var/log/keepup/foo.log").await?;
-    supervisord_cycle(
-        &s,
-        "rpm --initdb && rpm -i --nodeps /pkgs/foo-1.0.0.rpm",
-        "rpm -U --nodeps /pkgs/foo-1.0.1.rpm",
-        "rpm -e --nodeps foo",
-    )
-    .await?;
+    supervisord_cycle(&s, &RPM).await?;
     h.ok("test ! -e /etc/supervisor/conf.d/foo.conf").await?;
     Ok(())
 }

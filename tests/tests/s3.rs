@@ -23,6 +23,42 @@ use serde_json::Value;
 const BUCKET: &str = "keepup-repo";
 const PREFIX: &str = "apt";
 
+/// A moto server with a public bucket, and a new repository signed with the shared key.
+struct World {
+    tmp: tempfile::TempDir,
+    net: TestNet,
+    s3: S3Server,
+    repo: std::path::PathBuf,
+    key: std::path::PathBuf,
+}
+
+impl World {
+    fn new() -> Result<World> {
+        let tmp = tempfile::tempdir()?;
+        let net = TestNet::new()?;
+        let s3 = S3Server::start(&net)?;
+        s3.public_bucket(BUCKET)?;
+        let repo = tmp.path().join("repo");
+        let key = shared_signing_key()?;
+        keepup(&[
+            "repo",
+            "init",
+            repo.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+            "--key-dir",
+            tmp.path().join("keys").to_str().unwrap(),
+        ])?;
+        Ok(World {
+            tmp,
+            net,
+            s3,
+            repo,
+            key,
+        })
+    }
+}
+
 /// `keepup repo sync` with the server's credentials and `extra` environment; returns
 /// (success, the JSON summary when it succeeded, stderr).
 fn sync(
@@ -133,6 +169,20 @@ fn bucket_mirrors(s3: &S3Server, repo: &Path, exact: bool) -> Result<usize> {
     Ok(n)
 }
 
+/// A host whose apt reads only the repository at `base` (the bucket's HTTP URL), trusting
+/// its key.
+async fn apt_client(net: &TestNet, name: &str, base: &str) -> Result<Host> {
+    let client = Host::start(net, name).await?;
+    client
+        .ok(&format!(
+            "mkdir -p /etc/apt/keyrings && curl -fsS -o /etc/apt/keyrings/keepup.asc {base}keys/repository.asc \
+             && rm -f /etc/apt/sources.list /etc/apt/sources.list.d/* \
+             && echo 'deb [signed-by=/etc/apt/keyrings/keepup.asc] {base} stable main' > /etc/apt/sources.list.d/keepup.list"
+        ))
+        .await?;
+    Ok(client)
+}
+
 /// apt on `client` refreshes from the bucket with no error (no hash mismatch, no bad
 /// signature); returns the candidate version of foo.
 async fn apt_sees(client: &Host) -> Result<String> {
@@ -171,27 +221,13 @@ async fn repo_sync_publishes_a_repository_that_apt_and_agents_read_from_the_buck
     if skip_s3() || !docker_or_skip() {
         return Ok(());
     }
-    let tmp = tempfile::tempdir()?;
-    let dir = tmp.path();
-    let net = TestNet::new()?;
-    let s3 = S3Server::start(&net)?;
-    s3.public_bucket(BUCKET)?;
-    let repo = dir.join("repo");
-    let key = shared_signing_key()?;
+    let w = World::new()?;
+    let (dir, net, s3, repo, key) = (w.tmp.path(), &w.net, &w.s3, &w.repo, &w.key);
     let r = repo.to_str().unwrap();
-    keepup(&[
-        "repo",
-        "init",
-        r,
-        "--key",
-        key.to_str().unwrap(),
-        "--key-dir",
-        dir.join("keys").to_str().unwrap(),
-    ])?;
-    let (deb1, rpm1) = keepup_pack_example(&dir.join("v1"), "1.0.0", Some(&key), |t| t)?;
+    let (deb1, rpm1) = keepup_pack_example(&dir.join("v1"), "1.0.0", Some(key), |t| t)?;
     // A pre-release: its file name has a `~`, which must stay a `~` in the object's key
     // (the bucket is checked to mirror the repository file for file below).
-    let (deb0, _) = keepup_pack_example(&dir.join("v0"), "0.9.0~rc1", Some(&key), |t| t)?;
+    let (deb0, _) = keepup_pack_example(&dir.join("v0"), "0.9.0~rc1", Some(key), |t| t)?;
     ensure!(deb0.to_string_lossy().contains('~'), "{}", deb0.display());
     keepup(&[
         "publish",
@@ -206,11 +242,11 @@ async fn repo_sync_publishes_a_repository_that_apt_and_agents_read_from_the_buck
     keepup(&["assign", "--repo", r, "s3-agent", "--track", "stable"])?;
     // The secret key where old versions kept it (inside .keepup/) and a stray copy at the
     // top: neither may leave the machine.
-    std::fs::copy(&key, repo.join(".keepup/signing-key.asc"))?;
-    std::fs::copy(&key, repo.join("stray-key.asc"))?;
+    std::fs::copy(key, repo.join(".keepup/signing-key.asc"))?;
+    std::fs::copy(key, repo.join("stray-key.asc"))?;
 
     // 1. The first sync uploads the repository, refusing the stray key.
-    let first = synced(&repo, &s3, "1h")?;
+    let first = synced(repo, s3, "1h")?;
     ensure!(
         first["refused"] == serde_json::json!(["stray-key.asc"]),
         "the stray key is refused and named: {first}"
@@ -239,28 +275,21 @@ async fn repo_sync_publishes_a_repository_that_apt_and_agents_read_from_the_buck
         "pool files go up before the roots: {uploaded:?}"
     );
     ensure!(
-        bucket_mirrors(&s3, &repo, true)? == uploaded.len(),
+        bucket_mirrors(s3, repo, true)? == uploaded.len(),
         "the bucket holds what was uploaded"
     );
-    no_secret(&s3)?;
+    no_secret(s3)?;
     std::fs::remove_file(repo.join("stray-key.asc"))?;
 
     // 2. Stock apt installs from the bucket's HTTP URL.
     let base = format!("{}/{BUCKET}/{PREFIX}/", s3.endpoint);
-    let client = Host::start(&net, "s3-apt").await?;
-    client
-        .ok(&format!(
-            "mkdir -p /etc/apt/keyrings && curl -fsS -o /etc/apt/keyrings/keepup.asc {base}keys/repository.asc \
-             && rm -f /etc/apt/sources.list /etc/apt/sources.list.d/* \
-             && echo 'deb [signed-by=/etc/apt/keyrings/keepup.asc] {base} stable main' > /etc/apt/sources.list.d/keepup.list"
-        ))
-        .await?;
+    let client = apt_client(net, "s3-apt", &base).await?;
     ensure!(apt_sees(&client).await? == "1.0.0-1");
     client.ok("apt-get install -y foo 2>&1").await?;
     ensure!(client.ok("dpkg-query -W -f='${Version}' foo").await? == "1.0.0-1");
 
     // 3. An agent follows its track from the bucket.
-    let agent = Host::start(&net, "s3-agent").await?;
+    let agent = Host::start(net, "s3-agent").await?;
     let pkg = agent_package(&dir.join("agent-pkg"), Format::Deb);
     agent.copy_in(&pkg, "/tmp/keepup-agent.deb").await?;
     agent.ok("dpkg -i /tmp/keepup-agent.deb >/dev/null").await?;
@@ -284,7 +313,7 @@ async fn repo_sync_publishes_a_repository_that_apt_and_agents_read_from_the_buck
 
     // 4. A second sync after a promote uploads only what changed: no pool file (the same
     // bytes), only the views of the track promoted into and the policy.
-    let (deb2, rpm2) = keepup_pack_example(&dir.join("v2"), "1.1.0", Some(&key), |t| t)?;
+    let (deb2, rpm2) = keepup_pack_example(&dir.join("v2"), "1.1.0", Some(key), |t| t)?;
     keepup(&[
         "publish",
         "--repo",
@@ -292,9 +321,9 @@ async fn repo_sync_publishes_a_repository_that_apt_and_agents_read_from_the_buck
         deb2.to_str().unwrap(),
         rpm2.to_str().unwrap(),
     ])?;
-    synced(&repo, &s3, "1h")?;
+    synced(repo, s3, "1h")?;
     keepup(&["promote", "--repo", r, "foo", "1.1.0-1", "--to", "testing"])?;
-    let second = synced(&repo, &s3, "1h")?;
+    let second = synced(repo, s3, "1h")?;
     let changed = files(&second);
     ensure!(!changed.is_empty(), "{second}");
     for f in &changed {
@@ -310,7 +339,7 @@ async fn repo_sync_publishes_a_repository_that_apt_and_agents_read_from_the_buck
         second["unchanged"].as_u64().unwrap_or(0) > changed.len() as u64,
         "{second}"
     );
-    let again = synced(&repo, &s3, "1h")?;
+    let again = synced(repo, s3, "1h")?;
     ensure!(
         files(&again).is_empty(),
         "nothing changed, nothing uploaded: {again}"
@@ -321,7 +350,7 @@ async fn repo_sync_publishes_a_repository_that_apt_and_agents_read_from_the_buck
     // the next sync completes it.
     keepup(&["promote", "--repo", r, "foo", "1.1.0-1", "--to", "stable"])?;
     for step in ["sync-content", "sync-indexes", "sync-first-root"] {
-        let (ok, _, err) = sync(&repo, &s3, &[("KEEPUP_CRASH_AT", step)], "1h")?;
+        let (ok, _, err) = sync(repo, s3, &[("KEEPUP_CRASH_AT", step)], "1h")?;
         ensure!(!ok, "the sync should have been killed at {step}: {err}");
         let candidate = apt_sees(&client)
             .await
@@ -337,9 +366,9 @@ async fn repo_sync_publishes_a_repository_that_apt_and_agents_read_from_the_buck
             installed == "1.0.0-1",
             "{step}: the agent's commit is not up yet, it keeps 1.0.0-1: {installed}"
         );
-        no_secret(&s3)?;
+        no_secret(s3)?;
     }
-    let done = synced(&repo, &s3, "1h")?;
+    let done = synced(repo, s3, "1h")?;
     ensure!(
         files(&done).iter().all(|f| !f.starts_with("pool/")),
         "what the killed syncs uploaded is not sent again: {done}"
@@ -353,12 +382,12 @@ async fn repo_sync_publishes_a_repository_that_apt_and_agents_read_from_the_buck
     );
 
     // 6. Deletions wait for the grace period: with it over, the bucket is the repository.
-    bucket_mirrors(&s3, &repo, false)?;
-    let purge = synced(&repo, &s3, "0s")?;
+    bucket_mirrors(s3, repo, false)?;
+    let purge = synced(repo, s3, "0s")?;
     ensure!(purge["pending_deletion"] == 0, "{purge}");
-    bucket_mirrors(&s3, &repo, true)?;
+    bucket_mirrors(s3, repo, true)?;
     ensure!(apt_sees(&client).await? == "1.1.0-1");
-    no_secret(&s3)?;
+    no_secret(s3)?;
     Ok(())
 }
 
@@ -371,23 +400,9 @@ async fn a_package_over_16_mib_goes_up_in_parts_and_installs_from_the_bucket() -
     if skip_s3() || !docker_or_skip() {
         return Ok(());
     }
-    let tmp = tempfile::tempdir()?;
-    let dir = tmp.path();
-    let net = TestNet::new()?;
-    let s3 = S3Server::start(&net)?;
-    s3.public_bucket(BUCKET)?;
-    let repo = dir.join("repo");
-    let key = shared_signing_key()?;
+    let w = World::new()?;
+    let (dir, net, s3, repo) = (w.tmp.path(), &w.net, &w.s3, &w.repo);
     let r = repo.to_str().unwrap();
-    keepup(&[
-        "repo",
-        "init",
-        r,
-        "--key",
-        key.to_str().unwrap(),
-        "--key-dir",
-        dir.join("keys").to_str().unwrap(),
-    ])?;
     // 20 MiB that no compressor shrinks, packed uncompressed (a debug build's xz would take
     // minutes): the .deb is over the 16 MiB multipart threshold.
     let src = dir.join("spec");
@@ -431,27 +446,20 @@ async fn a_package_over_16_mib_goes_up_in_parts_and_installs_from_the_bucket() -
     keepup(&["promote", "--repo", r, "foo", "--to", "testing"])?;
     keepup(&["promote", "--repo", r, "foo", "--to", "stable"])?;
 
-    let first = synced(&repo, &s3, "1h")?;
+    let first = synced(repo, s3, "1h")?;
     let pool = files(&first)
         .into_iter()
         .find(|f| f.starts_with("pool/") && f.ends_with(".deb"))
         .with_context(|| format!("the .deb was not uploaded: {first}"))?;
-    bucket_mirrors(&s3, &repo, true)?;
-    let again = synced(&repo, &s3, "1h")?;
+    bucket_mirrors(s3, repo, true)?;
+    let again = synced(repo, s3, "1h")?;
     ensure!(
         files(&again).is_empty(),
         "the multipart object {pool} is sent again: {again}"
     );
 
     let base = format!("{}/{BUCKET}/{PREFIX}/", s3.endpoint);
-    let client = Host::start(&net, "s3-big").await?;
-    client
-        .ok(&format!(
-            "mkdir -p /etc/apt/keyrings && curl -fsS -o /etc/apt/keyrings/keepup.asc {base}keys/repository.asc \
-             && rm -f /etc/apt/sources.list /etc/apt/sources.list.d/* \
-             && echo 'deb [signed-by=/etc/apt/keyrings/keepup.asc] {base} stable main' > /etc/apt/sources.list.d/keepup.list"
-        ))
-        .await?;
+    let client = apt_client(net, "s3-big", &base).await?;
     ensure!(apt_sees(&client).await? == "1.0.0-1");
     let install = client.ok("apt-get install -y foo 2>&1").await?;
     ensure!(!install.contains("Hash Sum mismatch"), "{install}");
