@@ -420,9 +420,8 @@ pub fn update(
         touched.sort_unstable();
         touched.dedup();
     }
-    let all: Vec<usize> = (0..manifest.chunks.len()).collect();
-    let read: Vec<Option<Rendered>> = super::par_map(&all, |i| {
-        Ok(std::fs::read(cache.join(&manifest.chunks[*i].0))
+    let read: Vec<Option<Rendered>> = super::par_map(&manifest.chunks, |(id, _)| {
+        Ok(std::fs::read(cache.join(id))
             .ok()
             .and_then(|b| decode(&b, arches.len())))
     })?;
@@ -443,9 +442,8 @@ pub fn update(
     let mut rendered = 0;
     let mut next = 0;
     for (start, end) in runs {
-        for i in next..start {
-            out.push((std::mem::take(&mut read[i]), manifest.chunks[i].clone()));
-        }
+        let kept = read[next..start].iter_mut().map(std::mem::take);
+        out.extend(kept.zip(manifest.chunks[next..start].iter().cloned()));
         next = end;
         let mut region: BTreeMap<String, Vec<PoolEntry>> = BTreeMap::new();
         for r in &read[start..end] {
@@ -492,9 +490,8 @@ pub fn update(
             out.push((r, (c.id.clone(), last)));
         }
     }
-    for i in next..manifest.chunks.len() {
-        out.push((std::mem::take(&mut read[i]), manifest.chunks[i].clone()));
-    }
+    let kept = read[next..].iter_mut().map(std::mem::take);
+    out.extend(kept.zip(manifest.chunks[next..].iter().cloned()));
     if rendered > 0 {
         super::sync_dir(cache)?;
     }
@@ -971,6 +968,10 @@ mod tests {
                 Part::default(),
                 Part::of(b"<o/>".to_vec()).unwrap(),
             ],
+            index: b"{\"name\":\"a\"}".to_vec(),
+            members: b"{\"a\":[]}".to_vec(),
+            deb_arches: "amd64 riscv64".into(),
+            rpms: 7,
         };
         let b = encode(&r);
         assert_eq!(decode(&b, 2), Some(r));

@@ -1586,6 +1586,7 @@ impl Repo {
             }
             // Files published again change nothing: their names are not part of the change.
             news.packages.retain(|n, v| olds.get(n) != Some(&*v));
+            olds.retain(|n, _| news.packages.contains_key(n));
             let undo = self.store(&staged)?;
             if self.commit_change(track, &head, &olds, &news.packages, &undo, &known)? {
                 self.rebind()?;
