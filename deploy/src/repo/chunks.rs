@@ -63,14 +63,27 @@ impl Part {
     }
 }
 
-/// A chunk rendered: per architecture its Packages part, and its three DNF parts.
+/// A chunk rendered: per architecture its Packages part, its three DNF parts, its lines of
+/// the agents' index, and what a change of one of its names starts from (its members).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Rendered {
     /// Packages parts, by architecture (the track's, in order).
     pub apt: Vec<Part>,
     /// primary, filelists, other.
     pub rpm: [Part; 3],
+    /// Its lines of `index.json`: the current entry per (name, format, arch), compact JSON,
+    /// joined by [`INDEX_SEP`] (as [`super::views::index_json`] lays them out).
+    pub index: Vec<u8>,
+    /// Its members by name, as JSON (a map of name to entries, as the track holds them).
+    pub members: Vec<u8>,
+    /// The architectures of its .debs other than `all`, sorted, space-separated.
+    pub deb_arches: String,
+    /// How many of its members are rpms.
+    pub rpms: u64,
 }
+
+/// What separates two packages in `index.json`.
+pub const INDEX_SEP: &[u8] = b",\n    ";
 
 /// One gzip member of `data` (level 6; no name, no time: the same bytes every time).
 pub fn gzip(data: &[u8]) -> Result<Vec<u8>> {
@@ -85,7 +98,8 @@ struct Cut<'a> {
     id: String,
 }
 
-/// Cut `packages` (a track's members by name) into chunks and name each.
+/// Cut `packages` (a track's members by name, or a run of whole chunks of them) into chunks
+/// and name each.
 fn cut<'a>(packages: &'a BTreeMap<String, Vec<PoolEntry>>, arches: &[String]) -> Vec<Cut<'a>> {
     let mut cuts = Vec::new();
     let mut names = Vec::new();
@@ -122,8 +136,13 @@ fn cut<'a>(packages: &'a BTreeMap<String, Vec<PoolEntry>>, arches: &[String]) ->
     cuts
 }
 
-/// Render one chunk from its members' metadata (in any order).
-pub fn render(members: &mut [&PoolMeta], arches: &[String]) -> Result<Rendered> {
+/// Render one chunk from its members' metadata (in any order); `entries`: its names'
+/// entries as the track holds them.
+pub fn render(
+    members: &mut [&PoolMeta],
+    entries: &BTreeMap<&String, &Vec<PoolEntry>>,
+    arches: &[String],
+) -> Result<Rendered> {
     members.sort_by(|a, b| {
         let (a, b) = (&a.entry, &b.entry);
         a.name
@@ -155,17 +174,50 @@ pub fn render(members: &mut [&PoolMeta], arches: &[String]) -> Result<Rendered> 
         }
         *part = Part::of(text.into_bytes())?;
     }
-    Ok(Rendered { apt, rpm })
+    let mut index = Vec::new();
+    for (i, e) in super::state::current_of(entries.values().copied().flatten())
+        .into_values()
+        .enumerate()
+    {
+        if i > 0 {
+            index.extend_from_slice(INDEX_SEP);
+        }
+        serde_json::to_writer(&mut index, e)?;
+    }
+    let all = || entries.values().copied().flatten();
+    let mut deb_arches: Vec<&str> = all()
+        .filter(|e| e.format == Format::Deb && e.arch != "all")
+        .map(|e| e.arch.as_str())
+        .collect();
+    deb_arches.sort_unstable();
+    deb_arches.dedup();
+    Ok(Rendered {
+        apt,
+        rpm,
+        index,
+        members: serde_json::to_vec(entries)?,
+        deb_arches: deb_arches.join(" "),
+        rpms: all().filter(|e| e.format == Format::Rpm).count() as u64,
+    })
 }
 
-/// The cache file format: `KCH3`, the number of parts, then each part's text and gz, each
-/// as a little-endian u64 length and the bytes, then the CRC-32 of all that (little-endian).
+impl Rendered {
+    /// Its members by name.
+    pub fn members(&self) -> Result<BTreeMap<String, Vec<PoolEntry>>> {
+        Ok(serde_json::from_slice(&self.members)?)
+    }
+}
+
+/// The cache file format: `KCH4`, the number of parts, then each part's text and gz, then
+/// the index lines, the members and the .deb architectures, each as a little-endian u64
+/// length and the bytes, then the number of rpms (u64), then the CRC-32 of all that
+/// (little-endian).
 /// A file whose checksum does not hold (a flipped bit, a torn copy from a backup) is
 /// rendered again, never published. A CRC, not a cryptographic hash: the cache is private
 /// (whoever can write it can write the pool metadata it is made from), it guards against
 /// accidents only, and every promotion reads the whole track's cache (a SHA-256 of it cost
 /// more than the rest of reading it).
-const MAGIC: &[u8; 4] = b"KCH3";
+const MAGIC: &[u8; 4] = b"KCH4";
 
 fn crc32(b: &[u8]) -> [u8; 4] {
     let mut c = flate2::Crc::new();
@@ -175,16 +227,27 @@ fn crc32(b: &[u8]) -> [u8; 4] {
 
 fn encode(r: &Rendered) -> Vec<u8> {
     let parts: Vec<&Part> = r.apt.iter().chain(r.rpm.iter()).collect();
-    let size: usize = parts.iter().map(|p| 16 + p.text.len() + p.gz.len()).sum();
+    let size: usize = parts
+        .iter()
+        .map(|p| 16 + p.text.len() + p.gz.len())
+        .sum::<usize>()
+        + r.index.len()
+        + r.members.len()
+        + r.deb_arches.len()
+        + 40;
     let mut out = Vec::with_capacity(8 + size);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&(parts.len() as u32).to_le_bytes());
-    for p in parts {
-        for b in [&p.text, &p.gz] {
-            out.extend_from_slice(&(b.len() as u64).to_le_bytes());
-            out.extend_from_slice(b);
-        }
+    let blobs = parts.iter().flat_map(|p| [&p.text[..], &p.gz[..]]).chain([
+        &r.index[..],
+        &r.members[..],
+        r.deb_arches.as_bytes(),
+    ]);
+    for b in blobs {
+        out.extend_from_slice(&(b.len() as u64).to_le_bytes());
+        out.extend_from_slice(b);
     }
+    out.extend_from_slice(&r.rpms.to_le_bytes());
     let sum = crc32(&out);
     out.extend_from_slice(&sum);
     out
@@ -216,11 +279,18 @@ fn decode(b: &[u8], arches: usize) -> Option<Rendered> {
             gz: take()?,
         });
     }
-    if !rest.is_empty() {
-        return None;
-    }
+    let (index, members) = (take()?, take()?);
+    let deb_arches = String::from_utf8(take()?).ok()?;
+    let rpms = u64::from_le_bytes(rest.try_into().ok()?);
     let rpm: [Part; 3] = parts.split_off(arches).try_into().ok()?;
-    Some(Rendered { apt: parts, rpm })
+    Some(Rendered {
+        apt: parts,
+        rpm,
+        index,
+        members,
+        deb_arches,
+        rpms,
+    })
 }
 
 /// A track's views, rendered chunk by chunk.
@@ -229,6 +299,8 @@ pub struct Chunks {
     pub arches: Vec<String>,
     /// The rendered chunks, in order.
     pub chunks: Vec<std::sync::Arc<Rendered>>,
+    /// Each chunk's id and last name, in order.
+    pub ids: Vec<(String, String)>,
     /// How many chunks were rendered now (not found in the cache).
     #[cfg_attr(not(test), allow(dead_code))]
     pub rendered: usize,
@@ -244,6 +316,250 @@ impl Chunks {
     pub fn rpm(&self, kind: usize) -> impl Iterator<Item = &Part> {
         self.chunks.iter().map(move |c| &c.rpm[kind])
     }
+
+    /// The chunks' lines of the agents' index, in order (empty chunks left out).
+    pub fn index(&self) -> impl Iterator<Item = &[u8]> {
+        self.chunks
+            .iter()
+            .map(|c| c.index.as_slice())
+            .filter(|b| !b.is_empty())
+    }
+
+    /// How many rpms the track holds.
+    pub fn rpms(&self) -> u64 {
+        self.chunks.iter().map(|c| c.rpms).sum()
+    }
+
+    /// The manifest of these chunks, for the track state of `serial`.
+    pub fn manifest(&self, serial: u64) -> Manifest {
+        Manifest {
+            serial,
+            arches: self.arches.clone(),
+            chunks: self.ids.clone(),
+        }
+    }
+}
+
+/// What the cache holds for a track state: its serial, the APT view's architectures, and
+/// each chunk's id and last name, in order. Saved after each commit
+/// (`.keepup/cache/<track>/manifest`), so that a change of a few names finds the chunks it
+/// touches and takes every other chunk from the cache as it is, without reading the whole
+/// track's state. Valid only for the committed state of the same serial (serials of
+/// committed states only increase, and it is saved after its commit is on disk).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Manifest {
+    /// The serial of the committed track state the chunks are of.
+    pub serial: u64,
+    /// The APT view's architectures.
+    pub arches: Vec<String>,
+    /// Each chunk's id and last name, in order.
+    pub chunks: Vec<(String, String)>,
+}
+
+const MANIFEST: &str = "manifest";
+
+impl Manifest {
+    /// The manifest saved in `cache`; None if there is none or it is unreadable.
+    pub fn read(cache: &Path) -> Option<Manifest> {
+        serde_json::from_slice(&std::fs::read(cache.join(MANIFEST)).ok()?).ok()
+    }
+
+    /// Save it in `cache` (not synced: it is written after the commit it describes is on
+    /// disk, and one lost or torn is only a slower next command).
+    pub fn save(&self, cache: &Path) -> Result<()> {
+        let path = cache.join(MANIFEST);
+        let tmp = cache.join(".tmp-manifest");
+        std::fs::write(&tmp, serde_json::to_vec(self)?)
+            .and_then(|_| std::fs::rename(&tmp, &path))
+            .with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// The range of chunks holding or bordering `names` (sorted): for each name, the first
+    /// chunk whose last name is not before it (the last chunk if none).
+    fn touched(&self, names: &[&String]) -> Vec<usize> {
+        let mut out: Vec<usize> = names
+            .iter()
+            .map(|n| {
+                self.chunks
+                    .partition_point(|(_, last)| last.as_str() < n.as_str())
+                    .min(self.chunks.len() - 1)
+            })
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+}
+
+/// The chunks of a track after a change of a few names, from the `manifest` of the state
+/// before it: each run of chunks holding a changed name is cut and rendered again from its
+/// members with `changes` applied (a name to all its entries after the change, none if it
+/// left), every other chunk is read from the cache as it is. None when this cannot be done
+/// that way (a chunk missing from the cache, or the architectures changed): the caller
+/// builds from the whole track.
+pub fn update(
+    cache: &Path,
+    manifest: &Manifest,
+    changes: &BTreeMap<String, Vec<PoolEntry>>,
+    load: &(dyn Fn(&BTreeMap<String, Vec<PoolEntry>>, &[&String]) -> Result<Vec<PoolMeta>> + Sync),
+) -> Result<Option<Chunks>> {
+    if manifest.chunks.is_empty() {
+        return Ok(None);
+    }
+    let arches = &manifest.arches;
+    let names: Vec<&String> = changes.keys().collect();
+    let mut touched = manifest.touched(&names);
+    // A name leaving may join its chunk to the next one: render that one again too.
+    if changes.values().any(|v| v.is_empty()) {
+        let more: Vec<usize> = touched
+            .iter()
+            .map(|i| i + 1)
+            .filter(|i| *i < manifest.chunks.len())
+            .collect();
+        touched.extend(more);
+        touched.sort_unstable();
+        touched.dedup();
+    }
+    let read: Vec<Option<Rendered>> = super::par_map(&manifest.chunks, |(id, _)| {
+        Ok(std::fs::read(cache.join(id))
+            .ok()
+            .and_then(|b| decode(&b, arches.len())))
+    })?;
+    if read.iter().any(Option::is_none) {
+        return Ok(None);
+    }
+    let mut read: Vec<Rendered> = read.into_iter().flatten().collect();
+    // Runs of consecutive touched chunks: each run starts after a cut and ends at one (or
+    // at the track's end), so cutting its names again cuts as the whole track would.
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for &i in &touched {
+        match runs.last_mut() {
+            Some((_, end)) if *end == i => *end = i + 1,
+            _ => runs.push((i, i + 1)),
+        }
+    }
+    let mut out: Vec<(Rendered, (String, String))> = Vec::new();
+    let mut rendered = 0;
+    let mut next = 0;
+    for (start, end) in runs {
+        let kept = read[next..start].iter_mut().map(std::mem::take);
+        out.extend(kept.zip(manifest.chunks[next..start].iter().cloned()));
+        next = end;
+        let mut region: BTreeMap<String, Vec<PoolEntry>> = BTreeMap::new();
+        for r in &read[start..end] {
+            region.append(&mut r.members()?);
+        }
+        let (lo, hi) = (
+            start.checked_sub(1).map(|i| manifest.chunks[i].1.as_str()),
+            (end < manifest.chunks.len()).then(|| manifest.chunks[end - 1].1.as_str()),
+        );
+        for (name, entries) in changes {
+            let inside =
+                lo.is_none_or(|lo| name.as_str() > lo) && hi.is_none_or(|hi| name.as_str() <= hi);
+            if !inside {
+                continue;
+            }
+            match entries.is_empty() {
+                true => region.remove(name),
+                false => region.insert(name.clone(), entries.clone()),
+            };
+        }
+        let cuts = cut(&region, arches);
+        let need: Vec<&String> = cuts.iter().flat_map(|c| c.names.iter().copied()).collect();
+        let metas = if need.is_empty() {
+            Vec::new()
+        } else {
+            load(&region, &need)?
+        };
+        let by_path: std::collections::HashMap<&str, &PoolMeta> =
+            metas.iter().map(|m| (m.entry.path.as_str(), m)).collect();
+        for c in &cuts {
+            let r = match std::fs::read(cache.join(&c.id))
+                .ok()
+                .and_then(|b| decode(&b, arches.len()))
+            {
+                Some(r) => r,
+                None => {
+                    let r = render_cut(c, &region, &by_path, arches)?;
+                    save(cache, &c.id, &encode(&r))?;
+                    rendered += 1;
+                    r
+                }
+            };
+            let last = c.names.last().map_or(String::new(), |n| n.to_string());
+            out.push((r, (c.id.clone(), last)));
+        }
+    }
+    let kept = read[next..].iter_mut().map(std::mem::take);
+    out.extend(kept.zip(manifest.chunks[next..].iter().cloned()));
+    if rendered > 0 {
+        super::sync_dir(cache)?;
+    }
+    let mut deb: Vec<&str> = out
+        .iter()
+        .flat_map(|(r, _)| r.deb_arches.split_ascii_whitespace())
+        .collect();
+    deb.sort_unstable();
+    deb.dedup();
+    let mut now: Vec<String> = super::views::APT_ARCHES
+        .iter()
+        .map(|s| s.to_string())
+        .chain(deb.into_iter().map(str::to_string))
+        .collect();
+    now.sort();
+    now.dedup();
+    if &now != arches {
+        return Ok(None);
+    }
+    // The chunks the change replaced leave the cache.
+    let keep: std::collections::HashSet<&str> =
+        out.iter().map(|(_, (id, _))| id.as_str()).collect();
+    for (id, _) in &manifest.chunks {
+        if !keep.contains(id.as_str()) {
+            let _ = std::fs::remove_file(cache.join(id));
+        }
+    }
+    let (chunks, ids) = out
+        .into_iter()
+        .map(|(r, id)| (std::sync::Arc::new(r), id))
+        .unzip();
+    Ok(Some(Chunks {
+        arches: arches.clone(),
+        chunks,
+        ids,
+        rendered,
+    }))
+}
+
+/// Render the chunk `c` of `packages` from the metadata by pool path.
+fn render_cut(
+    c: &Cut,
+    packages: &BTreeMap<String, Vec<PoolEntry>>,
+    by_path: &std::collections::HashMap<&str, &PoolMeta>,
+    arches: &[String],
+) -> Result<Rendered> {
+    let mut members = Vec::new();
+    for name in &c.names {
+        for e in &packages[*name] {
+            let m = by_path.get(e.path.as_str()).copied().ok_or_else(|| {
+                anyhow!(
+                    "the metadata of {} is missing; restore .keepup/ from a backup",
+                    e.path
+                )
+            })?;
+            if m.entry.sha256 != e.sha256 {
+                bail!(
+                    "the metadata of {} is of another file (sha256 {}, the track says {}); restore .keepup/ from a backup",
+                    e.path,
+                    m.entry.sha256,
+                    e.sha256
+                );
+            }
+            members.push(m);
+        }
+    }
+    let entries = c.names.iter().map(|n| (*n, &packages[*n])).collect();
+    render(&mut members, &entries, arches)
 }
 
 /// The chunks of a track whose members are `packages`, with the APT view listing `arches`:
@@ -281,27 +597,7 @@ pub fn build(
     let by_path: std::collections::HashMap<&str, &PoolMeta> =
         metas.iter().map(|m| (m.entry.path.as_str(), m)).collect();
     let fresh = super::par_map(&missing, |c| {
-        let mut members = Vec::new();
-        for name in &c.names {
-            for e in &packages[*name] {
-                let m = by_path.get(e.path.as_str()).copied().ok_or_else(|| {
-                    anyhow!(
-                        "the metadata of {} is missing; restore .keepup/ from a backup",
-                        e.path
-                    )
-                })?;
-                if m.entry.sha256 != e.sha256 {
-                    bail!(
-                        "the metadata of {} is of another file (sha256 {}, the track says {}); restore .keepup/ from a backup",
-                        e.path,
-                        m.entry.sha256,
-                        e.sha256
-                    );
-                }
-                members.push(m);
-            }
-        }
-        let r = render(&mut members, arches)?;
+        let r = render_cut(c, packages, &by_path, arches)?;
         save(cache, &c.id, &encode(&r))?;
         Ok(r)
     })?;
@@ -323,6 +619,15 @@ pub fn build(
     Ok(Chunks {
         arches: arches.to_vec(),
         chunks,
+        ids: cuts
+            .iter()
+            .map(|c| {
+                (
+                    c.id.clone(),
+                    c.names.last().map_or(String::new(), |n| n.to_string()),
+                )
+            })
+            .collect(),
         rendered,
     })
 }
@@ -360,7 +665,7 @@ fn prune(cache: &Path, cuts: &[Cut]) -> Result<()> {
         let f = f?;
         let name = f.file_name();
         let name = name.to_string_lossy();
-        if !keep.contains(name.as_ref()) {
+        if !keep.contains(name.as_ref()) && name != MANIFEST {
             let _ = std::fs::remove_file(f.path());
         }
     }
@@ -517,6 +822,101 @@ mod tests {
         assert_eq!(arm64.matches("Package: ").count(), 100);
     }
 
+    /// Everything of a chunk list a view is made of, index lines and ids included.
+    fn all_of(
+        c: &Chunks,
+    ) -> (
+        Vec<Vec<u8>>,
+        Vec<Vec<u8>>,
+        Vec<u8>,
+        Vec<(String, String)>,
+        u64,
+    ) {
+        let (files, gzs) = whole(c);
+        let index = c.index().collect::<Vec<_>>().join(INDEX_SEP);
+        (files, gzs, index, c.ids.clone(), c.rpms())
+    }
+
+    #[test]
+    fn a_change_of_a_few_names_is_a_full_build() {
+        let arches: Vec<String> = vec!["amd64".into(), "arm64".into()];
+        let mut metas: Vec<PoolMeta> = (0..2000)
+            .flat_map(|i| {
+                let n = format!("pkg{i:04}");
+                [
+                    meta(&n, "1.0-1", "amd64", Format::Deb),
+                    meta(&n, "1.0-1", "x86_64", Format::Rpm),
+                ]
+            })
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let loader2 = |metas: &[PoolMeta]| {
+            let metas = metas.to_vec();
+            move |_: &BTreeMap<String, Vec<PoolEntry>>, names: &[&String]| {
+                Ok(metas
+                    .iter()
+                    .filter(|m| names.contains(&&m.entry.name))
+                    .cloned()
+                    .collect())
+            }
+        };
+        let first = build(dir.path(), &track(&metas), &arches, &loader(&metas)).unwrap();
+        let mut manifest = first.manifest(1);
+        // Names that end a chunk and names that do not, new ones, one past the end, one
+        // before the start, and a name leaving.
+        let enders: Vec<String> = (0..100_000)
+            .map(|i| format!("new{i}"))
+            .filter(|n| ends_chunk(n))
+            .take(2)
+            .collect();
+        let steps: Vec<Vec<(String, Option<&str>)>> = vec![
+            vec![("pkg0500".into(), Some("1.1-1"))],
+            vec![(enders[0].clone(), Some("1-1"))],
+            vec![("zzz".into(), Some("1-1")), ("aaa".into(), Some("1-1"))],
+            vec![
+                (enders[1].clone(), Some("1-1")),
+                ("pkg0501".into(), Some("2-1")),
+            ],
+            vec![(enders[0].clone(), None)],
+            vec![("pkg0100".into(), None), ("pkg1999".into(), None)],
+        ];
+        for (serial, step) in steps.into_iter().enumerate() {
+            let mut news = BTreeMap::new();
+            for (name, version) in step {
+                match version {
+                    Some(v) => metas.push(meta(&name, v, "amd64", Format::Deb)),
+                    None => metas.retain(|m| m.entry.name != name),
+                }
+                news.insert(
+                    name.clone(),
+                    track(&metas).remove(&name).unwrap_or_default(),
+                );
+            }
+            let inc = update(dir.path(), &manifest, &news, &loader2(&metas))
+                .unwrap()
+                .expect("updated from the cache");
+            assert!(inc.rendered <= 4, "{} chunks rendered", inc.rendered);
+            let scratch = tempfile::tempdir().unwrap();
+            let full = build(scratch.path(), &track(&metas), &arches, &loader(&metas)).unwrap();
+            assert_eq!(all_of(&inc), all_of(&full), "step {serial}");
+            manifest = inc.manifest(serial as u64 + 2);
+            // The cache holds the chunks the manifest names (and the manifest).
+            manifest.save(dir.path()).unwrap();
+            let files = std::fs::read_dir(dir.path()).unwrap().count();
+            assert_eq!(files, manifest.chunks.len() + 1);
+            assert_eq!(Manifest::read(dir.path()), Some(manifest.clone()));
+        }
+        // A new architecture changes every chunk: not done from the cache.
+        metas.push(meta("pkg0001", "1.1-1", "riscv64", Format::Deb));
+        let news = BTreeMap::from([(
+            "pkg0001".to_string(),
+            track(&metas).remove("pkg0001").unwrap(),
+        )]);
+        assert!(update(dir.path(), &manifest, &news, &loader2(&metas))
+            .unwrap()
+            .is_none());
+    }
+
     #[test]
     fn a_damaged_cache_file_is_rendered_again() {
         let arches: Vec<String> = vec!["amd64".into()];
@@ -568,6 +968,10 @@ mod tests {
                 Part::default(),
                 Part::of(b"<o/>".to_vec()).unwrap(),
             ],
+            index: b"{\"name\":\"a\"}".to_vec(),
+            members: b"{\"a\":[]}".to_vec(),
+            deb_arches: "amd64 riscv64".into(),
+            rpms: 7,
         };
         let b = encode(&r);
         assert_eq!(decode(&b, 2), Some(r));

@@ -72,10 +72,17 @@ pub fn inspect_deb(path: &Path, bytes: &[u8]) -> Result<Inspected> {
                     .path()
                     .map(|p| p.to_string_lossy().to_string())
                     .unwrap_or_default();
+                if !(name.starts_with("control.tar") && fname.trim_start_matches("./") == "control")
+                {
+                    // Read to its end (the check), kept nowhere.
+                    std::io::copy(&mut file, &mut std::io::sink())
+                        .map_err(|e| bad(format!("{name}: {fname}: {e}")))?;
+                    continue;
+                }
                 let mut content = Vec::new();
                 file.read_to_end(&mut content)
                     .map_err(|e| bad(format!("{name}: {fname}: {e}")))?;
-                if name.starts_with("control.tar") && fname.trim_start_matches("./") == "control" {
+                {
                     control = Some(
                         String::from_utf8(content)
                             .map_err(|_| bad("control is not UTF-8".into()))?,
@@ -215,9 +222,23 @@ pub fn inspect_rpm(
 ) -> Result<Inspected> {
     let pkg = rpm::Package::parse(&mut std::io::BufReader::new(bytes))
         .map_err(|e| anyhow!("{} is not a valid .rpm: {e}", path.display()))?;
-    pkg.verify_digests()
-        .map_err(|e| anyhow!("{} is corrupt (digest check failed: {e})", path.display()))?;
-    if pkg.verify_signature(verifier).is_err() {
+    // The digests once (header and payload), then the header signatures: what
+    // `verify_digests` and `verify_signature` check together, without hashing the payload
+    // twice (`verify_signature` checks every digest again). The header signature covers the
+    // payload through the payload digest the header carries.
+    let corrupt =
+        |e: rpm::Error| anyhow!("{} is corrupt (digest check failed: {e})", path.display());
+    let digests = pkg.check_digests().map_err(corrupt)?;
+    if !digests.has_header_digest() {
+        return Err(corrupt(rpm::Error::NoHeaderDigestError));
+    }
+    digests.result().map_err(corrupt)?;
+    let header = pkg.header_bytes().map_err(corrupt)?;
+    let signed = pkg.raw_signatures().is_ok_and(|sigs| {
+        sigs.iter()
+            .any(|sig| rpm::signature::Verifying::verify(verifier, header.as_slice(), sig).is_ok())
+    });
+    if !signed {
         bail!(
             "{} is not signed by this repository's key; build it with `keepup pack --sign-key KEY` (KEY: the secret key `keepup repo init` stored, in /etc/keepup/keys/ by default) or `rpmsign --addsign`, and publish again",
             path.display()

@@ -44,6 +44,7 @@ use sha2::Digest as _;
 
 use crate::sign::{self, Signer};
 pub use inspect::Format;
+use keepup_deploy::wire::rollout::Rollout;
 pub use keepup_deploy::wire::PoolEntry;
 pub use state::Track;
 pub use state::DEFAULT_VALID_FOR;
@@ -268,13 +269,15 @@ fn write_unreferenced(path: &Path, data: &[u8], mode: u32) -> Result<()> {
 
 /// The repository's own copy of an offered package file, in `incoming` (a directory on the
 /// pool's filesystem): a reflink where the filesystem can make one (btrfs, XFS), else a byte
-/// copy. Returns the copy and its bytes, read back from the copy: what is checked, hashed and
-/// stored is the copy, which the operator cannot change afterwards (a later `cp` over their
-/// file changes nothing in the pool).
+/// copy. Returns the copy and its bytes: what is checked, hashed and stored is the copy,
+/// which the operator cannot change afterwards (a later `cp` over their file changes nothing
+/// in the pool). A byte copy is written from the bytes read, which are then the copy's (not
+/// read back); a reflink is read back (the operator's file may change after it).
 fn copy_in(src: &Path, incoming: &Path) -> Result<(tempfile::NamedTempFile, Vec<u8>)> {
     use std::io::Seek as _;
     let mut from = File::open(src).with_context(|| format!("reading {}", src.display()))?;
-    if !from.metadata()?.is_file() {
+    let info = from.metadata()?;
+    if !info.is_file() {
         bail!("{} is not a regular file", src.display());
     }
     let temp = || {
@@ -291,11 +294,15 @@ fn copy_in(src: &Path, incoming: &Path) -> Result<(tempfile::NamedTempFile, Vec<
         r => r,
     }
     .with_context(|| format!("creating a file in {}", incoming.display()))?;
+    let mut bytes = Vec::with_capacity(info.len() as usize);
     if !reflink(&from, copy.as_file()) {
-        std::io::copy(&mut from, copy.as_file_mut())
+        from.read_to_end(&mut bytes)
+            .with_context(|| format!("reading {}", src.display()))?;
+        copy.as_file_mut()
+            .write_all(&bytes)
             .with_context(|| format!("copying {} into the repository", src.display()))?;
+        return Ok((copy, bytes));
     }
-    let mut bytes = Vec::new();
     copy.as_file_mut().rewind()?;
     copy.as_file_mut()
         .read_to_end(&mut bytes)
@@ -368,6 +375,10 @@ fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> Result<R> + Sync) ->
     all.sort_by_key(|(i, _)| *i);
     Ok(all.into_iter().map(|(_, r)| r).collect())
 }
+
+/// A change of at most this many names is committed without reading the whole track
+/// (each name's entries are read from the track file, one scan each).
+const FEW_NAMES: usize = 8;
 
 /// Take the exclusive lock of the repository whose private directory is `private`.
 fn lock(private: &Path) -> Result<nix::fcntl::Flock<File>> {
@@ -870,82 +881,49 @@ impl Repo {
                 .values()
                 .any(|e| e.version == r.to)
         });
-        let write = |t: &Track, known: &[&PoolMeta]| -> Result<()> {
-            // The metadata of the names whose chunks are not cached: from memory where the
-            // command has it, else one metadata file per name.
-            let load = |names: &[&String]| -> Result<Vec<PoolMeta>> {
-                let by_path: HashMap<&str, &PoolMeta> =
-                    known.iter().map(|m| (m.entry.path.as_str(), *m)).collect();
-                let mut out = Vec::new();
-                let mut unread = Vec::new();
-                for n in names {
-                    let entries = t.packages.get(*n).map_or(&[][..], |v| v.as_slice());
-                    match entries
-                        .iter()
-                        .map(|e| by_path.get(e.path.as_str()))
-                        .collect::<Option<Vec<_>>>()
-                    {
-                        Some(ms) => out.extend(ms.into_iter().map(|m| (*m).clone())),
-                        None => unread.push(*n),
-                    }
-                }
-                let read = par_map(&unread, |n| state::read_meta(&self.layout, n))?;
-                for (n, metas) in unread.iter().zip(read) {
-                    for e in t.packages.get(*n).into_iter().flatten() {
-                        let m = metas.iter().find(|m| m.entry.path == e.path).ok_or_else(|| {
-                            anyhow!(
-                                "the metadata of {} is missing from {}; restore .keepup/ from a backup",
-                                e.path,
-                                self.layout.meta(&e.name).display()
-                            )
-                        })?;
-                        out.push(m.clone());
-                    }
-                }
-                Ok(out)
-            };
-            let arches = views::apt_arches(t.entries());
-            let chunks = chunks::build(
-                &chunks::cache_dir(&self.layout.private, name),
-                &t.packages,
-                &arches,
-                &load,
-            )?;
-            let members: Vec<&PoolEntry> = t.entries().collect();
-            let rollouts = views::IndexRollouts {
-                list: t.rollouts.values().cloned().collect(),
-                key: match t.rollouts.is_empty() {
-                    true => None,
-                    false => Some(self.rollout_public_key()?),
-                },
-            };
-            views::write_track(
-                &self.root,
-                &signer,
-                name,
-                t.serial,
-                self.expires(),
-                &chunks,
-                &members,
-                &rollouts,
-            )
-        };
         // The commit: a line appended to the track's log when `old` is what is committed
         // and few names changed; else the track file, written again.
-        let save = |t: &Track, base: Option<&Track>| {
-            state::save_track(&self.layout, name, base, t, |p, b| write_new(p, b, 0o600))
-        };
         let base = self.layout.track(name).exists().then_some(old);
-        let Err(err) = write(&new, known).and_then(|_| save(&new, base)) else {
-            crash::point(crash::Step::TrackCommit);
-            return Ok(());
-        };
+        let written = self
+            .write_views(&signer, name, &new, known)
+            .and_then(|c| self.save_track(name, &new, base).map(|_| c));
+        match written {
+            Ok(chunks) => {
+                crash::point(crash::Step::TrackCommit);
+                // A cache: the next change of a few names starts from it.
+                let _ = chunks
+                    .manifest(new.serial)
+                    .save(&chunks::cache_dir(&self.layout.private, name));
+                Ok(())
+            }
+            Err(err) => self.put_back(&signer, name, old, new.serial, undo, err),
+        }
+    }
+
+    /// Commit `t` as the state of `track` (see [`state::save_track`]).
+    fn save_track(&self, track: &str, t: &Track, base: Option<&Track>) -> Result<()> {
+        state::save_track(&self.layout, track, base, t, |p, b| write_new(p, b, 0o600))
+    }
+
+    /// After `err` while committing serial `serial` of `name`: save `old` again under a
+    /// higher serial, rewrite its views, sign the policy again and undo the pool changes;
+    /// returns `err` (with what else failed, if putting back failed too).
+    fn put_back(
+        &self,
+        signer: &Signer,
+        name: &str,
+        old: &Track,
+        serial: u64,
+        undo: &Undo,
+        err: anyhow::Error,
+    ) -> Result<()> {
         let back = Track {
-            serial: new.serial + 1,
+            serial: serial + 1,
             ..old.clone()
         };
-        match save(&back, None)
-            .and_then(|_| write(&back, &[]))
+        match self
+            .save_track(name, &back, None)
+            .and_then(|_| self.write_views(signer, name, &back, &[]))
             .and_then(|_| self.rebind())
         {
             Ok(()) => {
@@ -956,6 +934,181 @@ impl Repo {
                 "putting the views of {name} back failed too ({e:#}); run `keepup repo reindex --repo {}` once the cause is fixed",
                 self.root.display()
             ))),
+        }
+    }
+
+    /// The metadata of `names` (members of `packages`) for chunks to render: from memory
+    /// where the command has it (`known`), else one metadata file per name.
+    fn load_meta(
+        &self,
+        packages: &BTreeMap<String, Vec<PoolEntry>>,
+        names: &[&String],
+        known: &[&PoolMeta],
+    ) -> Result<Vec<PoolMeta>> {
+        let by_path: HashMap<&str, &PoolMeta> =
+            known.iter().map(|m| (m.entry.path.as_str(), *m)).collect();
+        let mut out = Vec::new();
+        let mut unread = Vec::new();
+        for n in names {
+            let entries = packages.get(*n).map_or(&[][..], |v| v.as_slice());
+            match entries
+                .iter()
+                .map(|e| by_path.get(e.path.as_str()))
+                .collect::<Option<Vec<_>>>()
+            {
+                Some(ms) => out.extend(ms.into_iter().map(|m| (*m).clone())),
+                None => unread.push(*n),
+            }
+        }
+        let read = par_map(&unread, |n| state::read_meta(&self.layout, n))?;
+        for (n, metas) in unread.iter().zip(read) {
+            for e in packages.get(*n).into_iter().flatten() {
+                let m = metas
+                    .iter()
+                    .find(|m| m.entry.path == e.path)
+                    .ok_or_else(|| {
+                        anyhow!(
+                            "the metadata of {} is missing from {}; restore .keepup/ from a backup",
+                            e.path,
+                            self.layout.meta(&e.name).display()
+                        )
+                    })?;
+                out.push(m.clone());
+            }
+        }
+        Ok(out)
+    }
+
+    /// The rollouts a track's index carries.
+    fn index_rollouts(&self, rollouts: &BTreeMap<String, Rollout>) -> Result<views::IndexRollouts> {
+        Ok(views::IndexRollouts {
+            list: rollouts.values().cloned().collect(),
+            key: match rollouts.is_empty() {
+                true => None,
+                false => Some(self.rollout_public_key()?),
+            },
+        })
+    }
+
+    /// Write every view of `name` for the state `t`, its chunks built from the whole track.
+    fn write_views(
+        &self,
+        signer: &Signer,
+        name: &str,
+        t: &Track,
+        known: &[&PoolMeta],
+    ) -> Result<chunks::Chunks> {
+        let load = |names: &[&String]| self.load_meta(&t.packages, names, known);
+        let arches = views::apt_arches(t.entries());
+        let chunks = chunks::build(
+            &chunks::cache_dir(&self.layout.private, name),
+            &t.packages,
+            &arches,
+            &load,
+        )?;
+        let rpms = t.entries().filter(|e| e.format == Format::Rpm).collect();
+        views::write_track(
+            &self.root,
+            signer,
+            name,
+            t.serial,
+            self.expires(),
+            &chunks,
+            &views::RpmLinks::All(rpms),
+            &self.index_rollouts(&t.rollouts)?,
+        )?;
+        Ok(chunks)
+    }
+
+    /// Commit a change of a few names of `track` without reading the whole track: `head` is
+    /// its committed head, `olds` and `news` every entry of each changed name before and
+    /// after. The chunks the names fall in are rendered again, the others taken from the
+    /// cache as they are (see `chunks::update`). Ok(false), with nothing written, when this
+    /// cannot be done so (no manifest of the committed state in the cache, a full log, a
+    /// chunk missing): the caller commits the whole track instead. The policy is not signed
+    /// again (the caller does).
+    fn commit_change(
+        &self,
+        track: &str,
+        head: &state::Head,
+        olds: &BTreeMap<String, Vec<PoolEntry>>,
+        news: &BTreeMap<String, Vec<PoolEntry>>,
+        undo: &Undo,
+        known: &[&PoolMeta],
+    ) -> Result<bool> {
+        let cache = chunks::cache_dir(&self.layout.private, track);
+        if !head.room || news.len() > state::log_names() {
+            return Ok(false);
+        }
+        let Some(manifest) = chunks::Manifest::read(&cache).filter(|m| m.serial == head.serial)
+        else {
+            return Ok(false);
+        };
+        let signer = match self.signer() {
+            Ok(s) => s,
+            Err(e) => {
+                undo.run();
+                return Err(e);
+            }
+        };
+        let serial = head.serial.max(self.published_serial(track)) + 1;
+        let load = |packages: &BTreeMap<String, Vec<PoolEntry>>, names: &[&String]| {
+            self.load_meta(packages, names, known)
+        };
+        let prepared = (|| -> Result<Option<(chunks::Chunks, BTreeMap<String, Rollout>)>> {
+            // A rollout ends once its version is no longer the current one.
+            let mut rollouts = BTreeMap::new();
+            for (n, r) in &head.rollouts {
+                let entries = match news.get(n) {
+                    Some(e) => e.clone(),
+                    None => self.track_entries(track, n)?,
+                };
+                if state::current_of(entries.iter())
+                    .values()
+                    .any(|e| e.version == r.to)
+                {
+                    rollouts.insert(n.clone(), r.clone());
+                }
+            }
+            Ok(chunks::update(&cache, &manifest, news, &load)?.map(|c| (c, rollouts)))
+        })();
+        let (chunks, rollouts) = match prepared {
+            Ok(Some(p)) => p,
+            Ok(None) => return Ok(false),
+            Err(e) => {
+                undo.run();
+                return Err(e);
+            }
+        };
+        let links = views::RpmLinks::Changed {
+            added: rpms_not_in(news, olds),
+            removed: rpms_not_in(olds, news),
+        };
+        let written = self.index_rollouts(&rollouts).and_then(|r| {
+            views::write_track(
+                &self.root,
+                &signer,
+                track,
+                serial,
+                self.expires(),
+                &chunks,
+                &links,
+                &r,
+            )
+        });
+        let written = written
+            .and_then(|_| state::save_change(&self.layout, track, head, serial, news, &rollouts));
+        match written {
+            Ok(()) => {
+                crash::point(crash::Step::TrackCommit);
+                let _ = chunks.manifest(serial).save(&cache);
+                Ok(true)
+            }
+            Err(err) => {
+                let old = self.track(track)?;
+                self.put_back(&signer, track, &old, serial, undo, err)?;
+                Ok(true)
+            }
         }
     }
 
@@ -1220,8 +1373,34 @@ impl Repo {
         version: Option<&str>,
         to: &str,
     ) -> Result<Vec<PoolEntry>> {
+        // A promotion changes one name: committed without reading the whole track where the
+        // chunk cache allows.
+        if let Some(head) = state::read_head(&self.layout, to)? {
+            let old = self.track_entries(to, name)?;
+            let chosen = self.choose_promotion(name, version, to, &old)?;
+            let mut t = Track::default();
+            for e in &old {
+                t.insert(e.clone());
+            }
+            let mut added = false;
+            for e in &chosen {
+                added |= t.insert(e.clone());
+            }
+            if !added {
+                bail!(
+                    "{to} already has {name} {}: nothing to promote",
+                    chosen[0].version
+                );
+            }
+            let olds = BTreeMap::from([(name.to_string(), old)]);
+            if self.commit_change(to, &head, &olds, &t.packages, &Undo::default(), &[])? {
+                self.rebind()?;
+                return Ok(chosen);
+            }
+        }
         let old = self.track(to)?;
-        let chosen = self.choose_promotion(name, version, to, &old)?;
+        let entries = old.packages.get(name).cloned().unwrap_or_default();
+        let chosen = self.choose_promotion(name, version, to, &entries)?;
         let mut new = old.clone();
         let mut added = false;
         for e in &chosen {
@@ -1245,7 +1424,7 @@ impl Repo {
         name: &str,
         version: Option<&str>,
         to: &str,
-        old: &Track,
+        old: &[PoolEntry],
     ) -> Result<Vec<PoolEntry>> {
         let from = self.state.below(to)?.to_string();
         let candidates = self.track_entries(&from, name)?;
@@ -1276,7 +1455,7 @@ impl Repo {
             );
         }
         {
-            let current = state::current_of(old.packages.get(name).into_iter().flatten());
+            let current = state::current_of(old.iter());
             for e in &chosen {
                 if let Some(cur) = current.get(&(e.name.clone(), e.format, e.arch.clone())) {
                     if cur.version_cmp(&e.version).is_gt() {
@@ -1383,8 +1562,56 @@ impl Repo {
     /// Store staged packages in the pool, add them to `track` and commit; on failure the
     /// track is as it was and the new pool files are removed.
     fn add_to_track(&mut self, track: &str, staged: Vec<Staged>) -> Result<Vec<PoolEntry>> {
-        let old = self.track(track)?;
+        let known: Vec<&PoolMeta> = staged.iter().map(|s| &s.meta).collect();
+        // A few names (each read from the track file): committed without reading the whole
+        // track where the chunk cache allows.
+        let names: std::collections::BTreeSet<&String> =
+            staged.iter().map(|s| &s.meta.entry.name).collect();
+        let head = match names.len() <= FEW_NAMES {
+            true => state::read_head(&self.layout, track)?,
+            false => None,
+        };
+        if let Some(head) = head {
+            let mut olds = BTreeMap::new();
+            let mut news = Track::default();
+            for n in names {
+                let old = self.track_entries(track, n)?;
+                for e in &old {
+                    news.insert(e.clone());
+                }
+                olds.insert(n.clone(), old);
+            }
+            for s in &staged {
+                news.insert(s.meta.entry.clone());
+            }
+            // Files published again change nothing: their names are not part of the change.
+            news.packages.retain(|n, v| olds.get(n) != Some(&*v));
+            olds.retain(|n, _| news.packages.contains_key(n));
+            let undo = self.store(&staged)?;
+            if self.commit_change(track, &head, &olds, &news.packages, &undo, &known)? {
+                self.rebind()?;
+                return Ok(staged.into_iter().map(|s| s.meta.entry).collect());
+            }
+            return self.add_to_whole_track(track, staged, undo);
+        }
         let undo = self.store(&staged)?;
+        self.add_to_whole_track(track, staged, undo)
+    }
+
+    /// [`Self::add_to_track`] reading and committing the whole track.
+    fn add_to_whole_track(
+        &mut self,
+        track: &str,
+        staged: Vec<Staged>,
+        undo: Undo,
+    ) -> Result<Vec<PoolEntry>> {
+        let old = match self.track(track) {
+            Ok(t) => t,
+            Err(e) => {
+                undo.run();
+                return Err(e);
+            }
+        };
         let mut new = old.clone();
         for s in &staged {
             new.insert(s.meta.entry.clone());
@@ -1577,6 +1804,21 @@ fn fragments(entry: PoolEntry, info: &inspect::Inspected, bytes: &[u8]) -> Resul
         }
     }
     Ok(meta)
+}
+
+/// The rpm entries of `a` that `b` does not hold (by path), name by name.
+fn rpms_not_in<'a>(
+    a: &'a BTreeMap<String, Vec<PoolEntry>>,
+    b: &BTreeMap<String, Vec<PoolEntry>>,
+) -> Vec<&'a PoolEntry> {
+    let mut out = Vec::new();
+    for (n, v) in a {
+        let other = b.get(n);
+        out.extend(v.iter().filter(|e| {
+            e.format == Format::Rpm && !other.is_some_and(|o| o.iter().any(|x| x.path == e.path))
+        }));
+    }
+    out
 }
 
 /// Last component of a slash-separated path.

@@ -201,7 +201,12 @@ impl Repo {
             .into_values()
             .cloned()
             .collect::<Vec<_>>();
-        let chosen = self.choose_promotion(name, version, to, &before)?;
+        let chosen = self.choose_promotion(
+            name,
+            version,
+            to,
+            before.packages.get(name).map_or(&[][..], |v| v.as_slice()),
+        )?;
         let to_version = chosen[0].version.clone();
         // Hosts outside the open waves keep what they were meant to run before: the previous
         // rollout's starting point while that one was not done, else the current version.

@@ -307,6 +307,103 @@ pub fn read_entries(layout: &Layout, track: &str, name: &str) -> Result<Vec<Pool
     )
 }
 
+/// What a change of a few names needs of a track's committed state, read without parsing
+/// its members: its serial and rollouts, and whether its log has room for one more line.
+#[derive(Debug)]
+pub struct Head {
+    /// The committed serial.
+    pub serial: u64,
+    /// The committed rollouts.
+    pub rollouts: BTreeMap<String, Rollout>,
+    /// The log can take another line.
+    pub room: bool,
+}
+
+/// The committed head of `track` (under the repository's lock); None if the track file is
+/// missing or not laid out as [`track_json`] writes it (then read it whole).
+pub fn read_head(layout: &Layout, track: &str) -> Result<Option<Head>> {
+    let path = layout.track(track);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let Some(mut serial) = head_serial(&bytes) else {
+        return Ok(None);
+    };
+    // The rollouts: the last line, after the packages' closing brace.
+    let body = bytes.strip_suffix(b"\n").unwrap_or(&bytes);
+    let last = &body[body.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1)..];
+    let mut rollouts = match last {
+        b"}}" => BTreeMap::new(),
+        _ => match last
+            .strip_prefix(b"},\"rollouts\":")
+            .and_then(|r| r.strip_suffix(b"}"))
+            .and_then(|r| serde_json::from_slice(r).ok())
+        {
+            Some(r) => r,
+            None => return Ok(None),
+        },
+    };
+    let log_path = layout.track_log(track);
+    let log = read_or_empty(&log_path)?;
+    let lines = log_lines(&log).0.len();
+    match replay(&mut serial, &log, |l| rollouts = l.rollouts) {
+        Ok(()) => Ok(Some(Head {
+            serial,
+            rollouts,
+            room: lines < LOG_LINES,
+        })),
+        Err(Replay::Raced) => Ok(None),
+        Err(Replay::Damaged(e)) => Err(e.context(format!(
+            "{} is damaged (not the JSON lines keepup writes); restore .keepup/ from a backup",
+            log_path.display()
+        ))),
+    }
+}
+
+/// Commit a change of a few names of `track` (whose committed head is `head`, read under
+/// the lock) as one line of its log: `set` holds every entry of each name changed (none if
+/// it left), `rollouts` the track's rollouts after it.
+pub fn save_change(
+    layout: &Layout,
+    track: &str,
+    head: &Head,
+    serial: u64,
+    set: &BTreeMap<String, Vec<PoolEntry>>,
+    rollouts: &BTreeMap<String, Rollout>,
+) -> Result<()> {
+    if !head.room || set.len() > LOG_NAMES {
+        bail!(
+            "internal error: a change of {} names committed as a log line",
+            set.len()
+        );
+    }
+    #[derive(Serialize)]
+    struct Line<'a> {
+        prev: u64,
+        serial: u64,
+        set: &'a BTreeMap<String, Vec<PoolEntry>>,
+        rollouts: &'a BTreeMap<String, Rollout>,
+    }
+    let log_path = layout.track_log(track);
+    let log = read_or_empty(&log_path)?;
+    let (_, end) = log_lines(&log);
+    let mut bytes = serde_json::to_vec(&Line {
+        prev: head.serial,
+        serial,
+        set,
+        rollouts,
+    })?;
+    bytes.push(b'\n');
+    append(&log_path, end, log.is_empty(), &bytes)
+}
+
+/// Names a change may touch and still be committed as a log line.
+pub const fn log_names() -> usize {
+    LOG_NAMES
+}
+
 /// The serial at the head of a track file as [`track_json`] writes it.
 fn head_serial(bytes: &[u8]) -> Option<u64> {
     let rest = bytes.strip_prefix(b"{\"serial\":")?;
@@ -753,6 +850,59 @@ mod tests {
         save_track(&layout, "t", Some(&n), &big, write).unwrap();
         assert!(!layout.track_log("t").exists());
         assert_eq!(read(), big);
+    }
+
+    #[test]
+    fn the_head_is_read_without_the_members_and_a_change_is_a_log_line() {
+        use keepup_deploy::wire::rollout::{parse_waves, MaxFailed, OnFailure, Rules};
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path());
+        std::fs::create_dir_all(layout.private.join("tracks")).unwrap();
+        let write = |p: &Path, b: &[u8]| -> Result<()> { Ok(std::fs::write(p, b)?) };
+        assert!(read_head(&layout, "t").unwrap().is_none());
+        let mut t = Track {
+            serial: 4,
+            ..Default::default()
+        };
+        for i in 0..10 {
+            t.insert(entry(&format!("p{i}"), "1.0-1", Format::Deb));
+        }
+        save_track(&layout, "t", None, &t, write).unwrap();
+        let head = read_head(&layout, "t").unwrap().unwrap();
+        assert_eq!((head.serial, head.rollouts.len(), head.room), (4, 0, true));
+        // Rollouts after the members, and a change committed as a log line.
+        let rollout = Rollout {
+            id: "t/p1/2.0-1".into(),
+            name: "p1".into(),
+            to: "2.0-1".into(),
+            from: vec![],
+            rollback: vec![],
+            rules: Rules {
+                waves: parse_waves("10%,100%").unwrap(),
+                soak: 30,
+                max_failed: MaxFailed::Count(0),
+                on_failure: OnFailure::Halt,
+            },
+            started: 0,
+        };
+        t.serial = 5;
+        t.rollouts.insert("p1".into(), rollout.clone());
+        save_track(&layout, "t", None, &t, write).unwrap();
+        let head = read_head(&layout, "t").unwrap().unwrap();
+        assert_eq!(head.serial, 5);
+        assert_eq!(head.rollouts.get("p1"), Some(&rollout));
+        let mut next = t.clone();
+        next.serial = 9;
+        next.insert(entry("p3", "1.1-1", Format::Deb));
+        next.rollouts.clear();
+        let set = BTreeMap::from([("p3".to_string(), next.packages["p3"].clone())]);
+        save_change(&layout, "t", &head, 9, &set, &next.rollouts).unwrap();
+        assert_eq!(read_track(&layout, "t").unwrap().unwrap(), next);
+        let head = read_head(&layout, "t").unwrap().unwrap();
+        assert_eq!((head.serial, head.rollouts.len()), (9, 0));
+        // A track file not laid out as keepup writes it: read whole instead.
+        std::fs::write(layout.track("t"), serde_json::to_vec_pretty(&t).unwrap()).unwrap();
+        assert!(read_head(&layout, "t").unwrap().is_none());
     }
 
     #[test]

@@ -17,14 +17,13 @@ use anyhow::{anyhow, Context as _, Result};
 use sha2::Digest as _;
 
 use super::chunks::{gzip, Chunks};
-use super::state::current_of;
 use super::{file_name, sha256_hex, write_atomic, Format, PoolEntry, Repo};
 use crate::sign::{self, Signer};
 use keepup_deploy::wire::fleet::index_by_hash;
 
 /// Architectures every APT view lists, so stock apt on these hosts finds an index even when
 /// the track is empty.
-const APT_ARCHES: [&str; 2] = ["amd64", "arm64"];
+pub const APT_ARCHES: [&str; 2] = ["amd64", "arm64"];
 
 /// A Packages stanza for a .deb: its control fields plus where and what the file is (the
 /// fields `apt-ftparchive packages` adds, except the SHA1 that apt no longer trusts).
@@ -68,9 +67,23 @@ pub struct IndexRollouts {
     pub key: Option<String>,
 }
 
-/// Rewrite every view of `track`: the APT and DNF views from its `chunks`, the agents' index
-/// from its `members`, with its new serial and, in the agents' index only, its rollouts
-/// (stock apt and dnf see the new version at once).
+/// The rpm files a DNF view links to: all of the track's (links of others are removed), or
+/// those a change added and removed.
+pub enum RpmLinks<'a> {
+    /// Every rpm of the track.
+    All(Vec<&'a PoolEntry>),
+    /// The rpms a change added, and those it removed.
+    Changed {
+        /// Added to the track.
+        added: Vec<&'a PoolEntry>,
+        /// No longer in the track.
+        removed: Vec<&'a PoolEntry>,
+    },
+}
+
+/// Rewrite every view of `track` from its `chunks`: the APT and DNF views and the agents'
+/// index, with its new serial and, in the agents' index only, its rollouts (stock apt and
+/// dnf see the new version at once).
 #[allow(clippy::too_many_arguments)]
 pub fn write_track(
     root: &Path,
@@ -79,26 +92,20 @@ pub fn write_track(
     serial: u64,
     expires: u64,
     chunks: &Chunks,
-    members: &[&PoolEntry],
+    links: &RpmLinks,
     rollouts: &IndexRollouts,
 ) -> Result<()> {
-    let rpms = members.iter().filter(|e| e.format == Format::Rpm).count();
-    let rpm_members: Vec<&PoolEntry> = members
-        .iter()
-        .copied()
-        .filter(|e| e.format == Format::Rpm)
-        .collect();
     if super::crash::armed() {
         return write_apt(root, signer, track, expires, chunks)
-            .and_then(|_| write_rpm(root, signer, track, chunks, &rpm_members, rpms))
-            .and_then(|_| write_index(root, signer, track, serial, expires, members, rollouts));
+            .and_then(|_| write_rpm(root, signer, track, chunks, links))
+            .and_then(|_| write_index(root, signer, track, serial, expires, chunks, rollouts));
     }
     // Four signatures and the hashing of every file: the APT view on one core, the rest on
     // the other.
     std::thread::scope(|s| {
         let apt = s.spawn(|| write_apt(root, signer, track, expires, chunks));
-        let rest = write_rpm(root, signer, track, chunks, &rpm_members, rpms)
-            .and_then(|_| write_index(root, signer, track, serial, expires, members, rollouts));
+        let rest = write_rpm(root, signer, track, chunks, links)
+            .and_then(|_| write_index(root, signer, track, serial, expires, chunks, rollouts));
         apt.join().expect("APT view thread panicked").and(rest)
     })
 }
@@ -261,18 +268,24 @@ fn write_rpm(
     signer: &Signer,
     track: &str,
     chunks: &Chunks,
-    rpms: &[&PoolEntry],
-    count: usize,
+    links: &RpmLinks,
 ) -> Result<()> {
     let base = root.join("rpm").join(track);
     let pkgdir = base.join("packages");
     std::fs::create_dir_all(&pkgdir)?;
     // Hard links: the same bytes as the pool, at a path inside the DNF repository. One
-    // directory listing instead of a lookup per package.
+    // directory listing instead of a lookup per package (after a change of a few names,
+    // only theirs).
     let mut present = std::collections::BTreeSet::new();
-    for f in std::fs::read_dir(&pkgdir)? {
-        present.insert(f?.file_name().to_string_lossy().into_owned());
-    }
+    let (rpms, removed) = match links {
+        RpmLinks::All(rpms) => {
+            for f in std::fs::read_dir(&pkgdir)? {
+                present.insert(f?.file_name().to_string_lossy().into_owned());
+            }
+            (rpms, None)
+        }
+        RpmLinks::Changed { added, removed } => (added, Some(removed)),
+    };
     let mut wanted = std::collections::BTreeSet::new();
     for e in rpms {
         let name = file_name(&e.path);
@@ -287,7 +300,7 @@ fn write_rpm(
             std::fs::rename(&tmp, &link)?;
         }
     }
-    let n = count.to_string();
+    let n = chunks.rpms().to_string();
     let mut records = Vec::new();
     let repodata = base.join("repodata");
     for (k, (kind, open, close)) in [
@@ -362,6 +375,9 @@ fn write_rpm(
     for name in present.iter().filter(|n| !wanted.contains(n.as_str())) {
         let _ = std::fs::remove_file(pkgdir.join(name));
     }
+    for e in removed.into_iter().flatten() {
+        let _ = std::fs::remove_file(pkgdir.join(file_name(&e.path)));
+    }
     Ok(())
 }
 
@@ -421,11 +437,23 @@ pub fn index_serial(head: &[u8]) -> Option<u64> {
 /// An index as `index.json` holds it: the top-level fields one per line, as
 /// [`index_serial`] reads them, and each package compact on a line of its own (a third of
 /// the bytes of pretty-printing them, which every promotion writes, hashes and signs).
+#[cfg(test)]
 pub fn index_json(index: &Index) -> Result<Vec<u8>> {
+    let mut lines = Vec::with_capacity(index.packages.len());
+    for p in &index.packages {
+        lines.push(serde_json::to_vec(p)?);
+    }
     let head = Index {
         packages: Vec::new(),
         ..index.clone()
     };
+    index_json_of(&head, lines.iter().map(Vec::as_slice))
+}
+
+/// [`index_json`] of `head` (its packages left out) with the packages of `parts`: each a
+/// run of packages as compact JSON lines joined by [`super::chunks::INDEX_SEP`], none
+/// empty.
+pub fn index_json_of<'a>(head: &Index, parts: impl Iterator<Item = &'a [u8]>) -> Result<Vec<u8>> {
     let pretty = serde_json::to_vec_pretty(&head)?;
     // serde_json prints the empty list at two spaces of indentation; no string can hold the
     // newline before it.
@@ -434,14 +462,20 @@ pub fn index_json(index: &Index) -> Result<Vec<u8>> {
         .windows(empty.len())
         .position(|w| w == empty)
         .ok_or_else(|| anyhow!("internal error: no packages field in an index"))?;
-    let mut out = Vec::with_capacity(pretty.len() + index.packages.len() * 256);
+    let mut out = Vec::with_capacity(pretty.len() + (1 << 20));
     out.extend_from_slice(&pretty[..at]);
     out.extend_from_slice(b"\n  \"packages\": [");
-    for (i, p) in index.packages.iter().enumerate() {
-        out.extend_from_slice(if i == 0 { b"\n    " } else { b",\n    " });
-        serde_json::to_writer(&mut out, p)?;
+    let mut any = false;
+    for p in parts {
+        out.extend_from_slice(if any {
+            super::chunks::INDEX_SEP
+        } else {
+            b"\n    "
+        });
+        out.extend_from_slice(p);
+        any = true;
     }
-    if !index.packages.is_empty() {
+    if any {
         out.extend_from_slice(b"\n  ");
     }
     out.push(b']');
@@ -456,22 +490,19 @@ fn write_index(
     track: &str,
     serial: u64,
     expires: u64,
-    members: &[&PoolEntry],
+    chunks: &Chunks,
     rollouts: &IndexRollouts,
 ) -> Result<()> {
-    let index = Index {
+    let head = Index {
         track: track.to_string(),
         serial,
         generated: now(),
         expires: Some(expires),
-        packages: current_of(members.iter().copied())
-            .into_values()
-            .cloned()
-            .collect(),
+        packages: Vec::new(),
         rollouts: rollouts.list.clone(),
         rollout_key: rollouts.key.clone(),
     };
-    let json = index_json(&index)?;
+    let json = index_json_of(&head, chunks.index())?;
     let sig = signer.detached(&json)?;
     let dir = root.join("tracks").join(track);
     // By hash first: what agents fetch, once the policy binds it. index.json and its
