@@ -391,6 +391,10 @@ impl Manifest {
     }
 }
 
+/// Reads the pool metadata of some names, given the changed names' entries.
+pub type LoadChanged<'a> =
+    dyn Fn(&BTreeMap<String, Vec<PoolEntry>>, &[&String]) -> Result<Vec<PoolMeta>> + Sync + 'a;
+
 /// The chunks of a track after a change of a few names, from the `manifest` of the state
 /// before it: each run of chunks holding a changed name is cut and rendered again from its
 /// members with `changes` applied (a name to all its entries after the change, none if it
@@ -401,7 +405,7 @@ pub fn update(
     cache: &Path,
     manifest: &Manifest,
     changes: &BTreeMap<String, Vec<PoolEntry>>,
-    load: &(dyn Fn(&BTreeMap<String, Vec<PoolEntry>>, &[&String]) -> Result<Vec<PoolMeta>> + Sync),
+    load: &LoadChanged<'_>,
 ) -> Result<Option<Chunks>> {
     if manifest.chunks.is_empty() {
         return Ok(None);
@@ -822,16 +826,17 @@ mod tests {
         assert_eq!(arm64.matches("Package: ").count(), 100);
     }
 
-    /// Everything of a chunk list a view is made of, index lines and ids included.
-    fn all_of(
-        c: &Chunks,
-    ) -> (
+    /// Files, gzip members, index lines, ids and rpm count of a chunk list.
+    type AllOf = (
         Vec<Vec<u8>>,
         Vec<Vec<u8>>,
         Vec<u8>,
         Vec<(String, String)>,
         u64,
-    ) {
+    );
+
+    /// Everything of a chunk list a view is made of, index lines and ids included.
+    fn all_of(c: &Chunks) -> AllOf {
         let (files, gzs) = whole(c);
         let index = c.index().collect::<Vec<_>>().join(INDEX_SEP);
         (files, gzs, index, c.ids.clone(), c.rpms())
