@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use anyhow::{Context as _, Result};
+use anyhow::{ensure, Context as _, Result};
 
 use crate::example::built_bin;
 use crate::fleet::keepup;
@@ -178,5 +178,31 @@ pub fn wait_until(
             "{what}: not within {within:?}"
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// The body of an answer sent with `Transfer-Encoding: chunked`, decoded; an error if it
+/// does not end with its last (empty) chunk: a truncated answer never looks complete.
+pub fn dechunk(mut raw: &[u8]) -> Result<Vec<u8>> {
+    let mut body = Vec::new();
+    loop {
+        let eol = raw
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .context("a chunk without its size line: the answer was cut short")?;
+        let size = std::str::from_utf8(&raw[..eol])?;
+        let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
+            .with_context(|| format!("bad chunk size {size:?}"))?;
+        raw = &raw[eol + 2..];
+        if size == 0 {
+            return Ok(body);
+        }
+        ensure!(
+            raw.len() >= size + 2,
+            "a chunk of {size} bytes with {} left: the answer was cut short",
+            raw.len()
+        );
+        body.extend_from_slice(&raw[..size]);
+        raw = &raw[size + 2..];
     }
 }

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use keepup_tests::example::built_bin;
 use keepup_tests::fleet::keepup;
+use keepup_tests::testkit::dechunk;
 use serde_json::json;
 
 /// The open-file limit the flooded server runs with (`ulimit -n 1024`).
@@ -181,32 +182,6 @@ fn request(
         },
         headers,
     })
-}
-
-/// The body of an answer sent with `Transfer-Encoding: chunked`, decoded; an error if it
-/// does not end with its last (empty) chunk: a truncated answer never looks complete.
-fn dechunk(mut raw: &[u8]) -> Result<Vec<u8>> {
-    let mut body = Vec::new();
-    loop {
-        let eol = raw
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .context("a chunk without its size line: the answer was cut short")?;
-        let size = std::str::from_utf8(&raw[..eol])?;
-        let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
-            .with_context(|| format!("bad chunk size {size:?}"))?;
-        raw = &raw[eol + 2..];
-        if size == 0 {
-            return Ok(body);
-        }
-        ensure!(
-            raw.len() >= size + 2,
-            "a chunk of {size} bytes with {} left: the answer was cut short",
-            raw.len()
-        );
-        body.extend_from_slice(&raw[..size]);
-        raw = &raw[size + 2..];
-    }
 }
 
 fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Result<Reply> {
