@@ -296,23 +296,7 @@ fn a_replica_killed_under_load_loses_no_accepted_report() -> Result<()> {
     let (mut a, b) = two_replicas(&pg, tmp.path())?;
     const HOSTS: usize = 400;
     let names: Vec<String> = (0..HOSTS).map(|i| format!("load{i:03}")).collect();
-    let mut add = Command::new(built_bin("keepup")?)
-        .args(["host", "add", "--bulk", "--state", &pg.url(true)])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()?;
-    add.stdin
-        .take()
-        .unwrap()
-        .write_all(names.join("\n").as_bytes())?;
-    let out = add.wait_with_output()?;
-    ensure!(out.status.success());
-    let tokens: Vec<(String, String)> = String::from_utf8(out.stdout)?
-        .lines()
-        .filter_map(|l| l.split_once(' '))
-        .map(|(h, t)| (h.to_string(), t.to_string()))
-        .collect();
-    ensure!(tokens.len() == HOSTS);
+    let tokens = add_bulk(&pg, &names)?;
     let first = &tokens[0];
     wait_until("A knows the new tokens", Duration::from_secs(10), || {
         Ok(post(a.port, &first.1, &report(&first.0, "1.0-1", "warmup")) == 204)
