@@ -539,6 +539,23 @@ pub const HEADER: [&str; 11] = [
 ];
 
 /// `s` cut to `n` characters, the last one `…` when cut.
+/// The UPDATE cell of a host whose last update pass ran: `ok`, or `failed (why): error`
+/// (the error clipped to 60 characters).
+pub(crate) fn update_cell(
+    ok: bool,
+    failure: Option<&keepup_deploy::wire::UpdateFailure>,
+    error: Option<&str>,
+) -> String {
+    if ok {
+        return "ok".into();
+    }
+    format!(
+        "failed{}: {}",
+        failure.map_or(String::new(), |f| format!(" ({f})")),
+        clip(error.unwrap_or(""), 60)
+    )
+}
+
 pub(crate) fn clip(s: &str, n: usize) -> String {
     if s.chars().count() <= n {
         s.to_string()
@@ -648,14 +665,7 @@ pub fn table_rows(
     for h in hosts {
         let update = match &h.update {
             None => "-".to_string(),
-            Some(u) if u.ok => "ok".to_string(),
-            Some(u) => format!(
-                "failed{}: {}",
-                u.failure
-                    .as_ref()
-                    .map_or(String::new(), |f| format!(" ({f})")),
-                clip(u.error.as_deref().unwrap_or(""), 60)
-            ),
+            Some(u) => update_cell(u.ok, u.failure.as_ref(), u.error.as_deref()),
         };
         let seen = age(now, h.last_seen);
         let mut row = |svc: Option<&ServiceView>| {

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use keepup_deploy::wire::{Fleet, Index};
 
 use super::view::{age, is_stale, lines, Filter, HostEntry, Policy, Status, Summary, Tables};
-use crate::report::{clip, printable, width, HEADER};
+use crate::report::{printable, update_cell, width, HEADER};
 
 /// One host of a snapshot of the fleet: its name and latest report (none before the first).
 pub type Snapshot = (String, Option<Arc<HostEntry>>);
@@ -131,14 +131,7 @@ impl HostRows {
         let update: Cow<'_, str> = match entry.and_then(|e| e.update.as_deref()) {
             None => "-".into(),
             Some(u) if u.ok => "ok".into(),
-            Some(u) => format!(
-                "failed{}: {}",
-                u.failure
-                    .as_ref()
-                    .map_or(String::new(), |f| format!(" ({f})")),
-                clip(u.error.as_deref().unwrap_or(""), 60)
-            )
-            .into(),
+            Some(u) => update_cell(false, u.failure.as_ref(), u.error.as_deref()).into(),
         };
         cell(&mut text, 10, &update);
         text.push(b'\n');
