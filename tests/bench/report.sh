@@ -88,10 +88,22 @@ if [ "$BACKEND" = postgres ]; then
 fi
 
 echo "load average before the load: $(cut -d' ' -f1-3 /proc/loadavg)"
+# The server's CPU (user + system clock ticks, from /proc) in all and in its `state-writer`
+# thread: per stored report, the figures that compare binaries on a shared machine.
+ticks() { awk '{print $14 + $15}' "$1" 2>/dev/null || echo 0; }
+writer_stat() { grep -l '^state-writer$' /proc/"$1"/task/*/comm 2>/dev/null | head -1 | sed 's/comm$/stat/'; }
+wstat=$(writer_stat "$pid")
+cpu0=$(ticks "/proc/$pid/stat") wcpu0=$(ticks "$wstat")
 # Reports rejected under load (503 past the store wait) are counted and shown; the figures after
 # them are still measured.
 "$LOAD" --server "$servers" --tokens "$tmp/tokens" --connections "$CONNECTIONS" --rounds "$ROUNDS" 2>&1 | grep -v '^ \+[0-9]*: \|^ \+at ' | tee "$tmp/plain.out" || true
 echo "load average after the load: $(cut -d' ' -f1-3 /proc/loadavg)"
+stored=$(sed -n 's/^total: \([0-9]*\) reports stored.*/\1/p' "$tmp/plain.out")
+if [ "${stored:-0}" -gt 0 ]; then
+    hz=$(getconf CLK_TCK)
+    cpu=$(( $(ticks "/proc/$pid/stat") - cpu0 )) wcpu=$(( $(ticks "$wstat") - wcpu0 ))
+    echo "server CPU per stored report: $(( cpu * 1000000 / hz / stored )) us in all, $(( wcpu * 1000000 / hz / stored )) us in the state-writer thread ($stored reports; $cpu and $wcpu ticks of 1/$hz s)"
+fi
 echo "server after the load: $(grep VmRSS "/proc/$pid/status")"
 [ -n "${pid2:-}" ] && echo "replica 2 after the load: $(grep VmRSS "/proc/$pid2/status")"
 # A replica reads the other's reports within a second or two.

@@ -103,9 +103,7 @@ type HostMap = BTreeMap<String, Option<Arc<HostEntry>>>;
 
 enum Msg {
     Report {
-        report: Box<Report>,
-        body: Bytes,
-        received_at: u64,
+        report: Box<Incoming>,
         done: oneshot::Sender<bool>,
     },
     Prune,
@@ -115,6 +113,30 @@ enum Msg {
         since: u64,
         reports: Vec<PeerReport>,
     },
+}
+
+/// A report as the writer takes it: what its request's thread made of it beforehand (the
+/// summary, its stored encoding, the event window), so that the one writer thread does little
+/// more than store it. The rest of the parsed report is dropped on the request's thread.
+struct Incoming {
+    /// Host name (checked against the token).
+    host: String,
+    /// The agent's `sent_at`.
+    sent_at: u64,
+    /// Unix time the server received it.
+    received_at: u64,
+    /// The JSON body as received.
+    body: Bytes,
+    /// The body packed for the database ([`db::pack_body`]), when it packs bodies.
+    packed_body: Option<Vec<u8>>,
+    /// The report's events (the new ones are stored).
+    events: Vec<Event>,
+    /// Their identities.
+    window: EventWindow,
+    /// The host's summary, published once stored.
+    entry: Arc<HostEntry>,
+    /// That summary and window encoded for the database (`summary_codec`).
+    summary: Vec<u8>,
 }
 
 /// A report another replica stored: its host, event window and summary.
@@ -136,13 +158,23 @@ fn event_id(e: &Event) -> u32 {
 /// this one is what was stored; what follows is new. Event times are not compared, so a host
 /// clock that jumped ahead hides nothing that comes after it.
 fn new_events(prev: &[u32], events: &[Event]) -> (usize, EventWindow) {
-    let ids: EventWindow = events.iter().map(event_id).collect();
+    let ids = event_window(events);
+    (stored_before(prev, &ids), ids)
+}
+
+/// The identities of `events`, in order: the window a report leaves for the next.
+fn event_window(events: &[Event]) -> EventWindow {
+    events.iter().map(event_id).collect()
+}
+
+/// How many of the events of window `ids` were stored before, after window `prev` (see
+/// [`new_events`]).
+fn stored_before(prev: &[u32], ids: &[u32]) -> usize {
     let most = prev.len().min(ids.len());
-    let seen = (1..=most)
+    (1..=most)
         .rev()
         .find(|&n| prev[prev.len() - n..] == ids[..n])
-        .unwrap_or(0);
-    (seen, ids)
+        .unwrap_or(0)
 }
 
 struct Cached<T> {
@@ -294,6 +326,8 @@ pub struct Server {
     tx: mpsc::Sender<Msg>,
     cache: Mutex<RepoCache>,
     read_token: Option<TokenHash>,
+    /// Whether request threads pack report bodies for the database ([`Db::packs_bodies`]).
+    pack_bodies: bool,
     /// Which fleet policy and track indexes the hosts' kept rows were rendered under.
     policy_stamp: rows::PolicyStamp,
     #[allow(clippy::type_complexity)]
@@ -327,6 +361,7 @@ impl Server {
         let (latest, peer_mark) = writer_db.latest_reports()?;
         let (loaded, syms) = load_entries(&mut writer_db, latest)?;
         writer_db.checkpoint_aside()?;
+        let pack_bodies = writer_db.packs_bodies();
         let mut marks = HashMap::with_capacity(loaded.len());
         for (host, entry, window) in loaded {
             if let Some(slot) = hosts.get_mut(&host) {
@@ -359,6 +394,7 @@ impl Server {
             tx,
             cache: Mutex::new(RepoCache::default()),
             read_token,
+            pack_bodies,
             policy_stamp: rows::PolicyStamp::default(),
             page_views: TtlCache::new(),
             test_hooks: std::env::var(TEST_HOOKS_ENV).is_ok_and(|v| v == "1"),
@@ -568,11 +604,36 @@ impl Server {
                 ),
             );
         }
+        // The summary, its encoding and the event window are made here, on the request's
+        // thread (the writer, one thread for all reports, is the bound of ingestion).
+        let received_at = db::now();
+        let window = event_window(&report.events);
+        let entry = HostEntry::new(&report, received_at, &mut self.syms.lock().unwrap());
+        let summary = summary_codec::encode(&entry, report.sent_at, &window);
+        let packed_body = if self.pack_bodies {
+            db::pack_body(&body)
+        } else {
+            None
+        };
+        let Report {
+            host,
+            sent_at,
+            events,
+            ..
+        } = report;
         let (done, stored) = oneshot::channel();
         let msg = Msg::Report {
-            report: Box::new(report),
-            body,
-            received_at: db::now(),
+            report: Box::new(Incoming {
+                host,
+                sent_at,
+                received_at,
+                body,
+                packed_body,
+                events,
+                window,
+                entry: Arc::new(entry),
+                summary,
+            }),
             done,
         };
         // A full queue or a slow store is a herd (or a stalled disk): the answer is `503`, to
@@ -1034,12 +1095,7 @@ fn writer(
                 // Later peer reads began later: nothing stored before this one matters.
                 stored_in.retain(|_, b| *b > since);
             }
-            Msg::Report {
-                report,
-                body,
-                received_at,
-                done,
-            } => batch.push((report, body, received_at, done)),
+            Msg::Report { report, done } => batch.push((report, done)),
         };
         take(first, &mut batch);
         while batch.len() < BATCH {
@@ -1049,22 +1105,20 @@ fn writer(
             }
         }
         if !batch.is_empty() {
-            // Per report: where its new events start, whether its host's quota applies, its
-            // summary, and that summary encoded for the database (made before the store, and
-            // outside the map's lock: readers, the views and the gate, wait less).
-            let mut plan: Vec<(usize, bool, Arc<HostEntry>, Vec<u8>)> =
-                Vec::with_capacity(batch.len());
-            let mut next_windows: HashMap<&str, EventWindow> = HashMap::new();
+            // Per report: where its new events start and whether its host's quota applies (its
+            // summary and encoding came made by its request's thread).
+            let mut plan: Vec<(usize, bool)> = Vec::with_capacity(batch.len());
+            let mut next_windows: HashMap<&str, &[u32]> = HashMap::new();
             let mut next_counts: HashMap<&str, usize> = HashMap::new();
-            let mut batch_syms = syms.lock().unwrap();
-            for (report, _, at, _) in &batch {
+            for (report, _) in &batch {
                 let host = report.host.as_str();
                 // Two reports of one host in a batch: the second sees the first's window.
                 let prev = next_windows
                     .get(host)
-                    .or_else(|| windows.get(host))
-                    .map_or(&[][..], Vec::as_slice);
-                let (seen, window) = new_events(prev, &report.events);
+                    .copied()
+                    .or_else(|| windows.get(host).map(Vec::as_slice))
+                    .unwrap_or(&[]);
+                let seen = stored_before(prev, &report.window);
                 let count = next_counts
                     .get(host)
                     .copied()
@@ -1072,26 +1126,22 @@ fn writer(
                     + (report.events.len() - seen);
                 let quota = count >= QUOTA_SLACK;
                 next_counts.insert(host, if quota { 0 } else { count });
-                let entry = HostEntry::new(report, *at, &mut batch_syms);
-                let summary = summary_codec::encode(&entry, report.sent_at, &window);
-                next_windows.insert(host, window);
-                plan.push((seen, quota, Arc::new(entry), summary));
+                next_windows.insert(host, &report.window);
+                plan.push((seen, quota));
             }
-            drop(batch_syms);
             let rows: Vec<StoredReport<'_>> = batch
                 .iter()
                 .zip(&plan)
-                .map(
-                    |((r, body, at, _), (seen, quota, _, summary))| StoredReport {
-                        host: &r.host,
-                        received_at: *at,
-                        sent_at: r.sent_at,
-                        body,
-                        summary,
-                        new_events: &r.events[*seen..],
-                        apply_quota: *quota,
-                    },
-                )
+                .map(|((r, _), (seen, quota))| StoredReport {
+                    host: &r.host,
+                    received_at: r.received_at,
+                    sent_at: r.sent_at,
+                    body: &r.body,
+                    packed_body: r.packed_body.as_deref(),
+                    summary: &r.summary,
+                    new_events: &r.events[*seen..],
+                    apply_quota: *quota,
+                })
                 .collect();
             let ok = match db.store(&rows, EVENTS_KEPT_PER_HOST) {
                 Ok(()) => true,
@@ -1101,28 +1151,42 @@ fn writer(
                 }
             };
             drop(rows);
+            drop(next_windows);
             if ok {
                 batches += 1;
                 if replicas {
-                    for (r, ..) in &batch {
+                    for (r, _) in &batch {
                         stored_in.insert(r.host.clone(), batches);
                     }
                 }
                 stored_batches.store(batches, Ordering::Release);
-                for (h, w) in next_windows {
-                    windows.insert(h.to_string(), w);
-                }
                 for (h, n) in next_counts {
-                    since_quota.insert(h.to_string(), n);
+                    match since_quota.get_mut(h) {
+                        Some(c) => *c = n,
+                        None => {
+                            since_quota.insert(h.to_string(), n);
+                        }
+                    }
                 }
                 let mut map = hosts.write().unwrap();
-                for ((r, ..), (_, _, entry, _)) in batch.iter().zip(plan) {
+                for (r, _) in &batch {
                     if let Some(slot) = map.get_mut(r.host.as_str()) {
-                        *slot = Some(entry);
+                        *slot = Some(r.entry.clone());
+                    }
+                }
+                drop(map);
+                // In batch order: a host's last report leaves its window.
+                for (r, _) in &mut batch {
+                    let w = std::mem::take(&mut r.window);
+                    match windows.get_mut(&r.host) {
+                        Some(slot) => *slot = w,
+                        None => {
+                            windows.insert(r.host.clone(), w);
+                        }
                     }
                 }
             }
-            for (_, _, _, done) in batch.drain(..) {
+            for (_, done) in batch.drain(..) {
                 let _ = done.send(ok);
             }
             // The rollout gate looks at the new reports (a full channel: it will anyway).

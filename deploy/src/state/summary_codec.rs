@@ -490,6 +490,7 @@ mod tests {
                 received_at: 2000,
                 sent_at: r.sent_at,
                 body,
+                packed_body: None,
                 summary,
                 new_events: &[],
                 apply_quota: false,

@@ -145,6 +145,9 @@ pub struct StoredReport<'a> {
     pub sent_at: u64,
     /// The JSON body.
     pub body: &'a [u8],
+    /// The body as [`pack_body`] compressed it, for a backend that stores it so
+    /// ([`Db::packs_bodies`]: SQLite); `None`: the body is stored as it came.
+    pub packed_body: Option<&'a [u8]>,
     /// The host's summary and event window, encoded (`state::summary_codec`): what a server
     /// reads at start and from other replicas instead of the body.
     pub summary: &'a [u8],
@@ -152,6 +155,14 @@ pub struct StoredReport<'a> {
     pub new_events: &'a [Event],
     /// Drop the host's oldest events beyond the quota ([`Db::store`]'s `keep_per_host`).
     pub apply_quota: bool,
+}
+
+/// A report body compressed as the SQLite backend stores it (a zstd frame: the reports table,
+/// its WAL writes and checkpoints are a third of what the JSON takes). Made by the request's
+/// thread, beside the one writer ([`StoredReport::packed_body`]). `None` should zstd fail: the
+/// body is then stored as it came.
+pub fn pack_body(body: &[u8]) -> Option<Vec<u8>> {
+    sqlite::pack_body(body)
 }
 
 /// A stored latest report as a server loads it: its host, times and summary.
@@ -282,6 +293,11 @@ impl Db {
             Backend::Sqlite(b) => b.checkpoint_aside(),
             Backend::Postgres(_) => Ok(()),
         }
+    }
+
+    /// Whether this backend stores report bodies packed ([`pack_body`]): SQLite does.
+    pub fn packs_bodies(&self) -> bool {
+        matches!(self.backend, Backend::Sqlite(_))
     }
 
     /// Whether other replicas may store reports in this database (PostgreSQL).

@@ -5,6 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
+use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{params, Connection};
 
 use keepup_deploy::wire::{Event, EventKind};
@@ -61,12 +62,14 @@ INSERT OR IGNORE INTO meta(key, value) VALUES ('hosts_version', 0);
 ";
 
 /// Indexes, made after [`migrate`] added the columns they use: a host's events in the order
-/// received (the events API, the per-host quota) and all events by receive time (retention).
+/// received (the events API, the per-host quota). The age retention needs none: events are
+/// appended in the order received, so it walks the log by `id` ([`Sqlite::prune`]); the
+/// index of receive times that older files have (one more b-tree write per event) goes.
 const INDEXES: &str = "
 DROP INDEX IF EXISTS events_host_at;
 DROP INDEX IF EXISTS events_at;
+DROP INDEX IF EXISTS events_received;
 CREATE INDEX IF NOT EXISTS events_host_id ON events(host, id);
-CREATE INDEX IF NOT EXISTS events_received ON events(received_at);
 ";
 
 /// Databases made before events had `received_at` get the column, filled with the host's
@@ -89,6 +92,32 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
     }
     tx.execute_batch(INDEXES)?;
     tx.commit()
+}
+
+/// zstd's level for packed bodies: its first "fast" level, which leaves literals without
+/// Huffman coding: a 1.7 KB report packs to about 610 bytes (level 1: 480) at twice level 1's
+/// speed; on the request threads, the CPU is worth more than the bytes.
+const PACK_LEVEL: i32 = -1;
+
+/// See [`super::pack_body`]. Each thread keeps its compression context (made once: making
+/// one per body would cost more than the compression).
+pub fn pack_body(body: &[u8]) -> Option<Vec<u8>> {
+    thread_local! {
+        static PACKER: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    PACKER.with(|p| {
+        let mut p = p.borrow_mut();
+        if p.is_none() {
+            *p = zstd::bulk::Compressor::new(PACK_LEVEL).ok();
+        }
+        p.as_mut()?.compress(body).ok()
+    })
+}
+
+/// A packed body's JSON.
+fn unpack_body(packed: &[u8]) -> Result<Vec<u8>> {
+    Ok(zstd::stream::decode_all(packed).context("unpacking a stored report body")?)
 }
 
 impl Sqlite {
@@ -260,7 +289,8 @@ impl Sqlite {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// See [`super::Db::report_bodies`].
+    /// See [`super::Db::report_bodies`]: a body stored packed (a blob, [`pack_body`]) is
+    /// unpacked; one stored as text (by an older keepup, or unpacked) is as it came.
     pub fn report_bodies(&self, hosts: &[&str]) -> Result<Vec<LatestBody>> {
         let mut st = self.conn().prepare_cached(
             "SELECT host, received_at, sent_at, report FROM reports WHERE host = ?1",
@@ -269,11 +299,20 @@ impl Sqlite {
         for h in hosts {
             let mut rows = st.query([h])?;
             if let Some(r) = rows.next()? {
+                let body = match r.get_ref(3)? {
+                    ValueRef::Text(t) => t.to_vec(),
+                    ValueRef::Blob(b) => unpack_body(b).with_context(|| {
+                        format!("the stored report of {h} is damaged; the host's next report replaces it")
+                    })?,
+                    _ => anyhow::bail!(
+                        "the stored report of {h} is neither text nor a packed body; the host's next report replaces it"
+                    ),
+                };
                 out.push((
                     r.get(0)?,
                     r.get::<_, i64>(1)? as u64,
                     r.get::<_, i64>(2)? as u64,
-                    r.get::<_, String>(3)?.into_bytes(),
+                    body,
                 ));
             }
         }
@@ -319,7 +358,10 @@ impl Sqlite {
                  WHERE host = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
             )?;
             for r in batch {
-                let body = std::str::from_utf8(r.body).unwrap_or_default();
+                let body = ToSqlOutput::Borrowed(match r.packed_body {
+                    Some(packed) => ValueRef::Blob(packed),
+                    None => ValueRef::Text(r.body),
+                });
                 let n = upsert.execute(params![
                     r.host,
                     r.received_at as i64,
@@ -349,10 +391,18 @@ impl Sqlite {
         Ok(())
     }
 
-    /// See [`super::Db::prune`] (one server: nothing to claim).
+    /// See [`super::Db::prune`] (one server: nothing to claim). One writer appends events
+    /// in the order it receives them, so the log's ids follow receive times: what goes is the
+    /// log's oldest part, up to the first event received since the cutoff, found by walking
+    /// the log by `id` from its start (a few rows past what is dropped, no index). Should
+    /// receive times not follow ids (the server's clock set back; a file migrated from
+    /// before receive times, which took the hosts' times), an event received before the
+    /// cutoff but after a younger one waits for that one: retention is late, never early.
     pub fn prune(&mut self, now: u64, max_age_secs: u64) -> Result<usize> {
         Ok(self.conn.execute(
-            "DELETE FROM events WHERE received_at < ?1",
+            "DELETE FROM events WHERE id < coalesce(
+                 (SELECT id FROM events WHERE received_at >= ?1 ORDER BY id LIMIT 1),
+                 (SELECT max(id) FROM events) + 1)",
             [now.saturating_sub(max_age_secs) as i64],
         )?)
     }
@@ -444,6 +494,121 @@ mod tests {
         Db::open_file(&path).unwrap();
     }
 
+    /// A file as keepup stored it before the index of receive times went (the schema of
+    /// then, verbatim): it opens with the same hosts, reports and events, without the index,
+    /// and its retention still goes by receive time.
+    #[test]
+    fn files_with_the_receive_time_index_open_with_the_same_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let old = Connection::open(&path).unwrap();
+        old.execute_batch(
+            "CREATE TABLE hosts (name TEXT PRIMARY KEY, token_sha256 BLOB NOT NULL UNIQUE,
+                 added_at INTEGER NOT NULL);
+             CREATE TABLE reports (host TEXT PRIMARY KEY, received_at INTEGER NOT NULL,
+                 sent_at INTEGER NOT NULL, report TEXT NOT NULL, summary BLOB);
+             CREATE TABLE events (id INTEGER PRIMARY KEY, host TEXT NOT NULL,
+                 at INTEGER NOT NULL, service TEXT, kind TEXT NOT NULL, message TEXT NOT NULL,
+                 received_at INTEGER NOT NULL DEFAULT 0);
+             CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+             INSERT INTO meta(key, value) VALUES ('hosts_version', 3);
+             CREATE INDEX events_host_id ON events(host, id);
+             CREATE INDEX events_received ON events(received_at);
+             INSERT INTO hosts VALUES ('web1', x'01', 10), ('web2', x'02', 11);
+             INSERT INTO reports VALUES ('web1', 300, 299, '{\"host\":\"web1\"}', x'0102');
+             INSERT INTO events(host, at, service, kind, message, received_at) VALUES
+                 ('web1', 100, 'foo', 'install', 'one', 300),
+                 ('web2', 150, NULL, 'started', 'two', 400),
+                 ('web1', 200, 'foo', 'started', 'three', 500);",
+        )
+        .unwrap();
+        drop(old);
+        let mut db = Db::open_file(&path).unwrap();
+        let hosts: Vec<_> = db
+            .hosts()
+            .unwrap()
+            .into_iter()
+            .map(|h| (h.name, h.added_at, h.last_report))
+            .collect();
+        assert_eq!(
+            hosts,
+            [("web1".into(), 10, Some(300)), ("web2".into(), 11, None)]
+        );
+        assert_eq!(db.hosts_version().unwrap(), 3);
+        assert_eq!(
+            db.latest_reports().unwrap().0,
+            [super::super::Latest {
+                host: "web1".into(),
+                received_at: 300,
+                sent_at: 299,
+                summary: Some(vec![1, 2]),
+            }]
+        );
+        assert_eq!(
+            db.report_bodies(&["web1"]).unwrap(),
+            [("web1".into(), 300, 299, b"{\"host\":\"web1\"}".to_vec())]
+        );
+        let msgs = |v: Vec<Event>| v.into_iter().map(|e| e.message).collect::<Vec<_>>();
+        assert_eq!(msgs(db.events("web1", 10).unwrap()), ["three", "one"]);
+        assert_eq!(msgs(db.events("web2", 10).unwrap()), ["two"]);
+        let indexes: Vec<String> = Connection::open(&path)
+            .unwrap()
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'events'")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(indexes, ["events_host_id"]);
+        // Retention by receive time, walked by id: the events received before 450 go.
+        assert_eq!(db.prune(1000, 550).unwrap(), Some(2));
+        assert_eq!(msgs(db.events("web1", 10).unwrap()), ["three"]);
+        assert_eq!(db.prune(1000, 0).unwrap(), Some(1));
+        assert_eq!(db.event_count().unwrap(), 0);
+    }
+
+    /// Retention walks the log by id: an event received before the cutoff but stored after a
+    /// younger one (the server's clock set back) stays until that one is due too.
+    #[test]
+    fn retention_is_late_not_early_when_receive_times_go_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = Db::open_file(&dir.path().join("state.db")).unwrap();
+        db.add_hosts(&["web1".into()]).unwrap();
+        for (received_at, at) in [(100, 1), (500, 2), (90, 3), (600, 4)] {
+            let events = [ev(at, "x")];
+            db.store(
+                &[StoredReport {
+                    host: "web1",
+                    received_at,
+                    sent_at: received_at,
+                    body: b"{}",
+                    packed_body: None,
+                    summary: b"s",
+                    new_events: &events,
+                    apply_quota: false,
+                }],
+                100,
+            )
+            .unwrap();
+        }
+        let ats = |db: &Db| {
+            let mut v: Vec<u64> = db
+                .events("web1", 10)
+                .unwrap()
+                .iter()
+                .map(|e| e.at)
+                .collect();
+            v.sort();
+            v
+        };
+        // Cutoff 200: the first event goes; the third (received at 90) waits behind the second.
+        assert_eq!(db.prune(1000, 800).unwrap(), Some(1));
+        assert_eq!(ats(&db), [2, 3, 4]);
+        // Cutoff 550: the second and the third go, never the fourth.
+        assert_eq!(db.prune(1000, 450).unwrap(), Some(2));
+        assert_eq!(ats(&db), [4]);
+    }
+
     #[test]
     fn hosts_tokens_reports_and_retention() {
         let dir = tempfile::tempdir().unwrap();
@@ -462,12 +627,16 @@ mod tests {
         assert_eq!(tokens[&token_hash(&again[0].1)], "web1");
 
         let events = [ev(100, "install"), ev(200, "started")];
+        // web1's body is stored packed, as the server stores bodies.
+        let packed = pack_body(b"{\"host\":\"web1\",\"sent_at\":299}");
+        assert!(packed.is_some());
         let batch = [
             StoredReport {
                 host: "web1",
                 received_at: 300,
                 sent_at: 299,
                 body: b"{\"host\":\"web1\",\"sent_at\":299}",
+                packed_body: packed.as_deref(),
                 summary: b"s1",
                 new_events: &events,
                 apply_quota: false,
@@ -477,6 +646,7 @@ mod tests {
                 received_at: 300,
                 sent_at: 299,
                 body: b"{}",
+                packed_body: None,
                 summary: b"s2",
                 new_events: &events,
                 apply_quota: false,
@@ -529,6 +699,7 @@ mod tests {
                     received_at: 2000,
                     sent_at: 2000,
                     body: b"{}",
+                    packed_body: None,
                     summary: b"s3",
                     new_events: ev,
                     apply_quota: quota,
