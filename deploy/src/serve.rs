@@ -854,6 +854,15 @@ where
     let _ = tokio::time::timeout(bound, answer).await;
 }
 
+/// Answer `503` with `Retry-After: retry_after` to a connection past the refusals that may
+/// linger ([`refuse`]): one write that does not wait (the answer fits the empty send buffer
+/// of a new connection), then the caller closes. A client whose request had already arrived
+/// may see a reset instead of the answer (closing with unread bytes resets); one still sending
+/// it, as most of a herd's are at accept, reads the answer.
+fn refuse_at_once(stream: &tokio::net::TcpStream, retry_after: u64) {
+    let _ = stream.try_write(&refusal(retry_after));
+}
+
 /// What an `accept` error means for the accept loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AcceptFailure {
@@ -1030,14 +1039,16 @@ async fn accept_loop(
                 });
             }
             Err(_) => {
-                // Past the cap: answer 503 while not too many are being refused; else close
-                // at once. Either way it counts in the herd.
+                // Past the cap: answer 503 while not too many are being refused; past those,
+                // answer without lingering and close. Either way it counts in the herd.
                 let retry_after = site.herd.defer();
                 if let Ok(permit) = refusing.clone().try_acquire_owned() {
                     tokio::spawn(async move {
                         refuse(stream, retry_after).await;
                         drop(permit);
                     });
+                } else {
+                    refuse_at_once(&stream, retry_after);
                 }
             }
         }
@@ -1170,6 +1181,28 @@ fn bind(addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refusal_past_the_lingering_ones_is_answered_at_once() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+                .await
+                .unwrap();
+            let (stream, _) = listener.accept().await.unwrap();
+            refuse_at_once(&stream, 7);
+            drop(stream);
+            let mut got = String::new();
+            client.read_to_string(&mut got).await.unwrap();
+            assert!(got.starts_with("HTTP/1.1 503 "), "{got}");
+            assert!(got.contains("\r\nRetry-After: 7\r\n"), "{got}");
+            assert!(got.ends_with("retry after the time given\n"), "{got}");
+        });
+    }
 
     #[test]
     fn traversal_is_refused() {
