@@ -736,19 +736,50 @@ fn one_replica_at_a_time_evaluates_the_rollout_gates() -> Result<()> {
         !(a.stderr().contains(LEADS) && b.stderr().contains(LEADS)),
         "both replicas evaluate the gates"
     );
-    // The leader dies: the other takes over.
-    let (dead, other) = if leader == Some(true) {
-        (&mut a, &b)
+    // The leader freezes (SIGSTOP; its kernel still answers TCP keepalives): its idle lease
+    // session is ended by the server and the other replica takes the lease. Woken, the
+    // frozen one finds its session gone and steps down.
+    const STEPS_DOWN: &str = "another replica evaluates the rollout gates now";
+    let (first, second) = if leader == Some(true) {
+        (&mut a, &mut b)
     } else {
-        (&mut b, &a)
+        (&mut b, &mut a)
     };
-    dead.kill();
-    wait_until(
-        "the other replica takes the lease",
-        Duration::from_secs(15),
-        || Ok(other.stderr().contains(LEADS)),
+    let pid = nix::unistd::Pid::from_raw(first.child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP)?;
+    let frozen = Instant::now();
+    let taken = wait_until(
+        "the other replica takes the lease from the frozen one",
+        Duration::from_secs(20),
+        || Ok(second.stderr().contains(LEADS)),
     )
-    .with_context(|| other.stderr())?;
+    .with_context(|| second.stderr());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT)?;
+    taken?;
+    eprintln!(
+        "the lease moved {:?} after its holder froze",
+        frozen.elapsed()
+    );
+    wait_until(
+        "the woken replica steps down",
+        Duration::from_secs(10),
+        || Ok(first.stderr().contains(STEPS_DOWN)),
+    )
+    .with_context(|| first.stderr())?;
+    std::thread::sleep(Duration::from_secs(3));
+    ensure!(
+        first.stderr().matches(LEADS).count() == 1,
+        "the woken replica took the lease back while the other holds it:\n{}",
+        first.stderr()
+    );
+    // The holder dies: the first takes the lease again.
+    second.kill();
+    wait_until(
+        "the first replica takes the lease again",
+        Duration::from_secs(15),
+        || Ok(first.stderr().matches(LEADS).count() == 2),
+    )
+    .with_context(|| first.stderr())?;
     Ok(())
 }
 
