@@ -1002,6 +1002,30 @@ fn tls_to_postgresql_checks_the_server_before_the_password_is_sent() -> Result<(
     Ok(())
 }
 
+/// The local TCP ports of process `pid`'s sockets (its sockets' inodes found in
+/// `/proc/net/tcp`): which PostgreSQL sessions are its.
+fn local_ports(pid: u32) -> Result<Vec<u16>> {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))?
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_str()?.to_string();
+            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+        })
+        .collect();
+    let table = std::fs::read_to_string("/proc/net/tcp")?;
+    Ok(table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let port = f.get(1)?.rsplit_once(':')?.1;
+            inodes
+                .contains(*f.get(9)?)
+                .then(|| u16::from_str_radix(port, 16).ok())?
+        })
+        .collect())
+}
+
 /// The store advisory lock's low 32 bits as `pg_locks.objid` shows them (see
 /// `STORE_LOCK` in deploy/src/state/db/postgres.rs).
 const STORE_LOCK_OBJID: u32 = 0x7570_0002;
@@ -1057,24 +1081,31 @@ fn a_frozen_replica_does_not_stall_the_others_and_loses_nothing() -> Result<()> 
         .collect();
     std::thread::sleep(Duration::from_secs(2));
 
-    // Freeze A, preferably while it holds the store lock inside a transaction (tried up to
-    // 40 times: a store holds it for milliseconds).
+    // Freeze A while it holds the store lock inside a transaction (a store holds it for
+    // milliseconds: stop, look, go on, up to 100 times).
     let pid = nix::unistd::Pid::from_raw(a.child.id() as i32);
+    // Whether one of A's sessions (told by its client port) holds the store lock.
     let holds = |pg: &PgCluster| -> Result<bool> {
+        let ports = local_ports(a.child.id())?;
+        if ports.is_empty() {
+            return Ok(false);
+        }
+        let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
         Ok(pg
             .psql(
                 "fleet",
                 &format!(
                     "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity s USING (pid) \
                      WHERE l.locktype = 'advisory' AND l.granted AND l.objid = {STORE_LOCK_OBJID} \
-                     AND s.state LIKE 'idle in transaction%'"
+                     AND s.client_port IN ({})",
+                    ports.join(",")
                 ),
             )?
             .trim()
             != "0")
     };
     let mut caught = false;
-    for _ in 0..40 {
+    for _ in 0..100 {
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP)?;
         std::thread::sleep(Duration::from_millis(100));
         if holds(&pg)? {
@@ -1084,13 +1115,15 @@ fn a_frozen_replica_does_not_stall_the_others_and_loses_nothing() -> Result<()> 
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT)?;
         std::thread::sleep(Duration::from_millis(50));
     }
+    ensure!(
+        caught,
+        "A was never caught holding the store lock in 100 tries"
+    );
     let frozen_at = Instant::now();
     let a_leads = a
         .stderr()
         .contains("this replica evaluates the rollout gates now");
-    eprintln!(
-        "A frozen (inside a store transaction holding the lock: {caught}; gate lease: {a_leads})"
-    );
+    eprintln!("A frozen (holding the store lock: {caught}; gate lease: {a_leads})");
 
     // B goes on: a new report through B is stored, and `keepup report` through B answers,
     // within 15 s of the freeze.
