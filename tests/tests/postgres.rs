@@ -817,7 +817,8 @@ impl Impostor {
             .with_no_client_auth()
             .with_single_cert(chain, key)?,
         );
-        let listener = TcpListener::bind("127.0.0.1:0")?;
+        // Every address: a test reaches it through this machine's own non-loopback one too.
+        let listener = TcpListener::bind("0.0.0.0:0")?;
         let port = listener.local_addr()?.port();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let log = seen.clone();
@@ -935,6 +936,7 @@ fn tls_to_postgresql_checks_the_server_before_the_password_is_sent() -> Result<(
 
     // 2. The server accepts only TLS: sslmode=disable is refused, saying what to do.
     let (ok, err) = host_list(&at("127.0.0.1", pg.port(), "sslmode=disable"))?;
+    eprintln!("keepup host list: {err}");
     ensure!(
         !ok && err.contains("only over TLS") && err.contains("remove sslmode=disable"),
         "{err}"
@@ -945,14 +947,16 @@ fn tls_to_postgresql_checks_the_server_before_the_password_is_sent() -> Result<(
     let before = pg.log().len();
     let other_ca = format!("sslmode=verify-full&sslrootcert={}", rogue.cert.display());
     let (ok, err) = host_list(&at("127.0.0.1", pg.port(), &other_ca))?;
+    eprintln!("keepup host list: {err}");
     ensure!(
         !ok && err.contains("signed by an unknown authority")
-            && err.contains("add sslrootcert=FILE")
+            && err.contains("point sslrootcert at the CA")
             && err.contains("Nothing was sent"),
         "{err}"
     );
     let full = format!("sslmode=verify-full&sslrootcert={ca_file}");
     let (ok, err) = host_list(&at("localhost", pg.port(), &full))?;
+    eprintln!("keepup host list: {err}");
     ensure!(
         !ok && err.contains("not issued for \"localhost\"") && err.contains("sslmode=verify-ca"),
         "{err}"
@@ -968,19 +972,42 @@ fn tls_to_postgresql_checks_the_server_before_the_password_is_sent() -> Result<(
         pg.port(),
         &format!("sslmode=verify-ca&sslrootcert={ca_file}"),
     ))?;
+    eprintln!("keepup host list: {err}");
     ensure!(ok, "verify-ca with the right CA: {err}");
 
     // 4. Impostors: one with the right CA's certificate for another server (db.test, asked as
     //    localhost), one with its own CA. Neither gets a byte of the login, nor the password.
     let impostor = Impostor::start(&cert, &key)?;
     let (ok, err) = host_list(&at("localhost", impostor.port, &full))?;
+    eprintln!("keepup host list: {err}");
     ensure!(!ok && err.contains("not issued for"), "{err}");
     let (rogue_cert, rogue_key) = rogue.issue(&pki, "rogue", "db.test")?;
     let impostor2 = Impostor::start(&rogue_cert, &rogue_key)?;
     let (ok, err) = host_list(&at("127.0.0.1", impostor2.port, &full))?;
+    eprintln!("keepup host list: {err}");
     ensure!(!ok && err.contains("unknown authority"), "{err}");
-    // The default for a host that is not loopback is verify-full too (here "localhost" is
-    // loopback, so it is shown with the explicit mode above).
+    // With no sslmode, a host that is not this machine's loopback gets verify-full against
+    // the system's CAs: the impostor, reached at this machine's own network address, is
+    // refused too. (Skipped when the machine has no such address.)
+    let own = std::net::UdpSocket::bind("0.0.0.0:0")
+        .and_then(|u| u.connect("10.255.255.1:9").map(|_| u))
+        .and_then(|u| u.local_addr())
+        .map(|a| a.ip())
+        .ok()
+        .filter(|ip| !ip.is_loopback() && !ip.is_unspecified());
+    match own {
+        Some(ip) => {
+            let (ok, err) = host_list(&format!("postgres://keepup@{ip}:{}/fleet", impostor2.port))?;
+            eprintln!("keepup host list: {err}");
+            ensure!(
+                !ok && err.contains("sslmode=verify-full (keepup's default")
+                    && err.contains("unknown authority")
+                    && err.contains("add sslrootcert=FILE"),
+                "{err}"
+            );
+        }
+        None => eprintln!("no non-loopback address here: keepup's default not tried remotely"),
+    }
     std::thread::sleep(Duration::from_millis(200));
     for i in [&impostor, &impostor2] {
         ensure!(
@@ -992,6 +1019,7 @@ fn tls_to_postgresql_checks_the_server_before_the_password_is_sent() -> Result<(
     // The control: with sslmode=require (no certificate check) the same impostor gets the
     // password, which is why keepup warns about require and defaults to verify-full.
     let (ok, err) = host_list(&at("localhost", impostor2.port, "sslmode=require"))?;
+    eprintln!("keepup host list: {err}");
     ensure!(!ok, "the impostor is not a database");
     wait_until(
         "the impostor reads the password",

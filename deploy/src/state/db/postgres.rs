@@ -1125,6 +1125,20 @@ mod tests {
         assert!(PgUrl::parse("postgres://u@db1/fleet?sslmode=maybe")
             .unwrap_err()
             .contains("verify-full"));
+        // keepup's default: plaintext on this machine only, verify-full elsewhere.
+        for (url, mode) in [
+            ("postgres://u@db1/fleet", "verify-full"),
+            ("postgres://u@127.0.0.1/fleet", "disable"),
+            ("postgres://u@[::1]:5432/fleet", "disable"),
+            ("postgres://u@localhost,db2/fleet", "verify-full"),
+            ("postgres://u@%2Frun%2Fpostgresql/fleet", "disable"),
+        ] {
+            if std::env::var_os("PGSSLMODE").is_none() {
+                let u = PgUrl::parse(url).unwrap();
+                assert_eq!(u.ssl_mode(), mode, "{url}");
+                assert!(u.warning().is_none(), "{url}");
+            }
+        }
         let loud = PgUrl::parse("postgres://u@db1/fleet?sslmode=disable").unwrap();
         assert!(loud.warning().unwrap().contains("NOT ENCRYPTED"));
         assert!(PgUrl::parse("postgres://u@db1/fleet?nonsense=1")

@@ -190,16 +190,26 @@ pub fn explain_certificate(
 ) -> String {
     let trusting = root.describe();
     match e {
-        CertificateError::UnknownIssuer => format!(
-            "its certificate is signed by an unknown authority ({trusting}): add \
-             sslrootcert=FILE to the URL with the CA that signed the server's certificate"
-        ),
+        CertificateError::UnknownIssuer => match root {
+            RootCert::File(_) => format!(
+                "its certificate is signed by an unknown authority ({trusting}): if this is \
+                 your database, point sslrootcert at the CA that signed its certificate; \
+                 otherwise something else answers at this address"
+            ),
+            RootCert::System => format!(
+                "its certificate is signed by an unknown authority ({trusting}): add \
+                 sslrootcert=FILE to the URL with the CA that signed the server's certificate"
+            ),
+        },
         CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
             format!(
-                "its certificate is not issued for {host:?} ({}): put the name it was issued \
-                 for in the URL, issue it for {host:?} (subjectAltName), or use \
-                 sslmode=verify-ca to check only the CA",
-                mode.as_str()
+                "its certificate is not issued for {host:?}: put the name it was issued for in \
+                 the URL, issue it for {host:?} (subjectAltName){}",
+                if mode == SslMode::VerifyFull {
+                    ", or use sslmode=verify-ca to check only the CA"
+                } else {
+                    ""
+                }
             )
         }
         CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
