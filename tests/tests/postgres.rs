@@ -1194,10 +1194,21 @@ fn a_frozen_replica_does_not_stall_the_others_and_loses_nothing() -> Result<()> 
         c.join().unwrap();
     }
     a.kill();
+    // A noticed, said why, and answered the batch it was storing 503.
+    ensure!(
+        a.stderr()
+            .contains("PostgreSQL ended its session to free the store lock"),
+        "A did not say its session was ended:\n{}",
+        a.stderr()
+    );
     let other = other.lock().unwrap().clone();
     ensure!(
         other.iter().all(|(_, code)| *code == 503 || *code == 0),
         "answers other than 2xx and 503: {other:?}"
+    );
+    ensure!(
+        other.contains(&(a.port, 503)),
+        "the batch A was storing when it froze was not answered 503: {other:?}"
     );
     // Every report answered 2xx by either replica is stored, with its event.
     let accepted = accepted.lock().unwrap().clone();

@@ -560,6 +560,21 @@ fn migrate(client: &mut Client) -> Result<Vec<i32>> {
     Ok(applied)
 }
 
+/// A store's error, saying what happened when the server ended this replica's session
+/// because it stood still inside a transaction ([`SESSION_LIMITS`]).
+fn session_ended(e: postgres::Error) -> anyhow::Error {
+    if e.code() == Some(&SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT) {
+        anyhow::anyhow!(
+            "this replica stood still for over 5 s inside a store (stopped, a paused VM, \
+             swapping?), so PostgreSQL ended its session to free the store lock for the other \
+             replicas ({e}): these reports are answered 503 and their agents send them again; \
+             the next store connects again"
+        )
+    } else {
+        e.into()
+    }
+}
+
 /// Hosts registered per statement by `keepup host add --bulk`.
 const ADD_HOSTS_CHUNK: usize = 10_000;
 
@@ -862,8 +877,9 @@ impl Postgres {
             }
         }
         let mut c = self.client()?;
-        let mut tx = c.transaction()?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&STORE_LOCK])?;
+        let mut tx = c.transaction().map_err(session_ended)?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&STORE_LOCK])
+            .map_err(session_ended)?;
         // One statement for the reports and their events: the events insert reads what the
         // reports insert returned (hosts still registered).
         let stored: HashSet<String> = tx
@@ -904,7 +920,8 @@ impl Postgres {
                     &e_message,
                     &e_received,
                 ],
-            )?
+            )
+            .map_err(session_ended)?
             .iter()
             .map(|r| r.get(0))
             .collect();
@@ -923,9 +940,10 @@ impl Postgres {
                      FROM unnest($1::text[]) AS q(h)) c
                  WHERE e.host = c.h AND e.id <= c.cut",
                 &[&quota, &(keep_per_host as i64)],
-            )?;
+            )
+            .map_err(session_ended)?;
         }
-        tx.commit()?;
+        tx.commit().map_err(session_ended)?;
         Ok(())
     }
 
