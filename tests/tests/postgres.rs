@@ -750,7 +750,7 @@ fn one_replica_at_a_time_evaluates_the_rollout_gates() -> Result<()> {
     let frozen = Instant::now();
     let taken = wait_until(
         "the other replica takes the lease from the frozen one",
-        Duration::from_secs(20),
+        Duration::from_secs(45),
         || Ok(second.stderr().contains(LEADS)),
     )
     .with_context(|| second.stderr());

@@ -127,10 +127,11 @@ const SESSION_LIMITS: &str = "-c lock_timeout=20s -c statement_timeout=120s \
      -c idle_in_transaction_session_timeout=5s";
 
 /// The gate lease's session limit on top of [`SESSION_LIMITS`]: the holder checks its lease
-/// every second, so a session idle for 10 s is a frozen holder; the server ends it, which
-/// frees the lease for another replica (a kernel still answers TCP keepalives for a stopped
-/// process, so keepalives alone would keep a frozen holder's lease forever).
-const LEASE_IDLE_LIMIT: &str = "-c idle_session_timeout=10s";
+/// at every gate tick (each second, and before each progress write), so a session idle for
+/// 30 s is a frozen holder (with room for a slow tick); the server ends it, which frees the
+/// lease for another replica (a kernel still answers TCP keepalives for a stopped process, so
+/// keepalives alone would keep a frozen holder's lease forever).
+const LEASE_IDLE_LIMIT: &str = "-c idle_session_timeout=30s";
 
 /// The `sslmode`/`sslrootcert` query parameters (read here: the driver knows neither
 /// `verify-ca` nor `verify-full` nor `sslrootcert`), and the URL without them for the driver.
@@ -1064,28 +1065,37 @@ impl Lease {
 
     /// Whether this replica holds the lease now: taken if free, checked alive if held (a
     /// connection that dropped lost it).
+    ///
+    /// A session found ended (the server ends it after [`LEASE_IDLE_LIMIT`] idle: this
+    /// replica was frozen, or had no rollout to look at for a while) is replaced at once by a
+    /// new one that asks for the lock again, so a quiet spell does not cost a tick.
     pub fn hold(&mut self) -> bool {
-        if self.client.as_ref().is_none_or(Client::is_closed) {
-            self.held = false;
-            self.client = self.url.connect_lease().ok();
-        }
-        let Some(c) = &mut self.client else {
-            return false;
-        };
-        let answer = if self.held {
-            c.simple_query("SELECT 1").map(|_| true)
-        } else {
-            c.query_one("SELECT pg_try_advisory_lock($1)", &[&GATE_LOCK])
-                .map(|r| r.get::<_, bool>(0))
-        };
-        match answer {
-            Ok(h) => self.held = h,
-            Err(_) => {
-                self.client = None;
+        for _ in 0..2 {
+            if self.client.as_ref().is_none_or(Client::is_closed) {
                 self.held = false;
+                self.client = self.url.connect_lease().ok();
+            }
+            let Some(c) = &mut self.client else {
+                return false;
+            };
+            let answer = if self.held {
+                c.simple_query("SELECT 1").map(|_| true)
+            } else {
+                c.query_one("SELECT pg_try_advisory_lock($1)", &[&GATE_LOCK])
+                    .map(|r| r.get::<_, bool>(0))
+            };
+            match answer {
+                Ok(h) => {
+                    self.held = h;
+                    return h;
+                }
+                Err(_) => {
+                    self.client = None;
+                    self.held = false;
+                }
             }
         }
-        self.held
+        false
     }
 
     /// Whether the lease is still held on the session that took it, without taking it again
