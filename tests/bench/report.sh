@@ -13,7 +13,8 @@
 # BACKEND=postgres: a throwaway PostgreSQL cluster from Debian's `postgresql` package (run as
 # nobody on a temporary data directory, synchronous_commit=off like SQLite's
 # synchronous=NORMAL), two `keepup serve` replicas on it, reportload spreading its connections
-# over both, `keepup report` from the first.
+# over both, `keepup report` from the first. PGTLS=1: the cluster with ssl=on and a test CA
+# (openssl), the replicas on sslmode=verify-full with it (docs/postgres.md, "TLS").
 #
 #   bash tests/bench/report.sh                    # 100,000 hosts, 2 rounds
 #   HOSTS=10000 ROUNDS=1 bash tests/bench/report.sh
@@ -28,6 +29,7 @@ ROUNDS=${ROUNDS:-2}
 CONNECTIONS=${CONNECTIONS:-32}
 BACKEND=${BACKEND:-sqlite}
 TLS=${TLS:-1}
+PGTLS=${PGTLS:-0}
 
 . tests/bench/fleetload.sh
 
@@ -52,10 +54,23 @@ postgres)
     echo keepup-bench-pw >"$pgdir/pw"
     chown nobody: "$pgdir/pw"
     pgport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    pgssl="" pgurlssl=""
+    if [ "$PGTLS" = 1 ]; then
+        openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj /CN=bench-pg-ca \
+            -addext basicConstraints=critical,CA:TRUE -keyout "$pgdir/ca.key" -out "$pgdir/ca.pem" 2>/dev/null
+        openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=127.0.0.1 \
+            -keyout "$pgdir/server.key" -out "$pgdir/server.csr" 2>/dev/null
+        openssl x509 -req -in "$pgdir/server.csr" -CA "$pgdir/ca.pem" -CAkey "$pgdir/ca.key" -CAcreateserial \
+            -days 1 -extfile <(printf 'subjectAltName=IP:127.0.0.1\n') -out "$pgdir/server.pem" 2>/dev/null
+        chown nobody: "$pgdir/server.pem" "$pgdir/server.key"
+        chmod 600 "$pgdir/server.key"
+        pgssl="-c ssl=on -c ssl_cert_file=$pgdir/server.pem -c ssl_key_file=$pgdir/server.key"
+        pgurlssl="?sslmode=verify-full&sslrootcert=$pgdir/ca.pem"
+    fi
     runuser -u nobody -- "$pgbin/initdb" -D "$pgdir/data" -U keepup --auth-local=trust \
         --auth-host=scram-sha-256 --no-sync --pwfile="$pgdir/pw" >/dev/null
     runuser -u nobody -- "$pgbin/pg_ctl" -D "$pgdir/data" -l "$pgdir/log" -w -t 60 -o \
-        "-p $pgport -k $pgdir -c listen_addresses=127.0.0.1 -c synchronous_commit=off -c shared_buffers=512MB -c max_connections=60" \
+        "-p $pgport -k $pgdir -c listen_addresses=127.0.0.1 -c synchronous_commit=off -c shared_buffers=512MB -c max_connections=60 $pgssl" \
         start >/dev/null
     on_exit() {
         [ -n "${pid2:-}" ] && { kill "$pid2" 2>/dev/null || true; wait "$pid2" 2>/dev/null || true; }
@@ -63,7 +78,7 @@ postgres)
         rm -rf "$pgdir"
     }
     runuser -u nobody -- "$pgbin/psql" -X -q -h "$pgdir" -p "$pgport" -U keepup -d postgres -c 'CREATE DATABASE fleet'
-    state="postgres://keepup:keepup-bench-pw@127.0.0.1:$pgport/fleet"
+    state="postgres://keepup:keepup-bench-pw@127.0.0.1:$pgport/fleet$pgurlssl"
     ;;
 *) echo "BACKEND is sqlite or postgres, not $BACKEND" >&2; exit 1 ;;
 esac
@@ -88,21 +103,24 @@ if [ "$BACKEND" = postgres ]; then
 fi
 
 echo "load average before the load: $(cut -d' ' -f1-3 /proc/loadavg)"
-# The server's CPU (user + system clock ticks, from /proc) in all and in its `state-writer`
-# thread: per stored report, the figures that compare binaries on a shared machine.
+# The servers' CPU (user + system clock ticks, from /proc) in all and in the `state-writer`
+# thread of the first: per stored report, the figures that compare binaries on a shared machine.
 ticks() { awk '{print $14 + $15}' "$1" 2>/dev/null || echo 0; }
 writer_stat() { grep -l '^state-writer$' /proc/"$1"/task/*/comm 2>/dev/null | head -1 | sed 's/comm$/stat/'; }
 wstat=$(writer_stat "$pid")
 cpu0=$(ticks "/proc/$pid/stat") wcpu0=$(ticks "$wstat")
+cpu20=$([ -n "${pid2:-}" ] && ticks "/proc/$pid2/stat" || echo 0)
 # Reports rejected under load (503 past the store wait) are counted and shown; the figures after
 # them are still measured.
 "$LOAD" --server "$servers" --tokens "$tmp/tokens" --connections "$CONNECTIONS" --rounds "$ROUNDS" 2>&1 | grep -v '^ \+[0-9]*: \|^ \+at ' | tee "$tmp/plain.out" || true
 echo "load average after the load: $(cut -d' ' -f1-3 /proc/loadavg)"
+hz=$(getconf CLK_TCK)
+cpu=$(( $(ticks "/proc/$pid/stat") - cpu0 )) wcpu=$(( $(ticks "$wstat") - wcpu0 ))
+cpu2=$(( $([ -n "${pid2:-}" ] && ticks "/proc/$pid2/stat" || echo 0) - cpu20 ))
+echo "server CPU during the load (user+sys, all replicas): $(( (cpu + cpu2) * 1000 / hz )) ms"
 stored=$(sed -n 's/^total: \([0-9]*\) reports stored.*/\1/p' "$tmp/plain.out")
 if [ "${stored:-0}" -gt 0 ]; then
-    hz=$(getconf CLK_TCK)
-    cpu=$(( $(ticks "/proc/$pid/stat") - cpu0 )) wcpu=$(( $(ticks "$wstat") - wcpu0 ))
-    echo "server CPU per stored report: $(( cpu * 1000000 / hz / stored )) us in all, $(( wcpu * 1000000 / hz / stored )) us in the state-writer thread ($stored reports; $cpu and $wcpu ticks of 1/$hz s)"
+    echo "server CPU per stored report: $(( (cpu + cpu2) * 1000000 / hz / stored )) us in all, $(( wcpu * 1000000 / hz / stored )) us in the first's state-writer thread ($stored reports; $cpu + $cpu2 and $wcpu ticks of 1/$hz s)"
 fi
 echo "server after the load: $(grep VmRSS "/proc/$pid/status")"
 [ -n "${pid2:-}" ] && echo "replica 2 after the load: $(grep VmRSS "/proc/$pid2/status")"

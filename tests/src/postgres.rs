@@ -53,6 +53,18 @@ pub fn bin_dir() -> Result<PathBuf> {
     }
 }
 
+/// TLS for a [`PgCluster`]: the server's certificate chain and key (PEM), and whether TCP
+/// clients must use TLS (every `host` line of pg_hba.conf becomes `hostssl`).
+#[derive(Debug, Clone)]
+pub struct PgTls {
+    /// The server's certificate (PEM).
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
+    /// Refuse plaintext TCP connections.
+    pub hostssl_only: bool,
+}
+
 /// A running throwaway cluster.
 pub struct PgCluster {
     dir: tempfile::TempDir,
@@ -82,6 +94,16 @@ fn run(mut c: Command, what: &str) -> Result<Output> {
 impl PgCluster {
     /// initdb, start on a free port, create [`DATABASE`].
     pub fn start() -> Result<PgCluster> {
+        PgCluster::start_with(None)
+    }
+
+    /// [`PgCluster::start`] with `ssl = on` and the given certificate (`log_connections` on,
+    /// for tests that look at who got in); TCP clients must use TLS when `hostssl_only`.
+    pub fn start_tls(tls: &PgTls) -> Result<PgCluster> {
+        PgCluster::start_with(Some(tls))
+    }
+
+    fn start_with(tls: Option<&PgTls>) -> Result<PgCluster> {
         let bin = bin_dir()?;
         let dir = tempfile::Builder::new().prefix("keepup-pg-").tempdir()?;
         let nobody = nix::unistd::User::from_name("nobody")?.context("no user nobody")?;
@@ -103,6 +125,38 @@ impl PgCluster {
             ])
             .arg(format!("--pwfile={}", pwfile.display()));
         run(init, "initdb")?;
+        let mut extra = String::new();
+        if let Some(tls) = tls {
+            // PostgreSQL wants its key owned by its user and private.
+            let (cert, key) = (dir.path().join("server.pem"), dir.path().join("server.key"));
+            std::fs::copy(&tls.cert, &cert)?;
+            std::fs::copy(&tls.key, &key)?;
+            for f in [&cert, &key] {
+                nix::unistd::chown(f, Some(nobody.uid), Some(nobody.gid))?;
+                std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o600))?;
+            }
+            extra = format!(
+                " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={} -c log_connections=on",
+                cert.display(),
+                key.display()
+            );
+            if tls.hostssl_only {
+                let hba = data.join("pg_hba.conf");
+                let text = std::fs::read_to_string(&hba)?;
+                let edited: Vec<String> = text
+                    .lines()
+                    .map(|l| match l.strip_prefix("host ") {
+                        Some(rest) => format!("hostssl {rest}"),
+                        None => l.to_string(),
+                    })
+                    .collect();
+                ensure!(
+                    edited.iter().any(|l| l.starts_with("hostssl ")),
+                    "pg_hba.conf has no `host` line to make `hostssl`:\n{text}"
+                );
+                std::fs::write(&hba, edited.join("\n") + "\n")?;
+            }
+        }
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let cluster = PgCluster { dir, bin, port };
         let mut start = as_nobody(&cluster.bin, "pg_ctl");
@@ -113,7 +167,7 @@ impl PgCluster {
             .arg(cluster.dir.path().join("log"))
             .args(["-w", "-t", "60", "-o"])
             .arg(format!(
-                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=60",
+                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=60{extra}",
                 cluster.dir.path().display()
             ))
             .arg("start");
@@ -123,6 +177,11 @@ impl PgCluster {
         }
         cluster.psql("postgres", &format!("CREATE DATABASE {DATABASE}"))?;
         Ok(cluster)
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
     }
 
     /// The cluster's TCP port.

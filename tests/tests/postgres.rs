@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _, Result};
 use keepup_tests::example::built_bin;
-use keepup_tests::fleet::{keepup, keepup_output};
-use keepup_tests::postgres::{postgres_or_skip, PgCluster, PASSWORD};
+use keepup_tests::fleet::{keepup, keepup_output, TestCa};
+use keepup_tests::postgres::{postgres_or_skip, PgCluster, PgTls, PASSWORD};
 use keepup_tests::testkit::{copy_dir, template_repo, wait_until};
 use serde_json::{json, Value};
 
@@ -652,12 +652,12 @@ fn a_wrong_password_or_an_unreachable_database_stops_the_start() -> Result<()> {
     // A URL that is refused before connecting: the message does not repeat it (clap's own
     // error would print the value, password and all).
     let refused = format!(
-        "postgres://keepup:s3cret-pw@127.0.0.1:{}/fleet?sslmode=require",
+        "postgres://keepup:s3cret-pw@127.0.0.1:{}/fleet?sslmode=maybe",
         pg.port()
     );
     let err = serve(&refused)?;
     ensure!(
-        err.contains("sslmode=require") && !err.contains("s3cret-pw"),
+        err.contains("sslmode=maybe") && !err.contains("s3cret-pw"),
         "{err}"
     );
     let (ok, _, err) = keepup_output(&["host", "list", "--state", &refused])?;
@@ -736,18 +736,501 @@ fn one_replica_at_a_time_evaluates_the_rollout_gates() -> Result<()> {
         !(a.stderr().contains(LEADS) && b.stderr().contains(LEADS)),
         "both replicas evaluate the gates"
     );
-    // The leader dies: the other takes over.
-    let (dead, other) = if leader == Some(true) {
-        (&mut a, &b)
+    // The leader freezes (SIGSTOP; its kernel still answers TCP keepalives): its idle lease
+    // session is ended by the server and the other replica takes the lease. Woken, the
+    // frozen one finds its session gone and steps down.
+    const STEPS_DOWN: &str = "another replica evaluates the rollout gates now";
+    let (first, second) = if leader == Some(true) {
+        (&mut a, &mut b)
     } else {
-        (&mut b, &a)
+        (&mut b, &mut a)
     };
-    dead.kill();
-    wait_until(
-        "the other replica takes the lease",
-        Duration::from_secs(15),
-        || Ok(other.stderr().contains(LEADS)),
+    let pid = nix::unistd::Pid::from_raw(first.child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP)?;
+    let frozen = Instant::now();
+    let taken = wait_until(
+        "the other replica takes the lease from the frozen one",
+        Duration::from_secs(45),
+        || Ok(second.stderr().contains(LEADS)),
     )
-    .with_context(|| other.stderr())?;
+    .with_context(|| second.stderr());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT)?;
+    taken?;
+    eprintln!(
+        "the lease moved {:?} after its holder froze",
+        frozen.elapsed()
+    );
+    wait_until(
+        "the woken replica steps down",
+        Duration::from_secs(10),
+        || Ok(first.stderr().contains(STEPS_DOWN)),
+    )
+    .with_context(|| first.stderr())?;
+    std::thread::sleep(Duration::from_secs(3));
+    ensure!(
+        first.stderr().matches(LEADS).count() == 1,
+        "the woken replica took the lease back while the other holds it:\n{}",
+        first.stderr()
+    );
+    // The holder dies: the first takes the lease again.
+    second.kill();
+    wait_until(
+        "the first replica takes the lease again",
+        Duration::from_secs(15),
+        || Ok(first.stderr().matches(LEADS).count() == 2),
+    )
+    .with_context(|| first.stderr())?;
+    Ok(())
+}
+
+/// `keepup host list --state URL` with the password in `PGPASSWORD`: (success, stderr).
+fn host_list(url: &str) -> Result<(bool, String)> {
+    let out = Command::new(built_bin("keepup")?)
+        .args(["host", "list", "--state", url])
+        .env("PGPASSWORD", PASSWORD)
+        .output()?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// An impostor PostgreSQL on loopback: it answers the TLS request with `cert`, and if the
+/// client goes on, asks for the password in clear (what a man in the middle does). Every byte
+/// it reads, before and after decryption, is kept.
+struct Impostor {
+    port: u16,
+    seen: Arc<Mutex<Vec<u8>>>,
+}
+
+impl Impostor {
+    fn start(cert: &Path, key: &Path) -> Result<Impostor> {
+        use rustls::pki_types::pem::PemObject as _;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let chain = CertificateDer::pem_file_iter(cert)?.collect::<Result<Vec<_>, _>>()?;
+        let key = PrivateKeyDer::from_pem_file(key)?;
+        let config = Arc::new(
+            rustls::ServerConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)?,
+        );
+        // Every address: a test reaches it through this machine's own non-loopback one too.
+        let listener = TcpListener::bind("0.0.0.0:0")?;
+        let port = listener.local_addr()?.port();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut tcp) = conn else { return };
+                let log = log.clone();
+                let config = config.clone();
+                std::thread::spawn(move || {
+                    let _ = tcp.set_read_timeout(Some(Duration::from_secs(10)));
+                    let mut req = [0u8; 8];
+                    if tcp.read_exact(&mut req).is_err() {
+                        return;
+                    }
+                    log.lock().unwrap().extend_from_slice(&req);
+                    // SSLRequest: length 8, code 80877103.
+                    if req != [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f] || tcp.write_all(b"S").is_err() {
+                        let mut rest = Vec::new();
+                        let _ = tcp.read_to_end(&mut rest);
+                        log.lock().unwrap().extend_from_slice(&rest);
+                        return;
+                    }
+                    let Ok(conn) = rustls::ServerConnection::new(config) else {
+                        return;
+                    };
+                    let mut tls = rustls::StreamOwned::new(conn, tcp);
+                    let mut len = [0u8; 4];
+                    if tls.read_exact(&mut len).is_err() {
+                        return; // the client refused the handshake: nothing decrypted
+                    }
+                    let mut startup =
+                        vec![0u8; (u32::from_be_bytes(len) as usize).saturating_sub(4)];
+                    let _ = tls.read_exact(&mut startup);
+                    log.lock().unwrap().extend_from_slice(&startup);
+                    // AuthenticationCleartextPassword, then whatever comes (the password).
+                    let _ = tls.write_all(&[b'R', 0, 0, 0, 8, 0, 0, 0, 3]);
+                    let _ = tls.flush();
+                    let mut buf = [0u8; 256];
+                    while let Ok(n @ 1..) = tls.read(&mut buf) {
+                        log.lock().unwrap().extend_from_slice(&buf[..n]);
+                    }
+                });
+            }
+        });
+        Ok(Impostor { port, seen })
+    }
+
+    fn saw(&self, what: &str) -> bool {
+        let seen = self.seen.lock().unwrap();
+        seen.windows(what.len()).any(|w| w == what.as_bytes())
+    }
+}
+
+#[test]
+fn tls_to_postgresql_checks_the_server_before_the_password_is_sent() -> Result<()> {
+    if !postgres_or_skip() {
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    let pki = tmp.path().join("pki");
+    let ca = TestCa::new(&pki, "pg-ca")?;
+    let rogue = TestCa::new(&pki, "rogue-ca")?;
+    // Valid for db.test and 127.0.0.1, not for "localhost".
+    let (cert, key) = ca.issue(&pki, "db", "db.test")?;
+    let pg = PgCluster::start_tls(&PgTls {
+        cert: cert.clone(),
+        key: key.clone(),
+        hostssl_only: true,
+    })?;
+    let ca_file = ca.cert.display().to_string();
+    let at = |host: &str, port: u16, params: &str| {
+        format!("postgres://keepup@{host}:{port}/fleet?{params}")
+    };
+
+    // 1. verify-full with the right CA: two replicas store and show reports.
+    let verified = at(
+        "127.0.0.1",
+        pg.port(),
+        &format!("sslmode=verify-full&sslrootcert={ca_file}"),
+    );
+    let repo = template_repo("pg")?;
+    let mut a = Replica::spawn(&repo, &verified, tmp.path().join("a.log"))?;
+    let mut b = Replica::spawn(&repo, &verified, tmp.path().join("b.log"))?;
+    a.wait_listening()?;
+    b.wait_listening()?;
+    let add = Command::new(built_bin("keepup")?)
+        .args(["host", "add", "tls1", "--state", &verified])
+        .env("PGPASSWORD", PASSWORD)
+        .output()?;
+    ensure!(
+        add.status.success(),
+        "{}",
+        String::from_utf8_lossy(&add.stderr)
+    );
+    let token = String::from_utf8(add.stdout)?
+        .split_whitespace()
+        .last()
+        .context("no token printed")?
+        .to_string();
+    wait_until("A takes tls1's report", Duration::from_secs(10), || {
+        Ok(post(a.port, &token, &report("tls1", "3.0-1", "over-tls")) == 204)
+    })?;
+    wait_until("B shows tls1's report", Duration::from_secs(10), || {
+        Ok(versions_via(&b.url())?.contains(&("tls1".into(), "3.0-1".into())))
+    })?;
+    // Every keepup session is encrypted (the server says so).
+    let plain = pg.psql(
+        "fleet",
+        "SELECT count(*) FROM pg_stat_activity a LEFT JOIN pg_stat_ssl s USING (pid) \
+         WHERE a.usename = 'keepup' AND a.client_addr IS NOT NULL AND NOT coalesce(s.ssl, false)",
+    )?;
+    ensure!(plain.trim() == "0", "{plain} keepup sessions without TLS");
+    ensure!(!a.stderr().contains("WARNING"), "{}", a.stderr());
+    drop((a, b));
+
+    // 2. The server accepts only TLS: sslmode=disable is refused, saying what to do.
+    let (ok, err) = host_list(&at("127.0.0.1", pg.port(), "sslmode=disable"))?;
+    eprintln!("keepup host list: {err}");
+    ensure!(
+        !ok && err.contains("only over TLS") && err.contains("remove sslmode=disable"),
+        "{err}"
+    );
+
+    // 3. The real server, checked against another CA, or under a name its certificate does
+    //    not carry: refused in the handshake, and the server never saw a login.
+    let before = pg.log().len();
+    let other_ca = format!("sslmode=verify-full&sslrootcert={}", rogue.cert.display());
+    let (ok, err) = host_list(&at("127.0.0.1", pg.port(), &other_ca))?;
+    eprintln!("keepup host list: {err}");
+    ensure!(
+        !ok && err.contains("signed by an unknown authority")
+            && err.contains("point sslrootcert at the CA")
+            && err.contains("Nothing was sent"),
+        "{err}"
+    );
+    let full = format!("sslmode=verify-full&sslrootcert={ca_file}");
+    let (ok, err) = host_list(&at("localhost", pg.port(), &full))?;
+    eprintln!("keepup host list: {err}");
+    ensure!(
+        !ok && err.contains("not issued for \"localhost\"") && err.contains("sslmode=verify-ca"),
+        "{err}"
+    );
+    let log = pg.log()[before..].to_string();
+    ensure!(
+        !log.contains("connection authorized") && !log.contains("authentication failed"),
+        "the server saw a login from a client that refused its certificate:\n{log}"
+    );
+    // verify-ca checks the CA only: the same name passes.
+    let (ok, err) = host_list(&at(
+        "localhost",
+        pg.port(),
+        &format!("sslmode=verify-ca&sslrootcert={ca_file}"),
+    ))?;
+    eprintln!("keepup host list: {err}");
+    ensure!(ok, "verify-ca with the right CA: {err}");
+
+    // 4. Impostors: one with the right CA's certificate for another server (db.test, asked as
+    //    localhost), one with its own CA. Neither gets a byte of the login, nor the password.
+    let impostor = Impostor::start(&cert, &key)?;
+    let (ok, err) = host_list(&at("localhost", impostor.port, &full))?;
+    eprintln!("keepup host list: {err}");
+    ensure!(!ok && err.contains("not issued for"), "{err}");
+    let (rogue_cert, rogue_key) = rogue.issue(&pki, "rogue", "db.test")?;
+    let impostor2 = Impostor::start(&rogue_cert, &rogue_key)?;
+    let (ok, err) = host_list(&at("127.0.0.1", impostor2.port, &full))?;
+    eprintln!("keepup host list: {err}");
+    ensure!(!ok && err.contains("unknown authority"), "{err}");
+    // With no sslmode, a host that is not this machine's loopback gets verify-full against
+    // the system's CAs: the impostor, reached at this machine's own network address, is
+    // refused too. (Skipped when the machine has no such address.)
+    let own = std::net::UdpSocket::bind("0.0.0.0:0")
+        .and_then(|u| u.connect("10.255.255.1:9").map(|_| u))
+        .and_then(|u| u.local_addr())
+        .map(|a| a.ip())
+        .ok()
+        .filter(|ip| !ip.is_loopback() && !ip.is_unspecified());
+    match own {
+        Some(ip) => {
+            let (ok, err) = host_list(&format!("postgres://keepup@{ip}:{}/fleet", impostor2.port))?;
+            eprintln!("keepup host list: {err}");
+            ensure!(
+                !ok && err.contains("sslmode=verify-full (keepup's default")
+                    && err.contains("unknown authority")
+                    && err.contains("add sslrootcert=FILE"),
+                "{err}"
+            );
+        }
+        None => eprintln!("no non-loopback address here: keepup's default not tried remotely"),
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    for i in [&impostor, &impostor2] {
+        ensure!(
+            !i.saw("keepup") && !i.saw(PASSWORD),
+            "an impostor got the login: {:?}",
+            String::from_utf8_lossy(&i.seen.lock().unwrap())
+        );
+    }
+    // The control: with sslmode=require (no certificate check) the same impostor gets the
+    // password, which is why keepup warns about require and defaults to verify-full.
+    let (ok, err) = host_list(&at("localhost", impostor2.port, "sslmode=require"))?;
+    eprintln!("keepup host list: {err}");
+    ensure!(!ok, "the impostor is not a database");
+    wait_until(
+        "the impostor reads the password",
+        Duration::from_secs(5),
+        || Ok(impostor2.saw(PASSWORD)),
+    )
+    .with_context(|| err.clone())?;
+    Ok(())
+}
+
+/// The local TCP ports of process `pid`'s sockets (its sockets' inodes found in
+/// `/proc/net/tcp`): which PostgreSQL sessions are its.
+fn local_ports(pid: u32) -> Result<Vec<u16>> {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))?
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_str()?.to_string();
+            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+        })
+        .collect();
+    let table = std::fs::read_to_string("/proc/net/tcp")?;
+    Ok(table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let port = f.get(1)?.rsplit_once(':')?.1;
+            inodes
+                .contains(*f.get(9)?)
+                .then(|| u16::from_str_radix(port, 16).ok())?
+        })
+        .collect())
+}
+
+/// The store advisory lock's low 32 bits as `pg_locks.objid` shows them (see
+/// `STORE_LOCK` in deploy/src/state/db/postgres.rs).
+const STORE_LOCK_OBJID: u32 = 0x7570_0002;
+
+#[test]
+fn a_frozen_replica_does_not_stall_the_others_and_loses_nothing() -> Result<()> {
+    if !postgres_or_skip() {
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    let pg = PgCluster::start()?;
+    let (mut a, b) = two_replicas(&pg, tmp.path())?;
+    const HOSTS: usize = 300;
+    let names: Vec<String> = (0..HOSTS).map(|i| format!("frz{i:03}")).collect();
+    let tokens = Arc::new(add_bulk(&pg, &names)?);
+    wait_until(
+        "both replicas know the tokens",
+        Duration::from_secs(10),
+        || {
+            let (h, t) = &tokens[0];
+            Ok(post(a.port, t, &report(h, "1.0-1", "warm-a")) == 204
+                && post(b.port, t, &report(h, "1.0-1", "warm-b")) == 204)
+        },
+    )?;
+
+    // 8 clients, 4 on each replica, post reports with a unique event each until told to
+    // stop; each 2xx is remembered (its mark must be in the database at the end).
+    let stop = Arc::new(AtomicBool::new(false));
+    let accepted = Arc::new(Mutex::new(Vec::<String>::new()));
+    let other = Arc::new(Mutex::new(Vec::<(u16, u16)>::new()));
+    let clients: Vec<_> = (0..8)
+        .map(|c| {
+            let (stop, accepted, other, tokens) = (
+                stop.clone(),
+                accepted.clone(),
+                other.clone(),
+                tokens.clone(),
+            );
+            let port = if c % 2 == 0 { a.port } else { b.port };
+            std::thread::spawn(move || {
+                let mut n = 0usize;
+                while !stop.load(Ordering::SeqCst) {
+                    let (host, token) = &tokens[1 + (c + 8 * n) % (HOSTS - 1)];
+                    let mark = format!("frz-{c}-{n}");
+                    n += 1;
+                    match post(port, token, &report(host, "2.0-1", &mark)) {
+                        200..=299 => accepted.lock().unwrap().push(mark),
+                        code => other.lock().unwrap().push((port, code)),
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+
+    // Freeze A while it holds the store lock inside a transaction (a store holds it for
+    // milliseconds: stop, look, go on, up to 100 times).
+    let pid = nix::unistd::Pid::from_raw(a.child.id() as i32);
+    // Whether one of A's sessions (told by its client port) holds the store lock.
+    let holds = |pg: &PgCluster| -> Result<bool> {
+        let ports = local_ports(a.child.id())?;
+        if ports.is_empty() {
+            return Ok(false);
+        }
+        let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+        Ok(pg
+            .psql(
+                "fleet",
+                &format!(
+                    "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity s USING (pid) \
+                     WHERE l.locktype = 'advisory' AND l.granted AND l.objid = {STORE_LOCK_OBJID} \
+                     AND s.client_port IN ({})",
+                    ports.join(",")
+                ),
+            )?
+            .trim()
+            != "0")
+    };
+    let mut caught = false;
+    for _ in 0..100 {
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP)?;
+        std::thread::sleep(Duration::from_millis(100));
+        if holds(&pg)? {
+            caught = true;
+            break;
+        }
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT)?;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    ensure!(
+        caught,
+        "A was never caught holding the store lock in 100 tries"
+    );
+    let frozen_at = Instant::now();
+    let a_leads = a
+        .stderr()
+        .contains("this replica evaluates the rollout gates now");
+    eprintln!("A frozen (holding the store lock: {caught}; gate lease: {a_leads})");
+
+    // B goes on: a new report through B is stored, and `keepup report` through B answers,
+    // within 15 s of the freeze.
+    let (host, token) = &tokens[0];
+    wait_until(
+        "B stores a report while A is frozen",
+        Duration::from_secs(15),
+        || Ok(post(b.port, token, &report(host, "9.0-1", "while-a-frozen")) == 204),
+    )?;
+    let shown = versions_via(&b.url())?;
+    ensure!(
+        shown.contains(&(host.clone(), "9.0-1".into())),
+        "keepup report through B does not show the report it took"
+    );
+    let took = frozen_at.elapsed();
+    ensure!(took < Duration::from_secs(15), "B took {took:?}");
+    ensure!(
+        !holds(&pg)?,
+        "A's frozen transaction still holds the store lock"
+    );
+    // The gate's lease, if A held it, moves to B.
+    if a_leads {
+        wait_until("B takes the gate's lease", Duration::from_secs(20), || {
+            Ok(b.stderr()
+                .contains("this replica evaluates the rollout gates now"))
+        })
+        .with_context(|| b.stderr())?;
+    }
+    eprintln!("B stored and answered {took:?} after A froze");
+
+    // A runs again: it finds its session ended, connects again and takes reports again.
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT)?;
+    wait_until("A takes reports again", Duration::from_secs(20), || {
+        Ok(post(a.port, token, &report(host, "9.1-1", "after-thaw")) == 204)
+    })
+    .with_context(|| a.stderr())?;
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::SeqCst);
+    for c in clients {
+        c.join().unwrap();
+    }
+    a.kill();
+    // A noticed, said why, and answered the batch it was storing 503.
+    ensure!(
+        a.stderr()
+            .contains("PostgreSQL ended its session to free the store lock"),
+        "A did not say its session was ended:\n{}",
+        a.stderr()
+    );
+    let other = other.lock().unwrap().clone();
+    ensure!(
+        other.iter().all(|(_, code)| *code == 503 || *code == 0),
+        "answers other than 2xx and 503: {other:?}"
+    );
+    ensure!(
+        other.contains(&(a.port, 503)),
+        "the batch A was storing when it froze was not answered 503: {other:?}"
+    );
+    // Every report answered 2xx by either replica is stored, with its event.
+    let accepted = accepted.lock().unwrap().clone();
+    let stored = pg.psql(
+        "fleet",
+        "SELECT message FROM events WHERE message LIKE 'frz-%'",
+    )?;
+    let stored: std::collections::HashSet<&str> = stored.lines().collect();
+    let lost: Vec<&String> = accepted
+        .iter()
+        .filter(|m| !stored.contains(m.as_str()))
+        .collect();
+    ensure!(
+        lost.is_empty(),
+        "{} of {} accepted reports are lost: {lost:?}",
+        lost.len(),
+        accepted.len()
+    );
+    eprintln!(
+        "{} reports accepted, all stored; {} answered 503 or cut",
+        accepted.len(),
+        other.len()
+    );
     Ok(())
 }

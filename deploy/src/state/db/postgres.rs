@@ -11,7 +11,9 @@
 //!
 //! The password comes from the URL, else `PGPASSWORD`, else the password file (`PGPASSFILE`
 //! or `~/.pgpass`, as libpq reads it). It is never shown: messages name the database by
-//! [`PgUrl`]'s display, which has none.
+//! [`PgUrl`]'s display, which has none. The connection is TLS as the URL's `sslmode` and
+//! `sslrootcert` say ([`tls`]); without `sslmode`, a host other than loopback gets
+//! `verify-full`, so the password only goes to a server whose certificate is checked.
 
 use std::cell::{RefCell, RefMut};
 use std::collections::{HashMap, HashSet};
@@ -22,9 +24,13 @@ use anyhow::{bail, Context as _, Result};
 use postgres::config::Host;
 use postgres::error::SqlState;
 use postgres::fallible_iterator::FallibleIterator as _;
-use postgres::{Client, NoTls};
+use postgres::Client;
 
 use keepup_deploy::wire::{Event, EventKind};
+
+pub mod tls;
+
+use tls::{PgTls, RootCert, SslMode};
 
 use super::{
     new_token, now, token_hash, HostRow, Latest, LatestBody, MadeSummary, StoredReport, TokenHash,
@@ -80,6 +86,15 @@ pub struct PgUrl {
     config: postgres::Config,
     /// The URL without its password, for messages.
     shown: String,
+    /// libpq's `sslmode` (given, from `PGSSLMODE`, or keepup's default for the hosts).
+    ssl: SslMode,
+    /// Whether `ssl` is keepup's default rather than the operator's choice (for messages).
+    ssl_defaulted: bool,
+    /// The CAs trusted when `ssl` verifies (`sslrootcert`).
+    root: RootCert,
+    /// The TLS connector (`None` for `sslmode=disable`), made once so that an unreadable
+    /// `sslrootcert` stops the start.
+    tls: Option<PgTls>,
 }
 
 impl std::fmt::Debug for PgUrl {
@@ -103,9 +118,81 @@ fn host_name(h: &Host) -> String {
 
 /// Server-side limits for every keepup session (unless the URL sets `options`): a lock wait
 /// (the store lock another replica holds) or a statement gives up rather than hang, and a
-/// transaction left idle by a frozen replica is ended, releasing its locks.
+/// transaction left idle by a frozen replica (SIGSTOP, a VM paused, a swap storm) is ended
+/// within seconds, releasing its locks: keepup's transactions never wait on anything between
+/// their statements, so 5 s idle inside one means the replica is not running. The frozen
+/// replica finds its session ended when it runs again: its batch fails (`503`, the agents
+/// resend) and it connects again.
 const SESSION_LIMITS: &str = "-c lock_timeout=20s -c statement_timeout=120s \
-     -c idle_in_transaction_session_timeout=60s";
+     -c idle_in_transaction_session_timeout=5s";
+
+/// The gate lease's session limit on top of [`SESSION_LIMITS`]: the holder checks its lease
+/// at every gate tick (each second, and before each progress write), so a session idle for
+/// 30 s is a frozen holder (with room for a slow tick); the server ends it, which frees the
+/// lease for another replica (a kernel still answers TCP keepalives for a stopped process, so
+/// keepalives alone would keep a frozen holder's lease forever).
+const LEASE_IDLE_LIMIT: &str = "-c idle_session_timeout=30s";
+
+/// The `sslmode`/`sslrootcert` query parameters (read here: the driver knows neither
+/// `verify-ca` nor `verify-full` nor `sslrootcert`), and the URL without them for the driver.
+/// Client certificates are refused with a message (passwords only, for now).
+fn take_ssl_params(s: &str) -> Result<(String, Option<String>, Option<String>), String> {
+    let Some((base, query)) = s.split_once('?') else {
+        return Ok((s.to_string(), None, None));
+    };
+    let (mut mode, mut root, mut rest) = (None, None, Vec::new());
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let value = || {
+            percent_encoding::percent_decode_str(v)
+                .decode_utf8()
+                .map(|v| v.into_owned())
+                .map_err(|_| format!("--state: the URL's {k} is not UTF-8"))
+        };
+        match k {
+            "sslmode" => mode = Some(value()?),
+            "sslrootcert" => root = Some(value()?),
+            "sslcert" | "sslkey" | "sslpassword" | "sslcertmode" => {
+                return Err(format!(
+                    "--state: {k}: keepup does not log in to PostgreSQL with a client \
+                     certificate; use a password (PGPASSWORD or ~/.pgpass) over \
+                     sslmode=verify-full"
+                ))
+            }
+            "sslcrl" | "sslcrldir" => {
+                return Err(format!(
+                    "--state: {k}: certificate revocation lists are not read; remove it (and \
+                     revoke by replacing the server's certificate and CA file)"
+                ))
+            }
+            _ => rest.push(pair),
+        }
+    }
+    let url = if rest.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}?{}", rest.join("&"))
+    };
+    Ok((url, mode, root))
+}
+
+/// Whether `h` is this machine (a Unix socket, `localhost`, a loopback address): where a
+/// plaintext connection crosses no network.
+fn is_local(h: &Host) -> bool {
+    match h {
+        Host::Unix(_) => true,
+        Host::Tcp(n) => {
+            n.eq_ignore_ascii_case("localhost")
+                || n.trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+    }
+}
+
+/// Printed once per process: the warnings of [`PgUrl::warning`].
+static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Free text as PostgreSQL can hold it: a `TEXT` value cannot contain NUL, and one NUL in one
 /// host's event would fail the whole batch (every host's reports in it), so it becomes U+FFFD.
@@ -119,9 +206,11 @@ fn text(s: &str) -> std::borrow::Cow<'_, str> {
 
 impl PgUrl {
     /// Parse a `postgres://` (or `postgresql://`) URL; every libpq URL parameter the driver
-    /// knows is accepted (`?sslmode=`, `?target_session_attrs=read-write`, several hosts).
+    /// knows is accepted (`?target_session_attrs=read-write`, several hosts), and libpq's
+    /// `sslmode` and `sslrootcert` (else `PGSSLMODE`, `PGSSLROOTCERT`).
     pub fn parse(s: &str) -> Result<PgUrl, String> {
-        let mut config = postgres::Config::from_str(s).map_err(|e| {
+        let (driver_url, mode, root) = take_ssl_params(s)?;
+        let mut config = postgres::Config::from_str(&driver_url).map_err(|e| {
             format!(
                 "--state: not a PostgreSQL URL ({e}); write postgres://USER@HOST:PORT/DB \
                  (the password in PGPASSWORD or ~/.pgpass)"
@@ -139,13 +228,27 @@ impl PgUrl {
                     .into(),
             );
         }
-        if config.get_ssl_mode() == postgres::config::SslMode::Require {
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let (ssl, ssl_defaulted) = match mode.or_else(|| env("PGSSLMODE")) {
+            Some(m) => (
+                SslMode::parse(&m).map_err(|e| format!("--state: {e}"))?,
+                false,
+            ),
+            None if config.get_hosts().iter().all(is_local) => (SslMode::Disable, true),
+            None => (SslMode::VerifyFull, true),
+        };
+        config.ssl_mode(ssl.driver());
+        let root = RootCert::resolve(root.or_else(|| env("PGSSLROOTCERT")).as_deref());
+        if root == RootCert::System && ssl == SslMode::VerifyCa {
+            // libpq's rule: any public CA's customer would pass a check without the name.
             return Err(
-                "--state: sslmode=require: keepup connects to PostgreSQL without TLS \
-                 for now; keep the database on a private network (docs/postgres.md, \"Limits\")"
+                "--state: sslmode=verify-ca with the system's CAs would take any \
+                 certificate a public CA issued: add sslrootcert=FILE (your CA), or use \
+                 sslmode=verify-full"
                     .into(),
             );
         }
+        let tls = tls::connector(ssl, &root).map_err(|e| format!("--state: {e}"))?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(10));
         }
@@ -187,19 +290,80 @@ impl PgUrl {
                 .or(config.get_user())
                 .unwrap_or_default()
         );
-        Ok(PgUrl { config, shown })
+        Ok(PgUrl {
+            config,
+            shown,
+            ssl,
+            ssl_defaulted,
+            root,
+            tls,
+        })
+    }
+
+    /// What an operator must hear about this URL's protection, if anything: plaintext or an
+    /// unchecked certificate on a connection that leaves this machine.
+    pub fn warning(&self) -> Option<String> {
+        if self.config.get_hosts().iter().all(is_local) {
+            return None;
+        }
+        let fix = "use sslmode=verify-full with sslrootcert=FILE (the CA of the server's \
+                   certificate); docs/postgres.md, \"TLS\"";
+        match self.ssl {
+            SslMode::Disable => Some(format!(
+                "WARNING: the connection to PostgreSQL at {self} is NOT ENCRYPTED \
+                 (sslmode=disable): the reports, the token hashes and, unless the server asks \
+                 for SCRAM, the password cross the network in clear, and anyone on the path \
+                 can pose as the database: {fix}"
+            )),
+            SslMode::Prefer => Some(format!(
+                "WARNING: sslmode=prefer for PostgreSQL at {self}: anyone on the network can \
+                 turn TLS off (the server's \"no TLS\" answer is not authenticated) or pose as \
+                 the database (the certificate is not checked): {fix}"
+            )),
+            SslMode::Require => Some(format!(
+                "WARNING: sslmode=require for PostgreSQL at {self}: encrypted, but the \
+                 server's certificate is not checked, so anyone on the path can pose as the \
+                 database: {fix}"
+            )),
+            SslMode::VerifyCa | SslMode::VerifyFull => None,
+        }
+    }
+
+    /// The connection's TLS mode, as libpq spells it.
+    #[cfg(test)]
+    pub fn ssl_mode(&self) -> &'static str {
+        self.ssl.as_str()
     }
 
     /// Connect, with the password from the URL, `PGPASSWORD` or the password file. Errors
     /// say what is wrong (credentials, no such database, unreachable) and what to do.
     fn connect(&self) -> Result<Client> {
+        self.connect_with(self.config.clone())
+    }
+
+    /// [`PgUrl::connect`] for the gate's lease: a session the server ends when it stays idle
+    /// ([`LEASE_IDLE_LIMIT`]), so a frozen holder loses the lease.
+    fn connect_lease(&self) -> Result<Client> {
         let mut config = self.config.clone();
+        let options = format!(
+            "{} {LEASE_IDLE_LIMIT}",
+            config.get_options().unwrap_or_default()
+        );
+        config.options(options.trim());
+        self.connect_with(config)
+    }
+
+    fn connect_with(&self, mut config: postgres::Config) -> Result<Client> {
         if config.get_password().is_none() {
             if let Some(pw) = self.password_from_env() {
                 config.password(pw);
             }
         }
-        config.connect(NoTls).map_err(|e| self.explain(&e))
+        match &self.tls {
+            Some(tls) => config.connect(tls.clone()),
+            None => config.connect(postgres::NoTls),
+        }
+        .map_err(|e| self.explain(&e))
     }
 
     /// `PGPASSWORD`, else the first matching line of the password file.
@@ -240,6 +404,54 @@ impl PgUrl {
     /// A connection error as the operator needs it (never with the password).
     fn explain(&self, e: &postgres::Error) -> anyhow::Error {
         let user = self.config.get_user().unwrap_or_default();
+        let mode = self.ssl.as_str();
+        let why = if self.ssl_defaulted {
+            " (keepup's default for a host that is not this machine)"
+        } else {
+            ""
+        };
+        if let Some(db) = e.as_db_error() {
+            if self.ssl == SslMode::Disable && db.message().contains("no encryption") {
+                return anyhow::anyhow!(
+                    "PostgreSQL at {self} accepts {user:?} only over TLS (its pg_hba.conf has \
+                     no plaintext line for it: {}): remove sslmode=disable and use \
+                     sslmode=verify-full with sslrootcert=FILE (the CA of the server's \
+                     certificate)",
+                    db.message()
+                );
+            }
+        }
+        let source = std::error::Error::source(e);
+        let io = source.and_then(|s| s.downcast_ref::<std::io::Error>());
+        if let Some(tls) = io.and_then(|i| i.get_ref()?.downcast_ref::<rustls::Error>()) {
+            let host = self
+                .config
+                .get_hosts()
+                .first()
+                .map(host_name)
+                .unwrap_or_default();
+            let what = match tls {
+                rustls::Error::InvalidCertificate(c) => {
+                    tls::explain_certificate(&host, self.ssl, &self.root, c)
+                }
+                rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. } => {
+                    "it did not answer with TLS: is it PostgreSQL?".to_string()
+                }
+                other => format!("the TLS handshake failed: {other}"),
+            };
+            return anyhow::anyhow!(
+                "refused PostgreSQL at {self} (sslmode={mode}{why}): {what}. Nothing was sent \
+                 to it: not the user name, not the password"
+            );
+        }
+        if source.is_some_and(|s| s.to_string() == "server does not support TLS") {
+            return anyhow::anyhow!(
+                "PostgreSQL at {self} does not offer TLS and sslmode={mode}{why} requires it: \
+                 turn it on at the server (ssl = on, ssl_cert_file, ssl_key_file in \
+                 postgresql.conf), or, only if the network between is trusted, add \
+                 sslmode=disable to the URL. Nothing was sent to it"
+            );
+        }
         if let Some(code) = e.code() {
             if *code == SqlState::INVALID_PASSWORD
                 || *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
@@ -258,7 +470,6 @@ impl PgUrl {
                 );
             }
         }
-        let io = std::error::Error::source(e).and_then(|s| s.downcast_ref::<std::io::Error>());
         if let Some(io) = io {
             return anyhow::anyhow!(
                 "cannot reach PostgreSQL at {self}: {io}; is the server running and listening \
@@ -350,6 +561,21 @@ fn migrate(client: &mut Client) -> Result<Vec<i32>> {
     Ok(applied)
 }
 
+/// A store's error, saying what happened when the server ended this replica's session
+/// because it stood still inside a transaction ([`SESSION_LIMITS`]).
+fn session_ended(e: postgres::Error) -> anyhow::Error {
+    if e.code() == Some(&SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT) {
+        anyhow::anyhow!(
+            "this replica stood still for over 5 s inside a store (stopped, a paused VM, \
+             swapping?), so PostgreSQL ended its session to free the store lock for the other \
+             replicas ({e}): these reports are answered 503 and their agents send them again; \
+             the next store connects again"
+        )
+    } else {
+        e.into()
+    }
+}
+
 /// Hosts registered per statement by `keepup host add --bulk`.
 const ADD_HOSTS_CHUNK: usize = 10_000;
 
@@ -362,6 +588,11 @@ pub struct Postgres {
 impl Postgres {
     /// Connect and apply the migrations.
     pub fn open(url: &PgUrl) -> Result<Postgres> {
+        if let Some(w) = url.warning() {
+            if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                eprintln!("keepup: {w}");
+            }
+        }
         let mut client = url.connect()?;
         let applied =
             migrate(&mut client).with_context(|| format!("preparing the state database {url}"))?;
@@ -647,8 +878,9 @@ impl Postgres {
             }
         }
         let mut c = self.client()?;
-        let mut tx = c.transaction()?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&STORE_LOCK])?;
+        let mut tx = c.transaction().map_err(session_ended)?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&STORE_LOCK])
+            .map_err(session_ended)?;
         // One statement for the reports and their events: the events insert reads what the
         // reports insert returned (hosts still registered).
         let stored: HashSet<String> = tx
@@ -689,7 +921,8 @@ impl Postgres {
                     &e_message,
                     &e_received,
                 ],
-            )?
+            )
+            .map_err(session_ended)?
             .iter()
             .map(|r| r.get(0))
             .collect();
@@ -708,9 +941,10 @@ impl Postgres {
                      FROM unnest($1::text[]) AS q(h)) c
                  WHERE e.host = c.h AND e.id <= c.cut",
                 &[&quota, &(keep_per_host as i64)],
-            )?;
+            )
+            .map_err(session_ended)?;
         }
-        tx.commit()?;
+        tx.commit().map_err(session_ended)?;
         Ok(())
     }
 
@@ -831,28 +1065,37 @@ impl Lease {
 
     /// Whether this replica holds the lease now: taken if free, checked alive if held (a
     /// connection that dropped lost it).
+    ///
+    /// A session found ended (the server ends it after [`LEASE_IDLE_LIMIT`] idle: this
+    /// replica was frozen, or had no rollout to look at for a while) is replaced at once by a
+    /// new one that asks for the lock again, so a quiet spell does not cost a tick.
     pub fn hold(&mut self) -> bool {
-        if self.client.as_ref().is_none_or(Client::is_closed) {
-            self.held = false;
-            self.client = self.url.connect().ok();
-        }
-        let Some(c) = &mut self.client else {
-            return false;
-        };
-        let answer = if self.held {
-            c.simple_query("SELECT 1").map(|_| true)
-        } else {
-            c.query_one("SELECT pg_try_advisory_lock($1)", &[&GATE_LOCK])
-                .map(|r| r.get::<_, bool>(0))
-        };
-        match answer {
-            Ok(h) => self.held = h,
-            Err(_) => {
-                self.client = None;
+        for _ in 0..2 {
+            if self.client.as_ref().is_none_or(Client::is_closed) {
                 self.held = false;
+                self.client = self.url.connect_lease().ok();
+            }
+            let Some(c) = &mut self.client else {
+                return false;
+            };
+            let answer = if self.held {
+                c.simple_query("SELECT 1").map(|_| true)
+            } else {
+                c.query_one("SELECT pg_try_advisory_lock($1)", &[&GATE_LOCK])
+                    .map(|r| r.get::<_, bool>(0))
+            };
+            match answer {
+                Ok(h) => {
+                    self.held = h;
+                    return h;
+                }
+                Err(_) => {
+                    self.client = None;
+                    self.held = false;
+                }
             }
         }
-        self.held
+        false
     }
 
     /// Whether the lease is still held on the session that took it, without taking it again
@@ -889,9 +1132,43 @@ mod tests {
         assert!(PgUrl::parse("postgres://db1/fleet")
             .unwrap_err()
             .contains("no user"));
-        assert!(PgUrl::parse("postgres://u@db1/fleet?sslmode=require")
+        // libpq's TLS parameters are read (and left out of what the driver parses).
+        let u = PgUrl::parse("postgres://u@db1/fleet?sslmode=require&connect_timeout=3").unwrap();
+        assert_eq!(
+            (u.ssl_mode(), u.config.get_connect_timeout()),
+            ("require", Some(&Duration::from_secs(3)))
+        );
+        assert!(u.warning().unwrap().contains("not checked"));
+        assert!(PgUrl::parse("postgres://u@db1/fleet?sslmode=verify-ca")
             .unwrap_err()
-            .contains("without TLS"));
+            .contains("add sslrootcert=FILE"));
+        assert!(PgUrl::parse(
+            "postgres://u@db1/fleet?sslmode=verify-full&sslrootcert=/nonexistent"
+        )
+        .unwrap_err()
+        .contains("/nonexistent"));
+        assert!(PgUrl::parse("postgres://u@db1/fleet?sslcert=/x.pem")
+            .unwrap_err()
+            .contains("client certificate"));
+        assert!(PgUrl::parse("postgres://u@db1/fleet?sslmode=maybe")
+            .unwrap_err()
+            .contains("verify-full"));
+        // keepup's default: plaintext on this machine only, verify-full elsewhere.
+        for (url, mode) in [
+            ("postgres://u@db1/fleet", "verify-full"),
+            ("postgres://u@127.0.0.1/fleet", "disable"),
+            ("postgres://u@[::1]:5432/fleet", "disable"),
+            ("postgres://u@localhost,db2/fleet", "verify-full"),
+            ("postgres://u@%2Frun%2Fpostgresql/fleet", "disable"),
+        ] {
+            if std::env::var_os("PGSSLMODE").is_none() {
+                let u = PgUrl::parse(url).unwrap();
+                assert_eq!(u.ssl_mode(), mode, "{url}");
+                assert!(u.warning().is_none(), "{url}");
+            }
+        }
+        let loud = PgUrl::parse("postgres://u@db1/fleet?sslmode=disable").unwrap();
+        assert!(loud.warning().unwrap().contains("NOT ENCRYPTED"));
         assert!(PgUrl::parse("postgres://u@db1/fleet?nonsense=1")
             .unwrap_err()
             .contains("not a PostgreSQL URL"));
