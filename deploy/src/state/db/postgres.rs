@@ -18,6 +18,7 @@
 use std::cell::{RefCell, RefMut};
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr as _;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
@@ -126,12 +127,16 @@ fn host_name(h: &Host) -> String {
 const SESSION_LIMITS: &str = "-c lock_timeout=20s -c statement_timeout=120s \
      -c idle_in_transaction_session_timeout=5s";
 
-/// The gate lease's session limit on top of [`SESSION_LIMITS`]: the holder checks its lease
-/// at every gate tick (each second, and before each progress write), so a session idle for
-/// 30 s is a frozen holder (with room for a slow tick); the server ends it, which frees the
-/// lease for another replica (a kernel still answers TCP keepalives for a stopped process, so
-/// keepalives alone would keep a frozen holder's lease forever).
-const LEASE_IDLE_LIMIT: &str = "-c idle_session_timeout=30s";
+/// The gate lease's session limit on top of [`SESSION_LIMITS`]: a thread of the holder's
+/// process pings the lease's session every [`LEASE_PING`] whatever its gate is doing, so a
+/// session idle for 10 s is a holder whose whole process stands still (SIGSTOP, a paused VM),
+/// not a slow tick; the server ends it, which frees the lease for another replica (a kernel
+/// still answers TCP keepalives for a stopped process, so keepalives alone would keep a
+/// frozen holder's lease forever).
+const LEASE_IDLE_LIMIT: &str = "-c idle_session_timeout=10s";
+
+/// How often the lease's keeper thread pings its session (well inside [`LEASE_IDLE_LIMIT`]).
+const LEASE_PING: Duration = Duration::from_secs(2);
 
 /// The `sslmode`/`sslrootcert` query parameters (read here: the driver knows neither
 /// `verify-ca` nor `verify-full` nor `sslrootcert`), and the URL without them for the driver.
@@ -1045,37 +1050,44 @@ impl Postgres {
 }
 
 /// The rollout gate's lease: a session advisory lock on a connection of its own. The replica
-/// holding it evaluates the gates; when the replica dies its connection closes and the lock
+/// holding it evaluates the gates; when the replica dies its connection closes, and when it
+/// freezes its keeper stops pinging and the server ends the idle session: either way the lock
 /// is free for the next replica that asks.
 pub struct Lease {
     url: PgUrl,
-    client: Option<Client>,
+    /// The lease's session, shared with the keeper thread that pings it.
+    session: Arc<Mutex<Option<Client>>>,
     held: bool,
 }
 
 impl Lease {
-    /// A lease not held yet.
+    /// A lease not held yet, with its keeper thread (which ends when the lease is dropped).
     pub fn new(url: PgUrl) -> Lease {
+        let session = Arc::new(Mutex::new(None));
+        let weak = Arc::downgrade(&session);
+        std::thread::Builder::new()
+            .name("gate-lease".into())
+            .spawn(move || keep_lease_alive(weak))
+            .expect("spawning the gate lease's keeper thread");
         Lease {
             url,
-            client: None,
+            session,
             held: false,
         }
     }
 
     /// Whether this replica holds the lease now: taken if free, checked alive if held (a
-    /// connection that dropped lost it).
-    ///
-    /// A session found ended (the server ends it after [`LEASE_IDLE_LIMIT`] idle: this
-    /// replica was frozen, or had no rollout to look at for a while) is replaced at once by a
-    /// new one that asks for the lock again, so a quiet spell does not cost a tick.
+    /// connection that dropped, or a session the server ended after [`LEASE_IDLE_LIMIT`]
+    /// because this process stood still, lost it). A lost session is replaced at once by a
+    /// new one that asks for the lock again.
     pub fn hold(&mut self) -> bool {
+        let mut session = self.session.lock().unwrap_or_else(|e| e.into_inner());
         for _ in 0..2 {
-            if self.client.as_ref().is_none_or(Client::is_closed) {
+            if session.as_ref().is_none_or(Client::is_closed) {
                 self.held = false;
-                self.client = self.url.connect_lease().ok();
+                *session = self.url.connect_lease().ok();
             }
-            let Some(c) = &mut self.client else {
+            let Some(c) = session.as_mut() else {
                 return false;
             };
             let answer = if self.held {
@@ -1090,7 +1102,7 @@ impl Lease {
                     return h;
                 }
                 Err(_) => {
-                    self.client = None;
+                    *session = None;
                     self.held = false;
                 }
             }
@@ -1105,15 +1117,33 @@ impl Lease {
         if !self.held {
             return false;
         }
-        let alive = self
-            .client
+        let mut session = self.session.lock().unwrap_or_else(|e| e.into_inner());
+        let alive = session
             .as_mut()
             .is_some_and(|c| !c.is_closed() && c.simple_query("SELECT 1").is_ok());
         if !alive {
-            self.client = None;
+            *session = None;
             self.held = false;
         }
         alive
+    }
+}
+
+/// The keeper: pings the lease's session every [`LEASE_PING`] so that only a process that
+/// stands still lets it go idle; a session that fails the ping is dropped (the next
+/// [`Lease::hold`] finds it gone). Returns once the lease is dropped.
+fn keep_lease_alive(session: Weak<Mutex<Option<Client>>>) {
+    loop {
+        std::thread::sleep(LEASE_PING);
+        let Some(session) = session.upgrade() else {
+            return;
+        };
+        let mut s = session.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = s.as_mut() {
+            if c.is_closed() || c.simple_query("SELECT 1").is_err() {
+                *s = None;
+            }
+        }
     }
 }
 
