@@ -159,7 +159,8 @@ done
 log "reindex without the chunk cache"
 cold_ms=$(ms "$K" repo reindex --fresh --repo "$WORK/BIG")
 "$K" repo verify --repo "$WORK/BIG" >/dev/null || { log "repo verify failed"; exit 1; }
-pkgs_mb=$(($(stat -c %s "$WORK/BIG/dists/unstable/main/binary-amd64/Packages") / 1000000))
+# Only Packages.gz is written (the Release lists the uncompressed size): measure it decompressed.
+pkgs_mb=$(($(gzip -dc "$WORK/BIG/dists/unstable/main/binary-amd64/Packages.gz" | wc -c) / 1000000))
 gz_mb=$(($(stat -c %s "$WORK/BIG/dists/unstable/main/binary-amd64/Packages.gz") / 1000000))
 
 cat <<EOF
