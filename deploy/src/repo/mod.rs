@@ -89,8 +89,9 @@ impl State {
 struct Staged {
     meta: PoolMeta,
     bytes: Vec<u8>,
-    /// The repository's own copy of the offered file (in `.keepup/incoming/`), whose bytes
-    /// are `bytes`: renamed into the pool. None: write `bytes` (a rollback's new package).
+    /// The repository's own copy of the offered file (a reflink in `.keepup/incoming/`),
+    /// whose bytes are `bytes`: renamed into the pool. None: write `bytes` (no reflink, or a
+    /// rollback's new package).
     copy: Option<tempfile::NamedTempFile>,
     /// Not in the pool yet (false: the identical file is there already).
     new: bool,
@@ -267,18 +268,35 @@ fn write_unreferenced(path: &Path, data: &[u8], mode: u32) -> Result<()> {
         .with_context(|| format!("writing {}", path.display()))
 }
 
-/// The repository's own copy of an offered package file, in `incoming` (a directory on the
-/// pool's filesystem): a reflink where the filesystem can make one (btrfs, XFS), else a byte
-/// copy. Returns the copy and its bytes: what is checked, hashed and stored is the copy,
-/// which the operator cannot change afterwards (a later `cp` over their file changes nothing
-/// in the pool). A byte copy is written from the bytes read, which are then the copy's (not
-/// read back); a reflink is read back (the operator's file may change after it).
-fn copy_in(src: &Path, incoming: &Path) -> Result<(tempfile::NamedTempFile, Vec<u8>)> {
+/// The bytes of an offered package file, and the repository's own copy of it where the
+/// filesystem can make one cheaply: a reflink in `incoming` (a directory on the pool's
+/// filesystem, btrfs or XFS), read back (the operator's file may change after it), which is
+/// renamed into the pool. Elsewhere (ext4, tmpfs, another filesystem: `reflinks` is cleared at
+/// the first refusal, so the other files do not try) there is no copy: the bytes read are
+/// what is checked, hashed and then written into the pool ([`Repo::store`]), so a later `cp`
+/// over the operator's file changes nothing in the pool either way. (A byte copy in
+/// `incoming` renamed into the pool cost a file creation, a chmod and a rename per package,
+/// most of the system time of a publish.)
+fn copy_in(
+    src: &Path,
+    incoming: &Path,
+    reflinks: &std::sync::atomic::AtomicBool,
+) -> Result<(Option<tempfile::NamedTempFile>, Vec<u8>)> {
     use std::io::Seek as _;
+    use std::sync::atomic::Ordering::Relaxed;
     let mut from = File::open(src).with_context(|| format!("reading {}", src.display()))?;
     let info = from.metadata()?;
     if !info.is_file() {
         bail!("{} is not a regular file", src.display());
+    }
+    let mut bytes = Vec::with_capacity(info.len() as usize);
+    let read = |from: &mut File, bytes: &mut Vec<u8>| {
+        from.read_to_end(bytes)
+            .with_context(|| format!("reading {}", src.display()))
+    };
+    if !reflinks.load(Relaxed) {
+        read(&mut from, &mut bytes)?;
+        return Ok((None, bytes));
     }
     let temp = || {
         tempfile::Builder::new()
@@ -294,20 +312,17 @@ fn copy_in(src: &Path, incoming: &Path) -> Result<(tempfile::NamedTempFile, Vec<
         r => r,
     }
     .with_context(|| format!("creating a file in {}", incoming.display()))?;
-    let mut bytes = Vec::with_capacity(info.len() as usize);
     if !reflink(&from, copy.as_file()) {
-        from.read_to_end(&mut bytes)
-            .with_context(|| format!("reading {}", src.display()))?;
-        copy.as_file_mut()
-            .write_all(&bytes)
-            .with_context(|| format!("copying {} into the repository", src.display()))?;
-        return Ok((copy, bytes));
+        reflinks.store(false, Relaxed);
+        drop(copy);
+        read(&mut from, &mut bytes)?;
+        return Ok((None, bytes));
     }
     copy.as_file_mut().rewind()?;
     copy.as_file_mut()
         .read_to_end(&mut bytes)
         .with_context(|| format!("reading the copy of {}", src.display()))?;
-    Ok((copy, bytes))
+    Ok((Some(copy), bytes))
 }
 
 /// Make `to` (empty) a copy-on-write clone of `from` (`FICLONE`); false where the filesystem
@@ -1118,7 +1133,8 @@ impl Repo {
         let key = inspect::rpm_verifier(&std::fs::read(self.public_key_path())?)?;
         // Checking packages and computing their index fragments is the expensive part: spread
         // it over the cores. Nothing is written until every file has passed.
-        let mut staged = par_map(files, |f| self.check_file(f, &key))?;
+        let reflinks = std::sync::atomic::AtomicBool::new(true);
+        let mut staged = par_map(files, |f| self.check_file(f, &key, &reflinks))?;
         // The same file given twice is stored once; two different files for one pool path
         // are refused.
         let mut seen: HashMap<String, String> = HashMap::new();
@@ -1144,8 +1160,13 @@ impl Repo {
 
     /// Copy one file offered for publication into the repository, then read and check the
     /// copy (the operator's file is never linked, and never read again).
-    fn check_file(&self, f: &Path, key: &rpm::signature::pgp::Verifier) -> Result<Staged> {
-        let (copy, bytes) = copy_in(f, &self.layout.incoming())?;
+    fn check_file(
+        &self,
+        f: &Path,
+        key: &rpm::signature::pgp::Verifier,
+        reflinks: &std::sync::atomic::AtomicBool,
+    ) -> Result<Staged> {
+        let (copy, bytes) = copy_in(f, &self.layout.incoming(), reflinks)?;
         let info = if bytes.starts_with(b"!<arch>\n") {
             inspect::inspect_deb(f, &bytes)?
         } else if bytes.starts_with(&[0xed, 0xab, 0xee, 0xdb]) {
@@ -1157,7 +1178,7 @@ impl Repo {
             );
         };
         let mut s = self.stage(info, bytes, None)?;
-        s.copy = Some(copy);
+        s.copy = copy;
         Ok(s)
     }
 

@@ -273,18 +273,21 @@ pub fn read_track(layout: &Layout, track: &str) -> Result<Option<Track>> {
 }
 
 /// The committed entries of `name` in `track`: one line of the track file, and the log.
+/// The line is found by a binary search with positioned reads (the names are sorted, one
+/// per line), so a lookup reads a few kilobytes of a track file of megabytes.
 pub fn read_entries(layout: &Layout, track: &str, name: &str) -> Result<Vec<PoolEntry>> {
     let path = layout.track(track);
     let log_path = layout.track_log(track);
     for _ in 0..8 {
-        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-        let mut entries =
-            lookup(&bytes, name).with_context(|| format!("{} is damaged", path.display()))?;
+        let file =
+            std::fs::File::open(&path).with_context(|| format!("reading {}", path.display()))?;
+        let (serial, mut entries) =
+            lookup_in(&file, name).with_context(|| format!("{} is damaged", path.display()))?;
         let log = read_or_empty(&log_path)?;
         if log.is_empty() {
             return Ok(entries);
         }
-        let Some(mut serial) = head_serial(&bytes) else {
+        let Some(mut serial) = serial else {
             return Ok(read_track(layout, track)?
                 .and_then(|mut t| t.packages.remove(name))
                 .unwrap_or_default());
@@ -307,6 +310,139 @@ pub fn read_entries(layout: &Layout, track: &str, name: &str) -> Result<Vec<Pool
     )
 }
 
+/// Positioned reads of an open track file (the same file throughout, even if a command
+/// renames a new one into its place meanwhile).
+struct Lines<'a> {
+    file: &'a std::fs::File,
+    len: u64,
+}
+
+impl Lines<'_> {
+    /// The line starting at `start`, without its newline.
+    fn line(&self, start: u64) -> std::io::Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt as _;
+        let mut out = Vec::new();
+        let mut pos = start;
+        let mut block = 4096usize;
+        while pos < self.len {
+            let mut buf = vec![0; block.min((self.len - pos) as usize)];
+            self.file.read_exact_at(&mut buf, pos)?;
+            if let Some(i) = buf.iter().position(|&b| b == b'\n') {
+                out.extend_from_slice(&buf[..i]);
+                return Ok(out);
+            }
+            pos += buf.len() as u64;
+            out.extend_from_slice(&buf);
+            block *= 2;
+        }
+        Ok(out)
+    }
+
+    /// Where the first line starting at or after `pos` starts (`len` if none does).
+    fn next_start(&self, pos: u64) -> std::io::Result<u64> {
+        use std::os::unix::fs::FileExt as _;
+        if pos == 0 {
+            return Ok(0);
+        }
+        let mut at = pos - 1;
+        while at < self.len {
+            let mut buf = vec![0; 4096usize.min((self.len - at) as usize)];
+            self.file.read_exact_at(&mut buf, at)?;
+            if let Some(i) = buf.iter().position(|&b| b == b'\n') {
+                return Ok(at + i as u64 + 1);
+            }
+            at += buf.len() as u64;
+        }
+        Ok(self.len)
+    }
+
+    /// The last line (its trailing newline left out).
+    fn last(&self) -> std::io::Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt as _;
+        let mut window = 65536u64;
+        loop {
+            let from = self.len.saturating_sub(window);
+            let mut buf = vec![0; (self.len - from) as usize];
+            self.file.read_exact_at(&mut buf, from)?;
+            let body = buf.strip_suffix(b"\n").unwrap_or(&buf);
+            match body.iter().rposition(|&b| b == b'\n') {
+                Some(i) => return Ok(body[i + 1..].to_vec()),
+                None if from == 0 => return Ok(body.to_vec()),
+                None => window *= 4,
+            }
+        }
+    }
+}
+
+/// The name a track file's package line is of, as [`track_json`] writes it (`"name":[...]`);
+/// None for a line that is not a package's (the closing line), Err if the name is escaped
+/// (then the file is read whole).
+fn line_name(line: &[u8]) -> Result<Option<&[u8]>, ()> {
+    let Some(rest) = line.strip_prefix(b"\"") else {
+        return Ok(None);
+    };
+    let end = rest.iter().position(|&b| b == b'"').ok_or(())?;
+    let name = &rest[..end];
+    if name.contains(&b'\\') || rest.get(end + 1) != Some(&b':') {
+        return Err(());
+    }
+    Ok(Some(name))
+}
+
+/// The serial at the head of an open track file and the entries of `name` in it: a binary
+/// search over its lines when it is laid out as [`track_json`] writes it (a first line of its
+/// own, then one name per line in order), else the whole file read and parsed.
+fn lookup_in(file: &std::fs::File, name: &str) -> Result<(Option<u64>, Vec<PoolEntry>)> {
+    let len = file.metadata()?.len();
+    let lines = Lines { file, len };
+    let head = lines.line(0)?;
+    let laid_out = head.starts_with(b"{\"serial\":")
+        && head.ends_with(b",\"packages\":{")
+        && !name.contains(['"', '\\'])
+        && name.bytes().all(|b| b >= 0x20);
+    if laid_out {
+        let serial = head_serial(&head);
+        let (mut lo, mut hi) = (head.len() as u64 + 1, len);
+        let mut escaped = false;
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let start = match mid == lo {
+                true => lo,
+                false => lines.next_start(mid)?,
+            };
+            if start >= hi {
+                hi = mid;
+                continue;
+            }
+            let line = lines.line(start)?;
+            let order = match line_name(&line) {
+                Ok(Some(n)) => n.cmp(name.as_bytes()),
+                // The closing line: after every name.
+                Ok(None) => std::cmp::Ordering::Greater,
+                Err(()) => {
+                    escaped = true;
+                    break;
+                }
+            };
+            match order {
+                std::cmp::Ordering::Less => lo = start + line.len() as u64 + 1,
+                std::cmp::Ordering::Greater => hi = start,
+                std::cmp::Ordering::Equal => {
+                    let mut with_nl = line;
+                    with_nl.push(b'\n');
+                    return Ok((serial, lookup(&with_nl, name)?));
+                }
+            }
+        }
+        if !escaped && serial.is_some() {
+            return Ok((serial, Vec::new()));
+        }
+    }
+    let mut bytes = vec![0; len as usize];
+    std::os::unix::fs::FileExt::read_exact_at(file, &mut bytes, 0)?;
+    Ok((head_serial(&bytes), lookup(&bytes, name)?))
+}
+
 /// What a change of a few names needs of a track's committed state, read without parsing
 /// its members: its serial and rollouts, and whether its log has room for one more line.
 #[derive(Debug)]
@@ -323,17 +459,25 @@ pub struct Head {
 /// missing or not laid out as [`track_json`] writes it (then read it whole).
 pub fn read_head(layout: &Layout, track: &str) -> Result<Option<Head>> {
     let path = layout.track(track);
-    let bytes = match std::fs::read(&path) {
-        Ok(b) => b,
+    // Its first and last lines only: the file is megabytes at tens of thousands of names.
+    let file = match std::fs::File::open(&path) {
+        Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     };
-    let Some(mut serial) = head_serial(&bytes) else {
+    let read = || -> std::io::Result<(Vec<u8>, Vec<u8>)> {
+        let lines = Lines {
+            file: &file,
+            len: file.metadata()?.len(),
+        };
+        Ok((lines.line(0)?, lines.last()?))
+    };
+    let (head, last) = read().with_context(|| format!("reading {}", path.display()))?;
+    let Some(mut serial) = head_serial(&head) else {
         return Ok(None);
     };
     // The rollouts: the last line, after the packages' closing brace.
-    let body = bytes.strip_suffix(b"\n").unwrap_or(&bytes);
-    let last = &body[body.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1)..];
+    let last = last.as_slice();
     let mut rollouts = match last {
         b"}}" => BTreeMap::new(),
         _ => match last
@@ -733,6 +877,48 @@ mod tests {
             size: 1,
             sha256: format!("{name}{version}{format}"),
             rollback_of: None,
+        }
+    }
+
+    #[test]
+    fn lookup_in_a_file_finds_every_name_by_binary_search() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.json");
+        for n in [0usize, 1, 2, 3, 50, 700] {
+            let mut t = Track {
+                serial: 3,
+                ..Default::default()
+            };
+            for i in 0..n {
+                // Names of different lengths, one with many entries (a line longer than
+                // the 4 KiB block a read starts with).
+                let name = format!("p{}", i * 7919 % 100_003);
+                let versions = if i == n / 2 { 60 } else { 1 };
+                for v in 0..versions {
+                    t.insert(entry(&name, &format!("1.{v}-1"), Format::Deb));
+                }
+            }
+            {
+                let b = track_json(&t).unwrap();
+                std::fs::write(&path, &b).unwrap();
+                let f = std::fs::File::open(&path).unwrap();
+                for name in t.packages.keys() {
+                    let (serial, got) = lookup_in(&f, name).unwrap();
+                    assert_eq!(serial, Some(3));
+                    assert_eq!(&got, &t.packages[name], "{name} of {n}");
+                }
+                for absent in ["", "a", "p", "p00", "p1x", "q", "zzz", "p99999999"] {
+                    if !t.packages.contains_key(absent) {
+                        assert!(lookup_in(&f, absent).unwrap().1.is_empty(), "{absent}");
+                    }
+                }
+                // A hand-formatted file: read whole.
+                std::fs::write(&path, serde_json::to_vec_pretty(&t).unwrap()).unwrap();
+                let f = std::fs::File::open(&path).unwrap();
+                for name in t.packages.keys().take(5) {
+                    assert_eq!(&lookup_in(&f, name).unwrap().1, &t.packages[name]);
+                }
+            }
         }
     }
 
