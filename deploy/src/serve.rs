@@ -1041,13 +1041,28 @@ async fn accept_loop(
             Err(_) => {
                 // Past the cap: answer 503 while not too many are being refused; past those,
                 // answer without lingering and close. Either way it counts in the herd.
+                // Under TLS the answer goes inside the session (a plaintext 503 would read as
+                // a corrupt record and the agent would never see its Retry-After); past the
+                // lingering refusals a TLS connection is closed unanswered, since answering
+                // would take a handshake.
                 let retry_after = site.herd.defer();
                 if let Ok(permit) = refusing.clone().try_acquire_owned() {
+                    let tls = site.tls.clone();
                     tokio::spawn(async move {
-                        refuse(stream, retry_after).await;
+                        match tls {
+                            None => refuse(stream, retry_after).await,
+                            Some(tls) => {
+                                let handshake = tls.accept(stream);
+                                let bound = Duration::from_secs(1);
+                                if let Ok(Ok(stream)) = tokio::time::timeout(bound, handshake).await
+                                {
+                                    refuse(stream, retry_after).await;
+                                }
+                            }
+                        }
                         drop(permit);
                     });
-                } else {
+                } else if site.tls.is_none() {
                     refuse_at_once(&stream, retry_after);
                 }
             }

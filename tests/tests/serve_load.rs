@@ -2,7 +2,8 @@
 //! loopback (no containers): a connection flood against a 1,024 open-file limit (past the
 //! connection cap, and past the file limit itself), a slowloris client, a client that stops
 //! reading its download, 30 parallel downloads of a 200 MiB package with the server's peak RSS
-//! read from /proc, and ranges, conditional requests, HEAD and content types on the wire.
+//! read from /proc, ranges, conditional requests, HEAD and content types on the wire, and a
+//! refusal past the cap answered inside TLS.
 
 use std::io::{ErrorKind, Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -842,4 +843,80 @@ fn a_stalled_database_answers_503_with_retry_after_not_a_timeout() -> Result<()>
     wait_for("the report to be stored", Duration::from_secs(60), || {
         matches!(post_once(s.addr, &host, &token), Ok(Outcome::Stored)).then_some(())
     })
+}
+
+/// Under TLS a client turned away past the connection cap reads its `503` and `Retry-After`
+/// inside the TLS session (a plaintext answer on the raw socket reads as a corrupt record:
+/// curl says "wrong version number" and the agent never sees how long to wait).
+#[test]
+fn a_refusal_under_tls_is_answered_inside_tls() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let repo = new_repo(tmp.path())?;
+    let state = tmp.path().join("state.db");
+    host_and_report(&state)?;
+    let ca = keepup_tests::fleet::TestCa::new(tmp.path(), "ca")?;
+    let (cert, key) = ca.issue(tmp.path(), "server", "localhost")?;
+    let mut s = Serve::start(
+        &repo,
+        &[
+            "--state",
+            state.to_str().unwrap(),
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+            "--max-connections",
+            "1",
+            "--header-read-timeout",
+            "120s",
+        ],
+        None,
+    )?;
+    // The one slot: a TLS session that completes its handshake and then sends nothing.
+    let mut holder = Command::new("openssl")
+        .args([
+            "s_client",
+            "-quiet",
+            "-connect",
+            &s.addr.to_string(),
+            "-CAfile",
+        ])
+        .arg(&ca.cert)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("running openssl s_client (apt-get install openssl)")?;
+    let url = format!("https://localhost:{}/fleet.yaml", s.addr.port());
+    let answer = wait_for(
+        "a 503 inside TLS past the cap",
+        Duration::from_secs(30),
+        || {
+            let out = Command::new("curl")
+                .args([
+                    "-sS",
+                    "-o",
+                    "/dev/null",
+                    "-D",
+                    "-",
+                    "--max-time",
+                    "5",
+                    "--cacert",
+                ])
+                .arg(&ca.cert)
+                .arg(&url)
+                .output()
+                .ok()?;
+            let head = String::from_utf8_lossy(&out.stdout).into_owned();
+            head.starts_with("HTTP/1.1 503").then_some(head)
+        },
+    );
+    let _ = holder.kill();
+    let _ = holder.wait();
+    let head = answer?;
+    ensure!(
+        head.to_ascii_lowercase().contains("retry-after: "),
+        "503 without Retry-After: {head}"
+    );
+    s.alive()
 }

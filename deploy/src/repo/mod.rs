@@ -1300,13 +1300,20 @@ impl Repo {
         let files = par_map(staged, |s| {
             let e = &s.meta.entry;
             let dest = self.root.join(&e.path);
+            // Written straight to its pool path: a write that fails (ENOSPC) leaves no partial
+            // file there (nothing names it yet, and the undo list does not hold it).
+            let write = || {
+                write_unreferenced(&dest, &s.bytes, 0o644).inspect_err(|_| {
+                    let _ = std::fs::remove_file(&dest);
+                })
+            };
             if s.new {
                 let _ = std::fs::remove_file(&dest);
                 if !s.copy.as_ref().is_some_and(|c| place_copy(c, &dest)) {
-                    write_unreferenced(&dest, &s.bytes, 0o644)?;
+                    write()?;
                 }
             } else if !dest.exists() {
-                write_unreferenced(&dest, &s.bytes, 0o644)?;
+                write()?;
             } else {
                 return Ok(());
             }

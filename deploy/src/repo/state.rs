@@ -396,10 +396,13 @@ fn lookup_in(file: &std::fs::File, name: &str) -> Result<(Option<u64>, Vec<PoolE
     let len = file.metadata()?.len();
     let lines = Lines { file, len };
     let head = lines.line(0)?;
+    // A file cut short (a damaged or partly restored copy) has no closing line: it is read
+    // whole, so that it is reported damaged rather than searched as if complete.
     let laid_out = head.starts_with(b"{\"serial\":")
         && head.ends_with(b",\"packages\":{")
         && !name.contains(['"', '\\'])
-        && name.bytes().all(|b| b >= 0x20);
+        && name.bytes().all(|b| b >= 0x20)
+        && lines.last()?.starts_with(b"}");
     if laid_out {
         let serial = head_serial(&head);
         let (mut lo, mut hi) = (head.len() as u64 + 1, len);
@@ -911,6 +914,13 @@ mod tests {
                     if !t.packages.contains_key(absent) {
                         assert!(lookup_in(&f, absent).unwrap().1.is_empty(), "{absent}");
                     }
+                }
+                // A file cut short (no closing line) is not searched as if complete: a
+                // name it lacks is an error (damaged), not "absent".
+                if n >= 2 {
+                    std::fs::write(&path, &b[..b.len() - 3]).unwrap();
+                    let f = std::fs::File::open(&path).unwrap();
+                    assert!(lookup_in(&f, "zzz").is_err(), "{n}");
                 }
                 // A hand-formatted file: read whole.
                 std::fs::write(&path, serde_json::to_vec_pretty(&t).unwrap()).unwrap();

@@ -196,6 +196,14 @@ fn is_local(h: &Host) -> bool {
     }
 }
 
+/// Whether every connection `config` makes stays on this machine: every host is local and so
+/// is every `hostaddr` (the driver connects to a `hostaddr` when one is given and uses the
+/// host only as the name to check, so `host=localhost&hostaddr=10.0.0.9` leaves the machine).
+fn all_local(config: &postgres::Config) -> bool {
+    config.get_hosts().iter().all(is_local)
+        && config.get_hostaddrs().iter().all(|ip| ip.is_loopback())
+}
+
 /// Printed once per process: the warnings of [`PgUrl::warning`].
 static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
@@ -239,7 +247,7 @@ impl PgUrl {
                 SslMode::parse(&m).map_err(|e| format!("--state: {e}"))?,
                 false,
             ),
-            None if config.get_hosts().iter().all(is_local) => (SslMode::Disable, true),
+            None if all_local(&config) => (SslMode::Disable, true),
             None => (SslMode::VerifyFull, true),
         };
         config.ssl_mode(ssl.driver());
@@ -308,7 +316,7 @@ impl PgUrl {
     /// What an operator must hear about this URL's protection, if anything: plaintext or an
     /// unchecked certificate on a connection that leaves this machine.
     pub fn warning(&self) -> Option<String> {
-        if self.config.get_hosts().iter().all(is_local) {
+        if all_local(&self.config) {
             return None;
         }
         let fix = "use sslmode=verify-full with sslrootcert=FILE (the CA of the server's \
@@ -1058,6 +1066,8 @@ pub struct Lease {
     /// The lease's session, shared with the keeper thread that pings it.
     session: Arc<Mutex<Option<Client>>>,
     held: bool,
+    /// The last failure to open the session, said once.
+    failure: Option<String>,
 }
 
 impl Lease {
@@ -1073,6 +1083,7 @@ impl Lease {
             url,
             session,
             held: false,
+            failure: None,
         }
     }
 
@@ -1085,7 +1096,28 @@ impl Lease {
         for _ in 0..2 {
             if session.as_ref().is_none_or(Client::is_closed) {
                 self.held = false;
-                *session = self.url.connect_lease().ok();
+                *session = match self.url.connect_lease() {
+                    Ok(c) => {
+                        self.failure = None;
+                        Some(c)
+                    }
+                    Err(e) => {
+                        // Said once per distinct failure: a lease that can never be taken
+                        // (say PostgreSQL before 14 refusing `idle_session_timeout`, or a
+                        // pooler refusing startup options) must not stop the gates silently.
+                        let why = format!("{e:#}");
+                        if self.failure.as_deref() != Some(why.as_str()) {
+                            eprintln!(
+                                "keepup serve: the rollout gate's lease session cannot be \
+                                 opened, so this replica cannot evaluate the gates: {why} \
+                                 (the lease needs PostgreSQL 14 or later, reached without a \
+                                 pooler that refuses startup options)"
+                            );
+                            self.failure = Some(why);
+                        }
+                        None
+                    }
+                };
             }
             let Some(c) = session.as_mut() else {
                 return false;
@@ -1190,6 +1222,12 @@ mod tests {
             ("postgres://u@[::1]:5432/fleet", "disable"),
             ("postgres://u@localhost,db2/fleet", "verify-full"),
             ("postgres://u@%2Frun%2Fpostgresql/fleet", "disable"),
+            // The driver connects to `hostaddr`: a remote one is not this machine.
+            (
+                "postgres://u@localhost/fleet?hostaddr=10.0.0.9",
+                "verify-full",
+            ),
+            ("postgres://u@localhost/fleet?hostaddr=127.0.0.1", "disable"),
         ] {
             if std::env::var_os("PGSSLMODE").is_none() {
                 let u = PgUrl::parse(url).unwrap();
@@ -1198,6 +1236,9 @@ mod tests {
             }
         }
         let loud = PgUrl::parse("postgres://u@db1/fleet?sslmode=disable").unwrap();
+        assert!(loud.warning().unwrap().contains("NOT ENCRYPTED"));
+        let loud =
+            PgUrl::parse("postgres://u@localhost/fleet?hostaddr=10.0.0.9&sslmode=disable").unwrap();
         assert!(loud.warning().unwrap().contains("NOT ENCRYPTED"));
         assert!(PgUrl::parse("postgres://u@db1/fleet?nonsense=1")
             .unwrap_err()

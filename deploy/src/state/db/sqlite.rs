@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use rusqlite::types::{ToSqlOutput, ValueRef};
-use rusqlite::{params, Connection};
+use rusqlite::{params, Connection, OptionalExtension as _};
 
 use keepup_deploy::wire::{Event, EventKind};
 
@@ -98,6 +98,10 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
 /// Huffman coding: a 1.7 KB report packs to about 610 bytes (level 1: 480) at twice level 1's
 /// speed; on the request threads, the CPU is worth more than the bytes.
 const PACK_LEVEL: i32 = -1;
+
+/// How far past the server's clock an event's receive time may be before retention takes it
+/// for a clock that jumped forward and then back (see [`Db::prune`]).
+const FUTURE_SLACK: u64 = 300;
 
 /// See [`super::pack_body`]. Each thread keeps its compression context (made once: making
 /// one per body would cost more than the compression).
@@ -299,14 +303,29 @@ impl Sqlite {
         for h in hosts {
             let mut rows = st.query([h])?;
             if let Some(r) = rows.next()? {
+                // A damaged body is skipped, not fatal: failing here would stop the server
+                // from starting, and the host's next report (which replaces it) could then
+                // never arrive.
                 let body = match r.get_ref(3)? {
                     ValueRef::Text(t) => t.to_vec(),
-                    ValueRef::Blob(b) => unpack_body(b).with_context(|| {
-                        format!("the stored report of {h} is damaged; the host's next report replaces it")
-                    })?,
-                    _ => anyhow::bail!(
-                        "the stored report of {h} is neither text nor a packed body; the host's next report replaces it"
-                    ),
+                    ValueRef::Blob(b) => match unpack_body(b) {
+                        Ok(body) => body,
+                        Err(e) => {
+                            eprintln!(
+                                "keepup: the stored report of {h} is damaged ({e:#}): skipped; \
+                                 the host shows no report until its next one replaces it"
+                            );
+                            continue;
+                        }
+                    },
+                    _ => {
+                        eprintln!(
+                            "keepup: the stored report of {h} is neither text nor a packed \
+                             body: skipped; the host shows no report until its next one \
+                             replaces it"
+                        );
+                        continue;
+                    }
                 };
                 out.push((
                     r.get(0)?,
@@ -398,12 +417,32 @@ impl Sqlite {
     /// receive times not follow ids (the server's clock set back; a file migrated from
     /// before receive times, which took the hosts' times), an event received before the
     /// cutoff but after a younger one waits for that one: retention is late, never early.
+    /// An event stamped in the future (more than [`FUTURE_SLACK`] past `now`: the clock went
+    /// forward, then back) would stop the walk until that date: when the walk's first kept
+    /// event is one, every such event is stamped `now` (one scan of the log, once per clock
+    /// incident), so they are kept for the whole age from now: late, never early.
     pub fn prune(&mut self, now: u64, max_age_secs: u64) -> Result<usize> {
+        let cutoff = now.saturating_sub(max_age_secs) as i64;
+        let future = now.saturating_add(FUTURE_SLACK) as i64;
+        let first_kept: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT received_at FROM events WHERE received_at >= ?1 ORDER BY id LIMIT 1",
+                [cutoff],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if first_kept.is_some_and(|t| t > future) {
+            self.conn.execute(
+                "UPDATE events SET received_at = ?1 WHERE received_at > ?2",
+                [now as i64, future],
+            )?;
+        }
         Ok(self.conn.execute(
             "DELETE FROM events WHERE id < coalesce(
                  (SELECT id FROM events WHERE received_at >= ?1 ORDER BY id LIMIT 1),
                  (SELECT max(id) FROM events) + 1)",
-            [now.saturating_sub(max_age_secs) as i64],
+            [cutoff],
         )?)
     }
 
@@ -548,6 +587,22 @@ mod tests {
             db.report_bodies(&["web1"]).unwrap(),
             [("web1".into(), 300, 299, b"{\"host\":\"web1\"}".to_vec())]
         );
+        // A damaged packed body is skipped (the server still starts), not an error.
+        Connection::open(&path)
+            .unwrap()
+            .execute(
+                "INSERT INTO reports (host, received_at, sent_at, report) VALUES ('web2', 5, 4, x'28b52ffd00')",
+                [],
+            )
+            .unwrap();
+        assert_eq!(
+            db.report_bodies(&["web1", "web2"]).unwrap(),
+            [("web1".into(), 300, 299, b"{\"host\":\"web1\"}".to_vec())]
+        );
+        Connection::open(&path)
+            .unwrap()
+            .execute("DELETE FROM reports WHERE host = 'web2'", [])
+            .unwrap();
         let msgs = |v: Vec<Event>| v.into_iter().map(|e| e.message).collect::<Vec<_>>();
         assert_eq!(msgs(db.events("web1", 10).unwrap()), ["three", "one"]);
         assert_eq!(msgs(db.events("web2", 10).unwrap()), ["two"]);
@@ -607,6 +662,32 @@ mod tests {
         // Cutoff 550: the second and the third go, never the fourth.
         assert_eq!(db.prune(1000, 450).unwrap(), Some(2));
         assert_eq!(ats(&db), [4]);
+        // An event stamped a year ahead (the clock jumped forward, then back) does not stop
+        // retention until then: it is kept for the whole age from now, then goes.
+        for (received_at, at) in [(700, 5), (1000 + 365 * 86400, 6), (800, 7)] {
+            let events = [ev(at, "x")];
+            db.store(
+                &[StoredReport {
+                    host: "web1",
+                    received_at,
+                    sent_at: received_at,
+                    body: b"{}",
+                    packed_body: None,
+                    summary: b"s",
+                    new_events: &events,
+                    apply_quota: false,
+                }],
+                100,
+            )
+            .unwrap();
+        }
+        // Cutoff 750 at 1000: 4 and 5 go; 6 (now stamped 1000) and 7 stay.
+        assert_eq!(db.prune(1000, 250).unwrap(), Some(2));
+        assert_eq!(ats(&db), [6, 7]);
+        assert_eq!(db.prune(1200, 250).unwrap(), Some(0));
+        // Cutoff 1001 at 1251: all gone (without the stamp, 6 would have stopped the walk).
+        assert_eq!(db.prune(1251, 250).unwrap(), Some(2));
+        assert_eq!(ats(&db), Vec::<u64>::new());
     }
 
     #[test]
