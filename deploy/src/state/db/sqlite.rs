@@ -629,23 +629,27 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut db = Db::open_file(&dir.path().join("state.db")).unwrap();
         db.add_hosts(&["web1".into()]).unwrap();
-        for (received_at, at) in [(100, 1), (500, 2), (90, 3), (600, 4)] {
-            let events = [ev(at, "x")];
-            db.store(
-                &[StoredReport {
-                    host: "web1",
-                    received_at,
-                    sent_at: received_at,
-                    body: b"{}",
-                    packed_body: None,
-                    summary: b"s",
-                    new_events: &events,
-                    apply_quota: false,
-                }],
-                100,
-            )
-            .unwrap();
-        }
+        // One report of web1 per (receive time, event time), each with one event.
+        let store = |db: &mut Db, events: &[(u64, u64)]| {
+            for &(received_at, at) in events {
+                let events = [ev(at, "x")];
+                db.store(
+                    &[StoredReport {
+                        host: "web1",
+                        received_at,
+                        sent_at: received_at,
+                        body: b"{}",
+                        packed_body: None,
+                        summary: b"s",
+                        new_events: &events,
+                        apply_quota: false,
+                    }],
+                    100,
+                )
+                .unwrap();
+            }
+        };
+        store(&mut db, &[(100, 1), (500, 2), (90, 3), (600, 4)]);
         let ats = |db: &Db| {
             let mut v: Vec<u64> = db
                 .events("web1", 10)
@@ -664,23 +668,7 @@ mod tests {
         assert_eq!(ats(&db), [4]);
         // An event stamped a year ahead (the clock jumped forward, then back) does not stop
         // retention until then: it is kept for the whole age from now, then goes.
-        for (received_at, at) in [(700, 5), (1000 + 365 * 86400, 6), (800, 7)] {
-            let events = [ev(at, "x")];
-            db.store(
-                &[StoredReport {
-                    host: "web1",
-                    received_at,
-                    sent_at: received_at,
-                    body: b"{}",
-                    packed_body: None,
-                    summary: b"s",
-                    new_events: &events,
-                    apply_quota: false,
-                }],
-                100,
-            )
-            .unwrap();
-        }
+        store(&mut db, &[(700, 5), (1000 + 365 * 86400, 6), (800, 7)]);
         // Cutoff 750 at 1000: 4 and 5 go; 6 (now stamped 1000) and 7 stay.
         assert_eq!(db.prune(1000, 250).unwrap(), Some(2));
         assert_eq!(ats(&db), [6, 7]);
