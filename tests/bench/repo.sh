@@ -18,6 +18,8 @@
 #                 another filesystem (/dev/shm);
 #        peers:   `cp` (and `cp -l`) of the files into a pool directory + apt-ftparchive +
 #                 createrepo_c.
+#      (In CPU time, .debs only, with a before/after binary taking turns:
+#      tests/bench/publish-debs.sh.)
 #   3. one promotion of one package from unstable to testing:
 #        keepup:  `keepup promote --repo R pkgXXXX --to testing`, with SMALL and then N
 #                 packages in unstable (testing small), and with N packages in unstable and
