@@ -138,7 +138,9 @@ hz=$(getconf CLK_TCK)
 cpu=$(( $(ticks "/proc/$pid/stat") - cpu0 )) wcpu=$(( $(ticks "$wstat") - wcpu0 ))
 cpu2=$(( $([ -n "${pid2:-}" ] && ticks "/proc/$pid2/stat" || echo 0) - cpu20 ))
 pgcpu=$(( $([ "$BACKEND" = postgres ] && pg_ticks || echo 0) - pgcpu0 ))
-loadms=$(awk '{printf "%d", ($1 + $2) * 1000}' "$tmp/load.time" 2>/dev/null || echo 0)
+# (time writes "Command exited with non-zero status" first when reports were rejected)
+loadms=$(tail -1 "$tmp/load.time" 2>/dev/null | awk '{printf "%d", ($1 + $2) * 1000}')
+loadms=${loadms:-0}
 echo "server CPU during the load (user+sys, all replicas): $(( (cpu + cpu2) * 1000 / hz )) ms"
 stored=$(sed -n 's/^total: \([0-9]*\) reports stored.*/\1/p' "$tmp/plain.out")
 if [ "${stored:-0}" -gt 0 ]; then
