@@ -21,6 +21,10 @@
 #   HOSTS=1000000 ROUNDS=1 TLS=0 bash tests/bench/report.sh
 #   HOSTS=1000000 ROUNDS=1 BACKEND=postgres bash tests/bench/report.sh
 #   VIEWS=0 ...                                   # ingestion and restart only
+#   KEEPUP=/path/to/keepup ...                    # another keepup binary (turns of old and new)
+# With BACKEND=postgres the CPU per stored report is split between the replicas, PostgreSQL (the
+# postmaster and its backends, from /proc) and reportload; PGSTAT=1 loads pg_stat_statements in
+# the throwaway cluster and prints each statement's calls and execution time after the load.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -32,6 +36,8 @@ TLS=${TLS:-1}
 PGTLS=${PGTLS:-0}
 
 . tests/bench/fleetload.sh
+K=${KEEPUP:-$K}
+PGSTAT=${PGSTAT:-0}
 
 "$K" repo init "$tmp/repo" >/dev/null 2>&1
 "$K" assign --repo "$tmp/repo" '*' --track stable >/dev/null 2>&1
@@ -69,6 +75,7 @@ postgres)
     fi
     runuser -u nobody -- "$pgbin/initdb" -D "$pgdir/data" -U keepup --auth-local=trust \
         --auth-host=scram-sha-256 --no-sync --pwfile="$pgdir/pw" >/dev/null
+    [ "$PGSTAT" = 1 ] && pgssl="$pgssl -c shared_preload_libraries=pg_stat_statements -c pg_stat_statements.track=all"
     runuser -u nobody -- "$pgbin/pg_ctl" -D "$pgdir/data" -l "$pgdir/log" -w -t 60 -o \
         "-p $pgport -k $pgdir -c listen_addresses=127.0.0.1 -c synchronous_commit=off -c shared_buffers=512MB -c max_connections=60 $pgssl" \
         start >/dev/null
@@ -78,6 +85,8 @@ postgres)
         rm -rf "$pgdir"
     }
     runuser -u nobody -- "$pgbin/psql" -X -q -h "$pgdir" -p "$pgport" -U keepup -d postgres -c 'CREATE DATABASE fleet'
+    pgsql() { runuser -u nobody -- "$pgbin/psql" -X -q -A -t -h "$pgdir" -p "$pgport" -U keepup -d fleet -c "$1"; }
+    [ "$PGSTAT" = 1 ] && pgsql 'CREATE EXTENSION pg_stat_statements' >/dev/null
     state="postgres://keepup:keepup-bench-pw@127.0.0.1:$pgport/fleet$pgurlssl"
     ;;
 *) echo "BACKEND is sqlite or postgres, not $BACKEND" >&2; exit 1 ;;
@@ -110,17 +119,43 @@ writer_stat() { grep -l '^state-writer$' /proc/"$1"/task/*/comm 2>/dev/null | he
 wstat=$(writer_stat "$pid")
 cpu0=$(ticks "/proc/$pid/stat") wcpu0=$(ticks "$wstat")
 cpu20=$([ -n "${pid2:-}" ] && ticks "/proc/$pid2/stat" || echo 0)
+# PostgreSQL's CPU: the postmaster (with the children it reaped) and every live child (the
+# backends of both replicas, the WAL writer, the checkpointer, autovacuum).
+pg_ticks() {
+    local pm
+    pm=$(head -1 "$pgdir/data/postmaster.pid")
+    awk -v pm="$pm" '$2 != "(postgres)" {next} $4 == pm {t += $14 + $15} $1 == pm {t += $14 + $15 + $16 + $17} END {print t + 0}' \
+        /proc/[0-9]*/stat 2>/dev/null
+}
+pgcpu0=$([ "$BACKEND" = postgres ] && pg_ticks || echo 0)
+[ "$PGSTAT" = 1 ] && [ "$BACKEND" = postgres ] && pgsql 'SELECT pg_stat_statements_reset()' >/dev/null
 # Reports rejected under load (503 past the store wait) are counted and shown; the figures after
 # them are still measured.
-"$LOAD" --server "$servers" --tokens "$tmp/tokens" --connections "$CONNECTIONS" --rounds "$ROUNDS" 2>&1 | grep -v '^ \+[0-9]*: \|^ \+at ' | tee "$tmp/plain.out" || true
+/usr/bin/time -f '%U %S' -o "$tmp/load.time" \
+    "$LOAD" --server "$servers" --tokens "$tmp/tokens" --connections "$CONNECTIONS" --rounds "$ROUNDS" 2>&1 | grep -v '^ \+[0-9]*: \|^ \+at ' | tee "$tmp/plain.out" || true
 echo "load average after the load: $(cut -d' ' -f1-3 /proc/loadavg)"
 hz=$(getconf CLK_TCK)
 cpu=$(( $(ticks "/proc/$pid/stat") - cpu0 )) wcpu=$(( $(ticks "$wstat") - wcpu0 ))
 cpu2=$(( $([ -n "${pid2:-}" ] && ticks "/proc/$pid2/stat" || echo 0) - cpu20 ))
+pgcpu=$(( $([ "$BACKEND" = postgres ] && pg_ticks || echo 0) - pgcpu0 ))
+# (time writes "Command exited with non-zero status" first when reports were rejected)
+loadms=$(tail -1 "$tmp/load.time" 2>/dev/null | awk '{printf "%d", ($1 + $2) * 1000}')
+loadms=${loadms:-0}
 echo "server CPU during the load (user+sys, all replicas): $(( (cpu + cpu2) * 1000 / hz )) ms"
 stored=$(sed -n 's/^total: \([0-9]*\) reports stored.*/\1/p' "$tmp/plain.out")
 if [ "${stored:-0}" -gt 0 ]; then
     echo "server CPU per stored report: $(( (cpu + cpu2) * 1000000 / hz / stored )) us in all, $(( wcpu * 1000000 / hz / stored )) us in the first's state-writer thread ($stored reports; $cpu + $cpu2 and $wcpu ticks of 1/$hz s)"
+    if [ "$BACKEND" = postgres ]; then
+        echo "CPU per stored report: replica 1 $(( cpu * 1000000 / hz / stored )) us, replica 2 $(( cpu2 * 1000000 / hz / stored )) us, PostgreSQL $(( pgcpu * 1000000 / hz / stored )) us, reportload $(( loadms * 1000 / stored )) us (PostgreSQL $pgcpu ticks)"
+    else
+        echo "reportload CPU per stored report: $(( loadms * 1000 / stored )) us"
+    fi
+fi
+if [ "$PGSTAT" = 1 ] && [ "$BACKEND" = postgres ]; then
+    echo "pg_stat_statements during the load (calls, total ms, ms per call, rows; the top 8 by time):"
+    pgsql "SELECT calls, round(total_exec_time), round((total_exec_time / calls)::numeric, 3), rows,
+               regexp_replace(left(query, 90), '\s+', ' ', 'g')
+           FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 8" | sed 's/^/  /'
 fi
 echo "server after the load: $(grep VmRSS "/proc/$pid/status")"
 [ -n "${pid2:-}" ] && echo "replica 2 after the load: $(grep VmRSS "/proc/$pid2/status")"

@@ -184,6 +184,11 @@ impl PgCluster {
         std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
     }
 
+    /// The directory of the cluster's Unix socket (`.s.PGSQL.PORT`; `trust` lets `keepup` in).
+    pub fn socket_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
     /// The cluster's TCP port.
     pub fn port(&self) -> u16 {
         self.port

@@ -189,7 +189,7 @@ fn replicas_share_reports_and_tokens_and_migrate_once() -> Result<()> {
         )?
         .split_whitespace()
         .collect::<Vec<_>>()
-            == ["1", "2"]
+            == ["1", "2", "3"]
     );
 
     // A host registered while both run (the URL without a password: PGPASSWORD).
@@ -351,7 +351,8 @@ fn a_replica_killed_under_load_loses_no_accepted_report() -> Result<()> {
     let stored = pg.psql(
         "fleet",
         "SELECT r.host FROM reports r JOIN events e ON e.host = r.host \
-         AND e.message = 'load-' || r.host WHERE r.report LIKE '%2.0-1%'",
+         AND e.message = 'load-' || r.host \
+         WHERE r.report LIKE '%2.0-1%' OR (r.report = '' AND r.packed IS NOT NULL)",
     )?;
     let stored: std::collections::HashSet<&str> = stored.lines().collect();
     let lost: Vec<&String> = accepted
@@ -611,6 +612,77 @@ fn a_database_of_the_first_schema_starts_and_shows_what_it_holds() -> Result<()>
     ensure!(versions_via(&again.url())? == [("web1".to_string(), "1.4-1".to_string())]);
     // The host's token, as the first schema stored it, still works.
     ensure!(post(again.port, "tok-web1", &report("web1", "1.5-1", "new")) == 204);
+    // Its new report's body is stored packed (migration 3), and read back as JSON when a
+    // server has to make the summary from it.
+    ensure!(
+        pg.psql(
+            "fleet",
+            "SELECT report = '' AND packed IS NOT NULL FROM reports WHERE host = 'web1'"
+        )?
+        .trim()
+            == "t"
+    );
+    again.kill();
+    pg.psql("fleet", "UPDATE reports SET summary = NULL")?;
+    let mut third = Replica::spawn(&repo, &pg.url(true), tmp.path().join("c.log"))?;
+    third.wait_listening()?;
+    ensure!(
+        versions_via(&third.url())? == [("web1".to_string(), "1.5-1".to_string())],
+        "{}",
+        third.stderr()
+    );
+    Ok(())
+}
+
+#[test]
+fn retention_drops_only_events_older_than_the_cutoff() -> Result<()> {
+    if !postgres_or_skip() {
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    let pg = PgCluster::start()?;
+    let repo = template_repo("pg")?;
+    let mut a = Replica::spawn(&repo, &pg.url(true), tmp.path().join("a.log"))?;
+    a.wait_listening()?;
+    let tokens = add_bulk(&pg, &["web1".to_string()])?;
+    // Events received 8 days ago (the age limit is 7), logged before the host's report...
+    let aged = |what: &str| {
+        let old = now() - 8 * 86_400;
+        format!(
+            "INSERT INTO events(host, at, service, kind, message, received_at)
+             SELECT 'web1', {old}, 'foo', 'install', '{what} ' || i, {old}
+             FROM generate_series(1, 3) i"
+        )
+    };
+    pg.psql("fleet", &aged("aged"))?;
+    wait_until(
+        "the replica knows the token",
+        Duration::from_secs(10),
+        || Ok(post(a.port, &tokens[0].1, &report("web1", "1.4-1", "fresh")) == 204),
+    )?;
+    // ... and after it: the log is walked by id and stops at the first event it keeps, so
+    // these wait for the fresh one (late, never early).
+    pg.psql("fleet", &aged("late"))?;
+    let count = |like: &str| -> Result<u32> {
+        Ok(pg
+            .psql(
+                "fleet",
+                &format!("SELECT count(*) FROM events WHERE message LIKE '{like}%'"),
+            )?
+            .trim()
+            .parse()?)
+    };
+    ensure!(count("aged")? == 3);
+    // The first retention runs a minute after the start.
+    wait_until("the retention ran", Duration::from_secs(120), || {
+        Ok(count("aged")? == 0)
+    })
+    .with_context(|| a.stderr())?;
+    ensure!(
+        count("fresh")? >= 1 && count("late")? == 3,
+        "{}",
+        a.stderr()
+    );
     Ok(())
 }
 
@@ -793,6 +865,35 @@ fn host_list(url: &str) -> Result<(bool, String)> {
         out.status.success(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     ))
+}
+
+#[test]
+fn a_unix_socket_ignores_sslmode_as_libpq_does() -> Result<()> {
+    if !postgres_or_skip() {
+        return Ok(());
+    }
+    let pg = PgCluster::start()?;
+    let port = pg.port();
+    let dir = pg.socket_dir().display().to_string();
+    let encoded = dir.replace('/', "%2F");
+    // The socket in the URL's host (percent-encoded) or in `host=`: no TLS over it whatever
+    // `sslmode` says (the driver asked the server for TLS over the socket and failed).
+    for url in [
+        format!("postgres://keepup@{encoded}:{port}/fleet?sslmode=require"),
+        format!("postgres:///fleet?host={dir}&port={port}&user=keepup&sslmode=verify-full"),
+        // A socket and a TCP host: the TCP host keeps its TLS (refused: this cluster has
+        // none), the socket after it is used in plaintext.
+        format!("postgres://keepup@127.0.0.1:{port},{encoded}:{port}/fleet?sslmode=require"),
+    ] {
+        let (ok, err) = host_list(&url)?;
+        ensure!(ok, "{url}: {err}");
+    }
+    // TLS is still required of a TCP host.
+    let (ok, err) = host_list(&format!(
+        "postgres://keepup@127.0.0.1:{port}/fleet?sslmode=require"
+    ))?;
+    ensure!(!ok && err.contains("does not offer TLS"), "{err}");
+    Ok(())
 }
 
 /// An impostor PostgreSQL on loopback: it answers the TLS request with `cert`, and if the

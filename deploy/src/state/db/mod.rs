@@ -146,7 +146,7 @@ pub struct StoredReport<'a> {
     /// The JSON body.
     pub body: &'a [u8],
     /// The body as [`pack_body`] compressed it, for a backend that stores it so
-    /// ([`Db::packs_bodies`]: SQLite); `None`: the body is stored as it came.
+    /// ([`Db::packs_bodies`]); `None`: the body is stored as it came.
     pub packed_body: Option<&'a [u8]>,
     /// The host's summary and event window, encoded (`state::summary_codec`): what a server
     /// reads at start and from other replicas instead of the body.
@@ -157,8 +157,8 @@ pub struct StoredReport<'a> {
     pub apply_quota: bool,
 }
 
-/// A report body compressed as the SQLite backend stores it (a zstd frame: the reports table,
-/// its WAL writes and checkpoints are a third of what the JSON takes). Made by the request's
+/// A report body compressed as the backends store it (a zstd frame: the reports table, its
+/// WAL writes and checkpoints are a third of what the JSON takes). Made by the request's
 /// thread, beside the one writer ([`StoredReport::packed_body`]). `None` should zstd fail: the
 /// body is then stored as it came.
 pub fn pack_body(body: &[u8]) -> Option<Vec<u8>> {
@@ -295,9 +295,10 @@ impl Db {
         }
     }
 
-    /// Whether this backend stores report bodies packed ([`pack_body`]): SQLite does.
+    /// Whether this backend stores report bodies packed ([`pack_body`]): both do
+    /// (PostgreSQL since its migration 3).
     pub fn packs_bodies(&self) -> bool {
-        matches!(self.backend, Backend::Sqlite(_))
+        matches!(self.backend, Backend::Sqlite(_) | Backend::Postgres(_))
     }
 
     /// Whether other replicas may store reports in this database (PostgreSQL).

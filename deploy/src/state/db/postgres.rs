@@ -13,7 +13,8 @@
 //! or `~/.pgpass`, as libpq reads it). It is never shown: messages name the database by
 //! [`PgUrl`]'s display, which has none. The connection is TLS as the URL's `sslmode` and
 //! `sslrootcert` say ([`tls`]); without `sslmode`, a host other than loopback gets
-//! `verify-full`, so the password only goes to a server whose certificate is checked.
+//! `verify-full`, so the password only goes to a server whose certificate is checked. A Unix
+//! socket is never TLS, whatever `sslmode` says (as with libpq).
 
 use std::cell::{RefCell, RefMut};
 use std::collections::{HashMap, HashSet};
@@ -25,7 +26,7 @@ use anyhow::{bail, Context as _, Result};
 use postgres::config::Host;
 use postgres::error::SqlState;
 use postgres::fallible_iterator::FallibleIterator as _;
-use postgres::Client;
+use postgres::{Client, Statement};
 
 use keepup_deploy::wire::{Event, EventKind};
 
@@ -79,7 +80,22 @@ const MIGRATIONS: &[(i32, &str)] = &[
     // replicas instead of the body; rows stored before it have none until a server
     // starts and fills it in from their bodies.
     (2, "ALTER TABLE reports ADD COLUMN summary BYTEA;"),
+    // Bodies stored packed (`super::pack_body`, made on the request threads): `packed` holds
+    // the zstd frame and `report` is empty; a row whose `report` is not empty (stored before,
+    // or by a replica of a keepup before this migration during an upgrade) is that text. The
+    // packed frame is not compressed again (no pglz in the backend). Events lose the index of
+    // their receive times: the age retention walks the log by `id` ([`Postgres::prune`]).
+    (
+        3,
+        "ALTER TABLE reports ADD COLUMN packed BYTEA;
+    ALTER TABLE reports ALTER COLUMN packed SET STORAGE EXTERNAL;
+    DROP INDEX IF EXISTS events_received;",
+    ),
 ];
+
+/// How far past a replica's clock an event's receive time may be before the retention takes
+/// it for a clock that jumped forward and then back ([`Postgres::prune`]).
+const FUTURE_SLACK: u64 = 300;
 
 /// A PostgreSQL database to connect to, parsed from `--state`.
 #[derive(Clone)]
@@ -196,6 +212,67 @@ fn is_local(h: &Host) -> bool {
     }
 }
 
+/// Whether `config`'s host `i` is a Unix socket: a path, with no `hostaddr` (the driver
+/// connects to a `hostaddr` over TCP when one is given).
+fn is_socket(config: &postgres::Config, i: usize) -> bool {
+    matches!(config.get_hosts().get(i), Some(Host::Unix(_))) && config.get_hostaddrs().is_empty()
+}
+
+/// `config` with only its host `i` (with that host's `hostaddr` and port): everything else as
+/// it is.
+fn one_host(config: &postgres::Config, i: usize) -> postgres::Config {
+    let mut one = postgres::Config::new();
+    if let Some(user) = config.get_user() {
+        one.user(user);
+    }
+    if let Some(pw) = config.get_password() {
+        one.password(pw);
+    }
+    if let Some(db) = config.get_dbname() {
+        one.dbname(db);
+    }
+    if let Some(options) = config.get_options() {
+        one.options(options);
+    }
+    if let Some(name) = config.get_application_name() {
+        one.application_name(name);
+    }
+    match config.get_hosts().get(i) {
+        Some(Host::Tcp(name)) => {
+            one.host(name);
+        }
+        Some(Host::Unix(path)) => {
+            one.host_path(path);
+        }
+        None => {}
+    }
+    if let Some(addr) = config.get_hostaddrs().get(i) {
+        one.hostaddr(*addr);
+    }
+    if let Some(port) = config.get_ports().get(i).or(config.get_ports().first()) {
+        one.port(*port);
+    }
+    if let Some(t) = config.get_connect_timeout() {
+        one.connect_timeout(*t);
+    }
+    if let Some(t) = config.get_tcp_user_timeout() {
+        one.tcp_user_timeout(*t);
+    }
+    one.keepalives(config.get_keepalives())
+        .keepalives_idle(config.get_keepalives_idle());
+    if let Some(t) = config.get_keepalives_interval() {
+        one.keepalives_interval(t);
+    }
+    if let Some(n) = config.get_keepalives_retries() {
+        one.keepalives_retries(n);
+    }
+    one.ssl_mode(config.get_ssl_mode())
+        .ssl_negotiation(config.get_ssl_negotiation())
+        .target_session_attrs(config.get_target_session_attrs())
+        .channel_binding(config.get_channel_binding());
+    one
+}
+
 /// Whether every connection `config` makes stays on this machine: every host is local and so
 /// is every `hostaddr` (the driver connects to a `hostaddr` when one is given and uses the
 /// host only as the name to check, so `host=localhost&hostaddr=10.0.0.9` leaves the machine).
@@ -261,7 +338,12 @@ impl PgUrl {
                     .into(),
             );
         }
-        let tls = tls::connector(ssl, &root).map_err(|e| format!("--state: {e}"))?;
+        // Only TCP hosts get TLS: with Unix sockets alone there is nothing to configure.
+        let tls = if (0..config.get_hosts().len()).all(|i| is_socket(&config, i)) {
+            None
+        } else {
+            tls::connector(ssl, &root).map_err(|e| format!("--state: {e}"))?
+        };
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(10));
         }
@@ -372,11 +454,38 @@ impl PgUrl {
                 config.password(pw);
             }
         }
+        if !(0..config.get_hosts().len()).any(|i| is_socket(&config, i)) {
+            return self.connect_tcp(&config).map_err(|e| self.explain(&e));
+        }
+        // A Unix socket gets no TLS whatever `sslmode` says, as with libpq (the driver would
+        // ask the server for TLS over it, and have no name to check): each host in turn,
+        // in the URL's order, the sockets in plaintext and the TCP hosts as configured.
+        let mut last = None;
+        for i in 0..config.get_hosts().len() {
+            let mut one = one_host(&config, i);
+            let tried = if is_socket(&config, i) {
+                one.ssl_mode(postgres::config::SslMode::Disable);
+                one.connect(postgres::NoTls)
+            } else {
+                self.connect_tcp(&one)
+            };
+            match tried {
+                Ok(c) => return Ok(c),
+                Err(e) => last = Some(e),
+            }
+        }
+        match last {
+            Some(e) => Err(self.explain(&e)),
+            None => bail!("the PostgreSQL URL {self} names no host"),
+        }
+    }
+
+    /// Connect as `config` says, with TLS as `sslmode` says.
+    fn connect_tcp(&self, config: &postgres::Config) -> Result<Client, postgres::Error> {
         match &self.tls {
             Some(tls) => config.connect(tls.clone()),
             None => config.connect(postgres::NoTls),
         }
-        .map_err(|e| self.explain(&e))
     }
 
     /// `PGPASSWORD`, else the first matching line of the password file.
@@ -589,6 +698,38 @@ fn session_ended(e: postgres::Error) -> anyhow::Error {
     }
 }
 
+/// The store's one statement for a batch ([`Postgres::store`]): the reports (the last of each
+/// host, and only hosts still registered) and their events; the events insert reads what the
+/// reports insert returned. `$4` is the body as text (empty when packed), `$5` the packed
+/// body.
+const STORE_SQL: &str = "WITH stored AS (
+         INSERT INTO reports(host, received_at, sent_at, report, packed, summary, seq, replica)
+         SELECT t.h, t.ra, t.sa, t.body, t.p, t.s, nextval('report_seq'), $7
+         FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::bytea[],
+                     $6::bytea[]) WITH ORDINALITY AS t(h, ra, sa, body, p, s, i)
+         WHERE EXISTS (SELECT 1 FROM hosts WHERE name = t.h)
+         ORDER BY t.i
+         ON CONFLICT(host) DO UPDATE SET received_at = excluded.received_at,
+         sent_at = excluded.sent_at, report = excluded.report, packed = excluded.packed,
+         summary = excluded.summary, seq = excluded.seq, replica = excluded.replica
+         RETURNING host
+     ), logged AS (
+         INSERT INTO events(host, at, service, kind, message, received_at)
+         SELECT e.h, e.at, e.sv, e.k, e.m, e.ra
+         FROM unnest($8::text[], $9::bigint[], $10::text[], $11::text[], $12::text[],
+                     $13::bigint[]) WITH ORDINALITY AS e(h, at, sv, k, m, ra, i)
+         WHERE e.h IN (SELECT host FROM stored)
+         ORDER BY e.i
+     )
+     SELECT host FROM stored";
+
+/// The event quota of the hosts in `$1`: each keeps its newest `$2` events.
+const QUOTA_SQL: &str = "DELETE FROM events e USING (
+         SELECT q.h, (SELECT id FROM events WHERE host = q.h
+                      ORDER BY id DESC LIMIT 1 OFFSET $2) AS cut
+         FROM unnest($1::text[]) AS q(h)) c
+     WHERE e.host = c.h AND e.id <= c.cut";
+
 /// Hosts registered per statement by `keepup host add --bulk`.
 const ADD_HOSTS_CHUNK: usize = 10_000;
 
@@ -596,6 +737,9 @@ const ADD_HOSTS_CHUNK: usize = 10_000;
 pub struct Postgres {
     url: PgUrl,
     client: RefCell<Client>,
+    /// Statements prepared on `client`, by their SQL: parsed and planned once per connection,
+    /// not at every call (emptied when the connection is opened again).
+    prepared: RefCell<HashMap<&'static str, Statement>>,
 }
 
 impl Postgres {
@@ -615,6 +759,7 @@ impl Postgres {
         Ok(Postgres {
             url: url.clone(),
             client: RefCell::new(client),
+            prepared: RefCell::new(HashMap::new()),
         })
     }
 
@@ -623,8 +768,19 @@ impl Postgres {
         let mut c = self.client.borrow_mut();
         if c.is_closed() {
             *c = self.url.connect()?;
+            self.prepared.borrow_mut().clear();
         }
         Ok(c)
+    }
+
+    /// `sql` prepared on `c` (this handle's connection), once per connection.
+    fn statement(&self, c: &mut Client, sql: &'static str) -> Result<Statement, postgres::Error> {
+        if let Some(st) = self.prepared.borrow().get(sql) {
+            return Ok(st.clone());
+        }
+        let st = c.prepare(sql)?;
+        self.prepared.borrow_mut().insert(sql, st.clone());
+        Ok(st)
     }
 
     /// See [`super::Db::add_hosts`].
@@ -732,10 +888,9 @@ impl Postgres {
 
     /// See [`super::Db::hosts_version`].
     pub fn hosts_version(&self) -> Result<i64> {
-        Ok(self
-            .client()?
-            .query_one("SELECT value FROM meta WHERE key = 'hosts_version'", &[])?
-            .get(0))
+        let mut c = self.client()?;
+        let st = self.statement(&mut c, "SELECT value FROM meta WHERE key = 'hosts_version'")?;
+        Ok(c.query_one(&st, &[])?.get(0))
     }
 
     /// Every host's latest report (its summary), and the highest sequence number among them
@@ -765,12 +920,14 @@ impl Postgres {
     /// The reports other replicas stored after `mark` (their summaries), and the new mark.
     /// Stores commit in sequence order (they hold [`STORE_LOCK`]), so none is skipped.
     pub fn peer_reports(&self, mark: i64, me: &str) -> Result<(Vec<Latest>, i64)> {
-        let rows = self.client()?.query(
+        let mut c = self.client()?;
+        let st = self.statement(
+            &mut c,
             "SELECT host, received_at, sent_at, CASE WHEN replica <> $2 THEN summary END,
              replica <> $2, seq
              FROM reports WHERE seq > $1 ORDER BY seq",
-            &[&mark, &me],
         )?;
+        let rows = c.query(&st, &[&mark, &me])?;
         let mut next = mark;
         let mut out = Vec::new();
         for r in &rows {
@@ -788,22 +945,40 @@ impl Postgres {
     }
 
     /// See [`super::Db::report_bodies`].
+    /// A body stored packed (migration 3: `packed`, with `report` empty) is unpacked; one
+    /// stored as text is as it came; a damaged one is skipped (the host's next report
+    /// replaces it), as on SQLite.
     pub fn report_bodies(&self, hosts: &[&str]) -> Result<Vec<LatestBody>> {
         let rows = self.client()?.query(
-            "SELECT host, received_at, sent_at, report FROM reports WHERE host = ANY($1)",
+            "SELECT host, received_at, sent_at, report, packed FROM reports
+             WHERE host = ANY($1)",
             &[&hosts],
         )?;
-        Ok(rows
-            .iter()
-            .map(|r| {
-                (
-                    r.get(0),
-                    r.get::<_, i64>(1) as u64,
-                    r.get::<_, i64>(2) as u64,
-                    r.get::<_, String>(3).into_bytes(),
-                )
-            })
-            .collect())
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let host: String = r.get(0);
+            let text: &str = r.get(3);
+            let body = match r.get::<_, Option<&[u8]>>(4) {
+                Some(packed) if text.is_empty() => match super::sqlite::unpack_body(packed) {
+                    Ok(body) => body,
+                    Err(e) => {
+                        eprintln!(
+                            "keepup: the stored report of {host} is damaged ({e:#}): skipped; \
+                             the host shows no report until its next one replaces it"
+                        );
+                        continue;
+                    }
+                },
+                _ => text.as_bytes().to_vec(),
+            };
+            out.push((
+                host,
+                r.get::<_, i64>(1) as u64,
+                r.get::<_, i64>(2) as u64,
+                body,
+            ));
+        }
+        Ok(out)
     }
 
     /// See [`super::Db::put_summaries`]. No store lock: each row is written only if it still
@@ -861,6 +1036,7 @@ impl Postgres {
         let mut received = Vec::with_capacity(last.len());
         let mut sent = Vec::with_capacity(last.len());
         let mut bodies = Vec::with_capacity(last.len());
+        let mut packed = Vec::with_capacity(last.len());
         let mut sums = Vec::with_capacity(last.len());
         for (i, r) in batch.iter().enumerate() {
             if last.get(r.host) != Some(&i) {
@@ -869,7 +1045,12 @@ impl Postgres {
             hosts.push(r.host);
             received.push(r.received_at as i64);
             sent.push(r.sent_at as i64);
-            bodies.push(std::str::from_utf8(r.body).unwrap_or_default());
+            // Packed: `report` empty, the frame in `packed` (migration 3).
+            bodies.push(match r.packed_body {
+                Some(_) => "",
+                None => std::str::from_utf8(r.body).unwrap_or_default(),
+            });
+            packed.push(r.packed_body);
             sums.push(r.summary);
         }
         // The events of every report, in the batch's order (their ids follow it); the
@@ -891,40 +1072,22 @@ impl Postgres {
             }
         }
         let mut c = self.client()?;
-        let mut tx = c.transaction().map_err(session_ended)?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&STORE_LOCK])
+        let lock = self
+            .statement(&mut c, "SELECT pg_advisory_xact_lock($1)")
             .map_err(session_ended)?;
-        // One statement for the reports and their events: the events insert reads what the
-        // reports insert returned (hosts still registered).
+        let store = self.statement(&mut c, STORE_SQL).map_err(session_ended)?;
+        let trim = self.statement(&mut c, QUOTA_SQL).map_err(session_ended)?;
+        let mut tx = c.transaction().map_err(session_ended)?;
+        tx.execute(&lock, &[&STORE_LOCK]).map_err(session_ended)?;
         let stored: HashSet<String> = tx
             .query(
-                "WITH stored AS (
-                     INSERT INTO reports(host, received_at, sent_at, report, summary, seq,
-                                         replica)
-                     SELECT t.h, t.ra, t.sa, t.body, t.s, nextval('report_seq'), $6
-                     FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[],
-                                 $5::bytea[]) WITH ORDINALITY AS t(h, ra, sa, body, s, i)
-                     WHERE EXISTS (SELECT 1 FROM hosts WHERE name = t.h)
-                     ORDER BY t.i
-                     ON CONFLICT(host) DO UPDATE SET received_at = excluded.received_at,
-                     sent_at = excluded.sent_at, report = excluded.report,
-                     summary = excluded.summary, seq = excluded.seq, replica = excluded.replica
-                     RETURNING host
-                 ), logged AS (
-                     INSERT INTO events(host, at, service, kind, message, received_at)
-                     SELECT e.h, e.at, e.sv, e.k, e.m, e.ra
-                     FROM unnest($7::text[], $8::bigint[], $9::text[], $10::text[],
-                                 $11::text[], $12::bigint[])
-                          WITH ORDINALITY AS e(h, at, sv, k, m, ra, i)
-                     WHERE e.h IN (SELECT host FROM stored)
-                     ORDER BY e.i
-                 )
-                 SELECT host FROM stored",
+                &store,
                 &[
                     &hosts,
                     &received,
                     &sent,
                     &bodies,
+                    &packed,
                     &sums,
                     &me,
                     &e_host,
@@ -947,22 +1110,28 @@ impl Postgres {
         if !quota.is_empty() {
             quota.sort_unstable();
             quota.dedup();
-            tx.execute(
-                "DELETE FROM events e USING (
-                     SELECT q.h, (SELECT id FROM events WHERE host = q.h
-                                  ORDER BY id DESC LIMIT 1 OFFSET $2) AS cut
-                     FROM unnest($1::text[]) AS q(h)) c
-                 WHERE e.host = c.h AND e.id <= c.cut",
-                &[&quota, &(keep_per_host as i64)],
-            )
-            .map_err(session_ended)?;
+            tx.execute(&trim, &[&quota, &(keep_per_host as i64)])
+                .map_err(session_ended)?;
         }
         tx.commit().map_err(session_ended)?;
         Ok(())
     }
 
     /// See [`super::Db::prune`]: done only if no replica did it in the last `claim` seconds.
+    ///
+    /// As on SQLite, without an index of receive times: events get their ids inside the
+    /// stores, which hold [`STORE_LOCK`], so ids follow the order the replicas stored them
+    /// in, and receive times follow ids but for seconds (a report waits for its batch) and
+    /// the replicas' clocks. What goes is the log's oldest part, up to the first event (by
+    /// `id`) received since the cutoff, found by walking the primary key from its start.
+    /// Every event dropped was received before the cutoff; one received before it but
+    /// after a younger one waits for that one: retention is late, never early. An event
+    /// stamped more than [`FUTURE_SLACK`] past `now` (a clock that went forward, then back)
+    /// would stop the walk until that date: when the walk's first kept event is one, every
+    /// such event is stamped `now` (one scan of the log, once per clock incident).
     pub fn prune(&mut self, now: u64, max_age_secs: u64, claim: u64) -> Result<Option<usize>> {
+        let cutoff = now.saturating_sub(max_age_secs) as i64;
+        let future = now.saturating_add(FUTURE_SLACK) as i64;
         let mut c = self.client()?;
         let mut tx = c.transaction()?;
         let claimed = tx.execute(
@@ -972,9 +1141,23 @@ impl Postgres {
         if claimed == 0 {
             return Ok(None);
         }
+        let first_kept: Option<i64> = tx
+            .query_opt(
+                "SELECT received_at FROM events WHERE received_at >= $1 ORDER BY id LIMIT 1",
+                &[&cutoff],
+            )?
+            .map(|r| r.get(0));
+        if first_kept.is_some_and(|t| t > future) {
+            tx.execute(
+                "UPDATE events SET received_at = $1 WHERE received_at > $2",
+                &[&(now as i64), &future],
+            )?;
+        }
         let n = tx.execute(
-            "DELETE FROM events WHERE received_at < $1",
-            &[&(now.saturating_sub(max_age_secs) as i64)],
+            "DELETE FROM events WHERE id < coalesce(
+                 (SELECT id FROM events WHERE received_at >= $1 ORDER BY id LIMIT 1),
+                 (SELECT max(id) FROM events) + 1)",
+            &[&cutoff],
         )?;
         tx.commit()?;
         Ok(Some(n as usize))
@@ -1235,6 +1418,23 @@ mod tests {
                 assert!(u.warning().is_none(), "{url}");
             }
         }
+        // A Unix socket gets no TLS (as with libpq), so nothing of TLS is set up for a URL
+        // of sockets alone; a TCP host beside one keeps it.
+        for url in [
+            "postgres://u@%2Frun%2Fpostgresql/fleet?sslmode=verify-full&sslrootcert=/nonexistent",
+            "postgres:///fleet?host=/run/postgresql&user=u&sslmode=require",
+        ] {
+            let u = PgUrl::parse(url).unwrap();
+            assert!(u.tls.is_none() && is_socket(&u.config, 0), "{url}");
+        }
+        let u = PgUrl::parse("postgres://u@%2Frun%2Fpostgresql,db1/fleet?sslmode=require").unwrap();
+        assert!(u.tls.is_some() && is_socket(&u.config, 0) && !is_socket(&u.config, 1));
+        let one = one_host(&u.config, 1);
+        assert_eq!(
+            (one.get_hosts(), one.get_user()),
+            (&[Host::Tcp("db1".into())][..], Some("u"))
+        );
+        assert_eq!(one.get_options(), u.config.get_options());
         let loud = PgUrl::parse("postgres://u@db1/fleet?sslmode=disable").unwrap();
         assert!(loud.warning().unwrap().contains("NOT ENCRYPTED"));
         let loud =

@@ -120,7 +120,7 @@ pub fn pack_body(body: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// A packed body's JSON.
-fn unpack_body(packed: &[u8]) -> Result<Vec<u8>> {
+pub(super) fn unpack_body(packed: &[u8]) -> Result<Vec<u8>> {
     zstd::stream::decode_all(packed).context("unpacking a stored report body")
 }
 
