@@ -959,16 +959,12 @@ impl Postgres {
             let host: String = r.get(0);
             let text: &str = r.get(3);
             let body = match r.get::<_, Option<&[u8]>>(4) {
-                Some(packed) if text.is_empty() => match super::sqlite::unpack_body(packed) {
-                    Ok(body) => body,
-                    Err(e) => {
-                        eprintln!(
-                            "keepup: the stored report of {host} is damaged ({e:#}): skipped; \
-                             the host shows no report until its next one replaces it"
-                        );
-                        continue;
+                Some(packed) if text.is_empty() => {
+                    match super::sqlite::unpack_stored(&host, packed) {
+                        Some(body) => body,
+                        None => continue,
                     }
-                },
+                }
                 _ => text.as_bytes().to_vec(),
             };
             out.push((

@@ -120,8 +120,22 @@ pub fn pack_body(body: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// A packed body's JSON.
-pub(super) fn unpack_body(packed: &[u8]) -> Result<Vec<u8>> {
+fn unpack_body(packed: &[u8]) -> Result<Vec<u8>> {
     zstd::stream::decode_all(packed).context("unpacking a stored report body")
+}
+
+/// `host`'s stored packed body, unpacked; a damaged one is skipped with a message, not fatal:
+/// failing would stop the server from starting, and the host's next report (which replaces
+/// it) could then never arrive.
+pub(super) fn unpack_stored(host: &str, packed: &[u8]) -> Option<Vec<u8>> {
+    unpack_body(packed)
+        .inspect_err(|e| {
+            eprintln!(
+                "keepup: the stored report of {host} is damaged ({e:#}): skipped; the host \
+                 shows no report until its next one replaces it"
+            )
+        })
+        .ok()
 }
 
 impl Sqlite {
@@ -303,20 +317,11 @@ impl Sqlite {
         for h in hosts {
             let mut rows = st.query([h])?;
             if let Some(r) = rows.next()? {
-                // A damaged body is skipped, not fatal: failing here would stop the server
-                // from starting, and the host's next report (which replaces it) could then
-                // never arrive.
                 let body = match r.get_ref(3)? {
                     ValueRef::Text(t) => t.to_vec(),
-                    ValueRef::Blob(b) => match unpack_body(b) {
-                        Ok(body) => body,
-                        Err(e) => {
-                            eprintln!(
-                                "keepup: the stored report of {h} is damaged ({e:#}): skipped; \
-                                 the host shows no report until its next one replaces it"
-                            );
-                            continue;
-                        }
+                    ValueRef::Blob(b) => match unpack_stored(h, b) {
+                        Some(body) => body,
+                        None => continue,
                     },
                     _ => {
                         eprintln!(
