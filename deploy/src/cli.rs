@@ -650,13 +650,20 @@ fn sync(a: SyncArgs) -> Result<()> {
     Ok(())
 }
 
+/// One line per entry, written through one buffer (stdout is line-buffered: a `write` per line
+/// would be a tenth of a large publish's system calls).
 fn print_entries(verb: &str, track: &str, entries: &[crate::repo::PoolEntry]) {
-    for e in entries {
-        println!(
+    use std::io::Write as _;
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout().lock());
+    let written = entries.iter().try_for_each(|e| {
+        writeln!(
+            out,
             "{verb} {} {} {} ({}) -> {track}  sha256 {}",
             e.name, e.version, e.arch, e.format, e.sha256
-        );
-    }
+        )
+    });
+    // A closed stdout (`keepup publish ... | head`) is not a failed publish: the packages are in.
+    let _ = written.and_then(|()| out.flush());
 }
 
 /// `keepup publish`
