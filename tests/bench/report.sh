@@ -121,9 +121,10 @@ cpu0=$(ticks "/proc/$pid/stat") wcpu0=$(ticks "$wstat")
 cpu20=$([ -n "${pid2:-}" ] && ticks "/proc/$pid2/stat" || echo 0)
 # PostgreSQL's CPU: the postmaster (with the children it reaped) and every live child (the
 # backends of both replicas, the WAL writer, the checkpointer, autovacuum).
+# The postmaster is found as the parent of the checkpointer, which PostgreSQL names itself.
+[ "$BACKEND" = postgres ] &&
+    pm=$(awk '{print $4}' "/proc/$(pgsql "SELECT pid FROM pg_stat_activity WHERE backend_type = 'checkpointer'")/stat")
 pg_ticks() {
-    local pm
-    pm=$(head -1 "$pgdir/data/postmaster.pid")
     awk -v pm="$pm" '$2 != "(postgres)" {next} $4 == pm {t += $14 + $15} $1 == pm {t += $14 + $15 + $16 + $17} END {print t + 0}' \
         /proc/[0-9]*/stat 2>/dev/null
 }
