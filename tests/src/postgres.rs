@@ -222,6 +222,19 @@ impl PgCluster {
         let out = run(c, &format!("psql {sql:?}"))?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
+
+    /// A `psql` session in `db` over the Unix socket that runs what is written to its stdin
+    /// (rows on its stdout, `|`-separated): for a transaction held open across steps of a
+    /// test. It ends when its stdin is closed.
+    pub fn psql_session(&self, db: &str) -> Result<std::process::Child> {
+        let mut c = as_nobody(&self.bin, "psql");
+        c.args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-h"])
+            .arg(self.dir.path())
+            .args(["-p", &self.port.to_string(), "-U", "keepup", "-d", db])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped());
+        c.spawn().context("starting psql")
+    }
 }
 
 impl Drop for PgCluster {

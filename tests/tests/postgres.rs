@@ -189,7 +189,7 @@ fn replicas_share_reports_and_tokens_and_migrate_once() -> Result<()> {
         )?
         .split_whitespace()
         .collect::<Vec<_>>()
-            == ["1", "2", "3"]
+            == ["1", "2", "3", "4"]
     );
 
     // A host registered while both run (the URL without a password: PGPASSWORD).
@@ -389,6 +389,65 @@ fn a_replica_killed_under_load_loses_no_accepted_report() -> Result<()> {
 }
 
 /// Register `names` with `keepup host add --bulk`: (host, token) in the same order.
+#[test]
+fn a_store_that_commits_after_a_later_one_is_still_read_by_the_other_replicas() -> Result<()> {
+    if !postgres_or_skip() {
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    let pg = PgCluster::start()?;
+    let (a, b) = two_replicas(&pg, tmp.path())?;
+    let tokens = add_bulk(&pg, &["seed".into(), "early".into(), "late".into()])?;
+    let token = |h: &str| tokens.iter().find(|(n, _)| n == h).unwrap().1.clone();
+    // A reads what B stores.
+    wait_until("B takes seed's report", Duration::from_secs(10), || {
+        Ok(post(b.port, &token("seed"), &report("seed", "1.0-1", "seed")) == 204)
+    })?;
+    wait_until("A shows seed's report", Duration::from_secs(10), || {
+        Ok(versions_via(&a.url())?.contains(&("seed".into(), "1.0-1".into())))
+    })?;
+
+    // A store that began first and commits last: a session of its own (standing for a
+    // replica slow to commit) writes late's report, a copy of seed's row, and stays open.
+    let mut late = pg.psql_session("fleet")?;
+    let mut to_late = late.stdin.take().context("psql stdin")?;
+    let mut from_late = std::io::BufReader::new(late.stdout.take().context("psql stdout")?);
+    writeln!(
+        to_late,
+        "BEGIN; INSERT INTO reports(host, received_at, sent_at, report, packed, summary, replica) \
+         SELECT 'late', received_at, sent_at, report, packed, summary, 'psql' \
+         FROM reports WHERE host = 'seed'; SELECT 'written';"
+    )?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut from_late, &mut line)?;
+    ensure!(line.trim() == "written", "psql said {line:?}");
+
+    // Meanwhile B stores early's report and commits, and A reads (every second) while late's
+    // transaction is still open: a reader that took what had committed and moved past it
+    // would never read late's report.
+    ensure!(post(b.port, &token("early"), &report("early", "2.0-1", "early")) == 204);
+    std::thread::sleep(Duration::from_secs(3));
+    ensure!(
+        !versions_via(&a.url())?.contains(&("late".into(), "1.0-1".into())),
+        "A shows a report whose transaction has not committed"
+    );
+    writeln!(to_late, "COMMIT;")?;
+    drop(to_late);
+    ensure!(late.wait()?.success(), "psql failed");
+
+    wait_until(
+        "A shows both early's and late's reports",
+        Duration::from_secs(10),
+        || {
+            let shown = versions_via(&a.url())?;
+            Ok(shown.contains(&("early".into(), "2.0-1".into()))
+                && shown.contains(&("late".into(), "1.0-1".into())))
+        },
+    )
+    .with_context(|| format!("A shows {:?}", versions_via(&a.url()).unwrap_or_default()))?;
+    Ok(())
+}
+
 fn add_bulk(pg: &PgCluster, names: &[String]) -> Result<Vec<(String, String)>> {
     let mut add = Command::new(built_bin("keepup")?)
         .args(["host", "add", "--bulk", "--state", &pg.url(true)])
@@ -1155,10 +1214,6 @@ fn local_ports(pid: u32) -> Result<Vec<u16>> {
         .collect())
 }
 
-/// The store advisory lock's low 32 bits as `pg_locks.objid` shows them (see
-/// `STORE_LOCK` in deploy/src/state/db/postgres.rs).
-const STORE_LOCK_OBJID: u32 = 0x7570_0002;
-
 #[test]
 fn a_frozen_replica_does_not_stall_the_others_and_loses_nothing() -> Result<()> {
     if !postgres_or_skip() {
@@ -1210,10 +1265,12 @@ fn a_frozen_replica_does_not_stall_the_others_and_loses_nothing() -> Result<()> 
         .collect();
     std::thread::sleep(Duration::from_secs(2));
 
-    // Freeze A while it holds the store lock inside a transaction (a store holds it for
-    // milliseconds: stop, look, go on, up to 100 times).
+    // Freeze A inside a store transaction that has written (it lasts milliseconds: stop,
+    // look, go on, up to 100 times). Such a transaction holds its rows' locks and holds the
+    // others' peer reads back (they read below the oldest transaction running).
     let pid = nix::unistd::Pid::from_raw(a.child.id() as i32);
-    // Whether one of A's sessions (told by its client port) holds the store lock.
+    // Whether one of A's sessions (told by its client port) is inside a transaction that
+    // has written.
     let holds = |pg: &PgCluster| -> Result<bool> {
         let ports = local_ports(a.child.id())?;
         if ports.is_empty() {
@@ -1224,9 +1281,8 @@ fn a_frozen_replica_does_not_stall_the_others_and_loses_nothing() -> Result<()> 
             .psql(
                 "fleet",
                 &format!(
-                    "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity s USING (pid) \
-                     WHERE l.locktype = 'advisory' AND l.granted AND l.objid = {STORE_LOCK_OBJID} \
-                     AND s.client_port IN ({})",
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE backend_xid IS NOT NULL AND client_port IN ({})",
                     ports.join(",")
                 ),
             )?
@@ -1246,16 +1302,16 @@ fn a_frozen_replica_does_not_stall_the_others_and_loses_nothing() -> Result<()> 
     }
     ensure!(
         caught,
-        "A was never caught holding the store lock in 100 tries"
+        "A was never caught inside a store transaction in 100 tries"
     );
     let frozen_at = Instant::now();
     let a_leads = a
         .stderr()
         .contains("this replica evaluates the rollout gates now");
-    eprintln!("A frozen (holding the store lock: {caught}; gate lease: {a_leads})");
+    eprintln!("A frozen inside a store (gate lease: {a_leads})");
 
     // B goes on: a new report through B is stored, and `keepup report` through B answers,
-    // within 15 s of the freeze.
+    // within 15 s of the freeze; PostgreSQL ends A's transaction within the same time.
     let (host, token) = &tokens[0];
     wait_until(
         "B stores a report while A is frozen",
@@ -1269,10 +1325,11 @@ fn a_frozen_replica_does_not_stall_the_others_and_loses_nothing() -> Result<()> 
     );
     let took = frozen_at.elapsed();
     ensure!(took < Duration::from_secs(15), "B took {took:?}");
-    ensure!(
-        !holds(&pg)?,
-        "A's frozen transaction still holds the store lock"
-    );
+    wait_until(
+        "PostgreSQL ends A's frozen transaction",
+        Duration::from_secs(15).saturating_sub(frozen_at.elapsed()),
+        || Ok(!holds(&pg)?),
+    )?;
     // The gate's lease, if A held it, moves to B.
     if a_leads {
         wait_until("B takes the gate's lease", Duration::from_secs(20), || {
@@ -1297,8 +1354,7 @@ fn a_frozen_replica_does_not_stall_the_others_and_loses_nothing() -> Result<()> 
     a.kill();
     // A noticed, said why, and answered the batch it was storing 503.
     ensure!(
-        a.stderr()
-            .contains("PostgreSQL ended its session to free the store lock"),
+        a.stderr().contains("so PostgreSQL ended its session"),
         "A did not say its session was ended:\n{}",
         a.stderr()
     );

@@ -3,9 +3,11 @@
 //!
 //! * the schema comes from numbered migrations in `keepup_migrations`, applied at start under
 //!   a transaction advisory lock, so replicas starting together apply each exactly once;
-//! * stores take a transaction advisory lock, so report sequence numbers (`reports.seq`) are
-//!   committed in order and a replica that read up to one has missed none before it
-//!   ([`Postgres::peer_reports`]);
+//! * the replicas store at once, with no lock between them: each report row carries the id of
+//!   the transaction that wrote it (`reports.xid`), and a replica reads the others' reports
+//!   only below the oldest transaction still running, so one that commits late is read late,
+//!   never skipped ([`Postgres::peer_reports`]); a store locks the `hosts` rows of its hosts
+//!   (`FOR KEY SHARE`), so a host being removed keeps no report;
 //! * the age retention is claimed through `meta.pruned_at` (one replica per turn);
 //! * the rollout gate runs where a session advisory lock is held ([`Lease`]).
 //!
@@ -40,7 +42,6 @@ use super::{
 
 /// Advisory lock keys (one 64-bit space per database; "keepup" in the high bytes).
 const MIGRATE_LOCK: i64 = 0x6b65_6570_7570_0001;
-const STORE_LOCK: i64 = 0x6b65_6570_7570_0002;
 const GATE_LOCK: i64 = 0x6b65_6570_7570_0003;
 
 /// The schema, one step per migration; a step is never edited once released, only added.
@@ -91,6 +92,20 @@ const MIGRATIONS: &[(i32, &str)] = &[
     ALTER TABLE reports ALTER COLUMN packed SET STORAGE EXTERNAL;
     DROP INDEX IF EXISTS events_received;",
     ),
+    // Replicas store at once (no store lock): a report row carries the id of the transaction
+    // that wrote it, and a replica reads the others' rows by it, below the oldest transaction
+    // still running ([`Postgres::peer_reports`]). The sequence numbers, which needed the lock
+    // to commit in order, go with their index: one b-tree insert less per report. A replica
+    // of an earlier keepup still running stores nothing once this is applied (its statement
+    // names `seq`): its batches answer 503, and their agents send them again.
+    (
+        4,
+        "ALTER TABLE reports ADD COLUMN xid xid8;
+    ALTER TABLE reports ALTER COLUMN xid SET DEFAULT pg_current_xact_id();
+    CREATE INDEX reports_xid ON reports(xid);
+    ALTER TABLE reports DROP COLUMN seq;
+    DROP SEQUENCE report_seq;",
+    ),
 ];
 
 /// How far past a replica's clock an event's receive time may be before the retention takes
@@ -134,7 +149,7 @@ fn host_name(h: &Host) -> String {
 }
 
 /// Server-side limits for every keepup session (unless the URL sets `options`): a lock wait
-/// (the store lock another replica holds) or a statement gives up rather than hang, and a
+/// (a host row another replica's store holds) or a statement gives up rather than hang, and a
 /// transaction left idle by a frozen replica (SIGSTOP, a VM paused, a swap storm) is ended
 /// within seconds, releasing its locks: keepup's transactions never wait on anything between
 /// their statements, so 5 s idle inside one means the replica is not running. The frozen
@@ -347,8 +362,8 @@ impl PgUrl {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(10));
         }
-        // A replica that freezes or loses its network must not hold the store lock (and so
-        // every replica's reports) for the kernel's two-hour keepalive: the server ends its
+        // A replica that freezes or loses its network must not hold its rows' locks and the
+        // others' peer reads for the kernel's two-hour keepalive: the server ends its
         // idle transaction, statements and lock waits have a limit, and this side notices a
         // dead peer within about half a minute.
         if config.get_tcp_user_timeout().is_none() {
@@ -689,9 +704,9 @@ fn session_ended(e: postgres::Error) -> anyhow::Error {
     if e.code() == Some(&SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT) {
         anyhow::anyhow!(
             "this replica stood still for over 5 s inside a store (stopped, a paused VM, \
-             swapping?), so PostgreSQL ended its session to free the store lock for the other \
-             replicas ({e}): these reports are answered 503 and their agents send them again; \
-             the next store connects again"
+             swapping?), so PostgreSQL ended its session, which held back what the other \
+             replicas read ({e}): these reports are answered 503 and their agents send them \
+             again; the next store connects again"
         )
     } else {
         e.into()
@@ -699,19 +714,21 @@ fn session_ended(e: postgres::Error) -> anyhow::Error {
 }
 
 /// The store's one statement for a batch ([`Postgres::store`]): the reports (the last of each
-/// host, and only hosts still registered) and their events; the events insert reads what the
-/// reports insert returned. `$4` is the body as text (empty when packed), `$5` the packed
-/// body.
+/// host, and only hosts still registered, whose `hosts` rows it locks `FOR KEY SHARE`) and
+/// their events; the events insert reads what the reports insert returned. `$4` is the body as
+/// text (empty when packed), `$5` the packed body. Rows are written in host order, so two
+/// replicas storing reports of the same hosts at once lock them in the same order (no
+/// deadlock).
 const STORE_SQL: &str = "WITH stored AS (
-         INSERT INTO reports(host, received_at, sent_at, report, packed, summary, seq, replica)
-         SELECT t.h, t.ra, t.sa, t.body, t.p, t.s, nextval('report_seq'), $7
+         INSERT INTO reports(host, received_at, sent_at, report, packed, summary, replica, xid)
+         SELECT t.h, t.ra, t.sa, t.body, t.p, t.s, $7, pg_current_xact_id()
          FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::bytea[],
-                     $6::bytea[]) WITH ORDINALITY AS t(h, ra, sa, body, p, s, i)
-         WHERE EXISTS (SELECT 1 FROM hosts WHERE name = t.h)
-         ORDER BY t.i
+                     $6::bytea[]) AS t(h, ra, sa, body, p, s)
+         WHERE EXISTS (SELECT 1 FROM hosts WHERE name = t.h FOR KEY SHARE)
+         ORDER BY t.h
          ON CONFLICT(host) DO UPDATE SET received_at = excluded.received_at,
          sent_at = excluded.sent_at, report = excluded.report, packed = excluded.packed,
-         summary = excluded.summary, seq = excluded.seq, replica = excluded.replica
+         summary = excluded.summary, replica = excluded.replica, xid = excluded.xid
          RETURNING host
      ), logged AS (
          INSERT INTO events(host, at, service, kind, message, received_at)
@@ -722,6 +739,18 @@ const STORE_SQL: &str = "WITH stored AS (
          ORDER BY e.i
      )
      SELECT host FROM stored";
+
+/// The oldest transaction still running, as the statement's snapshot sees it: every report
+/// row whose `xid` is below it was written by a transaction that has ended.
+const HORIZON_SQL: &str = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint";
+
+/// The reports other replicas than `$2` wrote in transactions from `$1` up to the horizon
+/// ([`HORIZON_SQL`]), with the horizon in every row (and in a row of NULLs when there is
+/// none).
+const PEER_SQL: &str = "WITH h AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS x)
+     SELECT h.x::text::bigint, r.host, r.received_at, r.sent_at, r.summary
+     FROM h LEFT JOIN reports r
+         ON r.xid >= $1::bigint::text::xid8 AND r.xid < h.x AND r.replica <> $2";
 
 /// The event quota of the hosts in `$1`: each keeps its newest `$2` events.
 const QUOTA_SQL: &str = "DELETE FROM events e USING (
@@ -841,9 +870,9 @@ impl Postgres {
     pub fn remove_host(&mut self, name: &str) -> Result<bool> {
         let mut c = self.client()?;
         let mut tx = c.transaction()?;
-        // Under the store lock: a report being stored for this host either commits before
-        // (and is deleted here) or sees the host gone; never a report left without its host.
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&STORE_LOCK])?;
+        // A store holding this host's row (`FOR KEY SHARE`) commits first, and its report is
+        // deleted below (a statement of its own: it sees what committed before it); a store
+        // that comes to the row after this delete finds the host gone and skips it.
         let n = tx.execute("DELETE FROM hosts WHERE name = $1", &[&name])?;
         tx.execute("DELETE FROM reports WHERE host = $1", &[&name])?;
         tx.execute("DELETE FROM events WHERE host = $1", &[&name])?;
@@ -893,14 +922,13 @@ impl Postgres {
         Ok(c.query_one(&st, &[])?.get(0))
     }
 
-    /// Every host's latest report (its summary), and the highest sequence number among them
-    /// (read first: a report stored meanwhile is read again by the next
-    /// [`Postgres::peer_reports`]). Rows are taken as they arrive, not all held as rows first.
+    /// Every host's latest report (its summary), and the mark for [`Postgres::peer_reports`]:
+    /// the oldest transaction running when the read began (every report stored below it is
+    /// read here; one stored at or above it may be read again by the next peer read, which
+    /// does no harm). Rows are taken as they arrive, not all held as rows first.
     pub fn latest_reports(&self) -> Result<(Vec<Latest>, i64)> {
         let mut c = self.client()?;
-        let mark: i64 = c
-            .query_one("SELECT coalesce(max(seq), 0) FROM reports", &[])?
-            .get(0);
+        let mark: i64 = c.query_one(HORIZON_SQL, &[])?.get(0);
         let mut out = Vec::new();
         let mut rows = c.query_raw(
             "SELECT host, received_at, sent_at, summary FROM reports",
@@ -917,27 +945,29 @@ impl Postgres {
         Ok((out, mark))
     }
 
-    /// The reports other replicas stored after `mark` (their summaries), and the new mark.
-    /// Stores commit in sequence order (they hold [`STORE_LOCK`]), so none is skipped.
+    /// The reports other replicas stored since `mark` (their summaries), and the new mark.
+    ///
+    /// The replicas store at once, so a transaction that began first may commit last: a
+    /// reader that took what it saw and moved on would skip it. So a read takes only rows
+    /// written by transactions below the oldest one still running (the statement's snapshot
+    /// `xmin`): all of those have ended, and none can write again. The next read starts
+    /// there. A transaction that stays open holds the others' reads back (a replica frozen
+    /// inside a store: at most about 5 s, when PostgreSQL ends its session), but loses
+    /// nothing.
     pub fn peer_reports(&self, mark: i64, me: &str) -> Result<(Vec<Latest>, i64)> {
         let mut c = self.client()?;
-        let st = self.statement(
-            &mut c,
-            "SELECT host, received_at, sent_at, CASE WHEN replica <> $2 THEN summary END,
-             replica <> $2, seq
-             FROM reports WHERE seq > $1 ORDER BY seq",
-        )?;
+        let st = self.statement(&mut c, PEER_SQL)?;
         let rows = c.query(&st, &[&mark, &me])?;
         let mut next = mark;
         let mut out = Vec::new();
         for r in &rows {
-            next = next.max(r.get::<_, i64>(5));
-            if r.get::<_, bool>(4) {
+            next = next.max(r.get::<_, i64>(0));
+            if let Some(host) = r.get::<_, Option<String>>(1) {
                 out.push(Latest {
-                    host: r.get(0),
-                    received_at: r.get::<_, i64>(1) as u64,
-                    sent_at: r.get::<_, i64>(2) as u64,
-                    summary: r.get(3),
+                    host,
+                    received_at: r.get::<_, i64>(2) as u64,
+                    sent_at: r.get::<_, i64>(3) as u64,
+                    summary: r.get(4),
                 });
             }
         }
@@ -977,8 +1007,9 @@ impl Postgres {
         Ok(out)
     }
 
-    /// See [`super::Db::put_summaries`]. No store lock: each row is written only if it still
-    /// holds the report the summary was made of, and its sequence number is left alone.
+    /// See [`super::Db::put_summaries`]. Each row is written only if it still
+    /// holds the report the summary was made of, and its `xid` is left alone (the other replicas
+    /// do not read the row again).
     pub fn put_summaries(&mut self, rows: &[MadeSummary]) -> Result<()> {
         let mut c = self.client()?;
         let st = c.prepare(
@@ -1000,23 +1031,20 @@ impl Postgres {
     /// statement whatever its size (the reports, one row per host, the last of a host that
     /// reported twice, and their new events), and one more when event quotas are due.
     ///
-    /// The transaction takes [`STORE_LOCK`] first, so the replicas' batches are serialized.
-    /// Two things need it:
+    /// The replicas' batches run at once; no lock is shared by all of them (until migration 4
+    /// a transaction advisory lock serialized them: 30% fewer reports per second). What it
+    /// gave is kept another way:
     ///
-    /// * the peer-read fence: `seq` values are drawn inside the transaction, and a replica
-    ///   reads the others' reports as `seq > mark`. If two batches could commit out of
-    ///   order, a reader could see the later `seq`s, move its mark past them, and never see
-    ///   the earlier batch that commits after;
-    /// * a removed host keeps no report: `remove_host` takes the same lock, so a batch either
-    ///   commits before the removal (which then deletes what it stored) or starts after it,
-    ///   and the `hosts` check inside the insert, run after the lock is taken (each statement
-    ///   of a READ COMMITTED transaction sees what committed before it), skips the host.
-    ///
-    /// A check inside the statement alone (without the lock) would not be enough for the
-    /// second: it reads the `hosts` row without locking it, so a removal committing between
-    /// that read and this commit would leave the report behind. With one statement per batch
-    /// the lock is held for a few milliseconds per batch, not one round trip per
-    /// report and event as before.
+    /// * the others read every report: each row carries its transaction's id, and a reader
+    ///   reads below the oldest transaction still running ([`Postgres::peer_reports`]);
+    /// * a removed host keeps no report: the insert locks each host's `hosts` row
+    ///   (`FOR KEY SHARE`), so `remove_host`'s delete of that row waits for this batch to
+    ///   commit and then deletes what it stored, and a batch that comes to the row after the
+    ///   delete finds the host gone and skips it. A check that only read the row would not
+    ///   do: a removal committing between that read and this commit would leave the report
+    ///   behind;
+    /// * two replicas storing reports of one host at once: the later commit wins, as before;
+    ///   rows are locked in host order, so the two cannot deadlock.
     pub fn store(
         &mut self,
         batch: &[StoredReport<'_>],
@@ -1068,13 +1096,9 @@ impl Postgres {
             }
         }
         let mut c = self.client()?;
-        let lock = self
-            .statement(&mut c, "SELECT pg_advisory_xact_lock($1)")
-            .map_err(session_ended)?;
         let store = self.statement(&mut c, STORE_SQL).map_err(session_ended)?;
         let trim = self.statement(&mut c, QUOTA_SQL).map_err(session_ended)?;
         let mut tx = c.transaction().map_err(session_ended)?;
-        tx.execute(&lock, &[&STORE_LOCK]).map_err(session_ended)?;
         let stored: HashSet<String> = tx
             .query(
                 &store,
@@ -1115,10 +1139,9 @@ impl Postgres {
 
     /// See [`super::Db::prune`]: done only if no replica did it in the last `claim` seconds.
     ///
-    /// As on SQLite, without an index of receive times: events get their ids inside the
-    /// stores, which hold [`STORE_LOCK`], so ids follow the order the replicas stored them
-    /// in, and receive times follow ids but for seconds (a report waits for its batch) and
-    /// the replicas' clocks. What goes is the log's oldest part, up to the first event (by
+    /// As on SQLite, without an index of receive times: events get their ids as the replicas
+    /// store them, so receive times follow ids but for seconds (a report waits for its batch,
+    /// batches of two replicas interleave) and the replicas' clocks. What goes is the log's oldest part, up to the first event (by
     /// `id`) received since the cutoff, found by walking the primary key from its start.
     /// Every event dropped was received before the cutoff; one received before it but
     /// after a younger one waits for that one: retention is late, never early. An event
