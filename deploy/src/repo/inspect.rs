@@ -27,14 +27,16 @@ pub struct Inspected {
     pub rpm: Option<rpm::PackageMetadata>,
 }
 
-/// Decompress a `.deb` member by its file name suffix.
+/// Decompress a `.deb` member by its file name suffix. The member is in memory, so the
+/// decoders read the slice itself (their `bufread` forms): the `read` forms would each
+/// allocate and zero a buffer of their own (32 KiB for gzip) for every member of every package.
 pub fn decompressor<'a>(name: &str, data: &'a [u8]) -> Result<Box<dyn Read + 'a>> {
     Ok(if name.ends_with(".xz") {
-        Box::new(liblzma::read::XzDecoder::new(data))
+        Box::new(liblzma::bufread::XzDecoder::new(data))
     } else if name.ends_with(".zst") {
-        Box::new(zstd::Decoder::new(data)?)
+        Box::new(zstd::Decoder::with_buffer(data)?)
     } else if name.ends_with(".gz") {
-        Box::new(flate2::read::GzDecoder::new(data))
+        Box::new(flate2::bufread::GzDecoder::new(data))
     } else if name.ends_with(".tar") {
         Box::new(data)
     } else {
