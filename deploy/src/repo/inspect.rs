@@ -91,6 +91,11 @@ pub fn inspect_deb(path: &Path, bytes: &[u8]) -> Result<Inspected> {
                     );
                 }
             }
+            // The tar ends at its zero blocks, before the compressed stream does: read the
+            // rest (padding, then the trailer with the stream's checksum), or a member whose
+            // bytes were changed but still decompress would pass unchecked.
+            std::io::copy(&mut tar.into_inner(), &mut std::io::sink())
+                .map_err(|e| bad(format!("{name}: {e}")))?;
         }
         members.push(name);
     }
@@ -327,6 +332,92 @@ pub fn rpm_fragments(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write as _;
+
+    /// A .deb of one control file and one data file, its tars compressed as `ext` says.
+    fn deb(ext: &str, mangle: impl Fn(&mut Vec<u8>)) -> Vec<u8> {
+        let tar = |path: &str, body: &[u8]| {
+            let mut b = tar::Builder::new(Vec::new());
+            let mut h = tar::Header::new_gnu();
+            h.set_size(body.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append_data(&mut h, path, body).unwrap();
+            b.into_inner().unwrap()
+        };
+        let pack = |raw: Vec<u8>| -> Vec<u8> {
+            match ext {
+                "gz" => {
+                    let mut e = flate2::write::GzEncoder::new(Vec::new(), Default::default());
+                    e.write_all(&raw).unwrap();
+                    e.finish().unwrap()
+                }
+                "xz" => {
+                    let mut e = liblzma::write::XzEncoder::new(Vec::new(), 6);
+                    e.write_all(&raw).unwrap();
+                    e.finish().unwrap()
+                }
+                _ => {
+                    let mut e = zstd::Encoder::new(Vec::new(), 3).unwrap();
+                    e.include_checksum(true).unwrap();
+                    e.write_all(&raw).unwrap();
+                    e.finish().unwrap()
+                }
+            }
+        };
+        let control = pack(tar(
+            "./control",
+            b"Package: foo\nVersion: 1.0-1\nArchitecture: amd64\nDescription: x\n",
+        ));
+        let mut data = pack(tar("./usr/bin/foo", &[7u8; 3000]));
+        mangle(&mut data);
+        let mut ar = ar::Builder::new(Vec::new());
+        for (name, body) in [
+            ("debian-binary".to_string(), b"2.0\n".to_vec()),
+            (format!("control.tar.{ext}"), control),
+            (format!("data.tar.{ext}"), data),
+        ] {
+            let h = ar::Header::new(name.into_bytes(), body.len() as u64);
+            ar.append(&h, body.as_slice()).unwrap();
+        }
+        ar.into_inner().unwrap()
+    }
+
+    #[test]
+    fn a_data_member_whose_checksum_does_not_match_is_refused() {
+        let p = Path::new("foo.deb");
+        for ext in ["gz", "xz", "zst"] {
+            let good = deb(ext, |_| {});
+            let i = inspect_deb(p, &good).unwrap_or_else(|e| panic!("{ext}: {e:#}"));
+            assert_eq!((i.name.as_str(), i.version.as_str()), ("foo", "1.0-1"));
+            // The stream's own checksum, after the tar's end: gzip's CRC-32 (8 bytes from the
+            // end), xz's CRC-64 of the block (just before the index), zstd's content checksum
+            // (the frame's last 4 bytes).
+            let bad = deb(ext, |d| {
+                let at = match ext {
+                    "gz" => d.len() - 8,
+                    "xz" => xz_check_offset(d),
+                    _ => d.len() - 1,
+                };
+                d[at] ^= 0x55;
+            });
+            let err = inspect_deb(p, &bad).expect_err(ext).to_string();
+            assert!(
+                err.contains("not a valid .deb") && err.contains("data.tar"),
+                "{ext}: {err}"
+            );
+        }
+    }
+
+    /// Where the CRC-64 check of an xz stream's one block starts: the index begins with a
+    /// zero byte right after it, and the stream ends with a 12-byte footer whose
+    /// backward size says how long the index is.
+    fn xz_check_offset(d: &[u8]) -> usize {
+        let footer = &d[d.len() - 12..];
+        let backward = u32::from_le_bytes(footer[4..8].try_into().unwrap()) as usize;
+        let index_len = (backward + 1) * 4;
+        d.len() - 12 - index_len - 8
+    }
 
     #[test]
     fn control_is_rebuilt_from_its_fields() {
