@@ -382,7 +382,7 @@ async fn pause_resume_and_a_restart_hold_and_the_rollout_key_signs_nothing_else(
              export GNUPGHOME=$(mktemp -d); \
              gpg --batch --quiet --import {REPO}/.keepup/rollout-key.asc; \
              gpg --batch --yes --clearsign -o {policy} /root/policy.yaml; \
-             gpg --batch --verify {policy} 2>/dev/null",
+             gpg --batch --verify {policy}",
             zero = "0".repeat(64)
         ))
         .await?;
