@@ -1025,10 +1025,15 @@ impl Machine {
                 m.name, self.m.version, m.version
             ),
         );
-        // A new version starts counting afresh: the kills of an upgrade are not crashes.
+        // A new version starts counting afresh: the kills of an upgrade are not crashes, and
+        // the old bits' crashes say nothing of the new ones. Its give-up window and backoff
+        // start empty too, or an upgrade out of a crash loop (a rollback) gives up at the
+        // package's own kill.
         let new_version = m.version != self.m.version;
         if new_version {
             self.starts = 0;
+            self.history.clear();
+            self.fast_streak = 0;
         }
         self.m = m;
         self.reset_probes();
@@ -1037,10 +1042,11 @@ impl Machine {
             self.generation += 1;
             self.schedule_probes(now);
         }
-        // An upgrade of a service that gave up starts the new bits (the talk's "restart on
-        // upgrade"); a refused one is looked at again.
+        // An upgrade of a service that gave up, or waits out a backoff the old bits earned,
+        // starts the new bits now (the talk's "restart on upgrade"); a refused one is looked
+        // at again.
         let again = matches!(self.phase, Phase::Refused(_))
-            || (new_version && self.phase == Phase::GivenUp);
+            || (new_version && matches!(self.phase, Phase::GivenUp | Phase::Backoff { .. }));
         if again {
             self.kick(now, fx);
         }
@@ -1460,6 +1466,56 @@ mod tests {
         m2.version = "1.1-1".into();
         let fx = mc.on(Event::Reload(Box::new(m2)), t0 + S(5));
         assert!(has(&fx, |e| matches!(e, Effect::Spawn { .. })), "{fx:?}");
+    }
+
+    #[test]
+    fn an_upgrade_out_of_a_crash_loop_starts_afresh() {
+        let t0 = Instant::now();
+        // The old bits crash fast: `runs` starts of the window's 3 used.
+        let crash_loop = |runs: u32| {
+            let mut mc = running(manifest(None, None, &[]), t0);
+            for run in 2..=runs {
+                let at = t0 + S(run as u64 - 1);
+                exited(&mut mc, at - MS(900));
+                mc.on(Event::Timer, at);
+                mc.on(
+                    Event::Spawned {
+                        run: run as u64,
+                        pid: 99 + run,
+                    },
+                    at,
+                );
+            }
+            mc
+        };
+        let rollback = |mc: &Machine| {
+            let mut m = mc.manifest().clone();
+            m.version = "1.0+rb1-1".into();
+            Event::Reload(Box::new(m))
+        };
+
+        // The new version (a rollback) is unpacked while the third run of the old bits is
+        // up; the package's scripts then kill the role. That kill is not a crash of the new
+        // version: it starts again and does not give up.
+        let mut mc = crash_loop(3);
+        assert_eq!(mc.state(), ServiceState::Starting);
+        mc.on(rollback(&mc), t0 + S(3));
+        let fx = exited(&mut mc, t0 + S(3) + MS(100));
+        assert!(has(&fx, |e| matches!(e, Effect::Spawn { .. })), "{fx:?}");
+
+        // It arrives while the old bits wait out their backoff: started now.
+        let mut mc = crash_loop(2);
+        exited(&mut mc, t0 + S(1) + MS(100));
+        assert_eq!(mc.state(), ServiceState::Backoff);
+        let fx = mc.on(rollback(&mc), t0 + S(2));
+        assert!(has(&fx, |e| matches!(e, Effect::Spawn { .. })), "{fx:?}");
+
+        // A reload of the same version keeps the window: the third fast crash gives up.
+        let mut mc = crash_loop(3);
+        let same = mc.manifest().clone();
+        mc.on(Event::Reload(Box::new(same)), t0 + S(3));
+        exited(&mut mc, t0 + S(3) + MS(100));
+        assert_eq!(mc.state(), ServiceState::GivenUp, "{:?}", mc.phase());
     }
 
     #[test]

@@ -6,9 +6,9 @@
 //! Started: the snapshot shows the new version, the service is starting or running, and every
 //! probe has passed since the current run began (a result older than the run is from the
 //! previous version); a service without probes counts once its launch script has run 1 s.
-//! Failed: given up, refused or admin-down at once; anything else (backoff, not sane, probes
-//! failing or not yet run) only when the deadline — the longest probe `grace` plus a timeout —
-//! has passed.
+//! Failed: given up, refused or admin-down at the new version at once; anything else
+//! (backoff, not sane, probes failing or not yet run, an older version) only when the
+//! deadline — the longest probe `grace` plus a timeout — has passed.
 
 use std::path::Path;
 use std::time::Duration;
@@ -73,8 +73,11 @@ pub fn judge(
 ) -> Verdict {
     let late = elapsed >= deadline;
     let fail = |why: String| Verdict::FailedToStart(why);
+    let new_version = version_matches(&s.version, package_version);
     match s.state {
-        ServiceState::GivenUp | ServiceState::Refused | ServiceState::Down => {
+        // Only the new manifest's verdict counts: the agent may not have read it yet, and an
+        // upgrade starts a service that gave up on its old bits.
+        ServiceState::GivenUp | ServiceState::Refused | ServiceState::Down if new_version => {
             let extra = s
                 .note
                 .as_deref()
@@ -85,7 +88,7 @@ pub fn judge(
         }
         _ => {}
     }
-    let why_not = if !version_matches(&s.version, package_version) {
+    let why_not = if !new_version {
         format!(
             "still version {} (waiting for {package_version})",
             s.version
@@ -310,6 +313,13 @@ mod tests {
             panic!()
         };
         assert!(why.ends_with(": backoff"), "{why}");
+        // Given up on the old bits, before the agent has read the new manifest: not yet.
+        let s = status("1.1", ServiceState::GivenUp, 0.0, vec![]);
+        assert_eq!(judge(&s, "1.2-1", EARLY, D), Verdict::Waiting);
+        let Verdict::FailedToStart(why) = judge(&s, "1.2-1", D, D) else {
+            panic!()
+        };
+        assert!(why.contains("still version 1.1"), "{why}");
     }
 
     #[test]
